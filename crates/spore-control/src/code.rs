@@ -1,0 +1,187 @@
+//! Function code packages: zip archives checked and unpacked into the data dir.
+
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use base64::Engine as _;
+use sha2::{Digest, Sha256};
+
+/// Most entries in one package.
+pub const MAX_ENTRIES: usize = 20_000;
+/// Largest unpacked size of one package (Lambda's 250 MB).
+pub const MAX_UNPACKED: u64 = 250 * 1024 * 1024;
+
+/// Errors in a code package.
+#[derive(Debug, thiserror::Error)]
+pub enum CodeError {
+    /// Not a readable zip archive.
+    #[error("Could not unzip the code package: {0}")]
+    BadZip(#[source] zip::result::ZipError),
+    /// An entry would land outside the code directory, or is a link.
+    #[error("Code package entry {0:?} is not allowed: paths must be relative, without '..', and not symlinks")]
+    UnsafeEntry(String),
+    /// Too many entries or too large unpacked.
+    #[error("Code package too large: {0}")]
+    TooLarge(String),
+    /// Writing the unpacked files failed.
+    #[error("Could not store the code package")]
+    Io(#[from] io::Error),
+}
+
+/// Digest of a package as Lambda reports it (`CodeSha256`: base64 of SHA-256) and as a hex
+/// directory name.
+pub fn digest(zip: &[u8]) -> (String, String) {
+    let sum = Sha256::digest(zip);
+    let hex = sum.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    (base64::engine::general_purpose::STANDARD.encode(sum), hex)
+}
+
+/// Unpacks `zip` into `dest` (created; must not exist). Returns the unpacked size.
+/// Files are world-readable (the sandbox user reads them); nothing executable unless the
+/// archive says so.
+pub fn unpack(zip: &[u8], dest: &Path) -> Result<u64, CodeError> {
+    let mut archive = zip::ZipArchive::new(io::Cursor::new(zip)).map_err(CodeError::BadZip)?;
+    if archive.len() > MAX_ENTRIES {
+        return Err(CodeError::TooLarge(format!(
+            "{} entries, at most {MAX_ENTRIES}",
+            archive.len()
+        )));
+    }
+    fs::create_dir(dest)?;
+    fs::set_permissions(dest, fs::Permissions::from_mode(0o755))?;
+    let mut total: u64 = 0;
+    for i in 0..archive.len() {
+        let mut entry = archive.by_index(i).map_err(CodeError::BadZip)?;
+        let raw_name = entry.name().to_owned();
+        if entry.is_symlink() {
+            return Err(CodeError::UnsafeEntry(raw_name));
+        }
+        let rel = entry
+            .enclosed_name()
+            .ok_or_else(|| CodeError::UnsafeEntry(raw_name.clone()))?;
+        let path = dest.join(&rel);
+        if entry.is_dir() {
+            fs::create_dir_all(&path)?;
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o755))?;
+            continue;
+        }
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        let exec = entry.unix_mode().is_some_and(|m| m & 0o111 != 0);
+        let mut out = fs::File::create(&path)?;
+        let budget = MAX_UNPACKED - total;
+        let copied = io::copy(&mut (&mut entry).take(budget + 1), &mut out)?;
+        total += copied;
+        if total > MAX_UNPACKED {
+            return Err(CodeError::TooLarge(format!(
+                "more than {} MiB unpacked",
+                MAX_UNPACKED >> 20
+            )));
+        }
+        fs::set_permissions(
+            &path,
+            fs::Permissions::from_mode(if exec { 0o755 } else { 0o644 }),
+        )?;
+    }
+    Ok(total)
+}
+
+/// Zips a directory (for the CLI's `deploy` and for tests): every regular file under `dir`,
+/// skipping `__pycache__`, `.git` and other hidden entries.
+pub fn zip_dir(dir: &Path) -> io::Result<Vec<u8>> {
+    use std::io::Write;
+    let mut buf = io::Cursor::new(Vec::new());
+    {
+        let mut w = zip::ZipWriter::new(&mut buf);
+        let mut stack = vec![dir.to_owned()];
+        let mut files = Vec::new();
+        while let Some(d) = stack.pop() {
+            for e in fs::read_dir(&d)? {
+                let e = e?;
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.') || name == "__pycache__" {
+                    continue;
+                }
+                let ft = e.file_type()?;
+                if ft.is_dir() {
+                    stack.push(e.path());
+                } else if ft.is_file() {
+                    files.push(e.path());
+                }
+            }
+        }
+        files.sort();
+        for f in files {
+            let rel = f.strip_prefix(dir).map_err(io::Error::other)?;
+            let mode = fs::metadata(&f)?.permissions().mode();
+            let opts = zip::write::SimpleFileOptions::default()
+                .compression_method(zip::CompressionMethod::Deflated)
+                .unix_permissions(mode & 0o777);
+            w.start_file(rel.to_string_lossy(), opts)
+                .map_err(io::Error::other)?;
+            w.write_all(&fs::read(&f)?)?;
+        }
+        w.finish().map_err(io::Error::other)?;
+    }
+    Ok(buf.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn zip_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut buf = io::Cursor::new(Vec::new());
+        let mut w = zip::ZipWriter::new(&mut buf);
+        for (name, data) in entries {
+            w.start_file(*name, zip::write::SimpleFileOptions::default())
+                .unwrap();
+            w.write_all(data).unwrap();
+        }
+        w.finish().unwrap();
+        buf.into_inner()
+    }
+
+    #[test]
+    fn unpacks_and_round_trips() {
+        let src = tempfile::tempdir().unwrap();
+        fs::create_dir(src.path().join("pkg")).unwrap();
+        fs::write(src.path().join("main.py"), "x = 1\n").unwrap();
+        fs::write(src.path().join("pkg/mod.py"), "y = 2\n").unwrap();
+        fs::create_dir(src.path().join("__pycache__")).unwrap();
+        fs::write(src.path().join("__pycache__/junk.pyc"), "j").unwrap();
+        let zip = zip_dir(src.path()).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let dest = out.path().join("code");
+        let size = unpack(&zip, &dest).unwrap();
+        assert_eq!(size, 12);
+        assert_eq!(fs::read_to_string(dest.join("pkg/mod.py")).unwrap(), "y = 2\n");
+        assert!(!dest.join("__pycache__").exists());
+        let mode = fs::metadata(dest.join("main.py")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o644);
+    }
+
+    #[test]
+    fn refuses_traversal_and_garbage() {
+        let out = tempfile::tempdir().unwrap();
+        for bad in ["../evil.py", "/etc/passwd"] {
+            let zip = zip_of(&[(bad, b"x")]);
+            let err = unpack(&zip, &out.path().join(format!("d{}", bad.len()))).unwrap_err();
+            assert!(matches!(err, CodeError::UnsafeEntry(_)), "{bad}: {err}");
+        }
+        let err = unpack(b"not a zip at all", &out.path().join("g")).unwrap_err();
+        assert!(matches!(err, CodeError::BadZip(_)));
+        assert!(err.to_string().contains("unzip"));
+    }
+
+    #[test]
+    fn digest_is_lambda_shaped() {
+        let (b64, hex) = digest(b"");
+        assert_eq!(b64, "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=");
+        assert_eq!(hex.len(), 64);
+    }
+}

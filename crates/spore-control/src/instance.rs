@@ -1,0 +1,479 @@
+//! One function instance: a sandboxed runtime process and its control socket.
+
+use std::collections::VecDeque;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use spore_core::FunctionError;
+use spore_runtime::protocol::{self, FromRuntime, FramePrefix, ToRuntime, PREFIX_LEN};
+use spore_runtime::PythonLaunch;
+use spore_sandbox::cgroup::{Cgroup, Layout, Limits};
+use spore_sandbox::{BindMount, SandboxSpec};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::process::Child;
+
+use crate::logs::LogRing;
+use crate::registry::FunctionRecord;
+
+/// Host-wide settings every instance of a daemon shares.
+#[derive(Debug)]
+pub struct InstanceEnv {
+    /// The Spore binary (re-executed as the sandbox init).
+    pub exe: PathBuf,
+    /// The host's cgroup layout.
+    pub layout: Layout,
+    /// Parent cgroup of this daemon's sandboxes.
+    pub cgroup_parent: String,
+    /// Empty directory the rootfs is built on.
+    pub rootfs: PathBuf,
+    /// Host directory holding the Python bootstrap.
+    pub runtime_dir: PathBuf,
+    /// Shared read-only Python packages, if present.
+    pub packages_dir: Option<PathBuf>,
+    /// CPU quota per instance, thousandths of a CPU.
+    pub cpu_millis: u32,
+    /// Process limit per instance.
+    pub pids_max: u32,
+    /// Size cap of `/tmp`, MiB.
+    pub tmp_mb: u32,
+    /// First uid of the range sandboxes run as (each instance gets its own).
+    pub uid_base: u32,
+    seq: AtomicU64,
+}
+
+impl InstanceEnv {
+    /// Settings with the default limits.
+    pub fn new(
+        exe: PathBuf,
+        layout: Layout,
+        cgroup_parent: String,
+        rootfs: PathBuf,
+        runtime_dir: PathBuf,
+        packages_dir: Option<PathBuf>,
+    ) -> InstanceEnv {
+        InstanceEnv {
+            exe,
+            layout,
+            cgroup_parent,
+            rootfs,
+            runtime_dir,
+            packages_dir,
+            cpu_millis: 1000,
+            pids_max: 64,
+            tmp_mb: 64,
+            uid_base: 200_000,
+            seq: AtomicU64::new(1),
+        }
+    }
+}
+
+/// Why an instance could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The platform failed (cgroups, spawn, sandbox setup): not the function's fault.
+    #[error("Could not start a sandbox: {0}")]
+    Platform(String),
+    /// The function's init failed (import error, crash during import).
+    #[error("Function init failed: {0}")]
+    Init(FunctionError),
+}
+
+/// Why an invocation did not produce a result.
+#[derive(Debug, Clone, PartialEq)]
+pub enum InvokeFailure {
+    /// The deadline passed; the sandbox was killed.
+    Timeout {
+        /// The function's timeout.
+        seconds: u32,
+    },
+    /// The memory cgroup's OOM killer ended the runtime.
+    OutOfMemory {
+        /// The limit, MiB.
+        limit_mb: u32,
+    },
+    /// The runtime exited or broke the protocol.
+    Exited {
+        /// What is known (exit status, last stderr lines).
+        detail: String,
+    },
+}
+
+impl InvokeFailure {
+    /// The failure as Lambda reports it to the caller.
+    pub fn to_function_error(&self) -> FunctionError {
+        match self {
+            InvokeFailure::Timeout { seconds } => FunctionError::platform(
+                "Sandbox.Timedout",
+                format!("Task timed out after {seconds}.00 seconds"),
+            ),
+            InvokeFailure::OutOfMemory { limit_mb } => FunctionError::platform(
+                "Runtime.OutOfMemory",
+                format!("Runtime exited: the function exceeded its memory limit of {limit_mb} MB and was killed"),
+            ),
+            InvokeFailure::Exited { detail } => FunctionError::platform(
+                "Runtime.ExitError",
+                format!("Runtime exited with error: {detail}"),
+            ),
+        }
+    }
+}
+
+/// What one invocation returned.
+#[derive(Debug)]
+pub struct Reply {
+    /// The result JSON, or the function's error.
+    pub outcome: Result<Vec<u8>, FunctionError>,
+    /// Time the handler ran, as the runtime measured it, ms.
+    pub handler_ms: f64,
+    /// What the handler printed.
+    pub logs: String,
+}
+
+/// A live instance.
+#[derive(Debug)]
+pub struct Instance {
+    /// Unique id (also the sandbox hostname).
+    pub id: String,
+    /// Registry revision of the function it runs.
+    pub revision: u64,
+    /// Time from spawn to `ready`, ms.
+    pub init_ms: f64,
+    /// Last time it finished an invocation (or started).
+    pub last_used: Instant,
+    child: Child,
+    sock: UnixStream,
+    cgroup: Option<Cgroup>,
+    memory_mb: u32,
+    stderr_tail: Arc<Mutex<VecDeque<String>>>,
+}
+
+fn platform(what: &str) -> impl FnOnce(std::io::Error) -> StartError + '_ {
+    move |e| StartError::Platform(format!("{what}: {e}"))
+}
+
+impl Instance {
+    /// Starts an instance of `rec` whose code is in `code_dir`, waiting until its handler is
+    /// imported (at most `init_timeout`).
+    pub async fn start(
+        env: &Arc<InstanceEnv>,
+        rec: &FunctionRecord,
+        code_dir: PathBuf,
+        log: Arc<LogRing>,
+        init_timeout: Duration,
+    ) -> Result<Instance, StartError> {
+        let t0 = Instant::now();
+        let m = &rec.manifest;
+        if m.runtime != spore_core::Runtime::Python3 {
+            return Err(StartError::Platform(format!(
+                "runtime {} is not available yet; use python3",
+                m.runtime
+            )));
+        }
+        let seq = env.seq.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}-{}-{seq}", m.name, std::process::id());
+        let limits = Limits {
+            memory_bytes: u64::from(m.memory_mb) << 20,
+            cpu_millis: env.cpu_millis,
+            // +1: the init process outside the pid namespace sits in the group too.
+            pids_max: env.pids_max + 1,
+        };
+        let layout = env.layout.clone();
+        let (parent, cg_name) = (env.cgroup_parent.clone(), id.clone());
+        let cgroup = tokio::task::spawn_blocking(move || Cgroup::create(&layout, &parent, &cg_name, limits))
+            .await
+            .map_err(|e| StartError::Platform(format!("cgroup task: {e}")))?
+            .map_err(|e| StartError::Platform(error_chain(&e)))?;
+
+        let uid = env.uid_base + (seq % 100_000) as u32;
+        let launch = PythonLaunch {
+            function_name: &m.name,
+            handler: &m.handler,
+            memory_mb: m.memory_mb,
+            user_env: &m.environment,
+        };
+        let mut spec = SandboxSpec {
+            id: id.clone(),
+            rootfs: env.rootfs.clone(),
+            binds: vec![],
+            symlinks: vec![],
+            files: vec![],
+            tmp_size_mb: env.tmp_mb,
+            uid,
+            gid: uid,
+            argv: launch.argv(),
+            env: launch.env(),
+            cwd: spore_runtime::TASK_ROOT.to_owned(),
+            cgroup_procs: cgroup.procs_files(),
+            max_open_files: 1024,
+            control_fd: spore_runtime::CONTROL_FD,
+        };
+        spore_sandbox::host_runtime_rootfs(&mut spec);
+        spec.binds.push(BindMount {
+            source: code_dir,
+            target: spore_runtime::TASK_ROOT.into(),
+            read_only: true,
+        });
+        spec.binds.push(BindMount {
+            source: env.runtime_dir.clone(),
+            target: "/opt/spore/runtime".into(),
+            read_only: true,
+        });
+        if let Some(pkgs) = &env.packages_dir {
+            spec.binds.push(BindMount {
+                source: pkgs.clone(),
+                target: spore_runtime::PACKAGES_ROOT.into(),
+                read_only: true,
+            });
+        }
+
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(platform("socketpair"))?;
+        ours.set_nonblocking(true).map_err(platform("socket"))?;
+        let sock = UnixStream::from_std(ours).map_err(platform("socket"))?;
+        let mut cmd = spore_sandbox::command(&env.exe, &spec)
+            .map_err(|e| StartError::Platform(error_chain(&e)))?;
+        cmd.stdin(Stdio::from(OwnedFd::from(theirs)))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut cmd = tokio::process::Command::from(cmd);
+        cmd.kill_on_drop(true);
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                destroy_cgroup(cgroup).await;
+                return Err(StartError::Platform(format!("spawning {}: {e}", env.exe.display())));
+            }
+        };
+        let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
+        if let Some(out) = child.stdout.take() {
+            tokio::spawn(drain(out, log.clone(), None));
+        }
+        if let Some(err) = child.stderr.take() {
+            tokio::spawn(drain(err, log, Some(stderr_tail.clone())));
+        }
+        let mut inst = Instance {
+            id,
+            revision: rec.revision,
+            init_ms: 0.0,
+            last_used: Instant::now(),
+            child,
+            sock,
+            cgroup: Some(cgroup),
+            memory_mb: m.memory_mb,
+            stderr_tail,
+        };
+        let first = tokio::time::timeout(init_timeout, read_frame(&mut inst.sock)).await;
+        let failure = match first {
+            Ok(Ok(Some((FromRuntime::Ready { .. }, _)))) => {
+                inst.init_ms = t0.elapsed().as_secs_f64() * 1000.0;
+                return Ok(inst);
+            }
+            Ok(Ok(Some((FromRuntime::InitError { error }, _)))) => StartError::Init(error),
+            Ok(Ok(Some((other, _)))) => StartError::Platform(format!("runtime sent {other:?} before ready")),
+            Ok(Ok(None)) | Ok(Err(_)) => {
+                let detail = inst.exit_detail().await;
+                if detail.setup_failed {
+                    StartError::Platform(detail.text)
+                } else if inst.oom_killed() {
+                    StartError::Init(InvokeFailure::OutOfMemory { limit_mb: m.memory_mb }.to_function_error())
+                } else {
+                    StartError::Init(FunctionError::platform(
+                        "Runtime.ExitError",
+                        format!("Runtime exited during init: {}", detail.text),
+                    ))
+                }
+            }
+            Err(_) => StartError::Init(FunctionError::platform(
+                "Sandbox.Timedout",
+                format!("Init timed out after {:.2} seconds", init_timeout.as_secs_f64()),
+            )),
+        };
+        inst.destroy().await;
+        Err(failure)
+    }
+
+    /// Runs one invocation. On `Err` the instance is broken and must be destroyed.
+    pub async fn invoke(
+        &mut self,
+        request_id: &str,
+        payload: &[u8],
+        timeout_s: u32,
+    ) -> Result<Reply, InvokeFailure> {
+        let deadline_ms = crate::store::now_unix_ms() + u64::from(timeout_s) * 1000;
+        let frame = protocol::encode(
+            &ToRuntime::Invoke {
+                request_id: request_id.to_owned(),
+                deadline_ms,
+            },
+            payload,
+        );
+        let timeout = Duration::from_secs(u64::from(timeout_s));
+        let exchange = async {
+            self.sock.write_all(&frame).await?;
+            read_frame(&mut self.sock).await
+        };
+        let reply = match tokio::time::timeout(timeout, exchange).await {
+            Err(_) => return Err(InvokeFailure::Timeout { seconds: timeout_s }),
+            Ok(r) => r,
+        };
+        self.last_used = Instant::now();
+        match reply {
+            Ok(Some((FromRuntime::Result { error, duration_ms, logs }, body))) => Ok(Reply {
+                outcome: match error {
+                    Some(e) => Err(e),
+                    None if body.len() > spore_core::MAX_SYNC_PAYLOAD => Err(FunctionError::platform(
+                        "Function.ResponseSizeTooLarge",
+                        format!(
+                            "Response payload size ({} bytes) exceeded maximum allowed payload size ({} bytes).",
+                            body.len(),
+                            spore_core::MAX_SYNC_PAYLOAD
+                        ),
+                    )),
+                    None => Ok(body),
+                },
+                handler_ms: duration_ms,
+                logs,
+            }),
+            Ok(Some((other, _))) => Err(InvokeFailure::Exited {
+                detail: format!("protocol violation: unexpected {other:?}"),
+            }),
+            Ok(None) | Err(_) => {
+                let detail = self.exit_detail().await;
+                if self.oom_killed() {
+                    Err(InvokeFailure::OutOfMemory { limit_mb: self.memory_mb })
+                } else {
+                    Err(InvokeFailure::Exited { detail: detail.text })
+                }
+            }
+        }
+    }
+
+    /// Whether processes other than the runtime (and the init outside it) are left in the
+    /// sandbox, e.g. children the handler forked. Such an instance is not reused.
+    pub fn has_strays(&self) -> bool {
+        let Some(cg) = &self.cgroup else { return false };
+        let procs = cg
+            .procs_files()
+            .into_iter()
+            .last()
+            .and_then(|f| std::fs::read_to_string(f).ok())
+            .map_or(0, |t| t.lines().count());
+        procs > 2
+    }
+
+    /// Peak memory use of the sandbox, MiB.
+    pub fn memory_peak_mb(&self) -> Option<u64> {
+        self.cgroup.as_ref()?.memory_peak().map(|b| b.div_ceil(1 << 20))
+    }
+
+    fn oom_killed(&self) -> bool {
+        self.cgroup.as_ref().is_some_and(Cgroup::oom_killed)
+    }
+
+    async fn exit_detail(&mut self) -> ExitDetail {
+        let status = tokio::time::timeout(Duration::from_secs(2), self.child.wait()).await;
+        // Give the stderr drain a moment to catch the last lines.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let tail: Vec<String> = self.stderr_tail.lock().expect("stderr tail").iter().cloned().collect();
+        let code = match &status {
+            Ok(Ok(s)) => s.code(),
+            _ => None,
+        };
+        let mut text = match code {
+            Some(c) if c > 128 => format!("signal {}", c - 128),
+            Some(c) => format!("exit status {c}"),
+            None => "no exit status".to_owned(),
+        };
+        if !tail.is_empty() {
+            text.push_str("; stderr: ");
+            text.push_str(&tail.join(" | "));
+        }
+        ExitDetail {
+            setup_failed: code == Some(spore_sandbox::SETUP_FAILED_EXIT),
+            text,
+        }
+    }
+
+    /// Kills the sandbox and removes its cgroup.
+    pub async fn destroy(mut self) {
+        let _ = self.child.start_kill();
+        if let Some(cg) = self.cgroup.take() {
+            destroy_cgroup(cg).await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        // Reached only when an invocation was abandoned mid-way (e.g. a cancelled task):
+        // the child is killed by kill_on_drop, the cgroup here.
+        if let Some(cg) = self.cgroup.take() {
+            std::thread::spawn(move || {
+                if let Err(e) = cg.destroy() {
+                    tracing::warn!("removing an abandoned sandbox cgroup: {}", error_chain(&e));
+                }
+            });
+        }
+    }
+}
+
+struct ExitDetail {
+    setup_failed: bool,
+    text: String,
+}
+
+async fn destroy_cgroup(cg: Cgroup) {
+    match tokio::task::spawn_blocking(move || cg.destroy()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("removing a sandbox cgroup: {}", error_chain(&e)),
+        Err(e) => tracing::warn!("cgroup removal task: {e}"),
+    }
+}
+
+/// Formats an error with its sources.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+async fn drain<R: AsyncRead + Unpin>(r: R, log: Arc<LogRing>, tail: Option<Arc<Mutex<VecDeque<String>>>>) {
+    let mut lines = BufReader::new(r).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        log.push_text(&line);
+        if let Some(t) = &tail {
+            let mut t = t.lock().expect("stderr tail");
+            if t.len() == 8 {
+                t.pop_front();
+            }
+            t.push_back(line);
+        }
+    }
+}
+
+/// Reads one frame; `None` on a clean EOF before the frame.
+async fn read_frame(sock: &mut UnixStream) -> std::io::Result<Option<(FromRuntime, Vec<u8>)>> {
+    let mut prefix = [0u8; PREFIX_LEN];
+    match sock.read_exact(&mut prefix).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let p = FramePrefix::parse(prefix).map_err(std::io::Error::other)?;
+    let mut header = vec![0u8; p.header_len as usize];
+    sock.read_exact(&mut header).await?;
+    let mut body = vec![0u8; p.body_len as usize];
+    sock.read_exact(&mut body).await?;
+    let msg = protocol::decode_header(&header).map_err(std::io::Error::other)?;
+    Ok(Some((msg, body)))
+}

@@ -1,0 +1,697 @@
+//! The control plane: the function registry, per-function warm pools of sandboxed instances,
+//! and the invocation path (warm instance, else a cold start in a fresh sandbox).
+//!
+//! [`Control`] is what the gateway calls. It owns the data dir (locked against a second
+//! daemon), sweeps sandboxes a crashed daemon left behind, reaps idle instances after the
+//! keep-alive, and on [`Control::shutdown`] drains in-flight invocations and removes every
+//! sandbox and cgroup it made.
+#![forbid(unsafe_code)]
+
+pub mod code;
+pub mod instance;
+pub mod logs;
+pub mod registry;
+pub mod store;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use spore_core::{FunctionError, FunctionManifest, SandboxKind, StartKind};
+use tokio::sync::Notify;
+
+use crate::instance::{error_chain, Instance, InstanceEnv, StartError};
+use crate::logs::LogRing;
+use crate::registry::{FunctionRecord, Registry, RegistryError};
+use crate::store::DataDirLock;
+
+/// Errors the control plane returns to its callers (the gateway maps each to an HTTP status).
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// No such function.
+    #[error("Function not found: {0}")]
+    NotFound(String),
+    /// The function exists already.
+    #[error("Function already exist: {0}")]
+    Conflict(String),
+    /// A parameter is invalid.
+    #[error("{0}")]
+    InvalidParameter(String),
+    /// The payload is not JSON.
+    #[error("Could not parse request body into json: {0}")]
+    InvalidRequestContent(String),
+    /// The payload is larger than allowed.
+    #[error("Request must be smaller than {limit} bytes for the {kind} invocation (got {size})")]
+    RequestTooLarge {
+        /// Payload size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+        /// `RequestResponse` or `Event`.
+        kind: &'static str,
+    },
+    /// Every instance slot stayed busy until the deadline.
+    #[error("Rate exceeded: all {0} instances of the function stayed busy")]
+    TooManyRequests(u32),
+    /// The daemon cannot serve this now (shutting down, or sandboxes unsupported here).
+    #[error("{0}")]
+    Unavailable(String),
+    /// A platform failure.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<RegistryError> for ControlError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::Code(c) => ControlError::InvalidParameter(c.to_string()),
+            other => ControlError::Internal(error_chain(&other)),
+        }
+    }
+}
+
+/// Daemon settings.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    /// Data dir (registry, runtime files, lock).
+    pub data_dir: PathBuf,
+    /// Shared Python packages bound read-only into sandboxes (default `<data-dir>/packages`).
+    pub packages_dir: Option<PathBuf>,
+    /// The Spore binary, re-executed as the sandbox init.
+    pub exe: PathBuf,
+    /// Default most instances per function.
+    pub max_instances: u32,
+    /// Idle instances older than this are stopped.
+    pub keep_alive: Duration,
+    /// CPU quota per instance, thousandths of a CPU.
+    pub cpu_millis: u32,
+    /// Process limit per instance.
+    pub pids_max: u32,
+    /// `/tmp` size cap per instance, MiB.
+    pub tmp_mb: u32,
+}
+
+impl ControlConfig {
+    /// Settings with defaults for everything but the paths.
+    pub fn new(data_dir: PathBuf, exe: PathBuf) -> Self {
+        ControlConfig {
+            data_dir,
+            packages_dir: None,
+            exe,
+            max_instances: 8,
+            keep_alive: Duration::from_secs(300),
+            cpu_millis: 1000,
+            pids_max: 64,
+            tmp_mb: 64,
+        }
+    }
+}
+
+/// A function's configuration as given by a create or update call.
+#[derive(Debug, Clone)]
+pub struct FunctionSpec {
+    /// The manifest.
+    pub manifest: FunctionManifest,
+    /// Description.
+    pub description: String,
+}
+
+/// Options of one invocation.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct InvokeOptions {
+    /// Serve from a fresh instance, bypassing the warm pool.
+    pub force_cold: bool,
+}
+
+/// The outcome of one invocation.
+#[derive(Debug)]
+pub struct Invocation {
+    /// Request id.
+    pub request_id: String,
+    /// How the serving instance started.
+    pub start: StartKind,
+    /// Start-up time of a cold instance, ms (0 when warm).
+    pub init_ms: f64,
+    /// Time from the call to the result in the daemon, ms.
+    pub total_ms: f64,
+    /// Result JSON, or the function's error.
+    pub outcome: Result<Vec<u8>, FunctionError>,
+    /// Lambda-style log block (START/logs/END/REPORT).
+    pub log: String,
+}
+
+#[derive(Debug, Default)]
+struct PoolState {
+    idle: Vec<Instance>,
+    total: u32,
+}
+
+#[derive(Debug, Default)]
+struct Pool {
+    state: Mutex<PoolState>,
+    notify: Notify,
+}
+
+enum Slot {
+    Warm(Instance),
+    Cold,
+}
+
+struct Inner {
+    cfg: ControlConfig,
+    env: Result<Arc<InstanceEnv>, String>,
+    registry: Mutex<Registry>,
+    pools: Mutex<HashMap<String, Arc<Pool>>>,
+    logs: Mutex<HashMap<String, Arc<LogRing>>>,
+    draining: AtomicBool,
+    inflight: AtomicUsize,
+    idle: Notify,
+    _lock: DataDirLock,
+}
+
+/// The control plane. Cheap to clone.
+#[derive(Clone)]
+pub struct Control {
+    inner: Arc<Inner>,
+}
+
+/// Name of this data dir's parent cgroup: stable per data dir, so that a restarted daemon
+/// finds what its predecessor left, and daemons on other data dirs are left alone.
+pub fn cgroup_parent_name(data_dir: &Path) -> String {
+    use sha2::Digest;
+    let canon = data_dir.canonicalize().unwrap_or_else(|_| data_dir.to_owned());
+    let sum = sha2::Sha256::digest(canon.as_os_str().as_encoded_bytes());
+    format!("spore-{}", sum.iter().take(6).map(|b| format!("{b:02x}")).collect::<String>())
+}
+
+struct InflightGuard<'a>(&'a Inner);
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        if self.0.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl Control {
+    /// Opens the data dir and prepares the host. Sandboxes being unsupported here (not root,
+    /// no cgroups) is not fatal: the registry works and invocations fail with the reason.
+    pub fn open(cfg: ControlConfig) -> Result<(Control, Vec<String>), ControlError> {
+        let io = |what: &str, e: std::io::Error| ControlError::Internal(format!("{what}: {e}"));
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| io("creating the data dir", e))?;
+        let lock = DataDirLock::acquire(&cfg.data_dir).map_err(|e| ControlError::Unavailable(e.to_string()))?;
+        let (registry, mut warnings) = Registry::open(&cfg.data_dir)?;
+
+        let run = cfg.data_dir.join("run");
+        let rootfs = run.join("rootfs");
+        let runtime_dir = cfg.data_dir.join("runtime").join("python");
+        for d in [&rootfs, &runtime_dir] {
+            std::fs::create_dir_all(d).map_err(|e| io("creating runtime directories", e))?;
+        }
+        let bootstrap = runtime_dir.join("bootstrap.py");
+        store::write_atomic(&bootstrap, spore_runtime::PYTHON_BOOTSTRAP.as_bytes())
+            .map_err(|e| io("writing the Python bootstrap", e))?;
+        use std::os::unix::fs::PermissionsExt;
+        for (p, mode) in [(&runtime_dir, 0o755), (&bootstrap, 0o644)] {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| io("chmod of the runtime directory", e))?;
+        }
+        let packages = cfg
+            .packages_dir
+            .clone()
+            .unwrap_or_else(|| cfg.data_dir.join("packages"));
+        let packages_dir = if packages.is_dir() {
+            Some(packages)
+        } else {
+            warnings.push(format!(
+                "no Python packages directory at {}: functions can import only the standard library and their own code",
+                packages.display()
+            ));
+            None
+        };
+
+        let parent = cgroup_parent_name(&cfg.data_dir);
+        let env = spore_sandbox::preflight()
+            .and_then(|layout| {
+                let swept = layout.sweep_parent(&parent, false)?;
+                if swept > 0 {
+                    warnings.push(format!("removed {swept} sandboxes left by a previous daemon"));
+                }
+                layout.create_parent(&parent)?;
+                Ok(layout)
+            })
+            .map(|layout| {
+                let mut env = InstanceEnv::new(cfg.exe.clone(), layout, parent, rootfs, runtime_dir, packages_dir);
+                env.cpu_millis = cfg.cpu_millis;
+                env.pids_max = cfg.pids_max;
+                env.tmp_mb = cfg.tmp_mb;
+                Arc::new(env)
+            })
+            .map_err(|e| error_chain(&e));
+        if let Err(why) = &env {
+            warnings.push(format!("invocations are disabled: {why}"));
+        }
+        let control = Control {
+            inner: Arc::new(Inner {
+                cfg,
+                env,
+                registry: Mutex::new(registry),
+                pools: Mutex::new(HashMap::new()),
+                logs: Mutex::new(HashMap::new()),
+                draining: AtomicBool::new(false),
+                inflight: AtomicUsize::new(0),
+                idle: Notify::new(),
+                _lock: lock,
+            }),
+        };
+        Ok((control, warnings))
+    }
+
+    /// The daemon settings.
+    pub fn config(&self) -> &ControlConfig {
+        &self.inner.cfg
+    }
+
+    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.inner.registry.lock().expect("registry lock")
+    }
+
+    fn check_spec(spec: &FunctionSpec) -> Result<(), ControlError> {
+        spec.manifest
+            .validate()
+            .map_err(|e| ControlError::InvalidParameter(e.to_string()))?;
+        if spec.manifest.sandbox == SandboxKind::Cfork {
+            return Err(ControlError::InvalidParameter(
+                "sandbox kind \"cfork\" is not available yet in this build; use \"container\"".into(),
+            ));
+        }
+        if spec.manifest.runtime != spore_core::Runtime::Python3 {
+            return Err(ControlError::InvalidParameter(format!(
+                "runtime {} is not available yet in this build; use python3",
+                spec.manifest.runtime
+            )));
+        }
+        Ok(())
+    }
+
+    /// Creates a function from a zip package.
+    pub fn create_function(&self, spec: FunctionSpec, zip: &[u8]) -> Result<FunctionRecord, ControlError> {
+        Self::check_spec(&spec)?;
+        let mut reg = self.registry();
+        let name = spec.manifest.name.clone();
+        if reg.get(&name).is_some() {
+            return Err(ControlError::Conflict(name));
+        }
+        let (code_sha256, code_hex, code_size) = reg.install_code(&name, zip)?;
+        let rec = reg.put(FunctionRecord {
+            manifest: spec.manifest,
+            description: spec.description,
+            code_sha256,
+            code_hex,
+            code_size,
+            last_modified_ms: 0,
+            revision: 0,
+        })?;
+        drop(reg);
+        self.retire_idle(&name);
+        Ok(rec)
+    }
+
+    /// Replaces a function's code.
+    pub fn update_code(&self, name: &str, zip: &[u8]) -> Result<FunctionRecord, ControlError> {
+        let mut reg = self.registry();
+        let mut rec = reg.get(name).cloned().ok_or_else(|| ControlError::NotFound(name.into()))?;
+        let (b64, hex, size) = reg.install_code(name, zip)?;
+        (rec.code_sha256, rec.code_hex, rec.code_size) = (b64, hex, size);
+        let rec = reg.put(rec)?;
+        drop(reg);
+        self.retire_idle(name);
+        Ok(rec)
+    }
+
+    /// Replaces a function's configuration (the name cannot change).
+    pub fn update_config(&self, spec: FunctionSpec) -> Result<FunctionRecord, ControlError> {
+        Self::check_spec(&spec)?;
+        let name = spec.manifest.name.clone();
+        let mut reg = self.registry();
+        let mut rec = reg.get(&name).cloned().ok_or_else(|| ControlError::NotFound(name.clone()))?;
+        rec.manifest = spec.manifest;
+        rec.description = spec.description;
+        let rec = reg.put(rec)?;
+        drop(reg);
+        self.retire_idle(&name);
+        Ok(rec)
+    }
+
+    /// Deletes a function; its instances stop (busy ones when their invocation ends).
+    pub fn delete_function(&self, name: &str) -> Result<FunctionRecord, ControlError> {
+        let rec = self.registry().remove(name)?.ok_or_else(|| ControlError::NotFound(name.into()))?;
+        self.retire_idle(name);
+        Ok(rec)
+    }
+
+    /// One function's record.
+    pub fn get_function(&self, name: &str) -> Result<FunctionRecord, ControlError> {
+        self.registry().get(name).cloned().ok_or_else(|| ControlError::NotFound(name.into()))
+    }
+
+    /// All records.
+    pub fn list_functions(&self) -> Vec<FunctionRecord> {
+        self.registry().list().cloned().collect()
+    }
+
+    /// The last `n` log lines of a function.
+    pub fn logs(&self, name: &str, n: usize) -> Result<Vec<String>, ControlError> {
+        self.get_function(name)?;
+        Ok(self.log_ring(name).tail(n))
+    }
+
+    /// Number of idle and total instances of a function.
+    pub fn instance_counts(&self, name: &str) -> (usize, u32) {
+        let pool = self.inner.pools.lock().expect("pools lock").get(name).cloned();
+        pool.map_or((0, 0), |p| {
+            let st = p.state.lock().expect("pool lock");
+            (st.idle.len(), st.total)
+        })
+    }
+
+    fn log_ring(&self, name: &str) -> Arc<LogRing> {
+        self.inner.logs.lock().expect("logs lock").entry(name.to_owned()).or_default().clone()
+    }
+
+    fn pool(&self, name: &str) -> Arc<Pool> {
+        self.inner.pools.lock().expect("pools lock").entry(name.to_owned()).or_default().clone()
+    }
+
+    /// Stops the idle instances of `name` (after a change or delete).
+    fn retire_idle(&self, name: &str) {
+        let pool = self.inner.pools.lock().expect("pools lock").get(name).cloned();
+        if let Some(pool) = pool {
+            let stale: Vec<Instance> = {
+                let mut st = pool.state.lock().expect("pool lock");
+                let v: Vec<Instance> = st.idle.drain(..).collect();
+                st.total -= v.len() as u32;
+                v
+            };
+            pool.notify.notify_waiters();
+            spawn_destroy(stale);
+        }
+    }
+
+    /// Checks a payload for a synchronous or asynchronous invocation.
+    pub fn check_payload(payload: &[u8], asynchronous: bool) -> Result<(), ControlError> {
+        let (limit, kind) = if asynchronous {
+            (spore_core::MAX_ASYNC_PAYLOAD, "Event")
+        } else {
+            (spore_core::MAX_SYNC_PAYLOAD, "RequestResponse")
+        };
+        if payload.len() > limit {
+            return Err(ControlError::RequestTooLarge { size: payload.len(), limit, kind });
+        }
+        if !payload.is_empty() {
+            serde_json::from_slice::<serde::de::IgnoredAny>(payload)
+                .map_err(|e| ControlError::InvalidRequestContent(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Invokes a function and waits for its result. Function failures (errors, timeouts,
+    /// crashes) are an `Ok` [`Invocation`] whose outcome is `Err`; `Err` is for requests the
+    /// platform could not serve.
+    pub async fn invoke(&self, name: &str, payload: &[u8], opts: InvokeOptions) -> Result<Invocation, ControlError> {
+        Self::check_payload(payload, false)?;
+        self.inner.inflight.fetch_add(1, Ordering::AcqRel);
+        let _guard = InflightGuard(&self.inner);
+        if self.inner.draining.load(Ordering::Acquire) {
+            return Err(ControlError::Unavailable("the daemon is shutting down".into()));
+        }
+        let env = self.inner.env.clone().map_err(|why| ControlError::Unavailable(format!("invocations are disabled on this host: {why}")))?;
+        let rec = self.get_function(name)?;
+        let t0 = Instant::now();
+        let request_id = uuid::Uuid::new_v4().to_string();
+        let pool = self.pool(name);
+        let max = rec.manifest.max_instances.unwrap_or(self.inner.cfg.max_instances);
+        let timeout = Duration::from_secs(u64::from(rec.manifest.timeout_s));
+        let slot = self.acquire(&pool, rec.revision, max, opts.force_cold, t0 + timeout).await?;
+        let log = self.log_ring(name);
+
+        let (mut inst, start) = match slot {
+            Slot::Warm(inst) => (inst, StartKind::Warm),
+            Slot::Cold => {
+                let code_dir = self.registry().code_dir(&rec);
+                let started = Instance::start(&env, &rec, code_dir, log.clone(), timeout.max(Duration::from_secs(10))).await;
+                match started {
+                    Ok(inst) => (inst, StartKind::Cold),
+                    Err(e) => {
+                        self.release_slot(&pool);
+                        return match e {
+                            StartError::Platform(msg) => {
+                                metrics::counter!("spore_platform_errors_total", "function" => name.to_owned()).increment(1);
+                                Err(ControlError::Internal(msg))
+                            }
+                            StartError::Init(err) => {
+                                let total_ms = t0.elapsed().as_secs_f64() * 1000.0;
+                                let block = report_block(&request_id, "", total_ms, rec.manifest.memory_mb, None, Some(total_ms), Some(&err));
+                                log.push_text(&block);
+                                record_metrics(name, StartKind::Cold, total_ms, Some(&err));
+                                Ok(Invocation { request_id, start: StartKind::Cold, init_ms: total_ms, total_ms, outcome: Err(err), log: block })
+                            }
+                        };
+                    }
+                }
+            }
+        };
+        let init_ms = if start == StartKind::Cold { inst.init_ms } else { 0.0 };
+        let result = inst.invoke(&request_id, payload, rec.manifest.timeout_s).await;
+        let total_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        let peak = inst.memory_peak_mb();
+        let (outcome, logs, handler_ms, reusable) = match result {
+            Ok(reply) => {
+                let reusable = !inst.has_strays();
+                (reply.outcome, reply.logs, reply.handler_ms, reusable)
+            }
+            Err(failure) => (Err(failure.to_function_error()), String::new(), total_ms - init_ms, false),
+        };
+        let current = self.registry().get(name).map(|r| r.revision);
+        self.release(&pool, inst, reusable && current == Some(rec.revision), max);
+        let block = report_block(&request_id, &logs, handler_ms, rec.manifest.memory_mb, peak, (start == StartKind::Cold).then_some(init_ms), outcome.as_ref().err());
+        log.push_text(&block);
+        record_metrics(name, start, total_ms, outcome.as_ref().err());
+        if start == StartKind::Cold {
+            metrics::histogram!("spore_init_duration_seconds", "function" => name.to_owned()).record(init_ms / 1000.0);
+        }
+        Ok(Invocation { request_id, start, init_ms, total_ms, outcome, log: block })
+    }
+
+    /// Queues an asynchronous (`Event`) invocation; its outcome goes to the function's log.
+    pub fn invoke_async(&self, name: &str, payload: Vec<u8>) -> Result<String, ControlError> {
+        Self::check_payload(&payload, true)?;
+        self.get_function(name)?;
+        if self.inner.draining.load(Ordering::Acquire) {
+            return Err(ControlError::Unavailable("the daemon is shutting down".into()));
+        }
+        let this = self.clone();
+        let name = name.to_owned();
+        let id = uuid::Uuid::new_v4().to_string();
+        tokio::spawn(async move {
+            if let Err(e) = this.invoke(&name, &payload, InvokeOptions::default()).await {
+                this.log_ring(&name).push_text(&format!("asynchronous invocation failed: {e}"));
+            }
+        });
+        Ok(id)
+    }
+
+    async fn acquire(&self, pool: &Pool, revision: u64, max: u32, force_cold: bool, deadline: Instant) -> Result<Slot, ControlError> {
+        loop {
+            let notified = pool.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let mut stale = Vec::new();
+            let slot = {
+                let mut st = pool.state.lock().expect("pool lock");
+                let mut found = None;
+                if !force_cold {
+                    while let Some(inst) = st.idle.pop() {
+                        if inst.revision == revision {
+                            found = Some(Slot::Warm(inst));
+                            break;
+                        }
+                        st.total -= 1;
+                        stale.push(inst);
+                    }
+                }
+                if found.is_none() && (st.total < max || force_cold) {
+                    st.total += 1;
+                    found = Some(Slot::Cold);
+                }
+                found
+            };
+            spawn_destroy(stale);
+            if let Some(slot) = slot {
+                return Ok(slot);
+            }
+            if tokio::time::timeout_at(deadline.into(), notified).await.is_err() {
+                return Err(ControlError::TooManyRequests(max));
+            }
+        }
+    }
+
+    fn release_slot(&self, pool: &Pool) {
+        pool.state.lock().expect("pool lock").total -= 1;
+        pool.notify.notify_one();
+    }
+
+    fn release(&self, pool: &Pool, inst: Instance, reusable: bool, max: u32) {
+        let reject = {
+            let mut st = pool.state.lock().expect("pool lock");
+            if reusable && !self.inner.draining.load(Ordering::Acquire) && st.total <= max {
+                st.idle.push(inst);
+                None
+            } else {
+                st.total -= 1;
+                Some(inst)
+            }
+        };
+        pool.notify.notify_one();
+        spawn_destroy(reject.into_iter().collect());
+    }
+
+    /// Stops instances idle for longer than the keep-alive; runs until the process ends.
+    pub fn spawn_reaper(&self) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1).min(this.inner.cfg.keep_alive));
+            loop {
+                tick.tick().await;
+                if this.inner.draining.load(Ordering::Acquire) {
+                    return;
+                }
+                let pools: Vec<Arc<Pool>> = this.inner.pools.lock().expect("pools lock").values().cloned().collect();
+                for pool in pools {
+                    let expired: Vec<Instance> = {
+                        let mut st = pool.state.lock().expect("pool lock");
+                        let keep = this.inner.cfg.keep_alive;
+                        let (old, fresh): (Vec<_>, Vec<_>) = st.idle.drain(..).partition(|i| i.last_used.elapsed() > keep);
+                        st.idle = fresh;
+                        st.total -= old.len() as u32;
+                        old
+                    };
+                    spawn_destroy(expired);
+                }
+            }
+        });
+    }
+
+    /// Stops taking invocations, waits up to `grace` for those in flight, then stops every
+    /// instance and removes this daemon's cgroups.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.inner.draining.store(true, Ordering::Release);
+        let deadline = Instant::now() + grace;
+        while self.inner.inflight.load(Ordering::Acquire) > 0 {
+            let idle = self.inner.idle.notified();
+            if tokio::time::timeout_at(deadline.into(), idle).await.is_err() {
+                tracing::warn!("{} invocations still running after {grace:?}; stopping them", self.inner.inflight.load(Ordering::Acquire));
+                break;
+            }
+        }
+        let pools: Vec<Arc<Pool>> = self.inner.pools.lock().expect("pools lock").values().cloned().collect();
+        let mut all = Vec::new();
+        for pool in pools {
+            let mut st = pool.state.lock().expect("pool lock");
+            st.total -= st.idle.len() as u32;
+            all.extend(st.idle.drain(..));
+        }
+        for inst in all {
+            inst.destroy().await;
+        }
+        if let Ok(env) = &self.inner.env {
+            let (layout, parent) = (env.layout.clone(), env.cgroup_parent.clone());
+            let res = tokio::task::spawn_blocking(move || layout.sweep_parent(&parent, true)).await;
+            if let Ok(Err(e)) = res {
+                tracing::warn!("removing this daemon's cgroups: {}", error_chain(&e));
+            }
+        }
+    }
+}
+
+fn spawn_destroy(instances: Vec<Instance>) {
+    for inst in instances {
+        tokio::spawn(inst.destroy());
+    }
+}
+
+fn record_metrics(name: &str, start: StartKind, total_ms: f64, error: Option<&FunctionError>) {
+    metrics::counter!("spore_invocations_total", "function" => name.to_owned(), "start" => start.as_str()).increment(1);
+    if let Some(e) = error {
+        metrics::counter!("spore_invocation_errors_total", "function" => name.to_owned(), "type" => e.error_type.clone()).increment(1);
+    }
+    metrics::histogram!("spore_invocation_duration_seconds", "function" => name.to_owned(), "start" => start.as_str()).record(total_ms / 1000.0);
+}
+
+fn report_block(
+    request_id: &str,
+    logs: &str,
+    duration_ms: f64,
+    memory_mb: u32,
+    peak_mb: Option<u64>,
+    init_ms: Option<f64>,
+    error: Option<&FunctionError>,
+) -> String {
+    let mut s = format!("START RequestId: {request_id} Version: $LATEST\n");
+    s.push_str(logs);
+    if !logs.is_empty() && !logs.ends_with('\n') {
+        s.push('\n');
+    }
+    if let Some(e) = error {
+        s.push_str(&format!("[ERROR] {}: {}\n", e.error_type, e.message));
+    }
+    s.push_str(&format!("END RequestId: {request_id}\n"));
+    s.push_str(&format!(
+        "REPORT RequestId: {request_id}\tDuration: {duration_ms:.2} ms\tBilled Duration: {} ms\tMemory Size: {memory_mb} MB",
+        duration_ms.ceil() as u64
+    ));
+    if let Some(p) = peak_mb {
+        s.push_str(&format!("\tMax Memory Used: {p} MB"));
+    }
+    if let Some(i) = init_ms {
+        s.push_str(&format!("\tInit Duration: {i:.2} ms"));
+    }
+    s.push('\n');
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_checks() {
+        assert!(Control::check_payload(b"", false).is_ok());
+        assert!(Control::check_payload(b"{\"a\": 1}", false).is_ok());
+        assert!(matches!(Control::check_payload(b"{nope", false), Err(ControlError::InvalidRequestContent(_))));
+        let big = vec![b' '; spore_core::MAX_ASYNC_PAYLOAD + 1];
+        assert!(Control::check_payload(&big, false).is_ok());
+        assert!(matches!(Control::check_payload(&big, true), Err(ControlError::RequestTooLarge { .. })));
+    }
+
+    #[test]
+    fn report_block_shape() {
+        let err = FunctionError::platform("Sandbox.Timedout", "Task timed out after 1.00 seconds");
+        let b = report_block("r1", "hello", 12.3, 128, Some(20), Some(40.0), Some(&err));
+        assert!(b.starts_with("START RequestId: r1"));
+        assert!(b.contains("hello\n[ERROR] Sandbox.Timedout"));
+        assert!(b.contains("Init Duration: 40.00 ms"));
+        assert!(b.contains("Max Memory Used: 20 MB"));
+    }
+
+    #[test]
+    fn cgroup_parent_names_differ_per_data_dir() {
+        let a = cgroup_parent_name(Path::new("/var/lib/spore-a"));
+        let b = cgroup_parent_name(Path::new("/var/lib/spore-b"));
+        assert_ne!(a, b);
+        assert!(a.starts_with("spore-") && a.len() == 18);
+    }
+}

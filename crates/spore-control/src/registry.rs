@@ -1,0 +1,228 @@
+//! The function registry, persisted under `<data-dir>/functions/<name>/`:
+//! `function.json` (the record, written atomically) and `code/<sha256-hex>/` (unpacked code).
+//! Loaded at start; a record that cannot be read is reported and skipped, never fatal.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use spore_core::FunctionManifest;
+
+use crate::code;
+use crate::store::{now_unix_ms, write_atomic};
+
+/// A deployed function.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FunctionRecord {
+    /// The manifest (configuration).
+    pub manifest: FunctionManifest,
+    /// Free-form description.
+    #[serde(default)]
+    pub description: String,
+    /// Base64 SHA-256 of the code package (Lambda's `CodeSha256`).
+    pub code_sha256: String,
+    /// Hex SHA-256, the code directory's name.
+    pub code_hex: String,
+    /// Size of the zip, bytes.
+    pub code_size: u64,
+    /// Last change, ms since the epoch.
+    pub last_modified_ms: u64,
+    /// Bumped on every change of code or configuration.
+    pub revision: u64,
+}
+
+/// Errors of the registry.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The code package was refused.
+    #[error(transparent)]
+    Code(#[from] code::CodeError),
+    /// Reading or writing the data dir failed.
+    #[error("Registry storage failed at {path}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> RegistryError + '_ {
+    move |source| RegistryError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The registry: records in memory, mirrored on disk.
+#[derive(Debug)]
+pub struct Registry {
+    dir: PathBuf,
+    functions: BTreeMap<String, FunctionRecord>,
+}
+
+impl Registry {
+    /// Opens (creating) `<data-dir>/functions` and loads every record; unreadable ones are
+    /// returned as warnings.
+    pub fn open(data_dir: &Path) -> Result<(Registry, Vec<String>), RegistryError> {
+        let dir = data_dir.join("functions");
+        fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+        let mut functions = BTreeMap::new();
+        let mut warnings = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(io_at(&dir))?.flatten() {
+            let path = entry.path().join("function.json");
+            if !path.exists() {
+                continue; // a deploy that crashed before its record was written
+            }
+            let loaded = fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<FunctionRecord>(&b).map_err(|e| e.to_string()));
+            match loaded {
+                Ok(rec) if entry.file_name().to_str() == Some(rec.manifest.name.as_str()) => {
+                    functions.insert(rec.manifest.name.clone(), rec);
+                }
+                Ok(rec) => warnings.push(format!(
+                    "{}: names function {:?}, not its directory; skipped",
+                    path.display(),
+                    rec.manifest.name
+                )),
+                Err(e) => warnings.push(format!("{}: unreadable ({e}); skipped", path.display())),
+            }
+        }
+        Ok((Registry { dir, functions }, warnings))
+    }
+
+    /// The record of `name`.
+    pub fn get(&self, name: &str) -> Option<&FunctionRecord> {
+        self.functions.get(name)
+    }
+
+    /// All records, by name.
+    pub fn list(&self) -> impl Iterator<Item = &FunctionRecord> {
+        self.functions.values()
+    }
+
+    /// Host directory of a record's unpacked code.
+    pub fn code_dir(&self, rec: &FunctionRecord) -> PathBuf {
+        self.dir
+            .join(&rec.manifest.name)
+            .join("code")
+            .join(&rec.code_hex)
+    }
+
+    /// Unpacks a code package for `name` (a no-op if that exact package is there already).
+    /// Returns `(sha256 base64, hex, zip size)`.
+    pub fn install_code(&self, name: &str, zip: &[u8]) -> Result<(String, String, u64), RegistryError> {
+        let (b64, hex) = code::digest(zip);
+        let code_root = self.dir.join(name).join("code");
+        fs::create_dir_all(&code_root).map_err(io_at(&code_root))?;
+        let final_dir = code_root.join(&hex);
+        if !final_dir.exists() {
+            let staging = code_root.join(format!(".staging-{}", uuid::Uuid::new_v4()));
+            if let Err(e) = code::unpack(zip, &staging) {
+                let _ = fs::remove_dir_all(&staging);
+                return Err(e.into());
+            }
+            fs::rename(&staging, &final_dir).map_err(io_at(&final_dir))?;
+        }
+        Ok((b64, hex, zip.len() as u64))
+    }
+
+    /// Stores a record (new or changed), bumping its revision and timestamp, and drops code
+    /// directories no longer referenced.
+    pub fn put(&mut self, mut rec: FunctionRecord) -> Result<FunctionRecord, RegistryError> {
+        rec.revision = self.functions.get(&rec.manifest.name).map_or(1, |r| r.revision + 1);
+        rec.last_modified_ms = now_unix_ms();
+        let fdir = self.dir.join(&rec.manifest.name);
+        fs::create_dir_all(&fdir).map_err(io_at(&fdir))?;
+        let path = fdir.join("function.json");
+        let bytes = serde_json::to_vec_pretty(&rec).expect("records serialize");
+        write_atomic(&path, &bytes).map_err(io_at(&path))?;
+        self.functions.insert(rec.manifest.name.clone(), rec.clone());
+        self.prune_code(&rec);
+        Ok(rec)
+    }
+
+    fn prune_code(&self, rec: &FunctionRecord) {
+        let code_root = self.dir.join(&rec.manifest.name).join("code");
+        if let Ok(entries) = fs::read_dir(&code_root) {
+            for e in entries.flatten() {
+                if e.file_name().to_str() != Some(rec.code_hex.as_str()) {
+                    let _ = fs::remove_dir_all(e.path());
+                }
+            }
+        }
+    }
+
+    /// Removes `name` and its code. Returns the record, if it existed.
+    pub fn remove(&mut self, name: &str) -> Result<Option<FunctionRecord>, RegistryError> {
+        let Some(rec) = self.functions.remove(name) else {
+            return Ok(None);
+        };
+        let fdir = self.dir.join(name);
+        // Drop the record first so that a crash midway leaves no half-function behind.
+        let record = fdir.join("function.json");
+        fs::remove_file(&record).map_err(io_at(&record))?;
+        fs::remove_dir_all(&fdir).map_err(io_at(&fdir))?;
+        Ok(Some(rec))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(name: &str, reg: &Registry, zip: &[u8]) -> FunctionRecord {
+        let (b64, hex, size) = reg.install_code(name, zip).unwrap();
+        FunctionRecord {
+            manifest: FunctionManifest::from_toml(&format!("name = \"{name}\"\nhandler = \"main.handler\"")).unwrap(),
+            description: String::new(),
+            code_sha256: b64,
+            code_hex: hex,
+            code_size: size,
+            last_modified_ms: 0,
+            revision: 0,
+        }
+    }
+
+    fn zip_with(text: &str) -> Vec<u8> {
+        let src = tempfile::tempdir().unwrap();
+        fs::write(src.path().join("main.py"), text).unwrap();
+        code::zip_dir(src.path()).unwrap()
+    }
+
+    #[test]
+    fn persists_and_recovers() {
+        let data = tempfile::tempdir().unwrap();
+        let (mut reg, warn) = Registry::open(data.path()).unwrap();
+        assert!(warn.is_empty());
+        let rec = record("f1", &reg, &zip_with("def handler(e, c): return 1\n"));
+        let stored = reg.put(rec).unwrap();
+        assert_eq!(stored.revision, 1);
+        assert!(reg.code_dir(&stored).join("main.py").exists());
+
+        // An update replaces the code and prunes the old directory.
+        let old_dir = reg.code_dir(&stored);
+        let rec2 = record("f1", &reg, &zip_with("def handler(e, c): return 2\n"));
+        let stored2 = reg.put(rec2).unwrap();
+        assert_eq!(stored2.revision, 2);
+        assert!(!old_dir.exists());
+
+        // A corrupt record of another function is skipped with a warning.
+        fs::create_dir_all(data.path().join("functions/broken")).unwrap();
+        fs::write(data.path().join("functions/broken/function.json"), "{oops").unwrap();
+
+        let (reg2, warn) = Registry::open(data.path()).unwrap();
+        assert_eq!(reg2.get("f1"), Some(&stored2));
+        assert_eq!(warn.len(), 1, "{warn:?}");
+        assert!(warn[0].contains("broken"));
+
+        let mut reg2 = reg2;
+        assert!(reg2.remove("f1").unwrap().is_some());
+        assert!(!data.path().join("functions/f1").exists());
+        assert!(reg2.remove("f1").unwrap().is_none());
+    }
+}

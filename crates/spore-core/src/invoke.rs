@@ -1,0 +1,62 @@
+//! Invocation results shared by the control plane, the gateway and the CLI.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// How the instance that served an invocation was started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StartKind {
+    /// A warm instance from the pool.
+    Warm,
+    /// A fresh instance, started for this invocation.
+    Cold,
+}
+
+impl StartKind {
+    /// `warm` or `cold`, as in the `X-Spore-Start` header.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StartKind::Warm => "warm",
+            StartKind::Cold => "cold",
+        }
+    }
+}
+
+impl fmt::Display for StartKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A function error in Lambda's shape (`errorMessage`, `errorType`, `stackTrace`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionError {
+    /// Human-readable message.
+    #[serde(rename = "errorMessage")]
+    pub message: String,
+    /// Exception class, or a `Runtime.*` / `Sandbox.*` type for platform-detected failures.
+    #[serde(rename = "errorType")]
+    pub error_type: String,
+    /// Formatted traceback lines, innermost last.
+    #[serde(rename = "stackTrace", default)]
+    pub stack_trace: Vec<String>,
+}
+
+impl FunctionError {
+    /// A platform-detected error with no traceback.
+    pub fn platform(error_type: &str, message: impl Into<String>) -> Self {
+        FunctionError {
+            message: message.into(),
+            error_type: error_type.to_owned(),
+            stack_trace: Vec::new(),
+        }
+    }
+}
+
+impl fmt::Display for FunctionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.error_type, self.message)
+    }
+}

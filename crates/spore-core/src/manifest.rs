@@ -1,0 +1,315 @@
+//! The function manifest, `spore.toml`. Its keys are a contract: add keys, rename none.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Errors from reading or checking a manifest.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// The TOML did not parse or had keys of the wrong type.
+    #[error("Malformed spore.toml")]
+    Parse(#[source] toml::de::Error),
+    /// A key has a value Spore cannot use.
+    #[error("Invalid `{key}` in spore.toml: {reason}")]
+    Invalid {
+        /// The manifest key at fault.
+        key: &'static str,
+        /// What is wrong and what would be right.
+        reason: String,
+    },
+}
+
+/// A language runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Runtime {
+    /// The host's CPython 3 (`/usr/bin/python3`).
+    Python3,
+    /// Node.js 20 (not served yet; accepted in manifests so that deploys fail with a clear
+    /// message at invoke time rather than a parse error).
+    Node20,
+}
+
+impl Runtime {
+    /// The canonical name written in manifests and reported by the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Runtime::Python3 => "python3",
+            Runtime::Node20 => "node20",
+        }
+    }
+}
+
+impl fmt::Display for Runtime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Runtime {
+    type Err = ManifestError;
+
+    /// Accepts `python3`, `python3.N` (Lambda's names), `node20` and `nodejs20.x`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let minor_ok = |m: &str| !m.is_empty() && m.bytes().all(|b| b.is_ascii_digit());
+        match s {
+            "python3" => Ok(Runtime::Python3),
+            _ if s.strip_prefix("python3.").is_some_and(minor_ok) => Ok(Runtime::Python3),
+            "node20" | "nodejs20.x" => Ok(Runtime::Node20),
+            _ => Err(ManifestError::Invalid {
+                key: "runtime",
+                reason: format!("unknown runtime {s:?}; use \"python3\" (or \"python3.N\") or \"node20\""),
+            }),
+        }
+    }
+}
+
+/// How instances of a function are sandboxed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxKind {
+    /// A fresh container (namespaces, cgroup, seccomp, rootfs) with a freshly started runtime.
+    #[default]
+    Container,
+    /// Forked from a warm template (served once the cfork subsystem lands).
+    Cfork,
+}
+
+impl SandboxKind {
+    /// The name used in manifests and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxKind::Container => "container",
+            SandboxKind::Cfork => "cfork",
+        }
+    }
+}
+
+impl fmt::Display for SandboxKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for SandboxKind {
+    type Err = ManifestError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "container" => Ok(SandboxKind::Container),
+            "cfork" => Ok(SandboxKind::Cfork),
+            _ => Err(ManifestError::Invalid {
+                key: "sandbox",
+                reason: format!("unknown sandbox kind {s:?}; use \"container\" or \"cfork\""),
+            }),
+        }
+    }
+}
+
+/// Smallest and largest memory limits, in MiB.
+pub const MEMORY_MB_RANGE: std::ops::RangeInclusive<u32> = 32..=10240;
+/// Smallest and largest timeouts, in seconds (Lambda's 900 s maximum).
+pub const TIMEOUT_S_RANGE: std::ops::RangeInclusive<u32> = 1..=900;
+
+/// A function manifest (`spore.toml`), checked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionManifest {
+    /// Function name, unique per daemon.
+    pub name: String,
+    /// Language runtime.
+    pub runtime: Runtime,
+    /// `module.function` (the module may be a path such as `pkg/mod`).
+    pub handler: String,
+    /// Memory limit of one instance, MiB.
+    pub memory_mb: u32,
+    /// Invocation timeout, seconds.
+    pub timeout_s: u32,
+    /// Sandbox kind.
+    pub sandbox: SandboxKind,
+    /// Environment variables given to the function.
+    pub environment: BTreeMap<String, String>,
+    /// Most concurrent instances (None: the daemon's default).
+    pub max_instances: Option<u32>,
+}
+
+/// The manifest as written, before checking (every key but `name` and `handler` optional).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawManifest {
+    name: String,
+    #[serde(default = "default_runtime")]
+    runtime: String,
+    handler: String,
+    #[serde(default = "default_memory")]
+    memory_mb: i64,
+    #[serde(default = "default_timeout")]
+    timeout_s: i64,
+    #[serde(default)]
+    sandbox: Option<String>,
+    #[serde(default)]
+    environment: BTreeMap<String, String>,
+    #[serde(default)]
+    max_instances: Option<i64>,
+}
+
+fn default_runtime() -> String {
+    "python3".into()
+}
+fn default_memory() -> i64 {
+    128
+}
+fn default_timeout() -> i64 {
+    30
+}
+
+impl FunctionManifest {
+    /// Parses and checks a `spore.toml`.
+    pub fn from_toml(text: &str) -> Result<Self, ManifestError> {
+        let raw: RawManifest = toml::from_str(text).map_err(ManifestError::Parse)?;
+        let manifest = FunctionManifest {
+            name: raw.name,
+            runtime: raw.runtime.parse()?,
+            handler: raw.handler,
+            memory_mb: in_range("memory_mb", raw.memory_mb, &MEMORY_MB_RANGE)?,
+            timeout_s: in_range("timeout_s", raw.timeout_s, &TIMEOUT_S_RANGE)?,
+            sandbox: raw.sandbox.as_deref().unwrap_or("container").parse()?,
+            environment: raw.environment,
+            max_instances: raw
+                .max_instances
+                .map(|m| in_range("max_instances", m, &(1..=1024)))
+                .transpose()?,
+        };
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    /// Checks the invariants of every field (used for manifests built from API requests too).
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        crate::validate_function_name(&self.name)?;
+        validate_handler(&self.handler)?;
+        in_range("memory_mb", i64::from(self.memory_mb), &MEMORY_MB_RANGE)?;
+        in_range("timeout_s", i64::from(self.timeout_s), &TIMEOUT_S_RANGE)?;
+        for key in self.environment.keys() {
+            let ok = !key.is_empty()
+                && !key.as_bytes()[0].is_ascii_digit()
+                && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !ok {
+                return Err(ManifestError::Invalid {
+                    key: "environment",
+                    reason: format!("{key:?} is not a valid variable name"),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn in_range(
+    key: &'static str,
+    value: i64,
+    range: &std::ops::RangeInclusive<u32>,
+) -> Result<u32, ManifestError> {
+    u32::try_from(value)
+        .ok()
+        .filter(|v| range.contains(v))
+        .ok_or_else(|| ManifestError::Invalid {
+            key,
+            reason: format!(
+                "{value} is out of range {}..={}",
+                range.start(),
+                range.end()
+            ),
+        })
+}
+
+/// Checks a handler string: `module.function`, the module a dotted or slashed path of
+/// identifiers.
+pub fn validate_handler(handler: &str) -> Result<(), ManifestError> {
+    let bad = |why: &str| ManifestError::Invalid {
+        key: "handler",
+        reason: format!("{handler:?} {why}; write it as \"module.function\", e.g. \"main.handler\""),
+    };
+    let (module, func) = handler.rsplit_once('.').ok_or_else(|| bad("has no '.'"))?;
+    let ident = |s: &str| {
+        !s.is_empty()
+            && !s.as_bytes()[0].is_ascii_digit()
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    };
+    if !ident(func) {
+        return Err(bad("does not end in a function name"));
+    }
+    if !module.split(['/', '.']).all(ident) {
+        return Err(bad("has a module path that is not made of identifiers"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_manifest() {
+        let m = FunctionManifest::from_toml(
+            r#"
+name = "hello"
+runtime = "python3.11"
+handler = "main.handler"
+memory_mb = 256
+timeout_s = 5
+sandbox = "cfork"
+[environment]
+GREETING = "hi"
+"#,
+        )
+        .unwrap();
+        assert_eq!(m.runtime, Runtime::Python3);
+        assert_eq!(m.memory_mb, 256);
+        assert_eq!(m.sandbox, SandboxKind::Cfork);
+        assert_eq!(m.environment["GREETING"], "hi");
+    }
+
+    #[test]
+    fn defaults() {
+        let m = FunctionManifest::from_toml("name = \"a\"\nhandler = \"m.f\"\n").unwrap();
+        assert_eq!(
+            (m.runtime, m.memory_mb, m.timeout_s, m.sandbox),
+            (Runtime::Python3, 128, 30, SandboxKind::Container)
+        );
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("name = \"a\"\nhandler = \"nodot\"", "handler"),
+            ("name = \"a b\"\nhandler = \"m.f\"", "name"),
+            ("name = \"a\"\nhandler = \"m.f\"\nmemory_mb = 1", "memory_mb"),
+            ("name = \"a\"\nhandler = \"m.f\"\ntimeout_s = 0", "timeout_s"),
+            ("name = \"a\"\nhandler = \"m.f\"\nruntime = \"cobol\"", "runtime"),
+            ("name = \"a\"\nhandler = \"m.f\"\nsandbox = \"vm\"", "sandbox"),
+        ];
+        for (text, key) in cases {
+            let err = FunctionManifest::from_toml(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text:?} -> {err}");
+        }
+        let err = FunctionManifest::from_toml("name = \"a\"\nhandler = \"m.f\"\nbogus = 1");
+        assert!(matches!(err, Err(ManifestError::Parse(_))));
+        assert!(matches!(
+            FunctionManifest::from_toml("not toml ["),
+            Err(ManifestError::Parse(_))
+        ));
+    }
+
+    #[test]
+    fn handlers() {
+        for ok in ["main.handler", "pkg/mod.fn_1", "a.b.c"] {
+            assert!(validate_handler(ok).is_ok(), "{ok}");
+        }
+        for bad in ["main", ".f", "m.", "1m.f", "m.f-g", "../x.f"] {
+            assert!(validate_handler(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,183 @@
+"""Spore's in-sandbox Python runtime.
+
+Imports the handler named by $_HANDLER ("module.function"), tells the daemon it is ready, then
+serves invocations over the control socket on fd $SPORE_CONTROL_FD, one at a time.
+
+Frame: u32 LE header length, u32 LE body length, JSON header, body bytes.
+"""
+import io
+import json
+import os
+import socket
+import struct
+import sys
+import time
+import traceback
+
+_PREFIX = struct.Struct("<II")
+_MAX_LOG = 64 * 1024
+
+
+def _read_exact(sock, n):
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            return None
+        got += k
+    return bytes(buf)
+
+
+def _recv(sock):
+    prefix = _read_exact(sock, _PREFIX.size)
+    if prefix is None:
+        return None, None
+    hlen, blen = _PREFIX.unpack(prefix)
+    header = json.loads(_read_exact(sock, hlen))
+    body = _read_exact(sock, blen) if blen else b""
+    return header, body
+
+
+def _send(sock, header, body=b""):
+    h = json.dumps(header).encode()
+    sock.sendall(_PREFIX.pack(len(h), len(body)) + h + body)
+
+
+def _error(exc, error_type=None, message=None):
+    tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
+    return {
+        "errorMessage": message if message is not None else str(exc),
+        "errorType": error_type or type(exc).__name__,
+        "stackTrace": [line.rstrip("\n") for line in tb],
+    }
+
+
+class LambdaContext:
+    """The `context` argument of a handler, with Lambda's attribute names."""
+
+    def __init__(self, request_id, deadline_ms):
+        self.function_name = os.environ.get("AWS_LAMBDA_FUNCTION_NAME", "")
+        self.function_version = os.environ.get("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+        self.memory_limit_in_mb = int(os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "0"))
+        self.aws_request_id = request_id
+        self.invoked_function_arn = (
+            "arn:aws:lambda:local:000000000000:function:" + self.function_name
+        )
+        self.log_group_name = "/aws/lambda/" + self.function_name
+        self.log_stream_name = "spore"
+        self._deadline_ms = deadline_ms
+
+    def get_remaining_time_in_millis(self):
+        return max(0, int(self._deadline_ms - time.time() * 1000))
+
+
+class _Capture(io.TextIOBase):
+    """Collects what the handler prints, bounded to the last _MAX_LOG characters."""
+
+    def __init__(self):
+        self.parts = []
+        self.size = 0
+
+    def writable(self):
+        return True
+
+    def write(self, s):
+        self.parts.append(s)
+        self.size += len(s)
+        if self.size > 4 * _MAX_LOG:
+            joined = "".join(self.parts)[-_MAX_LOG:]
+            self.parts, self.size = [joined], len(joined)
+        return len(s)
+
+    def text(self):
+        return "".join(self.parts)[-_MAX_LOG:]
+
+
+def _import_handler(spec):
+    module_path, _, func_name = spec.rpartition(".")
+    module_name = module_path.replace("/", ".")
+    import importlib
+
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise _InitError(
+            _error(exc, "Runtime.ImportModuleError",
+                   "Unable to import module '%s': %s" % (module_name, exc))
+        )
+    except SyntaxError as exc:
+        raise _InitError(
+            _error(exc, "Runtime.UserCodeSyntaxError",
+                   "Syntax error in module '%s': %s" % (module_name, exc))
+        )
+    except BaseException as exc:  # noqa: BLE001 - any failure of user code at import
+        raise _InitError(_error(exc))
+    handler = getattr(module, func_name, None)
+    if not callable(handler):
+        raise _InitError({
+            "errorMessage": "Handler '%s' missing on module '%s'" % (func_name, module_name),
+            "errorType": "Runtime.HandlerNotFound",
+            "stackTrace": [],
+        })
+    return handler
+
+
+class _InitError(Exception):
+    def __init__(self, error):
+        super().__init__(error["errorMessage"])
+        self.error = error
+
+
+def _invoke(handler, header, body):
+    event = json.loads(body) if body else {}
+    context = LambdaContext(header["request_id"], header["deadline_ms"])
+    result = handler(event, context)
+    try:
+        return json.dumps(result).encode(), None
+    except (TypeError, ValueError) as exc:
+        return b"", _error(exc, "Runtime.MarshalError",
+                           "Unable to marshal response: %s" % exc)
+
+
+def main():
+    fd = int(os.environ.get("SPORE_CONTROL_FD", "3"))
+    sock = socket.socket(fileno=fd)
+    main_pid = os.getpid()
+    t0 = time.perf_counter()
+    try:
+        handler = _import_handler(os.environ["_HANDLER"])
+    except _InitError as exc:
+        _send(sock, {"type": "init_error", "error": exc.error})
+        return 1
+    _send(sock, {"type": "ready", "import_ms": (time.perf_counter() - t0) * 1000.0})
+    real_out, real_err = sys.stdout, sys.stderr
+    while True:
+        header, body = _recv(sock)
+        if header is None:
+            return 0
+        capture = _Capture()
+        sys.stdout = sys.stderr = capture
+        error = None
+        payload = b""
+        start = time.perf_counter()
+        try:
+            payload, error = _invoke(handler, header, body)
+        except BaseException as exc:  # noqa: BLE001 - report everything the handler raises
+            if os.getpid() != main_pid:
+                os._exit(1)
+            error = _error(exc)
+        finally:
+            sys.stdout, sys.stderr = real_out, real_err
+        if os.getpid() != main_pid:
+            # A process the handler forked returned into the runtime loop: it must not
+            # answer on the control socket.
+            os._exit(0)
+        duration = (time.perf_counter() - start) * 1000.0
+        _send(sock, {"type": "result", "error": error, "duration_ms": duration,
+                     "logs": capture.text()}, payload)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+//! Frames between the daemon and a runtime instance.
+//!
+//! A frame is `header_len: u32 LE | body_len: u32 LE | header (JSON) | body (bytes)`. The header
+//! is a tagged JSON object ([`ToRuntime`] or [`FromRuntime`]); the body carries the event or the
+//! result as raw JSON bytes, so that payloads are never parsed twice.
+//!
+//! This module is sans-I/O: callers read the 8-byte prefix, ask [`FramePrefix::parse`] how much
+//! follows, read that, and decode. Every length is checked before any allocation.
+
+use serde::{Deserialize, Serialize};
+use spore_core::FunctionError;
+
+/// Size of the length prefix.
+pub const PREFIX_LEN: usize = 8;
+/// Largest header accepted.
+pub const MAX_HEADER: u32 = 1024 * 1024;
+/// Largest body accepted (above the 6 MB payload limit, below anything absurd).
+pub const MAX_BODY: u32 = 64 * 1024 * 1024;
+
+/// Errors in frames.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// A length field exceeds its limit.
+    #[error("Frame {what} length {len} exceeds the limit of {limit} bytes")]
+    TooLong {
+        /// `header` or `body`.
+        what: &'static str,
+        /// The length found.
+        len: u32,
+        /// The limit.
+        limit: u32,
+    },
+    /// The header is not the JSON message expected.
+    #[error("Malformed frame header")]
+    Header(#[source] serde_json::Error),
+}
+
+/// The decoded length prefix of a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FramePrefix {
+    /// Header length in bytes.
+    pub header_len: u32,
+    /// Body length in bytes.
+    pub body_len: u32,
+}
+
+impl FramePrefix {
+    /// Decodes and checks a prefix.
+    pub fn parse(bytes: [u8; PREFIX_LEN]) -> Result<Self, ProtocolError> {
+        let header_len = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        let body_len = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
+        if header_len > MAX_HEADER {
+            return Err(ProtocolError::TooLong {
+                what: "header",
+                len: header_len,
+                limit: MAX_HEADER,
+            });
+        }
+        if body_len > MAX_BODY {
+            return Err(ProtocolError::TooLong {
+                what: "body",
+                len: body_len,
+                limit: MAX_BODY,
+            });
+        }
+        Ok(FramePrefix {
+            header_len,
+            body_len,
+        })
+    }
+}
+
+/// Messages from the daemon to a runtime.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ToRuntime {
+    /// Run the handler once; the frame body is the event (JSON).
+    Invoke {
+        /// Request id (the context's `aws_request_id`).
+        request_id: String,
+        /// Deadline, milliseconds since the Unix epoch.
+        deadline_ms: u64,
+    },
+}
+
+/// Messages from a runtime to the daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum FromRuntime {
+    /// The handler is imported; the runtime waits for invocations.
+    Ready {
+        /// Time the runtime spent importing the handler, ms.
+        import_ms: f64,
+    },
+    /// Importing the handler failed; the runtime exits after sending this.
+    InitError {
+        /// What failed.
+        error: FunctionError,
+    },
+    /// One invocation finished; on success the body holds the result (JSON).
+    Result {
+        /// The handler's error, if it raised.
+        error: Option<FunctionError>,
+        /// Handler run time, ms.
+        duration_ms: f64,
+        /// What the handler printed to stdout/stderr.
+        logs: String,
+    },
+}
+
+/// Encodes a message and body into one frame.
+pub fn encode<M: Serialize>(message: &M, body: &[u8]) -> Vec<u8> {
+    let header = serde_json::to_vec(message).expect("protocol messages always serialize");
+    let mut out = Vec::with_capacity(PREFIX_LEN + header.len() + body.len());
+    out.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&header);
+    out.extend_from_slice(body);
+    out
+}
+
+/// Decodes a header.
+pub fn decode_header<'a, M: Deserialize<'a>>(header: &'a [u8]) -> Result<M, ProtocolError> {
+    serde_json::from_slice(header).map_err(ProtocolError::Header)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn split(frame: &[u8]) -> (FramePrefix, &[u8], &[u8]) {
+        let prefix = FramePrefix::parse(frame[..PREFIX_LEN].try_into().unwrap()).unwrap();
+        let h_end = PREFIX_LEN + prefix.header_len as usize;
+        (prefix, &frame[PREFIX_LEN..h_end], &frame[h_end..])
+    }
+
+    #[test]
+    fn oversized_lengths_are_refused() {
+        let mut p = [0u8; 8];
+        p[..4].copy_from_slice(&(MAX_HEADER + 1).to_le_bytes());
+        assert!(matches!(FramePrefix::parse(p), Err(ProtocolError::TooLong { what: "header", .. })));
+        let mut p = [0u8; 8];
+        p[4..].copy_from_slice(&(MAX_BODY + 1).to_le_bytes());
+        assert!(matches!(FramePrefix::parse(p), Err(ProtocolError::TooLong { what: "body", .. })));
+    }
+
+    #[test]
+    fn garbage_header_is_an_error() {
+        assert!(decode_header::<FromRuntime>(b"{\"type\":\"nope\"}").is_err());
+        assert!(decode_header::<FromRuntime>(b"\xff\xfe").is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn invoke_round_trips(id in "[a-z0-9-]{0,40}", deadline in any::<u64>(), body in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let msg = ToRuntime::Invoke { request_id: id, deadline_ms: deadline };
+            let frame = encode(&msg, &body);
+            let (prefix, header, rest) = split(&frame);
+            prop_assert_eq!(prefix.body_len as usize, body.len());
+            prop_assert_eq!(decode_header::<ToRuntime>(header).unwrap(), msg);
+            prop_assert_eq!(rest, &body[..]);
+        }
+
+        #[test]
+        fn result_round_trips(logs in ".{0,200}", etype in "[A-Za-z.]{1,20}", msg in ".{0,100}", ms in 0.0f64..1e6) {
+            let m = FromRuntime::Result {
+                error: Some(FunctionError { message: msg, error_type: etype, stack_trace: vec!["x".into()] }),
+                duration_ms: ms,
+                logs,
+            };
+            let frame = encode(&m, b"");
+            let (_, header, _) = split(&frame);
+            prop_assert_eq!(decode_header::<FromRuntime>(header).unwrap(), m);
+        }
+
+        #[test]
+        fn prefix_parse_never_panics(bytes in any::<[u8; 8]>()) {
+            if let Ok(p) = FramePrefix::parse(bytes) {
+                prop_assert!(p.header_len <= MAX_HEADER && p.body_len <= MAX_BODY);
+            }
+        }
+    }
+}

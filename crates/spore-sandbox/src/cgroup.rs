@@ -1,0 +1,379 @@
+//! Cgroups for sandboxes, on both layouts: v1 (one hierarchy per controller, as on this
+//! machine's hybrid setup) and v2 (the unified hierarchy with controllers enabled).
+//!
+//! Written on plain file operations rather than a cgroups crate: the work is a handful of
+//! writes, and the hybrid layout found here (v1 controllers plus a v2 mount with no
+//! controllers) must be detected by what actually has controllers, which is easiest to get
+//! right with the files in view.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::SandboxError;
+
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+const V1_CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
+
+/// Which cgroup layout the host has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Layout {
+    /// Cgroup v1: one directory per controller under the root.
+    V1 {
+        /// Usually `/sys/fs/cgroup`.
+        root: PathBuf,
+    },
+    /// Cgroup v2 with the memory, cpu and pids controllers available.
+    V2 {
+        /// Usually `/sys/fs/cgroup`.
+        root: PathBuf,
+    },
+}
+
+/// Limits applied to one sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Memory limit in bytes (no swap on top).
+    pub memory_bytes: u64,
+    /// CPU quota in thousandths of a CPU (1000 = one full CPU).
+    pub cpu_millis: u32,
+    /// Most processes (and threads) at once.
+    pub pids_max: u32,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SandboxError + '_ {
+    move |source| SandboxError::Cgroup {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn write(path: &Path, value: &str) -> Result<(), SandboxError> {
+    fs::write(path, value).map_err(io_err(path))
+}
+
+impl Layout {
+    /// Detects the layout under `/sys/fs/cgroup`.
+    pub fn detect() -> Result<Layout, SandboxError> {
+        Self::detect_at(Path::new(CGROUP_ROOT))
+    }
+
+    /// Detects the layout under `root` (tests point this elsewhere).
+    pub fn detect_at(root: &Path) -> Result<Layout, SandboxError> {
+        if let Ok(controllers) = fs::read_to_string(root.join("cgroup.controllers")) {
+            let have: Vec<&str> = controllers.split_whitespace().collect();
+            if ["memory", "pids", "cpu"].iter().all(|c| have.contains(c)) {
+                return Ok(Layout::V2 {
+                    root: root.to_owned(),
+                });
+            }
+        }
+        if V1_CONTROLLERS
+            .iter()
+            .all(|c| root.join(c).join("cgroup.procs").exists())
+        {
+            return Ok(Layout::V1 {
+                root: root.to_owned(),
+            });
+        }
+        Err(SandboxError::Unsupported(format!(
+            "no usable cgroup hierarchy under {}: need v1 memory, cpu and pids hierarchies or v2 with those controllers",
+            root.display()
+        )))
+    }
+
+    /// The directories of cgroup `rel` (one per v1 controller, one for v2).
+    fn dirs(&self, rel: &Path) -> Vec<PathBuf> {
+        match self {
+            Layout::V1 { root } => V1_CONTROLLERS
+                .iter()
+                .map(|c| root.join(c).join(rel))
+                .collect(),
+            Layout::V2 { root } => vec![root.join(rel)],
+        }
+    }
+
+    /// Creates the parent group `name` that holds a daemon's sandboxes.
+    pub fn create_parent(&self, name: &str) -> Result<(), SandboxError> {
+        for dir in self.dirs(Path::new(name)) {
+            fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        }
+        if let Layout::V2 { root } = self {
+            // Controllers must be enabled on every level above a group that uses them.
+            for level in [root.clone(), root.join(name)] {
+                let file = level.join("cgroup.subtree_control");
+                write(&file, "+memory +cpu +pids")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Kills and removes every group under parent `name` (left by a daemon that died), then
+    /// the parent itself if `remove_parent`.
+    pub fn sweep_parent(&self, name: &str, remove_parent: bool) -> Result<usize, SandboxError> {
+        let mut swept = std::collections::BTreeSet::new();
+        for dir in self.dirs(Path::new(name)) {
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                if entry.path().is_dir() {
+                    swept.insert(entry.file_name());
+                }
+            }
+        }
+        for child in &swept {
+            let group = Cgroup {
+                dirs: self.dirs(&Path::new(name).join(child)),
+                layout: self.clone(),
+            };
+            group.destroy()?;
+        }
+        if remove_parent {
+            for dir in self.dirs(Path::new(name)) {
+                remove_dir_retrying(&dir)?;
+            }
+        }
+        Ok(swept.len())
+    }
+
+    /// Whether the parent group `name` exists in any hierarchy.
+    pub fn parent_exists(&self, name: &str) -> bool {
+        self.dirs(Path::new(name)).iter().any(|d| d.exists())
+    }
+}
+
+/// One sandbox's cgroup (a directory per v1 controller, or one v2 directory).
+#[derive(Debug)]
+pub struct Cgroup {
+    layout: Layout,
+    dirs: Vec<PathBuf>,
+}
+
+impl Cgroup {
+    /// Creates group `parent/name` with `limits`.
+    pub fn create(
+        layout: &Layout,
+        parent: &str,
+        name: &str,
+        limits: Limits,
+    ) -> Result<Cgroup, SandboxError> {
+        let rel = Path::new(parent).join(name);
+        let group = Cgroup {
+            dirs: layout.dirs(&rel),
+            layout: layout.clone(),
+        };
+        for dir in &group.dirs {
+            fs::create_dir(dir).map_err(io_err(dir))?;
+        }
+        if let Err(e) = group.apply(limits) {
+            let _ = group.destroy();
+            return Err(e);
+        }
+        Ok(group)
+    }
+
+    fn apply(&self, limits: Limits) -> Result<(), SandboxError> {
+        let period: u64 = 100_000;
+        let quota = u64::from(limits.cpu_millis) * period / 1000;
+        match &self.layout {
+            Layout::V1 { .. } => {
+                let (mem, cpu, pids) = (&self.dirs[0], &self.dirs[1], &self.dirs[2]);
+                write(
+                    &mem.join("memory.limit_in_bytes"),
+                    &limits.memory_bytes.to_string(),
+                )?;
+                let memsw = mem.join("memory.memsw.limit_in_bytes");
+                if memsw.exists() {
+                    write(&memsw, &limits.memory_bytes.to_string())?;
+                }
+                write(&cpu.join("cpu.cfs_period_us"), &period.to_string())?;
+                write(&cpu.join("cpu.cfs_quota_us"), &quota.to_string())?;
+                write(&pids.join("pids.max"), &limits.pids_max.to_string())?;
+            }
+            Layout::V2 { .. } => {
+                let dir = &self.dirs[0];
+                write(&dir.join("memory.max"), &limits.memory_bytes.to_string())?;
+                let swap = dir.join("memory.swap.max");
+                if swap.exists() {
+                    write(&swap, "0")?;
+                }
+                write(&dir.join("cpu.max"), &format!("{quota} {period}"))?;
+                write(&dir.join("pids.max"), &limits.pids_max.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The `cgroup.procs` files a process writes itself into to join this group.
+    pub fn procs_files(&self) -> Vec<PathBuf> {
+        self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()
+    }
+
+    fn memory_dir(&self) -> &Path {
+        &self.dirs[0]
+    }
+
+    fn pids_dir(&self) -> &Path {
+        self.dirs.last().expect("a cgroup has at least one directory")
+    }
+
+    /// Whether the kernel's OOM killer has killed a process of this group.
+    pub fn oom_killed(&self) -> bool {
+        let file = match self.layout {
+            Layout::V1 { .. } => "memory.oom_control",
+            Layout::V2 { .. } => "memory.events",
+        };
+        fs::read_to_string(self.memory_dir().join(file))
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix("oom_kill "))
+                    .and_then(|n| n.trim().parse::<u64>().ok())
+            })
+            .is_some_and(|n| n > 0)
+    }
+
+    /// Number of processes and threads in the group now.
+    pub fn pids_current(&self) -> Option<u64> {
+        fs::read_to_string(self.pids_dir().join("pids.current"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Peak memory use in bytes, where the kernel reports it.
+    pub fn memory_peak(&self) -> Option<u64> {
+        let file = match self.layout {
+            Layout::V1 { .. } => "memory.max_usage_in_bytes",
+            Layout::V2 { .. } => "memory.peak",
+        };
+        fs::read_to_string(self.memory_dir().join(file))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    fn pids(&self) -> Vec<i32> {
+        let mut pids: Vec<i32> = self
+            .procs_files()
+            .iter()
+            .filter_map(|f| fs::read_to_string(f).ok())
+            .flat_map(|t| {
+                t.lines()
+                    .filter_map(|l| l.trim().parse().ok())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        pids
+    }
+
+    /// Sends SIGKILL to every process in the group until it is empty (5 s at most).
+    pub fn kill_all(&self) -> Result<(), SandboxError> {
+        if let Layout::V2 { .. } = self.layout {
+            let kill_file = self.dirs[0].join("cgroup.kill");
+            if kill_file.exists() {
+                let _ = fs::write(&kill_file, "1");
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let pids = self.pids();
+            if pids.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(SandboxError::Cgroup {
+                    path: self.dirs[0].clone(),
+                    source: io::Error::other(format!(
+                        "{} processes still alive after SIGKILL",
+                        pids.len()
+                    )),
+                });
+            }
+            for pid in pids {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Kills everything in the group and removes its directories.
+    pub fn destroy(&self) -> Result<(), SandboxError> {
+        self.kill_all()?;
+        for dir in &self.dirs {
+            remove_dir_retrying(dir)?;
+        }
+        Ok(())
+    }
+}
+
+/// `rmdir` of a cgroup directory; retried briefly because a killed task can take a moment to
+/// leave the group.
+fn remove_dir_retrying(dir: &Path) -> Result<(), SandboxError> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(io_err(dir)(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detects_v1_and_v2_layouts() {
+        let tmp = tempfile::tempdir().unwrap();
+        assert!(Layout::detect_at(tmp.path()).is_err());
+        for c in V1_CONTROLLERS {
+            fs::create_dir(tmp.path().join(c)).unwrap();
+            fs::write(tmp.path().join(c).join("cgroup.procs"), "").unwrap();
+        }
+        assert!(matches!(Layout::detect_at(tmp.path()), Ok(Layout::V1 { .. })));
+        // A v2 root with controllers wins over v1 directories.
+        fs::write(tmp.path().join("cgroup.controllers"), "cpu io memory pids\n").unwrap();
+        assert!(matches!(Layout::detect_at(tmp.path()), Ok(Layout::V2 { .. })));
+        // A v2 mount without the controllers (hybrid hosts) does not count.
+        fs::write(tmp.path().join("cgroup.controllers"), "hugetlb\n").unwrap();
+        assert!(matches!(Layout::detect_at(tmp.path()), Ok(Layout::V1 { .. })));
+    }
+
+    #[test]
+    fn reads_oom_counters() {
+        let tmp = tempfile::tempdir().unwrap();
+        let group = Cgroup {
+            layout: Layout::V1 {
+                root: tmp.path().into(),
+            },
+            dirs: vec![tmp.path().to_owned()],
+        };
+        fs::write(
+            tmp.path().join("memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 0\n",
+        )
+        .unwrap();
+        assert!(!group.oom_killed());
+        fs::write(
+            tmp.path().join("memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
+        )
+        .unwrap();
+        assert!(group.oom_killed());
+    }
+}

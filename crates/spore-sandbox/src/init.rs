@@ -1,0 +1,353 @@
+//! The in-sandbox init: runs as `spore __sandbox-init`, single-threaded, as root.
+//!
+//! Parent (outside the new pid namespace): joins the cgroups, unshares the namespaces, forks,
+//! and waits; its exit status is the runtime's (128 + signal when killed). Child (pid 1 of the
+//! new namespace): builds the rootfs, drops privileges and execs the runtime.
+
+use std::convert::Infallible;
+use std::ffi::CString;
+use std::fs;
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{unshare, CloneFlags};
+use nix::sys::prctl;
+use nix::sys::resource::{setrlimit, Resource};
+use nix::sys::signal::Signal;
+use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+use nix::sys::statvfs::{statvfs, FsFlags};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{
+    chdir, execve, fork, pivot_root, sethostname, setgroups, setresgid, setresuid, setsid,
+    ForkResult, Gid, Uid,
+};
+
+use crate::{SandboxSpec, SETUP_FAILED_EXIT, SPEC_ENV};
+
+/// A failed setup step: what was being done, and the cause.
+#[derive(Debug, thiserror::Error)]
+#[error("{step}")]
+struct InitError {
+    step: String,
+    #[source]
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+trait Step<T> {
+    fn step(self, what: impl FnOnce() -> String) -> Result<T, InitError>;
+}
+
+impl<T, E: std::error::Error + Send + Sync + 'static> Step<T> for Result<T, E> {
+    fn step(self, what: impl FnOnce() -> String) -> Result<T, InitError> {
+        self.map_err(|e| InitError {
+            step: what(),
+            source: Box::new(e),
+        })
+    }
+}
+
+/// Entry point of `spore __sandbox-init`. Never returns.
+pub fn run_init() -> ! {
+    match init_main() {
+        Ok(code) => std::process::exit(code),
+        Err(e) => fail(&e),
+    }
+}
+
+fn fail(e: &InitError) -> ! {
+    let mut msg = format!("spore sandbox setup failed: {e}");
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        msg.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    eprintln!("{msg}");
+    std::process::exit(SETUP_FAILED_EXIT)
+}
+
+fn init_main() -> Result<i32, InitError> {
+    let json = std::env::var(SPEC_ENV).step(|| format!("reading {SPEC_ENV}"))?;
+    let spec: SandboxSpec = serde_json::from_str(&json).step(|| "parsing the sandbox spec".into())?;
+    let me = std::process::id().to_string();
+    for procs in &spec.cgroup_procs {
+        fs::write(procs, &me).step(|| format!("joining cgroup {}", procs.display()))?;
+    }
+    setsid().step(|| "setsid".into())?;
+    unshare(
+        CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWPID
+            | CloneFlags::CLONE_NEWNET
+            | CloneFlags::CLONE_NEWIPC
+            | CloneFlags::CLONE_NEWUTS
+            | CloneFlags::CLONE_NEWCGROUP,
+    )
+    .step(|| "unsharing namespaces".into())?;
+    // SAFETY: this process was just exec'd as `spore __sandbox-init` and has started no
+    // threads, so the child is a complete copy with no locks held by vanished threads.
+    match unsafe { fork() }.step(|| "fork of the namespace init".into())? {
+        ForkResult::Parent { child } => {
+            // Only the runtime may hold the control socket, so that its death is seen as EOF.
+            let devnull = fs::File::open("/dev/null").step(|| "opening /dev/null".into())?;
+            nix::unistd::dup2_stdin(devnull).step(|| "closing the control socket".into())?;
+            loop {
+                match waitpid(child, None) {
+                    Ok(WaitStatus::Exited(_, code)) => return Ok(code),
+                    Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+                    Err(e) => return Err(e).step(|| "waiting for the sandbox".into()),
+                }
+            }
+        }
+        ForkResult::Child => match child_main(&spec) {
+            Ok(never) => match never {},
+            Err(e) => fail(&e),
+        },
+    }
+}
+
+fn inside(root: &Path, path: &str) -> PathBuf {
+    root.join(path.trim_start_matches('/'))
+}
+
+fn child_main(spec: &SandboxSpec) -> Result<Infallible, InitError> {
+    prctl::set_pdeathsig(Signal::SIGKILL).step(|| "setting the parent-death signal".into())?;
+    build_rootfs(spec)?;
+    sethostname(&spec.id).step(|| "setting the hostname".into())?;
+    loopback_up()?;
+    let nofile = spec.max_open_files;
+    setrlimit(Resource::RLIMIT_NOFILE, nofile, nofile).step(|| "setting RLIMIT_NOFILE".into())?;
+    setrlimit(Resource::RLIMIT_CORE, 0, 0).step(|| "setting RLIMIT_CORE".into())?;
+    if spec.control_fd > 0 {
+        move_stdin_to(spec.control_fd)?;
+    }
+    // Everything above the control fd closes on exec.
+    // SAFETY: close_range only changes descriptor flags; no memory is passed.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            (spec.control_fd.max(2) + 1) as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).step(|| "close_range".into());
+    }
+    let filters = crate::seccomp::filters().step(|| "compiling the seccomp filter".into())?;
+    drop_privileges(spec.uid, spec.gid)?;
+    for filter in &filters {
+        seccompiler::apply_filter(filter).step(|| "installing the seccomp filter".into())?;
+    }
+    chdir(spec.cwd.as_str()).step(|| format!("chdir {}", spec.cwd))?;
+    let cstr = |s: &str| CString::new(s).step(|| format!("{s:?} has a NUL byte"));
+    let argv = spec
+        .argv
+        .iter()
+        .map(|a| cstr(a))
+        .collect::<Result<Vec<_>, _>>()?;
+    let env = spec
+        .env
+        .iter()
+        .map(|(k, v)| cstr(&format!("{k}={v}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let prog = argv
+        .first()
+        .ok_or_else(|| std::io::Error::other("empty argv"))
+        .step(|| "starting the runtime".into())?;
+    execve(prog, &argv, &env).step(|| format!("exec {}", spec.argv[0]))
+}
+
+fn mount_err(what: &str, target: &Path) -> impl FnOnce() -> String {
+    let msg = format!("mounting {what} on {}", target.display());
+    move || msg
+}
+
+fn build_rootfs(spec: &SandboxSpec) -> Result<(), InitError> {
+    let none = None::<&str>;
+    mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
+        .step(|| "making / private".into())?;
+    let root = spec.rootfs.as_path();
+    let base = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    mount(Some("tmpfs"), root, Some("tmpfs"), base, Some("size=1m,mode=0755"))
+        .step(mount_err("the root tmpfs", root))?;
+
+    for bind in &spec.binds {
+        let target = inside(root, &bind.target);
+        let is_dir = bind.source.is_dir();
+        if is_dir {
+            fs::create_dir_all(&target).step(|| format!("mkdir {}", target.display()))?;
+        } else {
+            if let Some(parent) = target.parent() {
+                fs::create_dir_all(parent).step(|| format!("mkdir {}", parent.display()))?;
+            }
+            fs::write(&target, b"").step(|| format!("creating {}", target.display()))?;
+        }
+        mount(
+            Some(bind.source.as_path()),
+            &target,
+            none,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            none,
+        )
+        .step(mount_err(&bind.source.to_string_lossy(), &target))?;
+        let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | base;
+        if bind.read_only {
+            flags |= MsFlags::MS_RDONLY;
+        }
+        // Keep the flags the source mount has (noexec, atime policy).
+        if let Ok(st) = statvfs(bind.source.as_path()) {
+            let f = st.flags();
+            for (fs_flag, ms_flag) in [
+                (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+                (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+                (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+                (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+            ] {
+                if f.contains(fs_flag) {
+                    flags |= ms_flag;
+                }
+            }
+        }
+        mount(none, &target, none, flags, none)
+            .step(mount_err("read-only flags", &target))?;
+    }
+    for (link, target) in &spec.symlinks {
+        let path = inside(root, link);
+        symlink(target, &path).step(|| format!("symlink {}", path.display()))?;
+    }
+    for (path, contents) in &spec.files {
+        let file = inside(root, path);
+        if let Some(parent) = file.parent() {
+            fs::create_dir_all(parent).step(|| format!("mkdir {}", parent.display()))?;
+        }
+        fs::write(&file, contents).step(|| format!("writing {}", file.display()))?;
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o644))
+            .step(|| format!("chmod {}", file.display()))?;
+    }
+
+    let proc_dir = inside(root, "/proc");
+    fs::create_dir_all(&proc_dir).step(|| "mkdir /proc".into())?;
+    mount(
+        Some("proc"),
+        &proc_dir,
+        Some("proc"),
+        base | MsFlags::MS_NOEXEC,
+        none,
+    )
+    .step(mount_err("proc", &proc_dir))?;
+
+    let dev = inside(root, "/dev");
+    fs::create_dir_all(&dev).step(|| "mkdir /dev".into())?;
+    mount(
+        Some("tmpfs"),
+        &dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("size=64k,mode=0755"),
+    )
+    .step(mount_err("the /dev tmpfs", &dev))?;
+    for node in ["null", "zero", "full", "random", "urandom"] {
+        let target = dev.join(node);
+        fs::write(&target, b"").step(|| format!("creating /dev/{node}"))?;
+        let host = Path::new("/dev").join(node);
+        mount(Some(host.as_path()), &target, none, MsFlags::MS_BIND, none)
+            .step(mount_err(&host.to_string_lossy(), &target))?;
+    }
+    for (link, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        symlink(target, dev.join(link)).step(|| format!("symlink /dev/{link}"))?;
+    }
+    let tmp_opts = format!("size={}m,mode=1777", spec.tmp_size_mb);
+    for dir in ["/dev/shm", "/tmp"] {
+        let target = inside(root, dir);
+        fs::create_dir_all(&target).step(|| format!("mkdir {dir}"))?;
+        mount(Some("tmpfs"), &target, Some("tmpfs"), base, Some(tmp_opts.as_str()))
+            .step(mount_err("a tmpfs", &target))?;
+    }
+
+    mount(
+        none,
+        root,
+        none,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | base,
+        none,
+    )
+    .step(|| "making the root read-only".into())?;
+    chdir(root).step(|| format!("chdir {}", root.display()))?;
+    // pivot_root(".", ".") stacks the old root on top of the new one; detaching it leaves the
+    // new root alone, with no directory needed for the old one.
+    pivot_root(".", ".").step(|| "pivot_root".into())?;
+    umount2(".", MntFlags::MNT_DETACH).step(|| "detaching the old root".into())?;
+    chdir("/").step(|| "chdir /".into())?;
+    Ok(())
+}
+
+fn loopback_up() -> Result<(), InitError> {
+    use std::os::fd::AsRawFd;
+    let sock = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .step(|| "opening a socket to configure loopback".into())?;
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads the flags of the interface named in `req` into it; `req` is a
+    // valid, live ifreq.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } != 0 {
+        return Err(std::io::Error::last_os_error()).step(|| "reading loopback flags".into());
+    }
+    // SAFETY: after SIOCGIFFLAGS the union holds the flags member.
+    unsafe {
+        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    }
+    // SAFETY: SIOCSIFFLAGS reads `req`, a valid ifreq naming "lo" with its new flags.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } != 0 {
+        return Err(std::io::Error::last_os_error()).step(|| "bringing loopback up".into());
+    }
+    Ok(())
+}
+
+fn move_stdin_to(fd: i32) -> Result<(), InitError> {
+    // SAFETY: dup2 onto `fd` replaces whatever it was; nothing in this process owns `fd`
+    // (the init opens only CLOEXEC descriptors, closed by close_range/exec before use), and
+    // the new descriptor is left open for the runtime (dup2 clears CLOEXEC).
+    if unsafe { libc::dup2(0, fd) } < 0 {
+        return Err(std::io::Error::last_os_error()).step(|| format!("dup2 of the control socket to fd {fd}"));
+    }
+    let devnull = fs::File::open("/dev/null").step(|| "opening /dev/null".into())?;
+    nix::unistd::dup2_stdin(devnull).step(|| "replacing stdin".into())?;
+    Ok(())
+}
+
+fn drop_privileges(uid: u32, gid: u32) -> Result<(), InitError> {
+    if uid == 0 || gid == 0 {
+        return Err(std::io::Error::other("uid and gid must not be 0"))
+            .step(|| "dropping privileges".into());
+    }
+    let g = Gid::from_raw(gid);
+    setgroups(&[g]).step(|| "setgroups".into())?;
+    setresgid(g, g, g).step(|| "setresgid".into())?;
+    for set in [caps::CapSet::Bounding, caps::CapSet::Ambient, caps::CapSet::Inheritable] {
+        caps::clear(None, set).step(|| format!("clearing the {set:?} capability set"))?;
+    }
+    let u = Uid::from_raw(uid);
+    // Leaving uid 0 without SECBIT_KEEP_CAPS clears the permitted and effective sets.
+    setresuid(u, u, u).step(|| "setresuid".into())?;
+    prctl::set_no_new_privs().step(|| "setting no_new_privs".into())?;
+    let left = caps::read(None, caps::CapSet::Permitted).step(|| "reading capabilities".into())?;
+    if !left.is_empty() {
+        return Err(std::io::Error::other(format!("capabilities left: {left:?}")))
+            .step(|| "dropping privileges".into());
+    }
+    Ok(())
+}

@@ -1,1 +1,92 @@
-//! placeholder
+//! The HTTP API: a subset of the AWS Lambda REST API (so that the AWS SDKs and CLI work with
+//! `endpoint_url=http://127.0.0.1:<port>`), Prometheus metrics and a health check.
+//!
+//! | method | path | Lambda action |
+//! |---|---|---|
+//! | POST | `/2015-03-31/functions` | CreateFunction |
+//! | GET | `/2015-03-31/functions` | ListFunctions |
+//! | GET | `/2015-03-31/functions/{name}` | GetFunction |
+//! | DELETE | `/2015-03-31/functions/{name}` | DeleteFunction |
+//! | GET, PUT | `/2015-03-31/functions/{name}/configuration` | Get/UpdateFunctionConfiguration |
+//! | PUT | `/2015-03-31/functions/{name}/code` | UpdateFunctionCode |
+//! | POST | `/2015-03-31/functions/{name}/invocations` | Invoke |
+//! | GET | `/spore/v1/functions/{name}/logs?lines=N` | (Spore) recent log lines |
+//! | GET | `/metrics`, `/healthz` | (Spore) Prometheus text, liveness |
+#![forbid(unsafe_code)]
+
+mod lambda;
+
+use std::future::Future;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use spore_control::Control;
+
+pub use lambda::ApiError;
+
+/// Largest request body (a 50 MB zip, base64-encoded, plus JSON).
+pub const MAX_BODY: usize = 72 * 1024 * 1024;
+
+#[derive(Clone)]
+struct AppState {
+    control: Control,
+    metrics: Option<PrometheusHandle>,
+}
+
+/// Installs the process-wide Prometheus recorder. Returns `None` if one is installed already.
+pub fn install_metrics() -> Option<PrometheusHandle> {
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(&[
+            0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
+        ])
+        .ok()?
+        .install_recorder()
+        .ok()?;
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    Some(handle)
+}
+
+/// The API router.
+pub fn router(control: Control, metrics: Option<PrometheusHandle>) -> Router {
+    let api = "/2015-03-31/functions";
+    Router::new()
+        .route(api, post(lambda::create_function).get(lambda::list_functions))
+        .route(&format!("{api}/"), get(lambda::list_functions))
+        .route(
+            &format!("{api}/{{name}}"),
+            get(lambda::get_function).delete(lambda::delete_function),
+        )
+        .route(
+            &format!("{api}/{{name}}/configuration"),
+            get(lambda::get_configuration).put(lambda::update_configuration),
+        )
+        .route(&format!("{api}/{{name}}/code"), axum::routing::put(lambda::update_code))
+        .route(&format!("{api}/{{name}}/invocations"), post(lambda::invoke))
+        .route("/spore/v1/functions/{name}/logs", get(lambda::logs))
+        .route("/metrics", get(lambda::metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .fallback(lambda::not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(AppState { control, metrics })
+}
+
+/// Serves the API on `listener` until `shutdown` completes; in-flight requests finish first.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    control: Control,
+    metrics: Option<PrometheusHandle>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(control, metrics))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

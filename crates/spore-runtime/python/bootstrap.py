@@ -46,7 +46,11 @@ def _send(sock, header, body=b""):
 
 
 def _error(exc, error_type=None, message=None):
-    tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
+    # Lambda shows only the user's frames: drop the runtime's own from the top.
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    tb = traceback.format_exception(type(exc), exc, tb)
     return {
         "errorMessage": message if message is not None else str(exc),
         "errorType": error_type or type(exc).__name__,

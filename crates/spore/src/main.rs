@@ -1,5 +1,175 @@
-fn main() {
-    if std::env::args().nth(1).as_deref() == Some(spore_sandbox::INIT_SUBCOMMAND) {
+//! `spore`: the Spore CLI and daemon.
+//!
+//! Exit codes: 0 success; 1 error; 2 usage error; 3 the function returned an error
+//! (`invoke`); 4 the daemon could not be reached.
+
+mod client;
+mod commands;
+mod daemon;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Spore: a serverless function runtime with sandboxed, fast-starting instances.
+#[derive(Debug, Parser)]
+#[command(name = "spore", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    /// Daemon endpoint for client commands.
+    #[arg(long, global = true, env = "SPORE_ENDPOINT", default_value = "http://127.0.0.1:9000")]
+    endpoint: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon: the HTTP API on --listen, sandboxes, registry under --data-dir.
+    Serve(ServeArgs),
+    /// Deploy (create or update) a function from a folder with spore.toml and code.
+    Deploy {
+        /// Folder holding spore.toml.
+        dir: PathBuf,
+    },
+    /// Invoke a function and print its result.
+    Invoke {
+        /// Function name.
+        name: String,
+        /// Event JSON, or @FILE to read it from a file.
+        #[arg(long, short, default_value = "{}")]
+        payload: String,
+        /// Serve from a fresh instance, bypassing the warm pool (to measure cold starts).
+        #[arg(long)]
+        cold: bool,
+        /// Print the invocation's log block to stderr.
+        #[arg(long)]
+        log: bool,
+        /// Print start kind and timings to stderr.
+        #[arg(long, short)]
+        verbose: bool,
+    },
+    /// List deployed functions.
+    Ls,
+    /// Delete a function.
+    Rm {
+        /// Function name.
+        name: String,
+    },
+    /// Print a function's recent log lines.
+    Logs {
+        /// Function name.
+        name: String,
+        /// How many lines.
+        #[arg(long, short = 'n', default_value_t = 100)]
+        lines: usize,
+    },
+    /// Run the demo: start a daemon, deploy the sample functions, invoke them cold and warm,
+    /// print the figures.
+    Demo(DemoArgs),
+    /// Run a benchmark; results go to --out as CSV, JSON, Markdown and PNG.
+    Bench {
+        #[command(subcommand)]
+        which: BenchCommand,
+    },
+    /// (internal) The sandbox init, run by the daemon.
+    #[command(name = "__sandbox-init", hide = true)]
+    SandboxInit,
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Address to listen on (port 0 picks a free one; the address is written to
+    /// <data-dir>/run/endpoint).
+    #[arg(long, default_value = "127.0.0.1:9000")]
+    listen: String,
+    /// Data dir (default /var/lib/spore as root, else ~/.local/share/spore).
+    #[arg(long, env = "SPORE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Shared Python packages, bound read-only into sandboxes (default <data-dir>/packages).
+    #[arg(long, env = "SPORE_PACKAGES_DIR")]
+    packages_dir: Option<PathBuf>,
+    /// Default most instances per function.
+    #[arg(long, default_value_t = 8)]
+    max_instances: u32,
+    /// Seconds an idle instance is kept warm.
+    #[arg(long, default_value_t = 300)]
+    keep_alive_s: u64,
+    /// CPU quota per instance, in thousandths of a CPU.
+    #[arg(long, default_value_t = 1000)]
+    cpu_millis: u32,
+    /// Most processes per instance.
+    #[arg(long, default_value_t = 64)]
+    pids_max: u32,
+    /// Size of each instance's /tmp, MiB.
+    #[arg(long, default_value_t = 64)]
+    tmp_mb: u32,
+    /// Seconds to let in-flight invocations finish on shutdown.
+    #[arg(long, default_value_t = 30)]
+    grace_s: u64,
+}
+
+#[derive(Debug, Args)]
+struct DemoArgs {
+    /// Folder of sample functions.
+    #[arg(long, default_value = "functions")]
+    functions: PathBuf,
+    /// Warm invocations per function.
+    #[arg(long, default_value_t = 20)]
+    warm: usize,
+    /// Cold invocations per function.
+    #[arg(long, default_value_t = 5)]
+    cold: usize,
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Cold start of a fresh sandboxed Python instance vs warm vs `python3 -c pass`.
+    ColdStart {
+        /// Sandbox kind to measure.
+        #[arg(long, default_value = "container")]
+        sandbox: String,
+        /// Samples per series.
+        #[arg(long, short = 'n', default_value_t = 100)]
+        n: usize,
+        /// Where results go.
+        #[arg(long, default_value = "bench-results")]
+        out: PathBuf,
+        /// Folder of sample functions (hello is deployed from here).
+        #[arg(long, default_value = "functions")]
+        functions: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    // The sandbox init must run before anything else touches the process (no threads).
+    if std::env::args_os().nth(1).is_some_and(|a| a == spore_sandbox::INIT_SUBCOMMAND) {
         spore_sandbox::run_init();
+    }
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => commands::serve(args),
+        Command::Deploy { dir } => commands::deploy(&cli.endpoint, &dir),
+        Command::Invoke { name, payload, cold, log, verbose } => commands::invoke(&cli.endpoint, &name, &payload, cold, log, verbose),
+        Command::Ls => commands::ls(&cli.endpoint),
+        Command::Rm { name } => commands::rm(&cli.endpoint, &name),
+        Command::Logs { name, lines } => commands::logs(&cli.endpoint, &name, lines),
+        Command::Demo(args) => commands::demo(&cli.endpoint, args),
+        Command::Bench { which } => commands::bench(&cli.endpoint, which),
+        Command::SandboxInit => unreachable!("handled above"),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            if e.downcast_ref::<client::Unreachable>().is_some() {
+                ExitCode::from(4)
+            } else {
+                ExitCode::from(1)
+            }
+        }
     }
 }

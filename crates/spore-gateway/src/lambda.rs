@@ -1,0 +1,352 @@
+//! Lambda REST API handlers and their JSON shapes.
+
+use std::collections::BTreeMap;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use spore_control::registry::FunctionRecord;
+use spore_control::{Control, ControlError, FunctionSpec, InvokeOptions};
+use spore_core::{function_name_from_ref, FunctionManifest, SandboxKind};
+
+use crate::AppState;
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+/// Tag naming the sandbox kind (the Lambda API has no field for it).
+pub const TAG_SANDBOX: &str = "spore:sandbox";
+/// Tag setting the most instances of a function.
+pub const TAG_MAX_INSTANCES: &str = "spore:max_instances";
+
+/// An API error in Lambda's shape: status, `x-amzn-ErrorType`, `{"Type", "message"}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn invalid(message: impl Into<String>) -> Self {
+        ApiError { status: StatusCode::BAD_REQUEST, kind: "InvalidParameterValueException", message: message.into() }
+    }
+}
+
+impl From<ControlError> for ApiError {
+    fn from(e: ControlError) -> Self {
+        use ControlError as E;
+        let (status, kind) = match &e {
+            E::NotFound(_) => (StatusCode::NOT_FOUND, "ResourceNotFoundException"),
+            E::Conflict(_) => (StatusCode::CONFLICT, "ResourceConflictException"),
+            E::InvalidParameter(_) => (StatusCode::BAD_REQUEST, "InvalidParameterValueException"),
+            E::InvalidRequestContent(_) => (StatusCode::BAD_REQUEST, "InvalidRequestContentException"),
+            E::RequestTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "RequestTooLargeException"),
+            E::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, "TooManyRequestsException"),
+            E::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "ServiceException"),
+            E::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "ServiceException"),
+        };
+        ApiError { status, kind, message: e.to_string() }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let who = if self.status.is_server_error() { "Service" } else { "User" };
+        let body = serde_json::json!({ "Type": who, "message": self.message, "__type": self.kind });
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        resp.headers_mut().insert("x-amzn-ErrorType", HeaderValue::from_static(self.kind));
+        resp
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct CodeIn {
+    zip_file: Option<String>,
+    s3_bucket: Option<String>,
+    image_uri: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct EnvironmentIo {
+    #[serde(default)]
+    variables: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct CreateFunctionIn {
+    function_name: String,
+    runtime: Option<String>,
+    handler: Option<String>,
+    code: CodeIn,
+    description: Option<String>,
+    timeout: Option<i64>,
+    memory_size: Option<i64>,
+    environment: Option<EnvironmentIo>,
+    #[serde(default)]
+    tags: BTreeMap<String, String>,
+    package_type: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct UpdateConfigIn {
+    runtime: Option<String>,
+    handler: Option<String>,
+    description: Option<String>,
+    timeout: Option<i64>,
+    memory_size: Option<i64>,
+    environment: Option<EnvironmentIo>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct UpdateCodeIn {
+    zip_file: Option<String>,
+}
+
+fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> ApiResult<T> {
+    serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("Malformed request body: {e}")))
+}
+
+fn decode_zip(b64: Option<&str>) -> ApiResult<Vec<u8>> {
+    let b64 = b64.ok_or_else(|| ApiError::invalid("Code.ZipFile is required: Spore takes code as a base64 zip"))?;
+    B64.decode(b64.trim()).map_err(|e| ApiError::invalid(format!("Code.ZipFile is not valid base64: {e}")))
+}
+
+fn range_i64(name: &str, v: i64, range: std::ops::RangeInclusive<u32>) -> ApiResult<u32> {
+    u32::try_from(v)
+        .ok()
+        .filter(|x| range.contains(x))
+        .ok_or_else(|| ApiError::invalid(format!("{name} {v} is out of range {}..={}", range.start(), range.end())))
+}
+
+fn configuration(rec: &FunctionRecord) -> serde_json::Value {
+    let m = &rec.manifest;
+    serde_json::json!({
+        "FunctionName": m.name,
+        "FunctionArn": format!("arn:aws:lambda:local:000000000000:function:{}", m.name),
+        "Runtime": m.runtime.as_str(),
+        "Role": "arn:aws:iam::000000000000:role/spore",
+        "Handler": m.handler,
+        "CodeSize": rec.code_size,
+        "Description": rec.description,
+        "Timeout": m.timeout_s,
+        "MemorySize": m.memory_mb,
+        "LastModified": spore_control::store::lambda_timestamp(rec.last_modified_ms),
+        "CodeSha256": rec.code_sha256,
+        "Version": "$LATEST",
+        "Environment": { "Variables": m.environment },
+        "State": "Active",
+        "LastUpdateStatus": "Successful",
+        "PackageType": "Zip",
+        "Architectures": [std::env::consts::ARCH.replace("aarch64", "arm64")],
+        "RevisionId": format!("{}-{}", rec.code_hex.get(..12).unwrap_or_default(), rec.revision),
+    })
+}
+
+fn tags(rec: &FunctionRecord) -> BTreeMap<String, String> {
+    let mut t = BTreeMap::new();
+    t.insert(TAG_SANDBOX.to_owned(), rec.manifest.sandbox.as_str().to_owned());
+    if let Some(m) = rec.manifest.max_instances {
+        t.insert(TAG_MAX_INSTANCES.to_owned(), m.to_string());
+    }
+    t
+}
+
+pub(crate) async fn create_function(State(st): State<AppState>, body: Bytes) -> ApiResult<Response> {
+    let req: CreateFunctionIn = parse_json(&body)?;
+    if req.package_type.as_deref().is_some_and(|p| p != "Zip") || req.code.image_uri.is_some() {
+        return Err(ApiError::invalid("Only PackageType Zip is supported"));
+    }
+    if req.code.s3_bucket.is_some() {
+        return Err(ApiError::invalid("Code.S3Bucket is not supported: send Code.ZipFile"));
+    }
+    let zip = decode_zip(req.code.zip_file.as_deref())?;
+    let runtime = req.runtime.ok_or_else(|| ApiError::invalid("Runtime is required"))?;
+    let handler = req.handler.ok_or_else(|| ApiError::invalid("Handler is required"))?;
+    let sandbox = match req.tags.get(TAG_SANDBOX) {
+        Some(s) => s.parse::<SandboxKind>().map_err(|e| ApiError::invalid(e.to_string()))?,
+        None => SandboxKind::Container,
+    };
+    let max_instances = req
+        .tags
+        .get(TAG_MAX_INSTANCES)
+        .map(|v| v.parse::<i64>().map_err(|_| ApiError::invalid(format!("tag {TAG_MAX_INSTANCES} must be a number"))).and_then(|n| range_i64(TAG_MAX_INSTANCES, n, 1..=1024)))
+        .transpose()?;
+    let manifest = FunctionManifest {
+        name: req.function_name,
+        runtime: runtime.parse().map_err(|e: spore_core::ManifestError| ApiError::invalid(e.to_string()))?,
+        handler,
+        memory_mb: range_i64("MemorySize", req.memory_size.unwrap_or(128), spore_core::manifest::MEMORY_MB_RANGE)?,
+        timeout_s: range_i64("Timeout", req.timeout.unwrap_or(3), spore_core::manifest::TIMEOUT_S_RANGE)?,
+        sandbox,
+        environment: req.environment.unwrap_or_default().variables,
+        max_instances,
+    };
+    let spec = FunctionSpec { manifest, description: req.description.unwrap_or_default() };
+    let control = st.control.clone();
+    let rec = tokio::task::spawn_blocking(move || control.create_function(spec, &zip))
+        .await
+        .map_err(|e| ControlError::Internal(e.to_string()))??;
+    Ok((StatusCode::CREATED, axum::Json(configuration(&rec))).into_response())
+}
+
+pub(crate) async fn list_functions(State(st): State<AppState>) -> ApiResult<Response> {
+    let functions: Vec<_> = st.control.list_functions().iter().map(configuration).collect();
+    Ok(axum::Json(serde_json::json!({ "Functions": functions })).into_response())
+}
+
+pub(crate) async fn get_function(State(st): State<AppState>, Path(name): Path<String>) -> ApiResult<Response> {
+    let rec = st.control.get_function(function_name_from_ref(&name))?;
+    let (idle, total) = st.control.instance_counts(&rec.manifest.name);
+    Ok(axum::Json(serde_json::json!({
+        "Configuration": configuration(&rec),
+        "Code": { "RepositoryType": "Spore", "Location": "" },
+        "Tags": tags(&rec),
+        "Spore": { "Instances": { "Idle": idle, "Total": total } },
+    }))
+    .into_response())
+}
+
+pub(crate) async fn get_configuration(State(st): State<AppState>, Path(name): Path<String>) -> ApiResult<Response> {
+    let rec = st.control.get_function(function_name_from_ref(&name))?;
+    Ok(axum::Json(configuration(&rec)).into_response())
+}
+
+pub(crate) async fn delete_function(State(st): State<AppState>, Path(name): Path<String>) -> ApiResult<Response> {
+    let control = st.control.clone();
+    let name = function_name_from_ref(&name).to_owned();
+    tokio::task::spawn_blocking(move || control.delete_function(&name))
+        .await
+        .map_err(|e| ControlError::Internal(e.to_string()))??;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+pub(crate) async fn update_code(State(st): State<AppState>, Path(name): Path<String>, body: Bytes) -> ApiResult<Response> {
+    let req: UpdateCodeIn = parse_json(&body)?;
+    let zip = decode_zip(req.zip_file.as_deref())?;
+    let control = st.control.clone();
+    let name = function_name_from_ref(&name).to_owned();
+    let rec = tokio::task::spawn_blocking(move || control.update_code(&name, &zip))
+        .await
+        .map_err(|e| ControlError::Internal(e.to_string()))??;
+    Ok(axum::Json(configuration(&rec)).into_response())
+}
+
+pub(crate) async fn update_configuration(State(st): State<AppState>, Path(name): Path<String>, body: Bytes) -> ApiResult<Response> {
+    let req: UpdateConfigIn = parse_json(&body)?;
+    let rec = st.control.get_function(function_name_from_ref(&name))?;
+    let mut m = rec.manifest.clone();
+    if let Some(r) = req.runtime {
+        m.runtime = r.parse().map_err(|e: spore_core::ManifestError| ApiError::invalid(e.to_string()))?;
+    }
+    if let Some(h) = req.handler {
+        m.handler = h;
+    }
+    if let Some(t) = req.timeout {
+        m.timeout_s = range_i64("Timeout", t, spore_core::manifest::TIMEOUT_S_RANGE)?;
+    }
+    if let Some(mem) = req.memory_size {
+        m.memory_mb = range_i64("MemorySize", mem, spore_core::manifest::MEMORY_MB_RANGE)?;
+    }
+    if let Some(env) = req.environment {
+        m.environment = env.variables;
+    }
+    let spec = FunctionSpec { manifest: m, description: req.description.unwrap_or(rec.description) };
+    let control = st.control.clone();
+    let rec = tokio::task::spawn_blocking(move || control.update_config(spec))
+        .await
+        .map_err(|e| ControlError::Internal(e.to_string()))??;
+    Ok(axum::Json(configuration(&rec)).into_response())
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+pub(crate) async fn invoke(State(st): State<AppState>, Path(name): Path<String>, headers: HeaderMap, body: Bytes) -> ApiResult<Response> {
+    let name = function_name_from_ref(&name).to_owned();
+    let kind = header(&headers, "x-amz-invocation-type").unwrap_or("RequestResponse");
+    let tail = match header(&headers, "x-amz-log-type").unwrap_or("None") {
+        "Tail" => true,
+        "None" => false,
+        other => return Err(ApiError::invalid(format!("X-Amz-Log-Type {other:?} must be None or Tail"))),
+    };
+    let force_cold = match header(&headers, "x-spore-cold") {
+        None | Some("0" | "false" | "") => false,
+        Some("1" | "true") => true,
+        Some(other) => return Err(ApiError::invalid(format!("X-Spore-Cold {other:?} must be 1 or 0"))),
+    };
+    match kind {
+        "DryRun" => {
+            st.control.get_function(&name)?;
+            Control::check_payload(&body, false)?;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+        "Event" => {
+            let id = st.control.invoke_async(&name, body.to_vec())?;
+            let mut resp = StatusCode::ACCEPTED.into_response();
+            if let Ok(v) = HeaderValue::from_str(&id) {
+                resp.headers_mut().insert("x-amzn-RequestId", v);
+            }
+            Ok(resp)
+        }
+        "RequestResponse" => {
+            let inv = st.control.invoke(&name, &body, InvokeOptions { force_cold }).await?;
+            let (body, failed) = match inv.outcome {
+                Ok(bytes) => (bytes, false),
+                Err(e) => (serde_json::to_vec(&e).expect("errors serialize"), true),
+            };
+            let mut resp = (StatusCode::OK, body).into_response();
+            let h = resp.headers_mut();
+            h.insert("content-type", HeaderValue::from_static("application/json"));
+            h.insert("x-amz-executed-version", HeaderValue::from_static("$LATEST"));
+            if failed {
+                h.insert("x-amz-function-error", HeaderValue::from_static("Unhandled"));
+            }
+            if tail {
+                let log = inv.log.as_bytes();
+                let cut = &log[log.len().saturating_sub(4096)..];
+                if let Ok(v) = HeaderValue::from_str(&B64.encode(cut)) {
+                    h.insert("x-amz-log-result", v);
+                }
+            }
+            h.insert("x-spore-start", HeaderValue::from_static(inv.start.as_str()));
+            for (k, v) in [("x-spore-init-ms", format!("{:.3}", inv.init_ms)), ("x-spore-duration-ms", format!("{:.3}", inv.total_ms)), ("x-amzn-requestid", inv.request_id)] {
+                if let Ok(v) = HeaderValue::from_str(&v) {
+                    h.insert(k, v);
+                }
+            }
+            Ok(resp)
+        }
+        other => Err(ApiError::invalid(format!("X-Amz-Invocation-Type {other:?} must be RequestResponse, Event or DryRun"))),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct LogsQuery {
+    lines: Option<usize>,
+}
+
+pub(crate) async fn logs(State(st): State<AppState>, Path(name): Path<String>, Query(q): Query<LogsQuery>) -> ApiResult<Response> {
+    let lines = st.control.logs(function_name_from_ref(&name), q.lines.unwrap_or(100).min(spore_control::logs::LOG_LINES))?;
+    Ok(axum::Json(serde_json::json!({ "lines": lines })).into_response())
+}
+
+pub(crate) async fn metrics(State(st): State<AppState>) -> Response {
+    match &st.metrics {
+        Some(h) => ([("content-type", "text/plain; version=0.0.4")], h.render()).into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "metrics recorder not installed\n").into_response(),
+    }
+}
+
+pub(crate) async fn not_found() -> ApiError {
+    ApiError { status: StatusCode::NOT_FOUND, kind: "UnknownOperationException", message: "Unknown operation: see the Spore README for the supported API".into() }
+}

@@ -33,7 +33,13 @@ pub struct Sample {
 }
 
 /// Invokes `function` once; checks that it succeeded.
-pub fn invoke(client: &reqwest::blocking::Client, endpoint: &str, function: &str, payload: &[u8], cold: bool) -> Result<Sample, BenchError> {
+pub fn invoke(
+    client: &reqwest::blocking::Client,
+    endpoint: &str,
+    function: &str,
+    payload: &[u8],
+    cold: bool,
+) -> Result<Sample, BenchError> {
     let url = format!("{endpoint}/2015-03-31/functions/{function}/invocations");
     let t0 = Instant::now();
     let mut req = client.post(&url).body(payload.to_vec());
@@ -42,19 +48,37 @@ pub fn invoke(client: &reqwest::blocking::Client, endpoint: &str, function: &str
     }
     let resp = req.send().map_err(|e| BenchError::Http(e.to_string()))?;
     let status = resp.status();
-    let header = |n: &str| resp.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let header = |n: &str| {
+        resp.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
     let start = header("x-spore-start").unwrap_or_default();
-    let init_ms = header("x-spore-init-ms").and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let init_ms = header("x-spore-init-ms")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
     let failed = header("x-amz-function-error").is_some();
     let body = resp.bytes().map_err(|e| BenchError::Http(e.to_string()))?;
     let latency_ms = t0.elapsed().as_secs_f64() * 1000.0;
     if !status.is_success() || failed {
-        return Err(BenchError::Check(format!("{function} returned {status}: {}", String::from_utf8_lossy(&body))));
+        return Err(BenchError::Check(format!(
+            "{function} returned {status}: {}",
+            String::from_utf8_lossy(&body)
+        )));
     }
-    Ok(Sample { latency_ms, start, init_ms })
+    Ok(Sample {
+        latency_ms,
+        start,
+        init_ms,
+    })
 }
 
-fn bounded<T>(n: usize, max: Duration, mut f: impl FnMut() -> Result<T, BenchError>) -> Result<Vec<T>, BenchError> {
+fn bounded<T>(
+    n: usize,
+    max: Duration,
+    mut f: impl FnMut() -> Result<T, BenchError>,
+) -> Result<Vec<T>, BenchError> {
     let t0 = Instant::now();
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
@@ -81,16 +105,25 @@ pub fn run(cfg: &ColdStartConfig, progress: &dyn Fn(&str)) -> Result<Vec<Series>
             .status()
             .map_err(|e| BenchError::Check(format!("running {}: {e}", cfg.python)))?;
         if !status.success() {
-            return Err(BenchError::Check(format!("{} -c pass exited with {status}", cfg.python)));
+            return Err(BenchError::Check(format!(
+                "{} -c pass exited with {status}",
+                cfg.python
+            )));
         }
         Ok(t0.elapsed().as_secs_f64() * 1000.0)
     })?;
 
-    progress(&format!("cold: {} x invoke {} with X-Spore-Cold: 1", cfg.n, cfg.function));
+    progress(&format!(
+        "cold: {} x invoke {} with X-Spore-Cold: 1",
+        cfg.n, cfg.function
+    ));
     let cold = bounded(cfg.n, cfg.max_per_series, || {
         let s = invoke(&client, &cfg.endpoint, &cfg.function, b"{}", true)?;
         if s.start != "cold" {
-            return Err(BenchError::Check(format!("a forced cold start was served {:?}", s.start)));
+            return Err(BenchError::Check(format!(
+                "a forced cold start was served {:?}",
+                s.start
+            )));
         }
         Ok(s)
     })?;
@@ -100,15 +133,30 @@ pub fn run(cfg: &ColdStartConfig, progress: &dyn Fn(&str)) -> Result<Vec<Series>
     let warm = bounded(cfg.n, cfg.max_per_series, || {
         let s = invoke(&client, &cfg.endpoint, &cfg.function, b"{}", false)?;
         if s.start != "warm" {
-            return Err(BenchError::Check(format!("expected a warm start, got {:?}", s.start)));
+            return Err(BenchError::Check(format!(
+                "expected a warm start, got {:?}",
+                s.start
+            )));
         }
         Ok(s.latency_ms)
     })?;
 
     Ok(vec![
-        Series { name: "python3 -c pass (floor)".into(), samples_ms: floor },
-        Series { name: "container cold (request to response)".into(), samples_ms: cold.iter().map(|s| s.latency_ms).collect() },
-        Series { name: "container cold (daemon: spawn to ready)".into(), samples_ms: cold.iter().map(|s| s.init_ms).collect() },
-        Series { name: "warm (request to response)".into(), samples_ms: warm },
+        Series {
+            name: "python3 -c pass (floor)".into(),
+            samples_ms: floor,
+        },
+        Series {
+            name: "container cold (request to response)".into(),
+            samples_ms: cold.iter().map(|s| s.latency_ms).collect(),
+        },
+        Series {
+            name: "container cold (daemon: spawn to ready)".into(),
+            samples_ms: cold.iter().map(|s| s.init_ms).collect(),
+        },
+        Series {
+            name: "warm (request to response)".into(),
+            samples_ms: warm,
+        },
     ])
 }

@@ -80,7 +80,11 @@ pub fn summarize(samples: &[f64]) -> Summary {
         n,
         p50: percentile(&s, 50.0),
         p99: percentile(&s, 99.0),
-        mean: if n == 0 { f64::NAN } else { s.iter().sum::<f64>() / n as f64 },
+        mean: if n == 0 {
+            f64::NAN
+        } else {
+            s.iter().sum::<f64>() / n as f64
+        },
         min: s.first().copied().unwrap_or(f64::NAN),
         max: s.last().copied().unwrap_or(f64::NAN),
     }
@@ -97,7 +101,10 @@ fn fmt_ms(ms: f64) -> String {
 /// A Markdown table of the series with each p50 as a ratio to the `baseline` series' p50
 /// (`baseline / series` when the series is faster, shown as `N.Nx faster`; else `slower`).
 pub fn table(series: &[Series], baseline: &str) -> String {
-    let base = series.iter().find(|s| s.name == baseline).map(|s| summarize(&s.samples_ms).p50);
+    let base = series
+        .iter()
+        .find(|s| s.name == baseline)
+        .map(|s| summarize(&s.samples_ms).p50);
     let mut out = String::from("| series | n | p50 | p99 | mean | vs ");
     out.push_str(baseline);
     out.push_str(" (p50) |\n|---|---:|---:|---:|---:|---:|\n");
@@ -109,7 +116,16 @@ pub fn table(series: &[Series], baseline: &str) -> String {
             Some(b) if b > 0.0 => format!("{:.1}x slower", sum.p50 / b),
             _ => "-".to_owned(),
         };
-        let _ = writeln!(out, "| {} | {} | {} | {} | {} | {} |", s.name, sum.n, fmt_ms(sum.p50), fmt_ms(sum.p99), fmt_ms(sum.mean), ratio);
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} |",
+            s.name,
+            sum.n,
+            fmt_ms(sum.p50),
+            fmt_ms(sum.p99),
+            fmt_ms(sum.mean),
+            ratio
+        );
     }
     out
 }
@@ -126,7 +142,13 @@ pub struct ResultFiles {
 }
 
 /// Writes `samples.csv` (series,i,ms), `summary.json` and `table.md` under `dir`.
-pub fn write_results(dir: &Path, bench: &str, series: &[Series], table_md: &str, meta: serde_json::Value) -> Result<ResultFiles, BenchError> {
+pub fn write_results(
+    dir: &Path,
+    bench: &str,
+    series: &[Series],
+    table_md: &str,
+    meta: serde_json::Value,
+) -> Result<ResultFiles, BenchError> {
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| BenchError::Io { path, source }
@@ -141,12 +163,19 @@ pub fn write_results(dir: &Path, bench: &str, series: &[Series], table_md: &str,
     }
     std::fs::write(&csv, text).map_err(io(&csv))?;
     let json = dir.join("summary.json");
-    let summaries: Vec<_> = series.iter().map(|s| serde_json::json!({ "series": s.name, "summary": summarize(&s.samples_ms) })).collect();
+    let summaries: Vec<_> = series
+        .iter()
+        .map(|s| serde_json::json!({ "series": s.name, "summary": summarize(&s.samples_ms) }))
+        .collect();
     let doc = serde_json::json!({ "bench": bench, "meta": meta, "series": summaries });
     std::fs::write(&json, serde_json::to_vec_pretty(&doc).expect("json")).map_err(io(&json))?;
     let markdown = dir.join("table.md");
     std::fs::write(&markdown, table_md).map_err(io(&markdown))?;
-    Ok(ResultFiles { csv, json, markdown })
+    Ok(ResultFiles {
+        csv,
+        json,
+        markdown,
+    })
 }
 
 #[cfg(test)]
@@ -157,7 +186,10 @@ mod tests {
     fn percentiles() {
         let s: Vec<f64> = (1..=100).map(f64::from).collect();
         let sum = summarize(&s);
-        assert_eq!((sum.n, sum.p50, sum.p99, sum.min, sum.max), (100, 50.0, 99.0, 1.0, 100.0));
+        assert_eq!(
+            (sum.n, sum.p50, sum.p99, sum.min, sum.max),
+            (100, 50.0, 99.0, 1.0, 100.0)
+        );
         assert_eq!(summarize(&[7.0]).p99, 7.0);
         assert!(summarize(&[]).p50.is_nan());
     }
@@ -165,12 +197,24 @@ mod tests {
     #[test]
     fn table_ratios() {
         let series = vec![
-            Series { name: "base".into(), samples_ms: vec![10.0; 5] },
-            Series { name: "fast".into(), samples_ms: vec![2.0; 5] },
-            Series { name: "slow".into(), samples_ms: vec![40.0; 5] },
+            Series {
+                name: "base".into(),
+                samples_ms: vec![10.0; 5],
+            },
+            Series {
+                name: "fast".into(),
+                samples_ms: vec![2.0; 5],
+            },
+            Series {
+                name: "slow".into(),
+                samples_ms: vec![40.0; 5],
+            },
         ];
         let t = table(&series, "base");
-        assert!(t.contains("| fast | 5 | 2.00 ms | 2.00 ms | 2.00 ms | 5.0x faster |"), "{t}");
+        assert!(
+            t.contains("| fast | 5 | 2.00 ms | 2.00 ms | 2.00 ms | 5.0x faster |"),
+            "{t}"
+        );
         assert!(t.contains("4.0x slower"));
         assert!(t.contains("| base | 5 | 10.00 ms | 10.00 ms | 10.00 ms | baseline |"));
     }
@@ -178,11 +222,15 @@ mod tests {
     #[test]
     fn writes_files() {
         let dir = tempfile::tempdir().unwrap();
-        let series = vec![Series { name: "a".into(), samples_ms: vec![1.0, 2.0] }];
+        let series = vec![Series {
+            name: "a".into(),
+            samples_ms: vec![1.0, 2.0],
+        }];
         let files = write_results(dir.path(), "t", &series, "x", serde_json::json!({})).unwrap();
         let csv = std::fs::read_to_string(files.csv).unwrap();
         assert_eq!(csv.lines().count(), 3);
-        let json: serde_json::Value = serde_json::from_slice(&std::fs::read(files.json).unwrap()).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(files.json).unwrap()).unwrap();
         assert_eq!(json["series"][0]["summary"]["n"], 2);
     }
 }

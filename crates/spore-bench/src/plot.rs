@@ -18,9 +18,14 @@ fn ensure_font() -> Result<(), BenchError> {
         let bytes = FONT_PATHS
             .iter()
             .find_map(|p| std::fs::read(p).ok())
-            .ok_or_else(|| format!("no DejaVu font found (looked in {FONT_PATHS:?}); install fonts-dejavu-core"))?;
+            .ok_or_else(|| {
+                format!(
+                    "no DejaVu font found (looked in {FONT_PATHS:?}); install fonts-dejavu-core"
+                )
+            })?;
         let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-        plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).map_err(|_| "unreadable font file".to_owned())
+        plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+            .map_err(|_| "unreadable font file".to_owned())
     })
     .clone()
     .map_err(BenchError::Plot)
@@ -30,7 +35,11 @@ fn ensure_font() -> Result<(), BenchError> {
 pub fn cdf(path: &Path, title: &str, series: &[Series]) -> Result<(), BenchError> {
     ensure_font()?;
     let err = |e: &dyn std::fmt::Display| BenchError::Plot(e.to_string());
-    let all: Vec<f64> = series.iter().flat_map(|s| s.samples_ms.iter().copied()).filter(|v| *v > 0.0).collect();
+    let all: Vec<f64> = series
+        .iter()
+        .flat_map(|s| s.samples_ms.iter().copied())
+        .filter(|v| *v > 0.0)
+        .collect();
     if all.is_empty() {
         return Err(BenchError::Plot("no samples to plot".into()));
     }
@@ -57,7 +66,11 @@ pub fn cdf(path: &Path, title: &str, series: &[Series]) -> Result<(), BenchError
         v.sort_by(f64::total_cmp);
         let n = v.len() as f64;
         let color = Palette99::pick(i).to_rgba().stroke_width(3);
-        let points: Vec<(f64, f64)> = v.iter().enumerate().map(|(k, x)| (*x, (k + 1) as f64 / n)).collect();
+        let points: Vec<(f64, f64)> = v
+            .iter()
+            .enumerate()
+            .map(|(k, x)| (*x, (k + 1) as f64 / n))
+            .collect();
         chart
             .draw_series(LineSeries::new(points, color))
             .map_err(|e| err(&e))?

@@ -159,9 +159,15 @@ mod tests {
         let dest = out.path().join("code");
         let size = unpack(&zip, &dest).unwrap();
         assert_eq!(size, 12);
-        assert_eq!(fs::read_to_string(dest.join("pkg/mod.py")).unwrap(), "y = 2\n");
+        assert_eq!(
+            fs::read_to_string(dest.join("pkg/mod.py")).unwrap(),
+            "y = 2\n"
+        );
         assert!(!dest.join("__pycache__").exists());
-        let mode = fs::metadata(dest.join("main.py")).unwrap().permissions().mode();
+        let mode = fs::metadata(dest.join("main.py"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o644);
     }
 

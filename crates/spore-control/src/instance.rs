@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use spore_core::FunctionError;
-use spore_runtime::protocol::{self, FromRuntime, FramePrefix, ToRuntime, PREFIX_LEN};
+use spore_runtime::protocol::{self, FramePrefix, FromRuntime, ToRuntime, PREFIX_LEN};
 use spore_runtime::PythonLaunch;
 use spore_sandbox::cgroup::{Cgroup, Layout, Limits};
 use spore_sandbox::{BindMount, SandboxSpec};
@@ -184,10 +184,11 @@ impl Instance {
         };
         let layout = env.layout.clone();
         let (parent, cg_name) = (env.cgroup_parent.clone(), id.clone());
-        let cgroup = tokio::task::spawn_blocking(move || Cgroup::create(&layout, &parent, &cg_name, limits))
-            .await
-            .map_err(|e| StartError::Platform(format!("cgroup task: {e}")))?
-            .map_err(|e| StartError::Platform(error_chain(&e)))?;
+        let cgroup =
+            tokio::task::spawn_blocking(move || Cgroup::create(&layout, &parent, &cg_name, limits))
+                .await
+                .map_err(|e| StartError::Platform(format!("cgroup task: {e}")))?
+                .map_err(|e| StartError::Platform(error_chain(&e)))?;
 
         let uid = env.uid_base + (seq % 100_000) as u32;
         let launch = PythonLaunch {
@@ -231,7 +232,8 @@ impl Instance {
             });
         }
 
-        let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(platform("socketpair"))?;
+        let (ours, theirs) =
+            std::os::unix::net::UnixStream::pair().map_err(platform("socketpair"))?;
         ours.set_nonblocking(true).map_err(platform("socket"))?;
         let sock = UnixStream::from_std(ours).map_err(platform("socket"))?;
         let mut cmd = spore_sandbox::command(&env.exe, &spec)
@@ -245,7 +247,10 @@ impl Instance {
             Ok(c) => c,
             Err(e) => {
                 destroy_cgroup(cgroup).await;
-                return Err(StartError::Platform(format!("spawning {}: {e}", env.exe.display())));
+                return Err(StartError::Platform(format!(
+                    "spawning {}: {e}",
+                    env.exe.display()
+                )));
             }
         };
         let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
@@ -273,13 +278,20 @@ impl Instance {
                 return Ok(inst);
             }
             Ok(Ok(Some((FromRuntime::InitError { error }, _)))) => StartError::Init(error),
-            Ok(Ok(Some((other, _)))) => StartError::Platform(format!("runtime sent {other:?} before ready")),
+            Ok(Ok(Some((other, _)))) => {
+                StartError::Platform(format!("runtime sent {other:?} before ready"))
+            }
             Ok(Ok(None)) | Ok(Err(_)) => {
                 let detail = inst.exit_detail().await;
                 if detail.setup_failed {
                     StartError::Platform(detail.text)
                 } else if inst.oom_killed() {
-                    StartError::Init(InvokeFailure::OutOfMemory { limit_mb: m.memory_mb }.to_function_error())
+                    StartError::Init(
+                        InvokeFailure::OutOfMemory {
+                            limit_mb: m.memory_mb,
+                        }
+                        .to_function_error(),
+                    )
                 } else {
                     StartError::Init(FunctionError::platform(
                         "Runtime.ExitError",
@@ -289,7 +301,10 @@ impl Instance {
             }
             Err(_) => StartError::Init(FunctionError::platform(
                 "Sandbox.Timedout",
-                format!("Init timed out after {:.2} seconds", init_timeout.as_secs_f64()),
+                format!(
+                    "Init timed out after {:.2} seconds",
+                    init_timeout.as_secs_f64()
+                ),
             )),
         };
         inst.destroy().await;
@@ -367,7 +382,10 @@ impl Instance {
 
     /// Peak memory use of the sandbox, MiB.
     pub fn memory_peak_mb(&self) -> Option<u64> {
-        self.cgroup.as_ref()?.memory_peak().map(|b| b.div_ceil(1 << 20))
+        self.cgroup
+            .as_ref()?
+            .memory_peak()
+            .map(|b| b.div_ceil(1 << 20))
     }
 
     fn oom_killed(&self) -> bool {
@@ -378,7 +396,13 @@ impl Instance {
         let status = tokio::time::timeout(Duration::from_secs(2), self.child.wait()).await;
         // Give the stderr drain a moment to catch the last lines.
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let tail: Vec<String> = self.stderr_tail.lock().expect("stderr tail").iter().cloned().collect();
+        let tail: Vec<String> = self
+            .stderr_tail
+            .lock()
+            .expect("stderr tail")
+            .iter()
+            .cloned()
+            .collect();
         let code = match &status {
             Ok(Ok(s)) => s.code(),
             _ => None,
@@ -447,7 +471,11 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-async fn drain<R: AsyncRead + Unpin>(r: R, log: Arc<LogRing>, tail: Option<Arc<Mutex<VecDeque<String>>>>) {
+async fn drain<R: AsyncRead + Unpin>(
+    r: R,
+    log: Arc<LogRing>,
+    tail: Option<Arc<Mutex<VecDeque<String>>>>,
+) {
     let mut lines = BufReader::new(r).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         log.push_text(&line);

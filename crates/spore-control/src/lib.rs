@@ -155,7 +155,7 @@ struct Pool {
 }
 
 enum Slot {
-    Warm(Instance),
+    Warm(Box<Instance>),
     Cold,
 }
 
@@ -181,9 +181,17 @@ pub struct Control {
 /// finds what its predecessor left, and daemons on other data dirs are left alone.
 pub fn cgroup_parent_name(data_dir: &Path) -> String {
     use sha2::Digest;
-    let canon = data_dir.canonicalize().unwrap_or_else(|_| data_dir.to_owned());
+    let canon = data_dir
+        .canonicalize()
+        .unwrap_or_else(|_| data_dir.to_owned());
     let sum = sha2::Sha256::digest(canon.as_os_str().as_encoded_bytes());
-    format!("spore-{}", sum.iter().take(6).map(|b| format!("{b:02x}")).collect::<String>())
+    format!(
+        "spore-{}",
+        sum.iter()
+            .take(6)
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    )
 }
 
 struct InflightGuard<'a>(&'a Inner);
@@ -202,7 +210,8 @@ impl Control {
     pub fn open(cfg: ControlConfig) -> Result<(Control, Vec<String>), ControlError> {
         let io = |what: &str, e: std::io::Error| ControlError::Internal(format!("{what}: {e}"));
         std::fs::create_dir_all(&cfg.data_dir).map_err(|e| io("creating the data dir", e))?;
-        let lock = DataDirLock::acquire(&cfg.data_dir).map_err(|e| ControlError::Unavailable(e.to_string()))?;
+        let lock = DataDirLock::acquire(&cfg.data_dir)
+            .map_err(|e| ControlError::Unavailable(e.to_string()))?;
         let (registry, mut warnings) = Registry::open(&cfg.data_dir)?;
 
         let run = cfg.data_dir.join("run");
@@ -238,13 +247,22 @@ impl Control {
             .and_then(|layout| {
                 let swept = layout.sweep_parent(&parent, false)?;
                 if swept > 0 {
-                    warnings.push(format!("removed {swept} sandboxes left by a previous daemon"));
+                    warnings.push(format!(
+                        "removed {swept} sandboxes left by a previous daemon"
+                    ));
                 }
                 layout.create_parent(&parent)?;
                 Ok(layout)
             })
             .map(|layout| {
-                let mut env = InstanceEnv::new(cfg.exe.clone(), layout, parent, rootfs, runtime_dir, packages_dir);
+                let mut env = InstanceEnv::new(
+                    cfg.exe.clone(),
+                    layout,
+                    parent,
+                    rootfs,
+                    runtime_dir,
+                    packages_dir,
+                );
                 env.cpu_millis = cfg.cpu_millis;
                 env.pids_max = cfg.pids_max;
                 env.tmp_mb = cfg.tmp_mb;
@@ -285,7 +303,8 @@ impl Control {
             .map_err(|e| ControlError::InvalidParameter(e.to_string()))?;
         if spec.manifest.sandbox == SandboxKind::Cfork {
             return Err(ControlError::InvalidParameter(
-                "sandbox kind \"cfork\" is not available yet in this build; use \"container\"".into(),
+                "sandbox kind \"cfork\" is not available yet in this build; use \"container\""
+                    .into(),
             ));
         }
         if spec.manifest.runtime != spore_core::Runtime::Python3 {
@@ -298,7 +317,11 @@ impl Control {
     }
 
     /// Creates a function from a zip package.
-    pub fn create_function(&self, spec: FunctionSpec, zip: &[u8]) -> Result<FunctionRecord, ControlError> {
+    pub fn create_function(
+        &self,
+        spec: FunctionSpec,
+        zip: &[u8],
+    ) -> Result<FunctionRecord, ControlError> {
         Self::check_spec(&spec)?;
         let mut reg = self.registry();
         let name = spec.manifest.name.clone();
@@ -323,7 +346,10 @@ impl Control {
     /// Replaces a function's code.
     pub fn update_code(&self, name: &str, zip: &[u8]) -> Result<FunctionRecord, ControlError> {
         let mut reg = self.registry();
-        let mut rec = reg.get(name).cloned().ok_or_else(|| ControlError::NotFound(name.into()))?;
+        let mut rec = reg
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ControlError::NotFound(name.into()))?;
         let (b64, hex, size) = reg.install_code(name, zip)?;
         (rec.code_sha256, rec.code_hex, rec.code_size) = (b64, hex, size);
         let rec = reg.put(rec)?;
@@ -337,7 +363,10 @@ impl Control {
         Self::check_spec(&spec)?;
         let name = spec.manifest.name.clone();
         let mut reg = self.registry();
-        let mut rec = reg.get(&name).cloned().ok_or_else(|| ControlError::NotFound(name.clone()))?;
+        let mut rec = reg
+            .get(&name)
+            .cloned()
+            .ok_or_else(|| ControlError::NotFound(name.clone()))?;
         rec.manifest = spec.manifest;
         rec.description = spec.description;
         let rec = reg.put(rec)?;
@@ -348,14 +377,20 @@ impl Control {
 
     /// Deletes a function; its instances stop (busy ones when their invocation ends).
     pub fn delete_function(&self, name: &str) -> Result<FunctionRecord, ControlError> {
-        let rec = self.registry().remove(name)?.ok_or_else(|| ControlError::NotFound(name.into()))?;
+        let rec = self
+            .registry()
+            .remove(name)?
+            .ok_or_else(|| ControlError::NotFound(name.into()))?;
         self.retire_idle(name);
         Ok(rec)
     }
 
     /// One function's record.
     pub fn get_function(&self, name: &str) -> Result<FunctionRecord, ControlError> {
-        self.registry().get(name).cloned().ok_or_else(|| ControlError::NotFound(name.into()))
+        self.registry()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ControlError::NotFound(name.into()))
     }
 
     /// All records.
@@ -371,7 +406,13 @@ impl Control {
 
     /// Number of idle and total instances of a function.
     pub fn instance_counts(&self, name: &str) -> (usize, u32) {
-        let pool = self.inner.pools.lock().expect("pools lock").get(name).cloned();
+        let pool = self
+            .inner
+            .pools
+            .lock()
+            .expect("pools lock")
+            .get(name)
+            .cloned();
         pool.map_or((0, 0), |p| {
             let st = p.state.lock().expect("pool lock");
             (st.idle.len(), st.total)
@@ -379,16 +420,34 @@ impl Control {
     }
 
     fn log_ring(&self, name: &str) -> Arc<LogRing> {
-        self.inner.logs.lock().expect("logs lock").entry(name.to_owned()).or_default().clone()
+        self.inner
+            .logs
+            .lock()
+            .expect("logs lock")
+            .entry(name.to_owned())
+            .or_default()
+            .clone()
     }
 
     fn pool(&self, name: &str) -> Arc<Pool> {
-        self.inner.pools.lock().expect("pools lock").entry(name.to_owned()).or_default().clone()
+        self.inner
+            .pools
+            .lock()
+            .expect("pools lock")
+            .entry(name.to_owned())
+            .or_default()
+            .clone()
     }
 
     /// Stops the idle instances of `name` (after a change or delete).
     fn retire_idle(&self, name: &str) {
-        let pool = self.inner.pools.lock().expect("pools lock").get(name).cloned();
+        let pool = self
+            .inner
+            .pools
+            .lock()
+            .expect("pools lock")
+            .get(name)
+            .cloned();
         if let Some(pool) = pool {
             let stale: Vec<Instance> = {
                 let mut st = pool.state.lock().expect("pool lock");
@@ -409,7 +468,11 @@ impl Control {
             (spore_core::MAX_SYNC_PAYLOAD, "RequestResponse")
         };
         if payload.len() > limit {
-            return Err(ControlError::RequestTooLarge { size: payload.len(), limit, kind });
+            return Err(ControlError::RequestTooLarge {
+                size: payload.len(),
+                limit,
+                kind,
+            });
         }
         if !payload.is_empty() {
             serde_json::from_slice::<serde::de::IgnoredAny>(payload)
@@ -421,28 +484,49 @@ impl Control {
     /// Invokes a function and waits for its result. Function failures (errors, timeouts,
     /// crashes) are an `Ok` [`Invocation`] whose outcome is `Err`; `Err` is for requests the
     /// platform could not serve.
-    pub async fn invoke(&self, name: &str, payload: &[u8], opts: InvokeOptions) -> Result<Invocation, ControlError> {
+    pub async fn invoke(
+        &self,
+        name: &str,
+        payload: &[u8],
+        opts: InvokeOptions,
+    ) -> Result<Invocation, ControlError> {
         Self::check_payload(payload, false)?;
         self.inner.inflight.fetch_add(1, Ordering::AcqRel);
         let _guard = InflightGuard(&self.inner);
         if self.inner.draining.load(Ordering::Acquire) {
-            return Err(ControlError::Unavailable("the daemon is shutting down".into()));
+            return Err(ControlError::Unavailable(
+                "the daemon is shutting down".into(),
+            ));
         }
-        let env = self.inner.env.clone().map_err(|why| ControlError::Unavailable(format!("invocations are disabled on this host: {why}")))?;
+        let env = self.inner.env.clone().map_err(|why| {
+            ControlError::Unavailable(format!("invocations are disabled on this host: {why}"))
+        })?;
         let rec = self.get_function(name)?;
         let t0 = Instant::now();
         let request_id = uuid::Uuid::new_v4().to_string();
         let pool = self.pool(name);
-        let max = rec.manifest.max_instances.unwrap_or(self.inner.cfg.max_instances);
+        let max = rec
+            .manifest
+            .max_instances
+            .unwrap_or(self.inner.cfg.max_instances);
         let timeout = Duration::from_secs(u64::from(rec.manifest.timeout_s));
-        let slot = self.acquire(&pool, rec.revision, max, opts.force_cold, t0 + timeout).await?;
+        let slot = self
+            .acquire(&pool, rec.revision, max, opts.force_cold, t0 + timeout)
+            .await?;
         let log = self.log_ring(name);
 
         let (mut inst, start) = match slot {
-            Slot::Warm(inst) => (inst, StartKind::Warm),
+            Slot::Warm(inst) => (*inst, StartKind::Warm),
             Slot::Cold => {
                 let code_dir = self.registry().code_dir(&rec);
-                let started = Instance::start(&env, &rec, code_dir, log.clone(), timeout.max(Duration::from_secs(10))).await;
+                let started = Instance::start(
+                    &env,
+                    &rec,
+                    code_dir,
+                    log.clone(),
+                    timeout.max(Duration::from_secs(10)),
+                )
+                .await;
                 match started {
                     Ok(inst) => (inst, StartKind::Cold),
                     Err(e) => {
@@ -454,18 +538,39 @@ impl Control {
                             }
                             StartError::Init(err) => {
                                 let total_ms = t0.elapsed().as_secs_f64() * 1000.0;
-                                let block = report_block(&request_id, "", total_ms, rec.manifest.memory_mb, None, Some(total_ms), Some(&err));
+                                let block = report_block(
+                                    &request_id,
+                                    "",
+                                    total_ms,
+                                    rec.manifest.memory_mb,
+                                    None,
+                                    Some(total_ms),
+                                    Some(&err),
+                                );
                                 log.push_text(&block);
                                 record_metrics(name, StartKind::Cold, total_ms, Some(&err));
-                                Ok(Invocation { request_id, start: StartKind::Cold, init_ms: total_ms, total_ms, outcome: Err(err), log: block })
+                                Ok(Invocation {
+                                    request_id,
+                                    start: StartKind::Cold,
+                                    init_ms: total_ms,
+                                    total_ms,
+                                    outcome: Err(err),
+                                    log: block,
+                                })
                             }
                         };
                     }
                 }
             }
         };
-        let init_ms = if start == StartKind::Cold { inst.init_ms } else { 0.0 };
-        let result = inst.invoke(&request_id, payload, rec.manifest.timeout_s).await;
+        let init_ms = if start == StartKind::Cold {
+            inst.init_ms
+        } else {
+            0.0
+        };
+        let result = inst
+            .invoke(&request_id, payload, rec.manifest.timeout_s)
+            .await;
         let total_ms = t0.elapsed().as_secs_f64() * 1000.0;
         let peak = inst.memory_peak_mb();
         let (outcome, logs, handler_ms, reusable) = match result {
@@ -473,17 +578,38 @@ impl Control {
                 let reusable = !inst.has_strays();
                 (reply.outcome, reply.logs, reply.handler_ms, reusable)
             }
-            Err(failure) => (Err(failure.to_function_error()), String::new(), total_ms - init_ms, false),
+            Err(failure) => (
+                Err(failure.to_function_error()),
+                String::new(),
+                total_ms - init_ms,
+                false,
+            ),
         };
         let current = self.registry().get(name).map(|r| r.revision);
         self.release(&pool, inst, reusable && current == Some(rec.revision), max);
-        let block = report_block(&request_id, &logs, handler_ms, rec.manifest.memory_mb, peak, (start == StartKind::Cold).then_some(init_ms), outcome.as_ref().err());
+        let block = report_block(
+            &request_id,
+            &logs,
+            handler_ms,
+            rec.manifest.memory_mb,
+            peak,
+            (start == StartKind::Cold).then_some(init_ms),
+            outcome.as_ref().err(),
+        );
         log.push_text(&block);
         record_metrics(name, start, total_ms, outcome.as_ref().err());
         if start == StartKind::Cold {
-            metrics::histogram!("spore_init_duration_seconds", "function" => name.to_owned()).record(init_ms / 1000.0);
+            metrics::histogram!("spore_init_duration_seconds", "function" => name.to_owned())
+                .record(init_ms / 1000.0);
         }
-        Ok(Invocation { request_id, start, init_ms, total_ms, outcome, log: block })
+        Ok(Invocation {
+            request_id,
+            start,
+            init_ms,
+            total_ms,
+            outcome,
+            log: block,
+        })
     }
 
     /// Queues an asynchronous (`Event`) invocation; its outcome goes to the function's log.
@@ -491,20 +617,30 @@ impl Control {
         Self::check_payload(&payload, true)?;
         self.get_function(name)?;
         if self.inner.draining.load(Ordering::Acquire) {
-            return Err(ControlError::Unavailable("the daemon is shutting down".into()));
+            return Err(ControlError::Unavailable(
+                "the daemon is shutting down".into(),
+            ));
         }
         let this = self.clone();
         let name = name.to_owned();
         let id = uuid::Uuid::new_v4().to_string();
         tokio::spawn(async move {
             if let Err(e) = this.invoke(&name, &payload, InvokeOptions::default()).await {
-                this.log_ring(&name).push_text(&format!("asynchronous invocation failed: {e}"));
+                this.log_ring(&name)
+                    .push_text(&format!("asynchronous invocation failed: {e}"));
             }
         });
         Ok(id)
     }
 
-    async fn acquire(&self, pool: &Pool, revision: u64, max: u32, force_cold: bool, deadline: Instant) -> Result<Slot, ControlError> {
+    async fn acquire(
+        &self,
+        pool: &Pool,
+        revision: u64,
+        max: u32,
+        force_cold: bool,
+        deadline: Instant,
+    ) -> Result<Slot, ControlError> {
         loop {
             let notified = pool.notify.notified();
             tokio::pin!(notified);
@@ -516,7 +652,7 @@ impl Control {
                 if !force_cold {
                     while let Some(inst) = st.idle.pop() {
                         if inst.revision == revision {
-                            found = Some(Slot::Warm(inst));
+                            found = Some(Slot::Warm(Box::new(inst)));
                             break;
                         }
                         st.total -= 1;
@@ -533,7 +669,10 @@ impl Control {
             if let Some(slot) = slot {
                 return Ok(slot);
             }
-            if tokio::time::timeout_at(deadline.into(), notified).await.is_err() {
+            if tokio::time::timeout_at(deadline.into(), notified)
+                .await
+                .is_err()
+            {
                 return Err(ControlError::TooManyRequests(max));
             }
         }
@@ -563,18 +702,29 @@ impl Control {
     pub fn spawn_reaper(&self) {
         let this = self.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1).min(this.inner.cfg.keep_alive));
+            let mut tick =
+                tokio::time::interval(Duration::from_secs(1).min(this.inner.cfg.keep_alive));
             loop {
                 tick.tick().await;
                 if this.inner.draining.load(Ordering::Acquire) {
                     return;
                 }
-                let pools: Vec<Arc<Pool>> = this.inner.pools.lock().expect("pools lock").values().cloned().collect();
+                let pools: Vec<Arc<Pool>> = this
+                    .inner
+                    .pools
+                    .lock()
+                    .expect("pools lock")
+                    .values()
+                    .cloned()
+                    .collect();
                 for pool in pools {
                     let expired: Vec<Instance> = {
                         let mut st = pool.state.lock().expect("pool lock");
                         let keep = this.inner.cfg.keep_alive;
-                        let (old, fresh): (Vec<_>, Vec<_>) = st.idle.drain(..).partition(|i| i.last_used.elapsed() > keep);
+                        let (old, fresh): (Vec<_>, Vec<_>) = st
+                            .idle
+                            .drain(..)
+                            .partition(|i| i.last_used.elapsed() > keep);
                         st.idle = fresh;
                         st.total -= old.len() as u32;
                         old
@@ -592,17 +742,30 @@ impl Control {
         let deadline = Instant::now() + grace;
         while self.inner.inflight.load(Ordering::Acquire) > 0 {
             let idle = self.inner.idle.notified();
-            if tokio::time::timeout_at(deadline.into(), idle).await.is_err() {
-                tracing::warn!("{} invocations still running after {grace:?}; stopping them", self.inner.inflight.load(Ordering::Acquire));
+            if tokio::time::timeout_at(deadline.into(), idle)
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "{} invocations still running after {grace:?}; stopping them",
+                    self.inner.inflight.load(Ordering::Acquire)
+                );
                 break;
             }
         }
-        let pools: Vec<Arc<Pool>> = self.inner.pools.lock().expect("pools lock").values().cloned().collect();
+        let pools: Vec<Arc<Pool>> = self
+            .inner
+            .pools
+            .lock()
+            .expect("pools lock")
+            .values()
+            .cloned()
+            .collect();
         let mut all = Vec::new();
         for pool in pools {
             let mut st = pool.state.lock().expect("pool lock");
             st.total -= st.idle.len() as u32;
-            all.extend(st.idle.drain(..));
+            all.append(&mut st.idle);
         }
         for inst in all {
             inst.destroy().await;
@@ -671,10 +834,16 @@ mod tests {
     fn payload_checks() {
         assert!(Control::check_payload(b"", false).is_ok());
         assert!(Control::check_payload(b"{\"a\": 1}", false).is_ok());
-        assert!(matches!(Control::check_payload(b"{nope", false), Err(ControlError::InvalidRequestContent(_))));
+        assert!(matches!(
+            Control::check_payload(b"{nope", false),
+            Err(ControlError::InvalidRequestContent(_))
+        ));
         let big = format!("\"{}\"", "a".repeat(spore_core::MAX_ASYNC_PAYLOAD)).into_bytes();
         assert!(Control::check_payload(&big, false).is_ok());
-        assert!(matches!(Control::check_payload(&big, true), Err(ControlError::RequestTooLarge { .. })));
+        assert!(matches!(
+            Control::check_payload(&big, true),
+            Err(ControlError::RequestTooLarge { .. })
+        ));
     }
 
     #[test]

@@ -39,7 +39,11 @@ impl LogRing {
     /// The last `n` lines.
     pub fn tail(&self, n: usize) -> Vec<String> {
         let lines = self.lines.lock().expect("log ring lock");
-        lines.iter().skip(lines.len().saturating_sub(n)).cloned().collect()
+        lines
+            .iter()
+            .skip(lines.len().saturating_sub(n))
+            .cloned()
+            .collect()
     }
 }
 

@@ -77,9 +77,9 @@ impl Registry {
             if !path.exists() {
                 continue; // a deploy that crashed before its record was written
             }
-            let loaded = fs::read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice::<FunctionRecord>(&b).map_err(|e| e.to_string()));
+            let loaded = fs::read(&path).map_err(|e| e.to_string()).and_then(|b| {
+                serde_json::from_slice::<FunctionRecord>(&b).map_err(|e| e.to_string())
+            });
             match loaded {
                 Ok(rec) if entry.file_name().to_str() == Some(rec.manifest.name.as_str()) => {
                     functions.insert(rec.manifest.name.clone(), rec);
@@ -115,7 +115,11 @@ impl Registry {
 
     /// Unpacks a code package for `name` (a no-op if that exact package is there already).
     /// Returns `(sha256 base64, hex, zip size)`.
-    pub fn install_code(&self, name: &str, zip: &[u8]) -> Result<(String, String, u64), RegistryError> {
+    pub fn install_code(
+        &self,
+        name: &str,
+        zip: &[u8],
+    ) -> Result<(String, String, u64), RegistryError> {
         let (b64, hex) = code::digest(zip);
         let code_root = self.dir.join(name).join("code");
         fs::create_dir_all(&code_root).map_err(io_at(&code_root))?;
@@ -134,14 +138,18 @@ impl Registry {
     /// Stores a record (new or changed), bumping its revision and timestamp, and drops code
     /// directories no longer referenced.
     pub fn put(&mut self, mut rec: FunctionRecord) -> Result<FunctionRecord, RegistryError> {
-        rec.revision = self.functions.get(&rec.manifest.name).map_or(1, |r| r.revision + 1);
+        rec.revision = self
+            .functions
+            .get(&rec.manifest.name)
+            .map_or(1, |r| r.revision + 1);
         rec.last_modified_ms = now_unix_ms();
         let fdir = self.dir.join(&rec.manifest.name);
         fs::create_dir_all(&fdir).map_err(io_at(&fdir))?;
         let path = fdir.join("function.json");
         let bytes = serde_json::to_vec_pretty(&rec).expect("records serialize");
         write_atomic(&path, &bytes).map_err(io_at(&path))?;
-        self.functions.insert(rec.manifest.name.clone(), rec.clone());
+        self.functions
+            .insert(rec.manifest.name.clone(), rec.clone());
         self.prune_code(&rec);
         Ok(rec)
     }
@@ -178,7 +186,10 @@ mod tests {
     fn record(name: &str, reg: &Registry, zip: &[u8]) -> FunctionRecord {
         let (b64, hex, size) = reg.install_code(name, zip).unwrap();
         FunctionRecord {
-            manifest: FunctionManifest::from_toml(&format!("name = \"{name}\"\nhandler = \"main.handler\"")).unwrap(),
+            manifest: FunctionManifest::from_toml(&format!(
+                "name = \"{name}\"\nhandler = \"main.handler\""
+            ))
+            .unwrap(),
             description: String::new(),
             code_sha256: b64,
             code_hex: hex,

@@ -13,7 +13,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::other("path has no file name"))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     {
         let mut f = File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -90,8 +94,14 @@ mod tests {
     #[test]
     fn timestamps() {
         assert_eq!(lambda_timestamp(0), "1970-01-01T00:00:00.000+0000");
-        assert_eq!(lambda_timestamp(951_782_400_123), "2000-02-29T00:00:00.123+0000");
-        assert_eq!(lambda_timestamp(1_798_761_599_000), "2026-12-31T23:59:59.000+0000");
+        assert_eq!(
+            lambda_timestamp(951_782_400_123),
+            "2000-02-29T00:00:00.123+0000"
+        );
+        assert_eq!(
+            lambda_timestamp(1_798_761_599_000),
+            "2026-12-31T23:59:59.000+0000"
+        );
     }
 
     #[test]

@@ -61,7 +61,9 @@ impl FromStr for Runtime {
             "node20" | "nodejs20.x" => Ok(Runtime::Node20),
             _ => Err(ManifestError::Invalid {
                 key: "runtime",
-                reason: format!("unknown runtime {s:?}; use \"python3\" (or \"python3.N\") or \"node20\""),
+                reason: format!(
+                    "unknown runtime {s:?}; use \"python3\" (or \"python3.N\") or \"node20\""
+                ),
             }),
         }
     }
@@ -230,7 +232,9 @@ fn in_range(
 pub fn validate_handler(handler: &str) -> Result<(), ManifestError> {
     let bad = |why: &str| ManifestError::Invalid {
         key: "handler",
-        reason: format!("{handler:?} {why}; write it as \"module.function\", e.g. \"main.handler\""),
+        reason: format!(
+            "{handler:?} {why}; write it as \"module.function\", e.g. \"main.handler\""
+        ),
     };
     let (module, func) = handler.rsplit_once('.').ok_or_else(|| bad("has no '.'"))?;
     let ident = |s: &str| {
@@ -286,10 +290,22 @@ GREETING = "hi"
         let cases = [
             ("name = \"a\"\nhandler = \"nodot\"", "handler"),
             ("name = \"a b\"\nhandler = \"m.f\"", "name"),
-            ("name = \"a\"\nhandler = \"m.f\"\nmemory_mb = 1", "memory_mb"),
-            ("name = \"a\"\nhandler = \"m.f\"\ntimeout_s = 0", "timeout_s"),
-            ("name = \"a\"\nhandler = \"m.f\"\nruntime = \"cobol\"", "runtime"),
-            ("name = \"a\"\nhandler = \"m.f\"\nsandbox = \"vm\"", "sandbox"),
+            (
+                "name = \"a\"\nhandler = \"m.f\"\nmemory_mb = 1",
+                "memory_mb",
+            ),
+            (
+                "name = \"a\"\nhandler = \"m.f\"\ntimeout_s = 0",
+                "timeout_s",
+            ),
+            (
+                "name = \"a\"\nhandler = \"m.f\"\nruntime = \"cobol\"",
+                "runtime",
+            ),
+            (
+                "name = \"a\"\nhandler = \"m.f\"\nsandbox = \"vm\"",
+                "sandbox",
+            ),
         ];
         for (text, key) in cases {
             let err = FunctionManifest::from_toml(text).unwrap_err().to_string();

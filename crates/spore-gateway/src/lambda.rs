@@ -30,7 +30,11 @@ pub struct ApiError {
 
 impl ApiError {
     fn invalid(message: impl Into<String>) -> Self {
-        ApiError { status: StatusCode::BAD_REQUEST, kind: "InvalidParameterValueException", message: message.into() }
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            kind: "InvalidParameterValueException",
+            message: message.into(),
+        }
     }
 }
 
@@ -41,22 +45,35 @@ impl From<ControlError> for ApiError {
             E::NotFound(_) => (StatusCode::NOT_FOUND, "ResourceNotFoundException"),
             E::Conflict(_) => (StatusCode::CONFLICT, "ResourceConflictException"),
             E::InvalidParameter(_) => (StatusCode::BAD_REQUEST, "InvalidParameterValueException"),
-            E::InvalidRequestContent(_) => (StatusCode::BAD_REQUEST, "InvalidRequestContentException"),
-            E::RequestTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "RequestTooLargeException"),
+            E::InvalidRequestContent(_) => {
+                (StatusCode::BAD_REQUEST, "InvalidRequestContentException")
+            }
+            E::RequestTooLarge { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "RequestTooLargeException")
+            }
             E::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, "TooManyRequestsException"),
             E::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "ServiceException"),
             E::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "ServiceException"),
         };
-        ApiError { status, kind, message: e.to_string() }
+        ApiError {
+            status,
+            kind,
+            message: e.to_string(),
+        }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let who = if self.status.is_server_error() { "Service" } else { "User" };
+        let who = if self.status.is_server_error() {
+            "Service"
+        } else {
+            "User"
+        };
         let body = serde_json::json!({ "Type": who, "message": self.message, "__type": self.kind });
         let mut resp = (self.status, axum::Json(body)).into_response();
-        resp.headers_mut().insert("x-amzn-ErrorType", HeaderValue::from_static(self.kind));
+        resp.headers_mut()
+            .insert("x-amzn-ErrorType", HeaderValue::from_static(self.kind));
         resp
     }
 }
@@ -112,19 +129,29 @@ struct UpdateCodeIn {
 }
 
 fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> ApiResult<T> {
-    serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("Malformed request body: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid(format!("Malformed request body: {e}")))
 }
 
 fn decode_zip(b64: Option<&str>) -> ApiResult<Vec<u8>> {
-    let b64 = b64.ok_or_else(|| ApiError::invalid("Code.ZipFile is required: Spore takes code as a base64 zip"))?;
-    B64.decode(b64.trim()).map_err(|e| ApiError::invalid(format!("Code.ZipFile is not valid base64: {e}")))
+    let b64 = b64.ok_or_else(|| {
+        ApiError::invalid("Code.ZipFile is required: Spore takes code as a base64 zip")
+    })?;
+    B64.decode(b64.trim())
+        .map_err(|e| ApiError::invalid(format!("Code.ZipFile is not valid base64: {e}")))
 }
 
 fn range_i64(name: &str, v: i64, range: std::ops::RangeInclusive<u32>) -> ApiResult<u32> {
     u32::try_from(v)
         .ok()
         .filter(|x| range.contains(x))
-        .ok_or_else(|| ApiError::invalid(format!("{name} {v} is out of range {}..={}", range.start(), range.end())))
+        .ok_or_else(|| {
+            ApiError::invalid(format!(
+                "{name} {v} is out of range {}..={}",
+                range.start(),
+                range.end()
+            ))
+        })
 }
 
 fn configuration(rec: &FunctionRecord) -> serde_json::Value {
@@ -153,44 +180,75 @@ fn configuration(rec: &FunctionRecord) -> serde_json::Value {
 
 fn tags(rec: &FunctionRecord) -> BTreeMap<String, String> {
     let mut t = BTreeMap::new();
-    t.insert(TAG_SANDBOX.to_owned(), rec.manifest.sandbox.as_str().to_owned());
+    t.insert(
+        TAG_SANDBOX.to_owned(),
+        rec.manifest.sandbox.as_str().to_owned(),
+    );
     if let Some(m) = rec.manifest.max_instances {
         t.insert(TAG_MAX_INSTANCES.to_owned(), m.to_string());
     }
     t
 }
 
-pub(crate) async fn create_function(State(st): State<AppState>, body: Bytes) -> ApiResult<Response> {
+pub(crate) async fn create_function(
+    State(st): State<AppState>,
+    body: Bytes,
+) -> ApiResult<Response> {
     let req: CreateFunctionIn = parse_json(&body)?;
     if req.package_type.as_deref().is_some_and(|p| p != "Zip") || req.code.image_uri.is_some() {
         return Err(ApiError::invalid("Only PackageType Zip is supported"));
     }
     if req.code.s3_bucket.is_some() {
-        return Err(ApiError::invalid("Code.S3Bucket is not supported: send Code.ZipFile"));
+        return Err(ApiError::invalid(
+            "Code.S3Bucket is not supported: send Code.ZipFile",
+        ));
     }
     let zip = decode_zip(req.code.zip_file.as_deref())?;
-    let runtime = req.runtime.ok_or_else(|| ApiError::invalid("Runtime is required"))?;
-    let handler = req.handler.ok_or_else(|| ApiError::invalid("Handler is required"))?;
+    let runtime = req
+        .runtime
+        .ok_or_else(|| ApiError::invalid("Runtime is required"))?;
+    let handler = req
+        .handler
+        .ok_or_else(|| ApiError::invalid("Handler is required"))?;
     let sandbox = match req.tags.get(TAG_SANDBOX) {
-        Some(s) => s.parse::<SandboxKind>().map_err(|e| ApiError::invalid(e.to_string()))?,
+        Some(s) => s
+            .parse::<SandboxKind>()
+            .map_err(|e| ApiError::invalid(e.to_string()))?,
         None => SandboxKind::Container,
     };
     let max_instances = req
         .tags
         .get(TAG_MAX_INSTANCES)
-        .map(|v| v.parse::<i64>().map_err(|_| ApiError::invalid(format!("tag {TAG_MAX_INSTANCES} must be a number"))).and_then(|n| range_i64(TAG_MAX_INSTANCES, n, 1..=1024)))
+        .map(|v| {
+            v.parse::<i64>()
+                .map_err(|_| ApiError::invalid(format!("tag {TAG_MAX_INSTANCES} must be a number")))
+                .and_then(|n| range_i64(TAG_MAX_INSTANCES, n, 1..=1024))
+        })
         .transpose()?;
     let manifest = FunctionManifest {
         name: req.function_name,
-        runtime: runtime.parse().map_err(|e: spore_core::ManifestError| ApiError::invalid(e.to_string()))?,
+        runtime: runtime
+            .parse()
+            .map_err(|e: spore_core::ManifestError| ApiError::invalid(e.to_string()))?,
         handler,
-        memory_mb: range_i64("MemorySize", req.memory_size.unwrap_or(128), spore_core::manifest::MEMORY_MB_RANGE)?,
-        timeout_s: range_i64("Timeout", req.timeout.unwrap_or(3), spore_core::manifest::TIMEOUT_S_RANGE)?,
+        memory_mb: range_i64(
+            "MemorySize",
+            req.memory_size.unwrap_or(128),
+            spore_core::manifest::MEMORY_MB_RANGE,
+        )?,
+        timeout_s: range_i64(
+            "Timeout",
+            req.timeout.unwrap_or(3),
+            spore_core::manifest::TIMEOUT_S_RANGE,
+        )?,
         sandbox,
         environment: req.environment.unwrap_or_default().variables,
         max_instances,
     };
-    let spec = FunctionSpec { manifest, description: req.description.unwrap_or_default() };
+    let spec = FunctionSpec {
+        manifest,
+        description: req.description.unwrap_or_default(),
+    };
     let control = st.control.clone();
     let rec = tokio::task::spawn_blocking(move || control.create_function(spec, &zip))
         .await
@@ -199,11 +257,19 @@ pub(crate) async fn create_function(State(st): State<AppState>, body: Bytes) -> 
 }
 
 pub(crate) async fn list_functions(State(st): State<AppState>) -> ApiResult<Response> {
-    let functions: Vec<_> = st.control.list_functions().iter().map(configuration).collect();
+    let functions: Vec<_> = st
+        .control
+        .list_functions()
+        .iter()
+        .map(configuration)
+        .collect();
     Ok(axum::Json(serde_json::json!({ "Functions": functions })).into_response())
 }
 
-pub(crate) async fn get_function(State(st): State<AppState>, Path(name): Path<String>) -> ApiResult<Response> {
+pub(crate) async fn get_function(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
     let rec = st.control.get_function(function_name_from_ref(&name))?;
     let (idle, total) = st.control.instance_counts(&rec.manifest.name);
     Ok(axum::Json(serde_json::json!({
@@ -215,12 +281,18 @@ pub(crate) async fn get_function(State(st): State<AppState>, Path(name): Path<St
     .into_response())
 }
 
-pub(crate) async fn get_configuration(State(st): State<AppState>, Path(name): Path<String>) -> ApiResult<Response> {
+pub(crate) async fn get_configuration(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
     let rec = st.control.get_function(function_name_from_ref(&name))?;
     Ok(axum::Json(configuration(&rec)).into_response())
 }
 
-pub(crate) async fn delete_function(State(st): State<AppState>, Path(name): Path<String>) -> ApiResult<Response> {
+pub(crate) async fn delete_function(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
     let control = st.control.clone();
     let name = function_name_from_ref(&name).to_owned();
     tokio::task::spawn_blocking(move || control.delete_function(&name))
@@ -229,7 +301,11 @@ pub(crate) async fn delete_function(State(st): State<AppState>, Path(name): Path
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-pub(crate) async fn update_code(State(st): State<AppState>, Path(name): Path<String>, body: Bytes) -> ApiResult<Response> {
+pub(crate) async fn update_code(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
     let req: UpdateCodeIn = parse_json(&body)?;
     let zip = decode_zip(req.zip_file.as_deref())?;
     let control = st.control.clone();
@@ -240,12 +316,18 @@ pub(crate) async fn update_code(State(st): State<AppState>, Path(name): Path<Str
     Ok(axum::Json(configuration(&rec)).into_response())
 }
 
-pub(crate) async fn update_configuration(State(st): State<AppState>, Path(name): Path<String>, body: Bytes) -> ApiResult<Response> {
+pub(crate) async fn update_configuration(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
     let req: UpdateConfigIn = parse_json(&body)?;
     let rec = st.control.get_function(function_name_from_ref(&name))?;
     let mut m = rec.manifest.clone();
     if let Some(r) = req.runtime {
-        m.runtime = r.parse().map_err(|e: spore_core::ManifestError| ApiError::invalid(e.to_string()))?;
+        m.runtime = r
+            .parse()
+            .map_err(|e: spore_core::ManifestError| ApiError::invalid(e.to_string()))?;
     }
     if let Some(h) = req.handler {
         m.handler = h;
@@ -259,7 +341,10 @@ pub(crate) async fn update_configuration(State(st): State<AppState>, Path(name):
     if let Some(env) = req.environment {
         m.environment = env.variables;
     }
-    let spec = FunctionSpec { manifest: m, description: req.description.unwrap_or(rec.description) };
+    let spec = FunctionSpec {
+        manifest: m,
+        description: req.description.unwrap_or(rec.description),
+    };
     let control = st.control.clone();
     let rec = tokio::task::spawn_blocking(move || control.update_config(spec))
         .await
@@ -271,18 +356,31 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-pub(crate) async fn invoke(State(st): State<AppState>, Path(name): Path<String>, headers: HeaderMap, body: Bytes) -> ApiResult<Response> {
+pub(crate) async fn invoke(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
     let name = function_name_from_ref(&name).to_owned();
     let kind = header(&headers, "x-amz-invocation-type").unwrap_or("RequestResponse");
     let tail = match header(&headers, "x-amz-log-type").unwrap_or("None") {
         "Tail" => true,
         "None" => false,
-        other => return Err(ApiError::invalid(format!("X-Amz-Log-Type {other:?} must be None or Tail"))),
+        other => {
+            return Err(ApiError::invalid(format!(
+                "X-Amz-Log-Type {other:?} must be None or Tail"
+            )))
+        }
     };
     let force_cold = match header(&headers, "x-spore-cold") {
         None | Some("0" | "false" | "") => false,
         Some("1" | "true") => true,
-        Some(other) => return Err(ApiError::invalid(format!("X-Spore-Cold {other:?} must be 1 or 0"))),
+        Some(other) => {
+            return Err(ApiError::invalid(format!(
+                "X-Spore-Cold {other:?} must be 1 or 0"
+            )))
+        }
     };
     match kind {
         "DryRun" => {
@@ -299,7 +397,10 @@ pub(crate) async fn invoke(State(st): State<AppState>, Path(name): Path<String>,
             Ok(resp)
         }
         "RequestResponse" => {
-            let inv = st.control.invoke(&name, &body, InvokeOptions { force_cold }).await?;
+            let inv = st
+                .control
+                .invoke(&name, &body, InvokeOptions { force_cold })
+                .await?;
             let (body, failed) = match inv.outcome {
                 Ok(bytes) => (bytes, false),
                 Err(e) => (serde_json::to_vec(&e).expect("errors serialize"), true),
@@ -307,9 +408,15 @@ pub(crate) async fn invoke(State(st): State<AppState>, Path(name): Path<String>,
             let mut resp = (StatusCode::OK, body).into_response();
             let h = resp.headers_mut();
             h.insert("content-type", HeaderValue::from_static("application/json"));
-            h.insert("x-amz-executed-version", HeaderValue::from_static("$LATEST"));
+            h.insert(
+                "x-amz-executed-version",
+                HeaderValue::from_static("$LATEST"),
+            );
             if failed {
-                h.insert("x-amz-function-error", HeaderValue::from_static("Unhandled"));
+                h.insert(
+                    "x-amz-function-error",
+                    HeaderValue::from_static("Unhandled"),
+                );
             }
             if tail {
                 let log = inv.log.as_bytes();
@@ -318,15 +425,24 @@ pub(crate) async fn invoke(State(st): State<AppState>, Path(name): Path<String>,
                     h.insert("x-amz-log-result", v);
                 }
             }
-            h.insert("x-spore-start", HeaderValue::from_static(inv.start.as_str()));
-            for (k, v) in [("x-spore-init-ms", format!("{:.3}", inv.init_ms)), ("x-spore-duration-ms", format!("{:.3}", inv.total_ms)), ("x-amzn-requestid", inv.request_id)] {
+            h.insert(
+                "x-spore-start",
+                HeaderValue::from_static(inv.start.as_str()),
+            );
+            for (k, v) in [
+                ("x-spore-init-ms", format!("{:.3}", inv.init_ms)),
+                ("x-spore-duration-ms", format!("{:.3}", inv.total_ms)),
+                ("x-amzn-requestid", inv.request_id),
+            ] {
                 if let Ok(v) = HeaderValue::from_str(&v) {
                     h.insert(k, v);
                 }
             }
             Ok(resp)
         }
-        other => Err(ApiError::invalid(format!("X-Amz-Invocation-Type {other:?} must be RequestResponse, Event or DryRun"))),
+        other => Err(ApiError::invalid(format!(
+            "X-Amz-Invocation-Type {other:?} must be RequestResponse, Event or DryRun"
+        ))),
     }
 }
 
@@ -335,18 +451,33 @@ pub(crate) struct LogsQuery {
     lines: Option<usize>,
 }
 
-pub(crate) async fn logs(State(st): State<AppState>, Path(name): Path<String>, Query(q): Query<LogsQuery>) -> ApiResult<Response> {
-    let lines = st.control.logs(function_name_from_ref(&name), q.lines.unwrap_or(100).min(spore_control::logs::LOG_LINES))?;
+pub(crate) async fn logs(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> ApiResult<Response> {
+    let lines = st.control.logs(
+        function_name_from_ref(&name),
+        q.lines.unwrap_or(100).min(spore_control::logs::LOG_LINES),
+    )?;
     Ok(axum::Json(serde_json::json!({ "lines": lines })).into_response())
 }
 
 pub(crate) async fn metrics(State(st): State<AppState>) -> Response {
     match &st.metrics {
         Some(h) => ([("content-type", "text/plain; version=0.0.4")], h.render()).into_response(),
-        None => (StatusCode::SERVICE_UNAVAILABLE, "metrics recorder not installed\n").into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "metrics recorder not installed\n",
+        )
+            .into_response(),
     }
 }
 
 pub(crate) async fn not_found() -> ApiError {
-    ApiError { status: StatusCode::NOT_FOUND, kind: "UnknownOperationException", message: "Unknown operation: see the Spore README for the supported API".into() }
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        kind: "UnknownOperationException",
+        message: "Unknown operation: see the Spore README for the supported API".into(),
+    }
 }

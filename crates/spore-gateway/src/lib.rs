@@ -59,7 +59,10 @@ pub fn install_metrics() -> Option<PrometheusHandle> {
 pub fn router(control: Control, metrics: Option<PrometheusHandle>) -> Router {
     let api = "/2015-03-31/functions";
     Router::new()
-        .route(api, post(lambda::create_function).get(lambda::list_functions))
+        .route(
+            api,
+            post(lambda::create_function).get(lambda::list_functions),
+        )
         .route(&format!("{api}/"), get(lambda::list_functions))
         .route(
             &format!("{api}/{{name}}"),
@@ -69,7 +72,10 @@ pub fn router(control: Control, metrics: Option<PrometheusHandle>) -> Router {
             &format!("{api}/{{name}}/configuration"),
             get(lambda::get_configuration).put(lambda::update_configuration),
         )
-        .route(&format!("{api}/{{name}}/code"), axum::routing::put(lambda::update_code))
+        .route(
+            &format!("{api}/{{name}}/code"),
+            axum::routing::put(lambda::update_code),
+        )
         .route(&format!("{api}/{{name}}/invocations"), post(lambda::invoke))
         .route("/spore/v1/functions/{name}/logs", get(lambda::logs))
         .route("/metrics", get(lambda::metrics))

@@ -94,7 +94,12 @@ mod tests {
             user_env: &user,
         };
         let env = launch.env();
-        let get = |k: &str| env.iter().filter(|(n, _)| n == k).map(|(_, v)| v.as_str()).collect::<Vec<_>>();
+        let get = |k: &str| {
+            env.iter()
+                .filter(|(n, _)| n == k)
+                .map(|(_, v)| v.as_str())
+                .collect::<Vec<_>>()
+        };
         assert_eq!(get("PATH"), vec!["/usr/local/bin:/usr/bin:/bin"]);
         assert_eq!(get("MINE"), vec!["1"]);
         assert_eq!(get("_HANDLER"), vec!["main.handler"]);

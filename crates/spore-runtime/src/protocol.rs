@@ -139,10 +139,16 @@ mod tests {
     fn oversized_lengths_are_refused() {
         let mut p = [0u8; 8];
         p[..4].copy_from_slice(&(MAX_HEADER + 1).to_le_bytes());
-        assert!(matches!(FramePrefix::parse(p), Err(ProtocolError::TooLong { what: "header", .. })));
+        assert!(matches!(
+            FramePrefix::parse(p),
+            Err(ProtocolError::TooLong { what: "header", .. })
+        ));
         let mut p = [0u8; 8];
         p[4..].copy_from_slice(&(MAX_BODY + 1).to_le_bytes());
-        assert!(matches!(FramePrefix::parse(p), Err(ProtocolError::TooLong { what: "body", .. })));
+        assert!(matches!(
+            FramePrefix::parse(p),
+            Err(ProtocolError::TooLong { what: "body", .. })
+        ));
     }
 
     #[test]

@@ -219,7 +219,9 @@ impl Cgroup {
     }
 
     fn pids_dir(&self) -> &Path {
-        self.dirs.last().expect("a cgroup has at least one directory")
+        self.dirs
+            .last()
+            .expect("a cgroup has at least one directory")
     }
 
     /// Whether the kernel's OOM killer has killed a process of this group.
@@ -345,13 +347,26 @@ mod tests {
             fs::create_dir(tmp.path().join(c)).unwrap();
             fs::write(tmp.path().join(c).join("cgroup.procs"), "").unwrap();
         }
-        assert!(matches!(Layout::detect_at(tmp.path()), Ok(Layout::V1 { .. })));
+        assert!(matches!(
+            Layout::detect_at(tmp.path()),
+            Ok(Layout::V1 { .. })
+        ));
         // A v2 root with controllers wins over v1 directories.
-        fs::write(tmp.path().join("cgroup.controllers"), "cpu io memory pids\n").unwrap();
-        assert!(matches!(Layout::detect_at(tmp.path()), Ok(Layout::V2 { .. })));
+        fs::write(
+            tmp.path().join("cgroup.controllers"),
+            "cpu io memory pids\n",
+        )
+        .unwrap();
+        assert!(matches!(
+            Layout::detect_at(tmp.path()),
+            Ok(Layout::V2 { .. })
+        ));
         // A v2 mount without the controllers (hybrid hosts) does not count.
         fs::write(tmp.path().join("cgroup.controllers"), "hugetlb\n").unwrap();
-        assert!(matches!(Layout::detect_at(tmp.path()), Ok(Layout::V1 { .. })));
+        assert!(matches!(
+            Layout::detect_at(tmp.path()),
+            Ok(Layout::V1 { .. })
+        ));
     }
 
     #[test]

@@ -19,7 +19,7 @@ use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
 use nix::sys::statvfs::{statvfs, FsFlags};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{
-    chdir, execve, fork, pivot_root, sethostname, setgroups, setresgid, setresuid, setsid,
+    chdir, execve, fork, pivot_root, setgroups, sethostname, setresgid, setresuid, setsid,
     ForkResult, Gid, Uid,
 };
 
@@ -68,7 +68,8 @@ fn fail(e: &InitError) -> ! {
 
 fn init_main() -> Result<i32, InitError> {
     let json = std::env::var(SPEC_ENV).step(|| format!("reading {SPEC_ENV}"))?;
-    let spec: SandboxSpec = serde_json::from_str(&json).step(|| "parsing the sandbox spec".into())?;
+    let spec: SandboxSpec =
+        serde_json::from_str(&json).step(|| "parsing the sandbox spec".into())?;
     let me = std::process::id().to_string();
     for procs in &spec.cgroup_procs {
         fs::write(procs, &me).step(|| format!("joining cgroup {}", procs.display()))?;
@@ -169,8 +170,14 @@ fn build_rootfs(spec: &SandboxSpec) -> Result<(), InitError> {
         .step(|| "making / private".into())?;
     let root = spec.rootfs.as_path();
     let base = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    mount(Some("tmpfs"), root, Some("tmpfs"), base, Some("size=1m,mode=0755"))
-        .step(mount_err("the root tmpfs", root))?;
+    mount(
+        Some("tmpfs"),
+        root,
+        Some("tmpfs"),
+        base,
+        Some("size=1m,mode=0755"),
+    )
+    .step(mount_err("the root tmpfs", root))?;
 
     for bind in &spec.binds {
         let target = inside(root, &bind.target);
@@ -209,8 +216,7 @@ fn build_rootfs(spec: &SandboxSpec) -> Result<(), InitError> {
                 }
             }
         }
-        mount(none, &target, none, flags, none)
-            .step(mount_err("read-only flags", &target))?;
+        mount(none, &target, none, flags, none).step(mount_err("read-only flags", &target))?;
     }
     for (link, target) in &spec.symlinks {
         let path = inside(root, link);
@@ -266,8 +272,14 @@ fn build_rootfs(spec: &SandboxSpec) -> Result<(), InitError> {
     for dir in ["/dev/shm", "/tmp"] {
         let target = inside(root, dir);
         fs::create_dir_all(&target).step(|| format!("mkdir {dir}"))?;
-        mount(Some("tmpfs"), &target, Some("tmpfs"), base, Some(tmp_opts.as_str()))
-            .step(mount_err("a tmpfs", &target))?;
+        mount(
+            Some("tmpfs"),
+            &target,
+            Some("tmpfs"),
+            base,
+            Some(tmp_opts.as_str()),
+        )
+        .step(mount_err("a tmpfs", &target))?;
     }
 
     mount(
@@ -322,7 +334,8 @@ fn move_stdin_to(fd: i32) -> Result<(), InitError> {
     // (the init opens only CLOEXEC descriptors, closed by close_range/exec before use), and
     // the new descriptor is left open for the runtime (dup2 clears CLOEXEC).
     if unsafe { libc::dup2(0, fd) } < 0 {
-        return Err(std::io::Error::last_os_error()).step(|| format!("dup2 of the control socket to fd {fd}"));
+        return Err(std::io::Error::last_os_error())
+            .step(|| format!("dup2 of the control socket to fd {fd}"));
     }
     let devnull = fs::File::open("/dev/null").step(|| "opening /dev/null".into())?;
     nix::unistd::dup2_stdin(devnull).step(|| "replacing stdin".into())?;
@@ -337,7 +350,11 @@ fn drop_privileges(uid: u32, gid: u32) -> Result<(), InitError> {
     let g = Gid::from_raw(gid);
     setgroups(&[g]).step(|| "setgroups".into())?;
     setresgid(g, g, g).step(|| "setresgid".into())?;
-    for set in [caps::CapSet::Bounding, caps::CapSet::Ambient, caps::CapSet::Inheritable] {
+    for set in [
+        caps::CapSet::Bounding,
+        caps::CapSet::Ambient,
+        caps::CapSet::Inheritable,
+    ] {
         caps::clear(None, set).step(|| format!("clearing the {set:?} capability set"))?;
     }
     let u = Uid::from_raw(uid);
@@ -346,8 +363,10 @@ fn drop_privileges(uid: u32, gid: u32) -> Result<(), InitError> {
     prctl::set_no_new_privs().step(|| "setting no_new_privs".into())?;
     let left = caps::read(None, caps::CapSet::Permitted).step(|| "reading capabilities".into())?;
     if !left.is_empty() {
-        return Err(std::io::Error::other(format!("capabilities left: {left:?}")))
-            .step(|| "dropping privileges".into());
+        return Err(std::io::Error::other(format!(
+            "capabilities left: {left:?}"
+        )))
+        .step(|| "dropping privileges".into());
     }
     Ok(())
 }

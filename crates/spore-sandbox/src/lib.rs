@@ -134,7 +134,12 @@ pub fn host_runtime_rootfs(spec: &mut SandboxSpec) {
             Err(_) => {}
         }
     }
-    for etc in ["/etc/ld.so.cache", "/etc/localtime", "/etc/ssl", "/etc/mime.types"] {
+    for etc in [
+        "/etc/ld.so.cache",
+        "/etc/localtime",
+        "/etc/ssl",
+        "/etc/mime.types",
+    ] {
         if Path::new(etc).exists() {
             spec.binds.push(BindMount {
                 source: etc.into(),
@@ -225,7 +230,10 @@ mod tests {
         };
         host_runtime_rootfs(&mut spec);
         assert!(spec.binds.iter().any(|b| b.target == "/usr" && b.read_only));
-        assert!(spec.files.iter().any(|(p, c)| p == "/etc/passwd" && c.contains(":1000:")));
+        assert!(spec
+            .files
+            .iter()
+            .any(|(p, c)| p == "/etc/passwd" && c.contains(":1000:")));
         // /bin resolves either as a symlink (merged /usr) or a bind.
         assert!(
             spec.symlinks.iter().any(|(l, _)| l == "/bin")

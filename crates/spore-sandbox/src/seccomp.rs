@@ -98,9 +98,14 @@ pub fn filters() -> Result<Vec<BpfProgram>, SeccompError> {
         .iter()
         .map(|&flag| {
             let flag = flag as u64;
-            SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(flag), flag)
-                .and_then(|c| SeccompRule::new(vec![c]))
-                .map_err(SeccompError::Build)
+            SeccompCondition::new(
+                0,
+                SeccompCmpArgLen::Qword,
+                SeccompCmpOp::MaskedEq(flag),
+                flag,
+            )
+            .and_then(|c| SeccompRule::new(vec![c]))
+            .map_err(SeccompError::Build)
         })
         .collect::<Result<Vec<_>, _>>()?;
     rules.insert(libc::SYS_clone, clone_rules);

@@ -45,7 +45,10 @@ impl Client {
     /// A client of `endpoint`.
     pub fn new(endpoint: &str) -> Result<Client> {
         let http = Http::builder().timeout(Duration::from_secs(960)).build()?;
-        Ok(Client { endpoint: endpoint.trim_end_matches('/').to_owned(), http })
+        Ok(Client {
+            endpoint: endpoint.trim_end_matches('/').to_owned(),
+            http,
+        })
     }
 
     fn url(&self, path: &str) -> String {
@@ -68,15 +71,27 @@ impl Client {
             return Ok(resp);
         }
         let status = resp.status();
-        let kind = resp.headers().get("x-amzn-errortype").and_then(|v| v.to_str().ok()).unwrap_or("Error").to_owned();
+        let kind = resp
+            .headers()
+            .get("x-amzn-errortype")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("Error")
+            .to_owned();
         let body = resp.text().unwrap_or_default();
-        let msg = serde_json::from_str::<Value>(&body).ok().and_then(|v| v["message"].as_str().map(str::to_owned)).unwrap_or(body);
+        let msg = serde_json::from_str::<Value>(&body)
+            .ok()
+            .and_then(|v| v["message"].as_str().map(str::to_owned))
+            .unwrap_or(body);
         bail!("{kind} ({status}): {msg}")
     }
 
     /// Whether the daemon answers `/healthz`.
     pub fn healthy(&self) -> bool {
-        self.http.get(self.url("/healthz")).timeout(Duration::from_secs(2)).send().is_ok_and(|r| r.status().is_success())
+        self.http
+            .get(self.url("/healthz"))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .is_ok_and(|r| r.status().is_success())
     }
 
     /// GET returning JSON.
@@ -98,40 +113,81 @@ impl Client {
             "MemorySize": m.memory_mb, "Timeout": m.timeout_s, "Code": { "ZipFile": b64 },
             "Environment": { "Variables": m.environment }, "Tags": tags,
         });
-        let resp = self.send(self.http.post(self.url("/2015-03-31/functions")).json(&create))?;
+        let resp = self.send(
+            self.http
+                .post(self.url("/2015-03-31/functions"))
+                .json(&create),
+        )?;
         if resp.status() != reqwest::StatusCode::CONFLICT {
-            return Self::check(resp)?.json().context("malformed CreateFunction answer");
+            return Self::check(resp)?
+                .json()
+                .context("malformed CreateFunction answer");
         }
         let base = format!("/2015-03-31/functions/{}", m.name);
         let config = serde_json::json!({
             "Runtime": m.runtime.as_str(), "Handler": m.handler, "MemorySize": m.memory_mb,
             "Timeout": m.timeout_s, "Environment": { "Variables": m.environment },
         });
-        Self::check(self.send(self.http.put(self.url(&format!("{base}/configuration"))).json(&config))?)?;
+        Self::check(
+            self.send(
+                self.http
+                    .put(self.url(&format!("{base}/configuration")))
+                    .json(&config),
+            )?,
+        )?;
         let code = serde_json::json!({ "ZipFile": b64 });
-        Self::check(self.send(self.http.put(self.url(&format!("{base}/code"))).json(&code))?)?.json().context("malformed UpdateFunctionCode answer")
+        Self::check(self.send(self.http.put(self.url(&format!("{base}/code"))).json(&code))?)?
+            .json()
+            .context("malformed UpdateFunctionCode answer")
     }
 
     /// Deletes a function.
     pub fn delete(&self, name: &str) -> Result<()> {
-        Self::check(self.send(self.http.delete(self.url(&format!("/2015-03-31/functions/{name}"))))?)?;
+        Self::check(
+            self.send(
+                self.http
+                    .delete(self.url(&format!("/2015-03-31/functions/{name}"))),
+            )?,
+        )?;
         Ok(())
     }
 
     /// Invokes a function synchronously.
     pub fn invoke(&self, name: &str, payload: Vec<u8>, cold: bool) -> Result<InvokeAnswer> {
-        let mut req = self.http.post(self.url(&format!("/2015-03-31/functions/{name}/invocations"))).header("X-Amz-Log-Type", "Tail").body(payload);
+        let mut req = self
+            .http
+            .post(self.url(&format!("/2015-03-31/functions/{name}/invocations")))
+            .header("X-Amz-Log-Type", "Tail")
+            .body(payload);
         if cold {
             req = req.header("X-Spore-Cold", "1");
         }
         let resp = Self::check(self.send(req)?)?;
-        let h = |n: &str| resp.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let h = |n: &str| {
+            resp.headers()
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
         let function_error = h("x-amz-function-error").is_some();
         let start = h("x-spore-start").unwrap_or_default();
-        let init_ms = h("x-spore-init-ms").and_then(|v| v.parse().ok()).unwrap_or(0.0);
-        let duration_ms = h("x-spore-duration-ms").and_then(|v| v.parse().ok()).unwrap_or(0.0);
-        let log = h("x-amz-log-result").and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok()).map(|b| String::from_utf8_lossy(&b).into_owned());
+        let init_ms = h("x-spore-init-ms")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        let duration_ms = h("x-spore-duration-ms")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        let log = h("x-amz-log-result")
+            .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+            .map(|b| String::from_utf8_lossy(&b).into_owned());
         let body = resp.bytes()?.to_vec();
-        Ok(InvokeAnswer { body, function_error, start, init_ms, duration_ms, log })
+        Ok(InvokeAnswer {
+            body,
+            function_error,
+            start,
+            init_ms,
+            duration_ms,
+            log,
+        })
     }
 }

@@ -24,20 +24,38 @@ impl ManagedDaemon {
     /// Starts `spore serve` on a free loopback port with a fresh data dir under `parent`;
     /// its log goes to `parent/daemon.log`.
     pub fn start(parent: &Path, packages_dir: Option<PathBuf>) -> Result<ManagedDaemon> {
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-        let data = tempfile::Builder::new().prefix("data-").tempdir_in(parent).context("creating a data dir")?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+        let data = tempfile::Builder::new()
+            .prefix("data-")
+            .tempdir_in(parent)
+            .context("creating a data dir")?;
         let exe = std::env::current_exe().context("locating the spore binary")?;
         let mut cmd = Command::new(exe);
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--keep-alive-s", "600", "--data-dir"]).arg(data.path());
+        cmd.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--keep-alive-s",
+            "600",
+            "--data-dir",
+        ])
+        .arg(data.path());
         if let Some(p) = packages_dir {
             cmd.arg("--packages-dir").arg(p);
         }
         let log_path = parent.join("daemon.log");
         let log = std::fs::File::create(&log_path).context("creating the daemon log")?;
-        cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
         let child = cmd.spawn().context("starting spore serve")?;
         let endpoint_file = data.path().join("run").join("endpoint");
-        let mut daemon = ManagedDaemon { child, endpoint: String::new(), _data: data };
+        let mut daemon = ManagedDaemon {
+            child,
+            endpoint: String::new(),
+            _data: data,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(e) = std::fs::read_to_string(&endpoint_file) {
@@ -47,10 +65,16 @@ impl ManagedDaemon {
                 }
             }
             if let Some(status) = daemon.child.try_wait()? {
-                bail!("spore serve exited with {status}; see {}", log_path.display());
+                bail!(
+                    "spore serve exited with {status}; see {}",
+                    log_path.display()
+                );
             }
             if Instant::now() > deadline {
-                bail!("spore serve did not come up within 20 s; see {}", log_path.display());
+                bail!(
+                    "spore serve did not come up within 20 s; see {}",
+                    log_path.display()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -17,7 +17,12 @@ use clap::{Args, Parser, Subcommand};
 #[command(name = "spore", version, about, long_about = None, propagate_version = true)]
 struct Cli {
     /// Daemon endpoint for client commands.
-    #[arg(long, global = true, env = "SPORE_ENDPOINT", default_value = "http://127.0.0.1:9000")]
+    #[arg(
+        long,
+        global = true,
+        env = "SPORE_ENDPOINT",
+        default_value = "http://127.0.0.1:9000"
+    )]
     endpoint: String,
     #[command(subcommand)]
     command: Command,
@@ -143,14 +148,23 @@ enum BenchCommand {
 
 fn main() -> ExitCode {
     // The sandbox init must run before anything else touches the process (no threads).
-    if std::env::args_os().nth(1).is_some_and(|a| a == spore_sandbox::INIT_SUBCOMMAND) {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == spore_sandbox::INIT_SUBCOMMAND)
+    {
         spore_sandbox::run_init();
     }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => commands::serve(args),
         Command::Deploy { dir } => commands::deploy(&cli.endpoint, &dir),
-        Command::Invoke { name, payload, cold, log, verbose } => commands::invoke(&cli.endpoint, &name, &payload, cold, log, verbose),
+        Command::Invoke {
+            name,
+            payload,
+            cold,
+            log,
+            verbose,
+        } => commands::invoke(&cli.endpoint, &name, &payload, cold, log, verbose),
         Command::Ls => commands::ls(&cli.endpoint),
         Command::Rm { name } => commands::rm(&cli.endpoint, &name),
         Command::Logs { name, lines } => commands::logs(&cli.endpoint, &name, lines),

@@ -1,0 +1,283 @@
+//! Test harness: real `spore serve` daemons on loopback with temporary data dirs.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use reqwest::blocking::Client;
+use serde_json::{json, Value};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_spore");
+
+/// Whether this process can run sandboxes. Prints a SKIP line if not; with
+/// `SPORE_REQUIRE_ROOT=1` a missing privilege is a failure instead.
+pub fn can_sandbox(test: &str) -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    let cgroups = spore_sandbox::cgroup::Layout::detect().is_ok();
+    if root && cgroups {
+        return true;
+    }
+    let why = if root {
+        "no usable cgroup hierarchy"
+    } else {
+        "not running as root"
+    };
+    if std::env::var("SPORE_REQUIRE_ROOT").as_deref() == Ok("1") {
+        panic!("{test}: {why}, and SPORE_REQUIRE_ROOT=1");
+    }
+    eprintln!("SKIP {test}: {why} (sandboxes need root and cgroups)");
+    false
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+pub fn sample(name: &str) -> PathBuf {
+    repo_root().join("functions").join(name)
+}
+
+/// The shared packages dir (numpy, Pillow, pyaes) if the setup installed it.
+pub fn packages_dir() -> Option<PathBuf> {
+    let p = std::env::var_os("SPORE_PACKAGES_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/python-packages"));
+    p.join("numpy").is_dir().then_some(p)
+}
+
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub endpoint: String,
+    pub data: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    pub http: Client,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn start() -> Daemon {
+        let tmp = tempfile::Builder::new()
+            .prefix("spore-test-")
+            .tempdir()
+            .unwrap();
+        let data = tmp.path().join("data");
+        let mut d = Daemon::start_at(&data, &[]);
+        d._tmp = Some(tmp);
+        d
+    }
+
+    /// Starts a daemon on an existing (or new) data dir.
+    pub fn start_at(data: &Path, extra: &[&str]) -> Daemon {
+        std::fs::create_dir_all(data).unwrap();
+        let log = data.with_extension(format!(
+            "log-{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let mut cmd = Command::new(BIN);
+        cmd.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--grace-s",
+            "10",
+            "--data-dir",
+        ])
+        .arg(data)
+        .args(extra);
+        if let Some(p) = packages_dir() {
+            cmd.arg("--packages-dir").arg(p);
+        }
+        let f = std::fs::File::create(&log).unwrap();
+        cmd.stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .env("RUST_LOG", "info");
+        let mut child = cmd.spawn().unwrap();
+        let endpoint_file = data.join("run/endpoint");
+        let http = Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(e) = std::fs::read_to_string(&endpoint_file) {
+                let e = e.trim().to_owned();
+                if http
+                    .get(format!("{e}/healthz"))
+                    .send()
+                    .is_ok_and(|r| r.status().is_success())
+                {
+                    return Daemon {
+                        child: Some(child),
+                        endpoint: e,
+                        data: data.to_owned(),
+                        _tmp: None,
+                        http,
+                        log,
+                    };
+                }
+            }
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!(
+                    "daemon exited with {st}: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not start: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.endpoint)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Creates a function from a folder through CreateFunction.
+    pub fn create(&self, dir: &Path) -> reqwest::blocking::Response {
+        let m = spore_core::FunctionManifest::from_toml(
+            &std::fs::read_to_string(dir.join("spore.toml")).unwrap(),
+        )
+        .unwrap();
+        let zip = spore_control::code::zip_dir(dir).unwrap();
+        let body = json!({
+            "FunctionName": m.name, "Runtime": "python3.11", "Handler": m.handler,
+            "MemorySize": m.memory_mb, "Timeout": m.timeout_s,
+            "Environment": { "Variables": m.environment },
+            "Code": { "ZipFile": base64::engine::general_purpose::STANDARD.encode(zip) },
+        });
+        self.http
+            .post(self.url("/2015-03-31/functions"))
+            .json(&body)
+            .send()
+            .unwrap()
+    }
+
+    pub fn deploy(&self, dir: &Path) {
+        let r = self.create(dir);
+        assert_eq!(r.status(), 201, "create failed: {}", r.text().unwrap());
+    }
+
+    pub fn invoke_raw(
+        &self,
+        name: &str,
+        payload: &[u8],
+        headers: &[(&str, &str)],
+    ) -> reqwest::blocking::Response {
+        let mut req = self
+            .http
+            .post(self.url(&format!("/2015-03-31/functions/{name}/invocations")))
+            .body(payload.to_vec());
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.send().unwrap()
+    }
+
+    /// Invokes and returns (function error?, start kind, body JSON).
+    pub fn invoke(&self, name: &str, payload: Value) -> (bool, String, Value) {
+        let r = self.invoke_raw(name, payload.to_string().as_bytes(), &[]);
+        assert_eq!(r.status(), 200, "invoke {name}");
+        let err = r.headers().get("x-amz-function-error").is_some();
+        let start = r
+            .headers()
+            .get("x-spore-start")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        (err, start, r.json().unwrap())
+    }
+
+    /// SIGTERM, wait, and check that nothing is left: cgroups, mounts, processes.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            assert!(Instant::now() < deadline, "daemon did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(
+            status.success(),
+            "daemon exit {status}: {}",
+            self.log_text()
+        );
+        assert_no_leaks(&self.data);
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Asserts that a stopped daemon left no cgroup, mount or sandbox process behind.
+pub fn assert_no_leaks(data: &Path) {
+    let parent = spore_control::cgroup_parent_name(data);
+    for ctrl in ["memory", "cpu", "pids", "unified"] {
+        let p = Path::new("/sys/fs/cgroup").join(ctrl).join(&parent);
+        assert!(!p.exists(), "cgroup {} left behind", p.display());
+    }
+    assert!(
+        !Path::new("/sys/fs/cgroup").join(&parent).exists(),
+        "v2 cgroup left behind"
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let data_s = data.to_string_lossy();
+    assert!(
+        !mounts.contains(data_s.as_ref()),
+        "a mount under {data_s} is left"
+    );
+    let rootfs = data.join("run/rootfs");
+    if rootfs.exists() {
+        assert_eq!(
+            std::fs::read_dir(&rootfs).unwrap().count(),
+            0,
+            "rootfs mount point not empty"
+        );
+    }
+}

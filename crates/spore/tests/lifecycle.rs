@@ -1,0 +1,218 @@
+//! Daemon lifecycle: restart recovery, clean shutdown, the data-dir lock, and the CLI.
+
+mod common;
+
+use std::process::Command;
+
+use common::{can_sandbox, fixture, Daemon, BIN};
+use serde_json::{json, Value};
+
+#[test]
+fn functions_survive_a_restart_and_nothing_leaks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut d = Daemon::start_at(&data, &[]);
+    d.deploy(&fixture("echo"));
+    d.deploy(&fixture("err"));
+    let sandboxes = can_sandbox("functions_survive_a_restart_and_nothing_leaks (invoke part)");
+    if sandboxes {
+        let (err, _, _) = d.invoke("echo", json!({}));
+        assert!(!err);
+    }
+    d.stop();
+
+    // A second daemon on the same data dir while one runs is refused.
+    let mut d2 = Daemon::start_at(&data, &[]);
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("another spore daemon"), "{stderr}");
+
+    let list: Value = d2
+        .http
+        .get(d2.url("/2015-03-31/functions"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let names: Vec<&str> = list["Functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["FunctionName"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["echo", "err"]);
+    if sandboxes {
+        let (err, start, v) = d2.invoke("echo", json!({"again": 1}));
+        assert!(!err, "{v}");
+        assert_eq!(start, "cold");
+    }
+    d2.stop();
+}
+
+#[test]
+fn a_corrupt_record_is_skipped_not_fatal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut d = Daemon::start_at(&data, &[]);
+    d.deploy(&fixture("echo"));
+    d.stop();
+    std::fs::create_dir_all(data.join("functions/broken")).unwrap();
+    std::fs::write(data.join("functions/broken/function.json"), "{ not json").unwrap();
+    let mut d = Daemon::start_at(&data, &[]);
+    let list: Value = d
+        .http
+        .get(d.url("/2015-03-31/functions"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(list["Functions"].as_array().unwrap().len(), 1);
+    d.stop();
+    assert!(
+        d.log_text().contains("broken"),
+        "the skipped record is reported: {}",
+        d.log_text()
+    );
+}
+
+#[test]
+fn sandboxes_left_by_a_killed_daemon_are_swept() {
+    if !can_sandbox("sandboxes_left_by_a_killed_daemon_are_swept") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut d = Daemon::start_at(&data, &[]);
+    d.deploy(&fixture("echo"));
+    d.invoke("echo", json!({}));
+    // SIGKILL: no chance to clean up; the warm instance and its cgroup stay.
+    let mut child = d.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let parent = spore_control::cgroup_parent_name(&data);
+    let memory = std::path::Path::new("/sys/fs/cgroup/memory").join(&parent);
+    if memory.exists() {
+        assert!(
+            std::fs::read_dir(&memory)
+                .unwrap()
+                .flatten()
+                .any(|e| e.path().is_dir()),
+            "expected a leftover sandbox cgroup"
+        );
+    }
+    let mut d = Daemon::start_at(&data, &[]);
+    assert!(
+        d.log_text().contains("left by a previous daemon"),
+        "{}",
+        d.log_text()
+    );
+    let (err, _, _) = d.invoke("echo", json!({}));
+    assert!(!err);
+    d.stop();
+}
+
+fn spore(endpoint: &str, args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .env("SPORE_ENDPOINT", endpoint)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn cli_deploy_invoke_ls_logs_rm() {
+    if !can_sandbox("cli_deploy_invoke_ls_logs_rm") {
+        return;
+    }
+    let mut d = Daemon::start();
+    let ep = d.endpoint.clone();
+    let echo = fixture("echo");
+    let out = spore(&ep, &["deploy", echo.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("deployed echo"));
+    // Deploying again updates in place.
+    assert!(spore(&ep, &["deploy", echo.to_str().unwrap()])
+        .status
+        .success());
+
+    let out = spore(
+        &ep,
+        &[
+            "invoke",
+            "echo",
+            "--payload",
+            r#"{"cli": true}"#,
+            "--verbose",
+        ],
+    );
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["event"], json!({"cli": true}));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("start=cold"));
+
+    let payload = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(payload.path(), r#"{"from": "file"}"#).unwrap();
+    let out = spore(
+        &ep,
+        &[
+            "invoke",
+            "echo",
+            "--payload",
+            &format!("@{}", payload.path().display()),
+            "--cold",
+        ],
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["event"], json!({"from": "file"}));
+
+    let err_dir = fixture("err");
+    assert!(spore(&ep, &["deploy", err_dir.to_str().unwrap()])
+        .status
+        .success());
+    let out = spore(&ep, &["invoke", "err"]);
+    assert_eq!(out.status.code(), Some(3), "a function error exits 3");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ValueError"));
+
+    let out = spore(&ep, &["ls"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("echo") && text.contains("err"), "{text}");
+
+    let out = spore(&ep, &["logs", "echo", "-n", "50"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("echo got {'cli': True}"));
+
+    let out = spore(&ep, &["invoke", "echo", "--payload", "{broken"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("InvalidRequestContentException"));
+
+    let bad = tempfile::tempdir().unwrap();
+    std::fs::write(
+        bad.path().join("spore.toml"),
+        "name = \"x\"\nhandler = \"nodot\"\n",
+    )
+    .unwrap();
+    let out = spore(&ep, &["deploy", bad.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("handler") && stderr.contains("spore.toml"),
+        "{stderr}"
+    );
+
+    assert!(spore(&ep, &["rm", "echo"]).status.success());
+    let out = spore(&ep, &["invoke", "echo"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ResourceNotFoundException"));
+
+    let out = spore("http://127.0.0.1:1", &["ls"]);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is `spore serve` running?"));
+    d.stop();
+}

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Idempotent set-up for Spore on a fresh Debian/Ubuntu machine: Debian packages (the sandbox's
+# Python, pip, a font for plots) and the Python packages of the sample functions (numpy,
+# Pillow, pyaes) in a shared directory that sandboxes bind read-only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+
+need=()
+for pkg in python3 python3-pip fonts-dejavu-core; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if ((${#need[@]})); then
+  echo "setup: installing Debian packages: ${need[*]}"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo=sudo
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+
+if ! command -v cargo >/dev/null; then
+  echo "setup: cargo is not installed; install a stable Rust toolchain (https://rustup.rs) and run again" >&2
+  exit 1
+fi
+
+pkg_dir=${SPORE_PACKAGES_DIR:-$PWD/target/python-packages}
+stamp="$pkg_dir/.requirements.sha256"
+want=$(sha256sum functions/requirements.txt | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup: installing the sample functions' Python packages into $pkg_dir"
+  rm -rf "$pkg_dir"
+  mkdir -p "$pkg_dir"
+  # The sandbox runs /usr/bin/python3, so its own pip picks matching wheels.
+  /usr/bin/python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
+    --root-user-action=ignore --target "$pkg_dir" -r functions/requirements.txt
+  chmod -R a+rX "$pkg_dir"
+  echo "$want" >"$stamp"
+fi
+echo "setup: ready (packages: $pkg_dir)"

@@ -5,47 +5,53 @@ serves invocations over the control socket on fd $SPORE_CONTROL_FD, one at a tim
 
 Frame: u32 LE header length, u32 LE body length, JSON header, body bytes.
 """
+# Only cheap imports here: every cold start pays for them (socket and traceback alone cost
+# ~20 ms on a small VM). traceback is imported when an error is reported.
 import io
 import json
 import os
-import socket
 import struct
 import sys
 import time
-import traceback
 
 _PREFIX = struct.Struct("<II")
 _MAX_LOG = 64 * 1024
 
 
-def _read_exact(sock, n):
+def _read_exact(fd, n):
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
     while got < n:
-        k = sock.recv_into(view[got:], n - got)
+        k = os.readv(fd, [view[got:]])
         if k == 0:
-            return None
+            if got == 0:
+                return None
+            raise EOFError("control socket closed mid-frame")
         got += k
-    return bytes(buf)
+    return buf
 
 
-def _recv(sock):
-    prefix = _read_exact(sock, _PREFIX.size)
+def _recv(fd):
+    prefix = _read_exact(fd, _PREFIX.size)
     if prefix is None:
         return None, None
     hlen, blen = _PREFIX.unpack(prefix)
-    header = json.loads(_read_exact(sock, hlen))
-    body = _read_exact(sock, blen) if blen else b""
+    header = json.loads(_read_exact(fd, hlen))
+    body = bytes(_read_exact(fd, blen)) if blen else b""
     return header, body
 
 
-def _send(sock, header, body=b""):
+def _send(fd, header, body=b""):
     h = json.dumps(header).encode()
-    sock.sendall(_PREFIX.pack(len(h), len(body)) + h + body)
+    view = memoryview(_PREFIX.pack(len(h), len(body)) + h + body)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _error(exc, error_type=None, message=None):
+    import traceback
+
     # Lambda shows only the user's frames: drop the runtime's own from the top.
     tb = exc.__traceback__
     while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
@@ -147,18 +153,17 @@ def _invoke(handler, header, body):
 
 def main():
     fd = int(os.environ.get("SPORE_CONTROL_FD", "3"))
-    sock = socket.socket(fileno=fd)
     main_pid = os.getpid()
     t0 = time.perf_counter()
     try:
         handler = _import_handler(os.environ["_HANDLER"])
     except _InitError as exc:
-        _send(sock, {"type": "init_error", "error": exc.error})
+        _send(fd, {"type": "init_error", "error": exc.error})
         return 1
-    _send(sock, {"type": "ready", "import_ms": (time.perf_counter() - t0) * 1000.0})
+    _send(fd, {"type": "ready", "import_ms": (time.perf_counter() - t0) * 1000.0})
     real_out, real_err = sys.stdout, sys.stderr
     while True:
-        header, body = _recv(sock)
+        header, body = _recv(fd)
         if header is None:
             return 0
         capture = _Capture()
@@ -179,7 +184,7 @@ def main():
             # answer on the control socket.
             os._exit(0)
         duration = (time.perf_counter() - start) * 1000.0
-        _send(sock, {"type": "result", "error": error, "duration_ms": duration,
+        _send(fd, {"type": "result", "error": error, "duration_ms": duration,
                      "logs": capture.text()}, payload)
 
 

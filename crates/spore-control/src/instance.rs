@@ -70,6 +70,11 @@ impl InstanceEnv {
             seq: AtomicU64::new(1),
         }
     }
+
+    /// A number unique within this daemon (instance ids, uids).
+    pub fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::Relaxed)
+    }
 }
 
 /// Why an instance could not start.
@@ -134,6 +139,15 @@ pub struct Reply {
     pub logs: String,
 }
 
+/// How an instance's process came to be, which decides how its exit is observed.
+#[derive(Debug)]
+pub(crate) enum Proc {
+    /// A sandbox of its own, started through the sandbox init (a child of the daemon).
+    Spawned(Child),
+    /// Forked from a cfork template, which reaps it and reports its exit.
+    Forked(Arc<crate::template::ChildState>),
+}
+
 /// A live instance.
 #[derive(Debug)]
 pub struct Instance {
@@ -141,18 +155,147 @@ pub struct Instance {
     pub id: String,
     /// Registry revision of the function it runs.
     pub revision: u64,
-    /// Time from spawn to `ready`, ms.
+    /// Time from spawn (or fork request) to `ready`, ms.
     pub init_ms: f64,
+    /// Where the start-up time went (cfork: per step, ms), in order.
+    pub breakdown: Vec<(String, f64)>,
     /// Last time it finished an invocation (or started).
     pub last_used: Instant,
-    child: Child,
-    sock: UnixStream,
-    cgroup: Option<Cgroup>,
-    memory_mb: u32,
-    stderr_tail: Arc<Mutex<VecDeque<String>>>,
+    pub(crate) proc: Proc,
+    pub(crate) sock: UnixStream,
+    pub(crate) cgroup: Option<Cgroup>,
+    pub(crate) memory_mb: u32,
+    pub(crate) stderr_tail: Arc<Mutex<VecDeque<String>>>,
 }
 
-fn platform(what: &str) -> impl FnOnce(std::io::Error) -> StartError + '_ {
+/// The parts of a freshly spawned sandbox.
+pub(crate) struct Spawned {
+    pub child: Child,
+    pub sock: UnixStream,
+    pub stderr_tail: Arc<Mutex<VecDeque<String>>>,
+}
+
+/// Creates a cgroup under the daemon's parent (on a blocking thread).
+pub(crate) async fn create_cgroup(
+    env: &InstanceEnv,
+    name: &str,
+    memory_mb: u32,
+) -> Result<Cgroup, StartError> {
+    let limits = Limits {
+        memory_bytes: u64::from(memory_mb) << 20,
+        cpu_millis: env.cpu_millis,
+        // +1: a spawned sandbox's init, outside its pid namespace, sits in the group too.
+        pids_max: env.pids_max + 1,
+    };
+    let layout = env.layout.clone();
+    let (parent, name) = (env.cgroup_parent.clone(), name.to_owned());
+    tokio::task::spawn_blocking(move || Cgroup::create(&layout, &parent, &name, limits))
+        .await
+        .map_err(|e| StartError::Platform(format!("cgroup task: {e}")))?
+        .map_err(|e| StartError::Platform(error_chain(&e)))
+}
+
+/// What differs between the sandboxes of one function.
+pub(crate) struct Launch<'a> {
+    /// Instance or template id (the hostname).
+    pub id: &'a str,
+    /// Host directory of the function's code.
+    pub code_dir: PathBuf,
+    /// Uid and gid the runtime runs as (unused for templates).
+    pub uid: u32,
+    /// For a cfork template: its user-namespace mapping and extra environment.
+    pub template: Option<(spore_sandbox::IdMapping, Vec<(String, String)>)>,
+}
+
+/// Starts the sandbox init for `rec` with the given cgroup: the runtime process, its control
+/// socket, and tasks draining its output into `log`.
+pub(crate) fn spawn_sandbox(
+    env: &InstanceEnv,
+    rec: &FunctionRecord,
+    launch: Launch<'_>,
+    log: Arc<LogRing>,
+    cgroup: &Cgroup,
+) -> Result<Spawned, StartError> {
+    let Launch {
+        id,
+        code_dir,
+        uid,
+        template,
+    } = launch;
+    let m = &rec.manifest;
+    let launch = PythonLaunch {
+        function_name: &m.name,
+        handler: &m.handler,
+        memory_mb: m.memory_mb,
+        user_env: &m.environment,
+    };
+    let mut spec = SandboxSpec {
+        id: id.to_owned(),
+        rootfs: env.rootfs.clone(),
+        binds: vec![],
+        symlinks: vec![],
+        files: vec![],
+        tmp_size_mb: env.tmp_mb,
+        uid,
+        gid: uid,
+        argv: launch.argv(),
+        env: launch.env(),
+        cwd: spore_runtime::TASK_ROOT.to_owned(),
+        cgroup_procs: cgroup.procs_files(),
+        max_open_files: 1024,
+        control_fd: spore_runtime::CONTROL_FD,
+        user_namespace: None,
+    };
+    if let Some((mapping, extra_env)) = template {
+        spec.user_namespace = Some(mapping);
+        spec.env.extend(extra_env);
+    }
+    spore_sandbox::host_runtime_rootfs(&mut spec);
+    spec.binds.push(BindMount {
+        source: code_dir,
+        target: spore_runtime::TASK_ROOT.into(),
+        read_only: true,
+    });
+    spec.binds.push(BindMount {
+        source: env.runtime_dir.clone(),
+        target: "/opt/spore/runtime".into(),
+        read_only: true,
+    });
+    if let Some(pkgs) = &env.packages_dir {
+        spec.binds.push(BindMount {
+            source: pkgs.clone(),
+            target: spore_runtime::PACKAGES_ROOT.into(),
+            read_only: true,
+        });
+    }
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(platform("socketpair"))?;
+    ours.set_nonblocking(true).map_err(platform("socket"))?;
+    let sock = UnixStream::from_std(ours).map_err(platform("socket"))?;
+    let mut cmd = spore_sandbox::command(&env.exe, &spec)
+        .map_err(|e| StartError::Platform(error_chain(&e)))?;
+    cmd.stdin(Stdio::from(OwnedFd::from(theirs)))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut cmd = tokio::process::Command::from(cmd);
+    cmd.kill_on_drop(true);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| StartError::Platform(format!("spawning {}: {e}", env.exe.display())))?;
+    let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
+    if let Some(out) = child.stdout.take() {
+        tokio::spawn(drain(out, log.clone(), None));
+    }
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(drain(err, log, Some(stderr_tail.clone())));
+    }
+    Ok(Spawned {
+        child,
+        sock,
+        stderr_tail,
+    })
+}
+
+pub(crate) fn platform(what: &str) -> impl FnOnce(std::io::Error) -> StartError + '_ {
     move |e| StartError::Platform(format!("{what}: {e}"))
 }
 
@@ -174,102 +317,39 @@ impl Instance {
                 m.runtime
             )));
         }
-        let seq = env.seq.fetch_add(1, Ordering::Relaxed);
+        let seq = env.next_seq();
         let id = format!("{}-{}-{seq}", m.name, std::process::id());
-        let limits = Limits {
-            memory_bytes: u64::from(m.memory_mb) << 20,
-            cpu_millis: env.cpu_millis,
-            // +1: the init process outside the pid namespace sits in the group too.
-            pids_max: env.pids_max + 1,
-        };
-        let layout = env.layout.clone();
-        let (parent, cg_name) = (env.cgroup_parent.clone(), id.clone());
-        let cgroup =
-            tokio::task::spawn_blocking(move || Cgroup::create(&layout, &parent, &cg_name, limits))
-                .await
-                .map_err(|e| StartError::Platform(format!("cgroup task: {e}")))?
-                .map_err(|e| StartError::Platform(error_chain(&e)))?;
-
+        let cgroup = create_cgroup(env, &id, m.memory_mb).await?;
         let uid = env.uid_base + (seq % 100_000) as u32;
-        let launch = PythonLaunch {
-            function_name: &m.name,
-            handler: &m.handler,
-            memory_mb: m.memory_mb,
-            user_env: &m.environment,
-        };
-        let mut spec = SandboxSpec {
-            id: id.clone(),
-            rootfs: env.rootfs.clone(),
-            binds: vec![],
-            symlinks: vec![],
-            files: vec![],
-            tmp_size_mb: env.tmp_mb,
-            uid,
-            gid: uid,
-            argv: launch.argv(),
-            env: launch.env(),
-            cwd: spore_runtime::TASK_ROOT.to_owned(),
-            cgroup_procs: cgroup.procs_files(),
-            max_open_files: 1024,
-            control_fd: spore_runtime::CONTROL_FD,
-        };
-        spore_sandbox::host_runtime_rootfs(&mut spec);
-        spec.binds.push(BindMount {
-            source: code_dir,
-            target: spore_runtime::TASK_ROOT.into(),
-            read_only: true,
-        });
-        spec.binds.push(BindMount {
-            source: env.runtime_dir.clone(),
-            target: "/opt/spore/runtime".into(),
-            read_only: true,
-        });
-        if let Some(pkgs) = &env.packages_dir {
-            spec.binds.push(BindMount {
-                source: pkgs.clone(),
-                target: spore_runtime::PACKAGES_ROOT.into(),
-                read_only: true,
-            });
-        }
-
-        let (ours, theirs) =
-            std::os::unix::net::UnixStream::pair().map_err(platform("socketpair"))?;
-        ours.set_nonblocking(true).map_err(platform("socket"))?;
-        let sock = UnixStream::from_std(ours).map_err(platform("socket"))?;
-        let mut cmd = spore_sandbox::command(&env.exe, &spec)
-            .map_err(|e| StartError::Platform(error_chain(&e)))?;
-        cmd.stdin(Stdio::from(OwnedFd::from(theirs)))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut cmd = tokio::process::Command::from(cmd);
-        cmd.kill_on_drop(true);
-        let mut child = match cmd.spawn() {
-            Ok(c) => c,
+        let spawned = match spawn_sandbox(
+            env,
+            rec,
+            Launch {
+                id: &id,
+                code_dir,
+                uid,
+                template: None,
+            },
+            log,
+            &cgroup,
+        ) {
+            Ok(s) => s,
             Err(e) => {
                 destroy_cgroup(cgroup).await;
-                return Err(StartError::Platform(format!(
-                    "spawning {}: {e}",
-                    env.exe.display()
-                )));
+                return Err(e);
             }
         };
-        let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
-        if let Some(out) = child.stdout.take() {
-            tokio::spawn(drain(out, log.clone(), None));
-        }
-        if let Some(err) = child.stderr.take() {
-            tokio::spawn(drain(err, log, Some(stderr_tail.clone())));
-        }
         let mut inst = Instance {
             id,
             revision: rec.revision,
             init_ms: 0.0,
+            breakdown: Vec::new(),
             last_used: Instant::now(),
-            child,
-            sock,
+            proc: Proc::Spawned(spawned.child),
+            sock: spawned.sock,
             cgroup: Some(cgroup),
             memory_mb: m.memory_mb,
-            stderr_tail,
+            stderr_tail: spawned.stderr_tail,
         };
         let first = tokio::time::timeout(init_timeout, read_frame(&mut inst.sock)).await;
         let failure = match first {
@@ -377,7 +457,13 @@ impl Instance {
             .last()
             .and_then(|f| std::fs::read_to_string(f).ok())
             .map_or(0, |t| t.lines().count());
-        procs > 2
+        // A spawned sandbox's init sits in its cgroup beside the runtime; a forked child is
+        // alone in its own.
+        let expected = match self.proc {
+            Proc::Spawned(_) => 2,
+            Proc::Forked(_) => 1,
+        };
+        procs > expected
     }
 
     /// Peak memory use of the sandbox, MiB.
@@ -392,8 +478,16 @@ impl Instance {
         self.cgroup.as_ref().is_some_and(Cgroup::oom_killed)
     }
 
-    async fn exit_detail(&mut self) -> ExitDetail {
-        let status = tokio::time::timeout(Duration::from_secs(2), self.child.wait()).await;
+    pub(crate) async fn exit_detail(&mut self) -> ExitDetail {
+        let code = match &mut self.proc {
+            Proc::Spawned(child) => {
+                match tokio::time::timeout(Duration::from_secs(2), child.wait()).await {
+                    Ok(Ok(s)) => s.code(),
+                    _ => None,
+                }
+            }
+            Proc::Forked(state) => state.wait_exit(Duration::from_secs(2)).await,
+        };
         // Give the stderr drain a moment to catch the last lines.
         tokio::time::sleep(Duration::from_millis(20)).await;
         let tail: Vec<String> = self
@@ -403,10 +497,6 @@ impl Instance {
             .iter()
             .cloned()
             .collect();
-        let code = match &status {
-            Ok(Ok(s)) => s.code(),
-            _ => None,
-        };
         let mut text = match code {
             Some(c) if c > 128 => format!("signal {}", c - 128),
             Some(c) => format!("exit status {c}"),
@@ -424,11 +514,15 @@ impl Instance {
 
     /// Kills the sandbox and removes its cgroup.
     pub async fn destroy(mut self) {
-        let _ = self.child.start_kill();
+        if let Proc::Spawned(child) = &mut self.proc {
+            let _ = child.start_kill();
+        }
         if let Some(cg) = self.cgroup.take() {
             destroy_cgroup(cg).await;
         }
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+        if let Proc::Spawned(child) = &mut self.proc {
+            let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+        }
     }
 }
 
@@ -446,12 +540,12 @@ impl Drop for Instance {
     }
 }
 
-struct ExitDetail {
-    setup_failed: bool,
-    text: String,
+pub(crate) struct ExitDetail {
+    pub setup_failed: bool,
+    pub text: String,
 }
 
-async fn destroy_cgroup(cg: Cgroup) {
+pub(crate) async fn destroy_cgroup(cg: Cgroup) {
     match tokio::task::spawn_blocking(move || cg.destroy()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!("removing a sandbox cgroup: {}", error_chain(&e)),
@@ -490,7 +584,9 @@ async fn drain<R: AsyncRead + Unpin>(
 }
 
 /// Reads one frame; `None` on a clean EOF before the frame.
-async fn read_frame(sock: &mut UnixStream) -> std::io::Result<Option<(FromRuntime, Vec<u8>)>> {
+pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
+    sock: &mut R,
+) -> std::io::Result<Option<(FromRuntime, Vec<u8>)>> {
     let mut prefix = [0u8; PREFIX_LEN];
     match sock.read_exact(&mut prefix).await {
         Ok(_) => {}

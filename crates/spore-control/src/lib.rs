@@ -12,6 +12,7 @@ pub mod instance;
 pub mod logs;
 pub mod registry;
 pub mod store;
+pub mod template;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -26,6 +27,7 @@ use crate::instance::{error_chain, Instance, InstanceEnv, StartError};
 use crate::logs::LogRing;
 use crate::registry::{FunctionRecord, Registry, RegistryError};
 use crate::store::DataDirLock;
+use crate::template::Template;
 
 /// Errors the control plane returns to its callers (the gateway maps each to an HTTP status).
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +93,8 @@ pub struct ControlConfig {
     pub pids_max: u32,
     /// `/tmp` size cap per instance, MiB.
     pub tmp_mb: u32,
+    /// Most live cfork templates (least recently used ones are stopped beyond it).
+    pub max_templates: usize,
 }
 
 impl ControlConfig {
@@ -105,6 +109,7 @@ impl ControlConfig {
             cpu_millis: 1000,
             pids_max: 64,
             tmp_mb: 64,
+            max_templates: 16,
         }
     }
 }
@@ -140,6 +145,8 @@ pub struct Invocation {
     pub outcome: Result<Vec<u8>, FunctionError>,
     /// Lambda-style log block (START/logs/END/REPORT).
     pub log: String,
+    /// Where a fresh instance's start-up went (cfork: per step, ms); empty otherwise.
+    pub breakdown: Vec<(String, f64)>,
 }
 
 #[derive(Debug, Default)]
@@ -165,6 +172,8 @@ struct Inner {
     registry: Mutex<Registry>,
     pools: Mutex<HashMap<String, Arc<Pool>>>,
     logs: Mutex<HashMap<String, Arc<LogRing>>>,
+    templates: Mutex<HashMap<String, Arc<Template>>>,
+    template_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     draining: AtomicBool,
     inflight: AtomicUsize,
     idle: Notify,
@@ -223,8 +232,11 @@ impl Control {
         let bootstrap = runtime_dir.join("bootstrap.py");
         store::write_atomic(&bootstrap, spore_runtime::PYTHON_BOOTSTRAP.as_bytes())
             .map_err(|e| io("writing the Python bootstrap", e))?;
+        let cfork = runtime_dir.join(spore_runtime::PYTHON_CFORK_FILE);
+        store::write_atomic(&cfork, spore_runtime::PYTHON_CFORK.as_bytes())
+            .map_err(|e| io("writing the Python cfork module", e))?;
         use std::os::unix::fs::PermissionsExt;
-        for (p, mode) in [(&runtime_dir, 0o755), (&bootstrap, 0o644)] {
+        for (p, mode) in [(&runtime_dir, 0o755), (&bootstrap, 0o644), (&cfork, 0o644)] {
             std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
                 .map_err(|e| io("chmod of the runtime directory", e))?;
         }
@@ -279,6 +291,8 @@ impl Control {
                 registry: Mutex::new(registry),
                 pools: Mutex::new(HashMap::new()),
                 logs: Mutex::new(HashMap::new()),
+                templates: Mutex::new(HashMap::new()),
+                template_locks: Mutex::new(HashMap::new()),
                 draining: AtomicBool::new(false),
                 inflight: AtomicUsize::new(0),
                 idle: Notify::new(),
@@ -301,12 +315,6 @@ impl Control {
         spec.manifest
             .validate()
             .map_err(|e| ControlError::InvalidParameter(e.to_string()))?;
-        if spec.manifest.sandbox == SandboxKind::Cfork {
-            return Err(ControlError::InvalidParameter(
-                "sandbox kind \"cfork\" is not available yet in this build; use \"container\""
-                    .into(),
-            ));
-        }
         if spec.manifest.runtime != spore_core::Runtime::Python3 {
             return Err(ControlError::InvalidParameter(format!(
                 "runtime {} is not available yet in this build; use python3",
@@ -439,8 +447,17 @@ impl Control {
             .clone()
     }
 
-    /// Stops the idle instances of `name` (after a change or delete).
+    /// Stops the idle instances and the template of `name` (after a change or delete).
     fn retire_idle(&self, name: &str) {
+        let template = self
+            .inner
+            .templates
+            .lock()
+            .expect("templates lock")
+            .remove(name);
+        if let Some(t) = template {
+            tokio::spawn(async move { t.destroy().await });
+        }
         let pool = self
             .inner
             .pools
@@ -518,17 +535,21 @@ impl Control {
         let (mut inst, start) = match slot {
             Slot::Warm(inst) => (*inst, StartKind::Warm),
             Slot::Cold => {
-                let code_dir = self.registry().code_dir(&rec);
-                let started = Instance::start(
-                    &env,
-                    &rec,
-                    code_dir,
-                    log.clone(),
-                    timeout.max(Duration::from_secs(10)),
-                )
-                .await;
+                let init_timeout = timeout.max(Duration::from_secs(10));
+                let started = match rec.manifest.sandbox {
+                    SandboxKind::Container => {
+                        let code_dir = self.registry().code_dir(&rec);
+                        Instance::start(&env, &rec, code_dir, log.clone(), init_timeout)
+                            .await
+                            .map(|i| (i, StartKind::Cold))
+                    }
+                    SandboxKind::Cfork => {
+                        self.fork_instance(&env, &rec, log.clone(), init_timeout)
+                            .await
+                    }
+                };
                 match started {
-                    Ok(inst) => (inst, StartKind::Cold),
+                    Ok(started) => started,
                     Err(e) => {
                         self.release_slot(&pool);
                         return match e {
@@ -556,6 +577,7 @@ impl Control {
                                     total_ms,
                                     outcome: Err(err),
                                     log: block,
+                                    breakdown: Vec::new(),
                                 })
                             }
                         };
@@ -563,11 +585,9 @@ impl Control {
                 }
             }
         };
-        let init_ms = if start == StartKind::Cold {
-            inst.init_ms
-        } else {
-            0.0
-        };
+        let fresh = start != StartKind::Warm;
+        let init_ms = if fresh { inst.init_ms } else { 0.0 };
+        let breakdown = std::mem::take(&mut inst.breakdown);
         let result = inst
             .invoke(&request_id, payload, rec.manifest.timeout_s)
             .await;
@@ -593,13 +613,13 @@ impl Control {
             handler_ms,
             rec.manifest.memory_mb,
             peak,
-            (start == StartKind::Cold).then_some(init_ms),
+            fresh.then_some(init_ms),
             outcome.as_ref().err(),
         );
         log.push_text(&block);
         record_metrics(name, start, total_ms, outcome.as_ref().err());
-        if start == StartKind::Cold {
-            metrics::histogram!("spore_init_duration_seconds", "function" => name.to_owned())
+        if fresh {
+            metrics::histogram!("spore_init_duration_seconds", "function" => name.to_owned(), "start" => start.as_str())
                 .record(init_ms / 1000.0);
         }
         Ok(Invocation {
@@ -609,7 +629,142 @@ impl Control {
             total_ms,
             outcome,
             log: block,
+            breakdown,
         })
+    }
+
+    /// Starts a cfork instance: forked from the live template, or from a new one (then the
+    /// start counts as cold and includes the template's start).
+    async fn fork_instance(
+        &self,
+        env: &Arc<InstanceEnv>,
+        rec: &FunctionRecord,
+        log: Arc<LogRing>,
+        init_timeout: Duration,
+    ) -> Result<(Instance, StartKind), StartError> {
+        let (template, created) = self.template_for(env, rec, log, init_timeout).await?;
+        let forked = template.fork(env, rec, Duration::from_secs(10)).await;
+        if forked.is_err() && !template.is_alive() {
+            self.drop_template(&rec.manifest.name, &template);
+        }
+        let mut inst = forked?;
+        if created {
+            inst.init_ms += template.init_ms;
+            return Ok((inst, StartKind::Cold));
+        }
+        Ok((inst, StartKind::Fork))
+    }
+
+    fn drop_template(&self, name: &str, template: &Arc<Template>) {
+        let mut templates = self.inner.templates.lock().expect("templates lock");
+        if templates
+            .get(name)
+            .is_some_and(|t| Arc::ptr_eq(t, template))
+        {
+            templates.remove(name);
+        }
+        let t = template.clone();
+        tokio::spawn(async move { t.destroy().await });
+    }
+
+    /// The live template of `rec`, started if there is none (or it died, or is stale).
+    /// Returns whether it was started now.
+    async fn template_for(
+        &self,
+        env: &Arc<InstanceEnv>,
+        rec: &FunctionRecord,
+        log: Arc<LogRing>,
+        init_timeout: Duration,
+    ) -> Result<(Arc<Template>, bool), StartError> {
+        let name = &rec.manifest.name;
+        let lock = self
+            .inner
+            .template_locks
+            .lock()
+            .expect("template locks")
+            .entry(name.clone())
+            .or_default()
+            .clone();
+        let _creating = lock.lock().await;
+        let existing = self
+            .inner
+            .templates
+            .lock()
+            .expect("templates lock")
+            .get(name)
+            .cloned();
+        if let Some(t) = existing {
+            if t.is_alive() && t.revision == rec.revision {
+                return Ok((t, false));
+            }
+            self.drop_template(name, &t);
+        }
+        self.evict_templates(self.inner.cfg.max_templates.saturating_sub(1));
+        let code_dir = self.registry().code_dir(rec);
+        let template = Template::start(env, rec, code_dir, log, init_timeout).await?;
+        self.inner
+            .templates
+            .lock()
+            .expect("templates lock")
+            .insert(name.clone(), template.clone());
+        Ok((template, true))
+    }
+
+    /// Stops least recently used templates until at most `keep` remain.
+    fn evict_templates(&self, keep: usize) {
+        let evicted: Vec<Arc<Template>> = {
+            let mut templates = self.inner.templates.lock().expect("templates lock");
+            let mut by_age: Vec<(String, Instant)> = templates
+                .iter()
+                .map(|(n, t)| (n.clone(), t.last_used()))
+                .collect();
+            by_age.sort_by_key(|(_, used)| *used);
+            let excess = templates.len().saturating_sub(keep);
+            by_age
+                .into_iter()
+                .take(excess)
+                .filter_map(|(n, _)| templates.remove(&n))
+                .collect()
+        };
+        for t in evicted {
+            tracing::info!("evicting cfork template {} (least recently used)", t.id);
+            tokio::spawn(async move { t.destroy().await });
+        }
+    }
+
+    /// Starts the template of a cfork function in the background (after a deploy), so that
+    /// its first invocation forks instead of waiting for the template.
+    pub fn prewarm(&self, name: &str) {
+        let Ok(env) = self.inner.env.clone() else {
+            return;
+        };
+        let Ok(rec) = self.get_function(name) else {
+            return;
+        };
+        if rec.manifest.sandbox != SandboxKind::Cfork {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let log = this.log_ring(&rec.manifest.name);
+            let timeout =
+                Duration::from_secs(u64::from(rec.manifest.timeout_s)).max(Duration::from_secs(10));
+            if let Err(e) = this.template_for(&env, &rec, log.clone(), timeout).await {
+                log.push_text(&format!("starting the cfork template failed: {e}"));
+            }
+        });
+    }
+
+    /// Host pids of a function's live template, if it has one.
+    pub fn template_pids(&self, name: &str) -> Option<Vec<i32>> {
+        let t = self
+            .inner
+            .templates
+            .lock()
+            .expect("templates lock")
+            .get(name)
+            .cloned()?;
+        t.is_alive().then(|| t.pids())
     }
 
     /// Queues an asynchronous (`Event`) invocation; its outcome goes to the function's log.
@@ -769,6 +924,17 @@ impl Control {
         }
         for inst in all {
             inst.destroy().await;
+        }
+        let templates: Vec<Arc<Template>> = self
+            .inner
+            .templates
+            .lock()
+            .expect("templates lock")
+            .drain()
+            .map(|(_, t)| t)
+            .collect();
+        for t in templates {
+            t.destroy().await;
         }
         if let Ok(env) = &self.inner.env {
             let (layout, parent) = (env.layout.clone(), env.cgroup_parent.clone());

@@ -10,16 +10,20 @@ use serde::{Deserialize, Serialize};
 pub enum StartKind {
     /// A warm instance from the pool.
     Warm,
-    /// A fresh instance, started for this invocation.
+    /// A fresh instance started for this invocation from scratch: a new sandbox and runtime
+    /// (or, for a cfork function without a live template, the template's start and a fork).
     Cold,
+    /// A fresh instance forked from the function's live cfork template.
+    Fork,
 }
 
 impl StartKind {
-    /// `warm` or `cold`, as in the `X-Spore-Start` header.
+    /// `warm`, `cold` or `fork`, as in the `X-Spore-Start` header.
     pub fn as_str(self) -> &'static str {
         match self {
             StartKind::Warm => "warm",
             StartKind::Cold => "cold",
+            StartKind::Fork => "fork",
         }
     }
 }

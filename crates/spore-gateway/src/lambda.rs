@@ -253,6 +253,7 @@ pub(crate) async fn create_function(
     let rec = tokio::task::spawn_blocking(move || control.create_function(spec, &zip))
         .await
         .map_err(|e| ControlError::Internal(e.to_string()))??;
+    st.control.prewarm(&rec.manifest.name);
     Ok((StatusCode::CREATED, axum::Json(configuration(&rec))).into_response())
 }
 
@@ -276,7 +277,10 @@ pub(crate) async fn get_function(
         "Configuration": configuration(&rec),
         "Code": { "RepositoryType": "Spore", "Location": "" },
         "Tags": tags(&rec),
-        "Spore": { "Instances": { "Idle": idle, "Total": total } },
+        "Spore": {
+            "Instances": { "Idle": idle, "Total": total },
+            "Template": st.control.template_pids(&rec.manifest.name).map(|pids| serde_json::json!({ "Pids": pids })),
+        },
     }))
     .into_response())
 }
@@ -313,6 +317,7 @@ pub(crate) async fn update_code(
     let rec = tokio::task::spawn_blocking(move || control.update_code(&name, &zip))
         .await
         .map_err(|e| ControlError::Internal(e.to_string()))??;
+    st.control.prewarm(&rec.manifest.name);
     Ok(axum::Json(configuration(&rec)).into_response())
 }
 
@@ -349,6 +354,7 @@ pub(crate) async fn update_configuration(
     let rec = tokio::task::spawn_blocking(move || control.update_config(spec))
         .await
         .map_err(|e| ControlError::Internal(e.to_string()))??;
+    st.control.prewarm(&rec.manifest.name);
     Ok(axum::Json(configuration(&rec)).into_response())
 }
 
@@ -429,6 +435,16 @@ pub(crate) async fn invoke(
                 "x-spore-start",
                 HeaderValue::from_static(inv.start.as_str()),
             );
+            if !inv.breakdown.is_empty() {
+                let text: Vec<String> = inv
+                    .breakdown
+                    .iter()
+                    .map(|(step, ms)| format!("{step}={ms:.3}"))
+                    .collect();
+                if let Ok(v) = HeaderValue::from_str(&text.join(",")) {
+                    h.insert("x-spore-breakdown", v);
+                }
+            }
             for (k, v) in [
                 ("x-spore-init-ms", format!("{:.3}", inv.init_ms)),
                 ("x-spore-duration-ms", format!("{:.3}", inv.total_ms)),

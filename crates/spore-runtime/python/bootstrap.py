@@ -153,14 +153,32 @@ def _invoke(handler, header, body):
 
 def main():
     fd = int(os.environ.get("SPORE_CONTROL_FD", "3"))
-    main_pid = os.getpid()
     t0 = time.perf_counter()
     try:
         handler = _import_handler(os.environ["_HANDLER"])
     except _InitError as exc:
         _send(fd, {"type": "init_error", "error": exc.error})
         return 1
-    _send(fd, {"type": "ready", "import_ms": (time.perf_counter() - t0) * 1000.0})
+    import_ms = (time.perf_counter() - t0) * 1000.0
+    if os.environ.get("SPORE_MODE") == "template":
+        import _spore_cfork
+
+        return _spore_cfork.template(fd, handler, import_ms, _serve, _send, _recv_rest)
+    _send(fd, {"type": "ready", "import_ms": import_ms})
+    return _serve(fd, handler)
+
+
+def _recv_rest(fd, prefix):
+    """Reads the rest of a frame whose 8-byte prefix was read already."""
+    hlen, blen = _PREFIX.unpack(prefix)
+    header = json.loads(_read_exact(fd, hlen))
+    body = bytes(_read_exact(fd, blen)) if blen else b""
+    return header, body
+
+
+def _serve(fd, handler):
+    """Serves invocations on fd until the daemon closes it."""
+    main_pid = os.getpid()
     real_out, real_err = sys.stdout, sys.stderr
     while True:
         header, body = _recv(fd)

@@ -12,6 +12,12 @@ pub mod protocol;
 /// read-only at [`PYTHON_BOOTSTRAP_PATH`]).
 pub const PYTHON_BOOTSTRAP: &str = include_str!("../python/bootstrap.py");
 
+/// The cfork template loop, a module the bootstrap imports in template mode (written next to
+/// it).
+pub const PYTHON_CFORK: &str = include_str!("../python/_spore_cfork.py");
+/// File name of [`PYTHON_CFORK`] next to the bootstrap.
+pub const PYTHON_CFORK_FILE: &str = "_spore_cfork.py";
+
 /// Where the bootstrap appears inside the sandbox.
 pub const PYTHON_BOOTSTRAP_PATH: &str = "/opt/spore/runtime/bootstrap.py";
 /// Where the function's code appears inside the sandbox (Lambda's `LAMBDA_TASK_ROOT`).

@@ -81,6 +81,17 @@ pub enum ToRuntime {
         /// Deadline, milliseconds since the Unix epoch.
         deadline_ms: u64,
     },
+    /// (To a cfork template) fork a child into a sandbox of its own. The frame carries file
+    /// descriptors (`SCM_RIGHTS`): the child's control socket first, then the `cgroup.procs`
+    /// files of its cgroup, open for writing.
+    Fork {
+        /// Instance id (the child's hostname, and the key of its exit report).
+        id: String,
+        /// Uid and gid the child runs as, inside the template's user namespace.
+        uid: u32,
+        /// Size cap of the child's `/tmp`, MiB.
+        tmp_mb: u32,
+    },
 }
 
 /// Messages from a runtime to the daemon.
@@ -91,11 +102,30 @@ pub enum FromRuntime {
     Ready {
         /// Time the runtime spent importing the handler, ms.
         import_ms: f64,
+        /// (cfork children) `CLOCK_MONOTONIC` nanoseconds at the end of each start-up step,
+        /// in order: `fork` (the template calls fork), `forked` (the child runs), `cgroup`,
+        /// `unshare`, `mounts`, `net`, `privileges` (uid and seccomp), `ready`.
+        #[serde(default)]
+        phases: Vec<(String, u64)>,
     },
     /// Importing the handler failed; the runtime exits after sending this.
     InitError {
         /// What failed.
         error: FunctionError,
+    },
+    /// (From a cfork template) a forked child exited.
+    Exit {
+        /// The child's instance id.
+        id: String,
+        /// Exit status, or 128 + signal.
+        code: i32,
+    },
+    /// (From a cfork template) a fork request failed before a child existed.
+    ForkError {
+        /// The instance id of the request.
+        id: String,
+        /// Why.
+        error: String,
     },
     /// One invocation finished; on success the body holds the result (JSON).
     Result {

@@ -75,15 +75,27 @@ fn init_main() -> Result<i32, InitError> {
         fs::write(procs, &me).step(|| format!("joining cgroup {}", procs.display()))?;
     }
     setsid().step(|| "setsid".into())?;
-    unshare(
-        CloneFlags::CLONE_NEWNS
-            | CloneFlags::CLONE_NEWPID
-            | CloneFlags::CLONE_NEWNET
-            | CloneFlags::CLONE_NEWIPC
-            | CloneFlags::CLONE_NEWUTS
-            | CloneFlags::CLONE_NEWCGROUP,
-    )
-    .step(|| "unsharing namespaces".into())?;
+    // The mount namespace is pid 1's alone (it unshares it itself): pivot_root moves the root
+    // of every process in a namespace, and this parent must keep the host's /proc.
+    let mut flags = CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWNET
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWUTS;
+    if spec.user_namespace.is_none() {
+        // A cfork template's children move themselves into cgroups outside the template's,
+        // which a cgroup namespace rooted at the template's group would hide.
+        flags |= CloneFlags::CLONE_NEWCGROUP;
+    }
+    unshare(flags).step(|| "unsharing namespaces".into())?;
+    // Pipes for the user-namespace handshake: the child says "unshared", the parent writes
+    // its id maps (which needs CAP_SETUID in this, the parent, namespace) and says "go".
+    let handshake = match spec.user_namespace {
+        Some(_) => Some((
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).step(|| "pipe".into())?,
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).step(|| "pipe".into())?,
+        )),
+        None => None,
+    };
     // SAFETY: this process was just exec'd as `spore __sandbox-init` and has started no
     // threads, so the child is a complete copy with no locks held by vanished threads.
     match unsafe { fork() }.step(|| "fork of the namespace init".into())? {
@@ -91,6 +103,9 @@ fn init_main() -> Result<i32, InitError> {
             // Only the runtime may hold the control socket, so that its death is seen as EOF.
             let devnull = fs::File::open("/dev/null").step(|| "opening /dev/null".into())?;
             nix::unistd::dup2_stdin(devnull).step(|| "closing the control socket".into())?;
+            if let (Some(map), Some(((unshared, _), (_, go)))) = (spec.user_namespace, handshake) {
+                write_id_maps(child, map, unshared, go)?;
+            }
             loop {
                 match waitpid(child, None) {
                     Ok(WaitStatus::Exited(_, code)) => return Ok(code),
@@ -100,18 +115,52 @@ fn init_main() -> Result<i32, InitError> {
                 }
             }
         }
-        ForkResult::Child => match child_main(&spec) {
-            Ok(never) => match never {},
-            Err(e) => fail(&e),
-        },
+        ForkResult::Child => {
+            let pipes = handshake.map(|((_, unshared), (go, _))| (unshared, go));
+            match child_main(&spec, pipes) {
+                Ok(never) => match never {},
+                Err(e) => fail(&e),
+            }
+        }
     }
+}
+
+/// Parent side of the user-namespace handshake.
+fn write_id_maps(
+    child: nix::unistd::Pid,
+    map: crate::IdMapping,
+    unshared: std::os::fd::OwnedFd,
+    go: std::os::fd::OwnedFd,
+) -> Result<(), InitError> {
+    let mut byte = [0u8; 1];
+    let mut reader = fs::File::from(unshared);
+    use std::io::{Read, Write};
+    if reader
+        .read(&mut byte)
+        .step(|| "waiting for the user namespace".into())?
+        == 0
+    {
+        // The child failed before unsharing; its error is on stderr and its status follows.
+        return Ok(());
+    }
+    let line = format!("0 {} {}\n", map.host_base, map.count);
+    for file in ["uid_map", "gid_map"] {
+        let path = format!("/proc/{child}/{file}");
+        fs::write(&path, &line).step(|| format!("writing {path}"))?;
+    }
+    fs::File::from(go)
+        .write_all(b"g")
+        .step(|| "releasing the sandbox".into())?;
+    Ok(())
 }
 
 fn inside(root: &Path, path: &str) -> PathBuf {
     root.join(path.trim_start_matches('/'))
 }
 
-fn child_main(spec: &SandboxSpec) -> Result<Infallible, InitError> {
+type Handshake = (std::os::fd::OwnedFd, std::os::fd::OwnedFd);
+
+fn child_main(spec: &SandboxSpec, handshake: Option<Handshake>) -> Result<Infallible, InitError> {
     prctl::set_pdeathsig(Signal::SIGKILL).step(|| "setting the parent-death signal".into())?;
     build_rootfs(spec)?;
     sethostname(&spec.id).step(|| "setting the hostname".into())?;
@@ -135,8 +184,18 @@ fn child_main(spec: &SandboxSpec) -> Result<Infallible, InitError> {
     if rc != 0 {
         return Err(std::io::Error::last_os_error()).step(|| "close_range".into());
     }
-    let filters = crate::seccomp::filters().step(|| "compiling the seccomp filter".into())?;
-    drop_privileges(spec.uid, spec.gid)?;
+    let filters = match handshake {
+        Some((unshared, go)) => {
+            enter_user_namespace(unshared, go)?;
+            pid_namespace_of_user_namespace(spec.control_fd)?;
+            crate::seccomp::filters_for(crate::seccomp::Profile::Template)
+        }
+        None => {
+            drop_privileges(spec.uid, spec.gid)?;
+            crate::seccomp::filters()
+        }
+    }
+    .step(|| "compiling the seccomp filter".into())?;
     for filter in &filters {
         seccompiler::apply_filter(filter).step(|| "installing the seccomp filter".into())?;
     }
@@ -166,6 +225,7 @@ fn mount_err(what: &str, target: &Path) -> impl FnOnce() -> String {
 
 fn build_rootfs(spec: &SandboxSpec) -> Result<(), InitError> {
     let none = None::<&str>;
+    unshare(CloneFlags::CLONE_NEWNS).step(|| "unsharing the mount namespace".into())?;
     mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
         .step(|| "making / private".into())?;
     let root = spec.rootfs.as_path();
@@ -340,6 +400,76 @@ fn move_stdin_to(fd: i32) -> Result<(), InitError> {
     let devnull = fs::File::open("/dev/null").step(|| "opening /dev/null".into())?;
     nix::unistd::dup2_stdin(devnull).step(|| "replacing stdin".into())?;
     Ok(())
+}
+
+/// Child side of the user-namespace handshake: unshare, wait for the maps, become root of
+/// the namespace with only [`crate::TEMPLATE_CAPS`].
+fn enter_user_namespace(
+    unshared: std::os::fd::OwnedFd,
+    go: std::os::fd::OwnedFd,
+) -> Result<(), InitError> {
+    use std::io::{Read, Write};
+    unshare(CloneFlags::CLONE_NEWUSER).step(|| "unsharing the user namespace".into())?;
+    fs::File::from(unshared)
+        .write_all(b"u")
+        .step(|| "signalling the parent".into())?;
+    let mut byte = [0u8; 1];
+    if fs::File::from(go)
+        .read(&mut byte)
+        .step(|| "waiting for id maps".into())?
+        == 0
+    {
+        return Err(std::io::Error::other(
+            "the parent did not write the id maps",
+        ))
+        .step(|| "entering the user namespace".into());
+    }
+    let root_g = Gid::from_raw(0);
+    setgroups(&[root_g]).step(|| "setgroups in the user namespace".into())?;
+    setresgid(root_g, root_g, root_g).step(|| "setresgid in the user namespace".into())?;
+    let root_u = Uid::from_raw(0);
+    setresuid(root_u, root_u, root_u).step(|| "setresuid in the user namespace".into())?;
+    let keep: caps::CapsHashSet = crate::TEMPLATE_CAPS.into_iter().collect();
+    for cap in caps::all() {
+        if !keep.contains(&cap) {
+            caps::drop(None, caps::CapSet::Bounding, cap)
+                .step(|| format!("dropping {cap} from the bounding set"))?;
+        }
+    }
+    for set in [caps::CapSet::Ambient, caps::CapSet::Inheritable] {
+        caps::clear(None, set).step(|| format!("clearing the {set:?} capability set"))?;
+    }
+    prctl::set_no_new_privs().step(|| "setting no_new_privs".into())?;
+    Ok(())
+}
+
+/// Gives the runtime a pid namespace owned by its user namespace: a cfork template must be
+/// able to `setns` back into its own pid namespace after preparing one for each child, which
+/// needs CAP_SYS_ADMIN over the namespace's owner. This process stays as the outer pid 1 and
+/// reaper, and exits with the runtime's status.
+fn pid_namespace_of_user_namespace(control_fd: i32) -> Result<(), InitError> {
+    unshare(CloneFlags::CLONE_NEWPID).step(|| "unsharing the template's pid namespace".into())?;
+    // SAFETY: single-threaded (see init_main), so fork copies a consistent process.
+    match unsafe { fork() }.step(|| "fork of the template".into())? {
+        ForkResult::Child => {
+            prctl::set_pdeathsig(Signal::SIGKILL)
+                .step(|| "setting the parent-death signal".into())?;
+            Ok(())
+        }
+        ForkResult::Parent { child } => {
+            // SAFETY: fd `control_fd` is the control socket, owned by nothing else in this
+            // process; the runtime holds its own copy, whose closing the daemon must see.
+            unsafe { libc::close(control_fd) };
+            loop {
+                match waitpid(child, None) {
+                    Ok(WaitStatus::Exited(_, code)) => std::process::exit(code),
+                    Ok(WaitStatus::Signaled(_, sig, _)) => std::process::exit(128 + sig as i32),
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+                    Err(e) => return Err(e).step(|| "waiting for the template".into()),
+                }
+            }
+        }
+    }
 }
 
 fn drop_privileges(uid: u32, gid: u32) -> Result<(), InitError> {

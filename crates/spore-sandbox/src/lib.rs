@@ -99,7 +99,30 @@ pub struct SandboxSpec {
     pub max_open_files: u64,
     /// Move stdin (fd 0, the control socket from the daemon) to this fd; 0 leaves it.
     pub control_fd: i32,
+    /// Run the process as root of a new user namespace instead of as `uid`/`gid` (cfork
+    /// templates): it keeps [`TEMPLATE_CAPS`] inside that namespace only, so that it can give
+    /// each forked child namespaces of its own, and the seccomp filter still allows namespace
+    /// operations (the child installs the full one).
+    #[serde(default)]
+    pub user_namespace: Option<IdMapping>,
 }
+
+/// A user-namespace id mapping: ids `0..count` inside are `host_base..host_base+count` outside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdMapping {
+    /// First host uid (and gid).
+    pub host_base: u32,
+    /// Number of ids mapped.
+    pub count: u32,
+}
+
+/// Capabilities a cfork template keeps inside its user namespace.
+pub const TEMPLATE_CAPS: [caps::Capability; 4] = [
+    caps::Capability::CAP_SYS_ADMIN,
+    caps::Capability::CAP_SETUID,
+    caps::Capability::CAP_SETGID,
+    caps::Capability::CAP_NET_ADMIN,
+];
 
 /// Builds the command that starts a sandbox: `exe __sandbox-init` with the spec in its
 /// environment and nothing else inherited. The caller wires stdin (the control socket), stdout
@@ -201,6 +224,7 @@ mod tests {
             cgroup_procs: vec![],
             max_open_files: 1024,
             control_fd: 3,
+            user_namespace: None,
         };
         let cmd = command(Path::new("/bin/spore"), &spec).unwrap();
         let envs: Vec<_> = cmd.get_envs().collect();
@@ -227,6 +251,10 @@ mod tests {
             cgroup_procs: vec![],
             max_open_files: 1024,
             control_fd: 3,
+            user_namespace: Some(IdMapping {
+                host_base: 1 << 20,
+                count: 65536,
+            }),
         };
         host_runtime_rootfs(&mut spec);
         assert!(spec.binds.iter().any(|b| b.target == "/usr" && b.read_only));

@@ -90,10 +90,32 @@ fn arch() -> Result<TargetArch, SeccompError> {
         .map_err(|_| SeccompError::Arch(std::env::consts::ARCH))
 }
 
+/// Calls a cfork template still needs (to give each child its own namespaces and mounts);
+/// every child installs the full filter, which denies them.
+pub const TEMPLATE_ALLOWED: &[&str] = &["unshare", "setns", "mount", "umount2"];
+
+/// Which filter to build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    /// Function instances: the whole deny-list.
+    Instance,
+    /// cfork templates: the deny-list less [`TEMPLATE_ALLOWED`] and the `clone` flag rules.
+    Template,
+}
+
 /// The filters to install, in order: the deny-list (EPERM), then `clone3` -> ENOSYS.
 pub fn filters() -> Result<Vec<BpfProgram>, SeccompError> {
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
-        DENIED.iter().map(|&(_, nr)| (nr, Vec::new())).collect();
+    filters_for(Profile::Instance)
+}
+
+/// The filters of a [`Profile`].
+pub fn filters_for(profile: Profile) -> Result<Vec<BpfProgram>, SeccompError> {
+    let template = profile == Profile::Template;
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = DENIED
+        .iter()
+        .filter(|(name, _)| !(template && TEMPLATE_ALLOWED.contains(name)))
+        .map(|&(_, nr)| (nr, Vec::new()))
+        .collect();
     let clone_rules = DENIED_CLONE_FLAGS
         .iter()
         .map(|&flag| {
@@ -108,7 +130,9 @@ pub fn filters() -> Result<Vec<BpfProgram>, SeccompError> {
             .map_err(SeccompError::Build)
         })
         .collect::<Result<Vec<_>, _>>()?;
-    rules.insert(libc::SYS_clone, clone_rules);
+    if !template {
+        rules.insert(libc::SYS_clone, clone_rules);
+    }
     let deny = SeccompFilter::new(
         rules,
         SeccompAction::Allow,
@@ -130,6 +154,20 @@ pub fn filters() -> Result<Vec<BpfProgram>, SeccompError> {
     Ok(out)
 }
 
+/// A program as the raw `struct sock_filter` array the kernel takes (8 bytes an
+/// instruction, native byte order), for runtimes that install it themselves with
+/// `prctl(PR_SET_SECCOMP)` (the cfork child, which is Python).
+pub fn program_bytes(program: &BpfProgram) -> Vec<u8> {
+    let mut out = Vec::with_capacity(program.len() * 8);
+    for insn in program {
+        out.extend_from_slice(&insn.code.to_ne_bytes());
+        out.push(insn.jt);
+        out.push(insn.jf);
+        out.extend_from_slice(&insn.k.to_ne_bytes());
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,5 +177,8 @@ mod tests {
         let f = filters().unwrap();
         assert_eq!(f.len(), 2);
         assert!(f[0].len() > DENIED.len());
+        let t = filters_for(Profile::Template).unwrap();
+        assert!(t[0].len() < f[0].len(), "the template filter allows more");
+        assert_eq!(program_bytes(&f[1]).len(), f[1].len() * 8);
     }
 }

@@ -1,0 +1,467 @@
+//! cfork templates: a warm, sandboxed runtime per function that has imported the handler and
+//! forks a child into a fresh sandbox for each new instance.
+//!
+//! The template runs as root of its own user namespace (see `spore_sandbox::IdMapping`), so
+//! that it can give each child new pid, mount, network, ipc and uts namespaces; the child then
+//! drops to an unprivileged uid, installs the full seccomp filter and serves invocations on its
+//! own socket. The daemon sends each fork request with descriptors (`SCM_RIGHTS`): the child's
+//! socket and the `cgroup.procs` files of a cgroup it made for the child.
+
+use std::collections::HashMap;
+use std::io::IoSlice;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+use spore_runtime::protocol::{self, FromRuntime, ToRuntime};
+use spore_sandbox::IdMapping;
+use tokio::io::{AsyncWriteExt, Interest};
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::UnixStream;
+use tokio::sync::Notify;
+
+use crate::instance::{
+    create_cgroup, destroy_cgroup, error_chain, platform, read_frame, spawn_sandbox, Instance,
+    InstanceEnv, Launch, Proc, StartError,
+};
+use crate::logs::LogRing;
+use crate::registry::FunctionRecord;
+
+/// Ids mapped into each template's user namespace.
+const IDS_PER_TEMPLATE: u32 = 65_536;
+/// First host id of template user namespaces (above any ordinary account).
+const HOST_ID_BASE: u32 = 1 << 24;
+/// Uids of forked children (inside the template's namespace) start here.
+const CHILD_UID_BASE: u32 = 1000;
+
+/// What a template reports about one forked child.
+#[derive(Debug, Default)]
+pub struct ChildState {
+    exit: Mutex<Option<i32>>,
+    error: Mutex<Option<String>>,
+    changed: Notify,
+}
+
+impl ChildState {
+    /// Waits up to `timeout` for the child's exit status.
+    pub async fn wait_exit(&self, timeout: Duration) -> Option<i32> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let changed = self.changed.notified();
+            if let Some(code) = *self.exit.lock().expect("child state") {
+                return Some(code);
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return None;
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    alive: AtomicBool,
+    children: Mutex<HashMap<String, Arc<ChildState>>>,
+}
+
+/// A live template.
+#[derive(Debug)]
+pub struct Template {
+    /// Template id.
+    pub id: String,
+    /// Registry revision of the function it holds.
+    pub revision: u64,
+    /// Time it took to start (sandbox, interpreter, imports), ms.
+    pub init_ms: f64,
+    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    helper: tokio::sync::Mutex<tokio::process::Child>,
+    cgroup: Mutex<Option<spore_sandbox::cgroup::Cgroup>>,
+    shared: Arc<Shared>,
+    last_used: Mutex<Instant>,
+}
+
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+impl Template {
+    /// Starts a template of `rec` and waits until it has imported the handler.
+    pub async fn start(
+        env: &Arc<InstanceEnv>,
+        rec: &FunctionRecord,
+        code_dir: PathBuf,
+        log: Arc<LogRing>,
+        init_timeout: Duration,
+    ) -> Result<Arc<Template>, StartError> {
+        let t0 = Instant::now();
+        let m = &rec.manifest;
+        let seq = env.next_seq();
+        let id = format!("{}-tpl-{}-{seq}", m.name, std::process::id());
+        let cgroup = create_cgroup(env, &id, m.memory_mb).await?;
+        let programs =
+            spore_sandbox::seccomp::filters().map_err(|e| StartError::Platform(error_chain(&e)))?;
+        let hex: Vec<String> = programs
+            .iter()
+            .map(|p| {
+                spore_sandbox::seccomp::program_bytes(p)
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect()
+            })
+            .collect();
+        let extra_env = vec![
+            ("SPORE_MODE".to_owned(), "template".to_owned()),
+            (
+                "SPORE_CFORK_SECCOMP".to_owned(),
+                serde_json::to_string(&hex).expect("json"),
+            ),
+        ];
+        let mapping = IdMapping {
+            host_base: HOST_ID_BASE + (seq % 2000) as u32 * IDS_PER_TEMPLATE,
+            count: IDS_PER_TEMPLATE,
+        };
+        let spawned = match spawn_sandbox(
+            env,
+            rec,
+            Launch {
+                id: &id,
+                code_dir,
+                uid: 0,
+                template: Some((mapping, extra_env)),
+            },
+            log,
+            &cgroup,
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                destroy_cgroup(cgroup).await;
+                return Err(e);
+            }
+        };
+        let (mut reader, writer) = spawned.sock.into_split();
+        let first = tokio::time::timeout(init_timeout, read_frame(&mut reader)).await;
+        let mut helper = spawned.child;
+        let failure = match first {
+            Ok(Ok(Some((FromRuntime::Ready { .. }, _)))) => None,
+            Ok(Ok(Some((FromRuntime::InitError { error }, _)))) => Some(StartError::Init(error)),
+            Ok(Ok(Some((other, _)))) => Some(StartError::Platform(format!(
+                "template sent {other:?} before ready"
+            ))),
+            Ok(Ok(None)) | Ok(Err(_)) => {
+                let status = tokio::time::timeout(Duration::from_secs(2), helper.wait()).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let tail: Vec<String> = spawned
+                    .stderr_tail
+                    .lock()
+                    .expect("tail")
+                    .iter()
+                    .cloned()
+                    .collect();
+                Some(StartError::Platform(format!(
+                    "the cfork template exited during init ({status:?}): {}",
+                    tail.join(" | ")
+                )))
+            }
+            Err(_) => Some(StartError::Init(spore_core::FunctionError::platform(
+                "Sandbox.Timedout",
+                format!(
+                    "Init timed out after {:.2} seconds",
+                    init_timeout.as_secs_f64()
+                ),
+            ))),
+        };
+        if let Some(err) = failure {
+            let _ = helper.start_kill();
+            destroy_cgroup(cgroup).await;
+            let _ = helper.wait().await;
+            return Err(err);
+        }
+        let shared = Arc::new(Shared {
+            alive: AtomicBool::new(true),
+            children: Mutex::default(),
+        });
+        tokio::spawn(read_reports(reader, shared.clone()));
+        Ok(Arc::new(Template {
+            id,
+            revision: rec.revision,
+            init_ms: t0.elapsed().as_secs_f64() * 1000.0,
+            writer: tokio::sync::Mutex::new(writer),
+            helper: tokio::sync::Mutex::new(helper),
+            cgroup: Mutex::new(Some(cgroup)),
+            shared,
+            last_used: Mutex::new(Instant::now()),
+        }))
+    }
+
+    /// Whether the template still answers.
+    pub fn is_alive(&self) -> bool {
+        self.shared.alive.load(Ordering::Acquire)
+    }
+
+    /// When it last forked.
+    pub fn last_used(&self) -> Instant {
+        *self.last_used.lock().expect("last used")
+    }
+
+    /// Host pids of the template's processes (helper, outer init, runtime), for diagnostics.
+    pub fn pids(&self) -> Vec<i32> {
+        let guard = self.cgroup.lock().expect("template cgroup");
+        let Some(cg) = guard.as_ref() else {
+            return Vec::new();
+        };
+        let mut pids: Vec<i32> = cg
+            .procs_files()
+            .iter()
+            .filter_map(|f| std::fs::read_to_string(f).ok())
+            .flat_map(|t| {
+                t.lines()
+                    .filter_map(|l| l.trim().parse().ok())
+                    .collect::<Vec<i32>>()
+            })
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        pids
+    }
+
+    /// Forks a new instance of `rec` into a sandbox of its own.
+    pub async fn fork(
+        &self,
+        env: &Arc<InstanceEnv>,
+        rec: &FunctionRecord,
+        ready_timeout: Duration,
+    ) -> Result<Instance, StartError> {
+        let t0 = Instant::now();
+        if !self.is_alive() {
+            return Err(StartError::Platform("the cfork template is gone".into()));
+        }
+        *self.last_used.lock().expect("last used") = Instant::now();
+        let m = &rec.manifest;
+        let seq = env.next_seq();
+        let id = format!("{}-{}-{seq}", m.name, std::process::id());
+        let cgroup = create_cgroup(env, &id, m.memory_mb).await?;
+        let mut fds: Vec<OwnedFd> = Vec::new();
+        for file in cgroup.procs_files() {
+            match std::fs::OpenOptions::new().write(true).open(&file) {
+                Ok(f) => fds.push(f.into()),
+                Err(e) => {
+                    destroy_cgroup(cgroup).await;
+                    return Err(StartError::Platform(format!(
+                        "opening {}: {e}",
+                        file.display()
+                    )));
+                }
+            }
+        }
+        let (ours, theirs) = match std::os::unix::net::UnixStream::pair() {
+            Ok(p) => p,
+            Err(e) => {
+                destroy_cgroup(cgroup).await;
+                return Err(platform("socketpair")(e));
+            }
+        };
+        fds.insert(0, theirs.into());
+        let state = Arc::new(ChildState::default());
+        self.shared
+            .children
+            .lock()
+            .expect("children")
+            .insert(id.clone(), state.clone());
+        let frame = protocol::encode(
+            &ToRuntime::Fork {
+                id: id.clone(),
+                uid: CHILD_UID_BASE + (seq % 60_000) as u32,
+                tmp_mb: env.tmp_mb,
+            },
+            b"",
+        );
+        let sent_ns = monotonic_ns();
+        let sent = {
+            let mut w = self.writer.lock().await;
+            send_with_fds(&mut w, &frame, &fds).await
+        };
+        drop(fds);
+        let result = match sent {
+            Err(e) => Err(format!("sending the fork request: {e}")),
+            Ok(()) => self.await_child(ours, &state, ready_timeout).await,
+        };
+        match result {
+            Ok((sock, phases)) => {
+                let ready_ns = monotonic_ns();
+                Ok(Instance {
+                    id,
+                    revision: rec.revision,
+                    init_ms: t0.elapsed().as_secs_f64() * 1000.0,
+                    breakdown: breakdown(sent_ns, &phases, ready_ns),
+                    last_used: Instant::now(),
+                    proc: Proc::Forked(state),
+                    sock,
+                    cgroup: Some(cgroup),
+                    memory_mb: m.memory_mb,
+                    stderr_tail: Arc::default(),
+                })
+            }
+            Err(why) => {
+                self.shared.children.lock().expect("children").remove(&id);
+                destroy_cgroup(cgroup).await;
+                let reason = if self.is_alive() {
+                    why
+                } else {
+                    format!("the cfork template died during the fork ({why}); it is recreated for the next invocation")
+                };
+                Err(StartError::Platform(reason))
+            }
+        }
+    }
+
+    async fn await_child(
+        &self,
+        ours: std::os::unix::net::UnixStream,
+        state: &ChildState,
+        timeout: Duration,
+    ) -> Result<(UnixStream, Vec<(String, u64)>), String> {
+        ours.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let mut sock = UnixStream::from_std(ours).map_err(|e| e.to_string())?;
+        match tokio::time::timeout(timeout, read_frame(&mut sock)).await {
+            Ok(Ok(Some((FromRuntime::Ready { phases, .. }, _)))) => Ok((sock, phases)),
+            Ok(Ok(Some((other, _)))) => Err(format!("the child sent {other:?} before ready")),
+            Ok(Ok(None)) | Ok(Err(_)) => {
+                // The child (or the template, before forking) closed the socket: say why.
+                let _ = state.wait_exit(Duration::from_millis(200)).await;
+                let error = state.error.lock().expect("child state").clone();
+                let exit = *state.exit.lock().expect("child state");
+                Err(match (error, exit) {
+                    (Some(e), _) => format!("the template refused the fork: {e}"),
+                    (None, Some(code)) => {
+                        format!("the forked child exited during set-up with status {code}")
+                    }
+                    (None, None) => "the forked child closed its socket during set-up".into(),
+                })
+            }
+            Err(_) => Err(format!("the forked child was not ready within {timeout:?}")),
+        }
+    }
+
+    /// Stops the template (its running children are not affected: they live in their own
+    /// cgroups and are stopped with their instances).
+    pub async fn destroy(&self) {
+        self.shared.alive.store(false, Ordering::Release);
+        let mut helper = self.helper.lock().await;
+        let _ = helper.start_kill();
+        let cg = self.cgroup.lock().expect("template cgroup").take();
+        if let Some(cg) = cg {
+            destroy_cgroup(cg).await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), helper.wait()).await;
+    }
+}
+
+/// Milliseconds per start-up step from the child's `CLOCK_MONOTONIC` marks.
+fn breakdown(sent_ns: u64, phases: &[(String, u64)], ready_ns: u64) -> Vec<(String, f64)> {
+    let mut out = Vec::new();
+    let mut prev = ("request", sent_ns);
+    for (name, t) in phases {
+        let label = match prev.0 {
+            "request" => "request",
+            _ => name.as_str(),
+        };
+        out.push((label.to_owned(), t.saturating_sub(prev.1) as f64 / 1e6));
+        prev = (name.as_str(), *t);
+    }
+    out.push((
+        "response".to_owned(),
+        ready_ns.saturating_sub(prev.1) as f64 / 1e6,
+    ));
+    out
+}
+
+/// Sends `frame` with `fds` attached to its first byte.
+async fn send_with_fds(
+    w: &mut OwnedWriteHalf,
+    frame: &[u8],
+    fds: &[OwnedFd],
+) -> std::io::Result<()> {
+    let raw: Vec<i32> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let stream: &UnixStream = w.as_ref();
+    let sent = loop {
+        stream.writable().await?;
+        let res = stream.try_io(Interest::WRITABLE, || {
+            sendmsg::<UnixAddr>(
+                stream.as_raw_fd(),
+                &[IoSlice::new(frame)],
+                &[ControlMessage::ScmRights(&raw)],
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            )
+            .map_err(std::io::Error::from)
+        });
+        match res {
+            Ok(n) => break n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    };
+    if sent < frame.len() {
+        w.write_all(&frame[sent..]).await?;
+    }
+    Ok(())
+}
+
+/// Reads the template's reports (child exits, refused forks) until it closes its socket.
+async fn read_reports(mut reader: tokio::net::unix::OwnedReadHalf, shared: Arc<Shared>) {
+    loop {
+        match read_frame(&mut reader).await {
+            Ok(Some((FromRuntime::Exit { id, code }, _))) => {
+                let state = shared.children.lock().expect("children").remove(&id);
+                if let Some(s) = state {
+                    *s.exit.lock().expect("child state") = Some(code);
+                    s.changed.notify_waiters();
+                }
+            }
+            Ok(Some((FromRuntime::ForkError { id, error }, _))) => {
+                let state = shared.children.lock().expect("children").get(&id).cloned();
+                if let Some(s) = state {
+                    *s.error.lock().expect("child state") = Some(error);
+                    s.changed.notify_waiters();
+                }
+            }
+            Ok(Some((other, _))) => tracing::warn!("cfork template sent an unexpected {other:?}"),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    shared.alive.store(false, Ordering::Release);
+    let children: Vec<Arc<ChildState>> = shared
+        .children
+        .lock()
+        .expect("children")
+        .values()
+        .cloned()
+        .collect();
+    for c in children {
+        c.changed.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn breakdown_steps() {
+        let phases = vec![
+            ("fork".to_owned(), 1_100_000),
+            ("forked".to_owned(), 1_600_000),
+            ("ready".to_owned(), 2_000_000),
+        ];
+        let b = breakdown(1_000_000, &phases, 2_500_000);
+        let names: Vec<&str> = b.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["request", "forked", "ready", "response"]);
+        let total: f64 = b.iter().map(|(_, v)| v).sum();
+        assert!((total - 1.5).abs() < 1e-9);
+    }
+}

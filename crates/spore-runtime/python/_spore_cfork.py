@@ -1,0 +1,199 @@
+"""cfork template loop: fork a child into a fresh sandbox on each request.
+
+The template is root of its own user namespace (with CAP_SYS_ADMIN, CAP_SETUID, CAP_SETGID and
+CAP_NET_ADMIN there only) and has imported the handler. For each `fork` request it prepares a
+pid namespace for the next child, forks, and returns its own pid_for_children to its own
+namespace. The child joins its cgroup through descriptors the daemon opened, unshares mount,
+network, ipc and uts namespaces, mounts its own /proc, /tmp and /dev/shm, brings up loopback,
+drops to an unprivileged uid (which clears its capabilities), installs the full seccomp filter,
+keeps only its control socket, reseeds random number generators and serves invocations.
+"""
+import array
+import ctypes
+import fcntl
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x2, 0x4, 0x8
+PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
+SIOCGIFFLAGS, SIOCSIFFLAGS = 0x8913, 0x8914
+IFF_UP, IFF_RUNNING = 0x1, 0x40
+SYS_CLOSE_RANGE = 436
+CONTROL_FD = 3
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def _programs():
+    """The child's seccomp programs, given by the daemon as hex `struct sock_filter` arrays."""
+    progs = []
+    for h in json.loads(os.environ["SPORE_CFORK_SECCOMP"]):
+        raw = bytes.fromhex(h)
+        buf = ctypes.create_string_buffer(raw, len(raw))
+        progs.append((_SockFprog(len(raw) // 8, ctypes.cast(buf, ctypes.c_void_p)), buf))
+    return progs
+
+
+def _check(rc, what):
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, "%s: %s" % (what, os.strerror(err)))
+
+
+def _threads():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _recv_fds(sock):
+    """Reads a frame's 8-byte prefix with the descriptors sent along with it."""
+    fds = array.array("i")
+    data, anc, _, _ = sock.recvmsg(8, socket.CMSG_SPACE(16 * fds.itemsize))
+    for level, kind, cdata in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
+    while data and len(data) < 8:
+        more = sock.recv(8 - len(data))
+        if not more:
+            return None, list(fds)
+        data += more
+    return (data or None), list(fds)
+
+
+def _loopback_up():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        req = struct.pack("16sh22x", b"lo", 0)
+        flags = struct.unpack("16sh22x", fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, req))[1]
+        fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sh22x", b"lo", flags | IFF_UP | IFF_RUNNING))
+    finally:
+        s.close()
+
+
+def _child(req, inst_fd, cgroup_fds, programs, template_sock, serve, send, handler, t_fork):
+    phases = [("fork", t_fork), ("forked", time.monotonic_ns())]
+    template_sock.detach()  # fd 3 is about to become this child's own channel
+    for f in cgroup_fds:
+        os.write(f, b"0")
+        os.close(f)
+    phases.append(("cgroup", time.monotonic_ns()))
+    _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS), "unshare")
+    phases.append(("unshare", time.monotonic_ns()))
+    tmp_opts = ("size=%dm,mode=1777" % req["tmp_mb"]).encode()
+    _check(_libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None), "mount /proc")
+    _check(_libc.mount(b"tmpfs", b"/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, tmp_opts), "mount /tmp")
+    _check(_libc.mount(b"tmpfs", b"/dev/shm", b"tmpfs", MS_NOSUID | MS_NODEV, tmp_opts), "mount /dev/shm")
+    phases.append(("mounts", time.monotonic_ns()))
+    socket.sethostname(req["id"])
+    _loopback_up()
+    phases.append(("net", time.monotonic_ns()))
+    uid = int(req["uid"])
+    os.setgroups([uid])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)  # leaves uid 0 of the namespace: all capabilities go
+    for prog, _buf in programs:
+        _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0), "seccomp")
+    phases.append(("privileges", time.monotonic_ns()))
+    if inst_fd != CONTROL_FD:
+        os.dup2(inst_fd, CONTROL_FD)
+        os.close(inst_fd)
+    _libc.syscall(SYS_CLOSE_RANGE, CONTROL_FD + 1, 0xFFFFFFFF, 0)
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    # `random` reseeds itself at fork; numpy's legacy global generator does not.
+    nprand = sys.modules.get("numpy.random")
+    if nprand is not None:
+        nprand.seed()
+    phases.append(("ready", time.monotonic_ns()))
+    send(CONTROL_FD, {"type": "ready", "import_ms": 0.0, "phases": phases})
+    return serve(CONTROL_FD, handler)
+
+
+def template(fd, handler, import_ms, serve, send, recv_rest):
+    programs = _programs()
+    sock = socket.socket(fileno=fd)
+    own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    children = {}
+    send(fd, {"type": "ready", "import_ms": import_ms})
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
+    while True:
+        for ready_fd, _ in poller.poll():
+            if ready_fd == wake_r:
+                try:
+                    while os.read(wake_r, 512):
+                        pass
+                except BlockingIOError:
+                    pass
+                _reap(children, fd, send)
+                continue
+            prefix, fds = _recv_fds(sock)
+            if prefix is None:
+                return 0
+            req, _ = recv_rest(fd, prefix)
+            if req.get("type") != "fork" or not fds:
+                for f in fds:
+                    os.close(f)
+                send(fd, {"type": "fork_error", "id": str(req.get("id")), "error": "expected a fork request with descriptors"})
+                continue
+            threads = _threads()
+            if threads != 1:
+                for f in fds:
+                    os.close(f)
+                send(fd, {"type": "fork_error", "id": req["id"],
+                          "error": "the template has %d threads; forking it is unsafe (set OPENBLAS_NUM_THREADS=1 and similar)" % threads})
+                continue
+            t_fork = time.monotonic_ns()
+            _check(_libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
+            pid = os.fork()
+            if pid == 0:
+                code = 0
+                try:
+                    code = _child(req, fds[0], fds[1:], programs, sock, serve, send, handler, t_fork)
+                except BaseException as exc:  # noqa: BLE001 - report, never return to the loop
+                    try:
+                        os.write(2, ("spore cfork child setup failed: %r\n" % (exc,)).encode())
+                    finally:
+                        os._exit(125)
+                os._exit(code or 0)
+            # Children forked later must not land in this child's pid namespace.
+            _check(_libc.setns(own_pidns, CLONE_NEWPID), "setns back to the template's pid namespace")
+            for f in fds:
+                os.close(f)
+            children[pid] = req["id"]
+
+
+def _reap(children, fd, send):
+    while children:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        code = os.waitstatus_to_exitcode(status)
+        iid = children.pop(pid, None)
+        if iid is not None:
+            send(fd, {"type": "exit", "id": iid, "code": code if code >= 0 else 128 - code})

@@ -175,17 +175,19 @@ pub(crate) struct Spawned {
     pub stderr_tail: Arc<Mutex<VecDeque<String>>>,
 }
 
-/// Creates a cgroup under the daemon's parent (on a blocking thread).
+/// Creates a cgroup under the daemon's parent (on a blocking thread). `inits` is the number
+/// of Spore processes that sit in the group beside the function's (a spawned sandbox's init,
+/// outside its pid namespace), added to the process limit.
 pub(crate) async fn create_cgroup(
     env: &InstanceEnv,
     name: &str,
     memory_mb: u32,
+    inits: u32,
 ) -> Result<Cgroup, StartError> {
     let limits = Limits {
         memory_bytes: u64::from(memory_mb) << 20,
         cpu_millis: env.cpu_millis,
-        // +1: a spawned sandbox's init, outside its pid namespace, sits in the group too.
-        pids_max: env.pids_max + 1,
+        pids_max: env.pids_max + inits,
     };
     let layout = env.layout.clone();
     let (parent, name) = (env.cgroup_parent.clone(), name.to_owned());
@@ -319,7 +321,7 @@ impl Instance {
         }
         let seq = env.next_seq();
         let id = format!("{}-{}-{seq}", m.name, std::process::id());
-        let cgroup = create_cgroup(env, &id, m.memory_mb).await?;
+        let cgroup = create_cgroup(env, &id, m.memory_mb, 1).await?;
         let uid = env.uid_base + (seq % 100_000) as u32;
         let spawned = match spawn_sandbox(
             env,

@@ -102,7 +102,7 @@ impl Template {
         let m = &rec.manifest;
         let seq = env.next_seq();
         let id = format!("{}-tpl-{}-{seq}", m.name, std::process::id());
-        let cgroup = create_cgroup(env, &id, m.memory_mb).await?;
+        let cgroup = create_cgroup(env, &id, m.memory_mb, 2).await?;
         let programs =
             spore_sandbox::seccomp::filters().map_err(|e| StartError::Platform(error_chain(&e)))?;
         let hex: Vec<String> = programs
@@ -244,7 +244,7 @@ impl Template {
         let m = &rec.manifest;
         let seq = env.next_seq();
         let id = format!("{}-{}-{seq}", m.name, std::process::id());
-        let cgroup = create_cgroup(env, &id, m.memory_mb).await?;
+        let cgroup = create_cgroup(env, &id, m.memory_mb, 0).await?;
         let mut fds: Vec<OwnedFd> = Vec::new();
         for file in cgroup.procs_files() {
             match std::fs::OpenOptions::new().write(true).open(&file) {

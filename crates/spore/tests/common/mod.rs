@@ -156,16 +156,31 @@ impl Daemon {
 
     /// Creates a function from a folder through CreateFunction.
     pub fn create(&self, dir: &Path) -> reqwest::blocking::Response {
-        let m = spore_core::FunctionManifest::from_toml(
+        self.create_as(dir, None, None)
+    }
+
+    /// Creates a function from a folder, optionally under another name and sandbox kind.
+    pub fn create_as(
+        &self,
+        dir: &Path,
+        name: Option<&str>,
+        sandbox: Option<&str>,
+    ) -> reqwest::blocking::Response {
+        let mut m = spore_core::FunctionManifest::from_toml(
             &std::fs::read_to_string(dir.join("spore.toml")).unwrap(),
         )
         .unwrap();
+        if let Some(n) = name {
+            m.name = n.to_owned();
+        }
+        let sandbox = sandbox.unwrap_or(m.sandbox.as_str());
         let zip = spore_control::code::zip_dir(dir).unwrap();
         let body = json!({
             "FunctionName": m.name, "Runtime": "python3.11", "Handler": m.handler,
             "MemorySize": m.memory_mb, "Timeout": m.timeout_s,
             "Environment": { "Variables": m.environment },
             "Code": { "ZipFile": base64::engine::general_purpose::STANDARD.encode(zip) },
+            "Tags": { "spore:sandbox": sandbox },
         });
         self.http
             .post(self.url("/2015-03-31/functions"))
@@ -176,6 +191,12 @@ impl Daemon {
 
     pub fn deploy(&self, dir: &Path) {
         let r = self.create(dir);
+        assert_eq!(r.status(), 201, "create failed: {}", r.text().unwrap());
+    }
+
+    /// Deploys the folder as a cfork function named `name`.
+    pub fn deploy_cfork(&self, dir: &Path, name: &str) {
+        let r = self.create_as(dir, Some(name), Some("cfork"));
         assert_eq!(r.status(), 201, "create failed: {}", r.text().unwrap());
     }
 

@@ -1,0 +1,243 @@
+//! cfork: instances forked from a warm template into sandboxes of their own.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{can_sandbox, fixture, sample, Daemon};
+use serde_json::{json, Value};
+
+fn invoke_cold(d: &Daemon, name: &str, payload: Value) -> (bool, String, Value) {
+    let r = d.invoke_raw(
+        name,
+        payload.to_string().as_bytes(),
+        &[("X-Spore-Cold", "1")],
+    );
+    assert_eq!(r.status(), 200, "invoke {name}");
+    let err = r.headers().get("x-amz-function-error").is_some();
+    let start = r.headers()["x-spore-start"].to_str().unwrap().to_owned();
+    (err, start, r.json().unwrap())
+}
+
+#[test]
+fn forked_instances_start_from_the_template_and_are_independent() {
+    if !can_sandbox("forked_instances_start_from_the_template_and_are_independent") {
+        return;
+    }
+    let mut d = Daemon::start();
+    d.deploy_cfork(&fixture("rng"), "rng");
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let r = d.invoke_raw("rng", b"{}", &[("X-Spore-Cold", "1")]);
+        assert_eq!(r.status(), 200);
+        let start = r.headers()["x-spore-start"].to_str().unwrap().to_owned();
+        assert!(
+            start == "fork" || (start == "cold" && seen.is_empty()),
+            "start {start}"
+        );
+        if start == "fork" {
+            let breakdown = r.headers()["x-spore-breakdown"]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            for step in [
+                "request=",
+                "forked=",
+                "cgroup=",
+                "unshare=",
+                "privileges=",
+                "response=",
+            ] {
+                assert!(breakdown.contains(step), "{breakdown}");
+            }
+        }
+        let v: Value = r.json().unwrap();
+        assert_eq!(
+            v["pid"], 1,
+            "each child is pid 1 of its own pid namespace: {v}"
+        );
+        assert_eq!(v["threads"], 1, "{v}");
+        // Only stdin/stdout/stderr, the control socket, and the one listdir itself opened.
+        assert!(
+            v["fds"].as_array().unwrap().len() <= 5,
+            "template descriptors leaked: {v}"
+        );
+        assert!(
+            v["fds"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|f| f.as_u64().unwrap() <= 4),
+            "{v}"
+        );
+        assert!(v["uid"].as_u64().unwrap() >= 1000, "{v}");
+        seen.push(v);
+    }
+    for (i, a) in seen.iter().enumerate() {
+        for b in &seen[i + 1..] {
+            assert_ne!(
+                a["random"], b["random"],
+                "random state shared between children"
+            );
+            assert_ne!(a["uuid"], b["uuid"]);
+            assert_ne!(a["hostname"], b["hostname"]);
+        }
+    }
+    // Warm reuse still works in front of cfork.
+    let (_, start, _) = d.invoke("rng", json!({}));
+    assert_eq!(start, "warm");
+    d.stop();
+}
+
+#[test]
+fn forked_instances_are_isolated_like_containers() {
+    if !can_sandbox("forked_instances_are_isolated_like_containers") {
+        return;
+    }
+    let mut d = Daemon::start();
+    d.deploy_cfork(&fixture("probe"), "probe");
+    d.deploy_cfork(&fixture("hog"), "hog");
+    d.deploy_cfork(&fixture("bomb"), "bomb");
+    d.deploy_cfork(&fixture("echo"), "echo");
+    d.deploy_cfork(&fixture("err"), "err");
+    d.deploy_cfork(&fixture("crash"), "crash");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (err, _, v) = invoke_cold(&d, "probe", json!({"port": port}));
+    assert!(!err, "{v}");
+    for path in ["/root", "/var/lib/spore", "/etc/shadow"] {
+        assert_ne!(v[path], "READABLE", "{path}: {v}");
+    }
+    assert_eq!(v["pids"], json!([1]), "{v}");
+    assert_eq!(v["tcp"], "ConnectionRefusedError", "{v}");
+    for call in ["mount", "ptrace", "unshare"] {
+        assert_eq!(v[call], json!([-1, 1]), "{call}: {v}");
+    }
+
+    let (err, _, v) = invoke_cold(&d, "hog", json!({}));
+    assert!(err);
+    assert_eq!(v["errorType"], "Runtime.OutOfMemory", "{v}");
+
+    let (err, _, v) = invoke_cold(&d, "bomb", json!({}));
+    assert!(!err, "{v}");
+    assert!(v["forked"].as_u64().unwrap() < 64, "{v}");
+
+    let (err, _, v) = invoke_cold(&d, "err", json!({"k": 1}));
+    assert!(err);
+    assert_eq!(v["errorType"], "ValueError");
+
+    let (err, _, v) = invoke_cold(&d, "crash", json!({}));
+    assert!(err);
+    assert_eq!(v["errorType"], "Runtime.ExitError");
+    assert!(
+        v["errorMessage"]
+            .as_str()
+            .unwrap()
+            .contains("exit status 7"),
+        "{v}"
+    );
+
+    let (err, _, _) = invoke_cold(&d, "echo", json!({}));
+    assert!(!err, "others keep working");
+    drop(listener);
+    d.stop();
+}
+
+#[test]
+fn sample_functions_give_the_same_results_in_cfork_and_container() {
+    if !can_sandbox("sample_functions_give_the_same_results_in_cfork_and_container") {
+        return;
+    }
+    if common::packages_dir().is_none() {
+        if std::env::var("SPORE_REQUIRE_ROOT").as_deref() == Ok("1") {
+            panic!("the Python packages are not installed; run scripts/setup.sh");
+        }
+        eprintln!("SKIP sample_functions_give_the_same_results_in_cfork_and_container: packages not installed");
+        return;
+    }
+    let mut d = Daemon::start();
+    // Deterministic parts of each result (timings differ).
+    let checks: &[(&str, Value, &[&str])] = &[
+        ("hello", json!({"name": "x"}), &["message"]),
+        ("float_operation", json!({"n": 1000}), &["n", "checksum"]),
+        ("linpack", json!({"n": 50}), &["n", "residual_ok"]),
+        ("matmul", json!({"n": 32}), &["n", "trace"]),
+        (
+            "json_dumps_loads",
+            json!({"records": 100}),
+            &["records", "bytes"],
+        ),
+        (
+            "pyaes",
+            json!({"length_of_message": 100, "num_of_iterations": 2}),
+            &["ok", "length"],
+        ),
+        (
+            "image_processing",
+            json!({"size": 64}),
+            &["size", "png_bytes"],
+        ),
+    ];
+    for (name, event, keys) in checks {
+        d.deploy(&sample(name));
+        let forked = format!("{name}-cfork");
+        d.deploy_cfork(&sample(name), &forked);
+        let (e1, _, a) = d.invoke(name, event.clone());
+        let (e2, _, b) = invoke_cold(&d, &forked, event.clone());
+        assert!(!e1 && !e2, "{name}: {a} / {b}");
+        for k in *keys {
+            assert_eq!(a[k], b[k], "{name}.{k}: container {a} vs cfork {b}");
+        }
+    }
+    d.stop();
+}
+
+#[test]
+fn a_template_killed_mid_fork_fails_that_call_clearly_and_is_recreated() {
+    if !can_sandbox("a_template_killed_mid_fork_fails_that_call_clearly_and_is_recreated") {
+        return;
+    }
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let mut d = Daemon::start();
+    d.deploy_cfork(&fixture("echo"), "echo");
+    let (err, _, _) = invoke_cold(&d, "echo", json!({}));
+    assert!(!err);
+    let info: Value = d
+        .http
+        .get(d.url("/2015-03-31/functions/echo"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let pids: Vec<i32> = info["Spore"]["Template"]["Pids"]
+        .as_array()
+        .expect("a live template")
+        .iter()
+        .map(|p| p.as_i64().unwrap() as i32)
+        .collect();
+    assert!(!pids.is_empty());
+    // Freeze the template so that the next fork request is stuck in it, then kill it.
+    for p in &pids {
+        kill(Pid::from_raw(*p), Signal::SIGSTOP).unwrap();
+    }
+    std::thread::scope(|s| {
+        let call = s.spawn(|| d.invoke_raw("echo", b"{}", &[("X-Spore-Cold", "1")]));
+        std::thread::sleep(Duration::from_millis(300));
+        for p in &pids {
+            let _ = kill(Pid::from_raw(*p), Signal::SIGKILL);
+        }
+        let r = call.join().unwrap();
+        assert_eq!(r.status(), 500, "the call in flight fails");
+        let body: Value = r.json().unwrap();
+        let msg = body["message"].as_str().unwrap();
+        assert!(msg.contains("template died during the fork"), "{msg}");
+    });
+    // The next call gets a new template.
+    let (err, start, v) = invoke_cold(&d, "echo", json!({"after": 1}));
+    assert!(!err, "{v}");
+    assert_eq!(start, "cold", "a new template was started");
+    let (_, start, _) = invoke_cold(&d, "echo", json!({}));
+    assert_eq!(start, "fork");
+    d.stop();
+}

@@ -702,6 +702,7 @@ impl Control {
         self.evict_templates(self.inner.cfg.max_templates.saturating_sub(1));
         let code_dir = self.registry().code_dir(rec);
         let template = Template::start(env, rec, code_dir, log, init_timeout).await?;
+        template.refill_spares(env);
         self.inner
             .templates
             .lock()

@@ -11,6 +11,7 @@ keeps only its control socket, reseeds random number generators and serves invoc
 import array
 import ctypes
 import fcntl
+import gc
 import json
 import os
 import select
@@ -56,11 +57,8 @@ def _check(rc, what):
 
 
 def _threads():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("Threads:"):
-                return int(line.split()[1])
-    return 0
+    # procfs counts a process's threads in the link count of its task directory (2 + n).
+    return os.stat("/proc/self/task").st_nlink - 2
 
 
 def _recv_fds(sock):
@@ -88,14 +86,43 @@ def _loopback_up():
         s.close()
 
 
-def _child(req, inst_fd, cgroup_fds, programs, template_sock, serve, send, handler, t_fork):
+class _NetnsPool:
+    """Network namespaces made ahead of time (with loopback up), since creating one costs
+    more than half a millisecond. Each is used once. The template makes them by entering a
+    new namespace itself and returning to its own."""
+
+    def __init__(self, target):
+        self.target = target
+        self.fds = []
+        self.own = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+
+    def wanted(self):
+        return len(self.fds) < self.target
+
+    def refill_one(self):
+        _check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+        try:
+            _loopback_up()
+            self.fds.append(os.open("/proc/self/ns/net", os.O_RDONLY))
+        finally:
+            _check(_libc.setns(self.own, CLONE_NEWNET), "setns back to the template's network namespace")
+
+    def take(self):
+        return self.fds.pop() if self.fds else None
+
+
+def _child(req, inst_fd, cgroup_fds, netns_fd, programs, template_sock, serve, send, handler, t_fork):
     phases = [("fork", t_fork), ("forked", time.monotonic_ns())]
     template_sock.detach()  # fd 3 is about to become this child's own channel
     for f in cgroup_fds:
         os.write(f, b"0")
         os.close(f)
     phases.append(("cgroup", time.monotonic_ns()))
-    _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS), "unshare")
+    if netns_fd is not None:
+        _check(_libc.setns(netns_fd, CLONE_NEWNET), "setns(CLONE_NEWNET)")
+        _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS), "unshare")
+    else:
+        _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS), "unshare")
     phases.append(("unshare", time.monotonic_ns()))
     tmp_opts = ("size=%dm,mode=1777" % req["tmp_mb"]).encode()
     _check(_libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None), "mount /proc")
@@ -103,7 +130,8 @@ def _child(req, inst_fd, cgroup_fds, programs, template_sock, serve, send, handl
     _check(_libc.mount(b"tmpfs", b"/dev/shm", b"tmpfs", MS_NOSUID | MS_NODEV, tmp_opts), "mount /dev/shm")
     phases.append(("mounts", time.monotonic_ns()))
     socket.sethostname(req["id"])
-    _loopback_up()
+    if netns_fd is None:
+        _loopback_up()
     phases.append(("net", time.monotonic_ns()))
     uid = int(req["uid"])
     os.setgroups([uid])
@@ -118,6 +146,7 @@ def _child(req, inst_fd, cgroup_fds, programs, template_sock, serve, send, handl
     _libc.syscall(SYS_CLOSE_RANGE, CONTROL_FD + 1, 0xFFFFFFFF, 0)
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    gc.unfreeze()
     # `random` reseeds itself at fork; numpy's legacy global generator does not.
     nprand = sys.modules.get("numpy.random")
     if nprand is not None:
@@ -135,12 +164,24 @@ def template(fd, handler, import_ms, serve, send, recv_rest):
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     children = {}
+    netns = _NetnsPool(int(os.environ.get("SPORE_CFORK_NETNS_POOL", "4")))
+    while netns.wanted():
+        netns.refill_one()
+    # Move everything imported so far out of the collector's sight: a child's collections
+    # then never touch (and copy) the template's objects.
+    gc.collect()
+    gc.freeze()
     send(fd, {"type": "ready", "import_ms": import_ms})
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     poller.register(wake_r, select.POLLIN)
     while True:
-        for ready_fd, _ in poller.poll():
+        # Refill the namespace pool only after 2 ms without requests, off the fork path.
+        events = poller.poll(2 if netns.wanted() else None)
+        if not events:
+            netns.refill_one()
+            continue
+        for ready_fd, _ in events:
             if ready_fd == wake_r:
                 try:
                     while os.read(wake_r, 512):
@@ -166,12 +207,13 @@ def template(fd, handler, import_ms, serve, send, recv_rest):
                           "error": "the template has %d threads; forking it is unsafe (set OPENBLAS_NUM_THREADS=1 and similar)" % threads})
                 continue
             t_fork = time.monotonic_ns()
+            netns_fd = netns.take()
             _check(_libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
             pid = os.fork()
             if pid == 0:
                 code = 0
                 try:
-                    code = _child(req, fds[0], fds[1:], programs, sock, serve, send, handler, t_fork)
+                    code = _child(req, fds[0], fds[1:], netns_fd, programs, sock, serve, send, handler, t_fork)
                 except BaseException as exc:  # noqa: BLE001 - report, never return to the loop
                     try:
                         os.write(2, ("spore cfork child setup failed: %r\n" % (exc,)).encode())
@@ -182,6 +224,8 @@ def template(fd, handler, import_ms, serve, send, recv_rest):
             _check(_libc.setns(own_pidns, CLONE_NEWPID), "setns back to the template's pid namespace")
             for f in fds:
                 os.close(f)
+            if netns_fd is not None:
+                os.close(netns_fd)
             children[pid] = req["id"]
 
 

@@ -214,6 +214,19 @@ impl Cgroup {
         self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()
     }
 
+    /// The files through which a *single-threaded* process moves itself into this group by
+    /// writing `0`: v1's `tasks`, where the kernel skips the global threadgroup lock for a
+    /// thread moving itself (a `cgroup.procs` write takes it, and waits out an RCU grace
+    /// period when no other writer was recent: measured 8-30 ms here against 0.1 ms); v2's
+    /// `cgroup.procs`.
+    pub fn self_attach_files(&self) -> Vec<PathBuf> {
+        let file = match self.layout {
+            Layout::V1 { .. } => "tasks",
+            Layout::V2 { .. } => "cgroup.procs",
+        };
+        self.dirs.iter().map(|d| d.join(file)).collect()
+    }
+
     fn memory_dir(&self) -> &Path {
         &self.dirs[0]
     }

@@ -443,12 +443,13 @@ fn enter_user_namespace(
     Ok(())
 }
 
-/// Gives the runtime a pid namespace owned by its user namespace: a cfork template must be
-/// able to `setns` back into its own pid namespace after preparing one for each child, which
-/// needs CAP_SYS_ADMIN over the namespace's owner. This process stays as the outer pid 1 and
-/// reaper, and exits with the runtime's status.
+/// Gives the runtime pid and network namespaces owned by its user namespace: a cfork
+/// template must be able to `setns` back into its own after preparing new ones for children,
+/// which needs CAP_SYS_ADMIN over the namespace's owner. This process stays as the outer
+/// pid 1 and reaper, and exits with the runtime's status.
 fn pid_namespace_of_user_namespace(control_fd: i32) -> Result<(), InitError> {
-    unshare(CloneFlags::CLONE_NEWPID).step(|| "unsharing the template's pid namespace".into())?;
+    unshare(CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWNET)
+        .step(|| "unsharing the template's pid and network namespaces".into())?;
     // SAFETY: single-threaded (see init_main), so fork copies a consistent process.
     match unsafe { fork() }.step(|| "fork of the template".into())? {
         ForkResult::Child => {

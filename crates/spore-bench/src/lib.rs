@@ -6,6 +6,8 @@
 #![forbid(unsafe_code)]
 
 pub mod cold_start;
+pub mod density;
+pub mod functionbench;
 pub mod plot;
 
 use std::fmt::Write as _;

@@ -468,6 +468,17 @@ impl Instance {
         procs > expected
     }
 
+    /// Host pids of the processes in the instance's cgroup.
+    pub fn pids(&self) -> Vec<i32> {
+        let Some(cg) = &self.cgroup else { return Vec::new() };
+        cg.procs_files()
+            .into_iter()
+            .last()
+            .and_then(|f| std::fs::read_to_string(f).ok())
+            .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
+            .unwrap_or_default()
+    }
+
     /// Peak memory use of the sandbox, MiB.
     pub fn memory_peak_mb(&self) -> Option<u64> {
         self.cgroup

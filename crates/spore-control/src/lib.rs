@@ -427,6 +427,15 @@ impl Control {
         })
     }
 
+    /// Host pids of a function's idle instances.
+    pub fn instance_pids(&self, name: &str) -> Vec<i32> {
+        let pool = self.inner.pools.lock().expect("pools lock").get(name).cloned();
+        pool.map_or_else(Vec::new, |p| {
+            let st = p.state.lock().expect("pool lock");
+            st.idle.iter().flat_map(Instance::pids).collect()
+        })
+    }
+
     fn log_ring(&self, name: &str) -> Arc<LogRing> {
         self.inner
             .logs

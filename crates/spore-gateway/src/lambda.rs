@@ -278,7 +278,7 @@ pub(crate) async fn get_function(
         "Code": { "RepositoryType": "Spore", "Location": "" },
         "Tags": tags(&rec),
         "Spore": {
-            "Instances": { "Idle": idle, "Total": total },
+            "Instances": { "Idle": idle, "Total": total, "IdlePids": st.control.instance_pids(&rec.manifest.name) },
             "Template": st.control.template_pids(&rec.manifest.name).map(|pids| serde_json::json!({ "Pids": pids })),
         },
     }))

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use spore_bench::{summarize, Series};
 use spore_control::{Control, ControlConfig};
-use spore_core::FunctionManifest;
+use spore_core::{FunctionManifest, SandboxKind};
 
 use crate::client::Client;
 use crate::daemon::ManagedDaemon;
@@ -250,128 +250,164 @@ fn floor_samples(n: usize) -> Vec<f64> {
         .collect()
 }
 
+fn deploy_variant(client: &Client, dir: &Path, name: &str, sandbox: SandboxKind, max_instances: Option<u32>) -> Result<FunctionManifest> {
+    let mut m = read_manifest(dir)?;
+    m.name = name.to_owned();
+    m.sandbox = sandbox;
+    if max_instances.is_some() {
+        m.max_instances = max_instances;
+    }
+    let zip = spore_control::code::zip_dir(dir).with_context(|| format!("packaging {}", dir.display()))?;
+    client.deploy(&m, &zip).with_context(|| format!("deploying {name}"))?;
+    Ok(m)
+}
+
+/// Deploys every sample function twice: as a container function and as `<name>-cfork`.
+fn deploy_samples(client: &Client, functions: &Path) -> Result<Vec<spore_bench::functionbench::Workload>> {
+    let mut out = Vec::new();
+    for dir in function_dirs(functions)? {
+        let m = read_manifest(&dir)?;
+        deploy_variant(client, &dir, &m.name, SandboxKind::Container, None)?;
+        let cfork = format!("{}-cfork", m.name);
+        deploy_variant(client, &dir, &cfork, SandboxKind::Cfork, None)?;
+        let payload = std::fs::read(dir.join("event.json")).unwrap_or_else(|_| b"{}".to_vec());
+        out.push(spore_bench::functionbench::Workload { container: m.name, cfork, payload });
+    }
+    Ok(out)
+}
+
 /// `spore demo`.
 pub fn demo(endpoint: &str, args: DemoArgs) -> Result<ExitCode> {
-    let dirs = function_dirs(&args.functions)?;
-    let (client, _daemon) = daemon_for(endpoint, "demo")?;
-    println!(
-        "== deploying {} sample functions from {}",
-        dirs.len(),
-        args.functions.display()
-    );
-    let mut rows = Vec::new();
-    let mut failures = 0;
-    for dir in &dirs {
-        let m = deploy_dir(&client, dir)?;
-        let payload = std::fs::read(dir.join("event.json")).unwrap_or_else(|_| b"{}".to_vec());
-        print!("   {:<18} cold x{} ", m.name, args.cold);
-        let mut cold = Vec::new();
-        let mut init = Vec::new();
-        let mut warm = Vec::new();
-        let mut result = String::new();
-        for i in 0..args.cold + args.warm {
-            let is_cold = i < args.cold;
-            let t0 = Instant::now();
-            let ans = client.invoke(&m.name, payload.clone(), is_cold)?;
-            let ms = t0.elapsed().as_secs_f64() * 1000.0;
-            if ans.function_error {
-                result = format!("ERROR {}", String::from_utf8_lossy(&ans.body));
-                failures += 1;
-                break;
-            }
-            if is_cold {
-                cold.push(ms);
-                init.push(ans.init_ms);
-            } else {
-                warm.push(ms);
-            }
-            result = String::from_utf8_lossy(&ans.body).into_owned();
-            if i + 1 == args.cold {
-                print!("warm x{} ", args.warm);
-            }
-        }
-        println!("done");
-        let mut short: String = result.chars().take(46).collect();
-        if result.chars().count() > 46 {
-            short.push_str("...");
-        }
-        rows.push((
-            m.name.clone(),
-            summarize(&cold),
-            summarize(&init),
-            summarize(&warm),
-            short,
-        ));
+    let (client, daemon) = daemon_for(endpoint, "demo")?;
+    let ep = daemon.as_ref().map_or(endpoint.to_owned(), |d| d.endpoint.clone());
+    println!("== deploying the sample functions from {} (each as a container and as a cfork function)", args.functions.display());
+    let workloads = deploy_samples(&client, &args.functions)?;
+    for w in &workloads {
+        println!("   {:<18} -> {} and {}", w.container, w.container, w.cfork);
+    }
+    println!("== invoking each: {} fresh containers, {} cfork starts, {} warm", args.cold, args.cold, args.warm);
+    let results = spore_bench::functionbench::run(&ep, &workloads, args.cold.max(1), Duration::from_secs(120), &|msg| println!("   {msg}"))?;
+    println!();
+    println!("== latency of one invocation, request to response through the HTTP API (p50 / p99)");
+    print!("{}", spore_bench::functionbench::table(&results));
+    for w in workloads.iter().take(1) {
+        let ans = client.invoke(&w.cfork, w.payload.clone(), true)?;
+        println!();
+        println!("a cfork start of {} ({}, {:.2} ms in the daemon) answered: {}", w.cfork, ans.start, ans.init_ms, String::from_utf8_lossy(&ans.body));
     }
     let floor = summarize(&floor_samples(20));
     println!();
-    println!("== cold vs warm invocation latency (client-side, through the HTTP API; container sandboxes)");
-    println!(
-        "{:<18} {:>10} {:>12} {:>10} {:>10}  result",
-        "function", "cold p50", "init p50", "warm p50", "warm p99"
-    );
-    for (name, c, i, w, r) in &rows {
-        println!(
-            "{name:<18} {:>7.1} ms {:>9.1} ms {:>7.2} ms {:>7.2} ms  {r}",
-            c.p50, i.p50, w.p50, w.p99
-        );
+    println!("floor: `{} -c pass` p50 {:.1} ms (n={})", spore_runtime::PYTHON_INTERPRETER, floor.p50, floor.n);
+    println!("not in this build yet: snapshot restores, DAGs (they return a clear error if asked for)");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn instance_pids(client: &Client, name: &str) -> std::result::Result<Vec<i64>, spore_bench::BenchError> {
+    let v = client.get_json(&format!("/2015-03-31/functions/{name}")).map_err(|e| spore_bench::BenchError::Http(e.to_string()))?;
+    Ok(v["Spore"]["Instances"]["IdlePids"].as_array().into_iter().flatten().filter_map(serde_json::Value::as_i64).collect())
+}
+
+fn save_and_print(out: &Path, bench: &str, series: &[Series], table: &str, meta: serde_json::Value, title: &str) -> Result<()> {
+    let dir = out.join(bench);
+    let files = spore_bench::write_results(&dir, bench, series, table, meta)?;
+    let png = dir.join(format!("{bench}.png"));
+    match spore_bench::plot::cdf(&png, title, series) {
+        Ok(()) => eprintln!("   plot: {}", png.display()),
+        Err(e) => eprintln!("   no plot: {e}"),
     }
-    println!();
-    println!("floor: `{} -c pass` p50 {:.1} ms (n={}) -- a cold start above includes this, plus the sandbox and the imports", spore_runtime::PYTHON_INTERPRETER, floor.p50, floor.n);
-    println!("not in this build yet: cfork starts, snapshot restores, DAGs (they return a clear error if asked for)");
-    Ok(if failures > 0 {
-        ExitCode::from(3)
-    } else {
-        ExitCode::SUCCESS
-    })
+    println!("{table}");
+    println!("results: {}, {}, {}", files.csv.display(), files.json.display(), files.markdown.display());
+    Ok(())
+}
+
+fn host_meta(extra: serde_json::Value) -> serde_json::Value {
+    let mut meta = serde_json::json!({
+        "host_cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+    });
+    if let (Some(m), Some(e)) = (meta.as_object_mut(), extra.as_object()) {
+        m.extend(e.clone());
+    }
+    meta
 }
 
 /// `spore bench ...`.
 pub fn bench(endpoint: &str, which: BenchCommand) -> Result<ExitCode> {
     match which {
-        BenchCommand::ColdStart {
-            sandbox,
-            n,
-            out,
-            functions,
-        } => {
-            if sandbox != "container" {
-                bail!("sandbox kind {sandbox:?} cannot be benchmarked in this build: only \"container\" is available");
-            }
+        BenchCommand::ColdStart { sandbox, n, out, functions } => {
+            let sandbox: SandboxKind = sandbox.parse()?;
             let (client, daemon) = daemon_for(endpoint, "bench")?;
-            let m = deploy_dir(&client, &functions.join("hello"))?;
-            let ep = daemon
-                .as_ref()
-                .map_or(endpoint.to_owned(), |d| d.endpoint.clone());
+            let ep = daemon.as_ref().map_or(endpoint.to_owned(), |d| d.endpoint.clone());
+            let hello = functions.join("hello");
+            deploy_variant(&client, &hello, "hello", SandboxKind::Container, None)?;
+            let cfork = match sandbox {
+                SandboxKind::Cfork => Some(deploy_variant(&client, &hello, "hello-cfork", SandboxKind::Cfork, None)?.name),
+                SandboxKind::Container => None,
+            };
             let cfg = spore_bench::cold_start::ColdStartConfig {
                 endpoint: ep,
-                function: m.name,
+                container_function: "hello".into(),
+                cfork_function: cfork,
                 n,
                 python: spore_runtime::PYTHON_INTERPRETER.to_owned(),
                 max_per_series: Duration::from_secs(300),
             };
-            let series: Vec<Series> =
-                spore_bench::cold_start::run(&cfg, &|msg| eprintln!("   {msg}"))?;
-            let table = spore_bench::table(&series, "python3 -c pass (floor)");
-            let dir = out.join("cold-start");
-            let meta = serde_json::json!({ "sandbox": sandbox, "n": n, "function": "hello", "host_cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0) });
-            let files = spore_bench::write_results(&dir, "cold-start", &series, &table, meta)?;
-            let png = dir.join("cold-start.png");
-            match spore_bench::plot::cdf(
-                &png,
-                "Spore cold start (container) vs warm vs python3 -c pass",
-                &series,
-            ) {
-                Ok(()) => eprintln!("   plot: {}", png.display()),
-                Err(e) => eprintln!("   no plot: {e}"),
+            let res = spore_bench::cold_start::run(&cfg, &|msg| eprintln!("   {msg}"))?;
+            let baseline = match sandbox {
+                SandboxKind::Cfork => spore_bench::cold_start::CONTAINER,
+                SandboxKind::Container => spore_bench::cold_start::FLOOR,
+            };
+            let mut table = spore_bench::table(&res.series, baseline);
+            if !res.breakdown.is_empty() {
+                table.push_str("\nWhere a cfork start goes (p50 per step; the steps add up to the daemon's request-to-ready time):\n\n| step | p50 | p99 | what |\n|---|---:|---:|---|\n");
+                for s in &res.breakdown {
+                    let sum = summarize(&s.samples_ms);
+                    table.push_str(&format!("| {} | {:.3} ms | {:.3} ms | {} |\n", s.name, sum.p50, sum.p99, spore_bench::cold_start::step_meaning(&s.name)));
+                }
             }
+            let title = format!("Spore cold start ({sandbox}) vs warm vs python3 -c pass");
+            save_and_print(&out, &format!("cold-start-{sandbox}"), &res.series, &table, host_meta(serde_json::json!({ "sandbox": sandbox.as_str(), "n": n, "function": "hello" })), &title)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        BenchCommand::Functionbench { n, out, functions } => {
+            let (client, daemon) = daemon_for(endpoint, "bench")?;
+            let ep = daemon.as_ref().map_or(endpoint.to_owned(), |d| d.endpoint.clone());
+            let workloads = deploy_samples(&client, &functions)?;
+            let results = spore_bench::functionbench::run(&ep, &workloads, n, Duration::from_secs(300), &|msg| eprintln!("   {msg}"))?;
+            let table = spore_bench::functionbench::table(&results);
+            let series: Vec<Series> = results.iter().flat_map(|(_, s)| s.iter().take(2).cloned()).collect();
+            save_and_print(&out, "functionbench", &series, &table, host_meta(serde_json::json!({ "n": n })), "FunctionBench: fresh instance, container vs cfork")?;
+            Ok(ExitCode::SUCCESS)
+        }
+        BenchCommand::Density { n, container_n, out, functions } => {
+            let (client, _daemon) = daemon_for(endpoint, "bench")?;
+            let hello = functions.join("hello");
+            let limit = u32::try_from(n.max(container_n) + 1).unwrap_or(1024).min(1024);
+            let mut rows = Vec::new();
+            for (name, kind, count) in [("hello-density-container", SandboxKind::Container, container_n), ("hello-density-cfork", SandboxKind::Cfork, n)] {
+                if count == 0 {
+                    continue;
+                }
+                deploy_variant(&client, &hello, name, kind, Some(limit))?;
+                let ep = _daemon.as_ref().map_or(endpoint.to_owned(), |d| d.endpoint.clone());
+                let d = spore_bench::density::measure(&ep, name, kind.as_str(), count, Duration::from_secs(600), &|| instance_pids(&client, name), &|m| eprintln!("   {m}"))?;
+                client.delete(name)?;
+                std::thread::sleep(Duration::from_secs(2));
+                rows.push(d);
+            }
+            let mut table = String::from("| kind | idle instances | host memory per instance | PSS per instance | USS per instance | would fit in this host | time to start them |\n|---|---:|---:|---:|---:|---:|---:|\n");
+            for d in &rows {
+                table.push_str(&format!(
+                    "| {} | {} | {:.0} KiB | {:.0} KiB | {:.0} KiB | {} | {:.1} s |\n",
+                    d.kind, d.n, d.host_kib_per_instance, d.pss_kib, d.uss_kib, d.fit_in_host, d.start_seconds
+                ));
+            }
+            let dir = out.join("density");
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join("density.json"), serde_json::to_vec_pretty(&rows)?)?;
+            std::fs::write(dir.join("table.md"), &table)?;
             println!("{table}");
-            println!(
-                "results: {}, {}, {}",
-                files.csv.display(),
-                files.json.display(),
-                files.markdown.display()
-            );
+            println!("results: {}", dir.display());
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -129,14 +129,41 @@ struct DemoArgs {
 
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
-    /// Cold start of a fresh sandboxed Python instance vs warm vs `python3 -c pass`.
+    /// Fresh-instance start of `hello`: container (and cfork) vs warm vs `python3 -c pass`.
     ColdStart {
-        /// Sandbox kind to measure.
+        /// Sandbox kind to measure: container, or cfork (then container is the baseline).
         #[arg(long, default_value = "container")]
         sandbox: String,
         /// Samples per series.
         #[arg(long, short = 'n', default_value_t = 100)]
         n: usize,
+        /// Where results go.
+        #[arg(long, default_value = "bench-results")]
+        out: PathBuf,
+        /// Folder of sample functions (hello is deployed from here).
+        #[arg(long, default_value = "functions")]
+        functions: PathBuf,
+    },
+    /// Every sample function on a fresh instance: container vs cfork (Molecule Fig. 14).
+    Functionbench {
+        /// Samples per function and mode.
+        #[arg(long, short = 'n', default_value_t = 20)]
+        n: usize,
+        /// Where results go.
+        #[arg(long, default_value = "bench-results")]
+        out: PathBuf,
+        /// Folder of sample functions.
+        #[arg(long, default_value = "functions")]
+        functions: PathBuf,
+    },
+    /// Memory per idle instance (cfork, with containers as the baseline).
+    Density {
+        /// Idle cfork instances to start.
+        #[arg(long, short = 'n', default_value_t = 500)]
+        n: usize,
+        /// Idle container instances to start (the baseline; 0 skips it).
+        #[arg(long, default_value_t = 100)]
+        container_n: usize,
         /// Where results go.
         #[arg(long, default_value = "bench-results")]
         out: PathBuf,

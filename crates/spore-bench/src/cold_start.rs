@@ -50,7 +50,13 @@ pub fn client() -> Result<reqwest::blocking::Client, BenchError> {
 }
 
 /// Invokes `function` once; checks that it succeeded.
-pub fn invoke(client: &reqwest::blocking::Client, endpoint: &str, function: &str, payload: &[u8], cold: bool) -> Result<Sample, BenchError> {
+pub fn invoke(
+    client: &reqwest::blocking::Client,
+    endpoint: &str,
+    function: &str,
+    payload: &[u8],
+    cold: bool,
+) -> Result<Sample, BenchError> {
     let url = format!("{endpoint}/2015-03-31/functions/{function}/invocations");
     let t0 = Instant::now();
     let mut req = client.post(&url).body(payload.to_vec());
@@ -59,23 +65,51 @@ pub fn invoke(client: &reqwest::blocking::Client, endpoint: &str, function: &str
     }
     let resp = req.send().map_err(|e| BenchError::Http(e.to_string()))?;
     let status = resp.status();
-    let header = |n: &str| resp.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let header = |n: &str| {
+        resp.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
     let start = header("x-spore-start").unwrap_or_default();
-    let init_ms = header("x-spore-init-ms").and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let init_ms = header("x-spore-init-ms")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
     let breakdown = header("x-spore-breakdown")
-        .map(|b| b.split(',').filter_map(|kv| kv.split_once('=')).filter_map(|(k, v)| Some((k.to_owned(), v.parse().ok()?))).collect())
+        .map(|b| {
+            b.split(',')
+                .filter_map(|kv| kv.split_once('='))
+                .filter_map(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
+                .collect()
+        })
         .unwrap_or_default();
     let failed = header("x-amz-function-error").is_some();
-    let body = resp.bytes().map_err(|e| BenchError::Http(e.to_string()))?.to_vec();
+    let body = resp
+        .bytes()
+        .map_err(|e| BenchError::Http(e.to_string()))?
+        .to_vec();
     let latency_ms = t0.elapsed().as_secs_f64() * 1000.0;
     if !status.is_success() || failed {
-        return Err(BenchError::Check(format!("{function} returned {status}: {}", String::from_utf8_lossy(&body))));
+        return Err(BenchError::Check(format!(
+            "{function} returned {status}: {}",
+            String::from_utf8_lossy(&body)
+        )));
     }
-    Ok(Sample { latency_ms, start, init_ms, breakdown, body })
+    Ok(Sample {
+        latency_ms,
+        start,
+        init_ms,
+        breakdown,
+        body,
+    })
 }
 
 /// Runs `f` up to `n` times, stopping early once `max` has passed.
-pub fn bounded<T>(n: usize, max: Duration, mut f: impl FnMut() -> Result<T, BenchError>) -> Result<Vec<T>, BenchError> {
+pub fn bounded<T>(
+    n: usize,
+    max: Duration,
+    mut f: impl FnMut() -> Result<T, BenchError>,
+) -> Result<Vec<T>, BenchError> {
     let t0 = Instant::now();
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
@@ -88,23 +122,44 @@ pub fn bounded<T>(n: usize, max: Duration, mut f: impl FnMut() -> Result<T, Benc
 }
 
 /// `n` forced fresh starts of `function`, each checked to be served as `expect`.
-pub fn fresh_starts(client: &reqwest::blocking::Client, endpoint: &str, function: &str, payload: &[u8], expect: &str, n: usize, max: Duration) -> Result<Vec<Sample>, BenchError> {
+pub fn fresh_starts(
+    client: &reqwest::blocking::Client,
+    endpoint: &str,
+    function: &str,
+    payload: &[u8],
+    expect: &str,
+    n: usize,
+    max: Duration,
+) -> Result<Vec<Sample>, BenchError> {
     bounded(n, max, || {
         let s = invoke(client, endpoint, function, payload, true)?;
         if s.start != expect {
-            return Err(BenchError::Check(format!("a forced fresh start of {function} was served {:?}, expected {expect:?}", s.start)));
+            return Err(BenchError::Check(format!(
+                "a forced fresh start of {function} was served {:?}, expected {expect:?}",
+                s.start
+            )));
         }
         Ok(s)
     })
 }
 
 /// `n` warm invocations (after one to warm up).
-pub fn warm(client: &reqwest::blocking::Client, endpoint: &str, function: &str, payload: &[u8], n: usize, max: Duration) -> Result<Vec<f64>, BenchError> {
+pub fn warm(
+    client: &reqwest::blocking::Client,
+    endpoint: &str,
+    function: &str,
+    payload: &[u8],
+    n: usize,
+    max: Duration,
+) -> Result<Vec<f64>, BenchError> {
     invoke(client, endpoint, function, payload, false)?;
     bounded(n, max, || {
         let s = invoke(client, endpoint, function, payload, false)?;
         if s.start != "warm" {
-            return Err(BenchError::Check(format!("expected a warm start of {function}, got {:?}", s.start)));
+            return Err(BenchError::Check(format!(
+                "expected a warm start of {function}, got {:?}",
+                s.start
+            )));
         }
         Ok(s.latency_ms)
     })
@@ -137,37 +192,97 @@ pub fn run(cfg: &ColdStartConfig, progress: &dyn Fn(&str)) -> Result<ColdStartRe
             .status()
             .map_err(|e| BenchError::Check(format!("running {}: {e}", cfg.python)))?;
         if !status.success() {
-            return Err(BenchError::Check(format!("{} -c pass exited with {status}", cfg.python)));
+            return Err(BenchError::Check(format!(
+                "{} -c pass exited with {status}",
+                cfg.python
+            )));
         }
         Ok(t0.elapsed().as_secs_f64() * 1000.0)
     })?;
-    let mut series = vec![Series { name: FLOOR.into(), samples_ms: floor }];
+    let mut series = vec![Series {
+        name: FLOOR.into(),
+        samples_ms: floor,
+    }];
 
-    progress(&format!("container: {} x invoke {} with X-Spore-Cold: 1", cfg.n, cfg.container_function));
-    let cold = fresh_starts(&client, &cfg.endpoint, &cfg.container_function, b"{}", "cold", cfg.n, cfg.max_per_series)?;
-    series.push(Series { name: CONTAINER.into(), samples_ms: cold.iter().map(|s| s.latency_ms).collect() });
-    series.push(Series { name: "container cold (daemon: spawn to ready)".into(), samples_ms: cold.iter().map(|s| s.init_ms).collect() });
+    progress(&format!(
+        "container: {} x invoke {} with X-Spore-Cold: 1",
+        cfg.n, cfg.container_function
+    ));
+    let cold = fresh_starts(
+        &client,
+        &cfg.endpoint,
+        &cfg.container_function,
+        b"{}",
+        "cold",
+        cfg.n,
+        cfg.max_per_series,
+    )?;
+    series.push(Series {
+        name: CONTAINER.into(),
+        samples_ms: cold.iter().map(|s| s.latency_ms).collect(),
+    });
+    series.push(Series {
+        name: "container cold (daemon: spawn to ready)".into(),
+        samples_ms: cold.iter().map(|s| s.init_ms).collect(),
+    });
 
     let mut breakdown = Vec::new();
     if let Some(cf) = &cfg.cfork_function {
-        progress(&format!("cfork: {} x invoke {cf} with X-Spore-Cold: 1", cfg.n));
+        progress(&format!(
+            "cfork: {} x invoke {cf} with X-Spore-Cold: 1",
+            cfg.n
+        ));
         // The first start may have to start the template; it is not a fork.
         invoke(&client, &cfg.endpoint, cf, b"{}", true)?;
-        let forks = fresh_starts(&client, &cfg.endpoint, cf, b"{}", "fork", cfg.n, cfg.max_per_series)?;
-        series.push(Series { name: CFORK.into(), samples_ms: forks.iter().map(|s| s.latency_ms).collect() });
-        series.push(Series { name: "cfork (daemon: request to child ready)".into(), samples_ms: forks.iter().map(|s| s.init_ms).collect() });
+        let forks = fresh_starts(
+            &client,
+            &cfg.endpoint,
+            cf,
+            b"{}",
+            "fork",
+            cfg.n,
+            cfg.max_per_series,
+        )?;
+        series.push(Series {
+            name: CFORK.into(),
+            samples_ms: forks.iter().map(|s| s.latency_ms).collect(),
+        });
+        series.push(Series {
+            name: "cfork (daemon: request to child ready)".into(),
+            samples_ms: forks.iter().map(|s| s.init_ms).collect(),
+        });
         let mut steps: BTreeMap<usize, (String, Vec<f64>)> = BTreeMap::new();
         for s in &forks {
             for (i, (name, ms)) in s.breakdown.iter().enumerate() {
-                steps.entry(i).or_insert_with(|| (name.clone(), Vec::new())).1.push(*ms);
+                steps
+                    .entry(i)
+                    .or_insert_with(|| (name.clone(), Vec::new()))
+                    .1
+                    .push(*ms);
             }
         }
-        breakdown = steps.into_values().map(|(name, samples_ms)| Series { name, samples_ms }).collect();
+        breakdown = steps
+            .into_values()
+            .map(|(name, samples_ms)| Series { name, samples_ms })
+            .collect();
     }
 
-    progress(&format!("warm: {} x invoke {}", cfg.n, cfg.container_function));
-    let warm = warm(&client, &cfg.endpoint, &cfg.container_function, b"{}", cfg.n, cfg.max_per_series)?;
-    series.push(Series { name: "warm (request to response)".into(), samples_ms: warm });
+    progress(&format!(
+        "warm: {} x invoke {}",
+        cfg.n, cfg.container_function
+    ));
+    let warm = warm(
+        &client,
+        &cfg.endpoint,
+        &cfg.container_function,
+        b"{}",
+        cfg.n,
+        cfg.max_per_series,
+    )?;
+    series.push(Series {
+        name: "warm (request to response)".into(),
+        samples_ms: warm,
+    });
     Ok(ColdStartResult { series, breakdown })
 }
 
@@ -178,7 +293,7 @@ pub fn step_meaning(step: &str) -> &'static str {
         "forked" => "os.fork in the template (page tables, copy-on-write set-up)",
         "cgroup" => "child moves itself into its cgroup (memory, cpu, pids)",
         "unshare" => "child joins a pooled net ns, unshares mount/ipc/uts",
-        "mounts" => "child mounts its /proc, /tmp, /dev/shm",
+        "mounts" => "child mounts its /proc and /tmp (/dev/shm links to /tmp)",
         "net" => "hostname (loopback is up in pooled namespaces)",
         "privileges" => "drop to an unprivileged uid, install the seccomp filter",
         "ready" => "fds closed, RNG reseeded, ready frame sent",

@@ -31,21 +31,51 @@ pub struct Density {
 }
 
 fn meminfo(key: &str) -> Result<u64, BenchError> {
-    let text = std::fs::read_to_string("/proc/meminfo").map_err(|e| BenchError::Check(format!("reading /proc/meminfo: {e}")))?;
+    let text = std::fs::read_to_string("/proc/meminfo")
+        .map_err(|e| BenchError::Check(format!("reading /proc/meminfo: {e}")))?;
     text.lines()
-        .find_map(|l| l.strip_prefix(key)?.trim().trim_end_matches("kB").trim().parse().ok())
+        .find_map(|l| {
+            l.strip_prefix(key)?
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .ok()
+        })
         .ok_or_else(|| BenchError::Check(format!("{key} missing from /proc/meminfo")))
 }
 
 fn rollup(pid: i64) -> Option<(u64, u64)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-    let field = |k: &str| text.lines().find_map(|l| l.strip_prefix(k)?.trim().trim_end_matches("kB").trim().parse::<u64>().ok()).unwrap_or(0);
-    Some((field("Pss:"), field("Private_Clean:") + field("Private_Dirty:")))
+    let field = |k: &str| {
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(k)?
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .unwrap_or(0)
+    };
+    Some((
+        field("Pss:"),
+        field("Private_Clean:") + field("Private_Dirty:"),
+    ))
 }
 
 /// Starts `n` idle instances of `function` (deployed with `max_instances >= n`) and measures
 /// them. `pids` lists the host pids of the function's instances (from the daemon).
-pub fn measure(endpoint: &str, function: &str, kind: &str, n: usize, max: Duration, pids: &dyn Fn() -> Result<Vec<i64>, BenchError>, progress: &dyn Fn(&str)) -> Result<Density, BenchError> {
+pub fn measure(
+    endpoint: &str,
+    function: &str,
+    kind: &str,
+    n: usize,
+    max: Duration,
+    pids: &dyn Fn() -> Result<Vec<i64>, BenchError>,
+    progress: &dyn Fn(&str),
+) -> Result<Density, BenchError> {
     let client = client()?;
     // One start first, so that a cfork template exists before the baseline is read.
     invoke(&client, endpoint, function, b"{}", false)?;
@@ -60,7 +90,9 @@ pub fn measure(endpoint: &str, function: &str, kind: &str, n: usize, max: Durati
             progress(&format!("{kind}: {} idle instances", i + 1));
         }
         if t0.elapsed() > max {
-            progress(&format!("{kind}: stopping at {started} instances (time limit)"));
+            progress(&format!(
+                "{kind}: stopping at {started} instances (time limit)"
+            ));
             break;
         }
     }
@@ -76,7 +108,13 @@ pub fn measure(endpoint: &str, function: &str, kind: &str, n: usize, max: Durati
             uss.push(u as f64);
         }
     }
-    let mean = |v: &[f64]| if v.is_empty() { f64::NAN } else { v.iter().sum::<f64>() / v.len() as f64 };
+    let mean = |v: &[f64]| {
+        if v.is_empty() {
+            f64::NAN
+        } else {
+            v.iter().sum::<f64>() / v.len() as f64
+        }
+    };
     let per = before.saturating_sub(after) as f64 / started.max(1) as f64;
     Ok(Density {
         kind: kind.to_owned(),
@@ -84,7 +122,11 @@ pub fn measure(endpoint: &str, function: &str, kind: &str, n: usize, max: Durati
         host_kib_per_instance: per,
         pss_kib: mean(&pss),
         uss_kib: mean(&uss),
-        fit_in_host: if per > 0.0 { (total as f64 / per) as u64 } else { 0 },
+        fit_in_host: if per > 0.0 {
+            (total as f64 / per) as u64
+        } else {
+            0
+        },
         start_seconds,
     })
 }

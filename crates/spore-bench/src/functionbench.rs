@@ -20,21 +20,62 @@ pub struct Workload {
 }
 
 /// Per-function series, in order: container cold, cfork, warm.
-pub fn run(endpoint: &str, workloads: &[Workload], n: usize, max_per_series: Duration, progress: &dyn Fn(&str)) -> Result<Vec<(String, [Series; 3])>, BenchError> {
+pub fn run(
+    endpoint: &str,
+    workloads: &[Workload],
+    n: usize,
+    max_per_series: Duration,
+    progress: &dyn Fn(&str),
+) -> Result<Vec<(String, [Series; 3])>, BenchError> {
     let client = client()?;
     let mut out = Vec::new();
     for w in workloads {
-        progress(&format!("{}: {n} container cold, {n} cfork, {n} warm", w.container));
-        let cold = fresh_starts(&client, endpoint, &w.container, &w.payload, "cold", n, max_per_series)?;
+        progress(&format!(
+            "{}: {n} container cold, {n} cfork, {n} warm",
+            w.container
+        ));
+        let cold = fresh_starts(
+            &client,
+            endpoint,
+            &w.container,
+            &w.payload,
+            "cold",
+            n,
+            max_per_series,
+        )?;
         invoke(&client, endpoint, &w.cfork, &w.payload, true)?; // may start the template
-        let forks = fresh_starts(&client, endpoint, &w.cfork, &w.payload, "fork", n, max_per_series)?;
-        let warm = warm(&client, endpoint, &w.container, &w.payload, n, max_per_series)?;
+        let forks = fresh_starts(
+            &client,
+            endpoint,
+            &w.cfork,
+            &w.payload,
+            "fork",
+            n,
+            max_per_series,
+        )?;
+        let warm = warm(
+            &client,
+            endpoint,
+            &w.container,
+            &w.payload,
+            n,
+            max_per_series,
+        )?;
         out.push((
             w.container.clone(),
             [
-                Series { name: format!("{} container", w.container), samples_ms: cold.iter().map(|s| s.latency_ms).collect() },
-                Series { name: format!("{} cfork", w.container), samples_ms: forks.iter().map(|s| s.latency_ms).collect() },
-                Series { name: format!("{} warm", w.container), samples_ms: warm },
+                Series {
+                    name: format!("{} container", w.container),
+                    samples_ms: cold.iter().map(|s| s.latency_ms).collect(),
+                },
+                Series {
+                    name: format!("{} cfork", w.container),
+                    samples_ms: forks.iter().map(|s| s.latency_ms).collect(),
+                },
+                Series {
+                    name: format!("{} warm", w.container),
+                    samples_ms: warm,
+                },
             ],
         ));
     }
@@ -45,7 +86,11 @@ pub fn run(endpoint: &str, workloads: &[Workload], n: usize, max_per_series: Dur
 pub fn table(results: &[(String, [Series; 3])]) -> String {
     let mut t = String::from("| function | n | container cold p50 / p99 | cfork p50 / p99 | warm p50 / p99 | cfork speed-up (p50) |\n|---|---:|---:|---:|---:|---:|\n");
     for (name, [c, f, w]) in results {
-        let (c, f, w) = (summarize(&c.samples_ms), summarize(&f.samples_ms), summarize(&w.samples_ms));
+        let (c, f, w) = (
+            summarize(&c.samples_ms),
+            summarize(&f.samples_ms),
+            summarize(&w.samples_ms),
+        );
         let _ = writeln!(
             t,
             "| {name} | {} | {:.1} / {:.1} ms | {:.1} / {:.1} ms | {:.1} / {:.1} ms | {:.1}x |",

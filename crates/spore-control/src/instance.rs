@@ -470,7 +470,9 @@ impl Instance {
 
     /// Host pids of the processes in the instance's cgroup.
     pub fn pids(&self) -> Vec<i32> {
-        let Some(cg) = &self.cgroup else { return Vec::new() };
+        let Some(cg) = &self.cgroup else {
+            return Vec::new();
+        };
         cg.procs_files()
             .into_iter()
             .last()

@@ -235,8 +235,16 @@ impl Control {
         let cfork = runtime_dir.join(spore_runtime::PYTHON_CFORK_FILE);
         store::write_atomic(&cfork, spore_runtime::PYTHON_CFORK.as_bytes())
             .map_err(|e| io("writing the Python cfork module", e))?;
+        let native = runtime_dir.join(spore_runtime::CFORK_CHILD_LIB_FILE);
+        store::write_atomic(&native, spore_runtime::CFORK_CHILD_LIB)
+            .map_err(|e| io("writing the cfork child library", e))?;
         use std::os::unix::fs::PermissionsExt;
-        for (p, mode) in [(&runtime_dir, 0o755), (&bootstrap, 0o644), (&cfork, 0o644)] {
+        for (p, mode) in [
+            (&runtime_dir, 0o755),
+            (&bootstrap, 0o644),
+            (&cfork, 0o644),
+            (&native, 0o755),
+        ] {
             std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
                 .map_err(|e| io("chmod of the runtime directory", e))?;
         }
@@ -429,7 +437,13 @@ impl Control {
 
     /// Host pids of a function's idle instances.
     pub fn instance_pids(&self, name: &str) -> Vec<i32> {
-        let pool = self.inner.pools.lock().expect("pools lock").get(name).cloned();
+        let pool = self
+            .inner
+            .pools
+            .lock()
+            .expect("pools lock")
+            .get(name)
+            .cloned();
         pool.map_or_else(Vec::new, |p| {
             let st = p.state.lock().expect("pool lock");
             st.idle.iter().flat_map(Instance::pids).collect()

@@ -108,7 +108,8 @@ impl Template {
         let id = format!("{}-tpl-{}-{seq}", m.name, std::process::id());
         let cgroup = create_cgroup(env, &id, m.memory_mb, 2).await?;
         let programs =
-            spore_sandbox::seccomp::filters().map_err(|e| StartError::Platform(error_chain(&e)))?;
+            spore_sandbox::seccomp::filters_for(spore_sandbox::seccomp::Profile::TemplateChild)
+                .map_err(|e| StartError::Platform(error_chain(&e)))?;
         let hex: Vec<String> = programs
             .iter()
             .map(|p| {

@@ -40,6 +40,52 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
+class _ChildSetup(ctypes.Structure):
+    """Mirror of `ChildSetup` in native/cfork_child.rs."""
+
+    _fields_ = [
+        ("cgroup_fds", ctypes.POINTER(ctypes.c_int)),
+        ("n_cgroup_fds", ctypes.c_int),
+        ("netns_fd", ctypes.c_int),
+        ("hostname", ctypes.c_char_p),
+        ("tmp_opts", ctypes.c_char_p),
+        ("uid", ctypes.c_uint32),
+        ("filter", ctypes.c_void_p),
+        ("filter_len", ctypes.c_uint16),
+        ("inst_fd", ctypes.c_int),
+        ("control_fd", ctypes.c_int),
+        ("marks", ctypes.POINTER(ctypes.c_uint64)),
+    ]
+
+
+_NATIVE_STEPS = ("cgroup", "unshare", "mounts", "net", "privileges")
+
+
+def _native_lib():
+    """The native child set-up next to this file, or None (then Python does it, slower)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "libspore_cfork_child.so")
+    try:
+        lib = ctypes.CDLL(path)
+    except OSError as exc:
+        os.write(2, ("spore cfork: native child set-up unavailable (%s); using the Python one\n" % exc).encode())
+        return None
+    lib.spore_cfork_child_setup.argtypes = [ctypes.POINTER(_ChildSetup)]
+    lib.spore_cfork_child_setup.restype = ctypes.c_int
+    return lib
+
+
+def _prepare_native(req, fds, netns_fd, programs):
+    """Builds the set-up record in the template, before fork, so that the child only calls."""
+    cg = (ctypes.c_int * max(1, len(fds) - 1))(*fds[1:])
+    marks = (ctypes.c_uint64 * len(_NATIVE_STEPS))()
+    prog, buf = programs[0]
+    hostname = req["id"].encode()[:63]
+    tmp_opts = ("size=%dm,mode=1777" % req["tmp_mb"]).encode()
+    setup = _ChildSetup(cg, len(fds) - 1, -1 if netns_fd is None else netns_fd, hostname, tmp_opts,
+                        int(req["uid"]), ctypes.cast(buf, ctypes.c_void_p), prog.len, fds[0], CONTROL_FD, marks)
+    return setup, (cg, marks, hostname, tmp_opts, buf)
+
+
 def _programs():
     """The child's seccomp programs, given by the daemon as hex `struct sock_filter` arrays."""
     progs = []
@@ -111,6 +157,30 @@ class _NetnsPool:
         return self.fds.pop() if self.fds else None
 
 
+def _native_child(native, setup, keep, template_sock, serve, send, handler, t_fork):
+    t_forked = time.monotonic_ns()
+    template_sock.detach()  # fd 3 is about to become this child's own channel
+    rc = native.spore_cfork_child_setup(ctypes.byref(setup))
+    if rc != 0:
+        raise OSError(rc % 1000, "native child set-up failed at step %d: %s" % (rc // 1000, os.strerror(rc % 1000)))
+    phases = [("fork", t_fork), ("forked", t_forked)]
+    phases.extend(zip(_NATIVE_STEPS, keep[1]))
+    return _finish_child(phases, serve, send, handler)
+
+
+def _finish_child(phases, serve, send, handler):
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    # The template's objects stay frozen: collecting them would touch (and copy) every page.
+    # `random` reseeds itself at fork; numpy's legacy global generator does not.
+    nprand = sys.modules.get("numpy.random")
+    if nprand is not None:
+        nprand.seed()
+    phases.append(("ready", time.monotonic_ns()))
+    send(CONTROL_FD, {"type": "ready", "import_ms": 0.0, "phases": phases})
+    return serve(CONTROL_FD, handler)
+
+
 def _child(req, inst_fd, cgroup_fds, netns_fd, programs, template_sock, serve, send, handler, t_fork):
     phases = [("fork", t_fork), ("forked", time.monotonic_ns())]
     template_sock.detach()  # fd 3 is about to become this child's own channel
@@ -127,7 +197,6 @@ def _child(req, inst_fd, cgroup_fds, netns_fd, programs, template_sock, serve, s
     tmp_opts = ("size=%dm,mode=1777" % req["tmp_mb"]).encode()
     _check(_libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None), "mount /proc")
     _check(_libc.mount(b"tmpfs", b"/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, tmp_opts), "mount /tmp")
-    _check(_libc.mount(b"tmpfs", b"/dev/shm", b"tmpfs", MS_NOSUID | MS_NODEV, tmp_opts), "mount /dev/shm")
     phases.append(("mounts", time.monotonic_ns()))
     socket.sethostname(req["id"])
     if netns_fd is None:
@@ -144,20 +213,12 @@ def _child(req, inst_fd, cgroup_fds, netns_fd, programs, template_sock, serve, s
         os.dup2(inst_fd, CONTROL_FD)
         os.close(inst_fd)
     _libc.syscall(SYS_CLOSE_RANGE, CONTROL_FD + 1, 0xFFFFFFFF, 0)
-    signal.set_wakeup_fd(-1)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    gc.unfreeze()
-    # `random` reseeds itself at fork; numpy's legacy global generator does not.
-    nprand = sys.modules.get("numpy.random")
-    if nprand is not None:
-        nprand.seed()
-    phases.append(("ready", time.monotonic_ns()))
-    send(CONTROL_FD, {"type": "ready", "import_ms": 0.0, "phases": phases})
-    return serve(CONTROL_FD, handler)
+    return _finish_child(phases, serve, send, handler)
 
 
 def template(fd, handler, import_ms, serve, send, recv_rest):
     programs = _programs()
+    native = _native_lib()
     sock = socket.socket(fileno=fd)
     own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -206,14 +267,19 @@ def template(fd, handler, import_ms, serve, send, recv_rest):
                 send(fd, {"type": "fork_error", "id": req["id"],
                           "error": "the template has %d threads; forking it is unsafe (set OPENBLAS_NUM_THREADS=1 and similar)" % threads})
                 continue
-            t_fork = time.monotonic_ns()
             netns_fd = netns.take()
+            if native is not None:
+                setup, keep = _prepare_native(req, fds, netns_fd, programs)
+            t_fork = time.monotonic_ns()
             _check(_libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
             pid = os.fork()
             if pid == 0:
                 code = 0
                 try:
-                    code = _child(req, fds[0], fds[1:], netns_fd, programs, sock, serve, send, handler, t_fork)
+                    if native is not None:
+                        code = _native_child(native, setup, keep, sock, serve, send, handler, t_fork)
+                    else:
+                        code = _child(req, fds[0], fds[1:], netns_fd, programs, sock, serve, send, handler, t_fork)
                 except BaseException as exc:  # noqa: BLE001 - report, never return to the loop
                     try:
                         os.write(2, ("spore cfork child setup failed: %r\n" % (exc,)).encode())

@@ -15,6 +15,13 @@ pub const PYTHON_BOOTSTRAP: &str = include_str!("../python/bootstrap.py");
 /// The cfork template loop, a module the bootstrap imports in template mode (written next to
 /// it).
 pub const PYTHON_CFORK: &str = include_str!("../python/_spore_cfork.py");
+/// The native set-up of a forked child (a small shared object built from
+/// `native/cfork_child.rs`), loaded by the cfork template with ctypes.
+pub const CFORK_CHILD_LIB: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/libspore_cfork_child.so"));
+/// File name of [`CFORK_CHILD_LIB`] next to the bootstrap.
+pub const CFORK_CHILD_LIB_FILE: &str = "libspore_cfork_child.so";
+
 /// File name of [`PYTHON_CFORK`] next to the bootstrap.
 pub const PYTHON_CFORK_FILE: &str = "_spore_cfork.py";
 

@@ -329,7 +329,16 @@ fn build_rootfs(spec: &SandboxSpec) -> Result<(), InitError> {
         symlink(target, dev.join(link)).step(|| format!("symlink /dev/{link}"))?;
     }
     let tmp_opts = format!("size={}m,mode=1777", spec.tmp_size_mb);
-    for dir in ["/dev/shm", "/tmp"] {
+    let private_dirs: &[&str] = if spec.user_namespace.is_some() {
+        // A cfork template's children each mount their own /tmp; /dev/shm points there
+        // rather than being one more mount on the fork path (and must not be the template's,
+        // which all its children would share).
+        symlink("/tmp", dev.join("shm")).step(|| "symlink /dev/shm".into())?;
+        &["/tmp"]
+    } else {
+        &["/dev/shm", "/tmp"]
+    };
+    for dir in private_dirs {
         let target = inside(root, dir);
         fs::create_dir_all(&target).step(|| format!("mkdir {dir}"))?;
         mount(

@@ -250,20 +250,32 @@ fn floor_samples(n: usize) -> Vec<f64> {
         .collect()
 }
 
-fn deploy_variant(client: &Client, dir: &Path, name: &str, sandbox: SandboxKind, max_instances: Option<u32>) -> Result<FunctionManifest> {
+fn deploy_variant(
+    client: &Client,
+    dir: &Path,
+    name: &str,
+    sandbox: SandboxKind,
+    max_instances: Option<u32>,
+) -> Result<FunctionManifest> {
     let mut m = read_manifest(dir)?;
     m.name = name.to_owned();
     m.sandbox = sandbox;
     if max_instances.is_some() {
         m.max_instances = max_instances;
     }
-    let zip = spore_control::code::zip_dir(dir).with_context(|| format!("packaging {}", dir.display()))?;
-    client.deploy(&m, &zip).with_context(|| format!("deploying {name}"))?;
+    let zip = spore_control::code::zip_dir(dir)
+        .with_context(|| format!("packaging {}", dir.display()))?;
+    client
+        .deploy(&m, &zip)
+        .with_context(|| format!("deploying {name}"))?;
     Ok(m)
 }
 
 /// Deploys every sample function twice: as a container function and as `<name>-cfork`.
-fn deploy_samples(client: &Client, functions: &Path) -> Result<Vec<spore_bench::functionbench::Workload>> {
+fn deploy_samples(
+    client: &Client,
+    functions: &Path,
+) -> Result<Vec<spore_bench::functionbench::Workload>> {
     let mut out = Vec::new();
     for dir in function_dirs(functions)? {
         let m = read_manifest(&dir)?;
@@ -271,7 +283,11 @@ fn deploy_samples(client: &Client, functions: &Path) -> Result<Vec<spore_bench::
         let cfork = format!("{}-cfork", m.name);
         deploy_variant(client, &dir, &cfork, SandboxKind::Cfork, None)?;
         let payload = std::fs::read(dir.join("event.json")).unwrap_or_else(|_| b"{}".to_vec());
-        out.push(spore_bench::functionbench::Workload { container: m.name, cfork, payload });
+        out.push(spore_bench::functionbench::Workload {
+            container: m.name,
+            cfork,
+            payload,
+        });
     }
     Ok(out)
 }
@@ -279,35 +295,79 @@ fn deploy_samples(client: &Client, functions: &Path) -> Result<Vec<spore_bench::
 /// `spore demo`.
 pub fn demo(endpoint: &str, args: DemoArgs) -> Result<ExitCode> {
     let (client, daemon) = daemon_for(endpoint, "demo")?;
-    let ep = daemon.as_ref().map_or(endpoint.to_owned(), |d| d.endpoint.clone());
-    println!("== deploying the sample functions from {} (each as a container and as a cfork function)", args.functions.display());
+    let ep = daemon
+        .as_ref()
+        .map_or(endpoint.to_owned(), |d| d.endpoint.clone());
+    println!(
+        "== deploying the sample functions from {} (each as a container and as a cfork function)",
+        args.functions.display()
+    );
     let workloads = deploy_samples(&client, &args.functions)?;
     for w in &workloads {
         println!("   {:<18} -> {} and {}", w.container, w.container, w.cfork);
     }
-    println!("== invoking each: {} fresh containers, {} cfork starts, {} warm", args.cold, args.cold, args.warm);
-    let results = spore_bench::functionbench::run(&ep, &workloads, args.cold.max(1), Duration::from_secs(120), &|msg| println!("   {msg}"))?;
+    println!(
+        "== invoking each: {} fresh containers, {} cfork starts, {} warm",
+        args.cold, args.cold, args.warm
+    );
+    let results = spore_bench::functionbench::run(
+        &ep,
+        &workloads,
+        args.cold.max(1),
+        Duration::from_secs(120),
+        &|msg| println!("   {msg}"),
+    )?;
     println!();
     println!("== latency of one invocation, request to response through the HTTP API (p50 / p99)");
     print!("{}", spore_bench::functionbench::table(&results));
     for w in workloads.iter().take(1) {
         let ans = client.invoke(&w.cfork, w.payload.clone(), true)?;
         println!();
-        println!("a cfork start of {} ({}, {:.2} ms in the daemon) answered: {}", w.cfork, ans.start, ans.init_ms, String::from_utf8_lossy(&ans.body));
+        println!(
+            "a cfork start of {} ({}, {:.2} ms in the daemon) answered: {}",
+            w.cfork,
+            ans.start,
+            ans.init_ms,
+            String::from_utf8_lossy(&ans.body)
+        );
     }
     let floor = summarize(&floor_samples(20));
     println!();
-    println!("floor: `{} -c pass` p50 {:.1} ms (n={})", spore_runtime::PYTHON_INTERPRETER, floor.p50, floor.n);
-    println!("not in this build yet: snapshot restores, DAGs (they return a clear error if asked for)");
+    println!(
+        "floor: `{} -c pass` p50 {:.1} ms (n={})",
+        spore_runtime::PYTHON_INTERPRETER,
+        floor.p50,
+        floor.n
+    );
+    println!(
+        "not in this build yet: snapshot restores, DAGs (they return a clear error if asked for)"
+    );
     Ok(ExitCode::SUCCESS)
 }
 
-fn instance_pids(client: &Client, name: &str) -> std::result::Result<Vec<i64>, spore_bench::BenchError> {
-    let v = client.get_json(&format!("/2015-03-31/functions/{name}")).map_err(|e| spore_bench::BenchError::Http(e.to_string()))?;
-    Ok(v["Spore"]["Instances"]["IdlePids"].as_array().into_iter().flatten().filter_map(serde_json::Value::as_i64).collect())
+fn instance_pids(
+    client: &Client,
+    name: &str,
+) -> std::result::Result<Vec<i64>, spore_bench::BenchError> {
+    let v = client
+        .get_json(&format!("/2015-03-31/functions/{name}"))
+        .map_err(|e| spore_bench::BenchError::Http(e.to_string()))?;
+    Ok(v["Spore"]["Instances"]["IdlePids"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(serde_json::Value::as_i64)
+        .collect())
 }
 
-fn save_and_print(out: &Path, bench: &str, series: &[Series], table: &str, meta: serde_json::Value, title: &str) -> Result<()> {
+fn save_and_print(
+    out: &Path,
+    bench: &str,
+    series: &[Series],
+    table: &str,
+    meta: serde_json::Value,
+    title: &str,
+) -> Result<()> {
     let dir = out.join(bench);
     let files = spore_bench::write_results(&dir, bench, series, table, meta)?;
     let png = dir.join(format!("{bench}.png"));
@@ -316,7 +376,12 @@ fn save_and_print(out: &Path, bench: &str, series: &[Series], table: &str, meta:
         Err(e) => eprintln!("   no plot: {e}"),
     }
     println!("{table}");
-    println!("results: {}, {}, {}", files.csv.display(), files.json.display(), files.markdown.display());
+    println!(
+        "results: {}, {}, {}",
+        files.csv.display(),
+        files.json.display(),
+        files.markdown.display()
+    );
     Ok(())
 }
 
@@ -334,14 +399,23 @@ fn host_meta(extra: serde_json::Value) -> serde_json::Value {
 /// `spore bench ...`.
 pub fn bench(endpoint: &str, which: BenchCommand) -> Result<ExitCode> {
     match which {
-        BenchCommand::ColdStart { sandbox, n, out, functions } => {
+        BenchCommand::ColdStart {
+            sandbox,
+            n,
+            out,
+            functions,
+        } => {
             let sandbox: SandboxKind = sandbox.parse()?;
             let (client, daemon) = daemon_for(endpoint, "bench")?;
-            let ep = daemon.as_ref().map_or(endpoint.to_owned(), |d| d.endpoint.clone());
+            let ep = daemon
+                .as_ref()
+                .map_or(endpoint.to_owned(), |d| d.endpoint.clone());
             let hello = functions.join("hello");
             deploy_variant(&client, &hello, "hello", SandboxKind::Container, None)?;
             let cfork = match sandbox {
-                SandboxKind::Cfork => Some(deploy_variant(&client, &hello, "hello-cfork", SandboxKind::Cfork, None)?.name),
+                SandboxKind::Cfork => Some(
+                    deploy_variant(&client, &hello, "hello-cfork", SandboxKind::Cfork, None)?.name,
+                ),
                 SandboxKind::Container => None,
             };
             let cfg = spore_bench::cold_start::ColdStartConfig {
@@ -362,35 +436,92 @@ pub fn bench(endpoint: &str, which: BenchCommand) -> Result<ExitCode> {
                 table.push_str("\nWhere a cfork start goes (p50 per step; the steps add up to the daemon's request-to-ready time):\n\n| step | p50 | p99 | what |\n|---|---:|---:|---|\n");
                 for s in &res.breakdown {
                     let sum = summarize(&s.samples_ms);
-                    table.push_str(&format!("| {} | {:.3} ms | {:.3} ms | {} |\n", s.name, sum.p50, sum.p99, spore_bench::cold_start::step_meaning(&s.name)));
+                    table.push_str(&format!(
+                        "| {} | {:.3} ms | {:.3} ms | {} |\n",
+                        s.name,
+                        sum.p50,
+                        sum.p99,
+                        spore_bench::cold_start::step_meaning(&s.name)
+                    ));
                 }
             }
             let title = format!("Spore cold start ({sandbox}) vs warm vs python3 -c pass");
-            save_and_print(&out, &format!("cold-start-{sandbox}"), &res.series, &table, host_meta(serde_json::json!({ "sandbox": sandbox.as_str(), "n": n, "function": "hello" })), &title)?;
+            save_and_print(
+                &out,
+                &format!("cold-start-{sandbox}"),
+                &res.series,
+                &table,
+                host_meta(
+                    serde_json::json!({ "sandbox": sandbox.as_str(), "n": n, "function": "hello" }),
+                ),
+                &title,
+            )?;
             Ok(ExitCode::SUCCESS)
         }
         BenchCommand::Functionbench { n, out, functions } => {
             let (client, daemon) = daemon_for(endpoint, "bench")?;
-            let ep = daemon.as_ref().map_or(endpoint.to_owned(), |d| d.endpoint.clone());
+            let ep = daemon
+                .as_ref()
+                .map_or(endpoint.to_owned(), |d| d.endpoint.clone());
             let workloads = deploy_samples(&client, &functions)?;
-            let results = spore_bench::functionbench::run(&ep, &workloads, n, Duration::from_secs(300), &|msg| eprintln!("   {msg}"))?;
+            let results = spore_bench::functionbench::run(
+                &ep,
+                &workloads,
+                n,
+                Duration::from_secs(300),
+                &|msg| eprintln!("   {msg}"),
+            )?;
             let table = spore_bench::functionbench::table(&results);
-            let series: Vec<Series> = results.iter().flat_map(|(_, s)| s.iter().take(2).cloned()).collect();
-            save_and_print(&out, "functionbench", &series, &table, host_meta(serde_json::json!({ "n": n })), "FunctionBench: fresh instance, container vs cfork")?;
+            let series: Vec<Series> = results
+                .iter()
+                .flat_map(|(_, s)| s.iter().take(2).cloned())
+                .collect();
+            save_and_print(
+                &out,
+                "functionbench",
+                &series,
+                &table,
+                host_meta(serde_json::json!({ "n": n })),
+                "FunctionBench: fresh instance, container vs cfork",
+            )?;
             Ok(ExitCode::SUCCESS)
         }
-        BenchCommand::Density { n, container_n, out, functions } => {
+        BenchCommand::Density {
+            n,
+            container_n,
+            out,
+            functions,
+        } => {
             let (client, _daemon) = daemon_for(endpoint, "bench")?;
             let hello = functions.join("hello");
-            let limit = u32::try_from(n.max(container_n) + 1).unwrap_or(1024).min(1024);
+            let limit = u32::try_from(n.max(container_n) + 1)
+                .unwrap_or(1024)
+                .min(1024);
             let mut rows = Vec::new();
-            for (name, kind, count) in [("hello-density-container", SandboxKind::Container, container_n), ("hello-density-cfork", SandboxKind::Cfork, n)] {
+            for (name, kind, count) in [
+                (
+                    "hello-density-container",
+                    SandboxKind::Container,
+                    container_n,
+                ),
+                ("hello-density-cfork", SandboxKind::Cfork, n),
+            ] {
                 if count == 0 {
                     continue;
                 }
                 deploy_variant(&client, &hello, name, kind, Some(limit))?;
-                let ep = _daemon.as_ref().map_or(endpoint.to_owned(), |d| d.endpoint.clone());
-                let d = spore_bench::density::measure(&ep, name, kind.as_str(), count, Duration::from_secs(600), &|| instance_pids(&client, name), &|m| eprintln!("   {m}"))?;
+                let ep = _daemon
+                    .as_ref()
+                    .map_or(endpoint.to_owned(), |d| d.endpoint.clone());
+                let d = spore_bench::density::measure(
+                    &ep,
+                    name,
+                    kind.as_str(),
+                    count,
+                    Duration::from_secs(600),
+                    &|| instance_pids(&client, name),
+                    &|m| eprintln!("   {m}"),
+                )?;
                 client.delete(name)?;
                 std::thread::sleep(Duration::from_secs(2));
                 rows.push(d);
@@ -399,7 +530,13 @@ pub fn bench(endpoint: &str, which: BenchCommand) -> Result<ExitCode> {
             for d in &rows {
                 table.push_str(&format!(
                     "| {} | {} | {:.0} KiB | {:.0} KiB | {:.0} KiB | {} | {:.1} s |\n",
-                    d.kind, d.n, d.host_kib_per_instance, d.pss_kib, d.uss_kib, d.fit_in_host, d.start_seconds
+                    d.kind,
+                    d.n,
+                    d.host_kib_per_instance,
+                    d.pss_kib,
+                    d.uss_kib,
+                    d.fit_in_host,
+                    d.start_seconds
                 ));
             }
             let dir = out.join("density");

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use spore_core::FunctionError;
 use spore_runtime::protocol::{self, FramePrefix, FromRuntime, ToRuntime, PREFIX_LEN};
-use spore_runtime::PythonLaunch;
+use spore_runtime::RuntimeLaunch;
 use spore_sandbox::cgroup::{Cgroup, Layout, Limits};
 use spore_sandbox::{BindMount, SandboxSpec};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -225,7 +225,8 @@ pub(crate) fn spawn_sandbox(
         template,
     } = launch;
     let m = &rec.manifest;
-    let launch = PythonLaunch {
+    let launch = RuntimeLaunch {
+        runtime: m.runtime,
         function_name: &m.name,
         handler: &m.handler,
         memory_mb: m.memory_mb,
@@ -313,12 +314,6 @@ impl Instance {
     ) -> Result<Instance, StartError> {
         let t0 = Instant::now();
         let m = &rec.manifest;
-        if m.runtime != spore_core::Runtime::Python3 {
-            return Err(StartError::Platform(format!(
-                "runtime {} is not available yet; use python3",
-                m.runtime
-            )));
-        }
         let seq = env.next_seq();
         let id = format!("{}-{}-{seq}", m.name, std::process::id());
         let cgroup = create_cgroup(env, &id, m.memory_mb, 1).await?;

@@ -229,25 +229,40 @@ impl Control {
         for d in [&rootfs, &runtime_dir] {
             std::fs::create_dir_all(d).map_err(|e| io("creating runtime directories", e))?;
         }
-        let bootstrap = runtime_dir.join("bootstrap.py");
-        store::write_atomic(&bootstrap, spore_runtime::PYTHON_BOOTSTRAP.as_bytes())
-            .map_err(|e| io("writing the Python bootstrap", e))?;
-        let cfork = runtime_dir.join(spore_runtime::PYTHON_CFORK_FILE);
-        store::write_atomic(&cfork, spore_runtime::PYTHON_CFORK.as_bytes())
-            .map_err(|e| io("writing the Python cfork module", e))?;
-        let native = runtime_dir.join(spore_runtime::CFORK_CHILD_LIB_FILE);
-        store::write_atomic(&native, spore_runtime::CFORK_CHILD_LIB)
-            .map_err(|e| io("writing the cfork child library", e))?;
+        // The in-sandbox runtime files, rewritten at every start so that they match this binary.
         use std::os::unix::fs::PermissionsExt;
-        for (p, mode) in [
-            (&runtime_dir, 0o755),
-            (&bootstrap, 0o644),
-            (&cfork, 0o644),
-            (&native, 0o755),
-        ] {
-            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
-                .map_err(|e| io("chmod of the runtime directory", e))?;
+        let runtime_files: [(&str, &[u8], u32); 4] = [
+            (
+                "bootstrap.py",
+                spore_runtime::PYTHON_BOOTSTRAP.as_bytes(),
+                0o644,
+            ),
+            (
+                spore_runtime::PYTHON_CFORK_FILE,
+                spore_runtime::PYTHON_CFORK.as_bytes(),
+                0o644,
+            ),
+            (
+                spore_runtime::NODE_BOOTSTRAP_FILE,
+                spore_runtime::NODE_BOOTSTRAP.as_bytes(),
+                0o644,
+            ),
+            (
+                spore_runtime::CFORK_CHILD_LIB_FILE,
+                spore_runtime::CFORK_CHILD_LIB,
+                0o755,
+            ),
+        ];
+        for (name, bytes, mode) in runtime_files {
+            let path = runtime_dir.join(name);
+            store::write_atomic(&path, bytes)
+                .and_then(|()| {
+                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+                })
+                .map_err(|e| io(&format!("writing the runtime file {}", path.display()), e))?;
         }
+        std::fs::set_permissions(&runtime_dir, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| io("chmod of the runtime directory", e))?;
         let packages = cfg
             .packages_dir
             .clone()
@@ -323,11 +338,18 @@ impl Control {
         spec.manifest
             .validate()
             .map_err(|e| ControlError::InvalidParameter(e.to_string()))?;
-        if spec.manifest.runtime != spore_core::Runtime::Python3 {
-            return Err(ControlError::InvalidParameter(format!(
-                "runtime {} is not available yet in this build; use python3",
-                spec.manifest.runtime
-            )));
+        if spec.manifest.runtime == spore_core::Runtime::Node20 {
+            if spec.manifest.sandbox == SandboxKind::Cfork {
+                return Err(ControlError::InvalidParameter(
+                    "runtime node20 cannot use sandbox \"cfork\": Node.js runs background threads (libuv's pool, V8's workers), and forking a multi-threaded process leaves the child with locks held by threads that no longer exist; use sandbox \"container\"".into(),
+                ));
+            }
+            if !std::path::Path::new(spore_runtime::NODE_INTERPRETER).exists() {
+                return Err(ControlError::InvalidParameter(format!(
+                    "runtime node20 needs Node.js at {}, which is not installed on this host",
+                    spore_runtime::NODE_INTERPRETER
+                )));
+            }
         }
         Ok(())
     }

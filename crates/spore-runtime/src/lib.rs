@@ -2,8 +2,9 @@
 //!
 //! A runtime instance holds one end of a Unix stream socket on fd 3. Both sides exchange
 //! frames ([`protocol`]): a small JSON header plus an opaque body. The Python bootstrap
-//! ([`PYTHON_BOOTSTRAP`]) imports the handler, reports `ready` (or `init_error`), then
-//! serves `invoke` frames one at a time.
+//! ([`PYTHON_BOOTSTRAP`]) and the Node.js one ([`NODE_BOOTSTRAP`]) import the handler,
+//! report `ready` (or `init_error`), then serve `invoke` frames one at a time. Python
+//! templates also fork children for cfork ([`PYTHON_CFORK`], [`CFORK_CHILD_LIB`]).
 #![forbid(unsafe_code)]
 
 pub mod protocol;
@@ -37,27 +38,44 @@ pub const PYTHON_INTERPRETER: &str = "/usr/bin/python3";
 /// The file descriptor the runtime finds its control socket on.
 pub const CONTROL_FD: i32 = 3;
 
-/// What a Python runtime needs to know at start.
+/// The Node.js bootstrap (written next to the Python one).
+pub const NODE_BOOTSTRAP: &str = include_str!("../node/bootstrap.js");
+/// File name of [`NODE_BOOTSTRAP`] in the runtime directory.
+pub const NODE_BOOTSTRAP_FILE: &str = "bootstrap.js";
+/// The Node.js interpreter used inside sandboxes.
+pub const NODE_INTERPRETER: &str = "/usr/bin/node";
+
+/// What a runtime needs to know at start.
 #[derive(Debug, Clone)]
-pub struct PythonLaunch<'a> {
+pub struct RuntimeLaunch<'a> {
+    /// The language runtime.
+    pub runtime: spore_core::Runtime,
     /// Function name (for the context object).
     pub function_name: &'a str,
     /// `module.function`.
     pub handler: &'a str,
-    /// Memory limit, MiB (for the context object).
+    /// Memory limit, MiB (for the context object and heap sizing).
     pub memory_mb: u32,
     /// User-defined environment variables.
     pub user_env: &'a std::collections::BTreeMap<String, String>,
 }
 
-impl PythonLaunch<'_> {
+impl RuntimeLaunch<'_> {
     /// The argv of the runtime process.
     pub fn argv(&self) -> Vec<String> {
-        // -S: no site module (no dist-packages scan, no .pth imports); packages come from
-        // PYTHONPATH. -B: never write .pyc into the read-only code directory.
-        [PYTHON_INTERPRETER, "-S", "-B", PYTHON_BOOTSTRAP_PATH]
-            .map(String::from)
-            .to_vec()
+        match self.runtime {
+            // -S: no site module (no dist-packages scan, no .pth imports); packages come from
+            // PYTHONPATH. -B: never write .pyc into the read-only code directory.
+            spore_core::Runtime::Python3 => [PYTHON_INTERPRETER, "-S", "-B", PYTHON_BOOTSTRAP_PATH]
+                .map(String::from)
+                .to_vec(),
+            // The V8 heap gets most of the memory limit, as Lambda does.
+            spore_core::Runtime::Node20 => vec![
+                NODE_INTERPRETER.to_owned(),
+                format!("--max-old-space-size={}", (self.memory_mb * 7 / 8).max(16)),
+                format!("/opt/spore/runtime/{NODE_BOOTSTRAP_FILE}"),
+            ],
+        }
     }
 
     /// The environment of the runtime process: the user's variables first, then Spore's and
@@ -68,13 +86,11 @@ impl PythonLaunch<'_> {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let reserved = [
+        let mut reserved = vec![
             ("PATH", "/usr/local/bin:/usr/bin:/bin".to_owned()),
             ("HOME", "/tmp".to_owned()),
             ("LANG", "C.UTF-8".to_owned()),
             ("TMPDIR", "/tmp".to_owned()),
-            ("PYTHONPATH", format!("{TASK_ROOT}:{PACKAGES_ROOT}")),
-            ("PYTHONDONTWRITEBYTECODE", "1".to_owned()),
             ("LAMBDA_TASK_ROOT", TASK_ROOT.to_owned()),
             ("AWS_LAMBDA_FUNCTION_NAME", self.function_name.to_owned()),
             ("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST".to_owned()),
@@ -85,6 +101,15 @@ impl PythonLaunch<'_> {
             ("_HANDLER", self.handler.to_owned()),
             ("SPORE_CONTROL_FD", CONTROL_FD.to_string()),
         ];
+        match self.runtime {
+            spore_core::Runtime::Python3 => {
+                reserved.push(("PYTHONPATH", format!("{TASK_ROOT}:{PACKAGES_ROOT}")));
+                reserved.push(("PYTHONDONTWRITEBYTECODE", "1".to_owned()));
+            }
+            spore_core::Runtime::Node20 => {
+                reserved.push(("NODE_PATH", format!("{TASK_ROOT}/node_modules")));
+            }
+        }
         env.retain(|(k, _)| !reserved.iter().any(|(r, _)| r == k));
         env.extend(reserved.into_iter().map(|(k, v)| (k.to_owned(), v)));
         env
@@ -100,7 +125,8 @@ mod tests {
         let mut user = std::collections::BTreeMap::new();
         user.insert("PATH".to_owned(), "/evil".to_owned());
         user.insert("MINE".to_owned(), "1".to_owned());
-        let launch = PythonLaunch {
+        let launch = RuntimeLaunch {
+            runtime: spore_core::Runtime::Python3,
             function_name: "f",
             handler: "main.handler",
             memory_mb: 128,
@@ -116,5 +142,12 @@ mod tests {
         assert_eq!(get("PATH"), vec!["/usr/local/bin:/usr/bin:/bin"]);
         assert_eq!(get("MINE"), vec!["1"]);
         assert_eq!(get("_HANDLER"), vec!["main.handler"]);
+        let node = RuntimeLaunch {
+            runtime: spore_core::Runtime::Node20,
+            ..launch
+        };
+        assert!(node.argv()[0].ends_with("node"));
+        assert!(node.argv().iter().any(|a| a == "--max-old-space-size=112"));
+        assert!(node.env().iter().any(|(k, _)| k == "NODE_PATH"));
     }
 }

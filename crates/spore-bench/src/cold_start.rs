@@ -289,9 +289,11 @@ pub fn run(cfg: &ColdStartConfig, progress: &dyn Fn(&str)) -> Result<ColdStartRe
 /// What each cfork step is, for the breakdown table.
 pub fn step_meaning(step: &str) -> &'static str {
     match step {
-        "request" => "daemon sends the fork request -> template calls fork (incl. new pid ns)",
+        "request" => {
+            "daemon sends the fork request -> template moves into the child's cgroup, calls fork"
+        }
         "forked" => "os.fork in the template (page tables, copy-on-write set-up)",
-        "cgroup" => "child moves itself into its cgroup (memory, cpu, pids)",
+        "cgroup" => "(nothing left: the child is born in its cgroup)",
         "unshare" => "child joins a pooled net ns, unshares mount/ipc/uts",
         "mounts" => "child mounts its /proc and /tmp (/dev/shm links to /tmp)",
         "net" => "hostname (loopback is up in pooled namespaces)",

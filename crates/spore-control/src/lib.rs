@@ -746,7 +746,12 @@ impl Control {
         }
         self.evict_templates(self.inner.cfg.max_templates.saturating_sub(1));
         let code_dir = self.registry().code_dir(rec);
-        let template = Template::start(env, rec, code_dir, log, init_timeout).await?;
+        let max_instances = rec
+            .manifest
+            .max_instances
+            .unwrap_or(self.inner.cfg.max_instances);
+        let template =
+            Template::start(env, rec, code_dir, log, init_timeout, max_instances).await?;
         template.refill_spares(env);
         self.inner
             .templates

@@ -75,13 +75,14 @@ def _native_lib():
 
 
 def _prepare_native(req, fds, netns_fd, programs):
-    """Builds the set-up record in the template, before fork, so that the child only calls."""
-    cg = (ctypes.c_int * max(1, len(fds) - 1))(*fds[1:])
+    """Builds the set-up record in the template, before fork, so that the child only calls.
+    The child is born in its cgroup (see `_attach`), so it moves nowhere itself."""
+    cg = (ctypes.c_int * 1)()
     marks = (ctypes.c_uint64 * len(_NATIVE_STEPS))()
     prog, buf = programs[0]
     hostname = req["id"].encode()[:63]
     tmp_opts = ("size=%dm,mode=1777" % req["tmp_mb"]).encode()
-    setup = _ChildSetup(cg, len(fds) - 1, -1 if netns_fd is None else netns_fd, hostname, tmp_opts,
+    setup = _ChildSetup(cg, 0, -1 if netns_fd is None else netns_fd, hostname, tmp_opts,
                         int(req["uid"]), ctypes.cast(buf, ctypes.c_void_p), prog.len, fds[0], CONTROL_FD, marks)
     return setup, (cg, marks, hostname, tmp_opts, buf)
 
@@ -267,10 +268,15 @@ def template(fd, handler, import_ms, serve, send, recv_rest):
                 send(fd, {"type": "fork_error", "id": req["id"],
                           "error": "the template has %d threads; forking it is unsafe (set OPENBLAS_NUM_THREADS=1 and similar)" % threads})
                 continue
+            sets = int(req.get("cgroups", 0))
+            child_cg, own_cg = fds[1:1 + sets], fds[1 + sets:1 + 2 * sets]
             netns_fd = netns.take()
             if native is not None:
                 setup, keep = _prepare_native(req, fds, netns_fd, programs)
             t_fork = time.monotonic_ns()
+            # Fork from inside the child's cgroup: the child's page tables and task are then
+            # charged to the child, not to the template.
+            _attach(child_cg)
             _check(_libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
             pid = os.fork()
             if pid == 0:
@@ -279,20 +285,28 @@ def template(fd, handler, import_ms, serve, send, recv_rest):
                     if native is not None:
                         code = _native_child(native, setup, keep, sock, serve, send, handler, t_fork)
                     else:
-                        code = _child(req, fds[0], fds[1:], netns_fd, programs, sock, serve, send, handler, t_fork)
+                        code = _child(req, fds[0], [], netns_fd, programs, sock, serve, send, handler, t_fork)
                 except BaseException as exc:  # noqa: BLE001 - report, never return to the loop
                     try:
                         os.write(2, ("spore cfork child setup failed: %r\n" % (exc,)).encode())
                     finally:
                         os._exit(125)
                 os._exit(code or 0)
-            # Children forked later must not land in this child's pid namespace.
+            # Back to the template's own cgroup and pid namespace; failing either, the template
+            # would misplace every later child, so it exits (and is recreated).
+            _attach(own_cg)
             _check(_libc.setns(own_pidns, CLONE_NEWPID), "setns back to the template's pid namespace")
             for f in fds:
                 os.close(f)
             if netns_fd is not None:
                 os.close(netns_fd)
             children[pid] = req["id"]
+
+
+def _attach(fds):
+    """Moves this (single-threaded) process into a cgroup: "0" into each `tasks` file."""
+    for f in fds:
+        os.write(f, b"0")
 
 
 def _reap(children, fd, send):

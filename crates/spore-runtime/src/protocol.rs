@@ -82,9 +82,13 @@ pub enum ToRuntime {
         deadline_ms: u64,
     },
     /// (To a cfork template) fork a child into a sandbox of its own. The frame carries file
-    /// descriptors (`SCM_RIGHTS`): the child's control socket first, then the `cgroup.procs`
-    /// files of its cgroup, open for writing.
+    /// descriptors (`SCM_RIGHTS`): the child's control socket first, then `cgroups` files
+    /// through which a thread moves itself into the child's cgroup, then as many for the
+    /// template's own cgroup. The template forks from inside the child's cgroup, so that the
+    /// child's kernel memory (page tables, task) is charged to the child, and moves back.
     Fork {
+        /// Number of cgroup descriptors per set.
+        cgroups: u32,
         /// Instance id (the child's hostname, and the key of its exit report).
         id: String,
         /// Uid and gid the child runs as, inside the template's user namespace.

@@ -37,6 +37,8 @@ pub struct Sample {
     pub init_ms: f64,
     /// `X-Spore-Breakdown`, step -> ms.
     pub breakdown: Vec<(String, f64)>,
+    /// `X-Spore-To-Handler-Ms`: the request reaching the daemon to the handler being called.
+    pub to_handler_ms: f64,
     /// Response body.
     pub body: Vec<u8>,
 }
@@ -83,6 +85,9 @@ pub fn invoke(
                 .collect()
         })
         .unwrap_or_default();
+    let to_handler_ms = header("x-spore-to-handler-ms")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN);
     let failed = header("x-amz-function-error").is_some();
     let body = resp
         .bytes()
@@ -100,6 +105,7 @@ pub fn invoke(
         start,
         init_ms,
         breakdown,
+        to_handler_ms,
         body,
     })
 }
@@ -222,8 +228,8 @@ pub fn run(cfg: &ColdStartConfig, progress: &dyn Fn(&str)) -> Result<ColdStartRe
         samples_ms: cold.iter().map(|s| s.latency_ms).collect(),
     });
     series.push(Series {
-        name: "container cold (daemon: spawn to ready)".into(),
-        samples_ms: cold.iter().map(|s| s.init_ms).collect(),
+        name: "container cold (daemon: request to handler running)".into(),
+        samples_ms: cold.iter().map(|s| s.to_handler_ms).collect(),
     });
 
     let mut breakdown = Vec::new();
@@ -246,6 +252,10 @@ pub fn run(cfg: &ColdStartConfig, progress: &dyn Fn(&str)) -> Result<ColdStartRe
         series.push(Series {
             name: CFORK.into(),
             samples_ms: forks.iter().map(|s| s.latency_ms).collect(),
+        });
+        series.push(Series {
+            name: "cfork (daemon: request to handler running)".into(),
+            samples_ms: forks.iter().map(|s| s.to_handler_ms).collect(),
         });
         series.push(Series {
             name: "cfork (daemon: request to child ready)".into(),

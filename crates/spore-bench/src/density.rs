@@ -20,9 +20,9 @@ pub struct Density {
     pub n: usize,
     /// Host memory per instance (`MemAvailable` drop / n), KiB.
     pub host_kib_per_instance: f64,
-    /// Mean proportional set size of an instance's processes, KiB.
+    /// Proportional set size of an instance (all its processes), KiB.
     pub pss_kib: f64,
-    /// Mean unique set size (private pages), KiB.
+    /// Unique set size (private pages) of an instance, KiB.
     pub uss_kib: f64,
     /// Instances that fit in the host's total memory at this cost.
     pub fit_in_host: u64,
@@ -108,11 +108,12 @@ pub fn measure(
             uss.push(u as f64);
         }
     }
-    let mean = |v: &[f64]| {
+    // Per instance, not per process: a container instance has its init beside the runtime.
+    let per_instance = |v: &[f64]| {
         if v.is_empty() {
             f64::NAN
         } else {
-            v.iter().sum::<f64>() / v.len() as f64
+            v.iter().sum::<f64>() / started.max(1) as f64
         }
     };
     let per = before.saturating_sub(after) as f64 / started.max(1) as f64;
@@ -120,8 +121,8 @@ pub fn measure(
         kind: kind.to_owned(),
         n: started,
         host_kib_per_instance: per,
-        pss_kib: mean(&pss),
-        uss_kib: mean(&uss),
+        pss_kib: per_instance(&pss),
+        uss_kib: per_instance(&uss),
         fit_in_host: if per > 0.0 {
             (total as f64 / per) as u64
         } else {

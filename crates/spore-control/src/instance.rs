@@ -137,6 +137,27 @@ pub struct Reply {
     pub handler_ms: f64,
     /// What the handler printed.
     pub logs: String,
+    /// `CLOCK_MONOTONIC` nanoseconds when the handler was called (0: unknown).
+    pub handler_start_ns: u64,
+}
+
+/// The frame of one invocation.
+pub(crate) fn invoke_frame(request_id: &str, payload: &[u8], timeout_s: u32) -> Vec<u8> {
+    let deadline_ms = crate::store::now_unix_ms() + u64::from(timeout_s) * 1000;
+    protocol::encode(
+        &ToRuntime::Invoke {
+            request_id: request_id.to_owned(),
+            deadline_ms,
+        },
+        payload,
+    )
+}
+
+/// `CLOCK_MONOTONIC` now, in nanoseconds (the clock the runtimes stamp their steps with).
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
 }
 
 /// How an instance's process came to be, which decides how its exit is observed.
@@ -166,6 +187,8 @@ pub struct Instance {
     pub(crate) cgroup: Option<Cgroup>,
     pub(crate) memory_mb: u32,
     pub(crate) stderr_tail: Arc<Mutex<VecDeque<String>>>,
+    /// The first invocation's frame was sent already (pipelined behind a fork request).
+    pub(crate) invoke_sent: bool,
 }
 
 /// The parts of a freshly spawned sandbox.
@@ -347,6 +370,7 @@ impl Instance {
             cgroup: Some(cgroup),
             memory_mb: m.memory_mb,
             stderr_tail: spawned.stderr_tail,
+            invoke_sent: false,
         };
         let first = tokio::time::timeout(init_timeout, read_frame(&mut inst.sock)).await;
         let failure = match first {
@@ -395,17 +419,13 @@ impl Instance {
         payload: &[u8],
         timeout_s: u32,
     ) -> Result<Reply, InvokeFailure> {
-        let deadline_ms = crate::store::now_unix_ms() + u64::from(timeout_s) * 1000;
-        let frame = protocol::encode(
-            &ToRuntime::Invoke {
-                request_id: request_id.to_owned(),
-                deadline_ms,
-            },
-            payload,
-        );
+        let frame = (!std::mem::take(&mut self.invoke_sent))
+            .then(|| invoke_frame(request_id, payload, timeout_s));
         let timeout = Duration::from_secs(u64::from(timeout_s));
         let exchange = async {
-            self.sock.write_all(&frame).await?;
+            if let Some(frame) = &frame {
+                self.sock.write_all(frame).await?;
+            }
             read_frame(&mut self.sock).await
         };
         let reply = match tokio::time::timeout(timeout, exchange).await {
@@ -414,7 +434,16 @@ impl Instance {
         };
         self.last_used = Instant::now();
         match reply {
-            Ok(Some((FromRuntime::Result { error, duration_ms, logs }, body))) => Ok(Reply {
+            Ok(Some((
+                FromRuntime::Result {
+                    error,
+                    duration_ms,
+                    logs,
+                    handler_start_ns,
+                },
+                body,
+            ))) => Ok(Reply {
+                handler_start_ns,
                 outcome: match error {
                     Some(e) => Err(e),
                     None if body.len() > spore_core::MAX_SYNC_PAYLOAD => Err(FunctionError::platform(

@@ -147,6 +147,9 @@ pub struct Invocation {
     pub log: String,
     /// Where a fresh instance's start-up went (cfork: per step, ms); empty otherwise.
     pub breakdown: Vec<(String, f64)>,
+    /// From the request reaching the daemon to the handler being called, ms (where the
+    /// runtime reports it).
+    pub to_handler_ms: Option<f64>,
 }
 
 #[derive(Debug, Default)]
@@ -565,6 +568,7 @@ impl Control {
         })?;
         let rec = self.get_function(name)?;
         let t0 = Instant::now();
+        let t0_ns = instance::monotonic_ns();
         let request_id = uuid::Uuid::new_v4().to_string();
         let pool = self.pool(name);
         let max = rec
@@ -589,8 +593,14 @@ impl Control {
                             .map(|i| (i, StartKind::Cold))
                     }
                     SandboxKind::Cfork => {
-                        self.fork_instance(&env, &rec, log.clone(), init_timeout)
-                            .await
+                        self.fork_instance(
+                            &env,
+                            &rec,
+                            log.clone(),
+                            init_timeout,
+                            instance::invoke_frame(&request_id, payload, rec.manifest.timeout_s),
+                        )
+                        .await
                     }
                 };
                 match started {
@@ -623,6 +633,7 @@ impl Control {
                                     outcome: Err(err),
                                     log: block,
                                     breakdown: Vec::new(),
+                                    to_handler_ms: None,
                                 })
                             }
                         };
@@ -638,9 +649,13 @@ impl Control {
             .await;
         let total_ms = t0.elapsed().as_secs_f64() * 1000.0;
         let peak = inst.memory_peak_mb();
+        let mut to_handler_ms = None;
         let (outcome, logs, handler_ms, reusable) = match result {
             Ok(reply) => {
                 let reusable = !inst.has_strays();
+                if reply.handler_start_ns > t0_ns {
+                    to_handler_ms = Some((reply.handler_start_ns - t0_ns) as f64 / 1e6);
+                }
                 (reply.outcome, reply.logs, reply.handler_ms, reusable)
             }
             Err(failure) => (
@@ -675,6 +690,7 @@ impl Control {
             outcome,
             log: block,
             breakdown,
+            to_handler_ms,
         })
     }
 
@@ -686,9 +702,12 @@ impl Control {
         rec: &FunctionRecord,
         log: Arc<LogRing>,
         init_timeout: Duration,
+        first_invoke: Vec<u8>,
     ) -> Result<(Instance, StartKind), StartError> {
         let (template, created) = self.template_for(env, rec, log, init_timeout).await?;
-        let forked = template.fork(env, rec, Duration::from_secs(10)).await;
+        let forked = template
+            .fork(env, rec, Duration::from_secs(10), Some(first_invoke))
+            .await;
         if forked.is_err() && !template.is_alive() {
             self.drop_template(&rec.manifest.name, &template);
         }

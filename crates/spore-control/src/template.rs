@@ -24,8 +24,8 @@ use tokio::net::UnixStream;
 use tokio::sync::Notify;
 
 use crate::instance::{
-    create_cgroup, destroy_cgroup, error_chain, platform, read_frame, spawn_sandbox, Instance,
-    InstanceEnv, Launch, Proc, StartError,
+    create_cgroup, destroy_cgroup, error_chain, monotonic_ns, platform, read_frame, spawn_sandbox,
+    Instance, InstanceEnv, Launch, Proc, StartError,
 };
 use crate::logs::LogRing;
 use crate::registry::FunctionRecord;
@@ -90,12 +90,6 @@ pub struct Template {
     last_used: Mutex<Instant>,
     memory_mb: u32,
     spares: Mutex<Vec<spore_sandbox::cgroup::Cgroup>>,
-}
-
-fn monotonic_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-        .unwrap_or(0)
 }
 
 impl Template {
@@ -267,6 +261,7 @@ impl Template {
         env: &Arc<InstanceEnv>,
         rec: &FunctionRecord,
         ready_timeout: Duration,
+        first_invoke: Option<Vec<u8>>,
     ) -> Result<Instance, StartError> {
         let t0 = Instant::now();
         if !self.is_alive() {
@@ -332,6 +327,14 @@ impl Template {
             send_with_fds(&mut w, &frame, &fds).await
         };
         drop(fds);
+        // The first invocation goes right behind the fork request: the child reads it as soon
+        // as it is set up, without a round trip through the daemon. Only small frames, which
+        // fit in the new socket's buffer, so that this write cannot block.
+        let pipelined = first_invoke.filter(|f| f.len() <= 64 * 1024);
+        let sent = sent.and_then(|()| match &pipelined {
+            Some(frame) => std::io::Write::write_all(&mut &ours, frame),
+            None => Ok(()),
+        });
         let result = match sent {
             Err(e) => Err(format!("sending the fork request: {e}")),
             Ok(()) => self.await_child(ours, &state, ready_timeout).await,
@@ -353,6 +356,7 @@ impl Template {
                     cgroup: Some(cgroup),
                     memory_mb: m.memory_mb,
                     stderr_tail: Arc::default(),
+                    invoke_sent: pipelined.is_some(),
                 })
             }
             Err(why) => {

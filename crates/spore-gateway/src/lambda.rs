@@ -435,6 +435,11 @@ pub(crate) async fn invoke(
                 "x-spore-start",
                 HeaderValue::from_static(inv.start.as_str()),
             );
+            if let Some(ms) = inv.to_handler_ms {
+                if let Ok(v) = HeaderValue::from_str(&format!("{ms:.3}")) {
+                    h.insert("x-spore-to-handler-ms", v);
+                }
+            }
             if !inv.breakdown.is_empty() {
                 let text: Vec<String> = inv
                     .breakdown

@@ -140,9 +140,13 @@ class _InitError(Exception):
         self.error = error
 
 
+_marks = {"handler_start_ns": 0}
+
+
 def _invoke(handler, header, body):
     event = json.loads(body) if body else {}
     context = LambdaContext(header["request_id"], header["deadline_ms"])
+    _marks["handler_start_ns"] = time.monotonic_ns()
     result = handler(event, context)
     try:
         return json.dumps(result).encode(), None
@@ -203,7 +207,7 @@ def _serve(fd, handler):
             os._exit(0)
         duration = (time.perf_counter() - start) * 1000.0
         _send(fd, {"type": "result", "error": error, "duration_ms": duration,
-                     "logs": capture.text()}, payload)
+                     "logs": capture.text(), "handler_start_ns": _marks["handler_start_ns"]}, payload)
 
 
 if __name__ == "__main__":

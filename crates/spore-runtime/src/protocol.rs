@@ -139,6 +139,9 @@ pub enum FromRuntime {
         duration_ms: f64,
         /// What the handler printed to stdout/stderr.
         logs: String,
+        /// `CLOCK_MONOTONIC` nanoseconds just before the handler was called (0: unknown).
+        #[serde(default)]
+        handler_start_ns: u64,
     },
 }
 

@@ -189,6 +189,28 @@ mod tests {
     }
 
     #[test]
+    fn older_runtimes_without_new_fields_still_parse() {
+        let m: FromRuntime = decode_header(br#"{"type":"ready","import_ms":1.5}"#).unwrap();
+        assert_eq!(
+            m,
+            FromRuntime::Ready {
+                import_ms: 1.5,
+                phases: vec![]
+            }
+        );
+        let m: FromRuntime =
+            decode_header(br#"{"type":"result","error":null,"duration_ms":2.0,"logs":""}"#)
+                .unwrap();
+        assert!(matches!(
+            m,
+            FromRuntime::Result {
+                handler_start_ns: 0,
+                ..
+            }
+        ));
+    }
+
+    #[test]
     fn garbage_header_is_an_error() {
         assert!(decode_header::<FromRuntime>(b"{\"type\":\"nope\"}").is_err());
         assert!(decode_header::<FromRuntime>(b"\xff\xfe").is_err());
@@ -206,11 +228,12 @@ mod tests {
         }
 
         #[test]
-        fn result_round_trips(logs in ".{0,200}", etype in "[A-Za-z.]{1,20}", msg in ".{0,100}", ms in 0.0f64..1e6) {
+        fn result_round_trips(logs in ".{0,200}", etype in "[A-Za-z.]{1,20}", msg in ".{0,100}", ms in 0.0f64..1e6, t in any::<u64>()) {
             let m = FromRuntime::Result {
                 error: Some(FunctionError { message: msg, error_type: etype, stack_trace: vec!["x".into()] }),
                 duration_ms: ms,
                 logs,
+                handler_start_ns: t,
             };
             let frame = encode(&m, b"");
             let (_, header, _) = split(&frame);

@@ -36,4 +36,16 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   chmod -R a+rX "$pkg_dir"
   echo "$want" >"$stamp"
 fi
-echo "setup: ready (packages: $pkg_dir)"
+test_dir=${SPORE_TEST_PYTHON:-$PWD/target/test-python}
+test_req=crates/spore/tests/requirements-test.txt
+stamp="$test_dir/.requirements.sha256"
+want=$(sha256sum "$test_req" | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup: installing the test suite's Python packages (boto3) into $test_dir"
+  rm -rf "$test_dir"
+  mkdir -p "$test_dir"
+  /usr/bin/python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
+    --root-user-action=ignore --target "$test_dir" -r "$test_req"
+  echo "$want" >"$stamp"
+fi
+echo "setup: ready (packages: $pkg_dir, test packages: $test_dir)"

@@ -286,6 +286,12 @@ impl Template {
             .unwrap_or_default();
         let child_files = cgroup.self_attach_files();
         let sets = child_files.len() as u32;
+        if own.len() != child_files.len() {
+            destroy_cgroup(cgroup).await;
+            return Err(StartError::Platform(
+                "the cfork template is being stopped".into(),
+            ));
+        }
         for file in child_files.into_iter().chain(own) {
             match std::fs::OpenOptions::new().write(true).open(&file) {
                 Ok(f) => fds.push(f.into()),

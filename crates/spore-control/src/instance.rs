@@ -247,6 +247,7 @@ pub(crate) fn spawn_sandbox(
         uid,
         template,
     } = launch;
+    let is_template = template.is_some();
     let m = &rec.manifest;
     let launch = RuntimeLaunch {
         runtime: m.runtime,
@@ -309,10 +310,11 @@ pub(crate) fn spawn_sandbox(
         .map_err(|e| StartError::Platform(format!("spawning {}: {e}", env.exe.display())))?;
     let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
     if let Some(out) = child.stdout.take() {
-        tokio::spawn(drain(out, log.clone(), None));
+        tokio::spawn(drain(out, log.clone(), None, None));
     }
     if let Some(err) = child.stderr.take() {
-        tokio::spawn(drain(err, log, Some(stderr_tail.clone())));
+        let echo = is_template.then(|| id.to_owned());
+        tokio::spawn(drain(err, log, Some(stderr_tail.clone()), echo));
     }
     Ok(Spawned {
         child,
@@ -477,32 +479,18 @@ impl Instance {
     /// sandbox, e.g. children the handler forked. Such an instance is not reused.
     pub fn has_strays(&self) -> bool {
         let Some(cg) = &self.cgroup else { return false };
-        let procs = cg
-            .procs_files()
-            .into_iter()
-            .last()
-            .and_then(|f| std::fs::read_to_string(f).ok())
-            .map_or(0, |t| t.lines().count());
         // A spawned sandbox's init sits in its cgroup beside the runtime; a forked child is
-        // alone in its own.
+        // alone in its own (its template, passing through at fork, is spared).
         let expected = match self.proc {
             Proc::Spawned(_) => 2,
             Proc::Forked(_) => 1,
         };
-        procs > expected
+        cg.pids().len() > expected
     }
 
     /// Host pids of the processes in the instance's cgroup.
     pub fn pids(&self) -> Vec<i32> {
-        let Some(cg) = &self.cgroup else {
-            return Vec::new();
-        };
-        cg.procs_files()
-            .into_iter()
-            .last()
-            .and_then(|f| std::fs::read_to_string(f).ok())
-            .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
-            .unwrap_or_default()
+        self.cgroup.as_ref().map(Cgroup::pids).unwrap_or_default()
     }
 
     /// Peak memory use of the sandbox, MiB.
@@ -604,14 +592,21 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// Copies a sandbox's output into the function's log; keeps the last stderr lines in `tail`
+/// (for error reports) and, with `echo`, also writes them to the daemon's own log (templates:
+/// their failures concern the platform, not one invocation).
 async fn drain<R: AsyncRead + Unpin>(
     r: R,
     log: Arc<LogRing>,
     tail: Option<Arc<Mutex<VecDeque<String>>>>,
+    echo: Option<String>,
 ) {
     let mut lines = BufReader::new(r).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         log.push_text(&line);
+        if let Some(id) = &echo {
+            tracing::warn!("{id}: {line}");
+        }
         if let Some(t) = &tail {
             let mut t = t.lock().expect("stderr tail");
             if t.len() == 8 {

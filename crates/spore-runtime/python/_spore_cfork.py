@@ -141,17 +141,26 @@ class _NetnsPool:
     def __init__(self, target):
         self.target = target
         self.fds = []
+        self.paused_until = 0.0
         self.own = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
 
     def wanted(self):
-        return len(self.fds) < self.target
+        return len(self.fds) < self.target and time.monotonic() >= self.paused_until
 
     def refill_one(self):
-        _check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+        """Adds one namespace. On failure (e.g. the cgroup's memory is exhausted) the pool
+        pauses for a second: children then create their own namespaces, more slowly."""
+        try:
+            _check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+        except OSError as exc:
+            os.write(2, ("spore cfork: cannot pool a network namespace: %s\n" % exc).encode())
+            self.paused_until = time.monotonic() + 1.0
+            return
         try:
             _loopback_up()
             self.fds.append(os.open("/proc/self/ns/net", os.O_RDONLY))
         finally:
+            # Failing this, the template would fork every later child into this namespace.
             _check(_libc.setns(self.own, CLONE_NEWNET), "setns back to the template's network namespace")
 
     def take(self):
@@ -239,7 +248,7 @@ def template(fd, handler, import_ms, serve, send, recv_rest):
     poller.register(wake_r, select.POLLIN)
     while True:
         # Refill the namespace pool only after 2 ms without requests, off the fork path.
-        events = poller.poll(2 if netns.wanted() else None)
+        events = poller.poll(2 if netns.wanted() else (1000 if len(netns.fds) < netns.target else None))
         if not events:
             netns.refill_one()
             continue
@@ -254,6 +263,7 @@ def template(fd, handler, import_ms, serve, send, recv_rest):
                 continue
             prefix, fds = _recv_fds(sock)
             if prefix is None:
+                os.write(2, b"spore cfork template: the daemon closed the control socket; exiting\n")
                 return 0
             req, _ = recv_rest(fd, prefix)
             if req.get("type") != "fork" or not fds:
@@ -274,11 +284,22 @@ def template(fd, handler, import_ms, serve, send, recv_rest):
             if native is not None:
                 setup, keep = _prepare_native(req, fds, netns_fd, programs)
             t_fork = time.monotonic_ns()
-            # Fork from inside the child's cgroup: the child's page tables and task are then
-            # charged to the child, not to the template.
-            _attach(child_cg)
-            _check(_libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
-            pid = os.fork()
+            try:
+                # Fork from inside the child's cgroup: the child's page tables and task are
+                # then charged to the child, not to the template.
+                _attach(child_cg)
+                _check(_libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
+                pid = os.fork()
+            except OSError as exc:
+                # No child exists: put the template back in order and refuse this request.
+                _attach(own_cg)
+                _libc.setns(own_pidns, CLONE_NEWPID)
+                for f in fds:
+                    os.close(f)
+                if netns_fd is not None:
+                    os.close(netns_fd)
+                send(fd, {"type": "fork_error", "id": req["id"], "error": "fork failed: %s" % exc})
+                continue
             if pid == 0:
                 code = 0
                 try:

@@ -167,7 +167,13 @@ def main():
     if os.environ.get("SPORE_MODE") == "template":
         import _spore_cfork
 
-        return _spore_cfork.template(fd, handler, import_ms, _serve, _send, _recv_rest)
+        try:
+            return _spore_cfork.template(fd, handler, import_ms, _serve, _send, _recv_rest)
+        except BaseException:
+            import traceback
+
+            os.write(2, ("spore cfork template failed:\n" + traceback.format_exc()).encode())
+            raise
     _send(fd, {"type": "ready", "import_ms": import_ms})
     return _serve(fd, handler)
 

@@ -130,6 +130,7 @@ impl Layout {
             let group = Cgroup {
                 dirs: self.dirs(&Path::new(name).join(child)),
                 layout: self.clone(),
+                spared: Vec::new(),
             };
             group.destroy()?;
         }
@@ -152,6 +153,9 @@ impl Layout {
 pub struct Cgroup {
     layout: Layout,
     dirs: Vec<PathBuf>,
+    /// Processes that may pass through the group but do not belong to it (a cfork template
+    /// forks from inside its child's group): never killed, never counted.
+    spared: Vec<i32>,
 }
 
 impl Cgroup {
@@ -166,6 +170,7 @@ impl Cgroup {
         let group = Cgroup {
             dirs: layout.dirs(&rel),
             layout: layout.clone(),
+            spared: Vec::new(),
         };
         for dir in &group.dirs {
             fs::create_dir(dir).map_err(io_err(dir))?;
@@ -275,7 +280,13 @@ impl Cgroup {
             .ok()
     }
 
-    fn pids(&self) -> Vec<i32> {
+    /// Marks processes that may pass through this group without belonging to it.
+    pub fn spare(&mut self, pids: &[i32]) {
+        self.spared.extend_from_slice(pids);
+    }
+
+    /// Host pids of the group's own processes (spared ones left out).
+    pub fn pids(&self) -> Vec<i32> {
         let mut pids: Vec<i32> = self
             .procs_files()
             .iter()
@@ -288,18 +299,21 @@ impl Cgroup {
             .collect();
         pids.sort_unstable();
         pids.dedup();
+        pids.retain(|p| !self.spared.contains(p));
         pids
     }
 
-    /// Sends SIGKILL to every process in the group until it is empty (5 s at most).
+    /// Sends SIGKILL to every process in the group until it is empty (30 s at most: when a
+    /// thousand sandboxes are stopped at once on two CPUs, their exits, each tearing down its
+    /// namespaces, take seconds).
     pub fn kill_all(&self) -> Result<(), SandboxError> {
-        if let Layout::V2 { .. } = self.layout {
+        if let (Layout::V2 { .. }, true) = (&self.layout, self.spared.is_empty()) {
             let kill_file = self.dirs[0].join("cgroup.kill");
             if kill_file.exists() {
                 let _ = fs::write(&kill_file, "1");
             }
         }
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let pids = self.pids();
             if pids.is_empty() {
@@ -317,7 +331,7 @@ impl Cgroup {
             for pid in pids {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             }
-            std::thread::sleep(Duration::from_millis(2));
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
@@ -334,7 +348,7 @@ impl Cgroup {
 /// `rmdir` of a cgroup directory; retried briefly because a killed task can take a moment to
 /// leave the group.
 fn remove_dir_retrying(dir: &Path) -> Result<(), SandboxError> {
-    let deadline = Instant::now() + Duration::from_secs(2);
+    let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match fs::remove_dir(dir) {
             Ok(()) => return Ok(()),
@@ -390,6 +404,7 @@ mod tests {
                 root: tmp.path().into(),
             },
             dirs: vec![tmp.path().to_owned()],
+            spared: Vec::new(),
         };
         fs::write(
             tmp.path().join("memory.oom_control"),

@@ -419,4 +419,23 @@ mod tests {
         .unwrap();
         assert!(group.oom_killed());
     }
+
+    #[test]
+    fn spared_processes_are_neither_listed_nor_killed() {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::write(tmp.path().join("cgroup.procs"), "5\n7\n").unwrap();
+        let mut group = Cgroup {
+            layout: Layout::V1 {
+                root: tmp.path().into(),
+            },
+            dirs: vec![tmp.path().to_owned()],
+            spared: Vec::new(),
+        };
+        assert_eq!(group.pids(), vec![5, 7]);
+        group.spare(&[7]);
+        assert_eq!(group.pids(), vec![5]);
+        // Only spared processes left: nothing to kill, so kill_all returns at once.
+        fs::write(tmp.path().join("cgroup.procs"), "7\n").unwrap();
+        group.kill_all().unwrap();
+    }
 }

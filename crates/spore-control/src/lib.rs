@@ -164,6 +164,18 @@ struct Pool {
     notify: Notify,
 }
 
+impl Pool {
+    /// Takes the idle instances for which `pick` holds out of the pool (they no longer count
+    /// against its limit).
+    fn take_idle(&self, pick: impl Fn(&Instance) -> bool) -> Vec<Instance> {
+        let mut st = self.state.lock().expect("pool lock");
+        let (taken, kept): (Vec<_>, Vec<_>) = st.idle.drain(..).partition(|i| pick(i));
+        st.idle = kept;
+        st.total -= taken.len() as u32;
+        taken
+    }
+}
+
 enum Slot {
     Warm(Box<Instance>),
     Cold,
@@ -447,13 +459,7 @@ impl Control {
 
     /// Number of idle and total instances of a function.
     pub fn instance_counts(&self, name: &str) -> (usize, u32) {
-        let pool = self
-            .inner
-            .pools
-            .lock()
-            .expect("pools lock")
-            .get(name)
-            .cloned();
+        let pool = self.existing_pool(name);
         pool.map_or((0, 0), |p| {
             let st = p.state.lock().expect("pool lock");
             (st.idle.len(), st.total)
@@ -462,13 +468,7 @@ impl Control {
 
     /// Host pids of a function's idle instances.
     pub fn instance_pids(&self, name: &str) -> Vec<i32> {
-        let pool = self
-            .inner
-            .pools
-            .lock()
-            .expect("pools lock")
-            .get(name)
-            .cloned();
+        let pool = self.existing_pool(name);
         pool.map_or_else(Vec::new, |p| {
             let st = p.state.lock().expect("pool lock");
             st.idle.iter().flat_map(Instance::pids).collect()
@@ -506,20 +506,9 @@ impl Control {
         if let Some(t) = template {
             tokio::spawn(async move { t.destroy().await });
         }
-        let pool = self
-            .inner
-            .pools
-            .lock()
-            .expect("pools lock")
-            .get(name)
-            .cloned();
+        let pool = self.existing_pool(name);
         if let Some(pool) = pool {
-            let stale: Vec<Instance> = {
-                let mut st = pool.state.lock().expect("pool lock");
-                let v: Vec<Instance> = st.idle.drain(..).collect();
-                st.total -= v.len() as u32;
-                v
-            };
+            let stale = pool.take_idle(|_| true);
             pool.notify.notify_waiters();
             spawn_destroy(stale);
         }
@@ -923,6 +912,25 @@ impl Control {
         spawn_destroy(reject.into_iter().collect());
     }
 
+    fn existing_pool(&self, name: &str) -> Option<Arc<Pool>> {
+        self.inner
+            .pools
+            .lock()
+            .expect("pools lock")
+            .get(name)
+            .cloned()
+    }
+
+    fn pools_snapshot(&self) -> Vec<Arc<Pool>> {
+        self.inner
+            .pools
+            .lock()
+            .expect("pools lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
     /// Stops instances idle for longer than the keep-alive; runs until the process ends.
     pub fn spawn_reaper(&self) {
         let this = self.clone();
@@ -934,27 +942,9 @@ impl Control {
                 if this.inner.draining.load(Ordering::Acquire) {
                     return;
                 }
-                let pools: Vec<Arc<Pool>> = this
-                    .inner
-                    .pools
-                    .lock()
-                    .expect("pools lock")
-                    .values()
-                    .cloned()
-                    .collect();
-                for pool in pools {
-                    let expired: Vec<Instance> = {
-                        let mut st = pool.state.lock().expect("pool lock");
-                        let keep = this.inner.cfg.keep_alive;
-                        let (old, fresh): (Vec<_>, Vec<_>) = st
-                            .idle
-                            .drain(..)
-                            .partition(|i| i.last_used.elapsed() > keep);
-                        st.idle = fresh;
-                        st.total -= old.len() as u32;
-                        old
-                    };
-                    spawn_destroy(expired);
+                let keep = this.inner.cfg.keep_alive;
+                for pool in this.pools_snapshot() {
+                    spawn_destroy(pool.take_idle(|i| i.last_used.elapsed() > keep));
                 }
             }
         });
@@ -978,20 +968,11 @@ impl Control {
                 break;
             }
         }
-        let pools: Vec<Arc<Pool>> = self
-            .inner
-            .pools
-            .lock()
-            .expect("pools lock")
-            .values()
-            .cloned()
+        let all: Vec<Instance> = self
+            .pools_snapshot()
+            .iter()
+            .flat_map(|p| p.take_idle(|_| true))
             .collect();
-        let mut all = Vec::new();
-        for pool in pools {
-            let mut st = pool.state.lock().expect("pool lock");
-            st.total -= st.idle.len() as u32;
-            all.append(&mut st.idle);
-        }
         for inst in all {
             inst.destroy().await;
         }

@@ -207,10 +207,9 @@ pub fn preflight() -> Result<cgroup::Layout, SandboxError> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn command_carries_spec_and_nothing_else() {
-        let spec = SandboxSpec {
-            id: "i1".into(),
+    fn spec(id: &str) -> SandboxSpec {
+        SandboxSpec {
+            id: id.into(),
             rootfs: "/tmp/r".into(),
             binds: vec![],
             symlinks: vec![],
@@ -225,7 +224,12 @@ mod tests {
             max_open_files: 1024,
             control_fd: 3,
             user_namespace: None,
-        };
+        }
+    }
+
+    #[test]
+    fn command_carries_spec_and_nothing_else() {
+        let spec = spec("i1");
         let cmd = command(Path::new("/bin/spore"), &spec).unwrap();
         let envs: Vec<_> = cmd.get_envs().collect();
         assert_eq!(envs.len(), 1);
@@ -236,26 +240,11 @@ mod tests {
 
     #[test]
     fn rootfs_has_usr_and_etc() {
-        let mut spec = SandboxSpec {
-            id: "box".into(),
-            rootfs: "/tmp/r".into(),
-            binds: vec![],
-            symlinks: vec![],
-            files: vec![],
-            tmp_size_mb: 16,
-            uid: 1000,
-            gid: 1000,
-            argv: vec![],
-            env: vec![],
-            cwd: "/".into(),
-            cgroup_procs: vec![],
-            max_open_files: 1024,
-            control_fd: 3,
-            user_namespace: Some(IdMapping {
-                host_base: 1 << 20,
-                count: 65536,
-            }),
-        };
+        let mut spec = spec("box");
+        spec.user_namespace = Some(IdMapping {
+            host_base: 1 << 20,
+            count: 65536,
+        });
         host_runtime_rootfs(&mut spec);
         assert!(spec.binds.iter().any(|b| b.target == "/usr" && b.read_only));
         assert!(spec

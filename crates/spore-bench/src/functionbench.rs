@@ -19,11 +19,12 @@ pub struct Workload {
     pub payload: Vec<u8>,
 }
 
-/// Per-function series, in order: container cold, cfork, warm.
+/// Per-function series, in order: container cold, cfork (`n` each), warm (`n_warm`).
 pub fn run(
     endpoint: &str,
     workloads: &[Workload],
     n: usize,
+    n_warm: usize,
     max_per_series: Duration,
     progress: &dyn Fn(&str),
 ) -> Result<Vec<(String, [Series; 3])>, BenchError> {
@@ -31,7 +32,7 @@ pub fn run(
     let mut out = Vec::new();
     for w in workloads {
         progress(&format!(
-            "{}: {n} container cold, {n} cfork, {n} warm",
+            "{}: {n} container cold, {n} cfork, {n_warm} warm",
             w.container
         ));
         let cold = fresh_starts(
@@ -58,7 +59,7 @@ pub fn run(
             endpoint,
             &w.container,
             &w.payload,
-            n,
+            n_warm,
             max_per_series,
         )?;
         out.push((

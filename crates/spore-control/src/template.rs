@@ -126,7 +126,7 @@ impl Template {
                     .collect()
             })
             .collect();
-        let extra_env = vec![
+        let mut extra_env = vec![
             ("SPORE_MODE".to_owned(), "template".to_owned()),
             ("SPORE_CFORK_NETNS_POOL".to_owned(), NETNS_POOL.to_string()),
             (
@@ -134,6 +134,10 @@ impl Template {
                 serde_json::to_string(&hex).expect("json"),
             ),
         ];
+        // Operators (and the tests) can force the pure-Python child set-up.
+        if std::env::var("SPORE_CFORK_NATIVE").as_deref() == Ok("0") {
+            extra_env.push(("SPORE_CFORK_NATIVE".to_owned(), "0".to_owned()));
+        }
         let mapping = IdMapping {
             host_base: HOST_ID_BASE + (seq % 2000) as u32 * IDS_PER_TEMPLATE,
             count: IDS_PER_TEMPLATE,

@@ -63,6 +63,8 @@ _NATIVE_STEPS = ("cgroup", "unshare", "mounts", "net", "privileges")
 
 def _native_lib():
     """The native child set-up next to this file, or None (then Python does it, slower)."""
+    if os.environ.get("SPORE_CFORK_NATIVE") == "0":
+        return None
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "libspore_cfork_child.so")
     try:
         lib = ctypes.CDLL(path)

@@ -241,3 +241,26 @@ fn a_template_killed_mid_fork_fails_that_call_clearly_and_is_recreated() {
     assert_eq!(start, "fork");
     d.stop();
 }
+
+#[test]
+fn the_python_child_set_up_works_where_the_native_one_is_unavailable() {
+    if !can_sandbox("the_python_child_set_up_works_where_the_native_one_is_unavailable") {
+        return;
+    }
+    let mut d = Daemon::start_with_env(&[("SPORE_CFORK_NATIVE", "0")]);
+    d.deploy_cfork(&fixture("rng"), "rng");
+    d.deploy_cfork(&fixture("probe"), "probe");
+    let (_, _, a) = invoke_cold(&d, "rng", json!({}));
+    let (err, start, b) = invoke_cold(&d, "rng", json!({}));
+    assert!(!err && start == "fork", "{b}");
+    assert_eq!(b["pid"], 1);
+    assert!(b["fds"].as_array().unwrap().len() <= 5, "{b}");
+    assert_ne!(a["random"], b["random"]);
+    let (err, _, v) = invoke_cold(&d, "probe", json!({"port": 9}));
+    assert!(!err, "{v}");
+    assert_eq!(v["pids"], json!([1]));
+    for call in ["mount", "ptrace", "unshare"] {
+        assert_eq!(v[call], json!([-1, 1]), "{call}: {v}");
+    }
+    d.stop();
+}

@@ -77,8 +77,24 @@ impl Daemon {
         d
     }
 
+    /// Starts a daemon on a new data dir with extra environment variables.
+    pub fn start_with_env(env: &[(&str, &str)]) -> Daemon {
+        let tmp = tempfile::Builder::new()
+            .prefix("spore-test-")
+            .tempdir()
+            .unwrap();
+        let data = tmp.path().join("data");
+        let mut d = Daemon::launch(&data, &[], env);
+        d._tmp = Some(tmp);
+        d
+    }
+
     /// Starts a daemon on an existing (or new) data dir.
     pub fn start_at(data: &Path, extra: &[&str]) -> Daemon {
+        Daemon::launch(data, extra, &[])
+    }
+
+    fn launch(data: &Path, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
         std::fs::create_dir_all(data).unwrap();
         let log = data.with_extension(format!(
             "log-{}",
@@ -106,6 +122,7 @@ impl Daemon {
             .stdout(f.try_clone().unwrap())
             .stderr(f)
             .env("RUST_LOG", "info");
+        cmd.envs(env.iter().copied());
         let mut child = cmd.spawn().unwrap();
         let endpoint_file = data.join("run/endpoint");
         let http = Client::builder()

@@ -199,6 +199,10 @@ impl Daemon {
             "Code": { "ZipFile": base64::engine::general_purpose::STANDARD.encode(zip) },
             "Tags": { "spore:sandbox": sandbox },
         });
+        let mut body = body;
+        if let Some(max) = m.max_instances {
+            body["Tags"]["spore:max_instances"] = max.to_string().into();
+        }
         self.http
             .post(self.url("/2015-03-31/functions"))
             .json(&body)

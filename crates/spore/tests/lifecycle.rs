@@ -216,3 +216,86 @@ fn cli_deploy_invoke_ls_logs_rm() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("is `spore serve` running?"));
     d.stop();
 }
+
+#[test]
+fn shutdown_lets_in_flight_invocations_finish_and_refuses_new_ones() {
+    if !can_sandbox("shutdown_lets_in_flight_invocations_finish_and_refuses_new_ones") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut d = Daemon::start_at(&data, &[]);
+    d.deploy(&fixture("slow"));
+    d.deploy(&fixture("echo"));
+    d.invoke("echo", json!({}));
+    std::thread::scope(|s| {
+        let slow = s.spawn(|| d.invoke_raw("slow", br#"{"s": 1.5}"#, &[]));
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let pid = d.child.as_ref().unwrap().id() as i32;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        // Draining: no new invocations (the listener may already be closed, or answer 503).
+        if let Ok(r) = d
+            .http
+            .post(d.url("/2015-03-31/functions/echo/invocations"))
+            .body("{}")
+            .send()
+        {
+            assert_eq!(r.status(), 503, "a new invocation during the drain");
+        }
+        let r = slow.join().unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.json::<Value>().unwrap(),
+            json!("woke"),
+            "the in-flight call finished"
+        );
+    });
+    let status = d.child.as_mut().unwrap().wait().unwrap();
+    assert!(status.success(), "{status}");
+    d.child = None;
+    common::assert_no_leaks(&data);
+}
+
+#[test]
+fn idle_instances_are_reaped_after_the_keep_alive() {
+    if !can_sandbox("idle_instances_are_reaped_after_the_keep_alive") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut d = Daemon::start_at(&data, &["--keep-alive-s", "1"]);
+    d.deploy(&fixture("echo"));
+    d.deploy_cfork(&fixture("echo"), "echo-cfork");
+    d.invoke("echo", json!({}));
+    d.invoke("echo-cfork", json!({}));
+    let total = |name: &str| -> u64 {
+        let v: Value = d
+            .http
+            .get(d.url(&format!("/2015-03-31/functions/{name}")))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        v["Spore"]["Instances"]["Total"].as_u64().unwrap()
+    };
+    assert_eq!((total("echo"), total("echo-cfork")), (1, 1));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while total("echo") + total("echo-cfork") > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "idle instances were not reaped"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // The next call starts afresh (a fork: the template outlives its instances).
+    let (_, start, _) = d.invoke("echo", json!({}));
+    assert_eq!(start, "cold");
+    let (_, start, _) = d.invoke("echo-cfork", json!({}));
+    assert_eq!(start, "fork");
+    d.stop();
+}

@@ -232,9 +232,28 @@ pub(crate) struct Launch<'a> {
     pub template: Option<(spore_sandbox::IdMapping, Vec<(String, String)>)>,
 }
 
-/// Starts the sandbox init for `rec` with the given cgroup: the runtime process, its control
-/// socket, and tasks draining its output into `log`.
-pub(crate) fn spawn_sandbox(
+/// Starts a sandbox for `rec` in a new cgroup of `memory_mb` (`inits` Spore processes beside
+/// the runtime's): the runtime process, its control socket, and tasks draining its output into
+/// `log`. On failure nothing is left behind.
+pub(crate) async fn spawn_sandbox(
+    env: &InstanceEnv,
+    rec: &FunctionRecord,
+    launch: Launch<'_>,
+    log: Arc<LogRing>,
+    memory_mb: u32,
+    inits: u32,
+) -> Result<(Cgroup, Spawned), StartError> {
+    let cgroup = create_cgroup(env, launch.id, memory_mb, inits).await?;
+    match spawn_in(env, rec, launch, log, &cgroup) {
+        Ok(spawned) => Ok((cgroup, spawned)),
+        Err(e) => {
+            destroy_cgroup(cgroup).await;
+            Err(e)
+        }
+    }
+}
+
+fn spawn_in(
     env: &InstanceEnv,
     rec: &FunctionRecord,
     launch: Launch<'_>,
@@ -341,26 +360,14 @@ impl Instance {
         let m = &rec.manifest;
         let seq = env.next_seq();
         let id = format!("{}-{}-{seq}", m.name, std::process::id());
-        let cgroup = create_cgroup(env, &id, m.memory_mb, 1).await?;
         let uid = env.uid_base + (seq % 100_000) as u32;
-        let spawned = match spawn_sandbox(
-            env,
-            rec,
-            Launch {
-                id: &id,
-                code_dir,
-                uid,
-                template: None,
-            },
-            log,
-            &cgroup,
-        ) {
-            Ok(s) => s,
-            Err(e) => {
-                destroy_cgroup(cgroup).await;
-                return Err(e);
-            }
+        let launch = Launch {
+            id: &id,
+            code_dir,
+            uid,
+            template: None,
         };
+        let (cgroup, spawned) = spawn_sandbox(env, rec, launch, log, m.memory_mb, 1).await?;
         let mut inst = Instance {
             id,
             revision: rec.revision,

@@ -113,7 +113,6 @@ impl Template {
         let memory_mb = m.memory_mb + 16 + (max_instances + NETNS_POOL) * CHILD_KIB / 1024;
         let seq = env.next_seq();
         let id = format!("{}-tpl-{}-{seq}", m.name, std::process::id());
-        let cgroup = create_cgroup(env, &id, memory_mb, 2).await?;
         let programs =
             spore_sandbox::seccomp::filters_for(spore_sandbox::seccomp::Profile::TemplateChild)
                 .map_err(|e| StartError::Platform(error_chain(&e)))?;
@@ -142,24 +141,13 @@ impl Template {
             host_base: HOST_ID_BASE + (seq % 2000) as u32 * IDS_PER_TEMPLATE,
             count: IDS_PER_TEMPLATE,
         };
-        let spawned = match spawn_sandbox(
-            env,
-            rec,
-            Launch {
-                id: &id,
-                code_dir,
-                uid: 0,
-                template: Some((mapping, extra_env)),
-            },
-            log,
-            &cgroup,
-        ) {
-            Ok(s) => s,
-            Err(e) => {
-                destroy_cgroup(cgroup).await;
-                return Err(e);
-            }
+        let launch = Launch {
+            id: &id,
+            code_dir,
+            uid: 0,
+            template: Some((mapping, extra_env)),
         };
+        let (cgroup, spawned) = spawn_sandbox(env, rec, launch, log, memory_mb, 2).await?;
         let (mut reader, writer) = spawned.sock.into_split();
         let first = tokio::time::timeout(init_timeout, read_frame(&mut reader)).await;
         let mut helper = spawned.child;

@@ -175,6 +175,8 @@ fn configuration(rec: &FunctionRecord) -> serde_json::Value {
         "PackageType": "Zip",
         "Architectures": [std::env::consts::ARCH.replace("aarch64", "arm64")],
         "RevisionId": format!("{}-{}", rec.code_hex.get(..12).unwrap_or_default(), rec.revision),
+        // Not Lambda's: the SDKs ignore unknown keys; `spore ls` shows it.
+        "SporeSandbox": m.sandbox.as_str(),
     })
 }
 

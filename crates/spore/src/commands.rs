@@ -171,14 +171,15 @@ pub fn ls(endpoint: &str) -> Result<ExitCode> {
     let list = Client::new(endpoint)?.get_json("/2015-03-31/functions")?;
     let functions = list["Functions"].as_array().cloned().unwrap_or_default();
     println!(
-        "{:<24} {:<8} {:<24} {:>7} {:>8}  LAST MODIFIED",
-        "NAME", "RUNTIME", "HANDLER", "MEMORY", "TIMEOUT"
+        "{:<24} {:<8} {:<9} {:<20} {:>7} {:>8}  LAST MODIFIED",
+        "NAME", "RUNTIME", "SANDBOX", "HANDLER", "MEMORY", "TIMEOUT"
     );
     for f in &functions {
         println!(
-            "{:<24} {:<8} {:<24} {:>4} MB {:>6} s  {}",
+            "{:<24} {:<8} {:<9} {:<20} {:>4} MB {:>6} s  {}",
             f["FunctionName"].as_str().unwrap_or("?"),
             f["Runtime"].as_str().unwrap_or("?"),
+            f["SporeSandbox"].as_str().unwrap_or("?"),
             f["Handler"].as_str().unwrap_or("?"),
             f["MemorySize"],
             f["Timeout"],

@@ -185,6 +185,10 @@ fn cli_deploy_invoke_ls_logs_rm() {
     let out = spore(&ep, &["ls"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("echo") && text.contains("err"), "{text}");
+    assert!(
+        text.contains("SANDBOX") && text.contains("container"),
+        "{text}"
+    );
 
     let out = spore(&ep, &["logs", "echo", "-n", "50"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("echo got {'cli': True}"));
@@ -298,4 +302,71 @@ fn idle_instances_are_reaped_after_the_keep_alive() {
     let (_, start, _) = d.invoke("echo-cfork", json!({}));
     assert_eq!(start, "fork");
     d.stop();
+}
+
+#[test]
+fn a_daemon_without_root_keeps_the_registry_and_refuses_invocations_clearly() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP a_daemon_without_root_keeps_the_registry_and_refuses_invocations_clearly: needs root to start a daemon as another user (the other tests already run unprivileged here)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let data = tmp.path().join("data");
+    let log = std::fs::File::create(tmp.path().join("log")).unwrap();
+    // A copy the unprivileged user can reach, wherever the checkout lives.
+    let bin = tmp.path().join("spore");
+    std::fs::copy(BIN, &bin).unwrap();
+    let mut child = Command::new(&bin)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .uid(65534)
+        .gid(65534)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let http = reqwest::blocking::Client::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let endpoint = loop {
+        if let Ok(e) = std::fs::read_to_string(data.join("run/endpoint")) {
+            break e.trim().to_owned();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "daemon did not start: {}",
+            std::fs::read_to_string(tmp.path().join("log")).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    use base64::Engine as _;
+    let zip = base64::engine::general_purpose::STANDARD
+        .encode(spore_control::code::zip_dir(&fixture("echo")).unwrap());
+    let r = http
+        .post(format!("{endpoint}/2015-03-31/functions"))
+        .json(&json!({"FunctionName": "echo", "Runtime": "python3", "Handler": "main.handler", "Code": {"ZipFile": zip}}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 201, "the registry works without root");
+    let r = http
+        .post(format!("{endpoint}/2015-03-31/functions/echo/invocations"))
+        .body("{}")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let msg = r.json::<Value>().unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(msg.contains("need root"), "{msg}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+    let text = std::fs::read_to_string(tmp.path().join("log")).unwrap();
+    assert!(text.contains("invocations are disabled"), "{text}");
 }

@@ -1,10 +1,11 @@
-//! Shared types of Spore: the function manifest (`spore.toml`), function names, runtimes,
-//! sandbox kinds, invocation results and the structured function error.
+//! Shared types of Spore: the function manifest (`spore.toml`), DAG specifications, function
+//! names, runtimes, sandbox kinds, invocation results and the structured function error.
 //!
 //! This crate has no I/O beyond parsing; every other crate depends on it, and it depends on no
 //! other Spore crate.
 #![forbid(unsafe_code)]
 
+pub mod dag;
 pub mod invoke;
 pub mod manifest;
 

@@ -1,0 +1,57 @@
+//! Shared-memory channels between processes on one host, for DAG edges between function
+//! instances.
+//!
+//! - [`sealed`]: a payload in a sealed memfd. The producer writes it once; the fd is handed to
+//!   consumers (over a Unix socket, `SCM_RIGHTS`), who map it read-only after checking the
+//!   seals, so that the bytes cannot change under them: large payloads move without copies.
+//! - [`ring`]: a bounded single-producer single-consumer ring of messages in a shared memfd,
+//!   with eventfd doorbells for "data ready" and "space ready". Sends and receives take a
+//!   timeout, so a slow or dead peer never blocks the other side forever.
+//!
+//! The peer may be a misbehaving function: everything read from shared memory is checked
+//! before use, and a corrupt ring is an error, never a panic or an out-of-bounds access.
+
+pub mod ring;
+pub mod sealed;
+
+/// Errors of the channels.
+#[derive(Debug, thiserror::Error)]
+pub enum IpcError {
+    /// A system call failed.
+    #[error("{what} failed")]
+    Sys {
+        /// The operation.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A message or payload exceeds what the channel can hold.
+    #[error("Message of {len} bytes exceeds the channel's limit of {limit} bytes")]
+    TooLarge {
+        /// Its size.
+        len: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The peer did not make progress within the timeout.
+    #[error("Timed out after {0:?} waiting for the peer")]
+    Timeout(std::time::Duration),
+    /// Shared state is inconsistent (a buggy or hostile peer).
+    #[error("Corrupt channel: {0}")]
+    Corrupt(String),
+    /// A received memfd is not sealed against writes and resizing.
+    #[error("Payload descriptor is not sealed (seals present: {0})")]
+    NotSealed(String),
+}
+
+pub(crate) fn sys(what: &'static str) -> impl FnOnce(std::io::Error) -> IpcError {
+    move |source| IpcError::Sys { what, source }
+}
+
+pub(crate) fn errno(what: &'static str) -> impl FnOnce(nix::errno::Errno) -> IpcError {
+    move |e| IpcError::Sys {
+        what,
+        source: std::io::Error::from(e),
+    }
+}

@@ -8,6 +8,7 @@
 pub mod cold_start;
 pub mod density;
 pub mod functionbench;
+pub mod ipc;
 pub mod plot;
 
 use std::fmt::Write as _;

@@ -163,6 +163,21 @@ impl Shared {
     }
 }
 
+/// Spins while `word` still holds `seen`, for at most `spin`; true if it changed.
+fn spin_until(word: &AtomicU64, seen: u64, spin: Duration) -> bool {
+    if spin.is_zero() {
+        return false;
+    }
+    let until = Instant::now() + spin;
+    while Instant::now() < until {
+        if word.load(Ordering::Acquire) != seen {
+            return true;
+        }
+        std::hint::spin_loop();
+    }
+    false
+}
+
 fn padded(len: u64) -> u64 {
     (len + 7) & !7
 }
@@ -171,6 +186,7 @@ fn padded(len: u64) -> u64 {
 pub struct Producer {
     s: Shared,
     tail: u64,
+    spin: Duration,
 }
 
 impl Producer {
@@ -178,7 +194,16 @@ impl Producer {
     pub fn open(fds: RingFds) -> Result<Producer, IpcError> {
         let s = Shared::open(fds)?;
         let tail = s.atomic64(TAIL_OFF).load(Ordering::Acquire);
-        Ok(Producer { s, tail })
+        Ok(Producer {
+            s,
+            tail,
+            spin: Duration::ZERO,
+        })
+    }
+
+    /// Polls for space this long before sleeping on the doorbell (trades CPU for latency).
+    pub fn set_spin(&mut self, spin: Duration) {
+        self.spin = spin;
     }
 
     /// The largest message this ring takes.
@@ -235,7 +260,11 @@ impl Producer {
                 }
                 return Ok(());
             }
-            // Full: say so, look again (the consumer may have just made room), then sleep.
+            // Full: spin a little, then say so, look again (the consumer may have just made
+            // room), and sleep.
+            if spin_until(self.s.atomic64(HEAD_OFF), head, self.spin) {
+                continue;
+            }
             self.s
                 .atomic32(PRODUCER_WAITING_OFF)
                 .store(1, Ordering::SeqCst);
@@ -262,6 +291,7 @@ impl Producer {
 pub struct Consumer {
     s: Shared,
     head: u64,
+    spin: Duration,
 }
 
 impl Consumer {
@@ -269,7 +299,16 @@ impl Consumer {
     pub fn open(fds: RingFds) -> Result<Consumer, IpcError> {
         let s = Shared::open(fds)?;
         let head = s.atomic64(HEAD_OFF).load(Ordering::Acquire);
-        Ok(Consumer { s, head })
+        Ok(Consumer {
+            s,
+            head,
+            spin: Duration::ZERO,
+        })
+    }
+
+    /// Polls for data this long before sleeping on the doorbell (trades CPU for latency).
+    pub fn set_spin(&mut self, spin: Duration) {
+        self.spin = spin;
     }
 
     /// Receives one message, waiting up to `timeout` for one.
@@ -286,6 +325,9 @@ impl Consumer {
                 )));
             }
             if avail == 0 {
+                if spin_until(self.s.atomic64(TAIL_OFF), tail, self.spin) {
+                    continue;
+                }
                 self.s
                     .atomic32(CONSUMER_WAITING_OFF)
                     .store(1, Ordering::SeqCst);

@@ -156,6 +156,19 @@ enum BenchCommand {
         #[arg(long, default_value = "functions")]
         functions: PathBuf,
     },
+    /// The shared-memory data plane alone: ring hop latency vs a Unix socketpair, sealed memfd
+    /// hand-off vs memcpy (no daemon needed).
+    Ipc {
+        /// Round trips per series.
+        #[arg(long, short = 'n', default_value_t = 20000)]
+        n: usize,
+        /// Microseconds the ring polls before sleeping on its doorbell, for the spinning series.
+        #[arg(long, default_value_t = 50)]
+        spin_us: u64,
+        /// Where results go.
+        #[arg(long, default_value = "bench-results")]
+        out: PathBuf,
+    },
     /// Memory per idle instance (cfork, with containers as the baseline).
     Density {
         /// Idle cfork instances to start.

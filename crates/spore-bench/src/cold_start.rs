@@ -303,7 +303,9 @@ pub fn step_meaning(step: &str) -> &'static str {
             "daemon sends the fork request -> template moves into the child's cgroup, calls fork"
         }
         "forked" => "os.fork in the template (page tables, copy-on-write set-up)",
-        "cgroup" => "(nothing left: the child is born in its cgroup)",
+        "cgroup" => {
+            "child reaches its native set-up call (Python; no attach: it is born in its cgroup)"
+        }
         "unshare" => "child joins a pooled net ns, unshares mount/ipc/uts",
         "mounts" => "child mounts its /proc and /tmp (/dev/shm links to /tmp)",
         "net" => "hostname (loopback is up in pooled namespaces)",

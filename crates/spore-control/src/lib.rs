@@ -340,11 +340,6 @@ impl Control {
         Ok((control, warnings))
     }
 
-    /// The daemon settings.
-    pub fn config(&self) -> &ControlConfig {
-        &self.inner.cfg
-    }
-
     fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
         self.inner.registry.lock().expect("registry lock")
     }

@@ -28,8 +28,7 @@ pub enum ManifestError {
 pub enum Runtime {
     /// The host's CPython 3 (`/usr/bin/python3`).
     Python3,
-    /// Node.js 20 (not served yet; accepted in manifests so that deploys fail with a clear
-    /// message at invoke time rather than a parse error).
+    /// Node.js 20 (`/usr/bin/node`), in container sandboxes only.
     Node20,
 }
 
@@ -76,7 +75,7 @@ pub enum SandboxKind {
     /// A fresh container (namespaces, cgroup, seccomp, rootfs) with a freshly started runtime.
     #[default]
     Container,
-    /// Forked from a warm template (served once the cfork subsystem lands).
+    /// Forked from the function's warm template into a fresh sandbox (Python).
     Cfork,
 }
 

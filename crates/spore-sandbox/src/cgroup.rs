@@ -141,11 +141,6 @@ impl Layout {
         }
         Ok(swept.len())
     }
-
-    /// Whether the parent group `name` exists in any hierarchy.
-    pub fn parent_exists(&self, name: &str) -> bool {
-        self.dirs(Path::new(name)).iter().any(|d| d.exists())
-    }
 }
 
 /// One sandbox's cgroup (a directory per v1 controller, or one v2 directory).

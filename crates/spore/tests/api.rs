@@ -61,21 +61,9 @@ fn deploy_invoke_cold_then_warm_with_lambda_headers() {
     assert_eq!(r.headers()["x-spore-start"], "cold");
 
     // Function listing, configuration and metrics reflect it.
-    let list: Value = d
-        .http
-        .get(d.url("/2015-03-31/functions"))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let list: Value = d.get_json("/2015-03-31/functions");
     assert_eq!(list["Functions"][0]["FunctionName"], "echo");
-    let got: Value = d
-        .http
-        .get(d.url("/2015-03-31/functions/echo"))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let got: Value = d.get_json("/2015-03-31/functions/echo");
     assert_eq!(got["Configuration"]["Handler"], "main.handler");
     assert_eq!(got["Tags"]["spore:sandbox"], "container");
     let metrics = d
@@ -369,13 +357,7 @@ fn update_code_configuration_event_and_delete() {
     assert_eq!(r.status(), 202);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let logs: Value = d
-            .http
-            .get(d.url("/spore/v1/functions/echo/logs?lines=200"))
-            .send()
-            .unwrap()
-            .json()
-            .unwrap();
+        let logs: Value = d.get_json("/spore/v1/functions/echo/logs?lines=200");
         if logs["lines"]
             .as_array()
             .unwrap()

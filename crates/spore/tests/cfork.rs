@@ -203,13 +203,7 @@ fn a_template_killed_mid_fork_fails_that_call_clearly_and_is_recreated() {
     d.deploy_cfork(&fixture("echo"), "echo");
     let (err, _, _) = invoke_cold(&d, "echo", json!({}));
     assert!(!err);
-    let info: Value = d
-        .http
-        .get(d.url("/2015-03-31/functions/echo"))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let info: Value = d.get_json("/2015-03-31/functions/echo");
     let pids: Vec<i32> = info["Spore"]["Template"]["Pids"]
         .as_array()
         .expect("a live template")

@@ -52,13 +52,7 @@ fn bursts_are_served_within_the_instance_limit() {
             "{name}: took {:?}",
             t0.elapsed()
         );
-        let info: Value = d
-            .http
-            .get(d.url(&format!("/2015-03-31/functions/{name}")))
-            .send()
-            .unwrap()
-            .json()
-            .unwrap();
+        let info: Value = d.get_json(&format!("/2015-03-31/functions/{name}"));
         assert!(
             info["Spore"]["Instances"]["Total"].as_u64().unwrap() <= 3,
             "{info}"

@@ -32,13 +32,7 @@ fn functions_survive_a_restart_and_nothing_leaks() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("another spore daemon"), "{stderr}");
 
-    let list: Value = d2
-        .http
-        .get(d2.url("/2015-03-31/functions"))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let list: Value = d2.get_json("/2015-03-31/functions");
     let names: Vec<&str> = list["Functions"]
         .as_array()
         .unwrap()
@@ -64,13 +58,7 @@ fn a_corrupt_record_is_skipped_not_fatal() {
     std::fs::create_dir_all(data.join("functions/broken")).unwrap();
     std::fs::write(data.join("functions/broken/function.json"), "{ not json").unwrap();
     let mut d = Daemon::start_at(&data, &[]);
-    let list: Value = d
-        .http
-        .get(d.url("/2015-03-31/functions"))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let list: Value = d.get_json("/2015-03-31/functions");
     assert_eq!(list["Functions"].as_array().unwrap().len(), 1);
     d.stop();
     assert!(
@@ -278,13 +266,7 @@ fn idle_instances_are_reaped_after_the_keep_alive() {
     d.invoke("echo", json!({}));
     d.invoke("echo-cfork", json!({}));
     let total = |name: &str| -> u64 {
-        let v: Value = d
-            .http
-            .get(d.url(&format!("/2015-03-31/functions/{name}")))
-            .send()
-            .unwrap()
-            .json()
-            .unwrap();
+        let v: Value = d.get_json(&format!("/2015-03-31/functions/{name}"));
         v["Spore"]["Instances"]["Total"].as_u64().unwrap()
     };
     assert_eq!((total("echo"), total("echo-cfork")), (1, 1));

@@ -167,6 +167,16 @@ impl Daemon {
         format!("{}{path}", self.endpoint)
     }
 
+    /// GET `path`, parsed as JSON.
+    pub fn get_json(&self, path: &str) -> Value {
+        self.http
+            .get(self.url(path))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap()
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -257,4 +257,10 @@ fn the_python_child_set_up_works_where_the_native_one_is_unavailable() {
         assert_eq!(v[call], json!([-1, 1]), "{call}: {v}");
     }
     d.stop();
+    let log = d.log_text();
+    assert!(
+        log.contains("child set-up: python"),
+        "the Python set-up was not the one used: {log}"
+    );
+    assert!(!log.contains("child set-up: native"), "{log}");
 }

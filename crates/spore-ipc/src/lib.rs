@@ -8,11 +8,22 @@
 //!   with eventfd doorbells for "data ready" and "space ready". Sends and receives take a
 //!   timeout, so a slow or dead peer never blocks the other side forever.
 //!
+//! - the same ring for Python runtimes: [`PY_NATIVE_LIB`].
+//!
 //! The peer may be a misbehaving function: everything read from shared memory is checked
 //! before use, and a corrupt ring is an error, never a panic or an out-of-bounds access.
 
 pub mod ring;
+mod ring_core;
 pub mod sealed;
+
+/// The native library (`native/spore_ipc_py.rs`, compiled by `build.rs` with the workspace's
+/// `rustc`) through which Python runtimes use rings: the same `ring_core.rs` as [`ring`],
+/// behind a small C interface for ctypes.
+pub const PY_NATIVE_LIB: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libspore_ipc.so"));
+
+/// The file name runtimes load [`PY_NATIVE_LIB`] under.
+pub const PY_NATIVE_LIB_FILE: &str = "libspore_ipc.so";
 
 /// Errors of the channels.
 #[derive(Debug, thiserror::Error)]

@@ -139,6 +139,10 @@ pub struct Reply {
     pub logs: String,
     /// `CLOCK_MONOTONIC` nanoseconds when the handler was called (0: unknown).
     pub handler_start_ns: u64,
+    /// `CLOCK_MONOTONIC` nanoseconds when the handler returned (0: unknown).
+    pub handler_end_ns: u64,
+    /// (DAG nodes) the runtime's report.
+    pub dag: Option<protocol::DagReport>,
 }
 
 /// The frame of one invocation.
@@ -148,6 +152,7 @@ pub(crate) fn invoke_frame(request_id: &str, payload: &[u8], timeout_s: u32) -> 
         &ToRuntime::Invoke {
             request_id: request_id.to_owned(),
             deadline_ms,
+            dag: None,
         },
         payload,
     )
@@ -431,9 +436,59 @@ impl Instance {
         let frame = (!std::mem::take(&mut self.invoke_sent))
             .then(|| invoke_frame(request_id, payload, timeout_s));
         let timeout = Duration::from_secs(u64::from(timeout_s));
+        self.exchange(frame, None, timeout, timeout_s, spore_core::MAX_SYNC_PAYLOAD)
+            .await
+    }
+
+    /// Runs one invocation as a node of a DAG: `wiring` says where the event comes from and
+    /// where the result goes, `fds` are the edges' descriptors it refers to. The instance
+    /// must have no invocation pending (it was not forked with one). `timeout` bounds the
+    /// whole exchange, waiting for inputs included; `timeout_s` is what a timeout reports.
+    pub async fn invoke_dag(
+        &mut self,
+        request_id: &str,
+        wiring: protocol::DagWiring,
+        body: &[u8],
+        fds: Vec<OwnedFd>,
+        timeout: Duration,
+        timeout_s: u32,
+    ) -> Result<Reply, InvokeFailure> {
+        debug_assert!(!self.invoke_sent, "a DAG node needs an idle instance");
+        let deadline_ms = crate::store::now_unix_ms() + timeout.as_millis() as u64;
+        let frame = protocol::encode(
+            &ToRuntime::Invoke {
+                request_id: request_id.to_owned(),
+                deadline_ms,
+                dag: Some(wiring),
+            },
+            body,
+        );
+        self.exchange(
+            Some(frame),
+            Some(fds),
+            timeout,
+            timeout_s,
+            protocol::MAX_BODY as usize,
+        )
+            .await
+    }
+
+    /// Sends `frame` (then, for a DAG node, one byte carrying `fds`), reads the reply; a
+    /// result body over `limit` bytes is an error.
+    async fn exchange(
+        &mut self,
+        frame: Option<Vec<u8>>,
+        fds: Option<Vec<OwnedFd>>,
+        timeout: Duration,
+        timeout_s: u32,
+        limit: usize,
+    ) -> Result<Reply, InvokeFailure> {
         let exchange = async {
             if let Some(frame) = &frame {
                 self.sock.write_all(frame).await?;
+            }
+            if let Some(fds) = fds {
+                send_fds(&self.sock, &fds).await?;
             }
             read_frame(&mut self.sock).await
         };
@@ -449,18 +504,21 @@ impl Instance {
                     duration_ms,
                     logs,
                     handler_start_ns,
+                    handler_end_ns,
+                    dag,
                 },
                 body,
             ))) => Ok(Reply {
                 handler_start_ns,
+                handler_end_ns,
+                dag,
                 outcome: match error {
                     Some(e) => Err(e),
-                    None if body.len() > spore_core::MAX_SYNC_PAYLOAD => Err(FunctionError::platform(
+                    None if body.len() > limit => Err(FunctionError::platform(
                         "Function.ResponseSizeTooLarge",
                         format!(
-                            "Response payload size ({} bytes) exceeded maximum allowed payload size ({} bytes).",
+                            "Response payload size ({} bytes) exceeded maximum allowed payload size ({limit} bytes).",
                             body.len(),
-                            spore_core::MAX_SYNC_PAYLOAD
                         ),
                     )),
                     None => Ok(body),
@@ -620,6 +678,33 @@ async fn drain<R: AsyncRead + Unpin>(
                 t.pop_front();
             }
             t.push_back(line);
+        }
+    }
+}
+
+/// Sends one byte with `fds` attached (`SCM_RIGHTS`).
+pub(crate) async fn send_fds(stream: &UnixStream, fds: &[OwnedFd]) -> std::io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+    use std::os::fd::AsRawFd;
+    let raw: Vec<i32> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let cmsg = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsg };
+    loop {
+        stream.writable().await?;
+        let res = stream.try_io(tokio::io::Interest::WRITABLE, || {
+            sendmsg::<UnixAddr>(
+                stream.as_raw_fd(),
+                &[std::io::IoSlice::new(&[0u8])],
+                cmsgs,
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            )
+            .map_err(std::io::Error::from)
+        });
+        match res {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
         }
     }
 }

@@ -7,6 +7,7 @@
 //! sandbox and cgroup it made.
 #![forbid(unsafe_code)]
 
+pub mod dag;
 pub mod code;
 pub mod instance;
 pub mod logs;
@@ -150,6 +151,8 @@ pub struct Invocation {
     /// From the request reaching the daemon to the handler being called, ms (where the
     /// runtime reports it).
     pub to_handler_ms: Option<f64>,
+    /// `CLOCK_MONOTONIC` ns when the handler started and returned (0: unknown).
+    pub handler_ns: (u64, u64),
 }
 
 #[derive(Debug, Default)]
@@ -192,6 +195,9 @@ struct Inner {
     draining: AtomicBool,
     inflight: AtomicUsize,
     idle: Notify,
+    /// The gateway's base URL, for DAG hops over HTTP (set once it listens).
+    gateway_url: Mutex<Option<String>>,
+    http: reqwest::Client,
     _lock: DataDirLock,
 }
 
@@ -246,7 +252,7 @@ impl Control {
         }
         // The in-sandbox runtime files, rewritten at every start so that they match this binary.
         use std::os::unix::fs::PermissionsExt;
-        let runtime_files: [(&str, &[u8], u32); 4] = [
+        let runtime_files: [(&str, &[u8], u32); 6] = [
             (
                 "bootstrap.py",
                 spore_runtime::PYTHON_BOOTSTRAP.as_bytes(),
@@ -265,6 +271,16 @@ impl Control {
             (
                 spore_runtime::CFORK_CHILD_LIB_FILE,
                 spore_runtime::CFORK_CHILD_LIB,
+                0o755,
+            ),
+            (
+                spore_runtime::PYTHON_DAG_FILE,
+                spore_runtime::PYTHON_DAG.as_bytes(),
+                0o644,
+            ),
+            (
+                spore_ipc::PY_NATIVE_LIB_FILE,
+                spore_ipc::PY_NATIVE_LIB,
                 0o755,
             ),
         ];
@@ -334,6 +350,8 @@ impl Control {
                 draining: AtomicBool::new(false),
                 inflight: AtomicUsize::new(0),
                 idle: Notify::new(),
+                gateway_url: Mutex::new(None),
+                http: reqwest::Client::new(),
                 _lock: lock,
             }),
         };
@@ -568,26 +586,8 @@ impl Control {
         let (mut inst, start) = match slot {
             Slot::Warm(inst) => (*inst, StartKind::Warm),
             Slot::Cold => {
-                let init_timeout = timeout.max(Duration::from_secs(10));
-                let started = match rec.manifest.sandbox {
-                    SandboxKind::Container => {
-                        let code_dir = self.registry().code_dir(&rec);
-                        Instance::start(&env, &rec, code_dir, log.clone(), init_timeout)
-                            .await
-                            .map(|i| (i, StartKind::Cold))
-                    }
-                    SandboxKind::Cfork => {
-                        self.fork_instance(
-                            &env,
-                            &rec,
-                            log.clone(),
-                            init_timeout,
-                            instance::invoke_frame(&request_id, payload, rec.manifest.timeout_s),
-                        )
-                        .await
-                    }
-                };
-                match started {
+                let first = instance::invoke_frame(&request_id, payload, rec.manifest.timeout_s);
+                match self.start_fresh(&env, &rec, log.clone(), Some(first)).await {
                     Ok(started) => started,
                     Err(e) => {
                         self.release_slot(&pool);
@@ -618,6 +618,7 @@ impl Control {
                                     log: block,
                                     breakdown: Vec::new(),
                                     to_handler_ms: None,
+                                    handler_ns: (0, 0),
                                 })
                             }
                         };
@@ -634,9 +635,11 @@ impl Control {
         let total_ms = t0.elapsed().as_secs_f64() * 1000.0;
         let peak = inst.memory_peak_mb();
         let mut to_handler_ms = None;
+        let mut handler_ns = (0, 0);
         let (outcome, logs, handler_ms, reusable) = match result {
             Ok(reply) => {
                 let reusable = !inst.has_strays();
+                handler_ns = (reply.handler_start_ns, reply.handler_end_ns);
                 if reply.handler_start_ns > t0_ns {
                     to_handler_ms = Some((reply.handler_start_ns - t0_ns) as f64 / 1e6);
                 }
@@ -675,7 +678,34 @@ impl Control {
             log: block,
             breakdown,
             to_handler_ms,
+            handler_ns,
         })
+    }
+
+    /// Starts a fresh instance of `rec` (a container, or a fork of its template); a cfork
+    /// child is forked with `first_invoke` pipelined (then already sent).
+    async fn start_fresh(
+        &self,
+        env: &Arc<InstanceEnv>,
+        rec: &FunctionRecord,
+        log: Arc<LogRing>,
+        first_invoke: Option<Vec<u8>>,
+    ) -> Result<(Instance, StartKind), StartError> {
+        let timeout = Duration::from_secs(u64::from(rec.manifest.timeout_s));
+        let init_timeout = timeout.max(Duration::from_secs(10));
+        match rec.manifest.sandbox {
+            SandboxKind::Container => {
+                let code_dir = self.registry().code_dir(rec);
+                // A container's runtime reads its first frame only once ready: the caller
+                // sends it.
+                let inst = Instance::start(env, rec, code_dir, log, init_timeout).await?;
+                Ok((inst, StartKind::Cold))
+            }
+            SandboxKind::Cfork => {
+                self.fork_instance(env, rec, log, init_timeout, first_invoke)
+                    .await
+            }
+        }
     }
 
     /// Starts a cfork instance: forked from the live template, or from a new one (then the
@@ -686,11 +716,11 @@ impl Control {
         rec: &FunctionRecord,
         log: Arc<LogRing>,
         init_timeout: Duration,
-        first_invoke: Vec<u8>,
+        first_invoke: Option<Vec<u8>>,
     ) -> Result<(Instance, StartKind), StartError> {
         let (template, created) = self.template_for(env, rec, log, init_timeout).await?;
         let forked = template
-            .fork(env, rec, Duration::from_secs(10), Some(first_invoke))
+            .fork(env, rec, Duration::from_secs(10), first_invoke)
             .await;
         if forked.is_err() && !template.is_alive() {
             self.drop_template(&rec.manifest.name, &template);

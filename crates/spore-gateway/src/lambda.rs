@@ -29,7 +29,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn invalid(message: impl Into<String>) -> Self {
+    pub(crate) fn invalid(message: impl Into<String>) -> Self {
         ApiError {
             status: StatusCode::BAD_REQUEST,
             kind: "InvalidParameterValueException",
@@ -78,7 +78,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-type ApiResult<T> = Result<T, ApiError>;
+pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "PascalCase")]
@@ -450,6 +450,14 @@ pub(crate) async fn invoke(
                     .collect();
                 if let Ok(v) = HeaderValue::from_str(&text.join(",")) {
                     h.insert("x-spore-breakdown", v);
+                }
+            }
+            if inv.handler_ns.0 > 0 {
+                for (k, ns) in [
+                    ("x-spore-handler-start-ns", inv.handler_ns.0),
+                    ("x-spore-handler-end-ns", inv.handler_ns.1),
+                ] {
+                    h.insert(k, HeaderValue::from(ns));
                 }
             }
             for (k, v) in [

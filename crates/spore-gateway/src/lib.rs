@@ -14,6 +14,7 @@
 //! | GET | `/metrics`, `/healthz` | (Spore) Prometheus text, liveness |
 #![forbid(unsafe_code)]
 
+mod dag;
 mod lambda;
 
 use std::future::Future;
@@ -78,6 +79,9 @@ pub fn router(control: Control, metrics: Option<PrometheusHandle>) -> Router {
         )
         .route(&format!("{api}/{{name}}/invocations"), post(lambda::invoke))
         .route("/spore/v1/functions/{name}/logs", get(lambda::logs))
+        .route("/dags", post(dag::put_dag).get(dag::list_dags))
+        .route("/dags/{name}", get(dag::get_dag).delete(dag::delete_dag))
+        .route("/dags/{name}/invocations", post(dag::invoke_dag))
         .route("/metrics", get(lambda::metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .fallback(lambda::not_found)

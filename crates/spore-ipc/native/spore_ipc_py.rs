@@ -44,7 +44,40 @@ extern "C" {
     fn read(fd: c_int, buf: *mut c_void, n: usize) -> isize;
     fn write(fd: c_int, buf: *const c_void, n: usize) -> isize;
     fn close(fd: c_int) -> c_int;
+    fn recvmsg(fd: c_int, msg: *mut MsgHdr, flags: c_int) -> isize;
+    fn sendmsg(fd: c_int, msg: *const MsgHdr, flags: c_int) -> isize;
 }
+
+#[repr(C)]
+struct IoVec {
+    base: *mut c_void,
+    len: usize,
+}
+
+#[repr(C)]
+struct MsgHdr {
+    name: *mut c_void,
+    namelen: u32,
+    iov: *mut IoVec,
+    iovlen: usize,
+    control: *mut c_void,
+    controllen: usize,
+    flags: c_int,
+}
+
+#[repr(C)]
+struct CmsgHdr {
+    len: usize,
+    level: c_int,
+    kind: c_int,
+}
+
+const SOL_SOCKET: c_int = 1;
+const SCM_RIGHTS: c_int = 1;
+const MSG_CMSG_CLOEXEC: c_int = 0x4000_0000;
+const MSG_NOSIGNAL: c_int = 0x4000;
+/// Most descriptors one `spore_fds_recv` takes.
+const MAX_FDS: usize = 252;
 
 thread_local! {
     static LAST: RefCell<String> = const { RefCell::new(String::new()) };
@@ -230,6 +263,90 @@ pub unsafe extern "C" fn spore_ring_recv(ring: *mut Ring, buf: *mut u8, cap: usi
         Ok(n) => n,
         Err(e) => core_fail(e),
     }
+}
+
+/// Receives exactly one byte from the Unix socket `sock` with the descriptors attached to it
+/// (at most `max`, and at most 252) into `fds`. Returns how many arrived, or a negative code.
+#[no_mangle]
+pub unsafe extern "C" fn spore_fds_recv(sock: c_int, fds: *mut c_int, max: usize) -> isize {
+    let max = max.min(MAX_FDS);
+    if fds.is_null() && max > 0 {
+        return fail(BAD_ARG, "null descriptor array".into());
+    }
+    let mut byte = 0u8;
+    let mut iov = IoVec { base: (&mut byte as *mut u8).cast(), len: 1 };
+    // Room for a header and MAX_FDS descriptors, 8-aligned.
+    let mut control = [0u64; (16 + MAX_FDS * 4) / 8 + 1];
+    let mut msg = MsgHdr {
+        name: std::ptr::null_mut(),
+        namelen: 0,
+        iov: &mut iov,
+        iovlen: 1,
+        control: control.as_mut_ptr().cast(),
+        controllen: std::mem::size_of_val(&control),
+        flags: 0,
+    };
+    // SAFETY: every pointer in `msg` refers to live locals of the sizes given.
+    let n = unsafe { recvmsg(sock, &mut msg, MSG_CMSG_CLOEXEC) };
+    if n != 1 {
+        return fail(
+            BAD_ARG,
+            format!("receiving descriptors: {}", if n == 0 { "socket closed".to_string() } else { std::io::Error::last_os_error().to_string() }),
+        );
+    }
+    let mut got = 0usize;
+    let header = std::mem::size_of::<CmsgHdr>();
+    if msg.controllen >= header {
+        // SAFETY: the kernel wrote at least one header at the start of `control` (8-aligned).
+        let c = unsafe { &*(control.as_ptr() as *const CmsgHdr) };
+        if c.level == SOL_SOCKET && c.kind == SCM_RIGHTS && c.len >= header {
+            let n = ((c.len - header) / 4).min(MAX_FDS);
+            // SAFETY: the descriptors follow the header inside `control` (n bounded by its size).
+            let data = unsafe { (control.as_ptr() as *const u8).add(header) as *const c_int };
+            for i in 0..n {
+                // SAFETY: i < n, inside the kernel-written data.
+                let fd = unsafe { data.add(i).read_unaligned() };
+                if i < max {
+                    // SAFETY: i < max, inside the caller's array.
+                    unsafe { *fds.add(i) = fd };
+                    got += 1;
+                } else {
+                    // SAFETY: a descriptor we received and cannot hand on.
+                    unsafe { close(fd) };
+                }
+            }
+        }
+    }
+    got as isize
+}
+
+/// Sends one byte on the Unix socket `sock` with the descriptor `fd` attached.
+#[no_mangle]
+pub unsafe extern "C" fn spore_fd_send(sock: c_int, fd: c_int) -> isize {
+    let mut byte = 0u8;
+    let mut iov = IoVec { base: (&mut byte as *mut u8).cast(), len: 1 };
+    let mut control = [0u64; 3];
+    let header = std::mem::size_of::<CmsgHdr>();
+    // SAFETY: `control` holds a header and one descriptor (24 bytes, 8-aligned).
+    unsafe {
+        (control.as_mut_ptr() as *mut CmsgHdr).write(CmsgHdr { len: header + 4, level: SOL_SOCKET, kind: SCM_RIGHTS });
+        ((control.as_mut_ptr() as *mut u8).add(header) as *mut c_int).write_unaligned(fd);
+    }
+    let msg = MsgHdr {
+        name: std::ptr::null_mut(),
+        namelen: 0,
+        iov: &mut iov,
+        iovlen: 1,
+        control: control.as_mut_ptr().cast(),
+        controllen: 24,
+        flags: 0,
+    };
+    // SAFETY: every pointer in `msg` refers to live locals of the sizes given.
+    let n = unsafe { sendmsg(sock, &msg, MSG_NOSIGNAL) };
+    if n != 1 {
+        return fail(BAD_ARG, format!("sending a descriptor: {}", std::io::Error::last_os_error()));
+    }
+    0
 }
 
 /// Closes one end: unmaps the ring and closes its descriptors.

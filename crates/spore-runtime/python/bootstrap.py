@@ -140,7 +140,7 @@ class _InitError(Exception):
         self.error = error
 
 
-_marks = {"handler_start_ns": 0}
+_marks = {"handler_start_ns": 0, "handler_end_ns": 0}
 
 
 def _invoke(handler, header, body):
@@ -148,11 +148,33 @@ def _invoke(handler, header, body):
     context = LambdaContext(header["request_id"], header["deadline_ms"])
     _marks["handler_start_ns"] = time.monotonic_ns()
     result = handler(event, context)
+    _marks["handler_end_ns"] = time.monotonic_ns()
     try:
         return json.dumps(result).encode(), None
     except (TypeError, ValueError) as exc:
         return b"", _error(exc, "Runtime.MarshalError",
                            "Unable to marshal response: %s" % exc)
+
+
+def _invoke_dag(handler, header, body, fds, report):
+    """One node of a DAG: the event comes from, and the result goes to, its edges."""
+    import spore_dag
+
+    run = spore_dag.Run(header["dag"], body, fds, header["deadline_ms"])
+    try:
+        event = run.event()
+        context = LambdaContext(header["request_id"], header["deadline_ms"])
+        _marks["handler_start_ns"] = time.monotonic_ns()
+        result = handler(event, context)
+        _marks["handler_end_ns"] = time.monotonic_ns()
+        try:
+            payload, segments = run.finish(result)
+        except (TypeError, ValueError) as exc:
+            return b"", _error(exc, "Runtime.MarshalError", "Unable to marshal response: %s" % exc)
+        report["dag"] = run.report(segments)
+        return payload, None
+    finally:
+        run.close()
 
 
 def main():
@@ -194,13 +216,23 @@ def _serve(fd, handler):
         header, body = _recv(fd)
         if header is None:
             return 0
+        fds = None
+        if header.get("dag") is not None:
+            import spore_dag
+
+            fds = spore_dag.recv_fds(fd, header["dag"]["fds"])
+        report = {}
+        _marks["handler_start_ns"] = _marks["handler_end_ns"] = 0
         capture = _Capture()
         sys.stdout = sys.stderr = capture
         error = None
         payload = b""
         start = time.perf_counter()
         try:
-            payload, error = _invoke(handler, header, body)
+            if fds is None:
+                payload, error = _invoke(handler, header, body)
+            else:
+                payload, error = _invoke_dag(handler, header, body, fds, report)
         except BaseException as exc:  # noqa: BLE001 - report everything the handler raises
             if os.getpid() != main_pid:
                 os._exit(1)
@@ -212,8 +244,10 @@ def _serve(fd, handler):
             # answer on the control socket.
             os._exit(0)
         duration = (time.perf_counter() - start) * 1000.0
-        _send(fd, {"type": "result", "error": error, "duration_ms": duration,
-                     "logs": capture.text(), "handler_start_ns": _marks["handler_start_ns"]}, payload)
+        reply = {"type": "result", "error": error, "duration_ms": duration, "logs": capture.text(),
+                 "handler_start_ns": _marks["handler_start_ns"], "handler_end_ns": _marks["handler_end_ns"]}
+        reply.update(report)
+        _send(fd, reply, payload)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,12 @@ pub const CFORK_CHILD_LIB: &[u8] =
 /// File name of [`CFORK_CHILD_LIB`] next to the bootstrap.
 pub const CFORK_CHILD_LIB_FILE: &str = "libspore_cfork_child.so";
 
+/// DAG edges for Python (rings and sealed memfd payloads), a module the bootstrap imports
+/// for DAG invocations and handlers may import (`spore_dag.buffer`); written next to it.
+pub const PYTHON_DAG: &str = include_str!("../python/spore_dag.py");
+/// File name of [`PYTHON_DAG`] next to the bootstrap.
+pub const PYTHON_DAG_FILE: &str = "spore_dag.py";
+
 /// File name of [`PYTHON_CFORK`] next to the bootstrap.
 pub const PYTHON_CFORK_FILE: &str = "_spore_cfork.py";
 

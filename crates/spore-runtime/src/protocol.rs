@@ -80,6 +80,10 @@ pub enum ToRuntime {
         request_id: String,
         /// Deadline, milliseconds since the Unix epoch.
         deadline_ms: u64,
+        /// Set when the invocation is one node of a DAG: where the event comes from and where
+        /// the result goes. Its descriptors follow the frame, attached to one extra byte.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dag: Option<DagWiring>,
     },
     /// (To a cfork template) fork a child into a sandbox of its own. The frame carries file
     /// descriptors (`SCM_RIGHTS`): the child's control socket first, then `cgroups` files
@@ -142,7 +146,95 @@ pub enum FromRuntime {
         /// `CLOCK_MONOTONIC` nanoseconds just before the handler was called (0: unknown).
         #[serde(default)]
         handler_start_ns: u64,
+        /// `CLOCK_MONOTONIC` nanoseconds just after the handler returned (0: unknown).
+        #[serde(default)]
+        handler_end_ns: u64,
+        /// (DAG nodes) what was sent where, and when.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dag: Option<DagReport>,
     },
+}
+
+/// How a value is encoded on a DAG edge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PayloadKind {
+    /// JSON text; the next node gets the decoded value.
+    Json,
+    /// Raw bytes (the handler returned `bytes`, `bytearray` or `memoryview`); the next node
+    /// gets a read-only `memoryview`.
+    Bytes,
+}
+
+/// One encoded value inside a frame body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Segment {
+    /// Offset in the body.
+    pub offset: usize,
+    /// Length.
+    pub len: usize,
+    /// Encoding.
+    pub kind: PayloadKind,
+}
+
+/// The descriptors of one shared-memory edge, as indices into the descriptors that come
+/// with the frame: the ring's memfd, its two eventfds (data ready, space ready), and a Unix
+/// socket over which large payloads travel as sealed memfds.
+pub type EdgeFds = [usize; 4];
+
+/// Where a DAG node's event comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "from", rename_all = "snake_case")]
+pub enum EventShape {
+    /// The frame body is the event (JSON), as for a plain invocation: the DAG's input.
+    Input,
+    /// A value in the frame body (relayed by the daemon).
+    Body {
+        /// Where.
+        segment: Segment,
+    },
+    /// The one message arriving on a shared-memory edge.
+    Ring {
+        /// Its descriptors.
+        fds: EdgeFds,
+    },
+    /// A list of values (fan-in, or the outputs of an `each` node).
+    List {
+        /// The items, in order.
+        items: Vec<EventShape>,
+    },
+}
+
+/// A DAG node's wiring for one invocation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DagWiring {
+    /// The node id (for messages).
+    pub node: String,
+    /// Number of descriptors that follow the frame.
+    pub fds: usize,
+    /// The event.
+    pub event: EventShape,
+    /// Shared-memory edges to send the result on.
+    pub outputs: Vec<EdgeFds>,
+    /// Also return the result in the reply body (the sink, or edges relayed by the daemon).
+    pub reply: bool,
+    /// Return the result, a list, as one segment per element (the next node runs `each`).
+    pub split: bool,
+    /// Payloads larger than this travel as sealed memfds rather than through the ring.
+    pub inline_max: usize,
+    /// Microseconds to poll a ring before sleeping on its doorbell.
+    pub spin_us: u64,
+}
+
+/// What a DAG node reports with its result.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DagReport {
+    /// `CLOCK_MONOTONIC` ns when every input had arrived.
+    pub inputs_ns: u64,
+    /// `CLOCK_MONOTONIC` ns when the result was on every output edge.
+    pub sent_ns: u64,
+    /// The values in the reply body (one, or one per element when split).
+    pub segments: Vec<Segment>,
 }
 
 /// Encodes a message and body into one frame.
@@ -219,7 +311,7 @@ mod tests {
     proptest! {
         #[test]
         fn invoke_round_trips(id in "[a-z0-9-]{0,40}", deadline in any::<u64>(), body in proptest::collection::vec(any::<u8>(), 0..512)) {
-            let msg = ToRuntime::Invoke { request_id: id, deadline_ms: deadline };
+            let msg = ToRuntime::Invoke { request_id: id, deadline_ms: deadline, dag: None };
             let frame = encode(&msg, &body);
             let (prefix, header, rest) = split(&frame);
             prop_assert_eq!(prefix.body_len as usize, body.len());
@@ -234,6 +326,8 @@ mod tests {
                 duration_ms: ms,
                 logs,
                 handler_start_ns: t,
+                handler_end_ns: t,
+                dag: None,
             };
             let frame = encode(&m, b"");
             let (_, header, _) = split(&frame);

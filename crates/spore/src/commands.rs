@@ -53,6 +53,7 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
         }
         let listener = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
         let endpoint = format!("http://{}", listener.local_addr()?);
+        control.set_gateway_url(endpoint.clone());
         let endpoint_file = data_dir.join("run").join("endpoint");
         spore_control::store::write_atomic(&endpoint_file, endpoint.as_bytes()).context("writing the endpoint file")?;
         let metrics = spore_gateway::install_metrics();

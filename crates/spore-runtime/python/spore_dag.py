@@ -1,0 +1,375 @@
+"""DAG edges for Spore's Python runtime: shared-memory rings and sealed memfd payloads.
+
+The bootstrap calls `run` for an invocation that is one node of a DAG: the event is read from
+the node's input edges (rings shared with the instances of the previous nodes, or values the
+daemon relays in the frame body), the handler runs, and its result goes out on the output
+rings. Small results travel through the ring (one copy in, one out); results over the
+`inline_max` threshold travel as a sealed memfd whose descriptor is passed over the edge's Unix
+socket, so that the bytes are never copied between instances.
+
+Handlers may `import spore_dag` and return `spore_dag.buffer(n)`, a writable memoryview over
+a fresh memfd: it is sealed and handed over without any copy at all. A `bytes`, `bytearray`
+or `memoryview` result reaches the next node as a read-only `memoryview`; anything else goes as
+JSON and arrives decoded.
+
+The ring itself is native code (`libspore_ipc.so`, the same ring as the daemon's) because
+Python cannot order memory accesses the way the ring's wake-up protocol needs.
+"""
+import ctypes
+import fcntl
+import json
+import mmap
+import os
+import struct
+import time
+
+_LEN = struct.Struct("<Q")
+_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+# Ring message tags: the value inline (JSON or bytes), or in a memfd that follows on the
+# edge's socket (then the message holds its length).
+_INLINE = {b"J"[0]: "json", b"B"[0]: "bytes"}
+_IN_MEMFD = {b"j"[0]: "json", b"b"[0]: "bytes"}
+_TAG = {("json", False): b"J", ("bytes", False): b"B", ("json", True): b"j", ("bytes", True): b"b"}
+
+_lib = None
+_T = []
+# Buffers made during the current invocation (closed at its end unless handed over).
+_live = set()
+
+
+class DagError(Exception):
+    """An edge failed: a peer timed out, sent something malformed, or a call failed."""
+
+
+def _native():
+    global _lib
+    if _lib is None:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "libspore_ipc.so")
+        lib = ctypes.CDLL(path)
+        vp, c_int, sz = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
+        lib.spore_ring_open.argtypes = [c_int, c_int, c_int, c_int]
+        lib.spore_ring_open.restype = vp
+        lib.spore_ring_max_message.argtypes = [vp]
+        lib.spore_ring_max_message.restype = sz
+        lib.spore_ring_send.argtypes = [vp, ctypes.c_char_p, sz, ctypes.c_uint64, ctypes.c_uint64]
+        lib.spore_ring_send.restype = ctypes.c_ssize_t
+        lib.spore_ring_recv.argtypes = [vp, vp, sz, ctypes.c_uint64, ctypes.c_uint64]
+        lib.spore_ring_recv.restype = ctypes.c_ssize_t
+        lib.spore_ring_close.argtypes = [vp]
+        lib.spore_ring_close.restype = None
+        lib.spore_ring_error.argtypes = [vp, sz]
+        lib.spore_ring_error.restype = sz
+        lib.spore_fds_recv.argtypes = [c_int, ctypes.POINTER(c_int), sz]
+        lib.spore_fds_recv.restype = ctypes.c_ssize_t
+        lib.spore_fd_send.argtypes = [c_int, c_int]
+        lib.spore_fd_send.restype = ctypes.c_ssize_t
+        _lib = lib
+    return _lib
+
+
+def _last_error():
+    buf = ctypes.create_string_buffer(512)
+    n = _native().spore_ring_error(buf, 512)
+    return buf.raw[:min(n, 512)].decode(errors="replace")
+
+
+def recv_fds(sock, n):
+    """The `n` descriptors the daemon attached to the byte after a frame."""
+    if n == 0:
+        return []
+    arr = (ctypes.c_int * n)()
+    got = _native().spore_fds_recv(sock, arr, n)
+    if got < 0:
+        raise DagError(_last_error())
+    fds = list(arr[:got])
+    if got != n:
+        for fd in fds:
+            os.close(fd)
+        raise DagError("expected %d descriptors with the frame, got %d" % (n, got))
+    return fds
+
+
+class buffer:  # noqa: N801 - used like a function: spore_dag.buffer(n)
+    """A writable buffer of `size` bytes in shared memory. Return it (the object, or its
+    `view`) from a handler and the next node gets the bytes without a single copy."""
+
+    def __init__(self, size):
+        self.fd = os.memfd_create("spore-payload", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        self.size = size
+        self._map = None
+        if size:
+            os.ftruncate(self.fd, size)
+            self._map = mmap.mmap(self.fd, size)
+        self.view = memoryview(self._map) if size else memoryview(b"")
+        _live.add(self)
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, key):
+        return self.view[key]
+
+    def __setitem__(self, key, value):
+        self.view[key] = value
+
+    def seal(self):
+        """Unmaps our writable view and seals the memfd; returns the descriptor."""
+        self.view.release()
+        if self._map is not None:
+            self._map.close()  # BufferError if the handler still holds views into it
+        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, _SEALS)
+        _live.discard(self)
+        return self.fd
+
+    def _drop(self):
+        self.view.release()
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:
+                pass  # still viewed by the handler; unmapped when collected
+        os.close(self.fd)
+
+
+def _sealed_copy(data):
+    """A new sealed memfd holding `data` (one copy)."""
+    b = buffer(len(data))
+    if len(data):
+        b.view[:] = data
+    return b.seal()
+
+
+class _Out:
+    """An encoded result: kind, and inline bytes or a sealed memfd."""
+
+    def __init__(self, result, inline_max):
+        self.memfd = None
+        self.data = None
+        if isinstance(result, memoryview) and result.obj is not None:
+            owner = next((b for b in _live if b._map is not None and result.obj is b._map), None)
+            if owner is not None and result.nbytes == owner.size:
+                result.release()
+                result = owner
+        if isinstance(result, buffer):
+            self.kind = "bytes"
+            self.size = result.size
+            try:
+                self.memfd = result.seal()
+            except BufferError:
+                # The handler still holds views into it: hand over a sealed copy instead.
+                self.memfd = _sealed_copy(result.view)
+                result._drop()
+                _live.discard(result)
+            return
+        if isinstance(result, (bytes, bytearray, memoryview)):
+            self.kind = "bytes"
+            self.data = result
+        else:
+            self.kind = "json"
+            self.data = json.dumps(result).encode()
+        self.size = len(self.data) if not isinstance(self.data, memoryview) else self.data.nbytes
+        if self.size > inline_max:
+            self.memfd = _sealed_copy(self.data)
+            self.data = None
+
+    def close(self):
+        if self.memfd is not None:
+            os.close(self.memfd)
+            self.memfd = None
+
+    def inline_bytes(self):
+        """The bytes for a reply body (read back from the memfd if it went there)."""
+        if self.data is not None:
+            return bytes(self.data)
+        if self.size == 0:
+            return b""
+        with mmap.mmap(self.memfd, self.size, prot=mmap.PROT_READ) as m:
+            return m[:]
+
+
+class _Edge:
+    """One end of a shared-memory edge: a ring and a socket for memfds."""
+
+    def __init__(self, fds, producer):
+        mem, data, space, self.sock = fds
+        self.ring = _native().spore_ring_open(mem, data, space, 1 if producer else 0)
+        if not self.ring:
+            os.close(self.sock)
+            raise DagError("opening an edge: " + _last_error())
+
+    def close(self):
+        if self.ring:
+            _native().spore_ring_close(self.ring)
+            self.ring = None
+            os.close(self.sock)
+
+    def send(self, out, timeout_ms, spin_us):
+        lib = _native()
+        if out.memfd is not None:
+            if lib.spore_fd_send(self.sock, out.memfd) < 0:
+                raise DagError(_last_error())
+            msg = _TAG[(out.kind, True)] + _LEN.pack(out.size)
+        else:
+            msg = _TAG[(out.kind, False)] + bytes(out.data)
+        _T.append(("send0", time.monotonic_ns()))
+        if lib.spore_ring_send(self.ring, msg, len(msg), timeout_ms, spin_us) < 0:
+            raise DagError("sending on an edge: " + _last_error())
+
+    def recv(self, timeout_ms, spin_us, maps):
+        lib = _native()
+        _T.append(("recv0", time.monotonic_ns()))
+        cap = lib.spore_ring_max_message(self.ring)
+        buf = ctypes.create_string_buffer(cap)
+        n = lib.spore_ring_recv(self.ring, buf, cap, timeout_ms, spin_us)
+        _T.append(("recv1", time.monotonic_ns()))
+        if n < 0:
+            raise DagError("receiving on an edge: " + _last_error())
+        if n == 0:
+            raise DagError("empty message on an edge")
+        tag, raw = buf.raw[0], buf.raw[1:n]
+        if tag in _INLINE:
+            return _decode(_INLINE[tag], raw)
+        if tag not in _IN_MEMFD or len(raw) != _LEN.size:
+            raise DagError("malformed message on an edge (tag %r)" % chr(tag))
+        (size,) = _LEN.unpack(raw)
+        fds = recv_fds(self.sock, 1)
+        return _decode(_IN_MEMFD[tag], _map_sealed(fds[0], size, maps))
+
+
+def _map_sealed(fd, size, maps):
+    """Maps a received memfd read-only after checking that it is sealed and big enough."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        if seals & _SEALS != _SEALS:
+            raise DagError("payload memfd is not sealed (seals 0x%x)" % seals)
+        if os.fstat(fd).st_size < size:
+            raise DagError("payload memfd holds fewer than the announced %d bytes" % size)
+        if size == 0:
+            return memoryview(b"")
+        m = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+    maps.append(m)
+    return memoryview(m)
+
+
+def _decode(kind, data):
+    if kind == "json":
+        return json.loads(bytes(data) if isinstance(data, memoryview) else data)
+    return data if isinstance(data, memoryview) else memoryview(data)
+
+
+def _event(shape, body, fds, timeout_ms, spin_us, maps, edges, taken):
+    src = shape["from"]
+    if src == "input":
+        return json.loads(body) if body else {}
+    if src == "body":
+        seg = shape["segment"]
+        off, n = seg["offset"], seg["len"]
+        if off + n > len(body):
+            raise DagError("relayed segment outside the frame body")
+        return _decode(seg["kind"], memoryview(body)[off:off + n])
+    if src == "ring":
+        taken.update(shape["fds"])
+        e = _Edge([fds[i] for i in shape["fds"]], producer=False)
+        edges.append(e)
+        return e.recv(timeout_ms, spin_us, maps)
+    if src == "list":
+        return [_event(s, body, fds, timeout_ms, spin_us, maps, edges, taken) for s in shape["items"]]
+    raise DagError("unknown event source %r" % src)
+
+
+def _remaining_ms(deadline_ms):
+    return max(1, int(deadline_ms - time.time() * 1000))
+
+
+class Run:
+    """One node invocation: `event()` reads the inputs, `finish(result)` sends the outputs.
+    `close()` always runs, and frees every ring, socket, memfd and mapping."""
+
+    def __init__(self, wiring, body, fds, deadline_ms):
+        self.w = wiring
+        self.body = body
+        self.fds = fds
+        self.deadline_ms = deadline_ms
+        self.maps = []
+        self.edges = []
+        self.outs = []
+        self.inputs_ns = 0
+        self.sent_ns = 0
+        self.taken = set()
+
+    def event(self):
+        ev = _event(self.w["event"], self.body, self.fds, _remaining_ms(self.deadline_ms),
+                    self.w["spin_us"], self.maps, self.edges, self.taken)
+        self.inputs_ns = time.monotonic_ns()
+        _T.append(("inputs", self.inputs_ns))
+        os.write(2, (" ".join("%s=%d" % (k, v % 100000000) for k, v in _T) + "\n").encode())
+        _T.clear()
+        for e in self.edges:
+            e.close()
+        self.edges = []
+        return ev
+
+    def finish(self, result):
+        """Sends `result` on the output edges; returns (reply body, segments)."""
+        w = self.w
+        whole = None
+        if w["outputs"] or not w["split"]:
+            whole = _Out(result, w["inline_max"] if w["outputs"] else 1 << 62)
+            self.outs.append(whole)
+            for fds in w["outputs"]:
+                self.taken.update(fds)
+                e = _Edge([self.fds[i] for i in fds], producer=True)
+                self.edges.append(e)
+                e.send(whole, _remaining_ms(self.deadline_ms), w["spin_us"])
+        if w["split"]:
+            if not isinstance(result, (list, tuple)):
+                raise DagError("the next node runs once per element, but node %r returned %s, not a list"
+                               % (w["node"], type(result).__name__))
+            parts = [_Out(r, 1 << 62) for r in result]
+            self.outs.extend(parts)
+        else:
+            parts = [whole]
+        self.sent_ns = time.monotonic_ns()
+        _T.append(("sent", self.sent_ns))
+        os.write(2, (" ".join("%s=%d" % (k, v % 100000000) for k, v in _T) + "\n").encode())
+        _T.clear()
+        if not w["reply"]:
+            return b"", []
+        body, segments = [], []
+        off = 0
+        for p in parts:
+            b = p.inline_bytes()
+            segments.append({"offset": off, "len": len(b), "kind": p.kind})
+            body.append(b)
+            off += len(b)
+        return b"".join(body), segments
+
+    def report(self, segments):
+        return {"inputs_ns": self.inputs_ns, "sent_ns": self.sent_ns, "segments": segments}
+
+    def close(self):
+        for e in self.edges:
+            e.close()
+        self.edges = []
+        for o in self.outs:
+            o.close()
+        self.outs = []
+        for m in self.maps:
+            try:
+                m.close()
+            except BufferError:
+                pass  # the handler kept a view; the mapping goes with it
+        self.maps = []
+        for b in list(_live):
+            b._drop()
+        _live.clear()
+        for i, fd in enumerate(self.fds):
+            if i not in self.taken:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.fds = []
+

@@ -1,0 +1,18 @@
+"""One stage of the staged-func and pychain DAGs: counts the stages a value went through.
+
+The event is {"n": stages so far, "pad": filler that sets the payload size, "work_ms": busy
+time per stage}, or a list of such events (fan-in): then n is their sum. The output has the
+same shape, n + 1.
+"""
+import time
+
+
+def handler(event, context):
+    first = event[0] if isinstance(event, list) else event
+    work_ms = float(first.get("work_ms", 0))
+    if work_ms:
+        end = time.perf_counter() + work_ms / 1000.0
+        while time.perf_counter() < end:
+            pass
+    n = sum(e["n"] for e in event) if isinstance(event, list) else int(event.get("n", 0))
+    return {"n": n + 1, "pad": first.get("pad", ""), "work_ms": work_ms}

@@ -38,8 +38,10 @@ use crate::{Control, ControlError};
 const RING_CAPACITY: usize = 64 * 1024;
 /// Results up to this size travel through the ring; larger ones as sealed memfds.
 pub const INLINE_MAX: usize = 16 * 1024;
-/// How long a consumer polls its ring before sleeping on the doorbell, us.
-const SPIN_US: u64 = 200;
+/// How long a consumer polls its ring before sleeping on the doorbell, us. On a VM, a
+/// sleeping consumer takes 50-250 us to wake (measured on these machines); polling is what
+/// makes a hop take microseconds, at the price of a busy CPU while it waits.
+const SPIN_US: u64 = 2000;
 /// Most instances one node may run (an `each` node over a longer list is an error).
 pub const MAX_FANOUT: usize = 256;
 
@@ -93,6 +95,12 @@ pub struct NodeRun {
     pub handler_start_us: f64,
     /// Handler end, us after the DAG invocation began.
     pub handler_end_us: f64,
+    /// (shm) When every input had arrived, us after the DAG invocation began.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inputs_us: Option<f64>,
+    /// (shm) When the result was on every output edge, us after the DAG invocation began.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sent_us: Option<f64>,
     /// From the last predecessor's handler returning to this handler starting, us: one hop
     /// (encode, transfer, wake-up, decode). None for nodes without predecessors.
     pub hop_us: Option<f64>,
@@ -351,9 +359,13 @@ impl Control {
             }
             Transport::Http => self.run_http(&plan, input).await?,
         };
+        let origin = t0_ns as f64 / 1e3;
         for n in &mut nodes {
-            n.handler_start_us -= t0_ns as f64 / 1e3;
-            n.handler_end_us -= t0_ns as f64 / 1e3;
+            n.handler_start_us -= origin;
+            n.handler_end_us -= origin;
+            for t in [&mut n.inputs_us, &mut n.sent_us].into_iter().flatten() {
+                *t -= origin;
+            }
         }
         metrics::counter!("spore_dag_invocations_total", "dag" => name.to_owned(), "transport" => transport.to_string()).increment(1);
         Ok(DagRun {
@@ -609,6 +621,8 @@ impl Control {
                         handler_ms: reply.handler_end_ns.saturating_sub(reply.handler_start_ns) as f64 / 1e6,
                         handler_start_us: reply.handler_start_ns as f64 / 1e3,
                         handler_end_us: reply.handler_end_ns as f64 / 1e3,
+                        inputs_us: reply.dag.as_ref().map(|d| d.inputs_ns as f64 / 1e3),
+                        sent_us: reply.dag.as_ref().map(|d| d.sent_ns as f64 / 1e3),
                         hop_us: None,
                     });
                     ends[fin.node].push((fin.index, reply.handler_end_ns));
@@ -818,6 +832,8 @@ impl Control {
                         handler_ms: reply.handler_ns.1.saturating_sub(reply.handler_ns.0) as f64 / 1e6,
                         handler_start_us: reply.handler_ns.0 as f64 / 1e3,
                         handler_end_us: reply.handler_ns.1 as f64 / 1e3,
+                        inputs_us: None,
+                        sent_us: None,
                         hop_us: None,
                     });
                     partial[n][j] = Some(reply.body);

@@ -32,7 +32,6 @@ _IN_MEMFD = {b"j"[0]: "json", b"b"[0]: "bytes"}
 _TAG = {("json", False): b"J", ("bytes", False): b"B", ("json", True): b"j", ("bytes", True): b"b"}
 
 _lib = None
-_T = []
 # Buffers made during the current invocation (closed at its end unless handed over).
 _live = set()
 
@@ -211,17 +210,14 @@ class _Edge:
             msg = _TAG[(out.kind, True)] + _LEN.pack(out.size)
         else:
             msg = _TAG[(out.kind, False)] + bytes(out.data)
-        _T.append(("send0", time.monotonic_ns()))
         if lib.spore_ring_send(self.ring, msg, len(msg), timeout_ms, spin_us) < 0:
             raise DagError("sending on an edge: " + _last_error())
 
     def recv(self, timeout_ms, spin_us, maps):
         lib = _native()
-        _T.append(("recv0", time.monotonic_ns()))
         cap = lib.spore_ring_max_message(self.ring)
         buf = ctypes.create_string_buffer(cap)
         n = lib.spore_ring_recv(self.ring, buf, cap, timeout_ms, spin_us)
-        _T.append(("recv1", time.monotonic_ns()))
         if n < 0:
             raise DagError("receiving on an edge: " + _last_error())
         if n == 0:
@@ -298,17 +294,16 @@ class Run:
         self.inputs_ns = 0
         self.sent_ns = 0
         self.taken = set()
+        self.outputs = []
 
     def event(self):
+        # Output edges first: opening them costs nothing later, between handler and send.
+        for fds in self.w["outputs"]:
+            self.taken.update(fds)
+            self.outputs.append(_Edge([self.fds[i] for i in fds], producer=True))
         ev = _event(self.w["event"], self.body, self.fds, _remaining_ms(self.deadline_ms),
                     self.w["spin_us"], self.maps, self.edges, self.taken)
         self.inputs_ns = time.monotonic_ns()
-        _T.append(("inputs", self.inputs_ns))
-        os.write(2, (" ".join("%s=%d" % (k, v % 100000000) for k, v in _T) + "\n").encode())
-        _T.clear()
-        for e in self.edges:
-            e.close()
-        self.edges = []
         return ev
 
     def finish(self, result):
@@ -318,10 +313,7 @@ class Run:
         if w["outputs"] or not w["split"]:
             whole = _Out(result, w["inline_max"] if w["outputs"] else 1 << 62)
             self.outs.append(whole)
-            for fds in w["outputs"]:
-                self.taken.update(fds)
-                e = _Edge([self.fds[i] for i in fds], producer=True)
-                self.edges.append(e)
+            for e in self.outputs:
                 e.send(whole, _remaining_ms(self.deadline_ms), w["spin_us"])
         if w["split"]:
             if not isinstance(result, (list, tuple)):
@@ -332,9 +324,6 @@ class Run:
         else:
             parts = [whole]
         self.sent_ns = time.monotonic_ns()
-        _T.append(("sent", self.sent_ns))
-        os.write(2, (" ".join("%s=%d" % (k, v % 100000000) for k, v in _T) + "\n").encode())
-        _T.clear()
         if not w["reply"]:
             return b"", []
         body, segments = [], []
@@ -350,9 +339,10 @@ class Run:
         return {"inputs_ns": self.inputs_ns, "sent_ns": self.sent_ns, "segments": segments}
 
     def close(self):
-        for e in self.edges:
+        for e in self.edges + self.outputs:
             e.close()
         self.edges = []
+        self.outputs = []
         for o in self.outs:
             o.close()
         self.outs = []

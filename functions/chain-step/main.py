@@ -1,8 +1,8 @@
 """One stage of the staged-func and pychain DAGs: counts the stages a value went through.
 
-The event is {"n": stages so far, "pad": filler that sets the payload size, "work_ms": busy
-time per stage}, or a list of such events (fan-in): then n is their sum. The output has the
-same shape, n + 1.
+The event is {"n": stages so far, ...} or a list of such events (fan-in: n is their sum); the
+output is the (first) event with n + 1, other keys passed through: "pad" (filler that sets the
+payload size) and "work_ms" (busy time per stage) shape the benchmarks.
 """
 import time
 
@@ -15,4 +15,6 @@ def handler(event, context):
         while time.perf_counter() < end:
             pass
     n = sum(e["n"] for e in event) if isinstance(event, list) else int(event.get("n", 0))
-    return {"n": n + 1, "pad": first.get("pad", ""), "work_ms": work_ms}
+    out = dict(first)
+    out["n"] = n + 1
+    return out

@@ -222,7 +222,9 @@ impl Plan {
             return Ok(1);
         }
         let p = self.preds[n][0];
-        let d = done[p].as_ref().expect("an each node waits for its predecessor");
+        let d = done[p]
+            .as_ref()
+            .expect("an each node waits for its predecessor");
         let k = d.values.len();
         if !d.split {
             return Err(self.failure(
@@ -271,7 +273,12 @@ fn new_edge() -> Result<Edge, ControlError> {
     let (a, b) = std::os::unix::net::UnixStream::pair().map_err(|e| internal("socketpair", &e))?;
     Ok(Edge {
         producer: [ring.memory, ring.data_ready, ring.space_ready, a.into()],
-        consumer: [theirs.memory, theirs.data_ready, theirs.space_ready, b.into()],
+        consumer: [
+            theirs.memory,
+            theirs.data_ready,
+            theirs.space_ready,
+            b.into(),
+        ],
     })
 }
 
@@ -337,6 +344,19 @@ impl Control {
         if !input.is_empty() {
             serde_json::from_slice::<serde::de::IgnoredAny>(input)
                 .map_err(|e| ControlError::InvalidRequestContent(e.to_string()))?;
+        }
+        self.inner
+            .inflight
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let _guard = crate::InflightGuard(&self.inner);
+        if self
+            .inner
+            .draining
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return Err(ControlError::Unavailable(
+                "the daemon is shutting down".into(),
+            ));
         }
         let spec = self.get_dag(name)?;
         let transport = opts.transport.unwrap_or(spec.transport);
@@ -410,7 +430,12 @@ impl Control {
                     Err(f) => return Ok((Err(f), false, runs)),
                 }
             }
-            if let Err(f) = self.run_wave(plan, &wave, &counts, input, request_id, &mut done, &mut runs).await? {
+            if let Err(f) = self
+                .run_wave(
+                    plan, &wave, &counts, input, request_id, &mut done, &mut runs,
+                )
+                .await?
+            {
                 return Ok((Err(f), false, runs));
             }
         }
@@ -437,11 +462,20 @@ impl Control {
         // Instances per function must fit its limit, or the wave would wait on itself.
         let mut per_fn: BTreeMap<&str, usize> = BTreeMap::new();
         for &n in wave {
-            *per_fn.entry(plan.spec.nodes[n].function.as_str()).or_default() += counts[n];
+            *per_fn
+                .entry(plan.spec.nodes[n].function.as_str())
+                .or_default() += counts[n];
         }
         for (f, k) in &per_fn {
-            let rec = plan.recs.iter().find(|r| r.manifest.name == *f).expect("resolved");
-            let max = rec.manifest.max_instances.unwrap_or(self.inner.cfg.max_instances) as usize;
+            let rec = plan
+                .recs
+                .iter()
+                .find(|r| r.manifest.name == *f)
+                .expect("resolved");
+            let max = rec
+                .manifest
+                .max_instances
+                .unwrap_or(self.inner.cfg.max_instances) as usize;
             if *k > max {
                 return Err(ControlError::InvalidParameter(format!(
                     "DAG {:?} needs {k} instances of function {f:?} at once, above its max_instances of {max}",
@@ -487,7 +521,9 @@ impl Control {
                     let mut parts = Vec::new();
                     for &p in &plan.preds[c] {
                         parts.push(if in_wave(p) {
-                            let edges = (0..counts[p]).map(|k| Feed::Edge(slot[p] + k)).collect::<Vec<_>>();
+                            let edges = (0..counts[p])
+                                .map(|k| Feed::Edge(slot[p] + k))
+                                .collect::<Vec<_>>();
                             if plan.each(p) {
                                 Feed::List(edges)
                             } else {
@@ -495,7 +531,12 @@ impl Control {
                             }
                         } else {
                             let d = done[p].as_ref().expect("earlier wave");
-                            let vals = d.values.iter().cloned().map(Feed::Relayed).collect::<Vec<_>>();
+                            let vals = d
+                                .values
+                                .iter()
+                                .cloned()
+                                .map(Feed::Relayed)
+                                .collect::<Vec<_>>();
                             if plan.each(p) || d.split {
                                 Feed::List(vals)
                             } else {
@@ -559,7 +600,12 @@ impl Control {
         let mut in_wave_path = vec![Duration::ZERO; plan.spec.nodes.len()];
         for &n in &plan.order {
             if in_wave(n) {
-                let before = plan.preds[n].iter().filter(|&&p| in_wave(p)).map(|&p| in_wave_path[p]).max().unwrap_or_default();
+                let before = plan.preds[n]
+                    .iter()
+                    .filter(|&&p| in_wave(p))
+                    .map(|&p| in_wave_path[p])
+                    .max()
+                    .unwrap_or_default();
                 in_wave_path[n] = before + plan.timeout(n);
             }
         }
@@ -575,7 +621,14 @@ impl Control {
             let request_id = request_id.to_owned();
             tasks.spawn(async move {
                 let timeout = deadline.saturating_duration_since(Instant::now());
-                let exchange = inst.invoke_dag(&request_id, l.wiring, &l.body, l.fds, timeout, rec.manifest.timeout_s);
+                let exchange = inst.invoke_dag(
+                    &request_id,
+                    l.wiring,
+                    &l.body,
+                    l.fds,
+                    timeout,
+                    rec.manifest.timeout_s,
+                );
                 let result = tokio::select! {
                     r = exchange => Some(r),
                     _ = cancel.wait_for(|c| *c) => None,
@@ -597,16 +650,28 @@ impl Control {
                         Err(failure.to_function_error())
                     }
                 };
-                Some(Finished { node: l.node, index: l.index, start, result })
+                Some(Finished {
+                    node: l.node,
+                    index: l.index,
+                    start,
+                    result,
+                })
             });
         }
         let mut failure = None;
         let mut ends: Vec<Vec<(usize, u64)>> = vec![Vec::new(); plan.spec.nodes.len()];
-        let mut replies: Vec<Vec<(usize, Reply)>> = (0..plan.spec.nodes.len()).map(|_| Vec::new()).collect();
+        let mut replies: Vec<Vec<(usize, Reply)>> =
+            (0..plan.spec.nodes.len()).map(|_| Vec::new()).collect();
         while let Some(r) = tasks.join_next().await {
-            let Some(fin) = r.map_err(|e| ControlError::Internal(format!("node task: {e}")))? else { continue };
+            let Some(fin) = r.map_err(|e| ControlError::Internal(format!("node task: {e}")))?
+            else {
+                continue;
+            };
             match fin.result {
-                Ok(Reply { outcome: Err(e), .. }) | Err(e) => {
+                Ok(Reply {
+                    outcome: Err(e), ..
+                })
+                | Err(e) => {
                     if failure.is_none() {
                         failure = Some(plan.failure(fin.node, e));
                         let _ = cancel_tx.send(true);
@@ -618,7 +683,9 @@ impl Control {
                         index: fin.index,
                         function: plan.spec.nodes[fin.node].function.clone(),
                         start: fin.start.as_str(),
-                        handler_ms: reply.handler_end_ns.saturating_sub(reply.handler_start_ns) as f64 / 1e6,
+                        handler_ms: reply.handler_end_ns.saturating_sub(reply.handler_start_ns)
+                            as f64
+                            / 1e6,
                         handler_start_us: reply.handler_start_ns as f64 / 1e3,
                         handler_end_us: reply.handler_end_ns as f64 / 1e3,
                         inputs_us: reply.dag.as_ref().map(|d| d.inputs_ns as f64 / 1e3),
@@ -640,30 +707,51 @@ impl Control {
             let mut values = Vec::new();
             for (_, r) in &rs {
                 let body = r.outcome.as_ref().expect("succeeded");
-                let segs = r.dag.as_ref().map(|d| d.segments.clone()).unwrap_or_default();
+                let segs = r
+                    .dag
+                    .as_ref()
+                    .map(|d| d.segments.clone())
+                    .unwrap_or_default();
                 for s in segs {
                     let bytes = body.get(s.offset..s.offset + s.len).ok_or_else(|| {
-                        ControlError::Internal(format!("node {:?} replied with a segment outside its body", plan.id(n)))
+                        ControlError::Internal(format!(
+                            "node {:?} replied with a segment outside its body",
+                            plan.id(n)
+                        ))
                     })?;
-                    values.push(Value { kind: s.kind, bytes: bytes.to_vec() });
+                    values.push(Value {
+                        kind: s.kind,
+                        bytes: bytes.to_vec(),
+                    });
                 }
             }
             let mut e = std::mem::take(&mut ends[n]);
             e.sort_by_key(|(i, _)| *i);
-            done[n] = Some(Done { values, split, ends: e.into_iter().map(|(_, t)| t).collect() });
+            done[n] = Some(Done {
+                values,
+                split,
+                ends: e.into_iter().map(|(_, t)| t).collect(),
+            });
         }
         fill_hops(plan, done, runs);
         Ok(Ok(()))
     }
 
     /// Turns a feed into the event shape of instance `me`, creating the edges it names.
-    fn place(&self, launches: &mut [Launch], me: usize, feed: Feed) -> Result<EventShape, ControlError> {
+    fn place(
+        &self,
+        launches: &mut [Launch],
+        me: usize,
+        feed: Feed,
+    ) -> Result<EventShape, ControlError> {
         Ok(match feed {
             Feed::Edge(p) => {
                 let e = new_edge()?;
                 let out = launches[p].push_edge(e.producer);
                 launches[p].wiring.outputs.push(out);
-                EventShape::Ring { fds: launches[me].push_edge(e.consumer) }
+                EventShape::Ring {
+                    fds: launches[me].push_edge(e.consumer),
+                }
             }
             Feed::List(items) => {
                 let mut shapes = Vec::with_capacity(items.len());
@@ -678,20 +766,38 @@ impl Control {
 
     /// An instance for one DAG node: warm, or freshly started with no invocation pending.
     /// `Err(Ok)` is the function's init failure, `Err(Err)` the platform's.
-    async fn dag_instance(&self, rec: &FunctionRecord) -> Result<(Instance, StartKind), Result<FunctionError, ControlError>> {
-        let env = self.inner.env.clone().map_err(|why| Err(ControlError::Unavailable(format!("invocations are disabled on this host: {why}"))))?;
+    async fn dag_instance(
+        &self,
+        rec: &FunctionRecord,
+    ) -> Result<(Instance, StartKind), Result<FunctionError, ControlError>> {
+        let env = self.inner.env.clone().map_err(|why| {
+            Err(ControlError::Unavailable(format!(
+                "invocations are disabled on this host: {why}"
+            )))
+        })?;
         let name = &rec.manifest.name;
         let pool = self.pool(name);
-        let max = rec.manifest.max_instances.unwrap_or(self.inner.cfg.max_instances);
-        let deadline = Instant::now() + Duration::from_secs(u64::from(rec.manifest.timeout_s)).max(Duration::from_secs(10));
-        match self.acquire(&pool, rec.revision, max, false, deadline).await.map_err(Err)? {
+        let max = rec
+            .manifest
+            .max_instances
+            .unwrap_or(self.inner.cfg.max_instances);
+        let deadline = Instant::now()
+            + Duration::from_secs(u64::from(rec.manifest.timeout_s)).max(Duration::from_secs(10));
+        match self
+            .acquire(&pool, rec.revision, max, false, deadline)
+            .await
+            .map_err(Err)?
+        {
             crate::Slot::Warm(inst) => Ok((*inst, StartKind::Warm)),
-            crate::Slot::Cold => match self.start_fresh(&env, rec, self.log_ring(name), None).await {
+            crate::Slot::Cold => match self.start_fresh(&env, rec, self.log_ring(name), None).await
+            {
                 Ok(started) => Ok(started),
                 Err(e) => {
                     self.release_slot(&pool);
                     Err(match e {
-                        crate::instance::StartError::Platform(msg) => Err(ControlError::Internal(msg)),
+                        crate::instance::StartError::Platform(msg) => {
+                            Err(ControlError::Internal(msg))
+                        }
                         crate::instance::StartError::Init(err) => Ok(err),
                     })
                 }
@@ -703,7 +809,10 @@ impl Control {
     fn give_back(&self, rec: &FunctionRecord, inst: Instance, reusable: bool) {
         let name = &rec.manifest.name;
         let pool = self.pool(name);
-        let max = rec.manifest.max_instances.unwrap_or(self.inner.cfg.max_instances);
+        let max = rec
+            .manifest
+            .max_instances
+            .unwrap_or(self.inner.cfg.max_instances);
         let current = self.registry().get(name).map(|r| r.revision);
         self.release(&pool, inst, reusable && current == Some(rec.revision), max);
     }
@@ -712,7 +821,9 @@ impl Control {
 /// Sets each run's hop: from the latest end among its node's predecessors to its start.
 fn fill_hops(plan: &Plan, done: &[Option<Done>], runs: &mut [NodeRun]) {
     for r in runs.iter_mut().filter(|r| r.hop_us.is_none()) {
-        let Some(n) = plan.spec.nodes.iter().position(|x| x.id == r.node) else { continue };
+        let Some(n) = plan.spec.nodes.iter().position(|x| x.id == r.node) else {
+            continue;
+        };
         let last = plan.preds[n]
             .iter()
             .filter_map(|&p| done[p].as_ref())
@@ -734,12 +845,13 @@ fn sink_output(plan: &Plan, sink: Done) -> Result<(Vec<u8>, bool), FunctionError
         })?;
         return Ok((v.bytes, v.kind == PayloadKind::Bytes));
     }
-    json_list(sink.values.iter().map(|v| (v.kind, v.bytes.as_slice())))
-        .map(|b| (b, false))
+    json_list(sink.values.iter().map(|v| (v.kind, v.bytes.as_slice()))).map(|b| (b, false))
 }
 
 /// A JSON list of JSON values.
-fn json_list<'a>(values: impl Iterator<Item = (PayloadKind, &'a [u8])>) -> Result<Vec<u8>, FunctionError> {
+fn json_list<'a>(
+    values: impl Iterator<Item = (PayloadKind, &'a [u8])>,
+) -> Result<Vec<u8>, FunctionError> {
     let mut out = b"[".to_vec();
     for (i, (kind, bytes)) in values.enumerate() {
         if kind == PayloadKind::Bytes {
@@ -816,10 +928,14 @@ impl Control {
                     );
                     let client = self.inner.http.clone();
                     let timeout = plan.timeout(n) + Duration::from_secs(30);
-                    tasks.spawn(async move { (n, j, http_hop(&client, &url, event, timeout).await) });
+                    tasks.spawn(
+                        async move { (n, j, http_hop(&client, &url, event, timeout).await) },
+                    );
                 }
             }
-            let Some(r) = tasks.join_next().await else { break };
+            let Some(r) = tasks.join_next().await else {
+                break;
+            };
             let (n, j, r) = r.map_err(|e| ControlError::Internal(format!("http hop task: {e}")))?;
             match r {
                 Err(e) => return Ok((Err(plan.failure(n, e)), false, runs)),
@@ -829,7 +945,8 @@ impl Control {
                         index: j,
                         function: plan.spec.nodes[n].function.clone(),
                         start: reply.start.as_str(),
-                        handler_ms: reply.handler_ns.1.saturating_sub(reply.handler_ns.0) as f64 / 1e6,
+                        handler_ms: reply.handler_ns.1.saturating_sub(reply.handler_ns.0) as f64
+                            / 1e6,
                         handler_start_us: reply.handler_ns.0 as f64 / 1e3,
                         handler_end_us: reply.handler_ns.1 as f64 / 1e3,
                         inputs_us: None,
@@ -839,28 +956,46 @@ impl Control {
                     partial[n][j] = Some(reply.body);
                     ends[n].push(reply.handler_ns.1);
                     if partial[n].iter().all(Option::is_some) {
-                        outputs[n] = Some(std::mem::take(&mut partial[n]).into_iter().flatten().collect());
+                        outputs[n] = Some(
+                            std::mem::take(&mut partial[n])
+                                .into_iter()
+                                .flatten()
+                                .collect(),
+                        );
                     }
                 }
             }
         }
         let done: Vec<Option<Done>> = ends
             .into_iter()
-            .map(|ends| Some(Done { values: Vec::new(), split: false, ends }))
+            .map(|ends| {
+                Some(Done {
+                    values: Vec::new(),
+                    split: false,
+                    ends,
+                })
+            })
             .collect();
         fill_hops(plan, &done, &mut runs);
         let sink = outputs[plan.sink].take().unwrap_or_default();
         let out = if plan.each(plan.sink) {
             json_list(sink.iter().map(|b| (PayloadKind::Json, b.as_slice())))
         } else {
-            sink.into_iter().next().ok_or_else(|| FunctionError::platform("Spore.DagResult", "the sink returned no value"))
+            sink.into_iter().next().ok_or_else(|| {
+                FunctionError::platform("Spore.DagResult", "the sink returned no value")
+            })
         };
         Ok((out.map_err(|e| plan.failure(plan.sink, e)), false, runs))
     }
 }
 
 /// The events of node `n`'s instances, built from its predecessors' JSON outputs.
-fn http_events(plan: &Plan, n: usize, input: &[u8], outputs: &[Option<Vec<Vec<u8>>>]) -> Result<Vec<Vec<u8>>, FunctionError> {
+fn http_events(
+    plan: &Plan,
+    n: usize,
+    input: &[u8],
+    outputs: &[Option<Vec<Vec<u8>>>],
+) -> Result<Vec<Vec<u8>>, FunctionError> {
     let out = |p: usize| outputs[p].as_ref().expect("predecessor finished");
     if plan.preds[n].is_empty() {
         return Ok(vec![input.to_vec()]);
@@ -872,10 +1007,16 @@ fn http_events(plan: &Plan, n: usize, input: &[u8], outputs: &[Option<Vec<Vec<u8
             let v: Vec<serde_json::Value> = serde_json::from_slice(o).map_err(|_| {
                 FunctionError::platform(
                     "Spore.DagEachInput",
-                    format!("the node runs once per element, but node {:?} did not return a list", plan.id(p)),
+                    format!(
+                        "the node runs once per element, but node {:?} did not return a list",
+                        plan.id(p)
+                    ),
                 )
             })?;
-            elements.extend(v.iter().map(|e| serde_json::to_vec(e).expect("a parsed value serializes")));
+            elements.extend(
+                v.iter()
+                    .map(|e| serde_json::to_vec(e).expect("a parsed value serializes")),
+            );
         }
         if elements.len() > MAX_FANOUT {
             return Err(FunctionError::platform(
@@ -902,7 +1043,12 @@ fn http_events(plan: &Plan, n: usize, input: &[u8], outputs: &[Option<Vec<Vec<u8
 }
 
 /// One hop over HTTP: the Invoke API, as any client would call it.
-async fn http_hop(client: &reqwest::Client, url: &str, event: Vec<u8>, timeout: Duration) -> Result<HttpReply, FunctionError> {
+async fn http_hop(
+    client: &reqwest::Client,
+    url: &str,
+    event: Vec<u8>,
+    timeout: Duration,
+) -> Result<HttpReply, FunctionError> {
     let platform = |msg: String| FunctionError::platform("Spore.DagHttpHop", msg);
     let resp = client
         .post(url)
@@ -913,7 +1059,12 @@ async fn http_hop(client: &reqwest::Client, url: &str, event: Vec<u8>, timeout: 
         .await
         .map_err(|e| platform(format!("POST {url}: {}", crate::instance::error_chain(&e))))?;
     let status = resp.status();
-    let header = |k: &str| resp.headers().get(k).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let header = |k: &str| {
+        resp.headers()
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
     let failed = header("x-amz-function-error").is_some();
     let start = match header("x-spore-start").as_deref() {
         Some("cold") => StartKind::Cold,
@@ -939,34 +1090,57 @@ async fn http_hop(client: &reqwest::Client, url: &str, event: Vec<u8>, timeout: 
         }
         let e: LambdaError = serde_json::from_slice(&body)
             .map_err(|_| platform(format!("unreadable error from {url}")))?;
-        return Err(FunctionError { message: e.message, error_type: e.error_type, stack_trace: e.stack_trace });
+        return Err(FunctionError {
+            message: e.message,
+            error_type: e.error_type,
+            stack_trace: e.stack_trace,
+        });
     }
     if !status.is_success() {
-        return Err(platform(format!("{url} answered {status}: {}", String::from_utf8_lossy(&body))));
+        return Err(platform(format!(
+            "{url} answered {status}: {}",
+            String::from_utf8_lossy(&body)
+        )));
     }
-    Ok(HttpReply { body, start, handler_ns })
+    Ok(HttpReply {
+        body,
+        start,
+        handler_ns,
+    })
 }
 
 impl Control {
     fn dag_path(&self, name: &str) -> std::path::PathBuf {
-        self.inner.cfg.data_dir.join("dags").join(format!("{name}.json"))
+        self.inner
+            .cfg
+            .data_dir
+            .join("dags")
+            .join(format!("{name}.json"))
     }
 
     /// Deploys (creates or replaces) a DAG after checking it and that its functions exist.
     pub fn put_dag(&self, spec: DagSpec) -> Result<DagSpec, ControlError> {
-        spec.validate().map_err(|e| ControlError::InvalidParameter(e.to_string()))?;
+        spec.validate()
+            .map_err(|e| ControlError::InvalidParameter(e.to_string()))?;
         Plan::new(self, spec.clone())?;
         let path = self.dag_path(&spec.name);
-        let io = |e: std::io::Error| ControlError::Internal(format!("storing DAG {:?}: {e}", spec.name));
+        let io =
+            |e: std::io::Error| ControlError::Internal(format!("storing DAG {:?}: {e}", spec.name));
         std::fs::create_dir_all(path.parent().expect("in the dags dir")).map_err(io)?;
-        crate::store::write_atomic(&path, &serde_json::to_vec_pretty(&spec).expect("a spec serializes")).map_err(io)?;
+        crate::store::write_atomic(
+            &path,
+            &serde_json::to_vec_pretty(&spec).expect("a spec serializes"),
+        )
+        .map_err(io)?;
         Ok(spec)
     }
 
     /// A deployed DAG.
     pub fn get_dag(&self, name: &str) -> Result<DagSpec, ControlError> {
-        spore_core::validate_function_name(name).map_err(|_| ControlError::NotFound(format!("DAG {name}")))?;
-        let bytes = std::fs::read(self.dag_path(name)).map_err(|_| ControlError::NotFound(format!("DAG {name}")))?;
+        spore_core::validate_function_name(name)
+            .map_err(|_| ControlError::NotFound(format!("DAG {name}")))?;
+        let bytes = std::fs::read(self.dag_path(name))
+            .map_err(|_| ControlError::NotFound(format!("DAG {name}")))?;
         serde_json::from_slice(&bytes)
             .map_err(|e| ControlError::Internal(format!("stored DAG {name:?} is unreadable: {e}")))
     }
@@ -977,7 +1151,12 @@ impl Control {
             .into_iter()
             .flatten()
             .flatten()
-            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".json").map(str::to_owned))
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()?
+                    .strip_suffix(".json")
+                    .map(str::to_owned)
+            })
             .filter_map(|name| self.get_dag(&name).ok())
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));

@@ -436,8 +436,14 @@ impl Instance {
         let frame = (!std::mem::take(&mut self.invoke_sent))
             .then(|| invoke_frame(request_id, payload, timeout_s));
         let timeout = Duration::from_secs(u64::from(timeout_s));
-        self.exchange(frame, None, timeout, timeout_s, spore_core::MAX_SYNC_PAYLOAD)
-            .await
+        self.exchange(
+            frame,
+            None,
+            timeout,
+            timeout_s,
+            spore_core::MAX_SYNC_PAYLOAD,
+        )
+        .await
     }
 
     /// Runs one invocation as a node of a DAG: `wiring` says where the event comes from and
@@ -470,7 +476,7 @@ impl Instance {
             timeout_s,
             protocol::MAX_BODY as usize,
         )
-            .await
+        .await
     }
 
     /// Sends `frame` (then, for a DAG node, one byte carrying `fds`), reads the reply; a

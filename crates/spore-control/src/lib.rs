@@ -7,8 +7,8 @@
 //! sandbox and cgroup it made.
 #![forbid(unsafe_code)]
 
-pub mod dag;
 pub mod code;
+pub mod dag;
 pub mod instance;
 pub mod logs;
 pub mod registry;
@@ -829,7 +829,10 @@ impl Control {
             return;
         }
         let this = self.clone();
+        // Counted as in flight, so that a shutdown waits for the template and removes it.
+        self.inner.inflight.fetch_add(1, Ordering::AcqRel);
         tokio::spawn(async move {
+            let _guard = InflightGuard(&this.inner);
             let log = this.log_ring(&rec.manifest.name);
             let timeout =
                 Duration::from_secs(u64::from(rec.manifest.timeout_s)).max(Duration::from_secs(10));

@@ -20,11 +20,14 @@ use crate::lambda::{ApiError, ApiResult};
 use crate::AppState;
 
 pub(crate) async fn put_dag(State(st): State<AppState>, body: Bytes) -> ApiResult<Response> {
-    let text = std::str::from_utf8(&body).map_err(|_| ApiError::invalid("the DAG file is not UTF-8"))?;
+    let text =
+        std::str::from_utf8(&body).map_err(|_| ApiError::invalid("the DAG file is not UTF-8"))?;
     let spec: DagSpec = if text.trim_start().starts_with('{') {
-        serde_json::from_str(text).map_err(|e| ApiError::invalid(format!("Malformed DAG JSON: {e}")))?
+        serde_json::from_str(text)
+            .map_err(|e| ApiError::invalid(format!("Malformed DAG JSON: {e}")))?
     } else {
-        DagSpec::from_toml(text).map_err(|e| ApiError::invalid(spore_control::instance::error_chain(&e)))?
+        DagSpec::from_toml(text)
+            .map_err(|e| ApiError::invalid(spore_control::instance::error_chain(&e)))?
     };
     let spec = st.control.put_dag(spec)?;
     Ok((StatusCode::CREATED, axum::Json(spec)).into_response())
@@ -34,11 +37,17 @@ pub(crate) async fn list_dags(State(st): State<AppState>) -> Response {
     axum::Json(json!({ "Dags": st.control.list_dags() })).into_response()
 }
 
-pub(crate) async fn get_dag(State(st): State<AppState>, Path(name): Path<String>) -> ApiResult<Response> {
+pub(crate) async fn get_dag(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
     Ok(axum::Json(st.control.get_dag(&name)?).into_response())
 }
 
-pub(crate) async fn delete_dag(State(st): State<AppState>, Path(name): Path<String>) -> ApiResult<Response> {
+pub(crate) async fn delete_dag(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
     st.control.delete_dag(&name)?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -59,14 +68,25 @@ pub(crate) async fn invoke_dag(
         None => None,
         Some("shm") => Some(Transport::Shm),
         Some("http") => Some(Transport::Http),
-        Some(other) => return Err(ApiError::invalid(format!("transport {other:?} must be shm or http"))),
+        Some(other) => {
+            return Err(ApiError::invalid(format!(
+                "transport {other:?} must be shm or http"
+            )))
+        }
     };
     let timing = match q.timing.as_deref() {
         None | Some("0") | Some("false") => false,
         Some("1") | Some("true") => true,
-        Some(other) => return Err(ApiError::invalid(format!("timing {other:?} must be 1 or 0"))),
+        Some(other) => {
+            return Err(ApiError::invalid(format!(
+                "timing {other:?} must be 1 or 0"
+            )))
+        }
     };
-    let run = st.control.invoke_dag(&name, &body, DagInvokeOptions { transport }).await?;
+    let run = st
+        .control
+        .invoke_dag(&name, &body, DagInvokeOptions { transport })
+        .await?;
     let (mut out, failed, raw) = match &run.outcome {
         Ok(bytes) => (bytes.clone(), false, run.raw),
         Err(f) => {
@@ -89,10 +109,17 @@ pub(crate) async fn invoke_dag(
     }
     let mut resp = (StatusCode::OK, out).into_response();
     let h = resp.headers_mut();
-    let ctype = if raw && !timing { "application/octet-stream" } else { "application/json" };
+    let ctype = if raw && !timing {
+        "application/octet-stream"
+    } else {
+        "application/json"
+    };
     h.insert("content-type", HeaderValue::from_static(ctype));
     if failed {
-        h.insert("x-amz-function-error", HeaderValue::from_static("Unhandled"));
+        h.insert(
+            "x-amz-function-error",
+            HeaderValue::from_static("Unhandled"),
+        );
     }
     for (k, v) in [
         ("x-spore-transport", run.transport.to_string()),

@@ -74,9 +74,7 @@ def _last_error():
 
 def recv_fds(sock, n):
     """The `n` descriptors the daemon attached to the byte after a frame."""
-    if n == 0:
-        return []
-    arr = (ctypes.c_int * n)()
+    arr = (ctypes.c_int * max(n, 1))()
     got = _native().spore_fds_recv(sock, arr, n)
     if got < 0:
         raise DagError(_last_error())

@@ -190,4 +190,35 @@ impl Client {
             log,
         })
     }
+
+    /// Deploys a DAG file (TOML).
+    pub fn put_dag(&self, toml: &str) -> Result<Value> {
+        Self::check(self.send(self.http.post(self.url("/dags")).body(toml.to_owned()))?)?
+            .json()
+            .context("malformed answer to a DAG deploy")
+    }
+
+    /// Deletes a DAG.
+    pub fn delete_dag(&self, name: &str) -> Result<()> {
+        Self::check(self.send(self.http.delete(self.url(&format!("/dags/{name}"))))?)?;
+        Ok(())
+    }
+
+    /// Invokes a DAG; with `timing` the answer is `{"Result", "Timing"}`. Returns the body
+    /// and whether a node failed.
+    pub fn invoke_dag(
+        &self,
+        name: &str,
+        payload: Vec<u8>,
+        transport: Option<&str>,
+        timing: bool,
+    ) -> Result<(Vec<u8>, bool)> {
+        let mut url = format!("/dags/{name}/invocations?timing={}", u8::from(timing));
+        if let Some(t) = transport {
+            url.push_str(&format!("&transport={t}"));
+        }
+        let resp = Self::check(self.send(self.http.post(self.url(&url)).body(payload))?)?;
+        let failed = resp.headers().contains_key("x-amz-function-error");
+        Ok((resp.bytes()?.to_vec(), failed))
+    }
 }

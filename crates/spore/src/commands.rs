@@ -167,6 +167,110 @@ pub fn invoke(
     })
 }
 
+/// `spore dag ...`.
+pub fn dag(endpoint: &str, which: crate::DagCommand) -> Result<ExitCode> {
+    use crate::DagCommand as D;
+    let client = Client::new(endpoint)?;
+    match which {
+        D::Deploy { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            // Checked here first, for an error that names the file.
+            let spec = spore_core::dag::DagSpec::from_toml(&text).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: {}",
+                    file.display(),
+                    spore_control::instance::error_chain(&e)
+                )
+            })?;
+            client.put_dag(&text)?;
+            println!(
+                "deployed DAG {} ({} nodes, transport {})",
+                spec.name,
+                spec.nodes.len(),
+                spec.transport
+            );
+        }
+        D::Ls => {
+            let list = client.get_json("/dags")?;
+            println!("{:<20} {:<9} {:>5}  NODES", "NAME", "TRANSPORT", "COUNT");
+            for d in list["Dags"].as_array().cloned().unwrap_or_default() {
+                let nodes: Vec<String> = d["nodes"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|n| {
+                        format!(
+                            "{}={}{}",
+                            n["id"].as_str().unwrap_or("?"),
+                            n["function"].as_str().unwrap_or("?"),
+                            if n["each"] == true { "[each]" } else { "" }
+                        )
+                    })
+                    .collect();
+                println!(
+                    "{:<20} {:<9} {:>5}  {}",
+                    d["name"].as_str().unwrap_or("?"),
+                    d["transport"].as_str().unwrap_or("?"),
+                    nodes.len(),
+                    nodes.join(" ")
+                );
+            }
+        }
+        D::Rm { name } => {
+            client.delete_dag(&name)?;
+            println!("removed DAG {name}");
+        }
+        D::Invoke {
+            name,
+            payload,
+            transport,
+            timing,
+        } => {
+            let (body, failed) =
+                client.invoke_dag(&name, read_payload(&payload)?, transport.as_deref(), timing)?;
+            if timing && !failed {
+                let v: serde_json::Value =
+                    serde_json::from_slice(&body).context("malformed timing answer")?;
+                let t = &v["Timing"];
+                eprintln!(
+                    "transport={} total_ms={:.3}",
+                    t["transport"].as_str().unwrap_or("?"),
+                    t["total_ms"].as_f64().unwrap_or(0.0)
+                );
+                eprintln!(
+                    "{:<12} {:>5} {:<16} {:<5} {:>12} {:>12} {:>10}",
+                    "NODE", "INDEX", "FUNCTION", "START", "START_US", "HANDLER_MS", "HOP_US"
+                );
+                for n in t["nodes"].as_array().cloned().unwrap_or_default() {
+                    eprintln!(
+                        "{:<12} {:>5} {:<16} {:<5} {:>12.1} {:>12.3} {:>10}",
+                        n["node"].as_str().unwrap_or("?"),
+                        n["index"],
+                        n["function"].as_str().unwrap_or("?"),
+                        n["start"].as_str().unwrap_or("?"),
+                        n["handler_start_us"].as_f64().unwrap_or(0.0),
+                        n["handler_ms"].as_f64().unwrap_or(0.0),
+                        n["hop_us"]
+                            .as_f64()
+                            .map_or("-".to_owned(), |h| format!("{h:.1}")),
+                    );
+                }
+                println!("{}", v["Result"]);
+            } else {
+                use std::io::Write;
+                std::io::stdout().write_all(&body)?;
+                println!();
+            }
+            if failed {
+                return Ok(ExitCode::from(3));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `spore ls`.
 pub fn ls(endpoint: &str) -> Result<ExitCode> {
     let list = Client::new(endpoint)?.get_json("/2015-03-31/functions")?;

@@ -69,6 +69,11 @@ enum Command {
         #[arg(long, short = 'n', default_value_t = 100)]
         lines: usize,
     },
+    /// Deploy, list, remove and invoke function DAGs.
+    Dag {
+        #[command(subcommand)]
+        which: DagCommand,
+    },
     /// Run the demo: start a daemon, deploy the sample functions, invoke them cold and warm,
     /// print the figures.
     Demo(DemoArgs),
@@ -80,6 +85,36 @@ enum Command {
     /// (internal) The sandbox init, run by the daemon.
     #[command(name = "__sandbox-init", hide = true)]
     SandboxInit,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum DagCommand {
+    /// Deploy (create or replace) a DAG from its TOML file; its functions must exist.
+    Deploy {
+        /// The DAG file.
+        file: PathBuf,
+    },
+    /// Invoke a DAG and print the sink's output.
+    Invoke {
+        /// DAG name.
+        name: String,
+        /// Input event JSON, or @FILE to read it from a file.
+        #[arg(long, short, default_value = "{}")]
+        payload: String,
+        /// shm or http (the baseline); default: the DAG's own.
+        #[arg(long)]
+        transport: Option<String>,
+        /// Print per-node timings to stderr.
+        #[arg(long)]
+        timing: bool,
+    },
+    /// List deployed DAGs.
+    Ls,
+    /// Remove a DAG (its functions stay).
+    Rm {
+        /// DAG name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -208,6 +243,7 @@ fn main() -> ExitCode {
         Command::Ls => commands::ls(&cli.endpoint),
         Command::Rm { name } => commands::rm(&cli.endpoint, &name),
         Command::Logs { name, lines } => commands::logs(&cli.endpoint, &name, lines),
+        Command::Dag { which } => commands::dag(&cli.endpoint, which),
         Command::Demo(args) => commands::demo(&cli.endpoint, args),
         Command::Bench { which } => commands::bench(&cli.endpoint, which),
         Command::SandboxInit => unreachable!("handled above"),

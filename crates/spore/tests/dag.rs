@@ -1,0 +1,263 @@
+//! Function DAGs: every workload gives the same result over shm and http, large payloads
+//! arrive byte-exact, failures name their node and leak nothing, malformed specs are refused.
+
+mod common;
+
+use common::{can_sandbox, repo_root, sample, Daemon};
+use serde_json::{json, Value};
+use sha2::Digest;
+
+const FUNCTIONS: &[&str] = &[
+    "chain-step",
+    "payload-source",
+    "payload-sink",
+    "dag-fail",
+    "alexa-frontend",
+    "alexa-interact",
+    "alexa-smarthome",
+    "alexa-device",
+    "alexa-report",
+    "wc-split",
+    "wc-map",
+    "wc-reduce",
+];
+
+fn dag_file(name: &str) -> String {
+    std::fs::read_to_string(
+        repo_root()
+            .join("functions/dags")
+            .join(format!("{name}.toml")),
+    )
+    .unwrap()
+}
+
+fn put_dag(d: &Daemon, text: &str) -> reqwest::blocking::Response {
+    d.http
+        .post(d.url("/dags"))
+        .body(text.to_owned())
+        .send()
+        .unwrap()
+}
+
+/// Invokes a DAG: (node failed, body as JSON).
+fn run(d: &Daemon, name: &str, input: &Value, transport: &str) -> (bool, Value) {
+    let r = d
+        .http
+        .post(d.url(&format!("/dags/{name}/invocations?transport={transport}")))
+        .body(input.to_string())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200, "invoking DAG {name}");
+    let failed = r.headers().get("x-amz-function-error").is_some();
+    (failed, r.json().unwrap())
+}
+
+fn daemon_with_functions() -> Daemon {
+    let d = Daemon::start();
+    for f in FUNCTIONS {
+        d.deploy(&sample(f));
+    }
+    d
+}
+
+/// Memfds (rings, payloads) the daemon and every sandboxed process hold.
+fn memfds(d: &Daemon) -> Vec<String> {
+    let mut found = Vec::new();
+    let daemon = d.child.as_ref().unwrap().id();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if pid != daemon && !String::from_utf8_lossy(&cmdline).contains("bootstrap.py") {
+            continue;
+        }
+        for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Ok(target) = std::fs::read_link(fd.path()) {
+                let t = target.to_string_lossy().into_owned();
+                if t.contains("memfd:spore-ring") || t.contains("memfd:spore-payload") {
+                    found.push(format!("pid {pid}: {t}"));
+                }
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn every_workload_gives_the_same_result_over_shm_and_http() {
+    if !can_sandbox("every_workload_gives_the_same_result_over_shm_and_http") {
+        return;
+    }
+    let mut d = daemon_with_functions();
+    let cases = [
+        (
+            "chain2",
+            json!({"n": 0, "pad": "x"}),
+            json!({"n": 2, "pad": "x"}),
+        ),
+        (
+            "chain5",
+            json!({"n": 0, "pad": "yy"}),
+            json!({"n": 5, "pad": "yy"}),
+        ),
+        ("fanout", json!({"n": 0}), json!({"n": 9})),
+        ("fanin", json!({"n": 1}), json!({"n": 9})),
+        ("pychain", json!({"n": 0}), json!({"n": 10})),
+    ];
+    for (name, input, want) in &cases {
+        assert_eq!(put_dag(&d, &dag_file(name)).status(), 201, "deploy {name}");
+        for transport in ["shm", "http"] {
+            let (failed, got) = run(&d, name, input, transport);
+            assert!(!failed, "{name} over {transport}: {got}");
+            assert_eq!(&got, want, "{name} over {transport}");
+        }
+    }
+    // The application workloads: the same answer either way, and the right one.
+    assert_eq!(put_dag(&d, &dag_file("alexa")).status(), 201);
+    let utterance = json!({"user": "ann", "utterance": "open the door, lights on, watch TV, open"});
+    let (f1, shm) = run(&d, "alexa", &utterance, "shm");
+    let (f2, http) = run(&d, "alexa", &utterance, "http");
+    assert!(!f1 && !f2, "{shm} {http}");
+    assert_eq!(shm, http);
+    assert_eq!(
+        shm["states"],
+        json!({"door": "open", "light": "on", "tv": "on", "plug": "off"})
+    );
+    assert_eq!(put_dag(&d, &dag_file("wordcount")).status(), 201);
+    let text = json!({"words": 20000, "parts": 4, "seed": 7});
+    let (f1, shm) = run(&d, "wordcount", &text, "shm");
+    let (f2, http) = run(&d, "wordcount", &text, "http");
+    assert!(!f1 && !f2, "{shm} {http}");
+    assert_eq!(shm, http);
+    assert_eq!(shm["words"], 20000);
+    // Nothing is left open once the DAGs are done.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(memfds(&d), Vec::<String>::new());
+    d.stop();
+}
+
+#[test]
+fn a_64_mib_payload_arrives_byte_exact() {
+    if !can_sandbox("a_64_mib_payload_arrives_byte_exact") {
+        return;
+    }
+    let mut d = daemon_with_functions();
+    assert_eq!(put_dag(&d, &dag_file("payload")).status(), 201);
+    let size = 64 << 20;
+    let block: Vec<u8> = (0..=255u8).cycle().take(4096).collect();
+    let want: Vec<u8> = block.iter().copied().cycle().take(size).collect();
+    let digest = hex(&sha2::Sha256::digest(&want));
+    for mode in ["buffer", "bytes"] {
+        let (failed, got) = run(&d, "payload", &json!({"size": size, "mode": mode}), "shm");
+        assert!(!failed, "{mode}: {got}");
+        assert_eq!(got["len"], size, "{mode}");
+        assert_eq!(got["sha256"], digest.as_str(), "{mode}");
+    }
+    // Small payloads go through the ring itself.
+    let (_, got) = run(
+        &d,
+        "payload",
+        &json!({"size": 1000, "mode": "bytes"}),
+        "shm",
+    );
+    assert_eq!(
+        got["sha256"],
+        hex(&sha2::Sha256::digest(&want[..1000])).as_str()
+    );
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(memfds(&d), Vec::<String>::new());
+    d.stop();
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[test]
+fn a_failing_node_is_named_and_nothing_leaks() {
+    if !can_sandbox("a_failing_node_is_named_and_nothing_leaks") {
+        return;
+    }
+    let mut d = daemon_with_functions();
+    let spec = r#"
+name = "fragile"
+[[nodes]]
+id = "first"
+function = "chain-step"
+[[nodes]]
+id = "middle"
+function = "dag-fail"
+after = ["first"]
+[[nodes]]
+id = "last"
+function = "chain-step"
+after = ["middle"]
+"#;
+    assert_eq!(put_dag(&d, spec).status(), 201);
+    // chain-step passes the failure mode on to dag-fail.
+    for (how, error_type) in [
+        ("raise", "ValueError"),
+        ("timeout", "Sandbox.Timedout"),
+        ("crash", "Runtime.ExitError"),
+    ] {
+        for transport in ["shm", "http"] {
+            let (failed, got) = run(&d, "fragile", &json!({"n": 0, "fail": how}), transport);
+            assert!(failed, "{how} over {transport}: {got}");
+            assert_eq!(got["node"], "middle", "{how} over {transport}: {got}");
+            assert_eq!(
+                got["errorType"], error_type,
+                "{how} over {transport}: {got}"
+            );
+            assert!(
+                got["errorMessage"]
+                    .as_str()
+                    .unwrap()
+                    .contains("node \"middle\""),
+                "{got}"
+            );
+        }
+    }
+    // The DAG still works afterwards, and no ring or payload is left open anywhere.
+    let (failed, got) = run(&d, "fragile", &json!({"n": 0}), "shm");
+    assert!(!failed, "{got}");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(memfds(&d), Vec::<String>::new());
+    d.stop();
+}
+
+#[test]
+fn malformed_dags_are_refused_with_the_reason() {
+    if !can_sandbox("malformed_dags_are_refused_with_the_reason") {
+        return;
+    }
+    let mut d = Daemon::start();
+    d.deploy(&sample("chain-step"));
+    let cases = [
+        ("name = \"c\"\n[[nodes]]\nid = \"a\"\nfunction = \"chain-step\"\nafter = [\"b\"]\n[[nodes]]\nid = \"b\"\nfunction = \"chain-step\"\nafter = [\"a\"]\n", "cycle"),
+        ("name = \"u\"\n[[nodes]]\nid = \"a\"\nfunction = \"no-such-function\"\n", "does not exist"),
+        ("name = \"d\"\n[[nodes]]\nid = \"a\"\nfunction = \"chain-step\"\nafter = [\"ghost\"]\n", "not a node"),
+        ("name = \"x\"\nnodes = 3\n", "Malformed"),
+        ("this is not toml", "Malformed"),
+    ];
+    for (text, reason) in cases {
+        let r = put_dag(&d, text);
+        assert_eq!(r.status(), 400, "{text}");
+        let body: Value = r.json().unwrap();
+        let msg = body["message"].as_str().unwrap_or_default();
+        assert!(msg.contains(reason), "{text:?}: {msg}");
+    }
+    let r = d
+        .http
+        .post(d.url("/dags/nope/invocations"))
+        .body("{}")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(d.get_json("/dags")["Dags"], json!([]));
+    d.stop();
+}

@@ -483,6 +483,11 @@ impl Control {
                 )));
             }
         }
+        // Consumers poll only while there are CPUs for every instance of the wave: more
+        // pollers than CPUs would starve the producers they wait for.
+        let instances_in_wave: usize = wave.iter().map(|&n| counts[n]).sum();
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let spin_us = if instances_in_wave <= cpus { SPIN_US } else { 0 };
         // The instances' wiring.
         let mut launches: Vec<Launch> = Vec::new();
         let mut slot = vec![0usize; plan.spec.nodes.len()];
@@ -502,7 +507,7 @@ impl Control {
                         reply,
                         split,
                         inline_max: INLINE_MAX,
-                        spin_us: SPIN_US,
+                        spin_us,
                     },
                     body: Vec::new(),
                     fds: Vec::new(),

@@ -204,6 +204,19 @@ enum BenchCommand {
         #[arg(long, default_value = "bench-results")]
         out: PathBuf,
     },
+    /// Function DAGs over shared memory vs HTTP through the gateway: hop latency (1 KiB),
+    /// payload sweep against memcpy, end-to-end latency of each workload.
+    Dag {
+        /// Invocations per workload and transport.
+        #[arg(long, short = 'n', default_value_t = 50)]
+        n: usize,
+        /// Where results go.
+        #[arg(long, default_value = "bench-results")]
+        out: PathBuf,
+        /// Folder of the DAG functions and DAG files.
+        #[arg(long, default_value = "functions/dag")]
+        functions: PathBuf,
+    },
     /// Memory per idle instance (cfork, with containers as the baseline).
     Density {
         /// Idle cfork instances to start.

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{can_sandbox, repo_root, sample, Daemon};
+use common::{can_sandbox, repo_root, Daemon};
 use serde_json::{json, Value};
 use sha2::Digest;
 
@@ -25,7 +25,7 @@ const FUNCTIONS: &[&str] = &[
 fn dag_file(name: &str) -> String {
     std::fs::read_to_string(
         repo_root()
-            .join("functions/dags")
+            .join("functions/dag")
             .join(format!("{name}.toml")),
     )
     .unwrap()
@@ -55,7 +55,7 @@ fn run(d: &Daemon, name: &str, input: &Value, transport: &str) -> (bool, Value) 
 fn daemon_with_functions() -> Daemon {
     let d = Daemon::start();
     for f in FUNCTIONS {
-        d.deploy(&sample(f));
+        d.deploy(&repo_root().join("functions/dag").join(f));
     }
     d
 }
@@ -236,7 +236,7 @@ fn malformed_dags_are_refused_with_the_reason() {
         return;
     }
     let mut d = Daemon::start();
-    d.deploy(&sample("chain-step"));
+    d.deploy(&repo_root().join("functions/dag/chain-step"));
     let cases = [
         ("name = \"c\"\n[[nodes]]\nid = \"a\"\nfunction = \"chain-step\"\nafter = [\"b\"]\n[[nodes]]\nid = \"b\"\nfunction = \"chain-step\"\nafter = [\"a\"]\n", "cycle"),
         ("name = \"u\"\n[[nodes]]\nid = \"a\"\nfunction = \"no-such-function\"\n", "does not exist"),

@@ -487,7 +487,11 @@ impl Control {
         // pollers than CPUs would starve the producers they wait for.
         let instances_in_wave: usize = wave.iter().map(|&n| counts[n]).sum();
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let spin_us = if instances_in_wave <= cpus { SPIN_US } else { 0 };
+        let spin_us = if instances_in_wave <= cpus {
+            SPIN_US
+        } else {
+            0
+        };
         // The instances' wiring.
         let mut launches: Vec<Launch> = Vec::new();
         let mut slot = vec![0usize; plan.spec.nodes.len()];

@@ -411,22 +411,30 @@ fn bench_dag(endpoint: &str, n: usize, out: &Path, functions: &Path) -> Result<E
         let p = e.path();
         if p.extension().is_some_and(|x| x == "toml") {
             let text = std::fs::read_to_string(&p)?;
-            let spec = spore_core::dag::DagSpec::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+            let spec = spore_core::dag::DagSpec::from_toml(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
             client.put_dag(&text)?;
             dags.push(spec.name);
         }
     }
     dags.sort();
-    let run = |name: &str, input: &serde_json::Value, transport: &str| -> Result<(f64, serde_json::Value)> {
+    let run = |name: &str,
+               input: &serde_json::Value,
+               transport: &str|
+     -> Result<(f64, serde_json::Value)> {
         let t0 = Instant::now();
-        let (body, failed) = client.invoke_dag(name, input.to_string().into_bytes(), Some(transport), true)?;
+        let (body, failed) =
+            client.invoke_dag(name, input.to_string().into_bytes(), Some(transport), true)?;
         let ms = t0.elapsed().as_secs_f64() * 1000.0;
         let v: serde_json::Value = serde_json::from_slice(&body)?;
         anyhow::ensure!(!failed, "DAG {name} over {transport} failed: {v}");
         Ok((ms, v))
     };
     let hops = |v: &serde_json::Value, node: Option<&str>| -> Vec<f64> {
-        v["Timing"]["nodes"].as_array().into_iter().flatten()
+        v["Timing"]["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
             .filter(|x| node.is_none_or(|id| x["node"] == id))
             .filter_map(|x| x["hop_us"].as_f64())
             .map(|us| us / 1000.0)
@@ -444,7 +452,10 @@ fn bench_dag(endpoint: &str, n: usize, out: &Path, functions: &Path) -> Result<E
         for _ in 0..n {
             s.extend(hops(&run("pychain", &pad, transport)?.1, None));
         }
-        series.push(spore_bench::Series { name: format!("{transport} hop, 1 KiB"), samples_ms: s });
+        series.push(spore_bench::Series {
+            name: format!("{transport} hop, 1 KiB"),
+            samples_ms: s,
+        });
     }
     let mut table = spore_bench::table(&series, "http hop, 1 KiB");
     // 2. Payload sweep, shm only, with memcpy of the same size in this process.
@@ -455,12 +466,14 @@ fn bench_dag(endpoint: &str, n: usize, out: &Path, functions: &Path) -> Result<E
         let k = if size >= 16 << 20 { 5 } else { 15 };
         let src = vec![7u8; size];
         let mut dst = vec![0u8; size];
-        let mut copies: Vec<f64> = (0..k).map(|_| {
-            let t0 = Instant::now();
-            dst.copy_from_slice(std::hint::black_box(&src));
-            std::hint::black_box(&dst);
-            t0.elapsed().as_secs_f64() * 1000.0
-        }).collect();
+        let mut copies: Vec<f64> = (0..k)
+            .map(|_| {
+                let t0 = Instant::now();
+                dst.copy_from_slice(std::hint::black_box(&src));
+                std::hint::black_box(&dst);
+                t0.elapsed().as_secs_f64() * 1000.0
+            })
+            .collect();
         copies.sort_by(f64::total_cmp);
         let memcpy = copies[k / 2];
         for mode in ["buffer", "bytes"] {
@@ -477,19 +490,42 @@ fn bench_dag(endpoint: &str, n: usize, out: &Path, functions: &Path) -> Result<E
                 "| {} KiB | {mode} | {k} | {hop:.3} ms | {:.2} | {memcpy:.3} ms | {:.2} | {:.0}% |\n",
                 size >> 10, gbps(hop), gbps(memcpy), 100.0 * gbps(hop) / gbps(memcpy)
             ));
-            sweep.push(serde_json::json!({"size": size, "mode": mode, "hop_ms": hop, "memcpy_ms": memcpy}));
+            sweep.push(
+                serde_json::json!({"size": size, "mode": mode, "hop_ms": hop, "memcpy_ms": memcpy}),
+            );
         }
     }
     // 3. End to end, each workload, shm vs http, client-side request to response.
     table.push_str("\nEnd to end, request to response at the client (warm instances):\n\n| DAG | n | shm p50 | shm p99 | http p50 | http p99 | http / shm (p50) |\n|---|---:|---:|---:|---:|---:|---:|\n");
     let inputs = [
-        ("chain2", serde_json::json!({"n": 0, "pad": "x".repeat(1000)})),
-        ("chain5", serde_json::json!({"n": 0, "pad": "x".repeat(1000)})),
-        ("fanout", serde_json::json!({"n": 0, "pad": "x".repeat(1000)})),
-        ("fanin", serde_json::json!({"n": 0, "pad": "x".repeat(1000)})),
-        ("pychain", serde_json::json!({"n": 0, "pad": "x".repeat(1000)})),
-        ("alexa", serde_json::json!({"user": "ann", "utterance": "open the door, lights on, watch TV"})),
-        ("wordcount", serde_json::json!({"words": 20000, "parts": 4, "seed": 7})),
+        (
+            "chain2",
+            serde_json::json!({"n": 0, "pad": "x".repeat(1000)}),
+        ),
+        (
+            "chain5",
+            serde_json::json!({"n": 0, "pad": "x".repeat(1000)}),
+        ),
+        (
+            "fanout",
+            serde_json::json!({"n": 0, "pad": "x".repeat(1000)}),
+        ),
+        (
+            "fanin",
+            serde_json::json!({"n": 0, "pad": "x".repeat(1000)}),
+        ),
+        (
+            "pychain",
+            serde_json::json!({"n": 0, "pad": "x".repeat(1000)}),
+        ),
+        (
+            "alexa",
+            serde_json::json!({"user": "ann", "utterance": "open the door, lights on, watch TV"}),
+        ),
+        (
+            "wordcount",
+            serde_json::json!({"words": 20000, "parts": 4, "seed": 7}),
+        ),
     ];
     for (name, input) in &inputs {
         eprintln!("   end to end: {name}");
@@ -498,13 +534,22 @@ fn bench_dag(endpoint: &str, n: usize, out: &Path, functions: &Path) -> Result<E
             for _ in 0..3 {
                 run(name, input, transport)?;
             }
-            let s: Vec<f64> = (0..n).map(|_| run(name, input, transport).map(|r| r.0)).collect::<Result<_>>()?;
+            let s: Vec<f64> = (0..n)
+                .map(|_| run(name, input, transport).map(|r| r.0))
+                .collect::<Result<_>>()?;
             per.push(spore_bench::summarize(&s));
-            series.push(spore_bench::Series { name: format!("{name} e2e {transport}"), samples_ms: s });
+            series.push(spore_bench::Series {
+                name: format!("{name} e2e {transport}"),
+                samples_ms: s,
+            });
         }
         table.push_str(&format!(
             "| {name} | {n} | {:.3} ms | {:.3} ms | {:.3} ms | {:.3} ms | {:.1}x |\n",
-            per[0].p50, per[0].p99, per[1].p50, per[1].p99, per[1].p50 / per[0].p50
+            per[0].p50,
+            per[0].p99,
+            per[1].p50,
+            per[1].p99,
+            per[1].p50 / per[0].p50
         ));
     }
     save_and_print(

@@ -786,10 +786,7 @@ impl Control {
         })?;
         let name = &rec.manifest.name;
         let pool = self.pool(name);
-        let max = rec
-            .manifest
-            .max_instances
-            .unwrap_or(self.inner.cfg.max_instances);
+        let max = self.max_instances(rec);
         let deadline = Instant::now()
             + Duration::from_secs(u64::from(rec.manifest.timeout_s)).max(Duration::from_secs(10));
         match self
@@ -814,14 +811,18 @@ impl Control {
         }
     }
 
+    /// The most instances `rec` may run at once.
+    fn max_instances(&self, rec: &FunctionRecord) -> u32 {
+        rec.manifest
+            .max_instances
+            .unwrap_or(self.inner.cfg.max_instances)
+    }
+
     /// Returns an instance to its function's pool (or destroys it).
     fn give_back(&self, rec: &FunctionRecord, inst: Instance, reusable: bool) {
         let name = &rec.manifest.name;
         let pool = self.pool(name);
-        let max = rec
-            .manifest
-            .max_instances
-            .unwrap_or(self.inner.cfg.max_instances);
+        let max = self.max_instances(rec);
         let current = self.registry().get(name).map(|r| r.revision);
         self.release(&pool, inst, reusable && current == Some(rec.revision), max);
     }

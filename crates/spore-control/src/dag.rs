@@ -133,10 +133,9 @@ struct Value {
 /// What the engine keeps of a finished node.
 #[derive(Debug, Default, Clone)]
 struct Done {
-    /// Relayed values: one per instance, or (split) one per element of the one instance's
-    /// list.
+    /// Relayed values: one per instance, or (when it [splits](Plan::splits)) one per element
+    /// of the one instance's list.
     values: Vec<Value>,
-    split: bool,
     /// `handler_end_ns` of each instance.
     ends: Vec<u64>,
 }
@@ -204,6 +203,11 @@ impl Plan {
         self.spec.nodes[n].each
     }
 
+    /// Whether `n` returns its list one element per value (an `each` node follows it).
+    fn splits(&self, n: usize) -> bool {
+        self.succs[n].iter().any(|&c| self.each(c))
+    }
+
     fn failure(&self, n: usize, error: FunctionError) -> NodeFailure {
         NodeFailure {
             node: self.id(n).to_owned(),
@@ -226,12 +230,6 @@ impl Plan {
             .as_ref()
             .expect("an each node waits for its predecessor");
         let k = d.values.len();
-        if !d.split {
-            return Err(self.failure(
-                n,
-                FunctionError::platform("Spore.DagEachInput", "predecessor gave no list"),
-            ));
-        }
         if k > MAX_FANOUT {
             return Err(self.failure(
                 n,
@@ -297,25 +295,6 @@ impl Launch {
         self.fds.extend(set);
         [base, base + 1, base + 2, base + 3]
     }
-
-    fn shape(&mut self, feed: Feed) -> EventShape {
-        match feed {
-            Feed::Input => EventShape::Input,
-            Feed::Relayed(v) => {
-                let segment = Segment {
-                    offset: self.body.len(),
-                    len: v.bytes.len(),
-                    kind: v.kind,
-                };
-                self.body.extend_from_slice(&v.bytes);
-                EventShape::Body { segment }
-            }
-            Feed::Edge(_) => unreachable!("edges are placed by the caller"),
-            Feed::List(items) => EventShape::List {
-                items: items.into_iter().map(|f| self.shape(f)).collect(),
-            },
-        }
-    }
 }
 
 /// What a finished instance task hands back.
@@ -341,10 +320,7 @@ impl Control {
                 kind: "DAG",
             });
         }
-        if !input.is_empty() {
-            serde_json::from_slice::<serde::de::IgnoredAny>(input)
-                .map_err(|e| ControlError::InvalidRequestContent(e.to_string()))?;
-        }
+        Self::check_json(input)?;
         self.inner
             .inflight
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
@@ -472,10 +448,7 @@ impl Control {
                 .iter()
                 .find(|r| r.manifest.name == *f)
                 .expect("resolved");
-            let max = rec
-                .manifest
-                .max_instances
-                .unwrap_or(self.inner.cfg.max_instances) as usize;
+            let max = self.max_instances(rec) as usize;
             if *k > max {
                 return Err(ControlError::InvalidParameter(format!(
                     "DAG {:?} needs {k} instances of function {f:?} at once, above its max_instances of {max}",
@@ -498,7 +471,7 @@ impl Control {
         for &n in wave {
             slot[n] = launches.len();
             let reply = n == plan.sink || plan.succs[n].iter().any(|&c| !in_wave(c));
-            let split = plan.succs[n].iter().any(|&c| plan.each(c));
+            let split = plan.splits(n);
             for index in 0..counts[n] {
                 launches.push(Launch {
                     node: n,
@@ -546,7 +519,7 @@ impl Control {
                                 .cloned()
                                 .map(Feed::Relayed)
                                 .collect::<Vec<_>>();
-                            if plan.each(p) || d.split {
+                            if plan.each(p) || plan.splits(p) {
                                 Feed::List(vals)
                             } else {
                                 vals.into_iter().next().expect("one value")
@@ -560,7 +533,7 @@ impl Control {
                     }
                 };
                 let me = slot[c] + j;
-                let shape = self.place(&mut launches, me, feed)?;
+                let shape = Self::place(&mut launches, me, feed)?;
                 launches[me].wiring.event = shape;
             }
         }
@@ -668,7 +641,6 @@ impl Control {
             });
         }
         let mut failure = None;
-        let mut ends: Vec<Vec<(usize, u64)>> = vec![Vec::new(); plan.spec.nodes.len()];
         let mut replies: Vec<Vec<(usize, Reply)>> =
             (0..plan.spec.nodes.len()).map(|_| Vec::new()).collect();
         while let Some(r) = tasks.join_next().await {
@@ -701,7 +673,6 @@ impl Control {
                         sent_us: reply.dag.as_ref().map(|d| d.sent_ns as f64 / 1e3),
                         hop_us: None,
                     });
-                    ends[fin.node].push((fin.index, reply.handler_end_ns));
                     replies[fin.node].push((fin.index, reply));
                 }
             }
@@ -712,7 +683,6 @@ impl Control {
         for &n in wave {
             let mut rs = std::mem::take(&mut replies[n]);
             rs.sort_by_key(|(i, _)| *i);
-            let split = plan.succs[n].iter().any(|&c| plan.each(c));
             let mut values = Vec::new();
             for (_, r) in &rs {
                 let body = r.outcome.as_ref().expect("succeeded");
@@ -734,26 +704,34 @@ impl Control {
                     });
                 }
             }
-            let mut e = std::mem::take(&mut ends[n]);
-            e.sort_by_key(|(i, _)| *i);
             done[n] = Some(Done {
                 values,
-                split,
-                ends: e.into_iter().map(|(_, t)| t).collect(),
+                ends: rs.iter().map(|(_, r)| r.handler_end_ns).collect(),
             });
         }
-        fill_hops(plan, done, runs);
+        let ends: Vec<&[u64]> = done
+            .iter()
+            .map(|d| d.as_ref().map_or(&[][..], |d| &d.ends[..]))
+            .collect();
+        fill_hops(plan, &ends, runs);
         Ok(Ok(()))
     }
 
-    /// Turns a feed into the event shape of instance `me`, creating the edges it names.
-    fn place(
-        &self,
-        launches: &mut [Launch],
-        me: usize,
-        feed: Feed,
-    ) -> Result<EventShape, ControlError> {
+    /// Turns a feed into the event shape of instance `me`: relayed values go into its body,
+    /// edges are created and handed to both ends.
+    fn place(launches: &mut [Launch], me: usize, feed: Feed) -> Result<EventShape, ControlError> {
         Ok(match feed {
+            Feed::Input => EventShape::Input,
+            Feed::Relayed(v) => {
+                let body = &mut launches[me].body;
+                let segment = Segment {
+                    offset: body.len(),
+                    len: v.bytes.len(),
+                    kind: v.kind,
+                };
+                body.extend_from_slice(&v.bytes);
+                EventShape::Body { segment }
+            }
             Feed::Edge(p) => {
                 let e = new_edge()?;
                 let out = launches[p].push_edge(e.producer);
@@ -765,11 +743,10 @@ impl Control {
             Feed::List(items) => {
                 let mut shapes = Vec::with_capacity(items.len());
                 for f in items {
-                    shapes.push(self.place(launches, me, f)?);
+                    shapes.push(Self::place(launches, me, f)?);
                 }
                 EventShape::List { items: shapes }
             }
-            other => launches[me].shape(other),
         })
     }
 
@@ -829,15 +806,14 @@ impl Control {
 }
 
 /// Sets each run's hop: from the latest end among its node's predecessors to its start.
-fn fill_hops(plan: &Plan, done: &[Option<Done>], runs: &mut [NodeRun]) {
+fn fill_hops<E: AsRef<[u64]>>(plan: &Plan, ends: &[E], runs: &mut [NodeRun]) {
     for r in runs.iter_mut().filter(|r| r.hop_us.is_none()) {
         let Some(n) = plan.spec.nodes.iter().position(|x| x.id == r.node) else {
             continue;
         };
         let last = plan.preds[n]
             .iter()
-            .filter_map(|&p| done[p].as_ref())
-            .flat_map(|d| d.ends.iter().copied())
+            .flat_map(|&p| ends[p].as_ref().iter().copied())
             .max();
         if let Some(end) = last {
             if end > 0 && r.handler_start_us > 0.0 {
@@ -849,7 +825,7 @@ fn fill_hops(plan: &Plan, done: &[Option<Done>], runs: &mut [NodeRun]) {
 
 /// The DAG's result from its sink: the value, or a JSON list of an `each` sink's values.
 fn sink_output(plan: &Plan, sink: Done) -> Result<(Vec<u8>, bool), FunctionError> {
-    if !plan.each(plan.sink) && !sink.split {
+    if !plan.each(plan.sink) {
         let v = sink.values.into_iter().next().ok_or_else(|| {
             FunctionError::platform("Spore.DagResult", "the sink returned no value")
         })?;
@@ -976,17 +952,7 @@ impl Control {
                 }
             }
         }
-        let done: Vec<Option<Done>> = ends
-            .into_iter()
-            .map(|ends| {
-                Some(Done {
-                    values: Vec::new(),
-                    split: false,
-                    ends,
-                })
-            })
-            .collect();
-        fill_hops(plan, &done, &mut runs);
+        fill_hops(plan, &ends, &mut runs);
         let sink = outputs[plan.sink].take().unwrap_or_default();
         let out = if plan.each(plan.sink) {
             json_list(sink.iter().map(|b| (PayloadKind::Json, b.as_slice())))

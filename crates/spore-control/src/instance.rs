@@ -690,6 +690,16 @@ async fn drain<R: AsyncRead + Unpin>(
 
 /// Sends one byte with `fds` attached (`SCM_RIGHTS`).
 pub(crate) async fn send_fds(stream: &UnixStream, fds: &[OwnedFd]) -> std::io::Result<()> {
+    sendmsg_fds(stream, &[0u8], fds).await.map(drop)
+}
+
+/// Sends (a first part of) `bytes` in one `sendmsg` with `fds` attached to its first byte;
+/// returns how many bytes went.
+pub(crate) async fn sendmsg_fds(
+    stream: &UnixStream,
+    bytes: &[u8],
+    fds: &[OwnedFd],
+) -> std::io::Result<usize> {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
     use std::os::fd::AsRawFd;
     let raw: Vec<i32> = fds.iter().map(AsRawFd::as_raw_fd).collect();
@@ -700,7 +710,7 @@ pub(crate) async fn send_fds(stream: &UnixStream, fds: &[OwnedFd]) -> std::io::R
         let res = stream.try_io(tokio::io::Interest::WRITABLE, || {
             sendmsg::<UnixAddr>(
                 stream.as_raw_fd(),
-                &[std::io::IoSlice::new(&[0u8])],
+                &[std::io::IoSlice::new(bytes)],
                 cmsgs,
                 MsgFlags::MSG_NOSIGNAL,
                 None,
@@ -708,7 +718,7 @@ pub(crate) async fn send_fds(stream: &UnixStream, fds: &[OwnedFd]) -> std::io::R
             .map_err(std::io::Error::from)
         });
         match res {
-            Ok(_) => return Ok(()),
+            Ok(n) => return Ok(n),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         }

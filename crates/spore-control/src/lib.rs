@@ -541,6 +541,11 @@ impl Control {
                 kind,
             });
         }
+        Self::check_json(payload)
+    }
+
+    /// Checks that a non-empty payload is JSON.
+    fn check_json(payload: &[u8]) -> Result<(), ControlError> {
         if !payload.is_empty() {
             serde_json::from_slice::<serde::de::IgnoredAny>(payload)
                 .map_err(|e| ControlError::InvalidRequestContent(e.to_string()))?;

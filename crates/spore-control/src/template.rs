@@ -8,17 +8,15 @@
 //! socket and the `cgroup.procs` files of a cgroup it made for the child.
 
 use std::collections::HashMap;
-use std::io::IoSlice;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
 use spore_runtime::protocol::{self, FromRuntime, ToRuntime};
 use spore_sandbox::IdMapping;
-use tokio::io::{AsyncWriteExt, Interest};
+use tokio::io::AsyncWriteExt;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
 use tokio::sync::Notify;
@@ -452,26 +450,7 @@ async fn send_with_fds(
     frame: &[u8],
     fds: &[OwnedFd],
 ) -> std::io::Result<()> {
-    let raw: Vec<i32> = fds.iter().map(AsRawFd::as_raw_fd).collect();
-    let stream: &UnixStream = w.as_ref();
-    let sent = loop {
-        stream.writable().await?;
-        let res = stream.try_io(Interest::WRITABLE, || {
-            sendmsg::<UnixAddr>(
-                stream.as_raw_fd(),
-                &[IoSlice::new(frame)],
-                &[ControlMessage::ScmRights(&raw)],
-                MsgFlags::MSG_NOSIGNAL,
-                None,
-            )
-            .map_err(std::io::Error::from)
-        });
-        match res {
-            Ok(n) => break n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
-    };
+    let sent = crate::instance::sendmsg_fds(w.as_ref(), frame, fds).await?;
     if sent < frame.len() {
         w.write_all(&frame[sent..]).await?;
     }

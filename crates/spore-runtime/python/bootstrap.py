@@ -143,17 +143,23 @@ class _InitError(Exception):
 _marks = {"handler_start_ns": 0, "handler_end_ns": 0}
 
 
-def _invoke(handler, header, body):
-    event = json.loads(body) if body else {}
+def _call(handler, header, event, encode):
+    """Runs the handler on `event` (timing it) and encodes its result with `encode`;
+    returns (payload, error)."""
     context = LambdaContext(header["request_id"], header["deadline_ms"])
     _marks["handler_start_ns"] = time.monotonic_ns()
     result = handler(event, context)
     _marks["handler_end_ns"] = time.monotonic_ns()
     try:
-        return json.dumps(result).encode(), None
+        return encode(result), None
     except (TypeError, ValueError) as exc:
         return b"", _error(exc, "Runtime.MarshalError",
                            "Unable to marshal response: %s" % exc)
+
+
+def _invoke(handler, header, body):
+    event = json.loads(body) if body else {}
+    return _call(handler, header, event, lambda r: json.dumps(r).encode())
 
 
 def _invoke_dag(handler, header, body, fds, report):
@@ -161,18 +167,14 @@ def _invoke_dag(handler, header, body, fds, report):
     import spore_dag
 
     run = spore_dag.Run(header["dag"], body, fds, header["deadline_ms"])
-    try:
-        event = run.event()
-        context = LambdaContext(header["request_id"], header["deadline_ms"])
-        _marks["handler_start_ns"] = time.monotonic_ns()
-        result = handler(event, context)
-        _marks["handler_end_ns"] = time.monotonic_ns()
-        try:
-            payload, segments = run.finish(result)
-        except (TypeError, ValueError) as exc:
-            return b"", _error(exc, "Runtime.MarshalError", "Unable to marshal response: %s" % exc)
+
+    def finish(result):
+        payload, segments = run.finish(result)
         report["dag"] = run.report(segments)
-        return payload, None
+        return payload
+
+    try:
+        return _call(handler, header, run.event(), finish)
     finally:
         run.close()
 

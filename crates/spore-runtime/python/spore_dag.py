@@ -184,6 +184,17 @@ class _Out:
             return m[:]
 
 
+_recv_buf = None
+
+
+def _recv_buffer(size):
+    """The receive buffer, shared by all edges (one is read at a time), grown to `size`."""
+    global _recv_buf
+    if _recv_buf is None or len(_recv_buf) < size:
+        _recv_buf = ctypes.create_string_buffer(size)
+    return _recv_buf
+
+
 class _Edge:
     """One end of a shared-memory edge: a ring and a socket for memfds."""
 
@@ -213,14 +224,14 @@ class _Edge:
 
     def recv(self, timeout_ms, spin_us, maps):
         lib = _native()
-        cap = lib.spore_ring_max_message(self.ring)
-        buf = ctypes.create_string_buffer(cap)
-        n = lib.spore_ring_recv(self.ring, buf, cap, timeout_ms, spin_us)
+        buf = _recv_buffer(lib.spore_ring_max_message(self.ring))
+        n = lib.spore_ring_recv(self.ring, buf, len(buf), timeout_ms, spin_us)
         if n < 0:
             raise DagError("receiving on an edge: " + _last_error())
         if n == 0:
             raise DagError("empty message on an edge")
-        tag, raw = buf.raw[0], buf.raw[1:n]
+        msg = ctypes.string_at(buf, n)
+        tag, raw = msg[0], msg[1:]
         if tag in _INLINE:
             return _decode(_INLINE[tag], raw)
         if tag not in _IN_MEMFD or len(raw) != _LEN.size:

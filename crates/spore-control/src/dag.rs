@@ -31,6 +31,8 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::instance::{Instance, Reply};
+
+pub(crate) mod pipeline;
 use crate::registry::FunctionRecord;
 use crate::{Control, ControlError};
 
@@ -351,7 +353,11 @@ impl Control {
                         )));
                     }
                 }
-                self.run_shm(&plan, input, &request_id).await?
+                if pipeline::pipelinable(&plan) {
+                    self.run_pipelined(&plan, input, &request_id).await?
+                } else {
+                    self.run_shm(&plan, input, &request_id).await?
+                }
             }
             Transport::Http => self.run_http(&plan, input).await?,
         };
@@ -435,27 +441,7 @@ impl Control {
         runs: &mut Vec<NodeRun>,
     ) -> Result<Result<(), NodeFailure>, ControlError> {
         let in_wave = |n: usize| wave.contains(&n);
-        // Instances per function must fit its limit, or the wave would wait on itself.
-        let mut per_fn: BTreeMap<&str, usize> = BTreeMap::new();
-        for &n in wave {
-            *per_fn
-                .entry(plan.spec.nodes[n].function.as_str())
-                .or_default() += counts[n];
-        }
-        for (f, k) in &per_fn {
-            let rec = plan
-                .recs
-                .iter()
-                .find(|r| r.manifest.name == *f)
-                .expect("resolved");
-            let max = self.max_instances(rec) as usize;
-            if *k > max {
-                return Err(ControlError::InvalidParameter(format!(
-                    "DAG {:?} needs {k} instances of function {f:?} at once, above its max_instances of {max}",
-                    plan.spec.name
-                )));
-            }
-        }
+        self.check_fits(plan, wave.iter().map(|&n| (n, counts[n])))?;
         // Consumers poll only while there are CPUs for every instance of the wave: more
         // pollers than CPUs would starve the producers they wait for.
         let instances_in_wave: usize = wave.iter().map(|&n| counts[n]).sum();
@@ -485,6 +471,7 @@ impl Control {
                         split,
                         inline_max: INLINE_MAX,
                         spin_us,
+                        pipeline: None,
                     },
                     body: Vec::new(),
                     fds: Vec::new(),
@@ -542,40 +529,11 @@ impl Control {
         }
 
         // Instances, all acquired before any runs (a consumer must exist for its producer).
-        let mut got = JoinSet::new();
-        for (k, l) in launches.iter().enumerate() {
-            let this = self.clone();
-            let rec = plan.recs[l.node].clone();
-            got.spawn(async move { (k, this.dag_instance(&rec).await) });
-        }
-        let mut instances: Vec<Option<(Instance, StartKind)>> =
-            (0..launches.len()).map(|_| None).collect();
-        let mut init_failure = None;
-        let mut platform_failure = None;
-        while let Some(r) = got.join_next().await {
-            let (k, r) = r.map_err(|e| ControlError::Internal(format!("instance task: {e}")))?;
-            match r {
-                Ok(i) => instances[k] = Some(i),
-                Err(Ok(e)) => {
-                    init_failure.get_or_insert_with(|| plan.failure(launches[k].node, e));
-                }
-                Err(Err(e)) => {
-                    platform_failure.get_or_insert(e);
-                }
-            }
-        }
-        if platform_failure.is_some() || init_failure.is_some() {
-            for (i, l) in instances.into_iter().zip(&launches) {
-                if let Some((inst, _)) = i {
-                    self.give_back(&plan.recs[l.node], inst, true);
-                }
-            }
-            return match (platform_failure, init_failure) {
-                (Some(e), _) => Err(e),
-                (None, Some(f)) => Ok(Err(f)),
-                (None, None) => unreachable!("checked above"),
-            };
-        }
+        let nodes: Vec<usize> = launches.iter().map(|l| l.node).collect();
+        let instances = match self.acquire_nodes(plan, &nodes).await? {
+            Ok(i) => i,
+            Err(f) => return Ok(Err(f)),
+        };
 
         // Run them all; the first failure cancels the rest.
         let wave_start = Instant::now();
@@ -594,8 +552,7 @@ impl Control {
         let (cancel_tx, cancel_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         // Consumers first, so that they wait on their rings before their producers send.
-        for (l, inst) in launches.into_iter().zip(instances).rev() {
-            let (mut inst, start) = inst.expect("acquired");
+        for (l, (mut inst, start)) in launches.into_iter().zip(instances).rev() {
             let this = self.clone();
             let rec = plan.recs[l.node].clone();
             let deadline = wave_start + in_wave_path[l.node];
@@ -715,6 +672,79 @@ impl Control {
             .collect();
         fill_hops(plan, &ends, runs);
         Ok(Ok(()))
+    }
+
+    /// Checks that the instances a run needs at once, `(node, count)`, fit each function's
+    /// limit (or the run would wait on itself).
+    fn check_fits(
+        &self,
+        plan: &Plan,
+        counts: impl Iterator<Item = (usize, usize)>,
+    ) -> Result<(), ControlError> {
+        let mut per_fn: BTreeMap<usize, usize> = BTreeMap::new();
+        for (n, k) in counts {
+            let first = plan
+                .recs
+                .iter()
+                .position(|r| r.manifest.name == plan.recs[n].manifest.name)
+                .expect("itself");
+            *per_fn.entry(first).or_default() += k;
+        }
+        for (r, k) in per_fn {
+            let rec = &plan.recs[r];
+            let max = self.max_instances(rec) as usize;
+            if k > max {
+                return Err(ControlError::InvalidParameter(format!(
+                    "DAG {:?} needs {k} instances of function {:?} at once, above its max_instances of {max}",
+                    plan.spec.name, rec.manifest.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// One instance for each entry of `nodes` (node indices), acquired concurrently, in
+    /// order. `Ok(Err)` is a function's init failure; then the others went back.
+    async fn acquire_nodes(
+        &self,
+        plan: &Plan,
+        nodes: &[usize],
+    ) -> Result<Result<Vec<(Instance, StartKind)>, NodeFailure>, ControlError> {
+        let mut got = JoinSet::new();
+        for (k, &n) in nodes.iter().enumerate() {
+            let this = self.clone();
+            let rec = plan.recs[n].clone();
+            got.spawn(async move { (k, this.dag_instance(&rec).await) });
+        }
+        let mut instances: Vec<Option<(Instance, StartKind)>> =
+            (0..nodes.len()).map(|_| None).collect();
+        let mut init_failure = None;
+        let mut platform_failure = None;
+        while let Some(r) = got.join_next().await {
+            let (k, r) = r.map_err(|e| ControlError::Internal(format!("instance task: {e}")))?;
+            match r {
+                Ok(i) => instances[k] = Some(i),
+                Err(Ok(e)) => {
+                    init_failure.get_or_insert_with(|| plan.failure(nodes[k], e));
+                }
+                Err(Err(e)) => {
+                    platform_failure.get_or_insert(e);
+                }
+            }
+        }
+        if platform_failure.is_none() && init_failure.is_none() {
+            return Ok(Ok(instances.into_iter().flatten().collect()));
+        }
+        for (i, &n) in instances.into_iter().zip(nodes) {
+            if let Some((inst, _)) = i {
+                self.give_back(&plan.recs[n], inst, true);
+            }
+        }
+        match (platform_failure, init_failure) {
+            (Some(e), _) => Err(e),
+            (_, Some(f)) => Ok(Err(f)),
+            (None, None) => unreachable!("checked above"),
+        }
     }
 
     /// Turns a feed into the event shape of instance `me`: relayed values go into its body,
@@ -1108,6 +1138,7 @@ impl Control {
             &serde_json::to_vec_pretty(&spec).expect("a spec serializes"),
         )
         .map_err(io)?;
+        self.evict_pipelines(|p| p.dag() == spec.name);
         Ok(spec)
     }
 
@@ -1144,6 +1175,7 @@ impl Control {
         let spec = self.get_dag(name)?;
         std::fs::remove_file(self.dag_path(name))
             .map_err(|e| ControlError::Internal(format!("removing DAG {name:?}: {e}")))?;
+        self.evict_pipelines(|p| p.dag() == name);
         Ok(spec)
     }
 }

@@ -502,6 +502,50 @@ impl Instance {
             Err(_) => return Err(InvokeFailure::Timeout { seconds: timeout_s }),
             Ok(r) => r,
         };
+        self.reply(reply, limit).await
+    }
+
+    /// Serves `wiring` as one node of a pre-wired pipeline: the runtime keeps its edges open
+    /// and runs an invocation per message on them, sending what handlers print to `on_logs`.
+    /// Returns when the runtime leaves the pipeline (a handler failed: the reply holds its
+    /// error) or dies. Cancel by dropping the future and destroying the instance.
+    pub async fn serve_pipeline(
+        &mut self,
+        request_id: &str,
+        wiring: protocol::DagWiring,
+        fds: Vec<OwnedFd>,
+        mut on_logs: impl FnMut(String),
+    ) -> Result<Reply, InvokeFailure> {
+        debug_assert!(!self.invoke_sent, "a pipeline node needs an idle instance");
+        let frame = protocol::encode(
+            &ToRuntime::Invoke {
+                request_id: request_id.to_owned(),
+                deadline_ms: 0,
+                dag: Some(wiring),
+            },
+            &[],
+        );
+        let sent = async {
+            self.sock.write_all(&frame).await?;
+            send_fds(&self.sock, &fds).await
+        };
+        if let Err(e) = sent.await {
+            return self.reply(Err(e), 0).await;
+        }
+        loop {
+            match read_frame(&mut self.sock).await {
+                Ok(Some((FromRuntime::Logs { logs }, _))) => on_logs(logs),
+                other => return self.reply(other, protocol::MAX_BODY as usize).await,
+            }
+        }
+    }
+
+    /// The reply read from the runtime: its result, or why there is none.
+    async fn reply(
+        &mut self,
+        reply: std::io::Result<Option<(FromRuntime, Vec<u8>)>>,
+        limit: usize,
+    ) -> Result<Reply, InvokeFailure> {
         self.last_used = Instant::now();
         match reply {
             Ok(Some((

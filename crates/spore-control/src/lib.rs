@@ -195,6 +195,8 @@ struct Inner {
     draining: AtomicBool,
     inflight: AtomicUsize,
     idle: Notify,
+    /// Idle pre-wired DAG pipelines, by DAG.
+    pipelines: Mutex<HashMap<String, Vec<dag::pipeline::Pipeline>>>,
     /// The gateway's base URL, for DAG hops over HTTP (set once it listens).
     gateway_url: Mutex<Option<String>>,
     http: reqwest::Client,
@@ -350,6 +352,7 @@ impl Control {
                 draining: AtomicBool::new(false),
                 inflight: AtomicUsize::new(0),
                 idle: Notify::new(),
+                pipelines: Mutex::new(HashMap::new()),
                 gateway_url: Mutex::new(None),
                 http: reqwest::Client::new(),
                 _lock: lock,
@@ -916,6 +919,16 @@ impl Control {
             if let Some(slot) = slot {
                 return Ok(slot);
             }
+            // Idle DAG pipelines may hold this function's instances: stop them (their
+            // instances free their slots and notify).
+            self.evict_pipelines(|p| {
+                self.inner
+                    .pools
+                    .lock()
+                    .expect("pools lock")
+                    .iter()
+                    .any(|(name, x)| std::ptr::eq(&**x, pool) && p.uses(name))
+            });
             if tokio::time::timeout_at(deadline.into(), notified)
                 .await
                 .is_err()
@@ -976,6 +989,7 @@ impl Control {
                     return;
                 }
                 let keep = this.inner.cfg.keep_alive;
+                this.evict_pipelines(|p| p.idle_for() > keep);
                 for pool in this.pools_snapshot() {
                     spawn_destroy(pool.take_idle(|i| i.last_used.elapsed() > keep));
                 }
@@ -1001,6 +1015,7 @@ impl Control {
                 break;
             }
         }
+        self.close_pipelines().await;
         let all: Vec<Instance> = self
             .pools_snapshot()
             .iter()

@@ -8,11 +8,17 @@
 //!   with eventfd doorbells for "data ready" and "space ready". Sends and receives take a
 //!   timeout, so a slow or dead peer never blocks the other side forever.
 //!
+//! - [`edge`]: the daemon's end of a DAG edge (a ring plus a socket for memfds), speaking
+//!   the Python runtime's message format.
+//! - [`page`]: the page a pre-wired pipeline's node shares with the daemon (invocation
+//!   header, timing slot).
 //! - the same ring for Python runtimes: [`PY_NATIVE_LIB`].
 //!
 //! The peer may be a misbehaving function: everything read from shared memory is checked
 //! before use, and a corrupt ring is an error, never a panic or an out-of-bounds access.
 
+pub mod edge;
+pub mod page;
 pub mod ring;
 mod ring_core;
 pub mod sealed;

@@ -67,16 +67,22 @@ def _error(exc, error_type=None, message=None):
 class LambdaContext:
     """The `context` argument of a handler, with Lambda's attribute names."""
 
+    _static = None
+
     def __init__(self, request_id, deadline_ms):
-        self.function_name = os.environ.get("AWS_LAMBDA_FUNCTION_NAME", "")
-        self.function_version = os.environ.get("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
-        self.memory_limit_in_mb = int(os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "0"))
+        # The function's attributes do not change: read the environment once.
+        if LambdaContext._static is None:
+            name = os.environ.get("AWS_LAMBDA_FUNCTION_NAME", "")
+            LambdaContext._static = {
+                "function_name": name,
+                "function_version": os.environ.get("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST"),
+                "memory_limit_in_mb": int(os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "0")),
+                "invoked_function_arn": "arn:aws:lambda:local:000000000000:function:" + name,
+                "log_group_name": "/aws/lambda/" + name,
+                "log_stream_name": "spore",
+            }
+        self.__dict__.update(LambdaContext._static)
         self.aws_request_id = request_id
-        self.invoked_function_arn = (
-            "arn:aws:lambda:local:000000000000:function:" + self.function_name
-        )
-        self.log_group_name = "/aws/lambda/" + self.function_name
-        self.log_stream_name = "spore"
         self._deadline_ms = deadline_ms
 
     def get_remaining_time_in_millis(self):
@@ -223,6 +229,9 @@ def _serve(fd, handler):
             import spore_dag
 
             fds = spore_dag.recv_fds(fd, header["dag"]["fds"])
+            if header["dag"].get("pipeline") is not None:
+                _serve_pipeline(fd, handler, header, fds, main_pid)
+                continue
         report = {}
         _marks["handler_start_ns"] = _marks["handler_end_ns"] = 0
         capture = _Capture()
@@ -250,6 +259,52 @@ def _serve(fd, handler):
                  "handler_start_ns": _marks["handler_start_ns"], "handler_end_ns": _marks["handler_end_ns"]}
         reply.update(report)
         _send(fd, reply, payload)
+
+
+def _serve_pipeline(fd, handler, header, fds, main_pid):
+    """Serves one node of a pre-wired DAG pipeline: every message on its input edges is an
+    invocation. Returns (after a result frame with the error) when a handler fails; the
+    daemon stops the instance to tear the pipeline down."""
+    import spore_dag
+
+    real_out, real_err = sys.stdout, sys.stderr
+    error = None
+    logs = ""
+    pipe = None
+    try:
+        pipe = spore_dag.Pipeline(header["dag"], fds)
+        while error is None:
+            # Everything that does not depend on the invocation is ready before it comes.
+            capture = _Capture()
+            sys.stdout = sys.stderr = capture
+            try:
+                event = pipe.next_event()
+                context = LambdaContext(pipe.request_id, pipe.deadline_ms)
+                start = time.monotonic_ns()
+                result = handler(event, context)
+                end = time.monotonic_ns()
+                try:
+                    pipe.finish(result, start, end)
+                except (TypeError, ValueError) as exc:
+                    error = _error(exc, "Runtime.MarshalError",
+                                   "Unable to marshal response: %s" % exc)
+            except BaseException as exc:  # noqa: BLE001 - report everything the handler raises
+                if os.getpid() != main_pid:
+                    os._exit(1)
+                error = _error(exc)
+            finally:
+                sys.stdout, sys.stderr = real_out, real_err
+            if os.getpid() != main_pid:
+                os._exit(0)
+            logs = capture.text()
+            if error is None and logs:
+                _send(fd, {"type": "logs", "logs": logs})
+    except Exception as exc:  # noqa: BLE001 - an edge or the page failed: report it
+        error = _error(exc)
+    finally:
+        if pipe is not None:
+            pipe.close()
+    _send(fd, {"type": "result", "error": error, "duration_ms": 0.0, "logs": logs})
 
 
 if __name__ == "__main__":

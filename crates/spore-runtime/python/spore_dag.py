@@ -264,33 +264,15 @@ def _decode(kind, data):
     return data if isinstance(data, memoryview) else memoryview(data)
 
 
-def _event(shape, body, fds, timeout_ms, spin_us, maps, edges, taken):
-    src = shape["from"]
-    if src == "input":
-        return json.loads(body) if body else {}
-    if src == "body":
-        seg = shape["segment"]
-        off, n = seg["offset"], seg["len"]
-        if off + n > len(body):
-            raise DagError("relayed segment outside the frame body")
-        return _decode(seg["kind"], memoryview(body)[off:off + n])
-    if src == "ring":
-        taken.update(shape["fds"])
-        e = _Edge([fds[i] for i in shape["fds"]], producer=False)
-        edges.append(e)
-        return e.recv(timeout_ms, spin_us, maps)
-    if src == "list":
-        return [_event(s, body, fds, timeout_ms, spin_us, maps, edges, taken) for s in shape["items"]]
-    raise DagError("unknown event source %r" % src)
-
-
 def _remaining_ms(deadline_ms):
     return max(1, int(deadline_ms - time.time() * 1000))
 
 
 class Run:
-    """One node invocation: `event()` reads the inputs, `finish(result)` sends the outputs.
-    `close()` always runs, and frees every ring, socket, memfd and mapping."""
+    """One node invocation: `event()` reads the inputs, `finish(result)` sends the outputs,
+    `reset()` frees what the invocation made (payload mappings, buffers). `close()` always
+    runs, and frees every ring, socket, memfd and mapping. In a pipeline the edges stay open
+    from one invocation to the next."""
 
     def __init__(self, wiring, body, fds, deadline_ms):
         self.w = wiring
@@ -298,20 +280,47 @@ class Run:
         self.fds = fds
         self.deadline_ms = deadline_ms
         self.maps = []
-        self.edges = []
+        self.inputs = {}
         self.outs = []
         self.inputs_ns = 0
         self.sent_ns = 0
         self.taken = set()
-        self.outputs = []
+        self.outputs = None
 
-    def event(self):
+    def _open_outputs(self):
+        if self.outputs is None:
+            self.outputs = []
+            for fds in self.w["outputs"]:
+                self.taken.update(fds)
+                self.outputs.append(_Edge([self.fds[i] for i in fds], producer=True))
+
+    def _read(self, shape, timeout_ms):
+        src = shape["from"]
+        if src == "input":
+            return json.loads(self.body) if self.body else {}
+        if src == "body":
+            seg = shape["segment"]
+            off, n = seg["offset"], seg["len"]
+            if off + n > len(self.body):
+                raise DagError("relayed segment outside the frame body")
+            return _decode(seg["kind"], memoryview(self.body)[off:off + n])
+        if src == "ring":
+            key = tuple(shape["fds"])
+            edge = self.inputs.get(key)
+            if edge is None:
+                self.taken.update(key)
+                edge = self.inputs[key] = _Edge([self.fds[i] for i in key], producer=False)
+            return edge.recv(timeout_ms, self.w["spin_us"], self.maps)
+        if src == "list":
+            return [self._read(s, timeout_ms) for s in shape["items"]]
+        raise DagError("unknown event source %r" % src)
+
+    def event(self, timeout_ms=None):
         # Output edges first: opening them costs nothing later, between handler and send.
-        for fds in self.w["outputs"]:
-            self.taken.update(fds)
-            self.outputs.append(_Edge([self.fds[i] for i in fds], producer=True))
-        ev = _event(self.w["event"], self.body, self.fds, _remaining_ms(self.deadline_ms),
-                    self.w["spin_us"], self.maps, self.edges, self.taken)
+        self._open_outputs()
+        if timeout_ms is None:
+            timeout_ms = _remaining_ms(self.deadline_ms)
+        ev = self._read(self.w["event"], timeout_ms)
         self.inputs_ns = time.monotonic_ns()
         return ev
 
@@ -322,6 +331,7 @@ class Run:
         if w["outputs"] or not w["split"]:
             whole = _Out(result, w["inline_max"] if w["outputs"] else 1 << 62)
             self.outs.append(whole)
+            self._open_outputs()
             for e in self.outputs:
                 e.send(whole, _remaining_ms(self.deadline_ms), w["spin_us"])
         if w["split"]:
@@ -347,11 +357,8 @@ class Run:
     def report(self, segments):
         return {"inputs_ns": self.inputs_ns, "sent_ns": self.sent_ns, "segments": segments}
 
-    def close(self):
-        for e in self.edges + self.outputs:
-            e.close()
-        self.edges = []
-        self.outputs = []
+    def reset(self):
+        """Frees what one invocation made: encoded results, payload mappings, buffers."""
         for o in self.outs:
             o.close()
         self.outs = []
@@ -364,6 +371,13 @@ class Run:
         for b in list(_live):
             b._drop()
         _live.clear()
+
+    def close(self):
+        self.reset()
+        for e in list(self.inputs.values()) + (self.outputs or []):
+            e.close()
+        self.inputs = {}
+        self.outputs = []
         for i, fd in enumerate(self.fds):
             if i not in self.taken:
                 try:
@@ -372,3 +386,54 @@ class Run:
                     pass
         self.fds = []
 
+
+# A pipeline node's page (see `PipelineWiring` in the protocol): the invocation's header,
+# written by the daemon, and the node's timing slot, written here.
+_PAGE = 4096
+_HEAD = struct.Struct("<QQI")
+_RID = 20
+_RID_MAX = 64
+_SLOT = 128
+_TIMES = struct.Struct("<QQQQ")
+# How long an idle pipeline node waits for its next input; the daemon stops idle
+# pipelines long before (keep-alive), so this only bounds a forgotten one.
+_IDLE_MS = 1 << 31
+
+
+class Pipeline:
+    """One node of a pre-wired pipeline: its edges stay open and every message on its
+    inputs is one invocation. The daemon stops the instance to tear the pipeline down."""
+
+    def __init__(self, wiring, fds):
+        index = wiring["pipeline"]["page"]
+        self.run = Run(wiring, b"", fds, 0)
+        self.run.taken.add(index)
+        try:
+            self.page = mmap.mmap(fds[index], _PAGE)
+        finally:
+            os.close(fds[index])
+        self.seq = 0
+        self.request_id = ""
+
+    @property
+    def deadline_ms(self):
+        return self.run.deadline_ms
+
+    def next_event(self):
+        """Waits for the next invocation's inputs; returns its event."""
+        self.run.reset()
+        event = self.run.event(_IDLE_MS)
+        self.seq, self.run.deadline_ms, n = _HEAD.unpack_from(self.page, 0)
+        self.request_id = bytes(self.page[_RID:_RID + min(n, _RID_MAX)]).decode(errors="replace")
+        return event
+
+    def finish(self, result, start_ns, end_ns):
+        """Sends `result` on the output edges and records the invocation's timing."""
+        self.run.finish(result)
+        _TIMES.pack_into(self.page, _SLOT + 8, self.run.inputs_ns, start_ns, end_ns, self.run.sent_ns)
+        # The sequence number last: the daemon trusts the times once it matches.
+        _LEN.pack_into(self.page, _SLOT, self.seq)
+
+    def close(self):
+        self.run.close()
+        self.page.close()

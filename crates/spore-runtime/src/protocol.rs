@@ -135,6 +135,11 @@ pub enum FromRuntime {
         /// Why.
         error: String,
     },
+    /// (A pipeline node) what a handler printed during one invocation.
+    Logs {
+        /// The text.
+        logs: String,
+    },
     /// One invocation finished; on success the body holds the result (JSON).
     Result {
         /// The handler's error, if it raised.
@@ -224,6 +229,19 @@ pub struct DagWiring {
     pub inline_max: usize,
     /// Microseconds to poll a ring before sleeping on its doorbell.
     pub spin_us: u64,
+    /// Serve this wiring for many invocations (a pre-wired pipeline) instead of one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<PipelineWiring>,
+}
+
+/// A node of a pre-wired pipeline: the instance keeps its edges open and serves one
+/// invocation per message on its inputs until a handler fails or the daemon stops it.
+/// Each invocation's request id and deadline, and the node's timing, go through the node's
+/// own page (`spore_ipc::page`), a memfd it shares with the daemon only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PipelineWiring {
+    /// Index of the page's memfd among the frame's descriptors.
+    pub page: usize,
 }
 
 /// What a DAG node reports with its result.

@@ -399,15 +399,15 @@ fn deploy_samples(
 }
 
 /// `spore bench dag`.
-fn bench_dag(endpoint: &str, n: usize, out: &Path, functions: &Path) -> Result<ExitCode> {
-    let (client, daemon) = daemon_for(endpoint, "bench")?;
-    let _keep = daemon;
-    for dir in function_dirs(functions)? {
-        let m = read_manifest(&dir)?;
-        deploy_variant(&client, &dir, &m.name, m.sandbox, None)?;
+/// Deploys the functions under `dir` and the DAG files (`*.toml`) in it; returns the DAGs'
+/// names.
+fn deploy_dags(client: &Client, dir: &Path) -> Result<Vec<String>> {
+    for f in function_dirs(dir)? {
+        let m = read_manifest(&f)?;
+        deploy_variant(client, &f, &m.name, m.sandbox, None)?;
     }
     let mut dags = Vec::new();
-    for e in std::fs::read_dir(functions)?.flatten() {
+    for e in std::fs::read_dir(dir)?.flatten() {
         let p = e.path();
         if p.extension().is_some_and(|x| x == "toml") {
             let text = std::fs::read_to_string(&p)?;
@@ -418,28 +418,45 @@ fn bench_dag(endpoint: &str, n: usize, out: &Path, functions: &Path) -> Result<E
         }
     }
     dags.sort();
-    let run = |name: &str,
-               input: &serde_json::Value,
-               transport: &str|
-     -> Result<(f64, serde_json::Value)> {
-        let t0 = Instant::now();
-        let (body, failed) =
-            client.invoke_dag(name, input.to_string().into_bytes(), Some(transport), true)?;
-        let ms = t0.elapsed().as_secs_f64() * 1000.0;
-        let v: serde_json::Value = serde_json::from_slice(&body)?;
-        anyhow::ensure!(!failed, "DAG {name} over {transport} failed: {v}");
-        Ok((ms, v))
+    Ok(dags)
+}
+
+/// Invokes a DAG with timing: (request to response at the client, ms; the answer).
+fn dag_run(
+    client: &Client,
+    name: &str,
+    input: &serde_json::Value,
+    transport: &str,
+) -> Result<(f64, serde_json::Value)> {
+    let t0 = Instant::now();
+    let (body, failed) =
+        client.invoke_dag(name, input.to_string().into_bytes(), Some(transport), true)?;
+    let ms = t0.elapsed().as_secs_f64() * 1000.0;
+    let v: serde_json::Value = serde_json::from_slice(&body)?;
+    anyhow::ensure!(!failed, "DAG {name} over {transport} failed: {v}");
+    Ok((ms, v))
+}
+
+/// The hops (ms) in a timed DAG answer, of every node or of one.
+fn dag_hops(v: &serde_json::Value, node: Option<&str>) -> Vec<f64> {
+    v["Timing"]["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|x| node.is_none_or(|id| x["node"] == id))
+        .filter_map(|x| x["hop_us"].as_f64())
+        .map(|us| us / 1000.0)
+        .collect()
+}
+
+fn bench_dag(endpoint: &str, n: usize, out: &Path, functions: &Path) -> Result<ExitCode> {
+    let (client, daemon) = daemon_for(endpoint, "bench")?;
+    let _keep = daemon;
+    let dags = deploy_dags(&client, functions)?;
+    let run = |name: &str, input: &serde_json::Value, transport: &str| {
+        dag_run(&client, name, input, transport)
     };
-    let hops = |v: &serde_json::Value, node: Option<&str>| -> Vec<f64> {
-        v["Timing"]["nodes"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|x| node.is_none_or(|id| x["node"] == id))
-            .filter_map(|x| x["hop_us"].as_f64())
-            .map(|us| us / 1000.0)
-            .collect()
-    };
+    let hops = dag_hops;
     // 1. Hop latency: every hop of the 10-function pychain, 1 KiB payload.
     eprintln!("   hop latency: pychain (10 functions, 1 KiB), {n} runs per transport");
     let pad = serde_json::json!({"n": 0, "pad": "x".repeat(1000)});
@@ -552,14 +569,27 @@ fn bench_dag(endpoint: &str, n: usize, out: &Path, functions: &Path) -> Result<E
             per[1].p50 / per[0].p50
         ));
     }
+    // Hops and whole runs differ by an order of magnitude: one plot each.
+    let (hop, e2e): (Vec<Series>, Vec<Series>) = series
+        .iter()
+        .cloned()
+        .partition(|s| s.name.contains(" hop"));
+    let png = out.join("dag").join("dag-e2e.png");
     save_and_print(
         out,
         "dag",
         &series,
         &table,
         host_meta(serde_json::json!({ "n": n, "dags": dags, "sweep": sweep })),
-        "DAG hop latency, shm vs http through the gateway",
+        (
+            "DAG hop latency (1 KiB), shm vs http through the gateway",
+            &hop,
+        ),
     )?;
+    match spore_bench::plot::cdf(&png, "DAG end to end, shm vs http", &e2e) {
+        Ok(()) => eprintln!("   plot: {}", png.display()),
+        Err(e) => eprintln!("   no plot: {e}"),
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -611,8 +641,62 @@ pub fn demo(endpoint: &str, args: DemoArgs) -> Result<ExitCode> {
         floor.p50,
         floor.n
     );
-    println!("not in this build yet: restores from snapshots and function DAGs (issues 5 and 6)");
+    demo_dags(&client, &args.functions.join("dag"))?;
+    println!();
+    println!("not in this build yet: restores from snapshots (issue 6)");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The demo's DAG part: the Alexa skill and a 10-function chain, over shared memory and
+/// over HTTP through the gateway.
+fn demo_dags(client: &Client, dir: &Path) -> Result<()> {
+    println!();
+    if !dir.is_dir() {
+        println!("(no DAGs: {} is missing)", dir.display());
+        return Ok(());
+    }
+    println!(
+        "== function DAGs from {}: the first run starts and wires the instances, later ones reuse the pipeline",
+        dir.display()
+    );
+    let dags = deploy_dags(client, dir)?;
+    println!("   deployed: {}", dags.join(", "));
+    let runs = 20;
+    let cases = [
+        (
+            "alexa",
+            serde_json::json!({"user": "ann", "utterance": "open the door, lights on, watch TV"}),
+        ),
+        (
+            "pychain",
+            serde_json::json!({"n": 0, "pad": "x".repeat(1000)}),
+        ),
+    ];
+    println!();
+    println!(
+        "| DAG | transport | first run | warm p50 (n={runs}) | hop p50 |\n|---|---|---:|---:|---:|"
+    );
+    for (name, input) in &cases {
+        for transport in ["shm", "http"] {
+            let (first, _) = dag_run(client, name, input, transport)?;
+            let mut e2e = Vec::with_capacity(runs);
+            let mut hops = Vec::new();
+            for _ in 0..runs {
+                let (ms, v) = dag_run(client, name, input, transport)?;
+                e2e.push(ms);
+                hops.extend(dag_hops(&v, None));
+            }
+            println!(
+                "| {name} | {transport} | {first:.2} ms | {:.2} ms | {:.0} us |",
+                summarize(&e2e).p50,
+                summarize(&hops).p50 * 1000.0
+            );
+        }
+    }
+    let (_, answer) = dag_run(client, "alexa", &cases[0].1, "shm")?;
+    println!();
+    println!("the Alexa skill answered: {}", answer["Result"]);
+    Ok(())
 }
 
 fn instance_pids(
@@ -636,12 +720,12 @@ fn save_and_print(
     series: &[Series],
     table: &str,
     meta: serde_json::Value,
-    title: &str,
+    (title, plotted): (&str, &[Series]),
 ) -> Result<()> {
     let dir = out.join(bench);
     let files = spore_bench::write_results(&dir, bench, series, table, meta)?;
     let png = dir.join(format!("{bench}.png"));
-    match spore_bench::plot::cdf(&png, title, series) {
+    match spore_bench::plot::cdf(&png, title, plotted) {
         Ok(()) => eprintln!("   plot: {}", png.display()),
         Err(e) => eprintln!("   no plot: {e}"),
     }
@@ -724,7 +808,7 @@ pub fn bench(endpoint: &str, which: BenchCommand) -> Result<ExitCode> {
                 host_meta(
                     serde_json::json!({ "sandbox": sandbox.as_str(), "n": n, "function": "hello" }),
                 ),
-                &title,
+                (&title, &res.series),
             )?;
             Ok(ExitCode::SUCCESS)
         }
@@ -753,7 +837,7 @@ pub fn bench(endpoint: &str, which: BenchCommand) -> Result<ExitCode> {
                 &series,
                 &table,
                 host_meta(serde_json::json!({ "n": n })),
-                "FunctionBench: fresh instance, container vs cfork",
+                ("FunctionBench: fresh instance, container vs cfork", &series),
             )?;
             Ok(ExitCode::SUCCESS)
         }
@@ -782,7 +866,7 @@ pub fn bench(endpoint: &str, which: BenchCommand) -> Result<ExitCode> {
                 &series,
                 &table,
                 host_meta(serde_json::json!({ "n": n, "spin_us": spin_us, "sweep": rows })),
-                "Shared-memory ring hop (1 KiB) vs Unix socketpair",
+                ("Shared-memory ring hop (1 KiB) vs Unix socketpair", &series),
             )?;
             Ok(ExitCode::SUCCESS)
         }

@@ -270,7 +270,7 @@ def _serve_pipeline(fd, handler, header, fds, main_pid):
     real_out, real_err = sys.stdout, sys.stderr
     error = None
     logs = ""
-    pipe = None
+    pipe = event = context = result = None
     try:
         pipe = spore_dag.Pipeline(header["dag"], fds)
         while error is None:
@@ -296,6 +296,9 @@ def _serve_pipeline(fd, handler, header, fds, main_pid):
                 sys.stdout, sys.stderr = real_out, real_err
             if os.getpid() != main_pid:
                 os._exit(0)
+            # Drop this run's values now, so that the next `next_event` can unmap its payloads
+            # while idle rather than when the next event replaces them.
+            event = context = result = None
             logs = capture.text()
             if error is None and logs:
                 _send(fd, {"type": "logs", "logs": logs})

@@ -318,3 +318,93 @@ fn malformed_dags_are_refused_with_the_reason() {
     assert_eq!(d.get_json("/dags")["Dags"], json!([]));
     d.stop();
 }
+
+#[test]
+fn pipelines_follow_redeploys_pass_logs_on_and_serve_concurrent_runs() {
+    use base64::Engine as _;
+    if !can_sandbox("pipelines_follow_redeploys_pass_logs_on_and_serve_concurrent_runs") {
+        return;
+    }
+    let mut d = daemon_with_functions();
+    // A function of our own, redeployed between runs.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("stamp");
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |v: u32| {
+        std::fs::write(
+            dir.join("main.py"),
+            format!(
+                "def handler(event, context):\n    print('stamp v{v} for', context.aws_request_id)\n    return {{'v': {v}, 'n': event['n']}}\n"
+            ),
+        )
+        .unwrap();
+    };
+    write(1);
+    std::fs::write(
+        dir.join("spore.toml"),
+        "name = \"stamp\"\nruntime = \"python3\"\nhandler = \"main.handler\"\nsandbox = \"cfork\"\nmax_instances = 8\n",
+    )
+    .unwrap();
+    d.deploy(&dir);
+    let spec = r#"
+name = "stamped"
+[[nodes]]
+id = "step"
+function = "chain-step"
+[[nodes]]
+id = "stamp"
+function = "stamp"
+after = ["step"]
+"#;
+    assert_eq!(put_dag(&d, spec).status(), 201);
+    for _ in 0..2 {
+        let (failed, got) = run(&d, "stamped", &json!({"n": 0}), "shm");
+        assert!(!failed, "{got}");
+        assert_eq!(got, json!({"v": 1, "n": 1}));
+    }
+    // What the handler printed inside the pipeline reaches the function's log.
+    let logs = d.get_json("/spore/v1/functions/stamp/logs");
+    assert!(logs.to_string().contains("stamp v1 for"), "{logs}");
+    // A new revision of a function: the next run uses it (the old pipeline is stale).
+    write(2);
+    let zip = spore_control::code::zip_dir(&dir).unwrap();
+    let r = d
+        .http
+        .put(d.url("/2015-03-31/functions/stamp/code"))
+        .json(&json!({"ZipFile": base64::engine::general_purpose::STANDARD.encode(zip)}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().unwrap());
+    let (failed, got) = run(&d, "stamped", &json!({"n": 5}), "shm");
+    assert!(!failed, "{got}");
+    assert_eq!(got, json!({"v": 2, "n": 6}));
+    // Concurrent runs get pipelines of their own, each with its own input.
+    let results: Vec<(bool, Value)> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..3)
+            .map(|t| {
+                let d = &d;
+                s.spawn(move || {
+                    (0..4)
+                        .map(|i| run(d, "stamped", &json!({"n": t * 10 + i}), "shm"))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    let mut seen: Vec<i64> = results
+        .iter()
+        .map(|(failed, got)| {
+            assert!(!failed, "{got}");
+            assert_eq!(got["v"], 2);
+            got["n"].as_i64().unwrap()
+        })
+        .collect();
+    seen.sort();
+    let want: Vec<i64> = (0..3)
+        .flat_map(|t| (0..4).map(move |i| t * 10 + i + 1))
+        .collect();
+    assert_eq!(seen, want);
+    remove_and_expect_nothing_open(&d, &["stamped"]);
+    d.stop();
+}

@@ -219,7 +219,6 @@ def _recv_rest(fd, prefix):
 def _serve(fd, handler):
     """Serves invocations on fd until the daemon closes it."""
     main_pid = os.getpid()
-    real_out, real_err = sys.stdout, sys.stderr
     while True:
         header, body = _recv(fd)
         if header is None:
@@ -234,31 +233,41 @@ def _serve(fd, handler):
                 continue
         report = {}
         _marks["handler_start_ns"] = _marks["handler_end_ns"] = 0
-        capture = _Capture()
-        sys.stdout = sys.stderr = capture
-        error = None
-        payload = b""
         start = time.perf_counter()
-        try:
-            if fds is None:
-                payload, error = _invoke(handler, header, body)
-            else:
-                payload, error = _invoke_dag(handler, header, body, fds, report)
-        except BaseException as exc:  # noqa: BLE001 - report everything the handler raises
-            if os.getpid() != main_pid:
-                os._exit(1)
-            error = _error(exc)
-        finally:
-            sys.stdout, sys.stderr = real_out, real_err
-        if os.getpid() != main_pid:
-            # A process the handler forked returned into the runtime loop: it must not
-            # answer on the control socket.
-            os._exit(0)
+        if fds is None:
+            out, error, capture = _captured(main_pid, lambda: _invoke(handler, header, body))
+        else:
+            out, error, capture = _captured(
+                main_pid, lambda: _invoke_dag(handler, header, body, fds, report))
+        payload = b""
+        if error is None:
+            payload, error = out
         duration = (time.perf_counter() - start) * 1000.0
         reply = {"type": "result", "error": error, "duration_ms": duration, "logs": capture.text(),
                  "handler_start_ns": _marks["handler_start_ns"], "handler_end_ns": _marks["handler_end_ns"]}
         reply.update(report)
         _send(fd, reply, payload)
+
+
+def _captured(main_pid, run):
+    """Runs `run()` with stdout and stderr captured; returns (its value, what it raised as a
+    Lambda error, the capture). A process the handler forked never gets back from here into
+    the runtime loop: it must not answer on the control socket."""
+    real_out, real_err = sys.stdout, sys.stderr
+    capture = _Capture()
+    sys.stdout = sys.stderr = capture
+    value = error = None
+    try:
+        value = run()
+    except BaseException as exc:  # noqa: BLE001 - report everything the handler raises
+        if os.getpid() != main_pid:
+            os._exit(1)
+        error = _error(exc)
+    finally:
+        sys.stdout, sys.stderr = real_out, real_err
+    if os.getpid() != main_pid:
+        os._exit(0)
+    return value, error, capture
 
 
 def _serve_pipeline(fd, handler, header, fds, main_pid):
@@ -267,42 +276,32 @@ def _serve_pipeline(fd, handler, header, fds, main_pid):
     daemon stops the instance to tear the pipeline down."""
     import spore_dag
 
-    real_out, real_err = sys.stdout, sys.stderr
+    def run():
+        # The capture is in place before the input comes; the run's values go with this
+        # frame, so that the next `next_event` unmaps their payloads while idle.
+        event = pipe.next_event()
+        context = LambdaContext(pipe.request_id, pipe.deadline_ms)
+        start = time.monotonic_ns()
+        result = handler(event, context)
+        end = time.monotonic_ns()
+        try:
+            pipe.finish(result, start, end)
+        except (TypeError, ValueError) as exc:
+            return _error(exc, "Runtime.MarshalError", "Unable to marshal response: %s" % exc)
+        return None
+
     error = None
     logs = ""
-    pipe = event = context = result = None
+    pipe = None
     try:
         pipe = spore_dag.Pipeline(header["dag"], fds)
         while error is None:
-            # Everything that does not depend on the invocation is ready before it comes.
-            capture = _Capture()
-            sys.stdout = sys.stderr = capture
-            try:
-                event = pipe.next_event()
-                context = LambdaContext(pipe.request_id, pipe.deadline_ms)
-                start = time.monotonic_ns()
-                result = handler(event, context)
-                end = time.monotonic_ns()
-                try:
-                    pipe.finish(result, start, end)
-                except (TypeError, ValueError) as exc:
-                    error = _error(exc, "Runtime.MarshalError",
-                                   "Unable to marshal response: %s" % exc)
-            except BaseException as exc:  # noqa: BLE001 - report everything the handler raises
-                if os.getpid() != main_pid:
-                    os._exit(1)
-                error = _error(exc)
-            finally:
-                sys.stdout, sys.stderr = real_out, real_err
-            if os.getpid() != main_pid:
-                os._exit(0)
-            # Drop this run's values now, so that the next `next_event` can unmap its payloads
-            # while idle rather than when the next event replaces them.
-            event = context = result = None
+            marshal_error, error, capture = _captured(main_pid, run)
+            error = error or marshal_error
             logs = capture.text()
             if error is None and logs:
                 _send(fd, {"type": "logs", "logs": logs})
-    except Exception as exc:  # noqa: BLE001 - an edge or the page failed: report it
+    except Exception as exc:  # noqa: BLE001 - the page or an edge failed: report it
         error = _error(exc)
     finally:
         if pipe is not None:

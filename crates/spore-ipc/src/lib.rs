@@ -62,6 +62,25 @@ pub enum IpcError {
     NotSealed(String),
 }
 
+/// A new close-on-exec memfd named `name`, `len` zero bytes long, and a shared writable
+/// mapping of it.
+pub(crate) fn mapped_memfd(
+    name: &str,
+    len: usize,
+) -> Result<(std::fs::File, memmap2::MmapRaw), IpcError> {
+    let file = memfd::MemfdOptions::default()
+        .close_on_exec(true)
+        .create(name)
+        .map_err(|e| IpcError::Sys {
+            what: "memfd_create",
+            source: std::io::Error::other(e.to_string()),
+        })?
+        .into_file();
+    file.set_len(len as u64).map_err(sys("sizing a memfd"))?;
+    let map = memmap2::MmapRaw::map_raw(&file).map_err(sys("mapping a memfd"))?;
+    Ok((file, map))
+}
+
 pub(crate) fn sys(what: &'static str) -> impl FnOnce(std::io::Error) -> IpcError {
     move |source| IpcError::Sys { what, source }
 }

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use memmap2::MmapRaw;
 
-use crate::{sys, IpcError};
+use crate::IpcError;
 
 /// Size of a page.
 pub const PAGE: usize = 4096;
@@ -56,17 +56,7 @@ pub struct NodePage {
 impl NodePage {
     /// Creates a page; returns it and the descriptor to hand to the node.
     pub fn create() -> Result<(NodePage, OwnedFd), IpcError> {
-        let mfd = memfd::MemfdOptions::default()
-            .close_on_exec(true)
-            .create("spore-pipeline")
-            .map_err(|e| IpcError::Sys {
-                what: "memfd_create",
-                source: std::io::Error::other(e.to_string()),
-            })?;
-        let file = mfd.into_file();
-        file.set_len(PAGE as u64)
-            .map_err(sys("sizing the pipeline page"))?;
-        let map = MmapRaw::map_raw(&file).map_err(sys("mapping the pipeline page"))?;
+        let (file, map) = crate::mapped_memfd("spore-pipeline", PAGE)?;
         Ok((NodePage { map }, file.into()))
     }
 

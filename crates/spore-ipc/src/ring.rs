@@ -44,16 +44,7 @@ impl RingFds {
 /// Creates a ring of `capacity` data bytes (rounded up to a power of two, at least 4 KiB).
 pub fn create(capacity: usize) -> Result<RingFds, IpcError> {
     let len = ring_core::mapping_len(capacity);
-    let mfd = memfd::MemfdOptions::default()
-        .close_on_exec(true)
-        .create("spore-ring")
-        .map_err(|e| IpcError::Sys {
-            what: "memfd_create",
-            source: std::io::Error::other(e.to_string()),
-        })?;
-    let file = mfd.into_file();
-    file.set_len(len as u64).map_err(sys("sizing the ring"))?;
-    let map = MmapRaw::map_raw(&file).map_err(sys("mapping the ring"))?;
+    let (file, map) = crate::mapped_memfd("spore-ring", len)?;
     // SAFETY: the mapping is `len` bytes long, writable, zeroed (a fresh memfd), page-aligned
     // and not yet shared with anyone.
     unsafe { View::init(map.as_mut_ptr(), len) };

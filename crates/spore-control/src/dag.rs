@@ -222,6 +222,48 @@ impl Plan {
         Duration::from_secs(u64::from(self.recs[n].manifest.timeout_s))
     }
 
+    /// For each node for which `within` holds, by when it must be done after the run
+    /// starts: the sum of the timeouts along its longest path through such nodes.
+    fn deadlines(&self, within: impl Fn(usize) -> bool) -> Vec<Duration> {
+        let mut path = vec![Duration::ZERO; self.spec.nodes.len()];
+        for &n in self.order.iter().filter(|&&n| within(n)) {
+            let before = self.preds[n]
+                .iter()
+                .filter(|&&p| within(p))
+                .map(|&p| path[p])
+                .max()
+                .unwrap_or_default();
+            path[n] = before + self.timeout(n);
+        }
+        path
+    }
+
+    /// The timing record of instance `index` of node `n` (`CLOCK_MONOTONIC` ns in; the hop
+    /// is [filled in](fill_hops) once every predecessor is known). `edges`: when its inputs
+    /// arrived and its result was sent, for shm runs.
+    fn node_run(
+        &self,
+        n: usize,
+        index: usize,
+        start: StartKind,
+        (start_ns, end_ns): (u64, u64),
+        edges: Option<(u64, u64)>,
+    ) -> NodeRun {
+        let us = |ns: u64| ns as f64 / 1e3;
+        NodeRun {
+            node: self.id(n).to_owned(),
+            index,
+            function: self.spec.nodes[n].function.clone(),
+            start: start.as_str(),
+            handler_ms: end_ns.saturating_sub(start_ns) as f64 / 1e6,
+            handler_start_us: us(start_ns),
+            handler_end_us: us(end_ns),
+            inputs_us: edges.map(|e| us(e.0)),
+            sent_us: edges.map(|e| us(e.1)),
+            hop_us: None,
+        }
+    }
+
     /// The number of instances of `n`, from its predecessor's result if it runs `each`.
     fn count(&self, n: usize, done: &[Option<Done>]) -> Result<usize, NodeFailure> {
         if !self.each(n) {
@@ -537,18 +579,7 @@ impl Control {
 
         // Run them all; the first failure cancels the rest.
         let wave_start = Instant::now();
-        let mut in_wave_path = vec![Duration::ZERO; plan.spec.nodes.len()];
-        for &n in &plan.order {
-            if in_wave(n) {
-                let before = plan.preds[n]
-                    .iter()
-                    .filter(|&&p| in_wave(p))
-                    .map(|&p| in_wave_path[p])
-                    .max()
-                    .unwrap_or_default();
-                in_wave_path[n] = before + plan.timeout(n);
-            }
-        }
+        let in_wave_path = plan.deadlines(in_wave);
         let (cancel_tx, cancel_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         // Consumers first, so that they wait on their rings before their producers send.
@@ -616,20 +647,13 @@ impl Control {
                     }
                 }
                 Ok(reply) => {
-                    runs.push(NodeRun {
-                        node: plan.id(fin.node).to_owned(),
-                        index: fin.index,
-                        function: plan.spec.nodes[fin.node].function.clone(),
-                        start: fin.start.as_str(),
-                        handler_ms: reply.handler_end_ns.saturating_sub(reply.handler_start_ns)
-                            as f64
-                            / 1e6,
-                        handler_start_us: reply.handler_start_ns as f64 / 1e3,
-                        handler_end_us: reply.handler_end_ns as f64 / 1e3,
-                        inputs_us: reply.dag.as_ref().map(|d| d.inputs_ns as f64 / 1e3),
-                        sent_us: reply.dag.as_ref().map(|d| d.sent_ns as f64 / 1e3),
-                        hop_us: None,
-                    });
+                    runs.push(plan.node_run(
+                        fin.node,
+                        fin.index,
+                        fin.start,
+                        (reply.handler_start_ns, reply.handler_end_ns),
+                        reply.dag.as_ref().map(|d| (d.inputs_ns, d.sent_ns)),
+                    ));
                     replies[fin.node].push((fin.index, reply));
                 }
             }
@@ -681,22 +705,17 @@ impl Control {
         plan: &Plan,
         counts: impl Iterator<Item = (usize, usize)>,
     ) -> Result<(), ControlError> {
-        let mut per_fn: BTreeMap<usize, usize> = BTreeMap::new();
+        let mut per_fn: BTreeMap<&str, (&FunctionRecord, usize)> = BTreeMap::new();
         for (n, k) in counts {
-            let first = plan
-                .recs
-                .iter()
-                .position(|r| r.manifest.name == plan.recs[n].manifest.name)
-                .expect("itself");
-            *per_fn.entry(first).or_default() += k;
+            let rec = &plan.recs[n];
+            per_fn.entry(&rec.manifest.name).or_insert((rec, 0)).1 += k;
         }
-        for (r, k) in per_fn {
-            let rec = &plan.recs[r];
+        for (name, (rec, k)) in per_fn {
             let max = self.max_instances(rec) as usize;
             if k > max {
                 return Err(ControlError::InvalidParameter(format!(
-                    "DAG {:?} needs {k} instances of function {:?} at once, above its max_instances of {max}",
-                    plan.spec.name, rec.manifest.name
+                    "DAG {:?} needs {k} instances of function {name:?} at once, above its max_instances of {max}",
+                    plan.spec.name
                 )));
             }
         }
@@ -956,19 +975,7 @@ impl Control {
             match r {
                 Err(e) => return Ok((Err(plan.failure(n, e)), false, runs)),
                 Ok(reply) => {
-                    runs.push(NodeRun {
-                        node: plan.id(n).to_owned(),
-                        index: j,
-                        function: plan.spec.nodes[n].function.clone(),
-                        start: reply.start.as_str(),
-                        handler_ms: reply.handler_ns.1.saturating_sub(reply.handler_ns.0) as f64
-                            / 1e6,
-                        handler_start_us: reply.handler_ns.0 as f64 / 1e3,
-                        handler_end_us: reply.handler_ns.1 as f64 / 1e3,
-                        inputs_us: None,
-                        sent_us: None,
-                        hop_us: None,
-                    });
+                    runs.push(plan.node_run(n, j, reply.start, reply.handler_ns, None));
                     partial[n][j] = Some(reply.body);
                     ends[n].push(reply.handler_ns.1);
                     if partial[n].iter().all(Option::is_some) {

@@ -921,14 +921,17 @@ impl Control {
             }
             // Idle DAG pipelines may hold this function's instances: stop them (their
             // instances free their slots and notify).
-            self.evict_pipelines(|p| {
-                self.inner
-                    .pools
-                    .lock()
-                    .expect("pools lock")
-                    .iter()
-                    .any(|(name, x)| std::ptr::eq(&**x, pool) && p.uses(name))
-            });
+            let name = self
+                .inner
+                .pools
+                .lock()
+                .expect("pools lock")
+                .iter()
+                .find(|(_, x)| std::ptr::eq(&***x, pool))
+                .map(|(name, _)| name.clone());
+            if let Some(name) = name {
+                self.evict_pipelines(|p| p.uses(&name));
+            }
             if tokio::time::timeout_at(deadline.into(), notified)
                 .await
                 .is_err()

@@ -276,19 +276,15 @@ def _serve_pipeline(fd, handler, header, fds, main_pid):
     daemon stops the instance to tear the pipeline down."""
     import spore_dag
 
+    def finish(result):
+        pipe.finish(result, _marks["handler_start_ns"], _marks["handler_end_ns"])
+
     def run():
         # The capture is in place before the input comes; the run's values go with this
         # frame, so that the next `next_event` unmaps their payloads while idle.
         event = pipe.next_event()
-        context = LambdaContext(pipe.request_id, pipe.deadline_ms)
-        start = time.monotonic_ns()
-        result = handler(event, context)
-        end = time.monotonic_ns()
-        try:
-            pipe.finish(result, start, end)
-        except (TypeError, ValueError) as exc:
-            return _error(exc, "Runtime.MarshalError", "Unable to marshal response: %s" % exc)
-        return None
+        invocation = {"request_id": pipe.request_id, "deadline_ms": pipe.deadline_ms}
+        return _call(handler, invocation, event, finish)[1]
 
     error = None
     logs = ""

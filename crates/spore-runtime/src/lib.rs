@@ -23,6 +23,14 @@ pub const CFORK_CHILD_LIB: &[u8] =
 /// File name of [`CFORK_CHILD_LIB`] next to the bootstrap.
 pub const CFORK_CHILD_LIB_FILE: &str = "libspore_cfork_child.so";
 
+/// The in-process half of a template snapshot (`native/checkpoint.rs`), loaded by the
+/// Python runtime with ctypes: records the context a restorer needs and waits while the daemon
+/// copies the process.
+pub const CHECKPOINT_LIB: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/libspore_checkpoint.so"));
+/// File name of [`CHECKPOINT_LIB`] next to the bootstrap.
+pub const CHECKPOINT_LIB_FILE: &str = "libspore_checkpoint.so";
+
 /// DAG edges for Python (rings and sealed memfd payloads), a module the bootstrap imports
 /// for DAG invocations and handlers may import (`spore_dag.buffer`); written next to it.
 pub const PYTHON_DAG: &str = include_str!("../python/spore_dag.py");

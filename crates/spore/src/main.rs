@@ -242,6 +242,12 @@ fn main() -> ExitCode {
     {
         spore_sandbox::run_init();
     }
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == spore_snapshot::RESTORE_SUBCOMMAND)
+    {
+        spore_snapshot::run_restorer();
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => commands::serve(args),

@@ -821,7 +821,9 @@ impl Control {
             .map_err(Err)?
         {
             crate::Slot::Warm(inst) => Ok((*inst, StartKind::Warm)),
-            crate::Slot::Cold => match self.start_fresh(&env, rec, self.log_ring(name), None).await
+            crate::Slot::Cold => match self
+                .start_fresh(&env, rec, self.log_ring(name), None, None)
+                .await
             {
                 Ok(started) => Ok(started),
                 Err(e) => {

@@ -235,6 +235,21 @@ pub(crate) struct Launch<'a> {
     pub uid: u32,
     /// For a cfork template: its user-namespace mapping and extra environment.
     pub template: Option<(spore_sandbox::IdMapping, Vec<(String, String)>)>,
+    /// How the runtime comes up: imported from scratch (possibly offering itself for a
+    /// snapshot), or restored from a snapshot.
+    pub how: ColdStart,
+}
+
+/// How a sandbox's runtime comes up.
+#[derive(Debug, Clone, Default)]
+pub enum ColdStart {
+    /// Start the runtime and import the handler.
+    #[default]
+    Init,
+    /// As `Init`, and snapshot the warm runtime before it reports ready.
+    InitAndSnapshot(Arc<crate::snapshots::Pending>),
+    /// Restore the runtime from this image.
+    Restore(PathBuf),
 }
 
 /// Starts a sandbox for `rec` in a new cgroup of `memory_mb` (`inits` Spore processes beside
@@ -270,6 +285,7 @@ fn spawn_in(
         code_dir,
         uid,
         template,
+        how,
     } = launch;
     let is_template = template.is_some();
     let m = &rec.manifest;
@@ -296,7 +312,13 @@ fn spawn_in(
         max_open_files: 1024,
         control_fd: spore_runtime::CONTROL_FD,
         user_namespace: None,
+        restore: None,
     };
+    match how {
+        ColdStart::Init => {}
+        ColdStart::InitAndSnapshot(_) => spec.env.push(("SPORE_CHECKPOINT".into(), "1".into())),
+        ColdStart::Restore(image) => spec.restore = Some(image),
+    }
     if let Some((mapping, extra_env)) = template {
         spec.user_namespace = Some(mapping);
         spec.env.extend(extra_env);
@@ -360,6 +382,7 @@ impl Instance {
         code_dir: PathBuf,
         log: Arc<LogRing>,
         init_timeout: Duration,
+        how: ColdStart,
     ) -> Result<Instance, StartError> {
         let t0 = Instant::now();
         let m = &rec.manifest;
@@ -371,6 +394,7 @@ impl Instance {
             code_dir,
             uid,
             template: None,
+            how: how.clone(),
         };
         let (cgroup, spawned) = spawn_sandbox(env, rec, launch, log, m.memory_mb, 1).await?;
         let mut inst = Instance {
@@ -386,7 +410,28 @@ impl Instance {
             stderr_tail: spawned.stderr_tail,
             invoke_sent: false,
         };
-        let first = tokio::time::timeout(init_timeout, read_frame(&mut inst.sock)).await;
+        let deadline = tokio::time::Instant::now() + init_timeout;
+        let mut first = tokio::time::timeout_at(deadline, read_frame(&mut inst.sock)).await;
+        if let Ok(Ok(Some((FromRuntime::Checkpoint { context }, _)))) = &first {
+            let (context, t) = (*context, Instant::now());
+            let taken = match &how {
+                ColdStart::InitAndSnapshot(pending) => inst.snapshot_into(pending, context).await,
+                _ => Err("the runtime offered a snapshot nobody asked for".to_owned()),
+            };
+            let status = match taken {
+                Ok(()) => 0u8,
+                Err(why) => {
+                    tracing::warn!(function = %m.name, "snapshot not taken: {why}");
+                    1
+                }
+            };
+            inst.breakdown
+                .push(("snapshot".into(), t.elapsed().as_secs_f64() * 1e3));
+            // The runtime waits for one raw status byte, then reports ready.
+            if inst.sock.write_all(&[status]).await.is_ok() {
+                first = tokio::time::timeout_at(deadline, read_frame(&mut inst.sock)).await;
+            }
+        }
         let failure = match first {
             Ok(Ok(Some((FromRuntime::Ready { .. }, _)))) => {
                 inst.init_ms = t0.elapsed().as_secs_f64() * 1000.0;
@@ -398,7 +443,7 @@ impl Instance {
             }
             Ok(Ok(None)) | Ok(Err(_)) => {
                 let detail = inst.exit_detail().await;
-                if detail.setup_failed {
+                if detail.setup_failed || matches!(how, ColdStart::Restore(_)) {
                     StartError::Platform(detail.text)
                 } else if inst.oom_killed() {
                     StartError::Init(
@@ -424,6 +469,33 @@ impl Instance {
         };
         inst.destroy().await;
         Err(failure)
+    }
+
+    /// Copies this instance's runtime, waiting in its checkpoint call at `context`, into the
+    /// pending snapshot.
+    async fn snapshot_into(
+        &self,
+        pending: &Arc<crate::snapshots::Pending>,
+        context: u64,
+    ) -> Result<(), String> {
+        let Proc::Spawned(child) = &self.proc else {
+            return Err("not a spawned sandbox".into());
+        };
+        let init = child.id().ok_or("the sandbox exited")?;
+        let pending = pending.clone();
+        tokio::task::spawn_blocking(move || {
+            // The runtime is the init's only child (pid 1 of the sandbox's pid namespace).
+            let path = format!("/proc/{init}/task/{init}/children");
+            let runtime: i32 = std::fs::read_to_string(&path)
+                .map_err(|e| format!("{path}: {e}"))?
+                .split_whitespace()
+                .next()
+                .and_then(|p| p.parse().ok())
+                .ok_or("the sandbox has no runtime process")?;
+            pending.capture(runtime, context)
+        })
+        .await
+        .map_err(|e| format!("snapshot task: {e}"))?
     }
 
     /// Runs one invocation. On `Err` the instance is broken and must be destroyed.

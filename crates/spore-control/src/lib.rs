@@ -12,6 +12,7 @@ pub mod dag;
 pub mod instance;
 pub mod logs;
 pub mod registry;
+pub mod snapshots;
 pub mod store;
 pub mod template;
 
@@ -24,7 +25,7 @@ use std::time::{Duration, Instant};
 use spore_core::{FunctionError, FunctionManifest, SandboxKind, StartKind};
 use tokio::sync::Notify;
 
-use crate::instance::{error_chain, Instance, InstanceEnv, StartError};
+use crate::instance::{error_chain, ColdStart, Instance, InstanceEnv, StartError};
 use crate::logs::LogRing;
 use crate::registry::{FunctionRecord, Registry, RegistryError};
 use crate::store::DataDirLock;
@@ -129,6 +130,9 @@ pub struct FunctionSpec {
 pub struct InvokeOptions {
     /// Serve from a fresh instance, bypassing the warm pool.
     pub force_cold: bool,
+    /// With `force_cold`: how the fresh instance starts (`Cold` = import from scratch,
+    /// `Restore` = from the function's snapshot, `Fork`); None = the function's default.
+    pub cold_path: Option<StartKind>,
 }
 
 /// The outcome of one invocation.
@@ -195,6 +199,8 @@ struct Inner {
     draining: AtomicBool,
     inflight: AtomicUsize,
     idle: Notify,
+    /// Snapshots of warm runtimes.
+    snapshots: Arc<snapshots::Snapshots>,
     /// Idle pre-wired DAG pipelines, by DAG.
     pipelines: Mutex<HashMap<String, Vec<dag::pipeline::Pipeline>>>,
     /// The gateway's base URL, for DAG hops over HTTP (set once it listens).
@@ -254,7 +260,7 @@ impl Control {
         }
         // The in-sandbox runtime files, rewritten at every start so that they match this binary.
         use std::os::unix::fs::PermissionsExt;
-        let runtime_files: [(&str, &[u8], u32); 6] = [
+        let runtime_files: [(&str, &[u8], u32); 7] = [
             (
                 "bootstrap.py",
                 spore_runtime::PYTHON_BOOTSTRAP.as_bytes(),
@@ -285,9 +291,19 @@ impl Control {
                 spore_ipc::PY_NATIVE_LIB,
                 0o755,
             ),
+            (
+                spore_runtime::CHECKPOINT_LIB_FILE,
+                spore_runtime::CHECKPOINT_LIB,
+                0o755,
+            ),
         ];
         for (name, bytes, mode) in runtime_files {
             let path = runtime_dir.join(name);
+            // Unchanged files keep their identity, so that snapshots (which map them and
+            // check their inode and mtime) survive a daemon restart.
+            if std::fs::read(&path).is_ok_and(|old| old == bytes) {
+                continue;
+            }
             store::write_atomic(&path, bytes)
                 .and_then(|()| {
                     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
@@ -340,8 +356,14 @@ impl Control {
         if let Err(why) = &env {
             warnings.push(format!("invocations are disabled: {why}"));
         }
+        let snapshots = snapshots::Snapshots::new(
+            cfg.data_dir.join("snapshots"),
+            spore_snapshot::image::Codec::Lz4,
+        )
+        .map_err(|e| io("creating the snapshots directory", e))?;
         let control = Control {
             inner: Arc::new(Inner {
+                snapshots: Arc::new(snapshots),
                 cfg,
                 env,
                 registry: Mutex::new(registry),
@@ -451,7 +473,22 @@ impl Control {
             .remove(name)?
             .ok_or_else(|| ControlError::NotFound(name.into()))?;
         self.retire_idle(name);
+        self.inner.snapshots.remove(name);
         Ok(rec)
+    }
+
+    /// Every stored snapshot.
+    pub fn list_snapshots(&self) -> Vec<snapshots::SnapshotInfo> {
+        self.inner.snapshots.list()
+    }
+
+    /// Removes a function's snapshots (the next init takes a new one if the function asks
+    /// for snapshots); returns how many were removed.
+    pub fn remove_snapshots(&self, name: &str) -> Result<usize, ControlError> {
+        match self.inner.snapshots.remove(name) {
+            0 => Err(ControlError::NotFound(format!("snapshot of {name}"))),
+            n => Ok(n),
+        }
     }
 
     /// One function's record.
@@ -595,7 +632,10 @@ impl Control {
             Slot::Warm(inst) => (*inst, StartKind::Warm),
             Slot::Cold => {
                 let first = instance::invoke_frame(&request_id, payload, rec.manifest.timeout_s);
-                match self.start_fresh(&env, &rec, log.clone(), Some(first)).await {
+                match self
+                    .start_fresh(&env, &rec, log.clone(), Some(first), opts.cold_path)
+                    .await
+                {
                     Ok(started) => started,
                     Err(e) => {
                         self.release_slot(&pool);
@@ -698,15 +738,47 @@ impl Control {
         rec: &FunctionRecord,
         log: Arc<LogRing>,
         first_invoke: Option<Vec<u8>>,
+        path: Option<StartKind>,
     ) -> Result<(Instance, StartKind), StartError> {
         let timeout = Duration::from_secs(u64::from(rec.manifest.timeout_s));
         let init_timeout = timeout.max(Duration::from_secs(10));
         match rec.manifest.sandbox {
             SandboxKind::Container => {
-                let code_dir = self.registry().code_dir(rec);
                 // A container's runtime reads its first frame only once ready: the caller
                 // sends it.
-                let inst = Instance::start(env, rec, code_dir, log, init_timeout).await?;
+                let code_dir = self.registry().code_dir(rec);
+                let (name, snaps) = (&rec.manifest.name, &self.inner.snapshots);
+                let restore = match path {
+                    Some(StartKind::Restore) => true,
+                    Some(_) => false,
+                    None => rec.manifest.snapshot,
+                };
+                if let Some(image) = snaps.current(name, rec.revision).filter(|_| restore) {
+                    let how = ColdStart::Restore(image.clone());
+                    match Instance::start(
+                        env,
+                        rec,
+                        code_dir.clone(),
+                        log.clone(),
+                        init_timeout,
+                        how,
+                    )
+                    .await
+                    {
+                        Ok(inst) => return Ok((inst, StartKind::Restore)),
+                        Err(e) => {
+                            // A refused or failed image never runs: start from scratch, and
+                            // take a new one.
+                            tracing::warn!(function = %name, "restore failed, starting from scratch: {e}");
+                            snaps.discard(&image);
+                        }
+                    }
+                }
+                let how = match snaps.begin(name, rec.revision) {
+                    Some(pending) if rec.manifest.snapshot => ColdStart::InitAndSnapshot(pending),
+                    _ => ColdStart::Init,
+                };
+                let inst = Instance::start(env, rec, code_dir, log, init_timeout, how).await?;
                 Ok((inst, StartKind::Cold))
             }
             SandboxKind::Cfork => {

@@ -144,6 +144,7 @@ impl Template {
             code_dir,
             uid: 0,
             template: Some((mapping, extra_env)),
+            how: crate::instance::ColdStart::Init,
         };
         let (cgroup, spawned) = spawn_sandbox(env, rec, launch, log, memory_mb, 2).await?;
         let (mut reader, writer) = spawned.sock.into_split();

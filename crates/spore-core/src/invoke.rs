@@ -15,15 +15,18 @@ pub enum StartKind {
     Cold,
     /// A fresh instance forked from the function's live cfork template.
     Fork,
+    /// A fresh instance restored from the function's snapshot.
+    Restore,
 }
 
 impl StartKind {
-    /// `warm`, `cold` or `fork`, as in the `X-Spore-Start` header.
+    /// `warm`, `cold`, `fork` or `restore`, as in the `X-Spore-Start` header.
     pub fn as_str(self) -> &'static str {
         match self {
             StartKind::Warm => "warm",
             StartKind::Cold => "cold",
             StartKind::Fork => "fork",
+            StartKind::Restore => "restore",
         }
     }
 }

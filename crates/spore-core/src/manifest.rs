@@ -134,6 +134,10 @@ pub struct FunctionManifest {
     pub environment: BTreeMap<String, String>,
     /// Most concurrent instances (None: the daemon's default).
     pub max_instances: Option<u32>,
+    /// Take a snapshot of the warm runtime at its first init and start later instances by
+    /// restoring it (Python container functions).
+    #[serde(default)]
+    pub snapshot: bool,
 }
 
 /// The manifest as written, before checking (every key but `name` and `handler` optional).
@@ -154,6 +158,8 @@ struct RawManifest {
     environment: BTreeMap<String, String>,
     #[serde(default)]
     max_instances: Option<i64>,
+    #[serde(default)]
+    snapshot: bool,
 }
 
 fn default_runtime() -> String {
@@ -182,6 +188,7 @@ impl FunctionManifest {
                 .max_instances
                 .map(|m| in_range("max_instances", m, &(1..=1024)))
                 .transpose()?,
+            snapshot: raw.snapshot,
         };
         manifest.validate()?;
         Ok(manifest)
@@ -193,6 +200,16 @@ impl FunctionManifest {
         validate_handler(&self.handler)?;
         in_range("memory_mb", i64::from(self.memory_mb), &MEMORY_MB_RANGE)?;
         in_range("timeout_s", i64::from(self.timeout_s), &TIMEOUT_S_RANGE)?;
+        if self.snapshot
+            && (self.runtime != Runtime::Python3 || self.sandbox != SandboxKind::Container)
+        {
+            return Err(ManifestError::Invalid {
+                key: "snapshot",
+                reason: "snapshots are implemented for python3 functions in container sandboxes \
+                         (cfork templates and Node.js are not snapshotted yet)"
+                    .into(),
+            });
+        }
         for key in self.environment.keys() {
             let ok = !key.is_empty()
                 && !key.as_bytes()[0].is_ascii_digit()

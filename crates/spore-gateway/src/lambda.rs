@@ -10,6 +10,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use spore_control::registry::FunctionRecord;
 use spore_control::{Control, ControlError, FunctionSpec, InvokeOptions};
+use spore_core::StartKind;
 use spore_core::{function_name_from_ref, FunctionManifest, SandboxKind};
 
 use crate::AppState;
@@ -19,6 +20,8 @@ const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STA
 pub const TAG_SANDBOX: &str = "spore:sandbox";
 /// Tag setting the most instances of a function.
 pub const TAG_MAX_INSTANCES: &str = "spore:max_instances";
+/// Tag turning snapshots on (`true`) for a function.
+pub const TAG_SNAPSHOT: &str = "spore:snapshot";
 
 /// An API error in Lambda's shape: status, `x-amzn-ErrorType`, `{"Type", "message"}`.
 #[derive(Debug)]
@@ -189,6 +192,9 @@ fn tags(rec: &FunctionRecord) -> BTreeMap<String, String> {
     if let Some(m) = rec.manifest.max_instances {
         t.insert(TAG_MAX_INSTANCES.to_owned(), m.to_string());
     }
+    if rec.manifest.snapshot {
+        t.insert(TAG_SNAPSHOT.to_owned(), "true".to_owned());
+    }
     t
 }
 
@@ -227,6 +233,15 @@ pub(crate) async fn create_function(
                 .and_then(|n| range_i64(TAG_MAX_INSTANCES, n, 1..=1024))
         })
         .transpose()?;
+    let snapshot = match req.tags.get(TAG_SNAPSHOT).map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(ApiError::invalid(format!(
+                "tag {TAG_SNAPSHOT} must be true or false, not {other:?}"
+            )))
+        }
+    };
     let manifest = FunctionManifest {
         name: req.function_name,
         runtime: runtime
@@ -246,6 +261,7 @@ pub(crate) async fn create_function(
         sandbox,
         environment: req.environment.unwrap_or_default().variables,
         max_instances,
+        snapshot,
     };
     let spec = FunctionSpec {
         manifest,
@@ -381,12 +397,16 @@ pub(crate) async fn invoke(
             )))
         }
     };
-    let force_cold = match header(&headers, "x-spore-cold") {
-        None | Some("0" | "false" | "") => false,
-        Some("1" | "true") => true,
+    let (force_cold, cold_path) = match header(&headers, "x-spore-cold") {
+        None | Some("0" | "false" | "") => (false, None),
+        Some("1" | "true") => (true, None),
+        Some("init") => (true, Some(StartKind::Cold)),
+        Some("fork") => (true, Some(StartKind::Fork)),
+        Some("restore") => (true, Some(StartKind::Restore)),
         Some(other) => {
             return Err(ApiError::invalid(format!(
-                "X-Spore-Cold {other:?} must be 1 or 0"
+                "X-Spore-Cold {other:?} must be 0, 1 (the function's default start), init, fork \
+                 or restore"
             )))
         }
     };
@@ -407,7 +427,14 @@ pub(crate) async fn invoke(
         "RequestResponse" => {
             let inv = st
                 .control
-                .invoke(&name, &body, InvokeOptions { force_cold })
+                .invoke(
+                    &name,
+                    &body,
+                    InvokeOptions {
+                        force_cold,
+                        cold_path,
+                    },
+                )
                 .await?;
             let (body, failed) = match inv.outcome {
                 Ok(bytes) => (bytes, false),

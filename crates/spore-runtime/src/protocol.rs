@@ -116,6 +116,13 @@ pub enum FromRuntime {
         #[serde(default)]
         phases: Vec<(String, u64)>,
     },
+    /// The runtime waits inside `spore_checkpoint` (native/checkpoint.rs) for the daemon to
+    /// copy it into a snapshot; the daemon answers with one raw status byte (0 = taken), not
+    /// a frame, and the runtime then goes on to `ready`.
+    Checkpoint {
+        /// Address of the context record in the runtime.
+        context: u64,
+    },
     /// Importing the handler failed; the runtime exits after sending this.
     InitError {
         /// What failed.

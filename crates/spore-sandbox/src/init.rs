@@ -162,6 +162,18 @@ type Handshake = (std::os::fd::OwnedFd, std::os::fd::OwnedFd);
 
 fn child_main(spec: &SandboxSpec, handshake: Option<Handshake>) -> Result<Infallible, InitError> {
     prctl::set_pdeathsig(Signal::SIGKILL).step(|| "setting the parent-death signal".into())?;
+    // A snapshot is read from the host's file system, before the rootfs hides it.
+    let image = match &spec.restore {
+        Some(path) => {
+            match spore_snapshot::image::Image::open(path)
+                .and_then(|mut image| image.move_fd_above(64).map(|()| image))
+            {
+                Ok(image) => Some(image),
+                Err(e) => restore_failed(&e),
+            }
+        }
+        None => None,
+    };
     build_rootfs(spec)?;
     sethostname(&spec.id).step(|| "setting the hostname".into())?;
     loopback_up()?;
@@ -200,6 +212,16 @@ fn child_main(spec: &SandboxSpec, handshake: Option<Handshake>) -> Result<Infall
         seccompiler::apply_filter(filter).step(|| "installing the seccomp filter".into())?;
     }
     chdir(spec.cwd.as_str()).step(|| format!("chdir {}", spec.cwd))?;
+    if let Some(image) = image {
+        let opts = spore_snapshot::restore::RestoreOptions {
+            mode: spore_snapshot::restore::MemoryMode::Full,
+            keep_fds: vec![0, 1, 2, spec.control_fd],
+        };
+        match spore_snapshot::restore::restore(&image, &opts) {
+            Ok(never) => match never {},
+            Err(e) => restore_failed(&e),
+        }
+    }
     let cstr = |s: &str| CString::new(s).step(|| format!("{s:?} has a NUL byte"));
     let argv = spec
         .argv
@@ -216,6 +238,11 @@ fn child_main(spec: &SandboxSpec, handshake: Option<Handshake>) -> Result<Infall
         .ok_or_else(|| std::io::Error::other("empty argv"))
         .step(|| "starting the runtime".into())?;
     execve(prog, &argv, &env).step(|| format!("exec {}", spec.argv[0]))
+}
+
+fn restore_failed(e: &spore_snapshot::SnapshotError) -> ! {
+    eprintln!("spore restore failed: {e}");
+    std::process::exit(crate::RESTORE_FAILED_EXIT)
 }
 
 fn mount_err(what: &str, target: &Path) -> impl FnOnce() -> String {

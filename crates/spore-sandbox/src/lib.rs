@@ -35,6 +35,9 @@ pub const INIT_SUBCOMMAND: &str = "__sandbox-init";
 pub const SPEC_ENV: &str = "SPORE_SANDBOX_SPEC";
 /// Exit status of the init when setting up the sandbox failed (before the runtime ran).
 pub const SETUP_FAILED_EXIT: i32 = 125;
+/// Exit status of a sandbox whose snapshot restore failed (the reason is on stderr); the
+/// daemon then starts the function from scratch.
+pub const RESTORE_FAILED_EXIT: i32 = 123;
 
 /// Errors from preparing or checking sandboxes on the host.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +108,11 @@ pub struct SandboxSpec {
     /// operations (the child installs the full one).
     #[serde(default)]
     pub user_namespace: Option<IdMapping>,
+    /// Restore this snapshot image (a host path, opened before the rootfs is built) instead
+    /// of executing `argv`: the sandbox is built the same way, then its pid 1 becomes the
+    /// snapshotted runtime.
+    #[serde(default)]
+    pub restore: Option<PathBuf>,
 }
 
 /// A user-namespace id mapping: ids `0..count` inside are `host_base..host_base+count` outside.
@@ -224,6 +232,7 @@ mod tests {
             max_open_files: 1024,
             control_fd: 3,
             user_namespace: None,
+            restore: None,
         }
     }
 

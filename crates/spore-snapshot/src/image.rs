@@ -500,6 +500,23 @@ impl Image {
         })
     }
 
+    /// Moves the image's descriptor to the lowest free number >= `min` (close-on-exec), out of
+    /// the way of descriptors a sandbox set-up places at fixed numbers.
+    pub fn move_fd_above(&mut self, min: i32) -> Result<(), SnapshotError> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        // SAFETY: F_DUPFD_CLOEXEC duplicates a descriptor this Image owns.
+        let fd = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) };
+        if fd < 0 {
+            return Err(SnapshotError::io(
+                &self.path,
+                std::io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: `fd` is a fresh descriptor owned by nobody else; the old one closes on drop.
+        self.file = unsafe { File::from_raw_fd(fd) };
+        Ok(())
+    }
+
     /// The open file (for readers that place data straight into memory).
     pub fn file(&self) -> &File {
         &self.file

@@ -108,6 +108,9 @@ impl Client {
         if let Some(mx) = m.max_instances {
             tags.insert("spore:max_instances".into(), mx.to_string().into());
         }
+        if m.snapshot {
+            tags.insert("spore:snapshot".into(), "true".into());
+        }
         let create = serde_json::json!({
             "FunctionName": m.name, "Runtime": m.runtime.as_str(), "Handler": m.handler,
             "MemorySize": m.memory_mb, "Timeout": m.timeout_s, "Code": { "ZipFile": b64 },

@@ -521,6 +521,18 @@ pub(crate) async fn logs(
     Ok(axum::Json(serde_json::json!({ "lines": lines })).into_response())
 }
 
+pub(crate) async fn list_snapshots(State(st): State<AppState>) -> Response {
+    axum::Json(serde_json::json!({ "Snapshots": st.control.list_snapshots() })).into_response()
+}
+
+pub(crate) async fn delete_snapshots(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    st.control.remove_snapshots(function_name_from_ref(&name))?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
 pub(crate) async fn metrics(State(st): State<AppState>) -> Response {
     match &st.metrics {
         Some(h) => ([("content-type", "text/plain; version=0.0.4")], h.render()).into_response(),

@@ -11,6 +11,8 @@
 //! | PUT | `/2015-03-31/functions/{name}/code` | UpdateFunctionCode |
 //! | POST | `/2015-03-31/functions/{name}/invocations` | Invoke |
 //! | GET | `/spore/v1/functions/{name}/logs?lines=N` | (Spore) recent log lines |
+//! | GET | `/spore/v1/snapshots` | (Spore) stored runtime snapshots |
+//! | DELETE | `/spore/v1/snapshots/{name}` | (Spore) remove a function's snapshots |
 //! | GET | `/metrics`, `/healthz` | (Spore) Prometheus text, liveness |
 #![forbid(unsafe_code)]
 
@@ -79,6 +81,11 @@ pub fn router(control: Control, metrics: Option<PrometheusHandle>) -> Router {
         )
         .route(&format!("{api}/{{name}}/invocations"), post(lambda::invoke))
         .route("/spore/v1/functions/{name}/logs", get(lambda::logs))
+        .route("/spore/v1/snapshots", get(lambda::list_snapshots))
+        .route(
+            "/spore/v1/snapshots/{name}",
+            axum::routing::delete(lambda::delete_snapshots),
+        )
         .route("/dags", post(dag::put_dag).get(dag::list_dags))
         .route("/dags/{name}", get(dag::get_dag).delete(dag::delete_dag))
         .route("/dags/{name}/invocations", post(dag::invoke_dag))

@@ -157,13 +157,24 @@ impl Client {
 
     /// Invokes a function synchronously.
     pub fn invoke(&self, name: &str, payload: Vec<u8>, cold: bool) -> Result<InvokeAnswer> {
+        self.invoke_with(name, payload, cold.then_some("1"))
+    }
+
+    /// Invokes a function synchronously; `cold` is the `X-Spore-Cold` value (`1`, `init`,
+    /// `fork`, `restore`), if any.
+    pub fn invoke_with(
+        &self,
+        name: &str,
+        payload: Vec<u8>,
+        cold: Option<&str>,
+    ) -> Result<InvokeAnswer> {
         let mut req = self
             .http
             .post(self.url(&format!("/2015-03-31/functions/{name}/invocations")))
             .header("X-Amz-Log-Type", "Tail")
             .body(payload);
-        if cold {
-            req = req.header("X-Spore-Cold", "1");
+        if let Some(cold) = cold {
+            req = req.header("X-Spore-Cold", cold);
         }
         let resp = Self::check(self.send(req)?)?;
         let h = |n: &str| {
@@ -192,6 +203,13 @@ impl Client {
             duration_ms,
             log,
         })
+    }
+
+    /// Removes a function's snapshots.
+    pub fn delete_snapshot(&self, name: &str) -> Result<()> {
+        let url = self.url(&format!("/spore/v1/snapshots/{name}"));
+        Self::check(self.send(self.http.delete(url))?)?;
+        Ok(())
     }
 
     /// Deploys a DAG file (TOML).

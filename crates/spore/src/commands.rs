@@ -142,12 +142,12 @@ pub fn invoke(
     endpoint: &str,
     name: &str,
     payload: &str,
-    cold: bool,
+    cold: Option<&str>,
     log: bool,
     verbose: bool,
 ) -> Result<ExitCode> {
     let client = Client::new(endpoint)?;
-    let ans = client.invoke(name, read_payload(payload)?, cold)?;
+    let ans = client.invoke_with(name, read_payload(payload)?, cold)?;
     if verbose {
         eprintln!(
             "start={} init_ms={:.2} duration_ms={:.2}",
@@ -165,6 +165,126 @@ pub fn invoke(
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// `spore snapshot ...`.
+pub fn snapshot(endpoint: &str, which: crate::SnapshotCommand) -> Result<ExitCode> {
+    use crate::SnapshotCommand as S;
+    match which {
+        S::Ls => {
+            let list = Client::new(endpoint)?.get_json("/spore/v1/snapshots")?;
+            println!(
+                "{:<20} {:>4} {:>9} {:>9} {:>9} {:>6} {:<8} STATE",
+                "FUNCTION", "REV", "FILE", "MAPPED", "STORED", "ZERO", "CODEC"
+            );
+            let mib = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0) / 1048576.0;
+            for s in list["Snapshots"].as_array().cloned().unwrap_or_default() {
+                println!(
+                    "{:<20} {:>4} {:>7.1}Mi {:>7.1}Mi {:>7.1}Mi {:>6} {:<8} {}",
+                    s["function"].as_str().unwrap_or("?"),
+                    s["revision"],
+                    mib(&s["file_bytes"]),
+                    mib(&s["mapped_bytes"]),
+                    s["stored_pages"].as_f64().unwrap_or(0.0) * 4096.0 / 1048576.0,
+                    s["zero_pages"],
+                    s["codec"].as_str().unwrap_or(""),
+                    s["error"].as_str().unwrap_or("ok"),
+                );
+            }
+        }
+        S::Inspect { target } => {
+            let path = if target.exists() {
+                target
+            } else {
+                let list = Client::new(endpoint)?.get_json("/spore/v1/snapshots")?;
+                let name = target.to_string_lossy();
+                let found = list["Snapshots"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .rfind(|s| s["function"] == *name)
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("no file and no snapshot of a function named {name}")
+                    })?;
+                PathBuf::from(found["path"].as_str().unwrap_or_default())
+            };
+            inspect_snapshot(&path)?;
+        }
+        S::Rm { name } => {
+            Client::new(endpoint)?.delete_snapshot(&name)?;
+            println!("removed the snapshots of {name}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn inspect_snapshot(path: &Path) -> Result<()> {
+    use spore_snapshot::image::{Image, RegionKind};
+    let img = Image::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let m = &img.meta;
+    let stored = m.stored_pages() * 4096;
+    println!(
+        "{}: function {:?}, codec {}",
+        path.display(),
+        m.function,
+        m.codec
+    );
+    println!(
+        "  file {:.2} MiB; {} regions mapping {:.1} MiB; {:.2} MiB of pages stored ({:.1}x smaller on disk), {} zero pages elided",
+        img.file_size as f64 / 1048576.0,
+        m.regions.len(),
+        m.mapped_bytes() as f64 / 1048576.0,
+        stored as f64 / 1048576.0,
+        stored as f64 / img.file_size.max(1) as f64,
+        m.zero_pages()
+    );
+    println!(
+        "  {} page runs, {} partitions; descriptors {:?}",
+        m.runs.len(),
+        m.partitions.len(),
+        m.fds
+            .iter()
+            .map(|f| format!("{}={}", f.fd, f.target))
+            .collect::<Vec<_>>()
+    );
+    println!("  {:<33} {:<4} {:>8}  BACKING", "RANGE", "PROT", "STORED");
+    for r in &m.regions {
+        let pages: u64 = m
+            .runs
+            .iter()
+            .filter(|run| !run.zero && run.addr >= r.start && run.addr < r.end)
+            .map(|run| run.pages)
+            .sum();
+        let prot = format!(
+            "{}{}{}",
+            if r.prot & 1 != 0 { 'r' } else { '-' },
+            if r.prot & 2 != 0 { 'w' } else { '-' },
+            if r.prot & 4 != 0 { 'x' } else { '-' }
+        );
+        let backing = match &r.kind {
+            RegionKind::Anon { name } if name.is_empty() => "anonymous".to_owned(),
+            RegionKind::Anon { name } => name.clone(),
+            RegionKind::File {
+                path,
+                offset,
+                shared,
+                ..
+            } => format!(
+                "{}{} @{offset:#x}",
+                path.display(),
+                if *shared { " (shared)" } else { "" }
+            ),
+            RegionKind::Special { name } => name.clone(),
+        };
+        println!(
+            "  {:#016x}-{:#016x} {prot:<4} {:>6}KiB  {backing}",
+            r.start,
+            r.end,
+            pages * 4
+        );
+    }
+    Ok(())
 }
 
 /// `spore dag ...`.

@@ -44,9 +44,10 @@ enum Command {
         /// Event JSON, or @FILE to read it from a file.
         #[arg(long, short, default_value = "{}")]
         payload: String,
-        /// Serve from a fresh instance, bypassing the warm pool (to measure cold starts).
-        #[arg(long)]
-        cold: bool,
+        /// Serve from a fresh instance, bypassing the warm pool (to measure cold starts):
+        /// `--cold` takes the function's default start, `--cold init|fork|restore` that one.
+        #[arg(long, num_args = 0..=1, default_missing_value = "1", value_name = "HOW")]
+        cold: Option<String>,
         /// Print the invocation's log block to stderr.
         #[arg(long)]
         log: bool,
@@ -69,6 +70,11 @@ enum Command {
         #[arg(long, short = 'n', default_value_t = 100)]
         lines: usize,
     },
+    /// List, inspect and remove snapshots of warm runtimes.
+    Snapshot {
+        #[command(subcommand)]
+        which: SnapshotCommand,
+    },
     /// Deploy, list, remove and invoke function DAGs.
     Dag {
         #[command(subcommand)]
@@ -85,6 +91,23 @@ enum Command {
     /// (internal) The sandbox init, run by the daemon.
     #[command(name = "__sandbox-init", hide = true)]
     SandboxInit,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum SnapshotCommand {
+    /// List stored snapshots.
+    Ls,
+    /// Describe a snapshot: regions, page counts, partitions (a function name or an image
+    /// file).
+    Inspect {
+        /// Function name or image path.
+        target: PathBuf,
+    },
+    /// Remove a function's snapshots (the next init takes a new one).
+    Rm {
+        /// Function name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -258,11 +281,19 @@ fn main() -> ExitCode {
             cold,
             log,
             verbose,
-        } => commands::invoke(&cli.endpoint, &name, &payload, cold, log, verbose),
+        } => commands::invoke(
+            &cli.endpoint,
+            &name,
+            &payload,
+            cold.as_deref(),
+            log,
+            verbose,
+        ),
         Command::Ls => commands::ls(&cli.endpoint),
         Command::Rm { name } => commands::rm(&cli.endpoint, &name),
         Command::Logs { name, lines } => commands::logs(&cli.endpoint, &name, lines),
         Command::Dag { which } => commands::dag(&cli.endpoint, which),
+        Command::Snapshot { which } => commands::snapshot(&cli.endpoint, which),
         Command::Demo(args) => commands::demo(&cli.endpoint, args),
         Command::Bench { which } => commands::bench(&cli.endpoint, which),
         Command::SandboxInit => unreachable!("handled above"),

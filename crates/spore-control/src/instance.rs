@@ -314,6 +314,15 @@ fn spawn_in(
         user_namespace: None,
         restore: None,
     };
+    if rec.manifest.snapshot {
+        // A runtime is snapshotted single-threaded: keep numerical libraries from starting
+        // thread pools at import (unless the function sets these itself).
+        for key in ["OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"] {
+            if !spec.env.iter().any(|(k, _)| k == key) {
+                spec.env.push((key.into(), "1".into()));
+            }
+        }
+    }
     match how {
         ColdStart::Init => {}
         ColdStart::InitAndSnapshot(_) => spec.env.push(("SPORE_CHECKPOINT".into(), "1".into())),

@@ -1,5 +1,8 @@
 //! Template snapshots at the process level: a Python runtime checkpoints itself, the image is
-//! restored by `spore __restore` in fresh processes, and the restored runtimes carry on.
+//! restored by `spore __restore` in fresh processes, and the restored runtimes carry on; and
+//! the same through the daemon (`snapshot = true` functions, `X-Spore-Cold: restore`).
+
+mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -235,4 +238,144 @@ fn damaged_or_stale_images_are_refused_with_the_reason() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("changed since the snapshot"), "{err}");
+}
+
+fn invoke_start(d: &common::Daemon, name: &str, how: &str, payload: &Value) -> (String, Value) {
+    let r = d.invoke_raw(
+        name,
+        payload.to_string().as_bytes(),
+        &[("X-Spore-Cold", how)],
+    );
+    assert_eq!(r.status(), 200, "invoke {name}");
+    assert!(
+        r.headers().get("x-amz-function-error").is_none(),
+        "{name} failed"
+    );
+    let start = r.headers()["x-spore-start"].to_str().unwrap().to_owned();
+    (start, r.json().unwrap())
+}
+
+fn snapshots(d: &common::Daemon) -> Vec<Value> {
+    d.get_json("/spore/v1/snapshots")["Snapshots"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[test]
+fn daemon_restores_snapshotted_functions_isolated_and_falls_back_when_refused() {
+    if !common::can_sandbox(
+        "daemon_restores_snapshotted_functions_isolated_and_falls_back_when_refused",
+    ) {
+        return;
+    }
+    let mut d = common::Daemon::start();
+    d.deploy_snapshotted(&common::fixture("rng"), "rng");
+    let (start, first) = invoke_start(&d, "rng", "1", &serde_json::json!({}));
+    assert_eq!(start, "cold", "the first start imports (and snapshots)");
+    let listed = snapshots(&d);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["function"], "rng");
+    assert!(listed[0]["error"].is_null(), "{listed:?}");
+    let mut seen = vec![first["random"].clone()];
+    for _ in 0..3 {
+        let (start, v) = invoke_start(&d, "rng", "1", &serde_json::json!({}));
+        assert_eq!(start, "restore");
+        assert_eq!(v["pid"], 1, "pid 1 of its own pid namespace: {v}");
+        assert_eq!(v["threads"], 1, "{v}");
+        assert_eq!(
+            v["fds"], first["fds"],
+            "the same descriptors as an init: {v}"
+        );
+        assert_ne!(v["uid"], 0, "unprivileged: {v}");
+        assert!(
+            !seen.contains(&v["random"]),
+            "restores share random state: {v}"
+        );
+        seen.push(v["random"].clone());
+    }
+    // X-Spore-Cold: init still imports.
+    assert_eq!(
+        invoke_start(&d, "rng", "init", &serde_json::json!({})).0,
+        "cold"
+    );
+
+    // A restored instance is as contained as any other.
+    d.deploy_snapshotted(&common::fixture("probe"), "probe");
+    d.deploy_snapshotted(&common::fixture("hog"), "hog");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let ev = serde_json::json!({ "port": port });
+    invoke_start(&d, "probe", "1", &ev);
+    let (start, v) = invoke_start(&d, "probe", "restore", &ev);
+    assert_eq!(start, "restore");
+    for path in ["/root", "/var/lib/spore", "/etc/shadow"] {
+        assert_ne!(v[path], "READABLE", "{path}: {v}");
+    }
+    assert_eq!(v["pids"], serde_json::json!([1]), "{v}");
+    assert_eq!(v["tcp"], "ConnectionRefusedError", "{v}");
+    for call in ["mount", "ptrace", "unshare"] {
+        assert_eq!(v[call], serde_json::json!([-1, 1]), "{call}: {v}");
+    }
+    let r = d.invoke_raw("hog", b"{}", &[("X-Spore-Cold", "1")]);
+    assert_eq!(r.headers()["x-spore-start"], "cold");
+    let r = d.invoke_raw("hog", b"{}", &[("X-Spore-Cold", "restore")]);
+    assert_eq!(r.headers()["x-spore-start"], "restore");
+    let v: Value = r.json().unwrap();
+    assert_eq!(v["errorType"], "Runtime.OutOfMemory", "{v}");
+    drop(listener);
+
+    // A damaged image is refused: the start falls back to an init, which takes a new one.
+    let path = PathBuf::from(
+        snapshots(&d)
+            .into_iter()
+            .find(|s| s["function"] == "rng")
+            .unwrap()["path"]
+            .as_str()
+            .unwrap(),
+    );
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[4096 + 64] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    let (start, _) = invoke_start(&d, "rng", "restore", &serde_json::json!({}));
+    assert_eq!(start, "cold", "a corrupt image never runs");
+    assert!(d.log_text().contains("checksum"), "the refusal is logged");
+    assert_eq!(
+        invoke_start(&d, "rng", "restore", &serde_json::json!({})).0,
+        "restore"
+    );
+
+    // A redeploy never restores the old code; removing the function removes its images.
+    let zip = spore_control::code::zip_dir(&common::fixture("echo")).unwrap();
+    use base64::Engine as _;
+    let body = serde_json::json!({
+        "ZipFile": base64::engine::general_purpose::STANDARD.encode(zip)
+    });
+    let r = d
+        .http
+        .put(d.url("/2015-03-31/functions/rng/code"))
+        .json(&body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (start, _) = invoke_start(&d, "rng", "restore", &serde_json::json!({"k": 1}));
+    assert_eq!(start, "cold");
+    let (start, v) = invoke_start(&d, "rng", "restore", &serde_json::json!({"k": 1}));
+    assert_eq!(start, "restore");
+    assert_eq!(v["event"]["k"], 1, "the new code runs: {v}");
+    assert_eq!(
+        snapshots(&d)
+            .iter()
+            .filter(|s| s["function"] == "rng")
+            .count(),
+        1
+    );
+    let r = d
+        .http
+        .delete(d.url("/2015-03-31/functions/rng"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert!(!snapshots(&d).iter().any(|s| s["function"] == "rng"));
+    d.stop();
 }

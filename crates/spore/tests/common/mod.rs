@@ -213,6 +213,9 @@ impl Daemon {
         if let Some(max) = m.max_instances {
             body["Tags"]["spore:max_instances"] = max.to_string().into();
         }
+        if m.snapshot {
+            body["Tags"]["spore:snapshot"] = "true".into();
+        }
         self.http
             .post(self.url("/2015-03-31/functions"))
             .json(&body)
@@ -222,6 +225,22 @@ impl Daemon {
 
     pub fn deploy(&self, dir: &Path) {
         let r = self.create(dir);
+        assert_eq!(r.status(), 201, "create failed: {}", r.text().unwrap());
+    }
+
+    /// Deploys the folder as a function named `name` that snapshots its runtime.
+    pub fn deploy_snapshotted(&self, dir: &Path, name: &str) {
+        let tmp = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_file() {
+                std::fs::copy(entry.path(), tmp.path().join(entry.file_name())).unwrap();
+            }
+        }
+        let manifest = tmp.path().join("spore.toml");
+        let text = std::fs::read_to_string(&manifest).unwrap();
+        std::fs::write(&manifest, format!("{text}\nsnapshot = true\n")).unwrap();
+        let r = self.create_as(tmp.path(), Some(name), None);
         assert_eq!(r.status(), 201, "create failed: {}", r.text().unwrap());
     }
 

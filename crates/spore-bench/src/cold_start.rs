@@ -59,11 +59,22 @@ pub fn invoke(
     payload: &[u8],
     cold: bool,
 ) -> Result<Sample, BenchError> {
+    invoke_with(client, endpoint, function, payload, cold.then_some("1"))
+}
+
+/// Invokes `function` once with `X-Spore-Cold: <cold>` if given; checks that it succeeded.
+pub fn invoke_with(
+    client: &reqwest::blocking::Client,
+    endpoint: &str,
+    function: &str,
+    payload: &[u8],
+    cold: Option<&str>,
+) -> Result<Sample, BenchError> {
     let url = format!("{endpoint}/2015-03-31/functions/{function}/invocations");
     let t0 = Instant::now();
     let mut req = client.post(&url).body(payload.to_vec());
-    if cold {
-        req = req.header("X-Spore-Cold", "1");
+    if let Some(cold) = cold {
+        req = req.header("X-Spore-Cold", cold);
     }
     let resp = req.send().map_err(|e| BenchError::Http(e.to_string()))?;
     let status = resp.status();

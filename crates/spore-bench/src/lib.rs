@@ -10,6 +10,7 @@ pub mod density;
 pub mod functionbench;
 pub mod ipc;
 pub mod plot;
+pub mod snapshot;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};

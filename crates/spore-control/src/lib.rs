@@ -97,6 +97,10 @@ pub struct ControlConfig {
     pub tmp_mb: u32,
     /// Most live cfork templates (least recently used ones are stopped beyond it).
     pub max_templates: usize,
+    /// How snapshot images store their pages. Raw by default: on these machines reading
+    /// raw pages from the page cache restores faster than decompressing lz4 or zstd
+    /// (docs/benchmarks.md, snapshots).
+    pub snapshot_codec: spore_snapshot::image::Codec,
 }
 
 impl ControlConfig {
@@ -112,6 +116,7 @@ impl ControlConfig {
             pids_max: 64,
             tmp_mb: 64,
             max_templates: 16,
+            snapshot_codec: spore_snapshot::image::Codec::None,
         }
     }
 }
@@ -356,11 +361,9 @@ impl Control {
         if let Err(why) = &env {
             warnings.push(format!("invocations are disabled: {why}"));
         }
-        let snapshots = snapshots::Snapshots::new(
-            cfg.data_dir.join("snapshots"),
-            spore_snapshot::image::Codec::Lz4,
-        )
-        .map_err(|e| io("creating the snapshots directory", e))?;
+        let snapshots =
+            snapshots::Snapshots::new(cfg.data_dir.join("snapshots"), cfg.snapshot_codec)
+                .map_err(|e| io("creating the snapshots directory", e))?;
         let control = Control {
             inner: Arc::new(Inner {
                 snapshots: Arc::new(snapshots),

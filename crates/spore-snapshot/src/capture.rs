@@ -197,6 +197,7 @@ pub fn capture(
     let mut stream: Vec<u8> = Vec::new();
     let mut private_bytes = 0;
     let mut buf = Vec::new();
+    let mut file_resident: Vec<(u64, u64)> = Vec::new();
     for m in &maps {
         let Some(region) = region_of(pid, m)? else {
             continue;
@@ -204,10 +205,24 @@ pub fn capture(
         let file_backed = matches!(region.kind, RegionKind::File { .. });
         let special = matches!(region.kind, RegionKind::Special { .. });
         regions.push(region);
-        if special || m.shared || !m.read {
+        if special || !m.read {
             continue;
         }
         let entries = pagemap.entries(m.start, m.end)?;
+        if file_backed {
+            for (i, e) in entries.iter().enumerate() {
+                if e & PM_PRESENT != 0 && e & PM_FILE != 0 {
+                    let addr = m.start + i as u64 * PAGE;
+                    match file_resident.last_mut() {
+                        Some((a, n)) if *a + *n * PAGE == addr && *a >= m.start => *n += 1,
+                        _ => file_resident.push((addr, 1)),
+                    }
+                }
+            }
+        }
+        if m.shared {
+            continue;
+        }
         let keep = |e: u64| {
             if file_backed {
                 (e & PM_PRESENT != 0 && e & PM_FILE == 0) || e & PM_SWAPPED != 0
@@ -274,6 +289,7 @@ pub fn capture(
         codec: opts.codec,
         partitions: Vec::new(),
         fds,
+        file_resident,
     };
     let meta = image::write(path, meta, &stream, opts.partition_pages, opts.threads)?;
     let file_bytes = std::fs::metadata(path)

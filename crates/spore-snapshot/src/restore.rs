@@ -68,6 +68,9 @@ pub struct RestoreOptions {
 const PR_SET_MM: libc::c_int = 35;
 const PR_SET_MM_MAP: libc::c_ulong = 14;
 const MAP_FIXED_NOREPLACE: libc::c_int = 0x10_0000;
+const MADV_POPULATE_READ: libc::c_int = 22;
+/// Most threads installing partitions at once.
+const INSTALL_THREADS: usize = 4;
 const RSEQ_FLAG_UNREGISTER: libc::c_int = 1;
 const RSEQ_SIG: u32 = 0x5305_3053;
 const RSEQ_KERNEL_LEN: u32 = 32;
@@ -338,13 +341,12 @@ fn install_all(image: &Image) -> Result<(), SnapshotError> {
             unsafe { std::ptr::write_bytes(run.addr as *mut u8, 0, (run.pages * PAGE) as usize) };
         }
     }
+    // The pieces of stored runs inside each partition: (address, first stream page, pages).
     let stored: Vec<_> = meta.runs.iter().filter(|r| !r.zero).collect();
-    let mut scratch = Vec::new();
-    let mut unpacked = Vec::new();
+    let mut plan: Vec<Vec<(u64, u64, u64)>> = Vec::with_capacity(meta.partitions.len());
     let mut k = 0; // first stored run that may overlap the partition
-    for (i, p) in meta.partitions.iter().enumerate() {
+    for p in &meta.partitions {
         let (p_first, p_end) = (p.first, p.first + p.pages);
-        // The pieces of runs inside this partition: (address, first stream page, pages).
         let mut pieces = Vec::new();
         while k < stored.len() && stored[k].first + stored[k].pages <= p_first {
             k += 1;
@@ -357,41 +359,103 @@ fn install_all(image: &Image) -> Result<(), SnapshotError> {
             pieces.push((r.addr + (s - r.first) * PAGE, s, e - s));
             j += 1;
         }
-        if meta.codec == Codec::None {
-            // Read straight into place, then check the bytes where they landed.
-            let mut hasher = crc32fast::Hasher::new();
-            for &(addr, first, pages) in &pieces {
-                let len = (pages * PAGE) as usize;
-                // SAFETY: [addr, addr+len) lies inside a region mapped writable above and is
-                // not aliased by any Rust reference.
-                let dst = unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, len) };
-                image
-                    .file()
-                    .read_exact_at(dst, p.offset + (first - p_first) * PAGE)
-                    .map_err(|e| SnapshotError::io(&image.path, e))?;
-                hasher.update(dst);
-            }
-            if hasher.finalize() != p.crc {
-                return Err(SnapshotError::Checksum(format!("partition {i}")));
-            }
-        } else {
-            unpacked.resize((p.pages * PAGE) as usize, 0);
-            image.read_partition(i, &mut scratch, &mut unpacked)?;
-            for &(addr, first, pages) in &pieces {
-                let off = ((first - p_first) * PAGE) as usize;
-                let len = (pages * PAGE) as usize;
-                // SAFETY: as above; the source is a separate heap buffer.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        unpacked[off..off + len].as_ptr(),
-                        addr as *mut u8,
-                        len,
-                    )
-                };
-            }
+        plan.push(pieces);
+    }
+    // Partitions are independent: up to `INSTALL_THREADS` threads read, check and
+    // decompress them side by side into disjoint destinations. The threads have exited
+    // when the scope ends, before anything per-thread (rseq, the thread pointer) is touched.
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(INSTALL_THREADS)
+        .min(plan.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let work = || -> Result<(), SnapshotError> {
+        let mut scratch = Vec::new();
+        let mut unpacked = Vec::new();
+        loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some(pieces) = plan.get(i) else {
+                return Ok(());
+            };
+            install_partition(image, i, pieces, &mut scratch, &mut unpacked)?;
         }
+    };
+    if threads <= 1 {
+        return work();
+    }
+    std::thread::scope(|s| {
+        let helpers: Vec<_> = (1..threads).map(|_| s.spawn(work)).collect();
+        let mine = work();
+        helpers
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(SnapshotError::Restore("an install thread panicked".into()))
+                })
+            })
+            .chain(std::iter::once(mine))
+            .collect::<Result<Vec<()>, _>>()
+            .map(|_| ())
+    })
+}
+
+/// Installs partition `i`, whose pages go to `pieces` (address, first stream page, pages).
+fn install_partition(
+    image: &Image,
+    i: usize,
+    pieces: &[(u64, u64, u64)],
+    scratch: &mut Vec<u8>,
+    unpacked: &mut Vec<u8>,
+) -> Result<(), SnapshotError> {
+    let p = image.meta.partitions[i];
+    if image.meta.codec == Codec::None {
+        // Read straight into place, then check the bytes where they landed.
+        let mut hasher = crc32fast::Hasher::new();
+        for &(addr, first, pages) in pieces {
+            let len = (pages * PAGE) as usize;
+            // SAFETY: [addr, addr+len) lies inside a region mapped writable above, belongs to
+            // this partition only (so no other thread writes it), and no Rust reference
+            // aliases it.
+            let dst = unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, len) };
+            image
+                .file()
+                .read_exact_at(dst, p.offset + (first - p.first) * PAGE)
+                .map_err(|e| SnapshotError::io(&image.path, e))?;
+            hasher.update(dst);
+        }
+        if hasher.finalize() != p.crc {
+            return Err(SnapshotError::Checksum(format!("partition {i}")));
+        }
+        return Ok(());
+    }
+    unpacked.resize((p.pages * PAGE) as usize, 0);
+    image.read_partition(i, scratch, unpacked)?;
+    for &(addr, first, pages) in pieces {
+        let off = ((first - p.first) * PAGE) as usize;
+        let len = (pages * PAGE) as usize;
+        // SAFETY: as above; the source is this thread's own buffer.
+        unsafe {
+            std::ptr::copy_nonoverlapping(unpacked[off..off + len].as_ptr(), addr as *mut u8, len)
+        };
     }
     Ok(())
+}
+
+/// Maps the file pages the runtime had resident at checkpoint in bulk (from the page cache,
+/// reading what is missing): touched one by one they would cost a fault each.
+fn prefetch_files(image: &Image) {
+    for &(addr, pages) in &image.meta.file_resident {
+        // SAFETY: MADV_POPULATE_READ only faults pages of existing mappings in (a run outside
+        // any mapping gets ENOMEM and changes nothing); failing is harmless, the runtime then
+        // faults the pages itself.
+        unsafe {
+            libc::madvise(
+                addr as *mut libc::c_void,
+                (pages * PAGE) as usize,
+                MADV_POPULATE_READ,
+            )
+        };
+    }
 }
 
 fn set_mm(image: &Image) -> Result<(), SnapshotError> {
@@ -633,6 +697,7 @@ pub fn restore(image: &Image, opts: &RestoreOptions) -> Result<Infallible, Snaps
         map_region(r, &files)?;
     }
     install_all(image)?;
+    prefetch_files(image);
     for r in &image.meta.regions {
         if matches!(r.kind, RegionKind::Special { .. }) {
             continue;

@@ -41,6 +41,10 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
     cfg.cpu_millis = args.cpu_millis;
     cfg.pids_max = args.pids_max;
     cfg.tmp_mb = args.tmp_mb;
+    cfg.snapshot_codec = args
+        .snapshot_codec
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--snapshot-codec: {e}"))?;
     let grace = Duration::from_secs(args.grace_s);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -991,6 +995,86 @@ pub fn bench(endpoint: &str, which: BenchCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         BenchCommand::Dag { n, out, functions } => bench_dag(endpoint, n, &out, &functions),
+        BenchCommand::SnapshotColdStart {
+            n,
+            only,
+            codecs,
+            warm_cache_only,
+            out,
+            functions,
+        } => {
+            let codecs = codecs
+                .split(',')
+                .map(|c| c.trim().parse().map_err(|e: String| anyhow::anyhow!(e)))
+                .collect::<Result<Vec<spore_snapshot::image::Codec>>>()?;
+            let cold_cache = !warm_cache_only && nix::unistd::geteuid().is_root();
+            if !warm_cache_only && !cold_cache {
+                eprintln!("   not root: the dropped-page-cache series are skipped");
+            }
+            let (client, daemon) = daemon_for(endpoint, "bench")?;
+            let ep = daemon
+                .as_ref()
+                .map_or(endpoint.to_owned(), |d| d.endpoint.clone());
+            let mut workloads = Vec::new();
+            for name in only.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                let dir = functions.join(name);
+                let mut m = read_manifest(&dir)?;
+                m.name = format!("{name}-snap");
+                m.sandbox = SandboxKind::Container;
+                m.snapshot = true;
+                let zip = spore_control::code::zip_dir(&dir)
+                    .with_context(|| format!("packaging {}", dir.display()))?;
+                client
+                    .deploy(&m, &zip)
+                    .with_context(|| format!("deploying {}", m.name))?;
+                let payload =
+                    std::fs::read(dir.join("event.json")).unwrap_or_else(|_| b"{}".to_vec());
+                workloads.push(spore_bench::snapshot::Workload {
+                    function: m.name,
+                    payload,
+                });
+            }
+            let cfg = spore_bench::snapshot::Config {
+                endpoint: ep,
+                n,
+                codecs,
+                cold_cache,
+                scratch: out.join("snapshot-cold-start").join("images"),
+                max_per_series: Duration::from_secs(120),
+            };
+            let results = spore_bench::snapshot::run(&cfg, &workloads, &|m| eprintln!("   {m}"))?;
+            let table = spore_bench::snapshot::table(&results);
+            let series: Vec<Series> = results
+                .iter()
+                .flat_map(|r| {
+                    r.series.iter().map(|s| Series {
+                        name: format!("{}/{}", r.function, s.name),
+                        samples_ms: s.samples_ms.clone(),
+                    })
+                })
+                .collect();
+            let sizes: Vec<_> = results
+                .iter()
+                .map(|r| serde_json::json!({"function": r.function, "sizes": r.sizes}))
+                .collect();
+            let first = results
+                .first()
+                .map(|r| r.series.clone())
+                .unwrap_or_default();
+            save_and_print(
+                &out,
+                "snapshot-cold-start",
+                &series,
+                &table,
+                host_meta(serde_json::json!({ "n": n, "sizes": sizes, "cold_cache": cold_cache })),
+                (
+                    "Cold start: init vs restore from a snapshot (first function)",
+                    &first,
+                ),
+            )?;
+            let _ = std::fs::remove_dir(out.join("snapshot-cold-start").join("images"));
+            Ok(ExitCode::SUCCESS)
+        }
         BenchCommand::Density {
             n,
             container_n,

@@ -167,6 +167,9 @@ struct ServeArgs {
     /// Size of each instance's /tmp, MiB.
     #[arg(long, default_value_t = 64)]
     tmp_mb: u32,
+    /// How snapshot images store pages: raw, lz4, zstd-N.
+    #[arg(long, default_value = "raw")]
+    snapshot_codec: String,
     /// Seconds to let in-flight invocations finish on shutdown.
     #[arg(long, default_value_t = 30)]
     grace_s: u64,
@@ -238,6 +241,32 @@ enum BenchCommand {
         out: PathBuf,
         /// Folder of the DAG functions and DAG files.
         #[arg(long, default_value = "functions/dag")]
+        functions: PathBuf,
+    },
+    /// Snapshots (Sabre Table 2 / Figs. 9, 11-12): image sizes raw, zero-elided and per
+    /// codec, and cold start to first response from an init vs a restore from each codec,
+    /// page cache warm and dropped.
+    SnapshotColdStart {
+        /// Starts per series.
+        #[arg(long, short = 'n', default_value_t = 20)]
+        n: usize,
+        /// Sample functions to measure (folder names under --functions).
+        #[arg(
+            long,
+            default_value = "hello,json_dumps_loads,pyaes,linpack,image_processing"
+        )]
+        only: String,
+        /// Codecs to restore from.
+        #[arg(long, default_value = "raw,lz4,zstd-1,zstd-3")]
+        codecs: String,
+        /// Skip the series with the page cache dropped before each start.
+        #[arg(long)]
+        warm_cache_only: bool,
+        /// Where results go.
+        #[arg(long, default_value = "bench-results")]
+        out: PathBuf,
+        /// Folder of sample functions.
+        #[arg(long, default_value = "functions")]
         functions: PathBuf,
     },
     /// Memory per idle instance (cfork, with containers as the baseline).

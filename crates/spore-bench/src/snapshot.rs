@@ -1,0 +1,300 @@
+//! `spore bench snapshot-cold-start`: Sabre's Table 2 and Figures 9 and 11-12 at the process
+//! level. Per function (deployed with `snapshot = true`): the image's size raw, with zero
+//! pages elided, and compressed by each codec; and the cold start to first response through
+//! the gateway for an init (the baseline, same run) and for a restore from each codec's
+//! image, with the page cache warm and (optionally) dropped before every start.
+//!
+//! The daemon keeps one image per function; the bench rewrites that image in each codec
+//! (`spore_snapshot::image::transcode`) and puts each in place in turn, so every series
+//! restores the same pages.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use spore_snapshot::image::{transcode, Codec, Image, DEFAULT_PARTITION_PAGES};
+
+use crate::cold_start::{bounded, client, invoke_with};
+use crate::{summarize, BenchError, Series};
+
+/// One function to measure.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    /// Deployed name (with `snapshot = true`).
+    pub function: String,
+    /// Event JSON.
+    pub payload: Vec<u8>,
+}
+
+/// Settings of one run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Daemon endpoint (on this host: the bench reads and replaces its image files).
+    pub endpoint: String,
+    /// Starts per series.
+    pub n: usize,
+    /// Codecs to restore from.
+    pub codecs: Vec<Codec>,
+    /// Also measure with the page cache dropped before each start (root).
+    pub cold_cache: bool,
+    /// Where the transcoded images are kept during the run.
+    pub scratch: PathBuf,
+    /// Stop a series early after this long.
+    pub max_per_series: Duration,
+}
+
+/// Sizes of one function's image.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Sizes {
+    /// Bytes of all the runtime's mappings.
+    pub mapped: u64,
+    /// Private pages the runtime had (stored + zero), the raw image without elision.
+    pub private: u64,
+    /// Pages stored once zero pages are elided.
+    pub stored: u64,
+    /// Image file per codec.
+    pub files: Vec<(String, u64)>,
+}
+
+/// Results for one function.
+#[derive(Debug, Clone)]
+pub struct FunctionResult {
+    /// Function.
+    pub function: String,
+    /// Image sizes.
+    pub sizes: Sizes,
+    /// Request to first response: `init` first, then `restore-<codec>`, then (cold cache)
+    /// the same with `+dropcache`.
+    pub series: Vec<Series>,
+    /// The same starts' start-up alone (`X-Spore-Init-Ms`: sandbox spawn to runtime ready),
+    /// same names.
+    pub startup: Vec<Series>,
+}
+
+/// Drops the page cache (clean pages), as Sabre's cold-cache runs do.
+pub fn drop_caches() -> Result<(), BenchError> {
+    std::fs::write("/proc/sys/vm/drop_caches", "3").map_err(|source| BenchError::Io {
+        path: "/proc/sys/vm/drop_caches".into(),
+        source,
+    })
+}
+
+fn snapshot_path(
+    http: &reqwest::blocking::Client,
+    endpoint: &str,
+    function: &str,
+) -> Result<Option<PathBuf>, BenchError> {
+    let list: serde_json::Value = http
+        .get(format!("{endpoint}/spore/v1/snapshots"))
+        .send()
+        .and_then(|r| r.json())
+        .map_err(|e| BenchError::Http(e.to_string()))?;
+    Ok(list["Snapshots"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["function"] == function && s["error"].is_null())
+        .filter_map(|s| s["path"].as_str().map(PathBuf::from))
+        .next_back())
+}
+
+fn put_in_place(variant: &Path, target: &Path) -> Result<(), BenchError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| BenchError::Io { path, source }
+    };
+    let tmp = target.with_extension("bench-tmp");
+    std::fs::copy(variant, &tmp).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, target).map_err(io(target))
+}
+
+/// Runs the benchmark.
+pub fn run(
+    cfg: &Config,
+    workloads: &[Workload],
+    progress: &dyn Fn(&str),
+) -> Result<Vec<FunctionResult>, BenchError> {
+    let http = client()?;
+    let ep = &cfg.endpoint;
+    std::fs::create_dir_all(&cfg.scratch).map_err(|source| BenchError::Io {
+        path: cfg.scratch.clone(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for w in workloads {
+        // The first init takes the snapshot.
+        invoke_with(&http, ep, &w.function, &w.payload, Some("init"))?;
+        let image = snapshot_path(&http, ep, &w.function)?.ok_or_else(|| {
+            BenchError::Check(format!(
+                "{} has no snapshot after an init (see the daemon log)",
+                w.function
+            ))
+        })?;
+        let original = Image::open(&image).map_err(|e| BenchError::Check(e.to_string()))?;
+        let meta = &original.meta;
+        let stored = meta.stored_pages() * 4096;
+        let mut sizes = Sizes {
+            mapped: meta.mapped_bytes(),
+            private: stored + meta.zero_pages() * 4096,
+            stored,
+            files: Vec::new(),
+        };
+        let mut variants = Vec::new();
+        for &codec in &cfg.codecs {
+            let path = cfg.scratch.join(format!("{}.{codec}", w.function));
+            transcode(&original, &path, codec, DEFAULT_PARTITION_PAGES, 2)
+                .map_err(|e| BenchError::Check(format!("transcoding to {codec}: {e}")))?;
+            let len = std::fs::metadata(&path).map_or(0, |m| m.len());
+            sizes.files.push((codec.to_string(), len));
+            variants.push((codec, path));
+        }
+        drop(original);
+        let (mut series, mut startup) = (Vec::new(), Vec::new());
+        let caches: &[bool] = if cfg.cold_cache {
+            &[false, true]
+        } else {
+            &[false]
+        };
+        for &cold in caches {
+            let suffix = if cold { "+dropcache" } else { "" };
+            progress(&format!("{}: {} init{suffix}", w.function, cfg.n));
+            let init = bounded(cfg.n, cfg.max_per_series, || {
+                if cold {
+                    drop_caches()?;
+                }
+                let s = invoke_with(&http, ep, &w.function, &w.payload, Some("init"))?;
+                check_start(&w.function, &s.start, "cold")?;
+                Ok((s.latency_ms, s.init_ms))
+            })?;
+            push(&mut series, &mut startup, format!("init{suffix}"), init);
+            for (codec, path) in &variants {
+                put_in_place(path, &image)?;
+                progress(&format!(
+                    "{}: {} restore from {codec}{suffix}",
+                    w.function, cfg.n
+                ));
+                let restores = bounded(cfg.n, cfg.max_per_series, || {
+                    if cold {
+                        drop_caches()?;
+                    }
+                    let s = invoke_with(&http, ep, &w.function, &w.payload, Some("restore"))?;
+                    check_start(&w.function, &s.start, "restore")?;
+                    Ok((s.latency_ms, s.init_ms))
+                })?;
+                push(
+                    &mut series,
+                    &mut startup,
+                    format!("restore-{codec}{suffix}"),
+                    restores,
+                );
+            }
+        }
+        for (_, path) in &variants {
+            let _ = std::fs::remove_file(path);
+        }
+        out.push(FunctionResult {
+            function: w.function.clone(),
+            sizes,
+            series,
+            startup,
+        });
+    }
+    Ok(out)
+}
+
+fn push(series: &mut Vec<Series>, startup: &mut Vec<Series>, name: String, s: Vec<(f64, f64)>) {
+    startup.push(Series {
+        name: name.clone(),
+        samples_ms: s.iter().map(|x| x.1).collect(),
+    });
+    series.push(Series {
+        name,
+        samples_ms: s.iter().map(|x| x.0).collect(),
+    });
+}
+
+fn check_start(function: &str, got: &str, want: &str) -> Result<(), BenchError> {
+    if got != want {
+        return Err(BenchError::Check(format!(
+            "{function} started as {got:?}, expected {want:?} (see the daemon log)"
+        )));
+    }
+    Ok(())
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1}", b as f64 / 1048576.0)
+}
+
+/// The Table-2-style Markdown: sizes, then start latency per series with ratios to `init`.
+pub fn table(results: &[FunctionResult]) -> String {
+    let mut out = String::from("| function | mapped MiB | private MiB | zero-elided MiB | ");
+    let codecs: Vec<String> = results
+        .first()
+        .map(|r| r.sizes.files.iter().map(|(c, _)| c.clone()).collect())
+        .unwrap_or_default();
+    for c in &codecs {
+        let _ = write!(out, "{c} MiB | ");
+    }
+    out.push_str("best ratio |\n|---|---:|---:|---:|");
+    for _ in &codecs {
+        out.push_str("---:|");
+    }
+    out.push_str("---:|\n");
+    for r in results {
+        let s = &r.sizes;
+        let _ = write!(
+            out,
+            "| {} | {} | {} | {} | ",
+            r.function,
+            mib(s.mapped),
+            mib(s.private),
+            mib(s.stored)
+        );
+        for (_, len) in &s.files {
+            let _ = write!(out, "{} | ", mib(*len));
+        }
+        let best = s.files.iter().map(|(_, l)| *l).min().unwrap_or(0).max(1);
+        let _ = writeln!(out, "{:.1}x |", s.private as f64 / best as f64);
+    }
+    out.push_str(
+        "\nCold start: first response = request to response through the gateway (handler \
+         included); start-up = sandbox spawn to runtime ready (`X-Spore-Init-Ms`). Ratios are \
+         init's p50 over the row's, with the same page-cache state.\n\n",
+    );
+    out.push_str("| function | series | n | first response p50 | p99 | vs init | start-up p50 | p99 | vs init |\n");
+    out.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    for r in results {
+        let p50 = |list: &[Series], name: &str| {
+            list.iter()
+                .find(|s| s.name == name)
+                .map(|s| summarize(&s.samples_ms).p50)
+        };
+        for (s, st) in r.series.iter().zip(&r.startup) {
+            let (sum, sst) = (summarize(&s.samples_ms), summarize(&st.samples_ms));
+            let base = if s.name.ends_with("+dropcache") {
+                "init+dropcache"
+            } else {
+                "init"
+            };
+            let ratio = |b: Option<f64>, v: f64| match b {
+                Some(b) if v > 0.0 => format!("{:.1}x", b / v),
+                _ => "-".into(),
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {:.2} ms | {:.2} ms | {} | {:.2} ms | {:.2} ms | {} |",
+                r.function,
+                s.name,
+                sum.n,
+                sum.p50,
+                sum.p99,
+                ratio(p50(&r.series, base), sum.p50),
+                sst.p50,
+                sst.p99,
+                ratio(p50(&r.startup, base), sst.p50),
+            );
+        }
+    }
+    out
+}

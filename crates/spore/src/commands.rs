@@ -765,10 +765,59 @@ pub fn demo(endpoint: &str, args: DemoArgs) -> Result<ExitCode> {
         floor.p50,
         floor.n
     );
+    demo_snapshots(&client, &ep, &args.functions, args.cold.max(3))?;
     demo_dags(&client, &args.functions.join("dag"))?;
-    println!();
-    println!("not in this build yet: restores from snapshots (issue 6)");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Deploys `<name>-snap` (a container function with `snapshot = true`) for each name.
+fn deploy_snapshotted(
+    client: &Client,
+    functions: &Path,
+    names: &[&str],
+) -> Result<Vec<spore_bench::snapshot::Workload>> {
+    let mut out = Vec::new();
+    for name in names {
+        let dir = functions.join(name);
+        let mut m = read_manifest(&dir)?;
+        m.name = format!("{name}-snap");
+        m.sandbox = SandboxKind::Container;
+        m.snapshot = true;
+        let zip = spore_control::code::zip_dir(&dir)
+            .with_context(|| format!("packaging {}", dir.display()))?;
+        client
+            .deploy(&m, &zip)
+            .with_context(|| format!("deploying {}", m.name))?;
+        let payload = std::fs::read(dir.join("event.json")).unwrap_or_else(|_| b"{}".to_vec());
+        out.push(spore_bench::snapshot::Workload {
+            function: m.name,
+            payload,
+        });
+    }
+    Ok(out)
+}
+
+/// The demo's snapshot part: `hello` and `linpack` snapshotted at their first init, then
+/// started by importing (init) and by restoring.
+fn demo_snapshots(client: &Client, ep: &str, functions: &Path, n: usize) -> Result<()> {
+    println!();
+    println!(
+        "== snapshots: hello and linpack (numpy) copied at their first init, then {n} starts by init and {n} by restore"
+    );
+    let workloads = deploy_snapshotted(client, functions, &["hello", "linpack"])?;
+    let scratch = tempfile::tempdir()?;
+    let cfg = spore_bench::snapshot::Config {
+        endpoint: ep.to_owned(),
+        n,
+        codecs: vec![spore_snapshot::image::Codec::None],
+        cold_cache: false,
+        scratch: scratch.path().to_owned(),
+        max_per_series: Duration::from_secs(60),
+    };
+    let results = spore_bench::snapshot::run(&cfg, &workloads, &|m| println!("   {m}"))?;
+    println!();
+    print!("{}", spore_bench::snapshot::table(&results));
+    Ok(())
 }
 
 /// The demo's DAG part: the Alexa skill and a 10-function chain, over shared memory and
@@ -1003,6 +1052,11 @@ pub fn bench(endpoint: &str, which: BenchCommand) -> Result<ExitCode> {
             out,
             functions,
         } => {
+            let names: Vec<&str> = only
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .collect();
             let codecs = codecs
                 .split(',')
                 .map(|c| c.trim().parse().map_err(|e: String| anyhow::anyhow!(e)))
@@ -1015,25 +1069,7 @@ pub fn bench(endpoint: &str, which: BenchCommand) -> Result<ExitCode> {
             let ep = daemon
                 .as_ref()
                 .map_or(endpoint.to_owned(), |d| d.endpoint.clone());
-            let mut workloads = Vec::new();
-            for name in only.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-                let dir = functions.join(name);
-                let mut m = read_manifest(&dir)?;
-                m.name = format!("{name}-snap");
-                m.sandbox = SandboxKind::Container;
-                m.snapshot = true;
-                let zip = spore_control::code::zip_dir(&dir)
-                    .with_context(|| format!("packaging {}", dir.display()))?;
-                client
-                    .deploy(&m, &zip)
-                    .with_context(|| format!("deploying {}", m.name))?;
-                let payload =
-                    std::fs::read(dir.join("event.json")).unwrap_or_else(|_| b"{}".to_vec());
-                workloads.push(spore_bench::snapshot::Workload {
-                    function: m.name,
-                    payload,
-                });
-            }
+            let workloads = deploy_snapshotted(&client, &functions, &names)?;
             let cfg = spore_bench::snapshot::Config {
                 endpoint: ep,
                 n,

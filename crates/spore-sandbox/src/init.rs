@@ -216,6 +216,7 @@ fn child_main(spec: &SandboxSpec, handshake: Option<Handshake>) -> Result<Infall
         let opts = spore_snapshot::restore::RestoreOptions {
             mode: spore_snapshot::restore::MemoryMode::Full,
             keep_fds: vec![0, 1, 2, spec.control_fd],
+            lazy: None,
         };
         match spore_snapshot::restore::restore(&image, &opts) {
             Ok(never) => match never {},

@@ -25,7 +25,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 
 use crate::image::{prot, Codec, FileIdentity, Image, Region, RegionKind};
@@ -37,6 +37,22 @@ use crate::SnapshotError;
 pub enum MemoryMode {
     /// Read every stored page before resuming.
     Full,
+    /// Resume at once; a server installs each page on its first touch (userfaultfd).
+    Lazy,
+    /// Install the working set recorded at an earlier restore up front, the rest lazily; with
+    /// no working set yet, as `Lazy`, recording one.
+    Reap,
+}
+
+impl MemoryMode {
+    /// `full`, `lazy` or `reap`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemoryMode::Full => "full",
+            MemoryMode::Lazy => "lazy",
+            MemoryMode::Reap => "reap",
+        }
+    }
 }
 
 impl std::str::FromStr for MemoryMode {
@@ -44,18 +60,19 @@ impl std::str::FromStr for MemoryMode {
     fn from_str(s: &str) -> Result<MemoryMode, String> {
         match s {
             "full" => Ok(MemoryMode::Full),
-            "lazy" | "reap" | "compressed" | "reap+compressed" => Err(format!(
-                "memory mode {s:?} is not implemented yet (only \"full\" is)"
+            "lazy" => Ok(MemoryMode::Lazy),
+            "reap" => Ok(MemoryMode::Reap),
+            "compressed" | "reap+compressed" => Err(format!(
+                "memory mode {s:?}: compression is a property of the image (spore serve \
+                 --snapshot-codec lz4|zstd-N); the modes are full, lazy and reap"
             )),
-            _ => Err(format!(
-                "unknown memory mode {s:?} (full, lazy, reap, compressed, reap+compressed)"
-            )),
+            _ => Err(format!("unknown memory mode {s:?} (full, lazy, reap)")),
         }
     }
 }
 
 /// What the restore keeps from the calling process.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct RestoreOptions {
     /// How memory is installed.
     pub mode: MemoryMode,
@@ -63,6 +80,9 @@ pub struct RestoreOptions {
     /// streams, its control socket); every other one is closed. Each descriptor the runtime
     /// had at checkpoint must be among them.
     pub keep_fds: Vec<i32>,
+    /// Lazy and reap modes: a userfaultfd made by [`crate::lazy::create`] (which needs
+    /// privileges the sandbox drops) and the socket to hand it to the fault server on.
+    pub lazy: Option<(OwnedFd, std::os::unix::net::UnixStream)>,
 }
 
 const PR_SET_MM: libc::c_int = 35;
@@ -327,8 +347,9 @@ fn map_region(r: &Region, files: &HashMap<std::path::PathBuf, File>) -> Result<(
     Ok(())
 }
 
-/// Installs every stored page and zero run (full mode).
-fn install_all(image: &Image) -> Result<(), SnapshotError> {
+/// Installs the stored pages and zero runs for which `wanted(address)` holds (every page in
+/// full mode; file regions, plus the working set in reap mode, otherwise).
+fn install_all(image: &Image, wanted: &(dyn Fn(u64) -> bool + Sync)) -> Result<(), SnapshotError> {
     let meta = &image.meta;
     // Zero runs in anonymous memory are already zero; in file mappings they overwrite the
     // file's bytes.
@@ -336,7 +357,7 @@ fn install_all(image: &Image) -> Result<(), SnapshotError> {
         let in_file = meta.regions.iter().any(|r| {
             matches!(r.kind, RegionKind::File { .. }) && r.start <= run.addr && run.addr < r.end
         });
-        if in_file {
+        if in_file && wanted(run.addr) {
             // SAFETY: the run lies inside a region mapped writable above.
             unsafe { std::ptr::write_bytes(run.addr as *mut u8, 0, (run.pages * PAGE) as usize) };
         }
@@ -356,7 +377,21 @@ fn install_all(image: &Image) -> Result<(), SnapshotError> {
             let r = stored[j];
             let s = r.first.max(p_first);
             let e = (r.first + r.pages).min(p_end);
-            pieces.push((r.addr + (s - r.first) * PAGE, s, e - s));
+            // Split into the wanted sub-runs.
+            let mut at = s;
+            while at < e {
+                let addr = |page: u64| r.addr + (page - r.first) * PAGE;
+                if !wanted(addr(at)) {
+                    at += 1;
+                    continue;
+                }
+                let mut end = at + 1;
+                while end < e && wanted(addr(end)) {
+                    end += 1;
+                }
+                pieces.push((addr(at), at, end - at));
+                at = end;
+            }
             j += 1;
         }
         plan.push(pieces);
@@ -380,7 +415,7 @@ fn install_all(image: &Image) -> Result<(), SnapshotError> {
             install_partition(image, i, pieces, &mut scratch, &mut unpacked)?;
         }
     };
-    if threads <= 1 {
+    if threads <= 1 || plan.iter().all(Vec::is_empty) {
         return work();
     }
     std::thread::scope(|s| {
@@ -408,8 +443,13 @@ fn install_partition(
     unpacked: &mut Vec<u8>,
 ) -> Result<(), SnapshotError> {
     let p = image.meta.partitions[i];
-    if image.meta.codec == Codec::None {
-        // Read straight into place, then check the bytes where they landed.
+    if pieces.is_empty() {
+        return Ok(());
+    }
+    let whole = pieces.iter().map(|x| x.2).sum::<u64>() == p.pages;
+    if image.meta.codec == Codec::None && whole {
+        // Read straight into place, then check the bytes where they landed (a partition only
+        // partly wanted goes through the buffer below, to check all of it).
         let mut hasher = crc32fast::Hasher::new();
         for &(addr, first, pages) in pieces {
             let len = (pages * PAGE) as usize;
@@ -457,6 +497,49 @@ fn prefetch_files(image: &Image) {
         };
     }
 }
+
+/// Hands `fd` over `sock` (SCM_RIGHTS).
+fn send_fd(sock: &std::os::unix::net::UnixStream, fd: &OwnedFd) -> Result<(), SnapshotError> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let raw = [fd.as_raw_fd()];
+    let cmsg = [ControlMessage::ScmRights(&raw)];
+    let iov = [std::io::IoSlice::new(b"u")];
+    sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None)
+        .map_err(|e| SnapshotError::sys("handing the userfaultfd to its server", e))?;
+    Ok(())
+}
+
+/// Receives the descriptor [`send_fd`] sent (the fault server's side).
+pub fn recv_fd(sock: &std::os::unix::net::UnixStream) -> Result<OwnedFd, SnapshotError> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::FromRawFd;
+    let mut buf = [0u8; 1];
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let mut space = nix::cmsg_space!([RawFdSpace; 1]);
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(|e| SnapshotError::sys("receiving the userfaultfd", e))?;
+    for c in msg
+        .cmsgs()
+        .map_err(|e| SnapshotError::sys("reading the control message", e))?
+    {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            if let Some(&fd) = fds.first() {
+                // SAFETY: the kernel installed this descriptor for us with the message.
+                return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    Err(SnapshotError::Restore(
+        "the restorer closed its socket without a userfaultfd".into(),
+    ))
+}
+
+type RawFdSpace = std::os::fd::RawFd;
 
 fn set_mm(image: &Image) -> Result<(), SnapshotError> {
     let mm = &image.meta.mm;
@@ -686,7 +769,6 @@ pub fn restore(image: &Image, opts: &RestoreOptions) -> Result<Infallible, Snaps
             "restore is implemented for x86-64 Linux only".into(),
         ));
     }
-    let MemoryMode::Full = opts.mode;
     let own = procfs::maps("self")?;
     let files = preflight(image, &own, opts)?;
     // From here on signals stay blocked until the trampoline sets the runtime's mask.
@@ -696,7 +778,38 @@ pub fn restore(image: &Image, opts: &RestoreOptions) -> Result<Infallible, Snaps
     for r in &image.meta.regions {
         map_region(r, &files)?;
     }
-    install_all(image)?;
+    let in_file =
+        |addr: u64| {
+            image.meta.regions.iter().any(|r| {
+                matches!(r.kind, RegionKind::File { .. }) && r.start <= addr && addr < r.end
+            })
+        };
+    match (opts.mode, &opts.lazy) {
+        (MemoryMode::Full, _) => install_all(image, &|_| true)?,
+        (_, None) => {
+            return Err(SnapshotError::Restore(format!(
+                "memory mode {} needs a userfaultfd and a fault server",
+                opts.mode.as_str()
+            )))
+        }
+        (mode, Some((uffd, server))) => {
+            let ws = match mode {
+                MemoryMode::Reap => crate::lazy::read_working_set(
+                    &crate::lazy::working_set_path(&image.path),
+                    image,
+                )
+                .unwrap_or_default(),
+                _ => Vec::new(),
+            };
+            install_all(image, &|a| in_file(a) || ws.binary_search(&a).is_ok())?;
+            for r in &image.meta.regions {
+                if matches!(r.kind, RegionKind::Anon { .. }) && r.prot != 0 {
+                    crate::lazy::register(uffd, r.start, r.end - r.start)?;
+                }
+            }
+            send_fd(server, uffd)?;
+        }
+    }
     prefetch_files(image);
     for r in &image.meta.regions {
         if matches!(r.kind, RegionKind::Special { .. }) {
@@ -818,6 +931,69 @@ fn jump(_: &Image, _: &[MapLine]) -> Result<Infallible, SnapshotError> {
     ))
 }
 
+/// Starts the fault server of a lazy restore of this process as a grandchild (so that the
+/// restored runtime never sees it as its own child) and makes the userfaultfd.
+fn start_server(
+    image: &Image,
+    mode: MemoryMode,
+) -> Result<(OwnedFd, std::os::unix::net::UnixStream), SnapshotError> {
+    let me = std::process::id() as i32;
+    let (ours, theirs) =
+        std::os::unix::net::UnixStream::pair().map_err(|e| SnapshotError::io("socketpair", e))?;
+    // SAFETY: this process is single-threaded (just exec'd as the restorer), so the children
+    // are complete copies; they only run the server and exit.
+    match unsafe { libc::fork() } {
+        -1 => return Err(SnapshotError::sys("fork", nix::Error::last())),
+        0 => {
+            // SAFETY: as above.
+            if unsafe { libc::fork() } != 0 {
+                std::process::exit(0);
+            }
+            drop(ours);
+            let code = match run_server(&theirs, image, mode, me) {
+                Ok(report) => {
+                    // For tests and benchmarks: how the faults were served.
+                    if let Some(path) = std::env::var_os(FAULT_REPORT_ENV) {
+                        let _ =
+                            std::fs::write(path, serde_json::to_vec(&report).unwrap_or_default());
+                    }
+                    0
+                }
+                Err(e) => {
+                    eprintln!("spore restore: fault server: {e}");
+                    1
+                }
+            };
+            std::process::exit(code);
+        }
+        child => {
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child), None);
+        }
+    }
+    drop(theirs);
+    Ok((crate::lazy::create()?, ours))
+}
+
+/// The fault server's side: receives the userfaultfd of restored process `pid` on `sock`
+/// and serves it (recording a working set in reap mode when there is none yet).
+pub fn run_server(
+    sock: &std::os::unix::net::UnixStream,
+    image: &Image,
+    mode: MemoryMode,
+    pid: i32,
+) -> Result<crate::lazy::ServeReport, SnapshotError> {
+    let process = crate::lazy::pidfd(pid)?;
+    let uffd = recv_fd(sock)?;
+    let ws = crate::lazy::working_set_path(&image.path);
+    let record = (mode == MemoryMode::Reap && crate::lazy::read_working_set(&ws, image).is_none())
+        .then_some(ws);
+    crate::lazy::serve(uffd, image, record, process)
+}
+
+/// Environment variable naming a file where `spore __restore`'s fault server writes its
+/// [`crate::lazy::ServeReport`] (JSON) when the restored process exits.
+pub const FAULT_REPORT_ENV: &str = "SPORE_FAULT_REPORT";
+
 /// First argument of a process that [`run_restorer`] handles.
 pub const RESTORE_SUBCOMMAND: &str = "__restore";
 /// Fresh processes tried when the restorer's own layout collides with the image's.
@@ -869,7 +1045,20 @@ pub fn run_restorer() -> ! {
         .collect();
     let attempt: u32 = args[4].to_string_lossy().parse().unwrap_or(1);
     let image = Image::open(&path).unwrap_or_else(|e| fail(format!("{}: {e}", path.display())));
-    let err = match restore(&image, &RestoreOptions { mode, keep_fds }) {
+    let lazy = match mode {
+        MemoryMode::Full => None,
+        _ => {
+            Some(start_server(&image, mode).unwrap_or_else(|e| fail(format!("fault server: {e}"))))
+        }
+    };
+    let err = match restore(
+        &image,
+        &RestoreOptions {
+            mode,
+            keep_fds,
+            lazy,
+        },
+    ) {
         Ok(never) => match never {},
         Err(e) => e,
     };

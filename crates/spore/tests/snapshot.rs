@@ -98,6 +98,24 @@ impl Fixture {
         Fixture { dir }
     }
 
+    /// The fault server's report of the last restore in `mode` (written when it exits).
+    fn dir_report(&self, mode: &str) -> Value {
+        let path = self.dir.path().join(format!("faults-{mode}"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let read = std::fs::read(&path).map(|b| serde_json::from_slice::<Value>(&b));
+            if let Ok(Ok(v)) = read {
+                let _ = std::fs::remove_file(&path);
+                return v;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no fault report for {mode}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn lib(&self) -> PathBuf {
         self.dir.path().join(spore_runtime::CHECKPOINT_LIB_FILE)
     }
@@ -135,10 +153,18 @@ impl Fixture {
     }
 
     fn restore(&self, image: &Path) -> (Peer, Value) {
+        self.restore_as(image, "full")
+    }
+
+    fn restore_as(&self, image: &Path, mode: &str) -> (Peer, Value) {
         let mut cmd = Command::new(BIN);
+        cmd.env(
+            spore_snapshot::restore::FAULT_REPORT_ENV,
+            self.dir.path().join(format!("faults-{mode}")),
+        );
         cmd.args(spore_snapshot::restore::restorer_args(
             image,
-            "full",
+            mode,
             &[0, 1, 2, 3],
         ));
         let mut peer = Peer::spawn(cmd);
@@ -176,6 +202,60 @@ fn a_restored_runtime_resumes_with_its_state_and_its_own_randomness() {
         assert_eq!(b.json()["square"], 169);
         a.finish(7);
         b.finish(0);
+        original.finish(0);
+    }
+}
+
+#[test]
+fn lazy_and_reap_restores_serve_pages_on_demand_and_replay_the_working_set() {
+    if !can_snapshot("lazy_and_reap_restores_serve_pages_on_demand_and_replay_the_working_set") {
+        return;
+    }
+    let fx = Fixture::new();
+    for codec in [Codec::None, Codec::Lz4] {
+        let image = fx.dir.path().join(format!("lazy-{codec}"));
+        let (original, before) = fx.checkpoint(&image, codec);
+        let ws = spore_snapshot::lazy::working_set_path(&image);
+        let mut faults = Vec::new();
+        for mode in ["lazy", "reap", "reap", "lazy"] {
+            let (mut p, r) = fx.restore_as(&image, mode);
+            assert_eq!(r["rc"], 1, "{mode}/{codec}: {r}");
+            assert_eq!(r["sum"], before["sum"], "{mode}: {r}");
+            assert_eq!(r["digest"], before["digest_before"], "{mode}: {r}");
+            // Heap growth, then a forked child touching pages (served through the fork event).
+            p.send("square 21 33554432\n");
+            assert_eq!(p.json()["square"], 441);
+            p.send("forksum\n");
+            assert_eq!(
+                p.json()["forksum"],
+                before["sum"],
+                "{mode}: a forked child sees the image"
+            );
+            p.finish(0);
+            let report = fx.dir_report(mode);
+            faults.push((mode, report["copied"].as_u64().unwrap()));
+            assert!(report["forks"].as_u64().unwrap() >= 1, "{mode}: {report}");
+            if mode == "reap" {
+                // Written once the runtime has been quiet, at the latest when it exits.
+                let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                while !ws.exists() && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                assert!(ws.exists(), "the first reap restore records a working set");
+            }
+        }
+        // lazy, reap (recording, as lazy), reap (replaying), lazy: the replay takes a fraction
+        // of the faults.
+        eprintln!("{codec}: pages served on faults per restore: {faults:?}");
+        let (lazy, replay) = (faults[0].1, faults[2].1);
+        assert!(lazy > 100, "{faults:?}");
+        assert!(
+            replay * 5 < lazy,
+            "the working set replay still faulted: {faults:?}"
+        );
+        let img = Image::open(&image).unwrap();
+        let pages = spore_snapshot::lazy::read_working_set(&ws, &img).unwrap();
+        assert!(!pages.is_empty() && pages.len() as u64 <= img.meta.stored_pages());
         original.finish(0);
     }
 }

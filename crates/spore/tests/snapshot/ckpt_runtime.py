@@ -44,5 +44,16 @@ while True:
         cmd = line.decode().split()
         if cmd[0] == "square":
             send({"square": int(cmd[1]) ** 2, "big": len(bytearray(int(cmd[2])))})
+        elif cmd[0] == "forksum":
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                os.write(w, str(sum(state["squares"])).encode())
+                os._exit(0)
+            os.close(w)
+            total = int(os.read(r, 100))
+            os.close(r)
+            os.waitpid(pid, 0)
+            send({"forksum": total})
         elif cmd[0] == "exit":
             sys.exit(int(cmd[1]))

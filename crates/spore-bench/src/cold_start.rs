@@ -70,11 +70,23 @@ pub fn invoke_with(
     payload: &[u8],
     cold: Option<&str>,
 ) -> Result<Sample, BenchError> {
+    let headers: Vec<(&str, &str)> = cold.map(|c| ("X-Spore-Cold", c)).into_iter().collect();
+    invoke_headers(client, endpoint, function, payload, &headers)
+}
+
+/// Invokes `function` once with extra request headers; checks that it succeeded.
+pub fn invoke_headers(
+    client: &reqwest::blocking::Client,
+    endpoint: &str,
+    function: &str,
+    payload: &[u8],
+    headers: &[(&str, &str)],
+) -> Result<Sample, BenchError> {
     let url = format!("{endpoint}/2015-03-31/functions/{function}/invocations");
     let t0 = Instant::now();
     let mut req = client.post(&url).body(payload.to_vec());
-    if let Some(cold) = cold {
-        req = req.header("X-Spore-Cold", cold);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
     }
     let resp = req.send().map_err(|e| BenchError::Http(e.to_string()))?;
     let status = resp.status();

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use spore_snapshot::image::{transcode, Codec, Image, DEFAULT_PARTITION_PAGES};
 
-use crate::cold_start::{bounded, client, invoke_with};
+use crate::cold_start::{bounded, client, invoke_headers, invoke_with};
 use crate::{summarize, BenchError, Series};
 
 /// One function to measure.
@@ -41,6 +41,8 @@ pub struct Config {
     pub scratch: PathBuf,
     /// Stop a series early after this long.
     pub max_per_series: Duration,
+    /// Also restore the raw image lazily (userfaultfd) and with a recorded working set.
+    pub lazy_modes: bool,
 }
 
 /// Sizes of one function's image.
@@ -187,6 +189,52 @@ pub fn run(
                     format!("restore-{codec}{suffix}"),
                     restores,
                 );
+            }
+        }
+        if cfg.lazy_modes {
+            if let Some((_, raw)) = variants.iter().find(|(c, _)| *c == Codec::None) {
+                put_in_place(raw, &image)?;
+                let ws = spore_snapshot::lazy::working_set_path(&image);
+                let _ = std::fs::remove_file(&ws);
+                let restore = |mode: &str| {
+                    let headers = [("X-Spore-Cold", "restore"), ("X-Spore-Restore-Mode", mode)];
+                    let s = invoke_headers(&http, ep, &w.function, &w.payload, &headers)?;
+                    check_start(&w.function, &s.start, "restore")?;
+                    Ok::<_, BenchError>((s.latency_ms, s.init_ms))
+                };
+                // The first reap restore records the working set once the runtime is quiet.
+                restore("reap")?;
+                let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                while !ws.exists() && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                if !ws.exists() {
+                    return Err(BenchError::Check(format!(
+                        "{}: no working set recorded after a reap restore",
+                        w.function
+                    )));
+                }
+                for &cold in caches {
+                    let suffix = if cold { "+dropcache" } else { "" };
+                    for mode in ["lazy", "reap"] {
+                        progress(&format!(
+                            "{}: {} {mode} restores{suffix}",
+                            w.function, cfg.n
+                        ));
+                        let s = bounded(cfg.n, cfg.max_per_series, || {
+                            if cold {
+                                drop_caches()?;
+                            }
+                            restore(mode)
+                        })?;
+                        push(
+                            &mut series,
+                            &mut startup,
+                            format!("restore-{mode}{suffix}"),
+                            s,
+                        );
+                    }
+                }
             }
         }
         for (_, path) in &variants {

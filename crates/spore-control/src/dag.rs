@@ -822,7 +822,13 @@ impl Control {
         {
             crate::Slot::Warm(inst) => Ok((*inst, StartKind::Warm)),
             crate::Slot::Cold => match self
-                .start_fresh(&env, rec, self.log_ring(name), None, None)
+                .start_fresh(
+                    &env,
+                    rec,
+                    self.log_ring(name),
+                    None,
+                    crate::InvokeOptions::default(),
+                )
                 .await
             {
                 Ok(started) => Ok(started),

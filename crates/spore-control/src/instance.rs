@@ -194,6 +194,9 @@ pub struct Instance {
     pub(crate) stderr_tail: Arc<Mutex<VecDeque<String>>>,
     /// The first invocation's frame was sent already (pipelined behind a fork request).
     pub(crate) invoke_sent: bool,
+    /// Spore helper processes in the instance's cgroup besides its init (a lazy restore's
+    /// fault server).
+    pub(crate) helpers: usize,
 }
 
 /// The parts of a freshly spawned sandbox.
@@ -248,8 +251,8 @@ pub enum ColdStart {
     Init,
     /// As `Init`, and snapshot the warm runtime before it reports ready.
     InitAndSnapshot(Arc<crate::snapshots::Pending>),
-    /// Restore the runtime from this image.
-    Restore(PathBuf),
+    /// Restore the runtime from this image, installing memory in this mode.
+    Restore(PathBuf, spore_snapshot::restore::MemoryMode),
 }
 
 /// Starts a sandbox for `rec` in a new cgroup of `memory_mb` (`inits` Spore processes beside
@@ -313,6 +316,7 @@ fn spawn_in(
         control_fd: spore_runtime::CONTROL_FD,
         user_namespace: None,
         restore: None,
+        restore_mode: None,
     };
     if rec.manifest.snapshot {
         // A runtime is snapshotted single-threaded: keep numerical libraries from starting
@@ -326,7 +330,10 @@ fn spawn_in(
     match how {
         ColdStart::Init => {}
         ColdStart::InitAndSnapshot(_) => spec.env.push(("SPORE_CHECKPOINT".into(), "1".into())),
-        ColdStart::Restore(image) => spec.restore = Some(image),
+        ColdStart::Restore(image, mode) => {
+            spec.restore = Some(image);
+            spec.restore_mode = Some(mode.as_str().to_owned());
+        }
     }
     if let Some((mapping, extra_env)) = template {
         spec.user_namespace = Some(mapping);
@@ -405,7 +412,12 @@ impl Instance {
             template: None,
             how: how.clone(),
         };
-        let (cgroup, spawned) = spawn_sandbox(env, rec, launch, log, m.memory_mb, 1).await?;
+        let helpers = match &how {
+            ColdStart::Restore(_, mode) if *mode != spore_snapshot::restore::MemoryMode::Full => 1,
+            _ => 0,
+        };
+        let (cgroup, spawned) =
+            spawn_sandbox(env, rec, launch, log, m.memory_mb, 1 + helpers as u32).await?;
         let mut inst = Instance {
             id,
             revision: rec.revision,
@@ -418,6 +430,7 @@ impl Instance {
             memory_mb: m.memory_mb,
             stderr_tail: spawned.stderr_tail,
             invoke_sent: false,
+            helpers,
         };
         let deadline = tokio::time::Instant::now() + init_timeout;
         let mut first = tokio::time::timeout_at(deadline, read_frame(&mut inst.sock)).await;
@@ -452,7 +465,7 @@ impl Instance {
             }
             Ok(Ok(None)) | Ok(Err(_)) => {
                 let detail = inst.exit_detail().await;
-                if detail.setup_failed || matches!(how, ColdStart::Restore(_)) {
+                if detail.setup_failed || matches!(how, ColdStart::Restore(..)) {
                     StartError::Platform(detail.text)
                 } else if inst.oom_killed() {
                     StartError::Init(
@@ -678,7 +691,7 @@ impl Instance {
         // A spawned sandbox's init sits in its cgroup beside the runtime; a forked child is
         // alone in its own (its template, passing through at fork, is spared).
         let expected = match self.proc {
-            Proc::Spawned(_) => 2,
+            Proc::Spawned(_) => 2 + self.helpers,
             Proc::Forked(_) => 1,
         };
         cg.pids().len() > expected

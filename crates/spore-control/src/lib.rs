@@ -101,6 +101,8 @@ pub struct ControlConfig {
     /// raw pages from the page cache restores faster than decompressing lz4 or zstd
     /// (docs/benchmarks.md, snapshots).
     pub snapshot_codec: spore_snapshot::image::Codec,
+    /// How restores install memory unless a request says otherwise (full by default).
+    pub snapshot_mode: spore_snapshot::restore::MemoryMode,
 }
 
 impl ControlConfig {
@@ -117,6 +119,7 @@ impl ControlConfig {
             tmp_mb: 64,
             max_templates: 16,
             snapshot_codec: spore_snapshot::image::Codec::None,
+            snapshot_mode: spore_snapshot::restore::MemoryMode::Full,
         }
     }
 }
@@ -138,6 +141,8 @@ pub struct InvokeOptions {
     /// With `force_cold`: how the fresh instance starts (`Cold` = import from scratch,
     /// `Restore` = from the function's snapshot, `Fork`); None = the function's default.
     pub cold_path: Option<StartKind>,
+    /// How a restore installs memory (None: the daemon's `snapshot_mode`).
+    pub restore_mode: Option<spore_snapshot::restore::MemoryMode>,
 }
 
 /// The outcome of one invocation.
@@ -636,7 +641,7 @@ impl Control {
             Slot::Cold => {
                 let first = instance::invoke_frame(&request_id, payload, rec.manifest.timeout_s);
                 match self
-                    .start_fresh(&env, &rec, log.clone(), Some(first), opts.cold_path)
+                    .start_fresh(&env, &rec, log.clone(), Some(first), opts)
                     .await
                 {
                     Ok(started) => started,
@@ -741,8 +746,9 @@ impl Control {
         rec: &FunctionRecord,
         log: Arc<LogRing>,
         first_invoke: Option<Vec<u8>>,
-        path: Option<StartKind>,
+        opts: InvokeOptions,
     ) -> Result<(Instance, StartKind), StartError> {
+        let path = opts.cold_path;
         let timeout = Duration::from_secs(u64::from(rec.manifest.timeout_s));
         let init_timeout = timeout.max(Duration::from_secs(10));
         match rec.manifest.sandbox {
@@ -757,7 +763,8 @@ impl Control {
                     None => rec.manifest.snapshot,
                 };
                 if let Some(image) = snaps.current(name, rec.revision).filter(|_| restore) {
-                    let how = ColdStart::Restore(image.clone());
+                    let mode = opts.restore_mode.unwrap_or(self.inner.cfg.snapshot_mode);
+                    let how = ColdStart::Restore(image.clone(), mode);
                     match Instance::start(
                         env,
                         rec,
@@ -1027,6 +1034,17 @@ impl Control {
             if reusable && !self.inner.draining.load(Ordering::Acquire) && st.total <= max {
                 st.idle.push(inst);
                 None
+            } else if reusable
+                && !self.inner.draining.load(Ordering::Acquire)
+                && !st.idle.is_empty()
+            {
+                // Over the limit (a forced fresh start): keep the instance that just worked
+                // and stop the one idle longest (a lazy restore's fault server also gets the
+                // time to save the working set it is recording).
+                st.total -= 1;
+                let oldest = st.idle.remove(0);
+                st.idle.push(inst);
+                Some(oldest)
             } else {
                 st.total -= 1;
                 Some(inst)

@@ -362,6 +362,7 @@ impl Template {
                     memory_mb: m.memory_mb,
                     stderr_tail: Arc::default(),
                     invoke_sent: pipelined.is_some(),
+                    helpers: 0,
                 })
             }
             Err(why) => {

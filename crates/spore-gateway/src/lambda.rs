@@ -410,6 +410,12 @@ pub(crate) async fn invoke(
             )))
         }
     };
+    let restore_mode = header(&headers, "x-spore-restore-mode")
+        .map(|m| {
+            m.parse::<spore_snapshot::restore::MemoryMode>()
+                .map_err(|e| ApiError::invalid(format!("X-Spore-Restore-Mode: {e}")))
+        })
+        .transpose()?;
     match kind {
         "DryRun" => {
             st.control.get_function(&name)?;
@@ -433,6 +439,7 @@ pub(crate) async fn invoke(
                     InvokeOptions {
                         force_cold,
                         cold_path,
+                        restore_mode,
                     },
                 )
                 .await?;

@@ -86,6 +86,44 @@ fn init_main() -> Result<i32, InitError> {
         // which a cgroup namespace rooted at the template's group would hide.
         flags |= CloneFlags::CLONE_NEWCGROUP;
     }
+    // A lazy restore's pages are served by a helper process forked here, before the new
+    // pid namespace exists (a process that unshared its pid namespace can no longer start
+    // threads, and its later children would land in the sandbox's namespace). The sandbox's
+    // runtime makes the userfaultfd and hands it over on this socket; the helper serves it
+    // until this process (the sandbox's outer init) exits.
+    let mode = match spec.restore_mode.as_deref() {
+        None => spore_snapshot::restore::MemoryMode::Full,
+        Some(m) => m
+            .parse()
+            .map_err(std::io::Error::other)
+            .step(|| "the restore mode".into())?,
+    };
+    let lazy = match (&spec.restore, mode) {
+        (Some(_), spore_snapshot::restore::MemoryMode::Full) | (None, _) => None,
+        (Some(path), _) => {
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+                .step(|| "socketpair for the fault server".into())?;
+            let outer = std::process::id() as i32;
+            // SAFETY: single-threaded (see below); the child only serves faults and exits.
+            match unsafe { fork() }.step(|| "fork of the fault server".into())? {
+                ForkResult::Child => {
+                    drop(theirs);
+                    // Only the runtime may hold the control socket (stdin).
+                    if let Ok(null) = fs::File::open("/dev/null") {
+                        let _ = nix::unistd::dup2_stdin(null);
+                    }
+                    let served = spore_snapshot::image::Image::open(path).and_then(|image| {
+                        spore_snapshot::restore::run_server(&ours, &image, mode, outer)
+                    });
+                    if let Err(e) = served {
+                        eprintln!("spore restore: fault server: {e}");
+                    }
+                    std::process::exit(0);
+                }
+                ForkResult::Parent { .. } => Some(theirs),
+            }
+        }
+    };
     unshare(flags).step(|| "unsharing namespaces".into())?;
     // Pipes for the user-namespace handshake: the child says "unshared", the parent writes
     // its id maps (which needs CAP_SETUID in this, the parent, namespace) and says "go".
@@ -100,6 +138,7 @@ fn init_main() -> Result<i32, InitError> {
     // threads, so the child is a complete copy with no locks held by vanished threads.
     match unsafe { fork() }.step(|| "fork of the namespace init".into())? {
         ForkResult::Parent { child } => {
+            drop(lazy);
             // Only the runtime may hold the control socket, so that its death is seen as EOF.
             let devnull = fs::File::open("/dev/null").step(|| "opening /dev/null".into())?;
             nix::unistd::dup2_stdin(devnull).step(|| "closing the control socket".into())?;
@@ -117,7 +156,8 @@ fn init_main() -> Result<i32, InitError> {
         }
         ForkResult::Child => {
             let pipes = handshake.map(|((_, unshared), (go, _))| (unshared, go));
-            match child_main(&spec, pipes) {
+            let lazy = lazy.map(|theirs| (mode, theirs));
+            match child_main(&spec, pipes, lazy) {
                 Ok(never) => match never {},
                 Err(e) => fail(&e),
             }
@@ -160,7 +200,14 @@ fn inside(root: &Path, path: &str) -> PathBuf {
 
 type Handshake = (std::os::fd::OwnedFd, std::os::fd::OwnedFd);
 
-fn child_main(spec: &SandboxSpec, handshake: Option<Handshake>) -> Result<Infallible, InitError> {
+fn child_main(
+    spec: &SandboxSpec,
+    handshake: Option<Handshake>,
+    lazy: Option<(
+        spore_snapshot::restore::MemoryMode,
+        std::os::unix::net::UnixStream,
+    )>,
+) -> Result<Infallible, InitError> {
     prctl::set_pdeathsig(Signal::SIGKILL).step(|| "setting the parent-death signal".into())?;
     // A snapshot is read from the host's file system, before the rootfs hides it.
     let image = match &spec.restore {
@@ -175,6 +222,26 @@ fn child_main(spec: &SandboxSpec, handshake: Option<Handshake>) -> Result<Infall
         None => None,
     };
     build_rootfs(spec)?;
+    // userfaultfd needs privileges the sandbox is about to drop (and its seccomp filter
+    // denies the call).
+    // Both descriptors move above the numbers the set-up below assigns (the control socket
+    // becomes fd 3).
+    let lazy = match lazy {
+        Some((mode, sock)) => {
+            let moved = spore_snapshot::lazy::create().and_then(|uffd| {
+                Ok((
+                    mode,
+                    fd_above(uffd, 64)?,
+                    std::os::unix::net::UnixStream::from(fd_above(sock.into(), 64)?),
+                ))
+            });
+            match moved {
+                Ok(lazy) => Some(lazy),
+                Err(e) => restore_failed(&e),
+            }
+        }
+        None => None,
+    };
     sethostname(&spec.id).step(|| "setting the hostname".into())?;
     loopback_up()?;
     let nofile = spec.max_open_files;
@@ -213,10 +280,14 @@ fn child_main(spec: &SandboxSpec, handshake: Option<Handshake>) -> Result<Infall
     }
     chdir(spec.cwd.as_str()).step(|| format!("chdir {}", spec.cwd))?;
     if let Some(image) = image {
+        let (mode, lazy) = match lazy {
+            Some((mode, uffd, sock)) => (mode, Some((uffd, sock))),
+            None => (spore_snapshot::restore::MemoryMode::Full, None),
+        };
         let opts = spore_snapshot::restore::RestoreOptions {
-            mode: spore_snapshot::restore::MemoryMode::Full,
+            mode,
             keep_fds: vec![0, 1, 2, spec.control_fd],
-            lazy: None,
+            lazy,
         };
         match spore_snapshot::restore::restore(&image, &opts) {
             Ok(never) => match never {},
@@ -239,6 +310,24 @@ fn child_main(spec: &SandboxSpec, handshake: Option<Handshake>) -> Result<Infall
         .ok_or_else(|| std::io::Error::other("empty argv"))
         .step(|| "starting the runtime".into())?;
     execve(prog, &argv, &env).step(|| format!("exec {}", spec.argv[0]))
+}
+
+/// `fd` moved to the lowest free number >= `min` (close-on-exec).
+fn fd_above(
+    fd: std::os::fd::OwnedFd,
+    min: i32,
+) -> Result<std::os::fd::OwnedFd, spore_snapshot::SnapshotError> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: F_DUPFD_CLOEXEC duplicates a descriptor we own; the original closes on drop.
+    let new = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) };
+    if new < 0 {
+        return Err(spore_snapshot::SnapshotError::Restore(format!(
+            "moving a descriptor above {min}: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: `new` is a fresh descriptor owned by nobody else.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(new) })
 }
 
 fn restore_failed(e: &spore_snapshot::SnapshotError) -> ! {

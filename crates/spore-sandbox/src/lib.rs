@@ -113,6 +113,10 @@ pub struct SandboxSpec {
     /// snapshotted runtime.
     #[serde(default)]
     pub restore: Option<PathBuf>,
+    /// How the restore installs memory: `full`, `lazy` or `reap` (the last two are served by
+    /// the sandbox init's parent over userfaultfd).
+    #[serde(default)]
+    pub restore_mode: Option<String>,
 }
 
 /// A user-namespace id mapping: ids `0..count` inside are `host_base..host_base+count` outside.
@@ -233,6 +237,7 @@ mod tests {
             control_fd: 3,
             user_namespace: None,
             restore: None,
+            restore_mode: None,
         }
     }
 

@@ -246,11 +246,12 @@ pub fn serve(
     let meta = &image.meta;
     let mut report = ServeReport::default();
     let mut fds: Vec<(OwnedFd, Space)> = vec![(uffd, Space::default())];
-    // Partition cache: the last one decompressed.
-    let mut cached: Option<(usize, Vec<u8>)> = None;
+    // Partitions read (and checked) so far, kept: faults jump between them.
+    let mut cached: std::collections::HashMap<usize, Vec<u8>> = std::collections::HashMap::new();
     let mut scratch = Vec::new();
     let mut recording: Option<(PathBuf, Vec<u64>)> = record.map(|p| (p, Vec::new()));
     let mut last_fault = Instant::now();
+    let mut dirty = false;
     loop {
         let mut polls: Vec<libc::pollfd> = fds
             .iter()
@@ -262,7 +263,14 @@ pub fn serve(
                 revents: 0,
             })
             .collect();
-        let timeout = if recording.is_some() { 50 } else { -1 };
+        // While recording: a short timeout while pages are unsaved (saved after 1 ms without
+        // faults, because the daemon may stop an instance right after its first response),
+        // else a longer one to notice the quiet spell that ends the recording.
+        let timeout = match &recording {
+            Some(_) if dirty => 1,
+            Some(_) => 50,
+            None => -1,
+        };
         // SAFETY: `polls` is a valid array of pollfd of the length passed.
         let n = unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, timeout) };
         if n < 0 {
@@ -273,11 +281,14 @@ pub fn serve(
             return Err(SnapshotError::sys("poll", e));
         }
         if let Some((path, pages)) = &mut recording {
-            if n == 0 && last_fault.elapsed() >= QUIET {
+            if n == 0 && dirty {
                 pages.sort_unstable();
                 pages.dedup();
                 write_working_set(path, image, pages)?;
                 report.recorded = Some(pages.len() as u64);
+                dirty = false;
+            }
+            if n == 0 && last_fault.elapsed() >= QUIET {
                 recording = None;
             }
         }
@@ -318,19 +329,21 @@ pub fn serve(
                             let part = meta
                                 .partitions
                                 .partition_point(|p| p.first + p.pages <= stream);
-                            if cached.as_ref().map(|c| c.0) != Some(part) {
-                                let p = meta.partitions[part];
-                                let mut buf = cached.take().map(|c| c.1).unwrap_or_default();
-                                buf.resize((p.pages * PAGE) as usize, 0);
-                                image.read_partition(part, &mut scratch, &mut buf)?;
-                                cached = Some((part, buf));
-                            }
-                            let (_, buf) = cached.as_ref().expect("cached partition");
+                            let buf = match cached.entry(part) {
+                                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                                std::collections::hash_map::Entry::Vacant(e) => {
+                                    let p = meta.partitions[part];
+                                    let mut buf = vec![0u8; (p.pages * PAGE) as usize];
+                                    image.read_partition(part, &mut scratch, &mut buf)?;
+                                    e.insert(buf)
+                                }
+                            };
                             let off = ((stream - meta.partitions[part].first) * PAGE) as usize;
                             copy(raw, addr, buf[off..].as_ptr(), PAGE)?;
                             report.copied += 1;
                             if let Some((_, pages)) = &mut recording {
                                 pages.push(orig);
+                                dirty = true;
                             }
                         }
                         None => {
@@ -392,7 +405,7 @@ fn write_working_set(path: &Path, image: &Image, pages: &[u64]) -> Result<(), Sn
     }
     let crc = crc32fast::hash(&out);
     out.extend_from_slice(&crc.to_le_bytes());
-    let tmp = path.with_extension("ws-tmp");
+    let tmp = path.with_extension(format!("ws-tmp{}", std::process::id()));
     std::fs::write(&tmp, &out).map_err(|e| SnapshotError::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| SnapshotError::io(path, e))
 }

@@ -41,6 +41,10 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
     cfg.cpu_millis = args.cpu_millis;
     cfg.pids_max = args.pids_max;
     cfg.tmp_mb = args.tmp_mb;
+    cfg.snapshot_mode = args
+        .snapshot_mode
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--snapshot-mode: {e}"))?;
     cfg.snapshot_codec = args
         .snapshot_codec
         .parse()
@@ -813,6 +817,7 @@ fn demo_snapshots(client: &Client, ep: &str, functions: &Path, n: usize) -> Resu
         cold_cache: false,
         scratch: scratch.path().to_owned(),
         max_per_series: Duration::from_secs(60),
+        lazy_modes: false,
     };
     let results = spore_bench::snapshot::run(&cfg, &workloads, &|m| println!("   {m}"))?;
     println!();
@@ -1077,6 +1082,7 @@ pub fn bench(endpoint: &str, which: BenchCommand) -> Result<ExitCode> {
                 cold_cache,
                 scratch: out.join("snapshot-cold-start").join("images"),
                 max_per_series: Duration::from_secs(120),
+                lazy_modes: true,
             };
             let results = spore_bench::snapshot::run(&cfg, &workloads, &|m| eprintln!("   {m}"))?;
             let table = spore_bench::snapshot::table(&results);

@@ -167,6 +167,10 @@ struct ServeArgs {
     /// Size of each instance's /tmp, MiB.
     #[arg(long, default_value_t = 64)]
     tmp_mb: u32,
+    /// How restores install memory: full (all pages first), lazy (on first touch, via
+    /// userfaultfd) or reap (a recorded working set first, the rest lazily).
+    #[arg(long, default_value = "full")]
+    snapshot_mode: String,
     /// How snapshot images store pages: raw, lz4, zstd-N.
     #[arg(long, default_value = "raw")]
     snapshot_codec: String,

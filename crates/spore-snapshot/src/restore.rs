@@ -1092,10 +1092,12 @@ mod tests {
     #[test]
     fn modes_parse_with_clear_errors() {
         assert_eq!("full".parse::<MemoryMode>(), Ok(MemoryMode::Full));
-        assert!("lazy"
+        assert_eq!("reap".parse::<MemoryMode>(), Ok(MemoryMode::Reap));
+        assert_eq!("lazy".parse::<MemoryMode>(), Ok(MemoryMode::Lazy));
+        assert!("compressed"
             .parse::<MemoryMode>()
             .unwrap_err()
-            .contains("not implemented"));
+            .contains("--snapshot-codec"));
         assert!("fast"
             .parse::<MemoryMode>()
             .unwrap_err()

@@ -221,6 +221,16 @@ fn child_main(
         }
         None => None,
     };
+    // So is a reap restore's working set.
+    let working_set = match (&image, &lazy) {
+        (Some(image), Some((spore_snapshot::restore::MemoryMode::Reap, _))) => {
+            spore_snapshot::lazy::read_working_set(
+                &spore_snapshot::lazy::working_set_path(&image.path),
+                image,
+            )
+        }
+        _ => None,
+    };
     build_rootfs(spec)?;
     // userfaultfd needs privileges the sandbox is about to drop (and its seccomp filter
     // denies the call).
@@ -288,6 +298,7 @@ fn child_main(
             mode,
             keep_fds: vec![0, 1, 2, spec.control_fd],
             lazy,
+            working_set,
         };
         match spore_snapshot::restore::restore(&image, &opts) {
             Ok(never) => match never {},

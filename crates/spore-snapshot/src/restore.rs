@@ -83,6 +83,9 @@ pub struct RestoreOptions {
     /// Lazy and reap modes: a userfaultfd made by [`crate::lazy::create`] (which needs
     /// privileges the sandbox drops) and the socket to hand it to the fault server on.
     pub lazy: Option<(OwnedFd, std::os::unix::net::UnixStream)>,
+    /// Reap mode: the working set, when the caller read it already (a sandbox reads it
+    /// before its rootfs hides the data dir); otherwise it is read from beside the image.
+    pub working_set: Option<Vec<u64>>,
 }
 
 const PR_SET_MM: libc::c_int = 35;
@@ -794,11 +797,16 @@ pub fn restore(image: &Image, opts: &RestoreOptions) -> Result<Infallible, Snaps
         }
         (mode, Some((uffd, server))) => {
             let ws = match mode {
-                MemoryMode::Reap => crate::lazy::read_working_set(
-                    &crate::lazy::working_set_path(&image.path),
-                    image,
-                )
-                .unwrap_or_default(),
+                MemoryMode::Reap => opts
+                    .working_set
+                    .clone()
+                    .or_else(|| {
+                        crate::lazy::read_working_set(
+                            &crate::lazy::working_set_path(&image.path),
+                            image,
+                        )
+                    })
+                    .unwrap_or_default(),
                 _ => Vec::new(),
             };
             install_all(image, &|a| in_file(a) || ws.binary_search(&a).is_ok())?;
@@ -1057,6 +1065,7 @@ pub fn run_restorer() -> ! {
             mode,
             keep_fds,
             lazy,
+            working_set: None,
         },
     ) {
         Ok(never) => match never {},

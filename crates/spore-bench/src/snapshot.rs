@@ -152,6 +152,18 @@ pub fn run(
         }
         drop(original);
         let (mut series, mut startup) = (Vec::new(), Vec::new());
+        // `n` fresh starts with these headers, each checked to start as `expect`; with
+        // `cold`, the page cache is dropped before each.
+        let starts = |cold: bool, headers: &[(&str, &str)], expect: &str| {
+            bounded(cfg.n, cfg.max_per_series, || {
+                if cold {
+                    drop_caches()?;
+                }
+                let s = invoke_headers(&http, ep, &w.function, &w.payload, headers)?;
+                check_start(&w.function, &s.start, expect)?;
+                Ok((s.latency_ms, s.init_ms))
+            })
+        };
         let caches: &[bool] = if cfg.cold_cache {
             &[false, true]
         } else {
@@ -160,14 +172,7 @@ pub fn run(
         for &cold in caches {
             let suffix = if cold { "+dropcache" } else { "" };
             progress(&format!("{}: {} init{suffix}", w.function, cfg.n));
-            let init = bounded(cfg.n, cfg.max_per_series, || {
-                if cold {
-                    drop_caches()?;
-                }
-                let s = invoke_with(&http, ep, &w.function, &w.payload, Some("init"))?;
-                check_start(&w.function, &s.start, "cold")?;
-                Ok((s.latency_ms, s.init_ms))
-            })?;
+            let init = starts(cold, &[("X-Spore-Cold", "init")], "cold")?;
             push(&mut series, &mut startup, format!("init{suffix}"), init);
             for (codec, path) in &variants {
                 put_in_place(path, &image)?;
@@ -175,14 +180,7 @@ pub fn run(
                     "{}: {} restore from {codec}{suffix}",
                     w.function, cfg.n
                 ));
-                let restores = bounded(cfg.n, cfg.max_per_series, || {
-                    if cold {
-                        drop_caches()?;
-                    }
-                    let s = invoke_with(&http, ep, &w.function, &w.payload, Some("restore"))?;
-                    check_start(&w.function, &s.start, "restore")?;
-                    Ok((s.latency_ms, s.init_ms))
-                })?;
+                let restores = starts(cold, &[("X-Spore-Cold", "restore")], "restore")?;
                 push(
                     &mut series,
                     &mut startup,
@@ -196,14 +194,13 @@ pub fn run(
                 put_in_place(raw, &image)?;
                 let ws = spore_snapshot::lazy::working_set_path(&image);
                 let _ = std::fs::remove_file(&ws);
-                let restore = |mode: &str| {
-                    let headers = [("X-Spore-Cold", "restore"), ("X-Spore-Restore-Mode", mode)];
-                    let s = invoke_headers(&http, ep, &w.function, &w.payload, &headers)?;
-                    check_start(&w.function, &s.start, "restore")?;
-                    Ok::<_, BenchError>((s.latency_ms, s.init_ms))
-                };
                 // The first reap restore records the working set once the runtime is quiet.
-                restore("reap")?;
+                let headers = [
+                    ("X-Spore-Cold", "restore"),
+                    ("X-Spore-Restore-Mode", "reap"),
+                ];
+                let s = invoke_headers(&http, ep, &w.function, &w.payload, &headers)?;
+                check_start(&w.function, &s.start, "restore")?;
                 let deadline = std::time::Instant::now() + Duration::from_secs(5);
                 while !ws.exists() && std::time::Instant::now() < deadline {
                     std::thread::sleep(Duration::from_millis(50));
@@ -221,12 +218,8 @@ pub fn run(
                             "{}: {} {mode} restores{suffix}",
                             w.function, cfg.n
                         ));
-                        let s = bounded(cfg.n, cfg.max_per_series, || {
-                            if cold {
-                                drop_caches()?;
-                            }
-                            restore(mode)
-                        })?;
+                        let headers = [("X-Spore-Cold", "restore"), ("X-Spore-Restore-Mode", mode)];
+                        let s = starts(cold, &headers, "restore")?;
                         push(
                             &mut series,
                             &mut startup,

@@ -678,6 +678,28 @@ fn restore_thread(image: &Image) -> Result<(), SnapshotError> {
     Ok(())
 }
 
+/// Moves the whole mapping `[from, from+len)` to `to` (replacing what is there).
+///
+/// # Safety
+/// `[from, from+len)` must be one whole mapping nothing references any more, and
+/// `[to, to+len)` free or ours to replace.
+unsafe fn move_whole(from: u64, to: u64, len: u64) -> Result<(), SnapshotError> {
+    // SAFETY: the caller's contract.
+    let r = unsafe {
+        libc::mremap(
+            from as *mut libc::c_void,
+            len as usize,
+            len as usize,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            to as *mut libc::c_void,
+        )
+    };
+    if r == libc::MAP_FAILED {
+        return Err(errno_err("mremap of the vDSO"));
+    }
+    Ok(())
+}
+
 /// Moves this process's vDSO and vvar pages to the image's addresses.
 fn move_vdso(image: &Image, own: &[MapLine]) -> Result<(), SnapshotError> {
     let want: Vec<&Region> = image
@@ -727,36 +749,14 @@ fn move_vdso(image: &Image, own: &[MapLine]) -> Result<(), SnapshotError> {
     let mut at = stage as u64;
     let mut staged = Vec::new();
     for &(from, to, len) in &moves {
-        // SAFETY: moves a whole special mapping of ours onto our own reservation.
-        let r = unsafe {
-            libc::mremap(
-                from as *mut libc::c_void,
-                len as usize,
-                len as usize,
-                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-                at as *mut libc::c_void,
-            )
-        };
-        if r == libc::MAP_FAILED {
-            return Err(errno_err("mremap of the vDSO"));
-        }
+        // SAFETY: a whole special mapping of ours onto our own reservation.
+        unsafe { move_whole(from, at, len)? };
         staged.push((at, to, len));
         at += len;
     }
     for (from, to, len) in staged {
         // SAFETY: the target range is the image's vDSO place, checked free in preflight.
-        let r = unsafe {
-            libc::mremap(
-                from as *mut libc::c_void,
-                len as usize,
-                len as usize,
-                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-                to as *mut libc::c_void,
-            )
-        };
-        if r == libc::MAP_FAILED {
-            return Err(errno_err("mremap of the vDSO"));
-        }
+        unsafe { move_whole(from, to, len)? };
     }
     Ok(())
 }

@@ -702,6 +702,11 @@ impl Instance {
         self.cgroup.as_ref().map(Cgroup::pids).unwrap_or_default()
     }
 
+    /// Memory charged to the instance's cgroup now, bytes.
+    pub fn memory_bytes(&self) -> Option<u64> {
+        self.cgroup.as_ref().and_then(Cgroup::memory_current)
+    }
+
     /// Peak memory use of the sandbox, MiB.
     pub fn memory_peak_mb(&self) -> Option<u64> {
         self.cgroup

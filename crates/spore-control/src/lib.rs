@@ -103,6 +103,10 @@ pub struct ControlConfig {
     pub snapshot_codec: spore_snapshot::image::Codec,
     /// How restores install memory unless a request says otherwise (full by default).
     pub snapshot_mode: spore_snapshot::restore::MemoryMode,
+    /// Most memory idle instances may hold together, MiB (None: no limit beyond the
+    /// keep-alive). Over it, the reaper stops idle instances, those it can restore from a
+    /// snapshot first, then the longest idle.
+    pub idle_memory_mb: Option<u64>,
 }
 
 impl ControlConfig {
@@ -120,6 +124,7 @@ impl ControlConfig {
             max_templates: 16,
             snapshot_codec: spore_snapshot::image::Codec::None,
             snapshot_mode: spore_snapshot::restore::MemoryMode::Full,
+            idle_memory_mb: None,
         }
     }
 }
@@ -1089,8 +1094,71 @@ impl Control {
                 for pool in this.pools_snapshot() {
                     spawn_destroy(pool.take_idle(|i| i.last_used.elapsed() > keep));
                 }
+                if let Some(budget) = this.inner.cfg.idle_memory_mb {
+                    this.enforce_idle_budget(budget << 20);
+                }
             }
         });
+    }
+
+    /// Stops idle instances until those left hold at most `budget` bytes: first the ones
+    /// whose function can be restored from a snapshot (cheap to bring back), then the
+    /// longest idle.
+    fn enforce_idle_budget(&self, budget: u64) {
+        let pools: Vec<(String, Arc<Pool>)> = self
+            .inner
+            .pools
+            .lock()
+            .expect("pools lock")
+            .iter()
+            .map(|(n, p)| (n.clone(), p.clone()))
+            .collect();
+        // (restorable, idle since, bytes, pool, instance id)
+        let mut idle = Vec::new();
+        for (name, pool) in &pools {
+            let restorable = self
+                .registry()
+                .get(name)
+                .filter(|r| r.manifest.snapshot)
+                .and_then(|r| self.inner.snapshots.current(name, r.revision))
+                .is_some();
+            let st = pool.state.lock().expect("pool lock");
+            for inst in &st.idle {
+                let bytes = inst.memory_bytes().unwrap_or(0);
+                idle.push((
+                    restorable,
+                    inst.last_used,
+                    bytes,
+                    pool.clone(),
+                    inst.id.clone(),
+                ));
+            }
+        }
+        let mut total: u64 = idle.iter().map(|x| x.2).sum();
+        if total <= budget {
+            return;
+        }
+        idle.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        for (restorable, _, bytes, pool, id) in idle {
+            if total <= budget {
+                break;
+            }
+            let taken = pool.take_idle(|i| i.id == id);
+            if !taken.is_empty() {
+                tracing::info!(
+                    "stopping idle instance {id} ({:.1} MiB{}) to keep idle instances under {} MiB",
+                    bytes as f64 / 1048576.0,
+                    if restorable {
+                        ", restorable from its snapshot"
+                    } else {
+                        ""
+                    },
+                    budget >> 20
+                );
+                total = total.saturating_sub(bytes);
+                spawn_destroy(taken);
+            }
+        }
     }
 
     /// Stops taking invocations, waits up to `grace` for those in flight, then stops every

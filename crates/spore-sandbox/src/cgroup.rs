@@ -262,6 +262,19 @@ impl Cgroup {
             .ok()
     }
 
+    /// Memory charged to the group now, in bytes.
+    pub fn memory_current(&self) -> Option<u64> {
+        let file = match self.layout {
+            Layout::V1 { .. } => "memory.usage_in_bytes",
+            Layout::V2 { .. } => "memory.current",
+        };
+        fs::read_to_string(self.memory_dir().join(file))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
     /// Peak memory use in bytes, where the kernel reports it.
     pub fn memory_peak(&self) -> Option<u64> {
         let file = match self.layout {

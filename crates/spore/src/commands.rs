@@ -41,6 +41,7 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
     cfg.cpu_millis = args.cpu_millis;
     cfg.pids_max = args.pids_max;
     cfg.tmp_mb = args.tmp_mb;
+    cfg.idle_memory_mb = args.idle_memory_mb;
     cfg.snapshot_mode = args
         .snapshot_mode
         .parse()

@@ -167,6 +167,10 @@ struct ServeArgs {
     /// Size of each instance's /tmp, MiB.
     #[arg(long, default_value_t = 64)]
     tmp_mb: u32,
+    /// Most memory idle instances may hold together, MiB: over it, idle instances are
+    /// stopped (those restorable from a snapshot first, then the longest idle).
+    #[arg(long)]
+    idle_memory_mb: Option<u64>,
     /// How restores install memory: full (all pages first), lazy (on first touch, via
     /// userfaultfd) or reap (a recorded working set first, the rest lazily).
     #[arg(long, default_value = "full")]
@@ -305,6 +309,17 @@ fn main() -> ExitCode {
         spore_snapshot::run_restorer();
     }
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_) | Command::Demo(_) | Command::Bench { .. }) {
+        // A client command whose output goes to a closed pipe (`spore snapshot inspect f |
+        // head`) ends quietly, as other command-line tools do, instead of panicking.
+        // SAFETY: restores the default action of one signal before any thread starts.
+        let _ = unsafe {
+            nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGPIPE,
+                nix::sys::signal::SigHandler::SigDfl,
+            )
+        };
+    }
     let result = match cli.command {
         Command::Serve(args) => commands::serve(args),
         Command::Deploy { dir } => commands::deploy(&cli.endpoint, &dir),

@@ -459,3 +459,30 @@ fn daemon_restores_snapshotted_functions_isolated_and_falls_back_when_refused() 
     assert!(!snapshots(&d).iter().any(|s| s["function"] == "rng"));
     d.stop();
 }
+
+#[test]
+fn over_the_idle_memory_budget_instances_go_and_come_back_restored() {
+    if !common::can_sandbox("over_the_idle_memory_budget_instances_go_and_come_back_restored") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut d = common::Daemon::start_at(&tmp.path().join("data"), &["--idle-memory-mb", "1"]);
+    d.deploy_snapshotted(&common::fixture("rng"), "rng");
+    let r = d.invoke_raw("rng", b"{}", &[]);
+    assert_eq!(r.headers()["x-spore-start"], "cold");
+    // The reaper (every second) stops the idle instance: it holds more than 1 MiB.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let f = d.get_json("/2015-03-31/functions/rng");
+        if f["Spore"]["Instances"]["Total"] == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still there: {f}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(d.log_text().contains("to keep idle instances under 1 MiB"));
+    // The next call, with no cold header, starts from the snapshot.
+    let r = d.invoke_raw("rng", b"{}", &[]);
+    assert_eq!(r.headers()["x-spore-start"], "restore");
+    d.stop();
+}

@@ -309,7 +309,10 @@ fn main() -> ExitCode {
         spore_snapshot::run_restorer();
     }
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Serve(_) | Command::Demo(_) | Command::Bench { .. }) {
+    if !matches!(
+        cli.command,
+        Command::Serve(_) | Command::Demo(_) | Command::Bench { .. }
+    ) {
         // A client command whose output goes to a closed pipe (`spore snapshot inspect f |
         // head`) ends quietly, as other command-line tools do, instead of panicking.
         // SAFETY: restores the default action of one signal before any thread starts.

@@ -264,22 +264,19 @@ impl Cgroup {
 
     /// Memory charged to the group now, in bytes.
     pub fn memory_current(&self) -> Option<u64> {
-        let file = match self.layout {
-            Layout::V1 { .. } => "memory.usage_in_bytes",
-            Layout::V2 { .. } => "memory.current",
-        };
-        fs::read_to_string(self.memory_dir().join(file))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
+        self.memory_counter("memory.usage_in_bytes", "memory.current")
     }
 
     /// Peak memory use in bytes, where the kernel reports it.
     pub fn memory_peak(&self) -> Option<u64> {
+        self.memory_counter("memory.max_usage_in_bytes", "memory.peak")
+    }
+
+    /// A byte counter of the memory controller, named `v1` or `v2` by hierarchy.
+    fn memory_counter(&self, v1: &str, v2: &str) -> Option<u64> {
         let file = match self.layout {
-            Layout::V1 { .. } => "memory.max_usage_in_bytes",
-            Layout::V2 { .. } => "memory.peak",
+            Layout::V1 { .. } => v1,
+            Layout::V2 { .. } => v2,
         };
         fs::read_to_string(self.memory_dir().join(file))
             .ok()?

@@ -22,6 +22,9 @@ pub struct Snapshots {
     codec: Codec,
     /// Functions whose snapshot is being taken now.
     busy: Mutex<HashSet<String>>,
+    /// Functions (and the revision) whose runtime cannot be snapshotted: not tried again
+    /// until a redeploy.
+    refused: Mutex<std::collections::HashMap<String, u64>>,
 }
 
 /// A snapshot being taken; dropping it lets another attempt start.
@@ -29,6 +32,7 @@ pub struct Snapshots {
 pub struct Pending {
     store: Arc<Snapshots>,
     function: String,
+    revision: u64,
     path: PathBuf,
 }
 
@@ -39,9 +43,23 @@ impl Pending {
         let opts = CaptureOptions {
             function: self.function.clone(),
             codec: self.store.codec,
+            allowed_fds: Some(vec![0, 1, 2, spore_runtime::CONTROL_FD]),
             ..CaptureOptions::default()
         };
-        let report = capture(pid, context, &self.path, &opts).map_err(|e| e.to_string())?;
+        let report = match capture(pid, context, &self.path, &opts) {
+            Ok(report) => report,
+            Err(e) => {
+                if matches!(e, spore_snapshot::SnapshotError::Unsupported(_)) {
+                    // The runtime itself is the problem: trying at every init would only cost.
+                    self.store
+                        .refused
+                        .lock()
+                        .expect("snapshots lock")
+                        .insert(self.function.clone(), self.revision);
+                }
+                return Err(e.to_string());
+            }
+        };
         tracing::info!(
             function = %self.function,
             "snapshot taken: {} stored pages, {} zero, {:.1} MiB on disk ({:.1} ms read, {:.1} ms write)",
@@ -109,6 +127,7 @@ impl Snapshots {
             dir,
             codec,
             busy: Mutex::new(HashSet::new()),
+            refused: Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -138,6 +157,10 @@ impl Snapshots {
         if self.current(function, revision).is_some() {
             return None;
         }
+        let refused = self.refused.lock().expect("snapshots lock").get(function) == Some(&revision);
+        if refused {
+            return None;
+        }
         if !self
             .busy
             .lock()
@@ -149,6 +172,7 @@ impl Snapshots {
         Some(Arc::new(Pending {
             store: self.clone(),
             function: function.to_owned(),
+            revision,
             path: self.path(function, revision),
         }))
     }

@@ -34,6 +34,9 @@ pub struct CaptureOptions {
     /// Leave zero pages out of the data (always on in practice; off only to measure what
     /// elision saves).
     pub elide_zero: bool,
+    /// Descriptors a restore will provide (None: any). A runtime holding another one (a file
+    /// its handler opened at import) is refused here, rather than at every restore.
+    pub allowed_fds: Option<Vec<i32>>,
 }
 
 impl Default for CaptureOptions {
@@ -44,6 +47,7 @@ impl Default for CaptureOptions {
             partition_pages: image::DEFAULT_PARTITION_PAGES,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             elide_zero: true,
+            allowed_fds: None,
         }
     }
 }
@@ -268,13 +272,22 @@ pub fn capture(
             "record address {context_addr:#x} is not inside any mapping"
         )));
     }
-    let fds = procfs::fds(&pid_s)?
+    let fds: Vec<FdRecord> = procfs::fds(&pid_s)?
         .into_iter()
         .map(|(fd, target)| FdRecord {
             fd,
             target: target.display().to_string(),
         })
         .collect();
+    if let Some(allowed) = &opts.allowed_fds {
+        if let Some(extra) = fds.iter().find(|f| !allowed.contains(&f.fd)) {
+            return Err(SnapshotError::Unsupported(format!(
+                "descriptor {} ({}) is open; a restored runtime gets only descriptors {allowed:?} \
+                 (close files the handler opens at import, or open them per invocation)",
+                extra.fd, extra.target
+            )));
+        }
+    }
     let read_ms = started.elapsed().as_secs_f64() * 1e3;
     let written = Instant::now();
     let meta = Meta {

@@ -500,3 +500,31 @@ fn over_the_idle_memory_budget_instances_go_and_come_back_restored() {
     assert_eq!(r.headers()["x-spore-start"], "restore");
     d.stop();
 }
+
+#[test]
+fn a_runtime_holding_files_is_not_snapshotted_and_says_why_once() {
+    if !common::can_sandbox("a_runtime_holding_files_is_not_snapshotted_and_says_why_once")
+        || !can_snapshot("a_runtime_holding_files_is_not_snapshotted_and_says_why_once")
+    {
+        return;
+    }
+    let mut d = common::Daemon::start();
+    d.deploy_snapshotted(&common::fixture("holdfile"), "holdfile");
+    for _ in 0..3 {
+        let r = d.invoke_raw("holdfile", b"{}", &[("X-Spore-Cold", "1")]);
+        assert_eq!(r.headers()["x-spore-start"], "cold");
+        assert_eq!(r.status(), 200);
+    }
+    assert!(snapshots(&d).is_empty());
+    let log = d.log_text();
+    assert_eq!(
+        log.matches("snapshot not taken").count(),
+        1,
+        "tried once per revision: {log}"
+    );
+    assert!(
+        log.contains("is open; a restored runtime gets only descriptors"),
+        "{log}"
+    );
+    d.stop();
+}

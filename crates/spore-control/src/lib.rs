@@ -767,7 +767,9 @@ impl Control {
                     Some(_) => false,
                     None => rec.manifest.snapshot,
                 };
-                if let Some(image) = snaps.current(name, rec.revision).filter(|_| restore) {
+                // Only snapshot users pay for looking at the store.
+                let image = restore.then(|| snaps.current(name, rec.revision)).flatten();
+                if let Some(image) = image {
                     let mode = opts.restore_mode.unwrap_or(self.inner.cfg.snapshot_mode);
                     let how = ColdStart::Restore(image.clone(), mode);
                     match Instance::start(
@@ -789,10 +791,12 @@ impl Control {
                         }
                     }
                 }
-                let how = match snaps.begin(name, rec.revision) {
-                    Some(pending) if rec.manifest.snapshot => ColdStart::InitAndSnapshot(pending),
-                    _ => ColdStart::Init,
-                };
+                let pending = rec
+                    .manifest
+                    .snapshot
+                    .then(|| snaps.begin(name, rec.revision))
+                    .flatten();
+                let how = pending.map_or(ColdStart::Init, ColdStart::InitAndSnapshot);
                 let inst = Instance::start(env, rec, code_dir, log, init_timeout, how).await?;
                 Ok((inst, StartKind::Cold))
             }

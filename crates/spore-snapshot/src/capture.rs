@@ -67,10 +67,6 @@ pub struct CaptureReport {
     pub write_ms: f64,
 }
 
-fn is_special(name: &str) -> bool {
-    matches!(name, "[vdso]" | "[vvar]" | "[vvar_vclock]")
-}
-
 fn prot_bits(m: &MapLine) -> u8 {
     (if m.read { prot::R } else { 0 })
         | (if m.write { prot::W } else { 0 })
@@ -119,7 +115,7 @@ fn region_of(pid: i32, m: &MapLine) -> Result<Option<Region>, SnapshotError> {
     if m.name == "[vsyscall]" {
         return Ok(None);
     }
-    let kind = if is_special(&m.name) {
+    let kind = if procfs::is_vdso(&m.name) {
         RegionKind::Special {
             name: m.name.clone(),
         }

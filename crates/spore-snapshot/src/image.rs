@@ -254,6 +254,14 @@ impl Meta {
         self.runs.iter().filter(|r| r.zero).map(|r| r.pages).sum()
     }
 
+    /// Whether `addr` lies in a file-backed region (whose written pages are always installed
+    /// up front: userfaultfd cannot serve private file mappings).
+    pub fn in_file_region(&self, addr: u64) -> bool {
+        self.regions
+            .iter()
+            .any(|r| matches!(r.kind, RegionKind::File { .. }) && r.start <= addr && addr < r.end)
+    }
+
     /// Bytes of all the mappings.
     pub fn mapped_bytes(&self) -> u64 {
         self.regions.iter().map(|r| r.end - r.start).sum()

@@ -47,6 +47,12 @@ impl MapLine {
     }
 }
 
+/// Whether `name` is one of the kernel's per-process mappings a restore moves rather than
+/// recreates (`[vdso]`, `[vvar]`, `[vvar_vclock]`).
+pub fn is_vdso(name: &str) -> bool {
+    matches!(name, "[vdso]" | "[vvar]" | "[vvar_vclock]")
+}
+
 /// Parses the text of a maps file.
 pub fn parse_maps(text: &str) -> Result<Vec<MapLine>, SnapshotError> {
     text.lines()

@@ -230,10 +230,6 @@ fn subtract(start: u64, end: u64, taken: &[(u64, u64)]) -> Vec<(u64, u64)> {
     out
 }
 
-fn is_special(name: &str) -> bool {
-    matches!(name, "[vdso]" | "[vvar]" | "[vvar_vclock]")
-}
-
 /// Checks before anything changes: files unchanged, no overlap, one thread, descriptors.
 fn preflight(
     image: &Image,
@@ -279,7 +275,7 @@ fn preflight(
         let special = matches!(r.kind, RegionKind::Special { .. });
         for m in own {
             // Our own vDSO pages move out of the way; everything else must be free.
-            if (special && is_special(&m.name)) || m.name == "[vsyscall]" {
+            if (special && procfs::is_vdso(&m.name)) || m.name == "[vsyscall]" {
                 continue;
             }
             if overlaps((r.start, r.end), (m.start, m.end)) {
@@ -357,10 +353,7 @@ fn install_all(image: &Image, wanted: &(dyn Fn(u64) -> bool + Sync)) -> Result<(
     // Zero runs in anonymous memory are already zero; in file mappings they overwrite the
     // file's bytes.
     for run in meta.runs.iter().filter(|r| r.zero) {
-        let in_file = meta.regions.iter().any(|r| {
-            matches!(r.kind, RegionKind::File { .. }) && r.start <= run.addr && run.addr < r.end
-        });
-        if in_file && wanted(run.addr) {
+        if meta.in_file_region(run.addr) && wanted(run.addr) {
             // SAFETY: the run lies inside a region mapped writable above.
             unsafe { std::ptr::write_bytes(run.addr as *mut u8, 0, (run.pages * PAGE) as usize) };
         }
@@ -781,12 +774,6 @@ pub fn restore(image: &Image, opts: &RestoreOptions) -> Result<Infallible, Snaps
     for r in &image.meta.regions {
         map_region(r, &files)?;
     }
-    let in_file =
-        |addr: u64| {
-            image.meta.regions.iter().any(|r| {
-                matches!(r.kind, RegionKind::File { .. }) && r.start <= addr && addr < r.end
-            })
-        };
     match (opts.mode, &opts.lazy) {
         (MemoryMode::Full, _) => install_all(image, &|_| true)?,
         (_, None) => {
@@ -809,7 +796,9 @@ pub fn restore(image: &Image, opts: &RestoreOptions) -> Result<Infallible, Snaps
                     .unwrap_or_default(),
                 _ => Vec::new(),
             };
-            install_all(image, &|a| in_file(a) || ws.binary_search(&a).is_ok())?;
+            install_all(image, &|a| {
+                image.meta.in_file_region(a) || ws.binary_search(&a).is_ok()
+            })?;
             for r in &image.meta.regions {
                 if matches!(r.kind, RegionKind::Anon { .. }) && r.prot != 0 {
                     crate::lazy::register(uffd, r.start, r.end - r.start)?;
@@ -865,7 +854,7 @@ fn jump(image: &Image, own_before: &[MapLine]) -> Result<Infallible, SnapshotErr
     let mut unmap: Vec<(u64, u64)> = Vec::new();
     for m in now
         .iter()
-        .filter(|m| m.name != "[vsyscall]" && !is_special(&m.name))
+        .filter(|m| m.name != "[vsyscall]" && !procfs::is_vdso(&m.name))
     {
         for (s, e) in subtract(m.start, m.end, &taken) {
             unmap.push((s, e - s));

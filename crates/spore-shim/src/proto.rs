@@ -1,0 +1,305 @@
+//! What travels over the link: the greeting, a unit's description and load, and the calls the
+//! control plane makes on a unit's shim with their answers. Headers are JSON (small, easy to
+//! evolve: unknown fields are ignored); bodies (events, results, code packages) are raw bytes.
+
+use serde::{Deserialize, Serialize};
+use spore_core::{FunctionError, FunctionManifest, StartKind};
+
+/// Link protocol versions this build speaks (inclusive).
+pub const VERSIONS: (u16, u16) = (1, 1);
+
+/// The id of the unit the control plane runs itself.
+pub const CONTROL_UNIT: u32 = 0;
+
+/// What a processing unit declares about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnitInfo {
+    /// Unit id, unique in the cluster (0: the control plane's own).
+    pub id: u32,
+    /// Instruction set (`x86_64`, `aarch64`, ...).
+    pub arch: String,
+    /// CPU cores available to sandboxes.
+    pub cores: u32,
+    /// Memory, MiB.
+    pub memory_mb: u64,
+    /// Accelerators (`gpu`, `fpga`, ...).
+    #[serde(default)]
+    pub accelerators: Vec<String>,
+    /// Host name, for people reading `spore units`.
+    #[serde(default)]
+    pub hostname: String,
+    /// The Spore version the unit runs.
+    #[serde(default)]
+    pub version: String,
+}
+
+impl UnitInfo {
+    /// Describes this host as unit `id`: its architecture, cores and memory, and a `gpu` if
+    /// an NVIDIA device node is present. `arch` and `accelerators` override what is detected
+    /// (to declare a unit's role when simulating a DPU or an accelerator host).
+    pub fn detect(id: u32, arch: Option<String>, accelerators: Option<Vec<String>>) -> UnitInfo {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+        let memory_mb = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find(|l| l.starts_with("MemTotal:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|kb| kb.parse::<u64>().ok())
+            })
+            .map_or(0, |kb| kb / 1024);
+        let detected = if std::path::Path::new("/dev/nvidia0").exists() {
+            vec!["gpu".to_owned()]
+        } else {
+            Vec::new()
+        };
+        let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default();
+        UnitInfo {
+            id,
+            arch: arch.unwrap_or_else(|| std::env::consts::ARCH.to_owned()),
+            cores,
+            memory_mb,
+            accelerators: accelerators.unwrap_or(detected),
+            hostname,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        }
+    }
+
+    /// Why this unit cannot run a function that needs `arch` and `accelerator`, if it cannot.
+    pub fn lacks(&self, arch: Option<&str>, accelerator: Option<&str>) -> Option<String> {
+        if let Some(a) = arch {
+            if a != self.arch {
+                return Some(format!("unit {} is {}, not {a}", self.id, self.arch));
+            }
+        }
+        if let Some(acc) = accelerator {
+            if !self.accelerators.iter().any(|x| x == acc) {
+                return Some(format!("unit {} has no {acc}", self.id));
+            }
+        }
+        None
+    }
+}
+
+/// A unit's load, sent with every heartbeat.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnitLoad {
+    /// Invocations running.
+    pub inflight: u32,
+    /// Live instances (idle and busy).
+    pub instances: u32,
+    /// Live cfork templates.
+    pub templates: u32,
+    /// `MemAvailable`, MiB.
+    pub mem_available_mb: u64,
+}
+
+/// Which side of the link a peer is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The control plane (`spore serve`).
+    Control,
+    /// A unit's shim (`spore shim`).
+    Shim,
+}
+
+/// The dialer's greeting.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Hello {
+    /// Lowest link version the dialer speaks.
+    pub min_version: u16,
+    /// Highest.
+    pub max_version: u16,
+    /// The dialer's role.
+    pub role: Role,
+    /// The dialer's unit.
+    pub unit: UnitInfo,
+}
+
+/// The acceptor's answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HelloAck {
+    /// The version both speak.
+    pub version: u16,
+    /// The acceptor's role.
+    pub role: Role,
+    /// The acceptor's unit.
+    pub unit: UnitInfo,
+}
+
+/// The highest version both ranges hold.
+pub fn negotiate(ours: (u16, u16), theirs: (u16, u16)) -> Option<u16> {
+    let hi = ours.1.min(theirs.1);
+    let lo = ours.0.max(theirs.0);
+    (lo <= hi).then_some(hi)
+}
+
+/// A call the control plane makes on a shim.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Call {
+    /// Invoke a function; the body is the event. The shim answers
+    /// [`RemoteErrorKind::NeedsCode`] if it does not hold exactly this code and manifest.
+    Invoke {
+        /// The function's manifest on the control plane.
+        manifest: FunctionManifest,
+        /// The control plane's code id (sha-256 hex of its package).
+        code: String,
+        /// Serve from a fresh instance.
+        #[serde(default)]
+        force_cold: bool,
+        /// With `force_cold`: how it starts (None: the function's default).
+        #[serde(default)]
+        cold_path: Option<StartKind>,
+        /// How a restore installs memory (`full`, `lazy`, `reap`; None: the unit's default).
+        #[serde(default)]
+        restore_mode: Option<String>,
+    },
+    /// Install or replace a function; the body is its code package (zip).
+    Deploy {
+        /// Manifest.
+        manifest: FunctionManifest,
+        /// Description.
+        #[serde(default)]
+        description: String,
+        /// The control plane's code id.
+        code: String,
+    },
+    /// Remove a function from the unit.
+    Remove {
+        /// Its name.
+        function: String,
+    },
+    /// The functions the control plane knows: the unit drops any other.
+    Sync {
+        /// Their names.
+        functions: Vec<String>,
+    },
+    /// Send the body back (link measurements).
+    Echo,
+}
+
+/// A shim's answer to a [`Call`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Answer {
+    /// The invocation ran (the body is the result when `error` is None).
+    Invoked {
+        /// Request id on the unit.
+        request_id: String,
+        /// How the instance started.
+        start: StartKind,
+        /// Start-up time of a fresh instance, ms.
+        init_ms: f64,
+        /// Time spent on the unit, ms.
+        total_ms: f64,
+        /// The function's error.
+        error: Option<FunctionError>,
+        /// The Lambda-style log block.
+        log: String,
+        /// Start-up steps, ms.
+        #[serde(default)]
+        breakdown: Vec<(String, f64)>,
+        /// From the request reaching the unit to the handler, ms.
+        #[serde(default)]
+        to_handler_ms: Option<f64>,
+        /// `CLOCK_MONOTONIC` ns at handler start and end.
+        #[serde(default)]
+        handler_ns: (u64, u64),
+    },
+    /// The function is installed at this revision on the unit.
+    Deployed {
+        /// Revision on the unit.
+        revision: u64,
+    },
+    /// The function is gone from the unit.
+    Removed,
+    /// Functions the unit dropped.
+    Synced {
+        /// Their names.
+        removed: Vec<String>,
+    },
+    /// The body is the request's body.
+    Echoed,
+}
+
+/// Why a call failed on the far side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RemoteErrorKind {
+    /// No such function there.
+    NotFound,
+    /// The unit lacks this code or manifest: deploy, then call again.
+    NeedsCode,
+    /// A parameter was refused.
+    InvalidParameter,
+    /// The payload is not JSON.
+    InvalidRequestContent,
+    /// Too large.
+    RequestTooLarge,
+    /// Every instance stayed busy.
+    TooManyRequests,
+    /// The unit cannot serve now (shutting down, sandboxes unsupported).
+    Unavailable,
+    /// A platform failure there.
+    Internal,
+    /// The call itself was malformed or unknown.
+    BadCall,
+}
+
+/// A failed call, as the far side reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct RemoteError {
+    /// What kind.
+    pub kind: RemoteErrorKind,
+    /// The message.
+    pub message: String,
+}
+
+impl RemoteError {
+    /// A new error.
+    pub fn new(kind: RemoteErrorKind, message: impl Into<String>) -> Self {
+        RemoteError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_negotiate_to_the_highest_common() {
+        assert_eq!(negotiate((1, 1), (1, 1)), Some(1));
+        assert_eq!(negotiate((1, 3), (2, 5)), Some(3));
+        assert_eq!(negotiate((1, 1), (2, 3)), None);
+    }
+
+    #[test]
+    fn units_say_what_they_lack() {
+        let mut u = UnitInfo::detect(3, Some("aarch64".into()), Some(vec!["gpu".into()]));
+        assert_eq!(u.lacks(Some("aarch64"), Some("gpu")), None);
+        assert_eq!(
+            u.lacks(Some("x86_64"), None).as_deref(),
+            Some("unit 3 is aarch64, not x86_64")
+        );
+        u.accelerators.clear();
+        assert_eq!(
+            u.lacks(None, Some("gpu")).as_deref(),
+            Some("unit 3 has no gpu")
+        );
+        assert!(u.cores >= 1 && u.memory_mb > 0);
+    }
+
+    #[test]
+    fn unknown_calls_are_refused_by_serde() {
+        let e = serde_json::from_str::<Call>(r#"{"op":"format_disk"}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown variant"), "{e}");
+    }
+}

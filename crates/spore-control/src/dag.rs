@@ -106,6 +106,8 @@ pub struct NodeRun {
     /// From the last predecessor's handler returning to this handler starting, us: one hop
     /// (encode, transfer, wake-up, decode). None for nodes without predecessors.
     pub hop_us: Option<f64>,
+    /// The processing unit that ran it.
+    pub unit: u32,
 }
 
 /// The outcome of a DAG invocation.
@@ -115,6 +117,9 @@ pub struct DagRun {
     pub request_id: String,
     /// The transport used.
     pub transport: Transport,
+    /// Some nodes run on other processing units: the control plane relayed every hop (over
+    /// the neighbour link for those nodes) instead of wiring shared memory.
+    pub relayed: bool,
     /// The sink's output (JSON; raw bytes if the sink returned bytes), or the failure.
     pub outcome: Result<Vec<u8>, NodeFailure>,
     /// Whether the output is raw bytes rather than JSON.
@@ -150,6 +155,8 @@ struct Plan {
     order: Vec<usize>,
     sink: usize,
     recs: Vec<FunctionRecord>,
+    /// The local unit's id.
+    unit: u32,
 }
 
 impl Plan {
@@ -194,6 +201,7 @@ impl Plan {
             order,
             sink,
             recs,
+            unit: control.inner.units.local().id,
         })
     }
 
@@ -261,6 +269,7 @@ impl Plan {
             inputs_us: edges.map(|e| us(e.0)),
             sent_us: edges.map(|e| us(e.1)),
             hop_us: None,
+            unit: self.unit,
         }
     }
 
@@ -384,7 +393,19 @@ impl Control {
         let t0 = Instant::now();
         let t0_ns = crate::instance::monotonic_ns();
         let request_id = uuid::Uuid::new_v4().to_string();
+        // Nodes placed on other units cannot share memory with the rest: the control plane
+        // relays every hop, over the neighbour link for those nodes.
+        let mut relayed = false;
+        for rec in &plan.recs {
+            if matches!(
+                self.inner.units.place(rec)?,
+                crate::units::Placement::Remote { .. }
+            ) {
+                relayed = true;
+            }
+        }
         let (outcome, raw, mut nodes) = match transport {
+            _ if relayed => self.run_http(&plan, input, true).await?,
             Transport::Shm => {
                 for (n, rec) in plan.recs.iter().enumerate() {
                     if rec.manifest.runtime != spore_core::Runtime::Python3 {
@@ -401,7 +422,7 @@ impl Control {
                     self.run_shm(&plan, input, &request_id).await?
                 }
             }
-            Transport::Http => self.run_http(&plan, input).await?,
+            Transport::Http => self.run_http(&plan, input, false).await?,
         };
         let origin = t0_ns as f64 / 1e3;
         for n in &mut nodes {
@@ -415,6 +436,7 @@ impl Control {
         Ok(DagRun {
             request_id,
             transport,
+            relayed,
             outcome,
             raw,
             total_ms: t0.elapsed().as_secs_f64() * 1000.0,
@@ -917,6 +939,25 @@ struct HttpReply {
     body: Vec<u8>,
     start: StartKind,
     handler_ns: (u64, u64),
+    unit: Option<u32>,
+}
+
+/// One hop through the control plane's own invocation path (local, or relayed to a unit).
+async fn direct_hop(
+    control: &Control,
+    function: &str,
+    event: Vec<u8>,
+) -> Result<HttpReply, FunctionError> {
+    let inv = control
+        .invoke(function, &event, crate::InvokeOptions::default())
+        .await
+        .map_err(|e| FunctionError::platform("Spore.DagHop", e.to_string()))?;
+    Ok(HttpReply {
+        body: inv.outcome?,
+        start: inv.start,
+        handler_ns: inv.handler_ns,
+        unit: Some(inv.unit),
+    })
 }
 
 impl Control {
@@ -925,22 +966,28 @@ impl Control {
         *self.inner.gateway_url.lock().expect("gateway url lock") = Some(url);
     }
 
+    /// Runs node by node: each hop over HTTP through the gateway, or (`direct`) through this
+    /// control plane's invocation path, which relays to other units over their links.
     async fn run_http(
         &self,
         plan: &Plan,
         input: &[u8],
+        direct: bool,
     ) -> Result<(Result<Vec<u8>, NodeFailure>, bool, Vec<NodeRun>), ControlError> {
         let base = self
             .inner
             .gateway_url
             .lock()
             .expect("gateway url lock")
-            .clone()
-            .ok_or_else(|| {
-                ControlError::Unavailable(
-                    "the http transport posts every hop to the gateway, which this daemon does not run".into(),
-                )
-            })?;
+            .clone();
+        let base = match (base, direct) {
+            (_, true) => String::new(),
+            (Some(b), false) => b,
+            (None, false) => return Err(ControlError::Unavailable(
+                "the http transport posts every hop to the gateway, which this daemon does not run"
+                    .into(),
+            )),
+        };
         let n_nodes = plan.spec.nodes.len();
         // Per node: the JSON output of each instance, in order, once all finished.
         let mut outputs: Vec<Option<Vec<Vec<u8>>>> = vec![None; n_nodes];
@@ -971,9 +1018,15 @@ impl Control {
                     );
                     let client = self.inner.http.clone();
                     let timeout = plan.timeout(n) + Duration::from_secs(30);
-                    tasks.spawn(
-                        async move { (n, j, http_hop(&client, &url, event, timeout).await) },
-                    );
+                    if direct {
+                        let me = self.clone();
+                        let function = plan.spec.nodes[n].function.clone();
+                        tasks.spawn(async move { (n, j, direct_hop(&me, &function, event).await) });
+                    } else {
+                        tasks.spawn(async move {
+                            (n, j, http_hop(&client, &url, event, timeout).await)
+                        });
+                    }
                 }
             }
             let Some(r) = tasks.join_next().await else {
@@ -983,7 +1036,9 @@ impl Control {
             match r {
                 Err(e) => return Ok((Err(plan.failure(n, e)), false, runs)),
                 Ok(reply) => {
-                    runs.push(plan.node_run(n, j, reply.start, reply.handler_ns, None));
+                    let mut run = plan.node_run(n, j, reply.start, reply.handler_ns, None);
+                    run.unit = reply.unit.unwrap_or(plan.unit);
+                    runs.push(run);
                     partial[n][j] = Some(reply.body);
                     ends[n].push(reply.handler_ns.1);
                     if partial[n].iter().all(Option::is_some) {
@@ -1090,10 +1145,12 @@ async fn http_hop(
     let start = match header("x-spore-start").as_deref() {
         Some("cold") => StartKind::Cold,
         Some("fork") => StartKind::Fork,
+        Some("restore") => StartKind::Restore,
         _ => StartKind::Warm,
     };
     let ns = |k: &str| header(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     let handler_ns = (ns("x-spore-handler-start-ns"), ns("x-spore-handler-end-ns"));
+    let unit = header("x-spore-unit").and_then(|u| u.parse().ok());
     let body = resp
         .bytes()
         .await
@@ -1127,6 +1184,7 @@ async fn http_hop(
         body,
         start,
         handler_ns,
+        unit,
     })
 }
 

@@ -15,6 +15,7 @@ pub mod registry;
 pub mod snapshots;
 pub mod store;
 pub mod template;
+pub mod units;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -107,6 +108,10 @@ pub struct ControlConfig {
     /// keep-alive). Over it, the reaper stops idle instances, those it can restore from a
     /// snapshot first, then the longest idle.
     pub idle_memory_mb: Option<u64>,
+    /// The processing unit this daemon is (None: unit 0, described from this host).
+    pub unit: Option<spore_shim::UnitInfo>,
+    /// Settings of links to other units.
+    pub link: spore_shim::LinkConfig,
 }
 
 impl ControlConfig {
@@ -125,6 +130,8 @@ impl ControlConfig {
             snapshot_codec: spore_snapshot::image::Codec::None,
             snapshot_mode: spore_snapshot::restore::MemoryMode::Full,
             idle_memory_mb: None,
+            unit: None,
+            link: spore_shim::LinkConfig::default(),
         }
     }
 }
@@ -172,6 +179,8 @@ pub struct Invocation {
     pub to_handler_ms: Option<f64>,
     /// `CLOCK_MONOTONIC` ns when the handler started and returned (0: unknown).
     pub handler_ns: (u64, u64),
+    /// The processing unit that ran it.
+    pub unit: u32,
 }
 
 #[derive(Debug, Default)]
@@ -221,6 +230,8 @@ struct Inner {
     /// The gateway's base URL, for DAG hops over HTTP (set once it listens).
     gateway_url: Mutex<Option<String>>,
     http: reqwest::Client,
+    /// Processing units and placement.
+    units: Arc<units::Units>,
     _lock: DataDirLock,
 }
 
@@ -374,6 +385,12 @@ impl Control {
         let snapshots =
             snapshots::Snapshots::new(cfg.data_dir.join("snapshots"), cfg.snapshot_codec)
                 .map_err(|e| io("creating the snapshots directory", e))?;
+        let units = Arc::new(units::Units::new(
+            cfg.unit
+                .clone()
+                .unwrap_or_else(|| spore_shim::UnitInfo::detect(0, None, None)),
+            cfg.link.clone(),
+        ));
         let control = Control {
             inner: Arc::new(Inner {
                 snapshots: Arc::new(snapshots),
@@ -390,6 +407,7 @@ impl Control {
                 pipelines: Mutex::new(HashMap::new()),
                 gateway_url: Mutex::new(None),
                 http: reqwest::Client::new(),
+                units,
                 _lock: lock,
             }),
         };
@@ -476,6 +494,7 @@ impl Control {
         let rec = reg.put(rec)?;
         drop(reg);
         self.retire_idle(&name);
+        self.inner.units.unplace(&name);
         Ok(rec)
     }
 
@@ -487,6 +506,7 @@ impl Control {
             .ok_or_else(|| ControlError::NotFound(name.into()))?;
         self.retire_idle(name);
         self.inner.snapshots.remove(name);
+        self.remove_on_units(name);
         Ok(rec)
     }
 
@@ -627,6 +647,17 @@ impl Control {
             ControlError::Unavailable(format!("invocations are disabled on this host: {why}"))
         })?;
         let rec = self.get_function(name)?;
+        let _counted = match self.inner.units.place(&rec)? {
+            units::Placement::Local => self.inner.units.local_guard(),
+            units::Placement::Remote {
+                unit,
+                link,
+                inflight,
+            } => {
+                let _counted = units::InflightCount::new(inflight);
+                return self.invoke_remote(&rec, unit, &link, payload, opts).await;
+            }
+        };
         let t0 = Instant::now();
         let t0_ns = instance::monotonic_ns();
         let request_id = uuid::Uuid::new_v4().to_string();
@@ -680,6 +711,7 @@ impl Control {
                                     breakdown: Vec::new(),
                                     to_handler_ms: None,
                                     handler_ns: (0, 0),
+                                    unit: self.inner.units.local().id,
                                 })
                             }
                         };
@@ -740,6 +772,7 @@ impl Control {
             breakdown,
             to_handler_ms,
             handler_ns,
+            unit: self.inner.units.local().id,
         })
     }
 

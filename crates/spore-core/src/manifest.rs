@@ -138,6 +138,15 @@ pub struct FunctionManifest {
     /// restoring it (Python container functions).
     #[serde(default)]
     pub snapshot: bool,
+    /// Pin the function to this processing unit (None: the control plane places it).
+    #[serde(default)]
+    pub unit: Option<u32>,
+    /// An accelerator the function needs (`gpu`, ...): it runs only on units that have one.
+    #[serde(default)]
+    pub accelerator: Option<String>,
+    /// An instruction set the function needs (`x86_64`, `aarch64`, ...).
+    #[serde(default)]
+    pub arch: Option<String>,
 }
 
 /// The manifest as written, before checking (every key but `name` and `handler` optional).
@@ -160,6 +169,12 @@ struct RawManifest {
     max_instances: Option<i64>,
     #[serde(default)]
     snapshot: bool,
+    #[serde(default)]
+    unit: Option<i64>,
+    #[serde(default)]
+    accelerator: Option<String>,
+    #[serde(default)]
+    arch: Option<String>,
 }
 
 fn default_runtime() -> String {
@@ -189,6 +204,12 @@ impl FunctionManifest {
                 .map(|m| in_range("max_instances", m, &(1..=1024)))
                 .transpose()?,
             snapshot: raw.snapshot,
+            unit: raw
+                .unit
+                .map(|u| in_range("unit", u, &(0..=65535)))
+                .transpose()?,
+            accelerator: raw.accelerator,
+            arch: raw.arch,
         };
         manifest.validate()?;
         Ok(manifest)
@@ -209,6 +230,23 @@ impl FunctionManifest {
                          (cfork templates and Node.js are not snapshotted yet)"
                     .into(),
             });
+        }
+        for (key, value) in [("accelerator", &self.accelerator), ("arch", &self.arch)] {
+            if let Some(v) = value {
+                let ok = !v.is_empty()
+                    && v.len() <= 32
+                    && v.bytes().all(|b| {
+                        b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'
+                    });
+                if !ok {
+                    return Err(ManifestError::Invalid {
+                        key,
+                        reason: format!(
+                            "{v:?} is not a valid name (lowercase letters, digits, '-' and '_', up to 32)"
+                        ),
+                    });
+                }
+            }
         }
         for key in self.environment.keys() {
             let ok = !key.is_empty()

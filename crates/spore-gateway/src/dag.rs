@@ -95,6 +95,13 @@ pub(crate) async fn invoke_dag(
             (serde_json::to_vec(&v).expect("json"), true, false)
         }
     };
+    // "link": nodes on other units; the control plane relayed every hop.
+    let transport = if run.relayed {
+        "link".to_owned()
+    } else {
+        run.transport.to_string()
+    };
+    let transport = transport.as_str();
     if timing {
         let result: serde_json::Value = if raw {
             json!({ "bytes": out.len() })
@@ -103,7 +110,7 @@ pub(crate) async fn invoke_dag(
         };
         out = serde_json::to_vec(&json!({
             "Result": result,
-            "Timing": { "transport": run.transport, "total_ms": run.total_ms, "nodes": run.nodes },
+            "Timing": { "transport": transport, "total_ms": run.total_ms, "nodes": run.nodes },
         }))
         .expect("json");
     }
@@ -122,7 +129,7 @@ pub(crate) async fn invoke_dag(
         );
     }
     for (k, v) in [
-        ("x-spore-transport", run.transport.to_string()),
+        ("x-spore-transport", transport.to_owned()),
         ("x-spore-duration-ms", format!("{:.3}", run.total_ms)),
         ("x-amzn-requestid", run.request_id.clone()),
     ] {

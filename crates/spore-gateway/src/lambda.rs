@@ -22,6 +22,12 @@ pub const TAG_SANDBOX: &str = "spore:sandbox";
 pub const TAG_MAX_INSTANCES: &str = "spore:max_instances";
 /// Tag turning snapshots on (`true`) for a function.
 pub const TAG_SNAPSHOT: &str = "spore:snapshot";
+/// Tag pinning a function to a processing unit.
+pub const TAG_UNIT: &str = "spore:unit";
+/// Tag naming the accelerator a function needs.
+pub const TAG_ACCELERATOR: &str = "spore:accelerator";
+/// Tag naming the instruction set a function needs.
+pub const TAG_ARCH: &str = "spore:arch";
 
 /// An API error in Lambda's shape: status, `x-amzn-ErrorType`, `{"Type", "message"}`.
 #[derive(Debug)]
@@ -195,6 +201,17 @@ fn tags(rec: &FunctionRecord) -> BTreeMap<String, String> {
     if rec.manifest.snapshot {
         t.insert(TAG_SNAPSHOT.to_owned(), "true".to_owned());
     }
+    if let Some(u) = rec.manifest.unit {
+        t.insert(TAG_UNIT.to_owned(), u.to_string());
+    }
+    for (k, v) in [
+        (TAG_ACCELERATOR, &rec.manifest.accelerator),
+        (TAG_ARCH, &rec.manifest.arch),
+    ] {
+        if let Some(v) = v {
+            t.insert(k.to_owned(), v.clone());
+        }
+    }
     t
 }
 
@@ -242,6 +259,15 @@ pub(crate) async fn create_function(
             )))
         }
     };
+    let unit = req
+        .tags
+        .get(TAG_UNIT)
+        .map(|v| {
+            v.parse::<i64>()
+                .map_err(|_| ApiError::invalid(format!("tag {TAG_UNIT} must be a number")))
+                .and_then(|n| range_i64(TAG_UNIT, n, 0..=65535))
+        })
+        .transpose()?;
     let manifest = FunctionManifest {
         name: req.function_name,
         runtime: runtime
@@ -262,6 +288,9 @@ pub(crate) async fn create_function(
         environment: req.environment.unwrap_or_default().variables,
         max_instances,
         snapshot,
+        unit,
+        accelerator: req.tags.get(TAG_ACCELERATOR).cloned(),
+        arch: req.tags.get(TAG_ARCH).cloned(),
     };
     let spec = FunctionSpec {
         manifest,
@@ -495,6 +524,7 @@ pub(crate) async fn invoke(
                 }
             }
             for (k, v) in [
+                ("x-spore-unit", inv.unit.to_string()),
                 ("x-spore-init-ms", format!("{:.3}", inv.init_ms)),
                 ("x-spore-duration-ms", format!("{:.3}", inv.total_ms)),
                 ("x-amzn-requestid", inv.request_id),
@@ -526,6 +556,10 @@ pub(crate) async fn logs(
         q.lines.unwrap_or(100).min(spore_control::logs::LOG_LINES),
     )?;
     Ok(axum::Json(serde_json::json!({ "lines": lines })).into_response())
+}
+
+pub(crate) async fn list_units(State(st): State<AppState>) -> Response {
+    axum::Json(serde_json::json!({ "Units": st.control.unit_statuses() })).into_response()
 }
 
 pub(crate) async fn list_snapshots(State(st): State<AppState>) -> Response {

@@ -139,7 +139,11 @@ enum Out {
 
 type Waiter = oneshot::Sender<Result<(bool, Message), LinkError>>;
 
+/// Process-unique link ids.
+static LINK_IDS: AtomicU64 = AtomicU64::new(1);
+
 struct Shared {
+    id: u64,
     peer: UnitInfo,
     peer_role: Role,
     version: u16,
@@ -247,6 +251,11 @@ impl Drop for CallGuard<'_> {
 }
 
 impl Link {
+    /// A number no other link of this process has (links compare by it).
+    pub fn id(&self) -> u64 {
+        self.shared.id
+    }
+
     /// The unit on the other side.
     pub fn peer(&self) -> &UnitInfo {
         &self.shared.peer
@@ -514,6 +523,7 @@ where
 {
     let (out, rx) = mpsc::channel(cfg.queue);
     let shared = Arc::new(Shared {
+        id: LINK_IDS.fetch_add(1, Ordering::Relaxed),
         peer,
         peer_role,
         version,

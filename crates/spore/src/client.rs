@@ -39,6 +39,8 @@ pub struct InvokeAnswer {
     pub duration_ms: f64,
     /// Decoded `X-Amz-Log-Result`.
     pub log: Option<String>,
+    /// `X-Spore-Unit`: the processing unit that ran it.
+    pub unit: String,
 }
 
 impl Client {
@@ -111,6 +113,15 @@ impl Client {
         if m.snapshot {
             tags.insert("spore:snapshot".into(), "true".into());
         }
+        if let Some(u) = m.unit {
+            tags.insert("spore:unit".into(), u.to_string().into());
+        }
+        if let Some(a) = &m.accelerator {
+            tags.insert("spore:accelerator".into(), a.clone().into());
+        }
+        if let Some(a) = &m.arch {
+            tags.insert("spore:arch".into(), a.clone().into());
+        }
         let create = serde_json::json!({
             "FunctionName": m.name, "Runtime": m.runtime.as_str(), "Handler": m.handler,
             "MemorySize": m.memory_mb, "Timeout": m.timeout_s, "Code": { "ZipFile": b64 },
@@ -142,6 +153,13 @@ impl Client {
         Self::check(self.send(self.http.put(self.url(&format!("{base}/code"))).json(&code))?)?
             .json()
             .context("malformed UpdateFunctionCode answer")
+    }
+
+    /// `GET /spore/v1/units`.
+    pub fn units(&self) -> Result<Value> {
+        Self::check(self.send(self.http.get(self.url("/spore/v1/units")))?)?
+            .json()
+            .context("malformed answer to a units listing")
     }
 
     /// Deletes a function.
@@ -185,6 +203,7 @@ impl Client {
         };
         let function_error = h("x-amz-function-error").is_some();
         let start = h("x-spore-start").unwrap_or_default();
+        let unit = h("x-spore-unit").unwrap_or_default();
         let init_ms = h("x-spore-init-ms")
             .and_then(|v| v.parse().ok())
             .unwrap_or(0.0);
@@ -202,6 +221,7 @@ impl Client {
             init_ms,
             duration_ms,
             log,
+            unit,
         })
     }
 

@@ -11,7 +11,7 @@ use spore_core::{FunctionManifest, SandboxKind};
 
 use crate::client::Client;
 use crate::daemon::ManagedDaemon;
-use crate::{BenchCommand, DemoArgs, ServeArgs};
+use crate::{BenchCommand, DemoArgs, ServeArgs, ShimArgs};
 
 fn default_data_dir() -> PathBuf {
     if nix::unistd::geteuid().is_root() {
@@ -24,15 +24,91 @@ fn default_data_dir() -> PathBuf {
     base.join("spore")
 }
 
-/// `spore serve`.
-pub fn serve(args: ServeArgs) -> Result<ExitCode> {
+/// `spore shim`.
+pub fn shim(args: ShimArgs) -> Result<ExitCode> {
+    if args.serve.link_listen.is_some() {
+        bail!("--link-listen: shims dial the control plane; links between shims are not built yet (issue 7)");
+    }
+    let accelerators = match args.accelerator.as_slice() {
+        [] => None,
+        [one] if one == "none" => Some(Vec::new()),
+        many => Some(many.to_vec()),
+    };
+    let unit = spore_shim::UnitInfo::detect(args.id, args.arch.clone(), accelerators);
+    serve(args.serve, Some((unit, args.control)))
+}
+
+/// `spore units`.
+pub fn units(endpoint: &str) -> Result<ExitCode> {
+    let client = Client::new(endpoint)?;
+    let v = client.units()?;
+    let units = v["Units"].as_array().cloned().unwrap_or_default();
+    println!(
+        "{:<5} {:<5} {:<8} {:>5} {:>8} {:<12} {:>8} {:>9} {:<22} FUNCTIONS",
+        "UNIT", "STATE", "ARCH", "CORES", "MEM_MB", "ACCEL", "INFLIGHT", "INSTANCES", "PEER"
+    );
+    for u in units {
+        let accel: Vec<&str> = u["accelerators"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+            .unwrap_or_default();
+        let funcs: Vec<&str> = u["functions"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+            .unwrap_or_default();
+        let peer = if u["local"].as_bool() == Some(true) {
+            "(control plane)".to_owned()
+        } else {
+            u["peer"].as_str().unwrap_or("").to_owned()
+        };
+        println!(
+            "{:<5} {:<5} {:<8} {:>5} {:>8} {:<12} {:>8} {:>9} {:<22} {}",
+            u["id"].to_string(),
+            u["state"].as_str().unwrap_or("?"),
+            u["arch"].as_str().unwrap_or("?"),
+            u["cores"].to_string(),
+            u["memory_mb"].to_string(),
+            if accel.is_empty() {
+                "-".to_owned()
+            } else {
+                accel.join(",")
+            },
+            u["inflight"].to_string(),
+            u["load"]["instances"].to_string(),
+            peer,
+            funcs.join(","),
+        );
+        if u["state"] == "down" {
+            println!(
+                "      down for {:.0} s: {}",
+                u["since_s"].as_f64().unwrap_or(0.0),
+                u["reason"].as_str().unwrap_or("")
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `spore serve`, or with `shim` (this unit, the control plane's link address) a shim.
+pub fn serve(args: ServeArgs, shim: Option<(spore_shim::UnitInfo, String)>) -> Result<ExitCode> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
+    let data_dir = args.data_dir.clone().unwrap_or_else(|| match &shim {
+        Some((u, _)) => default_data_dir().join(format!("unit-{}", u.id)),
+        None => default_data_dir(),
+    });
+    let listen = args.listen.clone().unwrap_or_else(|| {
+        if shim.is_some() {
+            "127.0.0.1:0"
+        } else {
+            "127.0.0.1:9000"
+        }
+        .to_owned()
+    });
     let exe = std::env::current_exe().context("locating the spore binary")?;
     let mut cfg = ControlConfig::new(data_dir.clone(), exe);
     cfg.packages_dir = args.packages_dir.clone();
@@ -42,6 +118,7 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
     cfg.pids_max = args.pids_max;
     cfg.tmp_mb = args.tmp_mb;
     cfg.idle_memory_mb = args.idle_memory_mb;
+    cfg.unit = shim.as_ref().map(|(u, _)| u.clone());
     cfg.snapshot_mode = args
         .snapshot_mode
         .parse()
@@ -60,7 +137,22 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
         for w in warnings {
             tracing::warn!("{w}");
         }
-        let listener = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
+        let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("listening on {listen}"))?;
+        let link_file = data_dir.join("run").join("link-endpoint");
+        if let Some(addr) = &args.link_listen {
+            let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--link-listen {addr}"))?;
+            let bound = l.local_addr()?.to_string();
+            spore_control::store::write_atomic(&link_file, bound.as_bytes()).context("writing the link endpoint file")?;
+            tracing::info!("accepting unit links on {bound}");
+            let c = control.clone();
+            tokio::spawn(async move { c.serve_links(l).await });
+        }
+        let (shim_stop, shim_stop_rx) = tokio::sync::watch::channel(false);
+        let shim_task = shim.map(|(unit, addr)| {
+            tracing::info!(unit = unit.id, arch = %unit.arch, accelerators = ?unit.accelerators, "running as a unit's shim; control plane at {addr}");
+            let c = control.clone();
+            tokio::spawn(async move { c.run_shim(addr, shim_stop_rx).await })
+        });
         let endpoint = format!("http://{}", listener.local_addr()?);
         control.set_gateway_url(endpoint.clone());
         let endpoint_file = data_dir.join("run").join("endpoint");
@@ -82,6 +174,11 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
             sig = shutdown_signal() => tracing::info!("{sig}: shutting down, letting in-flight invocations finish (up to {}s)", grace.as_secs()),
         }
         let _ = stop_tx.send(());
+        let _ = shim_stop.send(true);
+        if let Some(t) = shim_task {
+            let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+        }
+        let _ = std::fs::remove_file(&link_file);
         control.shutdown(grace).await;
         let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
         let _ = std::fs::remove_file(&endpoint_file);
@@ -159,8 +256,8 @@ pub fn invoke(
     let ans = client.invoke_with(name, read_payload(payload)?, cold)?;
     if verbose {
         eprintln!(
-            "start={} init_ms={:.2} duration_ms={:.2}",
-            ans.start, ans.init_ms, ans.duration_ms
+            "start={} unit={} init_ms={:.2} duration_ms={:.2}",
+            ans.start, ans.unit, ans.init_ms, ans.duration_ms
         );
     }
     if log {

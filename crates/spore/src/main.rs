@@ -32,6 +32,11 @@ struct Cli {
 enum Command {
     /// Run the daemon: the HTTP API on --listen, sandboxes, registry under --data-dir.
     Serve(ServeArgs),
+    /// Run a processing unit's shim: it dials the control plane (`spore serve --link-listen`)
+    /// at --control, registers as unit --id, and runs the functions placed there.
+    Shim(ShimArgs),
+    /// List the processing units, their state, load and functions.
+    Units,
     /// Deploy (create or update) a function from a folder with spore.toml and code.
     Deploy {
         /// Folder holding spore.toml.
@@ -141,12 +146,39 @@ pub(crate) enum DagCommand {
 }
 
 #[derive(Debug, Args)]
-struct ServeArgs {
-    /// Address to listen on (port 0 picks a free one; the address is written to
-    /// <data-dir>/run/endpoint).
-    #[arg(long, default_value = "127.0.0.1:9000")]
-    listen: String,
-    /// Data dir (default /var/lib/spore as root, else ~/.local/share/spore).
+pub(crate) struct ShimArgs {
+    /// This unit's id (1-65535; 0 is the control plane's own unit).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=65535))]
+    id: u32,
+    /// The control plane's link address, HOST:PORT (what `spore serve --link-listen` bound;
+    /// also in its <data-dir>/run/link-endpoint).
+    #[arg(long)]
+    control: String,
+    /// The instruction set this unit declares (default: this host's).
+    #[arg(long)]
+    arch: Option<String>,
+    /// An accelerator this unit declares (repeat for several; default: `gpu` if an NVIDIA
+    /// device is present). `--accelerator none` declares none.
+    #[arg(long)]
+    accelerator: Vec<String>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// Address of the HTTP API (port 0 picks a free one; the address is written to
+    /// <data-dir>/run/endpoint). Default 127.0.0.1:9000; for a shim 127.0.0.1:0 (its API
+    /// shows its own unit).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Where to accept shims' neighbour links, HOST:PORT (`spore serve` only; port 0 picks
+    /// a free one, written to <data-dir>/run/link-endpoint). Without it, this daemon is the
+    /// only unit.
+    #[arg(long)]
+    link_listen: Option<String>,
+    /// Data dir (default /var/lib/spore as root, else ~/.local/share/spore; a shim's default
+    /// is unit-N under it).
     #[arg(long, env = "SPORE_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// Shared Python packages, bound read-only into sandboxes (default <data-dir>/packages).
@@ -311,7 +343,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if !matches!(
         cli.command,
-        Command::Serve(_) | Command::Demo(_) | Command::Bench { .. }
+        Command::Serve(_) | Command::Shim(_) | Command::Demo(_) | Command::Bench { .. }
     ) {
         // A client command whose output goes to a closed pipe (`spore snapshot inspect f |
         // head`) ends quietly, as other command-line tools do, instead of panicking.
@@ -324,7 +356,9 @@ fn main() -> ExitCode {
         };
     }
     let result = match cli.command {
-        Command::Serve(args) => commands::serve(args),
+        Command::Serve(args) => commands::serve(args, None),
+        Command::Shim(args) => commands::shim(args),
+        Command::Units => commands::units(&cli.endpoint),
         Command::Deploy { dir } => commands::deploy(&cli.endpoint, &dir),
         Command::Invoke {
             name,

@@ -498,6 +498,7 @@ fn node_runs(plan: &Plan, pipe: &Pipeline, times: &[Option<SlotTimes>]) -> Vec<N
             inputs_us: Some(t.inputs_ns as f64 / 1e3),
             sent_us: Some(t.sent_ns as f64 / 1e3),
             hop_us: None,
+            unit: plan.unit,
         });
         ends[n].push(t.end_ns);
     }

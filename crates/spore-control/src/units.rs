@@ -1,0 +1,882 @@
+//! Processing units: the control plane's table of units and their links, placement of
+//! functions on units, invocations relayed to a unit's shim, and the shim's side (serving the
+//! control plane's calls with its own [`Control`]).
+//!
+//! The control plane (`spore serve`) is unit 0 and runs sandboxes itself. Other units run
+//! `spore shim --id N --control ADDR`: the shim dials the control plane's link listener
+//! (`spore serve --link-listen ADDR`), greets it with its [`UnitInfo`], and keeps that one
+//! connection: heartbeats carry its load both ways, and the control plane's calls (invoke,
+//! deploy, remove, sync) travel on it. A shim that loses the link dials again with backoff;
+//! the control plane marks a unit down the moment its link closes, fails the invocations in
+//! flight there with an error naming the unit, and places unpinned functions elsewhere.
+//!
+//! **Placement.** A function pinned with `unit = N` runs on unit N or fails with the reason
+//! (unit never registered, down, or lacking what the function needs). Otherwise the control
+//! plane keeps the function where it first placed it while that unit stays up (warm instances
+//! and cfork templates live there), and places it on the least loaded unit (invocations in
+//! flight per core) that has the function's `arch` and `accelerator`, preferring lower ids
+//! on ties; if no unit can run it, the error lists what each unit lacks.
+//!
+//! **Code.** Every relayed invocation names the control plane's code id and carries the
+//! manifest; a shim that does not hold exactly that answers `needs_code`, and the control
+//! plane sends the package (the function's code directory, zipped) and calls again. Shims
+//! thus need no state of their own to follow redeploys, restarts or re-placements.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::Serialize;
+use spore_shim::link::{self, LinkConfig};
+use spore_shim::{
+    Answer, Call, Link, LinkError, Message, RemoteError, RemoteErrorKind, Role, Service, UnitInfo,
+    UnitLoad,
+};
+
+use crate::registry::FunctionRecord;
+use crate::{Control, ControlError, Invocation, InvokeOptions};
+
+/// Extra time a relayed invocation gets over the function's timeout (start-up, transfer).
+const RELAY_SLACK: Duration = Duration::from_secs(30);
+/// Time allowed for a code package to reach a unit.
+const DEPLOY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A unit's state as `spore units` and `GET /spore/v1/units` show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct UnitStatus {
+    /// What the unit declared.
+    #[serde(flatten)]
+    pub info: UnitInfo,
+    /// `up` or `down`.
+    pub state: &'static str,
+    /// Seconds since the unit last changed state.
+    pub since_s: f64,
+    /// Why it is down (empty when up).
+    pub reason: String,
+    /// Whether this is the control plane's own unit.
+    pub local: bool,
+    /// Where its link comes from (empty for the local unit).
+    pub peer: String,
+    /// Its last reported load.
+    pub load: UnitLoad,
+    /// Invocations the control plane has in flight there.
+    pub inflight: u32,
+    /// Functions placed there.
+    pub functions: Vec<String>,
+}
+
+struct Entry {
+    info: UnitInfo,
+    link: Option<Link>,
+    peer: String,
+    reason: String,
+    since: Instant,
+    load: UnitLoad,
+    inflight: Arc<AtomicU32>,
+}
+
+/// Where an invocation runs.
+pub(crate) enum Placement {
+    /// Here.
+    Local,
+    /// On a shim.
+    Remote {
+        unit: u32,
+        link: Link,
+        inflight: Arc<AtomicU32>,
+    },
+}
+
+/// The control plane's table of units (its own included).
+pub struct Units {
+    local: UnitInfo,
+    local_inflight: Arc<AtomicU32>,
+    entries: Mutex<BTreeMap<u32, Entry>>,
+    placed: Mutex<HashMap<String, u32>>,
+    link_cfg: LinkConfig,
+}
+
+impl std::fmt::Debug for Units {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Units")
+            .field("local", &self.local.id)
+            .finish()
+    }
+}
+
+impl Units {
+    /// A table holding only the local unit.
+    pub fn new(local: UnitInfo, link_cfg: LinkConfig) -> Units {
+        Units {
+            local,
+            local_inflight: Arc::new(AtomicU32::new(0)),
+            entries: Mutex::new(BTreeMap::new()),
+            placed: Mutex::new(HashMap::new()),
+            link_cfg,
+        }
+    }
+
+    /// The local unit.
+    pub fn local(&self) -> &UnitInfo {
+        &self.local
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, BTreeMap<u32, Entry>> {
+        self.entries.lock().expect("units lock")
+    }
+
+    /// Records a unit that just greeted; a live link of the same unit is replaced (a shim
+    /// that restarted before its old link timed out).
+    fn register(&self, link: Link, peer: String) {
+        let id = link.peer().id;
+        let old = self.entries().insert(
+            id,
+            Entry {
+                info: link.peer().clone(),
+                link: Some(link),
+                peer,
+                reason: String::new(),
+                since: Instant::now(),
+                load: UnitLoad::default(),
+                inflight: Arc::new(AtomicU32::new(0)),
+            },
+        );
+        if let Some(l) = old.and_then(|e| e.link) {
+            l.close(&format!("replaced by a new link from unit {id}"));
+        }
+    }
+
+    /// Marks a unit down if `link` is still its link.
+    fn link_closed(&self, link: &Link, reason: &str) {
+        let id = link.peer().id;
+        let mut entries = self.entries();
+        if let Some(e) = entries.get_mut(&id) {
+            if e.link.as_ref().is_some_and(|l| l.id() == link.id()) {
+                tracing::warn!(unit = id, reason, "unit down");
+                e.link = None;
+                e.reason = reason.to_owned();
+                e.since = Instant::now();
+                e.load = UnitLoad::default();
+            }
+        }
+        drop(entries);
+        self.placed
+            .lock()
+            .expect("placed lock")
+            .retain(|_, u| *u != id);
+    }
+
+    fn record_load(&self, id: u32, load: UnitLoad) {
+        if let Some(e) = self.entries().get_mut(&id) {
+            e.load = load;
+        }
+    }
+
+    /// Every unit, the local one first.
+    pub fn statuses(&self) -> Vec<UnitStatus> {
+        let placed = self.placed.lock().expect("placed lock").clone();
+        let on = |id: u32| {
+            let mut f: Vec<String> = placed
+                .iter()
+                .filter(|(_, u)| **u == id)
+                .map(|(n, _)| n.clone())
+                .collect();
+            f.sort();
+            f
+        };
+        let mut out = vec![UnitStatus {
+            info: self.local.clone(),
+            state: "up",
+            since_s: 0.0,
+            reason: String::new(),
+            local: true,
+            peer: String::new(),
+            load: UnitLoad::default(),
+            inflight: self.local_inflight.load(Ordering::Relaxed),
+            functions: on(self.local.id),
+        }];
+        for (id, e) in self.entries().iter() {
+            out.push(UnitStatus {
+                info: e.info.clone(),
+                state: if e.link.is_some() { "up" } else { "down" },
+                since_s: e.since.elapsed().as_secs_f64(),
+                reason: e.reason.clone(),
+                local: false,
+                peer: e.peer.clone(),
+                load: e.load.clone(),
+                inflight: e.inflight.load(Ordering::Relaxed),
+                functions: on(*id),
+            });
+        }
+        out
+    }
+
+    /// Live links (for calls to every unit).
+    fn live_links(&self) -> Vec<Link> {
+        self.entries()
+            .values()
+            .filter_map(|e| e.link.clone())
+            .collect()
+    }
+
+    /// Where `rec`'s next invocation runs.
+    pub(crate) fn place(&self, rec: &FunctionRecord) -> Result<Placement, ControlError> {
+        let m = &rec.manifest;
+        let (arch, acc) = (m.arch.as_deref(), m.accelerator.as_deref());
+        let name = &m.name;
+        let entries = self.entries();
+        let remote = |id: u32, e: &Entry| -> Option<Placement> {
+            e.link.clone().map(|link| Placement::Remote {
+                unit: id,
+                link,
+                inflight: e.inflight.clone(),
+            })
+        };
+        if let Some(u) = m.unit {
+            if u == self.local.id {
+                if let Some(why) = self.local.lacks(arch, acc) {
+                    return Err(ControlError::Unavailable(format!(
+                        "function {name} is pinned to unit {u}, but {why}"
+                    )));
+                }
+                return Ok(Placement::Local);
+            }
+            let e = entries.get(&u).ok_or_else(|| {
+                ControlError::Unavailable(format!(
+                    "function {name} is pinned to unit {u}, which has not registered (start `spore shim --id {u} --control ADDR`)"
+                ))
+            })?;
+            if let Some(why) = e.info.lacks(arch, acc) {
+                return Err(ControlError::Unavailable(format!(
+                    "function {name} is pinned to unit {u}, but {why}"
+                )));
+            }
+            return remote(u, e).ok_or_else(|| {
+                ControlError::Unavailable(format!(
+                    "function {name} is pinned to unit {u}, which is down ({:.0} s): {}",
+                    e.since.elapsed().as_secs_f64(),
+                    e.reason
+                ))
+            });
+        }
+        // Sticky: stay where the function was placed while that unit is up and fits.
+        let mut placed = self.placed.lock().expect("placed lock");
+        if let Some(&u) = placed.get(name) {
+            if u == self.local.id && self.local.lacks(arch, acc).is_none() {
+                return Ok(Placement::Local);
+            }
+            if let Some(p) = entries
+                .get(&u)
+                .filter(|e| e.info.lacks(arch, acc).is_none())
+                .and_then(|e| remote(u, e))
+            {
+                return Ok(p);
+            }
+        }
+        // Least loaded: invocations in flight per core; lower ids win ties.
+        let score = |inflight: &AtomicU32, cores: u32| {
+            (f64::from(inflight.load(Ordering::Relaxed)) + 1.0) / f64::from(cores.max(1))
+        };
+        let mut best: Option<(f64, u32)> = None;
+        let mut lacking = Vec::new();
+        match self.local.lacks(arch, acc) {
+            None => best = Some((score(&self.local_inflight, self.local.cores), self.local.id)),
+            Some(why) => lacking.push(why),
+        }
+        for (&id, e) in entries.iter() {
+            if e.link.is_none() {
+                lacking.push(format!("unit {id} is down"));
+                continue;
+            }
+            if let Some(why) = e.info.lacks(arch, acc) {
+                lacking.push(why);
+                continue;
+            }
+            let s = score(&e.inflight, e.info.cores);
+            if best.is_none_or(|(b, _)| s < b) {
+                best = Some((s, id));
+            }
+        }
+        let Some((_, id)) = best else {
+            let needs: Vec<String> = [
+                arch.map(|a| format!("arch {a}")),
+                acc.map(|a| format!("accelerator {a}")),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            return Err(ControlError::Unavailable(format!(
+                "no unit can run function {name} (it needs {}): {}",
+                if needs.is_empty() {
+                    "nothing special".into()
+                } else {
+                    needs.join(" and ")
+                },
+                lacking.join("; ")
+            )));
+        };
+        placed.insert(name.clone(), id);
+        if id == self.local.id {
+            return Ok(Placement::Local);
+        }
+        Ok(remote(id, &entries[&id]).expect("a live unit was picked"))
+    }
+
+    /// Forgets where a function was placed (deleted or changed).
+    pub(crate) fn unplace(&self, name: &str) {
+        self.placed.lock().expect("placed lock").remove(name);
+    }
+
+    /// Counts an invocation on the local unit while the guard lives.
+    pub(crate) fn local_guard(&self) -> InflightCount {
+        InflightCount::new(self.local_inflight.clone())
+    }
+}
+
+/// Counts one invocation in flight on a unit.
+pub(crate) struct InflightCount(Arc<AtomicU32>);
+
+impl InflightCount {
+    pub(crate) fn new(c: Arc<AtomicU32>) -> Self {
+        c.fetch_add(1, Ordering::Relaxed);
+        InflightCount(c)
+    }
+}
+
+impl Drop for InflightCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The control plane's side of a unit's link: takes its heartbeats.
+struct UnitSide {
+    units: Arc<Units>,
+    id: u32,
+}
+
+impl Service for UnitSide {
+    fn call(
+        &self,
+        _msg: Message,
+    ) -> Pin<Box<dyn Future<Output = Result<Message, RemoteError>> + Send + 'static>> {
+        Box::pin(async {
+            Err(RemoteError::new(
+                RemoteErrorKind::BadCall,
+                "the control plane takes no calls from units in this version",
+            ))
+        })
+    }
+
+    fn heartbeat(&self, load: Bytes) {
+        if let Ok(l) = serde_json::from_slice::<UnitLoad>(&load) {
+            self.units.record_load(self.id, l);
+        }
+    }
+}
+
+fn remote_to_control(e: RemoteError, unit: u32) -> ControlError {
+    let msg = format!("unit {unit}: {}", e.message);
+    match e.kind {
+        RemoteErrorKind::NotFound => ControlError::NotFound(msg),
+        RemoteErrorKind::InvalidParameter | RemoteErrorKind::NeedsCode => {
+            ControlError::InvalidParameter(msg)
+        }
+        RemoteErrorKind::InvalidRequestContent => ControlError::InvalidRequestContent(msg),
+        RemoteErrorKind::TooManyRequests => ControlError::Unavailable(msg),
+        RemoteErrorKind::RequestTooLarge => ControlError::InvalidParameter(msg),
+        RemoteErrorKind::Unavailable => ControlError::Unavailable(msg),
+        RemoteErrorKind::Internal | RemoteErrorKind::BadCall => ControlError::Internal(msg),
+    }
+}
+
+fn control_to_remote(e: ControlError) -> RemoteError {
+    let kind = match &e {
+        ControlError::NotFound(_) => RemoteErrorKind::NotFound,
+        ControlError::Conflict(_) | ControlError::InvalidParameter(_) => {
+            RemoteErrorKind::InvalidParameter
+        }
+        ControlError::InvalidRequestContent(_) => RemoteErrorKind::InvalidRequestContent,
+        ControlError::RequestTooLarge { .. } => RemoteErrorKind::RequestTooLarge,
+        ControlError::TooManyRequests(_) => RemoteErrorKind::TooManyRequests,
+        ControlError::Unavailable(_) => RemoteErrorKind::Unavailable,
+        ControlError::Internal(_) => RemoteErrorKind::Internal,
+    };
+    RemoteError::new(kind, e.to_string())
+}
+
+impl Control {
+    /// The unit table.
+    pub fn units(&self) -> &Arc<Units> {
+        &self.inner.units
+    }
+
+    /// Every unit and its state.
+    pub fn unit_statuses(&self) -> Vec<UnitStatus> {
+        let mut s = self.inner.units.statuses();
+        if let Some(first) = s.first_mut() {
+            first.load = self.load();
+        }
+        // Pinned functions are listed on their unit too.
+        for rec in self.list_functions() {
+            let Some(u) = rec.manifest.unit else { continue };
+            if let Some(st) = s.iter_mut().find(|st| st.info.id == u) {
+                if !st.functions.contains(&rec.manifest.name) {
+                    st.functions.push(rec.manifest.name);
+                    st.functions.sort();
+                }
+            }
+        }
+        s
+    }
+
+    /// This unit's load.
+    pub fn load(&self) -> UnitLoad {
+        let mut instances = 0;
+        for pool in self.inner.pools.lock().expect("pools lock").values() {
+            instances += pool.state.lock().expect("pool lock").total;
+        }
+        let mem_available_mb = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find(|l| l.starts_with("MemAvailable:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|kb| kb.parse::<u64>().ok())
+            })
+            .map_or(0, |kb| kb / 1024);
+        UnitLoad {
+            inflight: self.inner.inflight.load(Ordering::Relaxed) as u32,
+            instances,
+            templates: self.inner.templates.lock().expect("templates lock").len() as u32,
+            mem_available_mb,
+        }
+    }
+
+    /// Accepts shims' links on `listener` until the daemon stops.
+    pub async fn serve_links(&self, listener: tokio::net::TcpListener) {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a unit link");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let me = self.clone();
+            tokio::spawn(async move {
+                let units = me.inner.units.clone();
+                let local_id = units.local.id;
+                let r = link::accept(
+                    stream,
+                    units.local.clone(),
+                    Role::Control,
+                    units.link_cfg.clone(),
+                    |hello| {
+                        if hello.role != Role::Shim {
+                            return Err(format!(
+                                "this is a control plane; it takes links from shims, not from a {:?}",
+                                hello.role
+                            ));
+                        }
+                        if hello.unit.id == local_id {
+                            return Err(format!(
+                                "unit {local_id} is the control plane's own; give the shim another --id"
+                            ));
+                        }
+                        if me.inner.draining.load(Ordering::Acquire) {
+                            return Err("the control plane is shutting down".into());
+                        }
+                        Ok(Arc::new(UnitSide {
+                            units: units.clone(),
+                            id: hello.unit.id,
+                        }) as Arc<dyn Service>)
+                    },
+                )
+                .await;
+                let link = match r {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::warn!(%peer, error = %e, "a unit's greeting failed");
+                        return;
+                    }
+                };
+                let id = link.peer().id;
+                tracing::info!(unit = id, %peer, arch = %link.peer().arch, cores = link.peer().cores, "unit up");
+                units.register(link.clone(), peer.to_string());
+                // The unit drops functions the control plane no longer has.
+                let names: Vec<String> = me
+                    .list_functions()
+                    .into_iter()
+                    .map(|r| r.manifest.name)
+                    .collect();
+                let l2 = link.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = l2
+                        .call(
+                            &Call::Sync { functions: names },
+                            Bytes::new(),
+                            DEPLOY_TIMEOUT,
+                        )
+                        .await
+                    {
+                        tracing::warn!(unit = id, error = %e, "syncing the unit's functions");
+                    }
+                });
+                let reason = link.closed().await;
+                units.link_closed(&link, &reason);
+            });
+        }
+    }
+
+    /// Tells every live unit that a function is gone (best effort: units that miss it drop
+    /// the function at their next greeting).
+    pub(crate) fn remove_on_units(&self, name: &str) {
+        self.inner.units.unplace(name);
+        for link in self.inner.units.live_links() {
+            let call = Call::Remove {
+                function: name.to_owned(),
+            };
+            tokio::spawn(async move {
+                let _ = link.call(&call, Bytes::new(), DEPLOY_TIMEOUT).await;
+            });
+        }
+    }
+
+    /// Runs an invocation on another unit.
+    pub(crate) async fn invoke_remote(
+        &self,
+        rec: &FunctionRecord,
+        unit: u32,
+        link: &Link,
+        payload: &[u8],
+        opts: InvokeOptions,
+    ) -> Result<Invocation, ControlError> {
+        let name = &rec.manifest.name;
+        let call = Call::Invoke {
+            manifest: rec.manifest.clone(),
+            code: rec.code_hex.clone(),
+            force_cold: opts.force_cold,
+            cold_path: opts.cold_path,
+            restore_mode: opts.restore_mode.map(|m| m.as_str().to_owned()),
+        };
+        let timeout = Duration::from_secs(u64::from(rec.manifest.timeout_s)) + RELAY_SLACK;
+        let body = Bytes::copy_from_slice(payload);
+        let t0 = Instant::now();
+        let mut deployed = false;
+        let (answer, out) = loop {
+            match link.call(&call, body.clone(), timeout).await {
+                Ok(r) => break r,
+                Err(LinkError::Remote(e)) if e.kind == RemoteErrorKind::NeedsCode && !deployed => {
+                    deployed = true;
+                    self.deploy_to(rec, unit, link).await?;
+                }
+                Err(e) => return Err(self.link_failure(name, unit, link, e)),
+            }
+        };
+        let Answer::Invoked {
+            request_id,
+            start,
+            init_ms,
+            total_ms: _,
+            error,
+            log,
+            breakdown,
+            to_handler_ms,
+            handler_ns,
+        } = answer
+        else {
+            return Err(ControlError::Internal(format!(
+                "unit {unit} answered an invocation of {name} with {answer:?}"
+            )));
+        };
+        Ok(Invocation {
+            request_id,
+            start,
+            init_ms,
+            total_ms: t0.elapsed().as_secs_f64() * 1000.0,
+            outcome: match error {
+                None => Ok(out.to_vec()),
+                Some(e) => Err(e),
+            },
+            log,
+            breakdown,
+            to_handler_ms,
+            handler_ns,
+            unit,
+        })
+    }
+
+    fn link_failure(&self, name: &str, unit: u32, link: &Link, e: LinkError) -> ControlError {
+        match e {
+            LinkError::Remote(r) => remote_to_control(r, unit),
+            LinkError::Closed(why) => {
+                self.inner.units.link_closed(link, &why);
+                ControlError::Unavailable(format!(
+                    "unit {unit} went down while running {name}: {why}"
+                ))
+            }
+            LinkError::Timeout(t) => ControlError::Unavailable(format!(
+                "unit {unit} did not answer an invocation of {name} within {:.0} s",
+                t.as_secs_f64()
+            )),
+            other => ControlError::Internal(format!("unit {unit}, invoking {name}: {other}")),
+        }
+    }
+
+    /// Sends a function's code and manifest to a unit.
+    async fn deploy_to(
+        &self,
+        rec: &FunctionRecord,
+        unit: u32,
+        link: &Link,
+    ) -> Result<(), ControlError> {
+        let dir = self.registry().code_dir(rec);
+        let zip = tokio::task::spawn_blocking(move || crate::code::zip_dir(&dir))
+            .await
+            .map_err(|e| ControlError::Internal(e.to_string()))?
+            .map_err(|e| {
+                ControlError::Internal(format!(
+                    "packing {}'s code for unit {unit}: {e}",
+                    rec.manifest.name
+                ))
+            })?;
+        let call = Call::Deploy {
+            manifest: rec.manifest.clone(),
+            description: rec.description.clone(),
+            code: rec.code_hex.clone(),
+        };
+        tracing::info!(unit, function = %rec.manifest.name, bytes = zip.len(), "deploying to unit");
+        link.call(&call, zip.into(), DEPLOY_TIMEOUT)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.link_failure(&rec.manifest.name, unit, link, e))
+    }
+
+    /// Runs this daemon as a unit's shim: dials the control plane at `control` (`HOST:PORT`),
+    /// serves its calls, and dials again with backoff whenever the link drops, until
+    /// `stop` fires.
+    pub async fn run_shim(&self, control: String, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let units = self.inner.units.clone();
+        let mut backoff = Duration::from_millis(100);
+        let mut announced_failure = false;
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let attempt = async {
+                let s = tokio::net::TcpStream::connect(&control)
+                    .await
+                    .map_err(LinkError::Io)?;
+                let _ = s.set_nodelay(true);
+                link::connect(
+                    s,
+                    units.local.clone(),
+                    Role::Shim,
+                    Arc::new(ShimSide {
+                        control: self.clone(),
+                        synced: Arc::new(Mutex::new(HashMap::new())),
+                    }),
+                    units.link_cfg.clone(),
+                )
+                .await
+            };
+            match attempt.await {
+                Ok(link) => {
+                    tracing::info!(unit = units.local.id, %control, "registered with the control plane");
+                    backoff = Duration::from_millis(100);
+                    announced_failure = false;
+                    tokio::select! {
+                        reason = link.closed() => {
+                            tracing::warn!(%control, %reason, "link to the control plane lost; dialing again");
+                        }
+                        _ = stop.changed() => {
+                            link.close(&format!("unit {} is shutting down", units.local.id));
+                            // Let the GoAway go out.
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            return;
+                        }
+                    }
+                }
+                Err(e) => {
+                    if !announced_failure {
+                        tracing::warn!(%control, error = %e, "cannot reach the control plane; retrying");
+                        announced_failure = true;
+                    }
+                    if let LinkError::Handshake(why) = &e {
+                        if why.contains("refused") {
+                            tracing::error!(%control, error = %e, "the control plane refused this unit");
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stop.changed() => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(3));
+        }
+    }
+}
+
+/// A shim's side of its link: serves the control plane's calls with the unit's [`Control`].
+struct ShimSide {
+    control: Control,
+    /// Per function: the control plane's code id and manifest this unit holds.
+    synced: Arc<Mutex<HashMap<String, (String, spore_core::FunctionManifest)>>>,
+}
+
+impl Service for ShimSide {
+    fn call(
+        &self,
+        msg: Message,
+    ) -> Pin<Box<dyn Future<Output = Result<Message, RemoteError>> + Send + 'static>> {
+        let control = self.control.clone();
+        let synced = self.synced.clone();
+        Box::pin(async move {
+            let call: Call = serde_json::from_slice(&msg.header).map_err(|e| {
+                RemoteError::new(RemoteErrorKind::BadCall, format!("unreadable call: {e}"))
+            })?;
+            let (answer, body) = serve(control, synced, call, msg.body).await?;
+            Ok(Message {
+                header: serde_json::to_vec(&answer)
+                    .expect("answers serialize")
+                    .into(),
+                body,
+            })
+        })
+    }
+
+    fn load(&self) -> Bytes {
+        serde_json::to_vec(&self.control.load())
+            .expect("load serializes")
+            .into()
+    }
+}
+
+type Synced = Arc<Mutex<HashMap<String, (String, spore_core::FunctionManifest)>>>;
+
+async fn serve(
+    control: Control,
+    synced: Synced,
+    call: Call,
+    body: Bytes,
+) -> Result<(Answer, Bytes), RemoteError> {
+    match call {
+        Call::Echo => Ok((Answer::Echoed, body)),
+        Call::Invoke {
+            manifest,
+            code,
+            force_cold,
+            cold_path,
+            restore_mode,
+        } => {
+            let name = manifest.name.clone();
+            let holds = synced
+                .lock()
+                .expect("synced lock")
+                .get(&name)
+                .is_some_and(|(c, m)| *c == code && *m == manifest);
+            if !holds {
+                return Err(RemoteError::new(
+                    RemoteErrorKind::NeedsCode,
+                    format!("this unit does not hold {name} at code {code}"),
+                ));
+            }
+            let restore_mode = restore_mode
+                .map(|m| m.parse())
+                .transpose()
+                .map_err(|e| RemoteError::new(RemoteErrorKind::InvalidParameter, e))?;
+            let inv = control
+                .invoke(
+                    &name,
+                    &body,
+                    InvokeOptions {
+                        force_cold,
+                        cold_path,
+                        restore_mode,
+                    },
+                )
+                .await
+                .map_err(control_to_remote)?;
+            let (error, out) = match inv.outcome {
+                Ok(b) => (None, Bytes::from(b)),
+                Err(e) => (Some(e), Bytes::new()),
+            };
+            let answer = Answer::Invoked {
+                request_id: inv.request_id,
+                start: inv.start,
+                init_ms: inv.init_ms,
+                total_ms: inv.total_ms,
+                error,
+                log: inv.log,
+                breakdown: inv.breakdown,
+                to_handler_ms: inv.to_handler_ms,
+                handler_ns: inv.handler_ns,
+            };
+            Ok((answer, out))
+        }
+        Call::Deploy {
+            manifest,
+            description,
+            code,
+        } => {
+            let name = manifest.name.clone();
+            let spec = crate::FunctionSpec {
+                manifest: manifest.clone(),
+                description,
+            };
+            let c = control.clone();
+            let rec =
+                tokio::task::spawn_blocking(move || match c.get_function(&spec.manifest.name) {
+                    Ok(_) => {
+                        c.update_config(spec.clone())?;
+                        c.update_code(&spec.manifest.name, &body)
+                    }
+                    Err(_) => c.create_function(spec, &body),
+                })
+                .await
+                .map_err(|e| RemoteError::new(RemoteErrorKind::Internal, e.to_string()))?
+                .map_err(control_to_remote)?;
+            synced
+                .lock()
+                .expect("synced lock")
+                .insert(name.clone(), (code, manifest));
+            control.prewarm(&name);
+            Ok((
+                Answer::Deployed {
+                    revision: rec.revision,
+                },
+                Bytes::new(),
+            ))
+        }
+        Call::Remove { function } => {
+            synced.lock().expect("synced lock").remove(&function);
+            match control.delete_function(&function) {
+                Ok(_) | Err(ControlError::NotFound(_)) => Ok((Answer::Removed, Bytes::new())),
+                Err(e) => Err(control_to_remote(e)),
+            }
+        }
+        Call::Sync { functions } => {
+            let keep: std::collections::HashSet<String> = functions.into_iter().collect();
+            let mut removed = Vec::new();
+            for rec in control.list_functions() {
+                let name = rec.manifest.name;
+                if !keep.contains(&name) && control.delete_function(&name).is_ok() {
+                    removed.push(name);
+                }
+            }
+            synced
+                .lock()
+                .expect("synced lock")
+                .retain(|n, _| keep.contains(n));
+            Ok((Answer::Synced { removed }, Bytes::new()))
+        }
+    }
+}

@@ -1,0 +1,531 @@
+//! Processing units: shims in network namespaces of their own, linked to the control plane
+//! over veth pairs that the tests create (and remove).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use common::{can_sandbox, packages_dir, sample, Daemon, BIN};
+use serde_json::{json, Value};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("running ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Whether this machine can run these tests; prints the reason when not.
+fn can_link(test: &str) -> bool {
+    if !can_sandbox(test) {
+        return false;
+    }
+    let ok = Command::new("ip")
+        .args(["netns", "list"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("SKIP {test}: `ip netns` is not available (iproute2)");
+    }
+    ok
+}
+
+/// A network namespace joined to this one by a veth pair: the host end has `.1`, the
+/// namespace end `.2` of a /30.
+struct NetNs {
+    name: String,
+    host_if: String,
+    host_ip: String,
+    ns_ip: String,
+}
+
+impl NetNs {
+    fn new() -> NetNs {
+        let k = NEXT.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let name = format!("spore-xpu-{pid}-{k}");
+        let host_if = format!("sxh{}x{k}", pid % 100_000);
+        let ns_if = format!("sxn{}x{k}", pid % 100_000);
+        let octet = (pid * 7 + k * 13) % 250 + 1;
+        let (host_ip, ns_ip) = (format!("10.213.{octet}.1"), format!("10.213.{octet}.2"));
+        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        let _ = Command::new("ip").args(["link", "del", &host_if]).status();
+        ip(&["netns", "add", &name]);
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if, "netns", &name,
+        ]);
+        ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &host_if]);
+        ip(&["link", "set", &host_if, "up"]);
+        ip(&[
+            "-n",
+            &name,
+            "addr",
+            "add",
+            &format!("{ns_ip}/30"),
+            "dev",
+            &ns_if,
+        ]);
+        ip(&["-n", &name, "link", "set", &ns_if, "up"]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        NetNs {
+            name,
+            host_if,
+            host_ip,
+            ns_ip,
+        }
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// A `spore shim` running inside a namespace.
+struct Shim {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Shim {
+    fn start(ns: &NetNs, id: u32, control: &str, data: &Path, accelerators: &[&str]) -> Shim {
+        std::fs::create_dir_all(data).unwrap();
+        let log = data.with_extension(format!("shim-log-{}", NEXT.fetch_add(1, Ordering::Relaxed)));
+        let f = std::fs::File::create(&log).unwrap();
+        // nsenter switches only the network namespace (`ip netns exec` would also mount a
+        // new /sys, hiding the cgroup hierarchies the shim's sandboxes need).
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", ns.name))
+            .args(["--", BIN, "shim", "--id", &id.to_string()])
+            .args(["--control", control, "--grace-s", "5", "--data-dir"])
+            .arg(data);
+        for a in accelerators {
+            cmd.args(["--accelerator", a]);
+        }
+        if let Some(p) = packages_dir() {
+            cmd.arg("--packages-dir").arg(p);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .env("RUST_LOG", "info");
+        Shim {
+            child: Some(cmd.spawn().unwrap()),
+            log,
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Shim {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The control plane, accepting links on the host end of `ns`.
+fn control(ns: &NetNs) -> (tempfile::TempDir, Daemon, String) {
+    let tmp = tempfile::Builder::new()
+        .prefix("spore-xpu-")
+        .tempdir()
+        .unwrap();
+    let d = Daemon::start_at(
+        &tmp.path().join("d0"),
+        &["--link-listen", &format!("{}:0", ns.host_ip)],
+    );
+    let link = std::fs::read_to_string(d.data.join("run/link-endpoint"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    (tmp, d, link)
+}
+
+fn units(d: &Daemon) -> Vec<Value> {
+    d.get_json("/spore/v1/units")["Units"]
+        .as_array()
+        .cloned()
+        .unwrap()
+}
+
+fn wait_unit(d: &Daemon, id: u64, state: &str, shim_log: &dyn Fn() -> String) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(u) = units(d)
+            .into_iter()
+            .find(|u| u["id"] == id && u["state"] == state)
+        {
+            return u;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "unit {id} is not {state}: {:?}\nshim log:\n{}\ndaemon log:\n{}",
+            units(d),
+            shim_log(),
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Creates a function from a folder under `name` with Spore tags.
+fn create(d: &Daemon, dir: &Path, name: &str, tags: Value) {
+    let m = spore_core::FunctionManifest::from_toml(
+        &std::fs::read_to_string(dir.join("spore.toml")).unwrap(),
+    )
+    .unwrap();
+    let zip = spore_control::code::zip_dir(dir).unwrap();
+    let body = json!({
+        "FunctionName": name, "Runtime": m.runtime.as_str(), "Handler": m.handler,
+        "MemorySize": m.memory_mb, "Timeout": m.timeout_s,
+        "Code": { "ZipFile": base64::engine::general_purpose::STANDARD.encode(zip) },
+        "Tags": tags,
+    });
+    let r = d
+        .http
+        .post(d.url("/2015-03-31/functions"))
+        .json(&body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 201, "create {name}: {}", r.text().unwrap());
+}
+
+struct Answer {
+    status: u16,
+    unit: String,
+    start: String,
+    body: Value,
+}
+
+fn invoke(d: &Daemon, name: &str, payload: Value, cold: Option<&str>) -> Answer {
+    let mut req = d
+        .http
+        .post(d.url(&format!("/2015-03-31/functions/{name}/invocations")))
+        .json(&payload);
+    if let Some(c) = cold {
+        req = req.header("x-spore-cold", c);
+    }
+    let r = req.send().unwrap();
+    let h = |k: &str| {
+        r.headers()
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    let (unit, start) = (h("x-spore-unit"), h("x-spore-start"));
+    let status = r.status().as_u16();
+    let body = r.json().unwrap_or(Value::Null);
+    Answer {
+        status,
+        unit,
+        start,
+        body,
+    }
+}
+
+#[test]
+fn functions_and_dags_run_on_the_units_they_are_placed_on() {
+    if !can_link("functions_and_dags_run_on_the_units_they_are_placed_on") {
+        return;
+    }
+    let ns = NetNs::new();
+    let (tmp, d, link) = control(&ns);
+    assert!(link.starts_with(&ns.host_ip), "{link}");
+    let shim = Shim::start(&ns, 1, &link, &tmp.path().join("d1"), &["fpga"]);
+    let log = || shim.log_text();
+    let u1 = wait_unit(&d, 1, "up", &log);
+    assert_eq!(u1["accelerators"], json!(["fpga"]));
+    assert_eq!(u1["arch"], std::env::consts::ARCH);
+    assert!(
+        u1["peer"].as_str().unwrap().starts_with(&ns.ns_ip),
+        "the link comes from the namespace: {u1}"
+    );
+
+    let hello = sample("hello");
+    create(&d, &hello, "hello-local", json!({}));
+    create(&d, &hello, "hello-u1", json!({"spore:unit": "1"}));
+    create(
+        &d,
+        &hello,
+        "hello-u1-fork",
+        json!({"spore:unit": "1", "spore:sandbox": "cfork"}),
+    );
+    create(
+        &d,
+        &hello,
+        "hello-fpga",
+        json!({"spore:accelerator": "fpga"}),
+    );
+    create(&d, &hello, "hello-tpu", json!({"spore:accelerator": "tpu"}));
+    create(&d, &hello, "hello-u9", json!({"spore:unit": "9"}));
+
+    let a = invoke(&d, "hello-local", json!({"name": "zero"}), None);
+    assert_eq!((a.status, a.unit.as_str()), (200, "0"), "{:?}", a.body);
+    for name in ["hello-u1", "hello-u1-fork", "hello-fpga"] {
+        let a = invoke(&d, name, json!({"name": "one"}), None);
+        assert_eq!(a.status, 200, "{name}: {}\n{}", a.body, log());
+        assert_eq!(a.unit, "1", "{name} ran on unit {}", a.unit);
+        assert_eq!(a.body["message"], "hello, one", "{name}: {}", a.body);
+        // Warm on the unit afterwards.
+        let w = invoke(&d, name, json!({"name": "again"}), None);
+        assert_eq!((w.unit.as_str(), w.start.as_str()), ("1", "warm"), "{name}");
+    }
+    // A fresh instance forked from the unit's template, across the link.
+    let f = invoke(&d, "hello-u1-fork", json!({}), Some("fork"));
+    assert_eq!(
+        (f.status, f.unit.as_str(), f.start.as_str()),
+        (200, "1", "fork"),
+        "{}",
+        f.body
+    );
+    let c = invoke(&d, "hello-u1", json!({}), Some("init"));
+    assert_eq!(
+        (c.status, c.unit.as_str(), c.start.as_str()),
+        (200, "1", "cold")
+    );
+
+    // Placement errors name what is missing.
+    let t = invoke(&d, "hello-tpu", json!({}), None);
+    assert_eq!(t.status, 503, "{}", t.body);
+    let msg = t.body["message"].as_str().unwrap();
+    assert!(
+        msg.contains("no unit can run function hello-tpu (it needs accelerator tpu)")
+            && msg.contains("unit 1 has no tpu"),
+        "{msg}"
+    );
+    let n = invoke(&d, "hello-u9", json!({}), None);
+    assert_eq!(n.status, 503);
+    assert!(
+        n.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("pinned to unit 9, which has not registered"),
+        "{}",
+        n.body
+    );
+
+    // A function's errors come back from the unit the Lambda way.
+    create(
+        &d,
+        &common::fixture("err"),
+        "err-u1",
+        json!({"spore:unit": "1"}),
+    );
+    let e = invoke(&d, "err-u1", json!({}), None);
+    assert_eq!((e.status, e.unit.as_str()), (200, "1"));
+    assert!(e.body["errorType"].is_string(), "{}", e.body);
+
+    // A DAG across the two units gives the same result as on one.
+    let step = sample("dag/chain-step");
+    create(&d, &step, "step-a", json!({}));
+    create(&d, &step, "step-b", json!({}));
+    create(&d, &step, "step-b-u1", json!({"spore:unit": "1"}));
+    for (dag, second) in [("two-local", "step-b"), ("two-units", "step-b-u1")] {
+        let spec = format!(
+            "name = \"{dag}\"\ntransport = \"shm\"\n[[nodes]]\nid = \"a\"\nfunction = \"step-a\"\n[[nodes]]\nid = \"b\"\nfunction = \"{second}\"\nafter = [\"a\"]\n"
+        );
+        let r = d
+            .http
+            .post(d.url("/dags"))
+            .header("content-type", "application/toml")
+            .body(spec)
+            .send()
+            .unwrap();
+        assert!(r.status().is_success(), "{dag}: {}", r.text().unwrap());
+    }
+    let run = |dag: &str| {
+        let r = d
+            .http
+            .post(d.url(&format!("/dags/{dag}/invocations?timing=1")))
+            .json(&json!({"n": 0, "tag": "x"}))
+            .send()
+            .unwrap();
+        let transport = r
+            .headers()
+            .get("x-spore-transport")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let v: Value = r.json().unwrap();
+        (transport, v)
+    };
+    let (t_local, local) = run("two-local");
+    let (t_units, across) = run("two-units");
+    assert_eq!(t_local, "shm");
+    assert_eq!(t_units, "link");
+    assert_eq!(local["Result"], json!({"n": 2, "tag": "x"}), "{local}");
+    assert_eq!(across["Result"], local["Result"], "{across}");
+    let node_units: Vec<(String, u64)> = across["Timing"]["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["node"].as_str().unwrap().to_owned(),
+                n["unit"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert!(node_units.contains(&("a".into(), 0)), "{node_units:?}");
+    assert!(node_units.contains(&("b".into(), 1)), "{node_units:?}");
+
+    // `spore units` lists both, with what runs where.
+    let out = Command::new(BIN)
+        .args(["--endpoint", &d.endpoint, "units"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("(control plane)"), "{text}");
+    let line1 = text.lines().find(|l| l.starts_with("1 ")).unwrap();
+    assert!(
+        line1.contains("up") && line1.contains("fpga") && line1.contains("hello-u1"),
+        "{text}"
+    );
+    drop(shim);
+    drop(d);
+    drop(ns);
+}
+
+#[test]
+fn a_unit_that_dies_mid_invocation_fails_it_clearly_and_work_moves_on() {
+    let test = "a_unit_that_dies_mid_invocation_fails_it_clearly_and_work_moves_on";
+    if !can_link(test) {
+        return;
+    }
+    let ns1 = NetNs::new();
+    let ns2 = NetNs::new();
+    // The control plane listens on every address, so both namespaces reach it.
+    let tmp = tempfile::Builder::new()
+        .prefix("spore-xpu-")
+        .tempdir()
+        .unwrap();
+    let d = Daemon::start_at(&tmp.path().join("d0"), &["--link-listen", "0.0.0.0:0"]);
+    let port = std::fs::read_to_string(d.data.join("run/link-endpoint"))
+        .unwrap()
+        .trim()
+        .rsplit_once(':')
+        .unwrap()
+        .1
+        .to_owned();
+    let mut shim1 = Shim::start(
+        &ns1,
+        1,
+        &format!("{}:{port}", ns1.host_ip),
+        &tmp.path().join("d1"),
+        &["fpga"],
+    );
+    let shim2 = Shim::start(
+        &ns2,
+        2,
+        &format!("{}:{port}", ns2.host_ip),
+        &tmp.path().join("d2"),
+        &["fpga"],
+    );
+    wait_unit(&d, 1, "up", &|| shim1.log_text());
+    wait_unit(&d, 2, "up", &|| shim2.log_text());
+
+    // Needs an fpga: placed on unit 1 (both fit and are idle; lower id first).
+    create(
+        &d,
+        &common::fixture("sleepy"),
+        "sleepy",
+        json!({"spore:accelerator": "fpga"}),
+    );
+    let a = invoke(&d, "sleepy", json!({"s": 0.01}), None);
+    assert_eq!((a.status, a.unit.as_str()), (200, "1"), "{}", a.body);
+
+    // Kill unit 1 in the middle of an invocation.
+    let endpoint = d.endpoint.clone();
+    let slow = std::thread::spawn(move || {
+        reqwest::blocking::Client::new()
+            .post(format!(
+                "{endpoint}/2015-03-31/functions/sleepy/invocations"
+            ))
+            .json(&json!({"s": 5}))
+            .send()
+            .unwrap()
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    let t = Instant::now();
+    shim1.kill();
+    let r = slow.join().unwrap();
+    assert_eq!(r.status(), 503);
+    let v: Value = r.json().unwrap();
+    let msg = v["message"].as_str().unwrap();
+    assert!(
+        msg.contains("unit 1 went down while running sleepy"),
+        "{msg}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "the failure took {:?}",
+        t.elapsed()
+    );
+    let down = wait_unit(&d, 1, "down", &|| shim1.log_text());
+    assert!(!down["reason"].as_str().unwrap().is_empty(), "{down}");
+
+    // The next invocation goes to the live unit.
+    let b = invoke(&d, "sleepy", json!({"s": 0.01}), None);
+    assert_eq!((b.status, b.unit.as_str()), (200, "2"), "{}", b.body);
+    // The platform kept serving local functions all along.
+    create(&d, &sample("hello"), "hello", json!({}));
+    assert_eq!(invoke(&d, "hello", json!({}), None).status, 200);
+
+    // Unit 1 comes back on the same data dir and registers again.
+    let shim1b = Shim::start(
+        &ns1,
+        1,
+        &format!("{}:{port}", ns1.host_ip),
+        &tmp.path().join("d1"),
+        &["fpga"],
+    );
+    wait_unit(&d, 1, "up", &|| shim1b.log_text());
+    // A shim that stops cleanly says so, and is marked down at once.
+    drop(shim1b);
+    wait_unit(&d, 1, "down", &|| String::new());
+    drop(shim2);
+    drop(d);
+}

@@ -535,6 +535,48 @@ impl Control {
         }
     }
 
+    /// Measures the link to unit `id`: `n` echo calls of `bytes` each way, one at a time;
+    /// returns each round trip in microseconds.
+    pub async fn echo_unit(
+        &self,
+        id: u32,
+        bytes: usize,
+        n: usize,
+    ) -> Result<Vec<f64>, ControlError> {
+        const MAX_BYTES: usize = 256 << 20;
+        if bytes > MAX_BYTES || n == 0 || n > 10_000 {
+            return Err(ControlError::InvalidParameter(format!(
+                "an echo probe takes 1..=10000 calls of at most {MAX_BYTES} bytes (got {n} of {bytes})"
+            )));
+        }
+        let link = self
+            .inner
+            .units
+            .entries()
+            .get(&id)
+            .and_then(|e| e.link.clone())
+            .ok_or_else(|| {
+                ControlError::NotFound(format!("unit {id} (not registered, or down)"))
+            })?;
+        let body = Bytes::from(vec![0x5a; bytes]);
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            let (answer, back) = link
+                .call(&Call::Echo, body.clone(), DEPLOY_TIMEOUT)
+                .await
+                .map_err(|e| self.link_failure("an echo probe", id, &link, e))?;
+            if !matches!(answer, Answer::Echoed) || back.len() != bytes {
+                return Err(ControlError::Internal(format!(
+                    "unit {id} answered an echo of {bytes} bytes with {answer:?} and {} bytes",
+                    back.len()
+                )));
+            }
+            out.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        Ok(out)
+    }
+
     /// Tells every live unit that a function is gone (best effort: units that miss it drop
     /// the function at their next greeting).
     pub(crate) fn remove_on_units(&self, name: &str) {

@@ -562,6 +562,26 @@ pub(crate) async fn list_units(State(st): State<AppState>) -> Response {
     axum::Json(serde_json::json!({ "Units": st.control.unit_statuses() })).into_response()
 }
 
+#[derive(Debug, Deserialize)]
+pub(crate) struct EchoQuery {
+    bytes: usize,
+    n: usize,
+}
+
+/// `POST /spore/v1/units/{id}/echo?bytes=N&n=K`: K echo calls of N bytes over the unit's link,
+/// timed by the control plane.
+pub(crate) async fn echo_unit(
+    State(st): State<AppState>,
+    Path(id): Path<u32>,
+    Query(q): Query<EchoQuery>,
+) -> ApiResult<Response> {
+    let us = st.control.echo_unit(id, q.bytes, q.n).await?;
+    Ok(
+        axum::Json(serde_json::json!({ "Unit": id, "Bytes": q.bytes, "RoundTripsUs": us }))
+            .into_response(),
+    )
+}
+
 pub(crate) async fn list_snapshots(State(st): State<AppState>) -> Response {
     axum::Json(serde_json::json!({ "Snapshots": st.control.list_snapshots() })).into_response()
 }

@@ -162,6 +162,14 @@ impl Client {
             .context("malformed answer to a units listing")
     }
 
+    /// `POST /spore/v1/units/{unit}/echo`: `n` echo calls of `bytes` over the unit's link.
+    pub fn unit_echo(&self, unit: u32, bytes: usize, n: usize) -> Result<Value> {
+        let url = self.url(&format!("/spore/v1/units/{unit}/echo?bytes={bytes}&n={n}"));
+        Self::check(self.send(self.http.post(url))?)?
+            .json()
+            .context("malformed answer to a link echo")
+    }
+
     /// Deletes a function.
     pub fn delete(&self, name: &str) -> Result<()> {
         Self::check(

@@ -202,7 +202,7 @@ async fn shutdown_signal() -> &'static str {
     }
 }
 
-fn read_manifest(dir: &Path) -> Result<FunctionManifest> {
+pub(crate) fn read_manifest(dir: &Path) -> Result<FunctionManifest> {
     let path = dir.join("spore.toml");
     let text = std::fs::read_to_string(&path).with_context(|| {
         format!(
@@ -648,7 +648,7 @@ fn deploy_dags(client: &Client, dir: &Path) -> Result<Vec<String>> {
 }
 
 /// Invokes a DAG with timing: (request to response at the client, ms; the answer).
-fn dag_run(
+pub(crate) fn dag_run(
     client: &Client,
     name: &str,
     input: &serde_json::Value,
@@ -664,7 +664,7 @@ fn dag_run(
 }
 
 /// The hops (ms) in a timed DAG answer, of every node or of one.
-fn dag_hops(v: &serde_json::Value, node: Option<&str>) -> Vec<f64> {
+pub(crate) fn dag_hops(v: &serde_json::Value, node: Option<&str>) -> Vec<f64> {
     v["Timing"]["nodes"]
         .as_array()
         .into_iter()
@@ -990,7 +990,7 @@ fn instance_pids(
         .collect())
 }
 
-fn save_and_print(
+pub(crate) fn save_and_print(
     out: &Path,
     bench: &str,
     series: &[Series],
@@ -1015,7 +1015,7 @@ fn save_and_print(
     Ok(())
 }
 
-fn host_meta(extra: serde_json::Value) -> serde_json::Value {
+pub(crate) fn host_meta(extra: serde_json::Value) -> serde_json::Value {
     let mut meta = serde_json::json!({
         "host_cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
@@ -1147,6 +1147,7 @@ pub fn bench(endpoint: &str, which: BenchCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         BenchCommand::Dag { n, out, functions } => bench_dag(endpoint, n, &out, &functions),
+        BenchCommand::Xpu { n, out, functions } => crate::xpu_bench::bench_xpu(n, &out, &functions),
         BenchCommand::SnapshotColdStart {
             n,
             only,

@@ -24,6 +24,15 @@ impl ManagedDaemon {
     /// Starts `spore serve` on a free loopback port with a fresh data dir under `parent`;
     /// its log goes to `parent/daemon.log`.
     pub fn start(parent: &Path, packages_dir: Option<PathBuf>) -> Result<ManagedDaemon> {
+        Self::start_with(parent, packages_dir, &[])
+    }
+
+    /// As [`ManagedDaemon::start`], with extra `spore serve` arguments.
+    pub fn start_with(
+        parent: &Path,
+        packages_dir: Option<PathBuf>,
+        extra: &[String],
+    ) -> Result<ManagedDaemon> {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("creating {}", parent.display()))?;
         let data = tempfile::Builder::new()
@@ -44,6 +53,7 @@ impl ManagedDaemon {
         if let Some(p) = packages_dir {
             cmd.arg("--packages-dir").arg(p);
         }
+        cmd.args(extra);
         let log_path = parent.join("daemon.log");
         let log = std::fs::File::create(&log_path).context("creating the daemon log")?;
         cmd.stdin(Stdio::null())
@@ -78,6 +88,13 @@ impl ManagedDaemon {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+}
+
+impl ManagedDaemon {
+    /// Its data dir.
+    pub fn data_dir(&self) -> &Path {
+        self._data.path()
     }
 }
 

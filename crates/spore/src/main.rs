@@ -6,6 +6,7 @@
 mod client;
 mod commands;
 mod daemon;
+mod xpu_bench;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -306,6 +307,20 @@ enum BenchCommand {
         #[arg(long, default_value = "bench-results")]
         out: PathBuf,
         /// Folder of sample functions.
+        #[arg(long, default_value = "functions")]
+        functions: PathBuf,
+    },
+    /// Two processing units (a shim in its own network namespace, linked over veth; needs
+    /// root): cfork and calls local vs cross-unit, DAG hop shm vs link vs http, the link's
+    /// payload sweep vs TCP, and DAG workloads spread over both units.
+    Xpu {
+        /// Samples per series.
+        #[arg(long, short = 'n', default_value_t = 100)]
+        n: usize,
+        /// Where results go.
+        #[arg(long, default_value = "bench-results")]
+        out: PathBuf,
+        /// Folder of sample functions (hello, and the DAG functions under dag/).
         #[arg(long, default_value = "functions")]
         functions: PathBuf,
     },

@@ -1,0 +1,478 @@
+//! `spore bench xpu`: two processing units on one host, Molecule's CPU-DPU setting simulated
+//! with a shim in a network namespace of its own, linked to the control plane over a veth pair.
+//!
+//! Everything is measured in the same run, next to its local counterpart: cfork starts and
+//! warm calls on unit 0 vs unit 1; a DAG hop (1 KiB) over shared memory, across the link, and
+//! over HTTP; the link's payload sweep against plain TCP over the same veth; and two DAG
+//! workloads spread over the two units.
+
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use spore_bench::Series;
+use spore_core::SandboxKind;
+
+use crate::client::Client;
+use crate::commands::{dag_hops, dag_run, host_meta, read_manifest, save_and_print};
+use crate::daemon::ManagedDaemon;
+
+/// A network namespace joined to this one by a veth pair (removed on drop).
+struct NetNs {
+    name: String,
+    host_if: String,
+    host_ip: String,
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (iproute2)")?;
+    ensure!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+impl NetNs {
+    fn new() -> Result<NetNs> {
+        let pid = std::process::id();
+        let name = format!("spore-bench-{pid}");
+        let (host_if, ns_if) = (format!("sbh{pid}"), format!("sbn{pid}"));
+        let octet = pid % 250 + 1;
+        let host_ip = format!("10.214.{octet}.1");
+        let ns = NetNs {
+            name: name.clone(),
+            host_if: host_if.clone(),
+            host_ip: host_ip.clone(),
+        };
+        ip(&["netns", "add", &name])?;
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if, "netns", &name,
+        ])?;
+        ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &host_if])?;
+        ip(&["link", "set", &host_if, "up"])?;
+        ip(&[
+            "-n",
+            &name,
+            "addr",
+            "add",
+            &format!("10.214.{octet}.2/30"),
+            "dev",
+            &ns_if,
+        ])?;
+        ip(&["-n", &name, "link", "set", &ns_if, "up"])?;
+        ip(&["-n", &name, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    fn ns_ip(&self) -> String {
+        self.host_ip.trim_end_matches(".1").to_owned() + ".2"
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = ip(&["link", "del", &self.host_if]);
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// `spore shim` in the namespace (stopped with SIGTERM on drop).
+struct ShimProcess(Child);
+
+impl Drop for ShimProcess {
+    fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.0.id()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn deploy(client: &Client, dir: &Path, name: &str, sandbox: SandboxKind, unit: u32) -> Result<()> {
+    let mut m = read_manifest(dir)?;
+    m.name = name.to_owned();
+    m.sandbox = sandbox;
+    m.unit = Some(unit);
+    let zip = spore_control::code::zip_dir(dir)
+        .with_context(|| format!("packaging {}", dir.display()))?;
+    client
+        .deploy(&m, &zip)
+        .with_context(|| format!("deploying {name}"))?;
+    Ok(())
+}
+
+/// TCP echo round trips over the veth: a server thread inside the namespace (setns on that
+/// thread only), the client here. Returns the median round trip of `size` bytes each way, ms.
+fn tcp_baseline(ns: &NetNs, sizes: &[usize], reps: impl Fn(usize) -> usize) -> Result<Vec<f64>> {
+    let netns = std::fs::File::open(format!("/run/netns/{}", ns.name))
+        .with_context(|| format!("opening the namespace {}", ns.name))?;
+    let ns_ip = ns.ns_ip();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let server = std::thread::spawn(move || -> Result<()> {
+        nix::sched::setns(netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+            .context("entering the namespace")?;
+        let l = std::net::TcpListener::bind((ns_ip.as_str(), 0))?;
+        tx.send(l.local_addr()?).ok();
+        let (mut s, _) = l.accept()?;
+        s.set_nodelay(true)?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let mut len = [0u8; 8];
+            if s.read_exact(&mut len).is_err() {
+                return Ok(());
+            }
+            let mut left = u64::from_le_bytes(len) as usize;
+            while left > 0 {
+                let want = left.min(buf.len());
+                let k = s.read(&mut buf[..want])?;
+                ensure!(k > 0, "the client went away");
+                s.write_all(&buf[..k])?;
+                left -= k;
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(10))
+        .context("the TCP echo server did not start")?;
+    let mut c = std::net::TcpStream::connect(addr)?;
+    c.set_nodelay(true)?;
+    let mut medians = Vec::new();
+    for &size in sizes {
+        let data = std::sync::Arc::new(vec![0x5au8; size]);
+        let mut back = vec![0u8; size];
+        let mut times = Vec::new();
+        for _ in 0..reps(size) {
+            let t = Instant::now();
+            c.write_all(&(size as u64).to_le_bytes())?;
+            // Write and read at once, as the link does, so that large sizes do not deadlock.
+            let mut w = c.try_clone()?;
+            let d2 = std::sync::Arc::clone(&data);
+            let writer = std::thread::spawn(move || w.write_all(&d2));
+            c.read_exact(&mut back)?;
+            writer.join().expect("writer thread")?;
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        times.sort_by(f64::total_cmp);
+        medians.push(times[times.len() / 2]);
+    }
+    drop(c);
+    let _ = server.join();
+    Ok(medians)
+}
+
+fn link_echo(client: &Client, unit: u32, size: usize, n: usize) -> Result<Vec<f64>> {
+    let v = client.unit_echo(unit, size, n)?;
+    Ok(v["RoundTripsUs"]
+        .as_array()
+        .context("malformed echo answer")?
+        .iter()
+        .filter_map(|x| x.as_f64())
+        .map(|us| us / 1000.0)
+        .collect())
+}
+
+/// `spore bench xpu`.
+pub fn bench_xpu(n: usize, out: &Path, functions: &Path) -> Result<ExitCode> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("spore bench xpu creates a network namespace and a veth pair: run it as root");
+    }
+    let parent = PathBuf::from(".spore").join("bench-xpu");
+    std::fs::create_dir_all(&parent)?;
+    let ns = NetNs::new().context("creating the unit's network namespace")?;
+    eprintln!(
+        "   unit 1 runs in network namespace {} ({}), linked over a veth pair",
+        ns.name,
+        ns.ns_ip()
+    );
+    let packages = std::env::var_os("SPORE_PACKAGES_DIR")
+        .map(PathBuf::from)
+        .or_else(|| {
+            let p = PathBuf::from("target/python-packages");
+            p.join("numpy").is_dir().then_some(p)
+        })
+        .map(|p| p.canonicalize().unwrap_or(p));
+    let daemon = ManagedDaemon::start_with(
+        &parent,
+        packages.clone(),
+        &["--link-listen".into(), format!("{}:0", ns.host_ip)],
+    )?;
+    let link = std::fs::read_to_string(daemon.data_dir().join("run/link-endpoint"))
+        .context("reading the control plane's link endpoint")?;
+    let shim_data = parent.join(format!("unit-1-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&shim_data);
+    let shim_log = std::fs::File::create(parent.join("shim.log"))?;
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{}", ns.name))
+        .arg("--")
+        .arg(std::env::current_exe()?)
+        .args(["shim", "--id", "1", "--control", link.trim(), "--data-dir"])
+        .arg(&shim_data)
+        .args(["--keep-alive-s", "600"]);
+    if let Some(p) = &packages {
+        cmd.arg("--packages-dir").arg(p);
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(shim_log.try_clone()?)
+        .stderr(shim_log);
+    let shim = ShimProcess(cmd.spawn().context("starting the shim (nsenter)")?);
+    let client = Client::new(&daemon.endpoint)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let units = client.units()?;
+        if units["Units"]
+            .as_array()
+            .is_some_and(|u| u.iter().any(|u| u["id"] == 1 && u["state"] == "up"))
+        {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "unit 1 did not register within 30 s; see {}",
+            parent.join("shim.log").display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let mut series = Vec::new();
+    let mut table = String::new();
+    // 1. Starts and calls: unit 0 vs unit 1.
+    let hello = functions.join("hello");
+    for (unit, name) in [(0, "hello-u0"), (1, "hello-u1")] {
+        deploy(&client, &hello, name, SandboxKind::Cfork, unit)?;
+    }
+    eprintln!("   cfork starts and warm calls, unit 0 vs unit 1, n={n}");
+    for (what, cold) in [("cfork start", Some("fork")), ("warm call", None)] {
+        for (unit, name) in [(0, "hello-u0"), (1, "hello-u1")] {
+            for _ in 0..3 {
+                client.invoke_with(name, b"{}".to_vec(), cold)?;
+            }
+            let mut s = Vec::new();
+            for _ in 0..n {
+                let t = Instant::now();
+                let a = client.invoke_with(name, b"{}".to_vec(), cold)?;
+                s.push(t.elapsed().as_secs_f64() * 1000.0);
+                ensure!(
+                    !a.function_error && a.unit == unit.to_string(),
+                    "{name} ran on unit {} ({})",
+                    a.unit,
+                    String::from_utf8_lossy(&a.body)
+                );
+                if cold.is_some() {
+                    ensure!(a.start == "fork", "{name} started {}", a.start);
+                }
+            }
+            series.push(Series {
+                name: format!(
+                    "{what}, unit {unit}{}",
+                    if unit == 0 {
+                        " (local)"
+                    } else {
+                        " (cross-unit)"
+                    }
+                ),
+                samples_ms: s,
+            });
+        }
+    }
+    table.push_str("Start and call, request to response at the client:\n\n");
+    table.push_str(&spore_bench::table(
+        &series[..2],
+        "cfork start, unit 0 (local)",
+    ));
+    table.push('\n');
+    table.push_str(&spore_bench::table(
+        &series[2..4],
+        "warm call, unit 0 (local)",
+    ));
+
+    // 2. DAG hop, 1 KiB: shared memory, across the link, HTTP.
+    let step = functions.join("dag").join("chain-step");
+    deploy(&client, &step, "xs-a", SandboxKind::Container, 0)?;
+    deploy(&client, &step, "xs-b", SandboxKind::Container, 0)?;
+    deploy(&client, &step, "xs-b-u1", SandboxKind::Container, 1)?;
+    for (dag, b) in [("xhop-local", "xs-b"), ("xhop-units", "xs-b-u1")] {
+        client.put_dag(&format!(
+            "name = \"{dag}\"\n[[nodes]]\nid = \"a\"\nfunction = \"xs-a\"\n[[nodes]]\nid = \"b\"\nfunction = \"{b}\"\nafter = [\"a\"]\n"
+        ))?;
+    }
+    eprintln!("   DAG hop (1 KiB): shm vs cross-unit link vs http, n={n}");
+    let pad = serde_json::json!({"n": 0, "pad": "x".repeat(1000)});
+    let first = series.len();
+    for (label, dag, transport) in [
+        ("hop shm, local", "xhop-local", "shm"),
+        ("hop cross-unit (link)", "xhop-units", "shm"),
+        ("hop http, local", "xhop-local", "http"),
+    ] {
+        for _ in 0..3 {
+            dag_run(&client, dag, &pad, transport)?;
+        }
+        let mut s = Vec::new();
+        for _ in 0..n {
+            s.extend(dag_hops(
+                &dag_run(&client, dag, &pad, transport)?.1,
+                Some("b"),
+            ));
+        }
+        series.push(Series {
+            name: label.into(),
+            samples_ms: s,
+        });
+    }
+    table.push_str(
+        "\nDAG hop, 1 KiB (producer's handler returns -> consumer's handler starts):\n\n",
+    );
+    table.push_str(&spore_bench::table(&series[first..], "hop http, local"));
+
+    // 3. Payload sweep over the link vs TCP over the same veth.
+    eprintln!("   payload sweep over the link vs TCP over the same veth");
+    let sizes = [1usize << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20];
+    let reps = |size: usize| if size >= 16 << 20 { 7 } else { 31 };
+    let tcp = tcp_baseline(&ns, &sizes, reps)?;
+    table.push_str("\nLink payload sweep (echo: the size goes and comes back; median of the runs; GB/s counts both ways):\n\n| size | runs | link round trip | link GB/s | TCP round trip | TCP GB/s | link / TCP |\n|---:|---:|---:|---:|---:|---:|---:|\n");
+    let mut sweep = Vec::new();
+    for (i, &size) in sizes.iter().enumerate() {
+        let k = reps(size);
+        link_echo(&client, 1, size, 2)?;
+        let mut s = link_echo(&client, 1, size, k)?;
+        s.sort_by(f64::total_cmp);
+        let link_ms = s[s.len() / 2];
+        let gbps = |ms: f64| 2.0 * size as f64 / (ms / 1000.0) / 1e9;
+        table.push_str(&format!(
+            "| {} KiB | {k} | {link_ms:.3} ms | {:.2} | {:.3} ms | {:.2} | {:.0}% |\n",
+            size >> 10,
+            gbps(link_ms),
+            tcp[i],
+            gbps(tcp[i]),
+            100.0 * tcp[i] / link_ms
+        ));
+        sweep.push(serde_json::json!({"size": size, "link_ms": link_ms, "tcp_ms": tcp[i]}));
+    }
+
+    // 4. Workloads spread over the two units.
+    eprintln!("   workloads over two units: chain5 and alexa");
+    let dagdir = functions.join("dag");
+    for f in [
+        "chain-step",
+        "alexa-frontend",
+        "alexa-interact",
+        "alexa-smarthome",
+        "alexa-device",
+        "alexa-report",
+    ] {
+        let m = read_manifest(&dagdir.join(f))?;
+        deploy(&client, &dagdir.join(f), &format!("x0-{f}"), m.sandbox, 0)?;
+        deploy(&client, &dagdir.join(f), &format!("x1-{f}"), m.sandbox, 1)?;
+    }
+    let chain = |name: &str, units: [u32; 5]| {
+        let mut t = format!("name = \"{name}\"\n");
+        for (i, u) in units.iter().enumerate() {
+            t.push_str(&format!(
+                "[[nodes]]\nid = \"s{}\"\nfunction = \"x{u}-chain-step\"\n",
+                i + 1
+            ));
+            if i > 0 {
+                t.push_str(&format!("after = [\"s{i}\"]\n"));
+            }
+        }
+        t
+    };
+    client.put_dag(&chain("xchain5-local", [0; 5]))?;
+    client.put_dag(&chain("xchain5-units", [0, 1, 0, 1, 0]))?;
+    // Alexa: the front end and report on unit 0; interaction, smart home and devices on unit 1.
+    let alexa = |name: &str, far: u32| {
+        let fe = |f: &str, u: u32| format!("x{u}-alexa-{f}");
+        format!(
+            "name = \"{name}\"\n[[nodes]]\nid = \"frontend\"\nfunction = \"{}\"\n[[nodes]]\nid = \"interact\"\nfunction = \"{}\"\nafter = [\"frontend\"]\n[[nodes]]\nid = \"smarthome\"\nfunction = \"{}\"\nafter = [\"interact\"]\n{}[[nodes]]\nid = \"report\"\nfunction = \"{}\"\nafter = [\"door\", \"light\", \"tv\", \"plug\"]\n",
+            fe("frontend", 0),
+            fe("interact", far),
+            fe("smarthome", far),
+            ["door", "light", "tv", "plug"]
+                .iter()
+                .map(|d| format!("[[nodes]]\nid = \"{d}\"\nfunction = \"{}\"\nafter = [\"smarthome\"]\n", fe("device", far)))
+                .collect::<String>(),
+            fe("report", 0),
+        )
+    };
+    client.put_dag(&alexa("xalexa-local", 0))?;
+    client.put_dag(&alexa("xalexa-units", 1))?;
+    table.push_str("\nWorkloads end to end, request to response at the client (warm instances):\n\n| DAG | n | one unit, shm p50 | p99 | two units, link p50 | p99 | one unit, http p50 | p99 |\n|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    let inputs = [
+        (
+            "chain5",
+            serde_json::json!({"n": 0, "pad": "x".repeat(1000)}),
+        ),
+        (
+            "alexa",
+            serde_json::json!({"user": "ann", "utterance": "open the door, lights on, watch TV"}),
+        ),
+    ];
+    for (w, input) in &inputs {
+        let mut row = Vec::new();
+        for (dag, transport) in [
+            (format!("x{w}-local"), "shm"),
+            (format!("x{w}-units"), "shm"),
+            (format!("x{w}-local"), "http"),
+        ] {
+            for _ in 0..3 {
+                dag_run(&client, &dag, input, transport)?;
+            }
+            let s: Vec<f64> = (0..n)
+                .map(|_| dag_run(&client, &dag, input, transport).map(|r| r.0))
+                .collect::<Result<_>>()?;
+            row.push(spore_bench::summarize(&s));
+            series.push(Series {
+                name: format!(
+                    "{w} e2e, {}",
+                    if dag.ends_with("units") {
+                        "two units"
+                    } else if transport == "http" {
+                        "one unit http"
+                    } else {
+                        "one unit shm"
+                    }
+                ),
+                samples_ms: s,
+            });
+        }
+        table.push_str(&format!(
+            "| {w} | {n} | {:.3} ms | {:.3} ms | {:.3} ms | {:.3} ms | {:.3} ms | {:.3} ms |\n",
+            row[0].p50, row[0].p99, row[1].p50, row[1].p99, row[2].p50, row[2].p99
+        ));
+    }
+    let plotted: Vec<Series> = series[..first + 3].to_vec();
+    save_and_print(
+        out,
+        "xpu",
+        &series,
+        &table,
+        host_meta(
+            serde_json::json!({ "n": n, "sweep": sweep, "link": link.trim(), "netns": ns.name }),
+        ),
+        ("Cross-unit cfork, calls and DAG hops vs local", &plotted),
+    )?;
+    drop(client);
+    drop(shim);
+    drop(daemon);
+    drop(ns);
+    Ok(ExitCode::SUCCESS)
+}

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
 need=()
-for pkg in python3 python3-pip fonts-dejavu-core; do
+for pkg in python3 python3-pip fonts-dejavu-core iproute2 util-linux; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ((${#need[@]})); then

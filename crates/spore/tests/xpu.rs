@@ -59,8 +59,12 @@ impl NetNs {
         let ns_if = format!("sxn{}x{k}", pid % 100_000);
         let octet = (pid * 7 + k * 13) % 250 + 1;
         let (host_ip, ns_ip) = (format!("10.213.{octet}.1"), format!("10.213.{octet}.2"));
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
-        let _ = Command::new("ip").args(["link", "del", &host_if]).status();
+        for stale in [["netns", "del", &name], ["link", "del", &host_if]] {
+            let _ = Command::new("ip")
+                .args(stale)
+                .stderr(Stdio::null())
+                .status();
+        }
         ip(&["netns", "add", &name]);
         ip(&[
             "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if, "netns", &name,

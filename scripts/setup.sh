@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up for Spore on a fresh Debian/Ubuntu machine: Debian packages (the sandbox's
-# Python, pip, a font for plots) and the Python packages of the sample functions (numpy,
+# Python, pip, a font for plots, iproute2 for the units tests) and the Python packages of the sample functions (numpy,
 # Pillow, pyaes) in a shared directory that sandboxes bind read-only.
 set -euo pipefail
 cd "$(dirname "$0")/.."

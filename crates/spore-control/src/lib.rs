@@ -9,6 +9,7 @@
 
 pub mod code;
 pub mod dag;
+pub mod etcd;
 pub mod instance;
 pub mod logs;
 pub mod registry;

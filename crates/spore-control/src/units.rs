@@ -67,6 +67,10 @@ pub struct UnitStatus {
     pub inflight: u32,
     /// Functions placed there.
     pub functions: Vec<String>,
+    /// Membership in etcd (`registered`, `absent`, or why etcd is unreachable); None without
+    /// etcd.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub etcd: Option<String>,
 }
 
 struct Entry {
@@ -98,6 +102,16 @@ pub struct Units {
     entries: Mutex<BTreeMap<u32, Entry>>,
     placed: Mutex<HashMap<String, u32>>,
     link_cfg: LinkConfig,
+    etcd: Mutex<Option<EtcdView>>,
+}
+
+/// What the control plane knows from etcd.
+struct EtcdView {
+    client: crate::etcd::Etcd,
+    /// Its own registration.
+    registration: crate::etcd::Registration,
+    /// Units with a live lease in etcd, at the last poll (None: the poll failed).
+    members: Option<BTreeMap<u32, UnitInfo>>,
 }
 
 impl std::fmt::Debug for Units {
@@ -117,6 +131,7 @@ impl Units {
             entries: Mutex::new(BTreeMap::new()),
             placed: Mutex::new(HashMap::new()),
             link_cfg,
+            etcd: Mutex::new(None),
         }
     }
 
@@ -151,6 +166,15 @@ impl Units {
     }
 
     /// Marks a unit down if `link` is still its link.
+    /// A placement of `function` on `unit` from before a restart (kept while that unit is
+    /// up and fits).
+    fn restore_placement(&self, function: String, unit: u32) {
+        self.placed
+            .lock()
+            .expect("placed lock")
+            .insert(function, unit);
+    }
+
     fn link_closed(&self, link: &Link, reason: &str) {
         let id = link.peer().id;
         let mut entries = self.entries();
@@ -198,7 +222,20 @@ impl Units {
             load: UnitLoad::default(),
             inflight: self.local_inflight.load(Ordering::Relaxed),
             functions: on(self.local.id),
+            etcd: None,
         }];
+        let etcd = self.etcd.lock().expect("etcd lock");
+        if let Some(v) = etcd.as_ref() {
+            out[0].etcd = Some(v.registration.state());
+        }
+        let member = |id: u32| -> Option<String> {
+            let v = etcd.as_ref()?;
+            Some(match &v.members {
+                None => "unreachable".into(),
+                Some(m) if m.contains_key(&id) => "registered".into(),
+                Some(_) => "absent".into(),
+            })
+        };
         for (id, e) in self.entries().iter() {
             out.push(UnitStatus {
                 info: e.info.clone(),
@@ -210,7 +247,28 @@ impl Units {
                 load: e.load.clone(),
                 inflight: e.inflight.load(Ordering::Relaxed),
                 functions: on(*id),
+                etcd: member(*id),
             });
+        }
+        // Units registered in etcd that never linked here.
+        if let Some(members) = etcd.as_ref().and_then(|v| v.members.as_ref()) {
+            for (id, info) in members {
+                if *id == self.local.id || out.iter().any(|u| u.info.id == *id) {
+                    continue;
+                }
+                out.push(UnitStatus {
+                    info: info.clone(),
+                    state: "down",
+                    since_s: 0.0,
+                    reason: "registered in etcd, but no link to this control plane".into(),
+                    local: false,
+                    peer: String::new(),
+                    load: UnitLoad::default(),
+                    inflight: 0,
+                    functions: on(*id),
+                    etcd: Some("registered".into()),
+                });
+            }
         }
         out
     }
@@ -320,6 +378,7 @@ impl Units {
             )));
         };
         placed.insert(name.clone(), id);
+        self.persist_placement(name, Some(id));
         if id == self.local.id {
             return Ok(Placement::Local);
         }
@@ -328,7 +387,39 @@ impl Units {
 
     /// Forgets where a function was placed (deleted or changed).
     pub(crate) fn unplace(&self, name: &str) {
-        self.placed.lock().expect("placed lock").remove(name);
+        if self
+            .placed
+            .lock()
+            .expect("placed lock")
+            .remove(name)
+            .is_some()
+        {
+            self.persist_placement(name, None);
+        }
+    }
+
+    /// Writes a placement to etcd (in the background; a failure is logged, the placement
+    /// holds in memory).
+    fn persist_placement(&self, name: &str, unit: Option<u32>) {
+        let Some(client) = self
+            .etcd
+            .lock()
+            .expect("etcd lock")
+            .as_ref()
+            .map(|v| v.client.clone())
+        else {
+            return;
+        };
+        let key = format!("placement/{name}");
+        tokio::spawn(async move {
+            let r = match unit {
+                Some(u) => client.put(&key, &u.to_string(), None).await,
+                None => client.delete(&key).await,
+            };
+            if let Err(e) = r {
+                tracing::warn!(error = %e, key, "recording a placement in etcd");
+            }
+        });
     }
 
     /// Counts an invocation on the local unit while the guard lives.
@@ -454,6 +545,70 @@ impl Control {
             instances,
             templates: self.inner.templates.lock().expect("templates lock").len() as u32,
             mem_available_mb,
+        }
+    }
+
+    /// Joins the cluster in etcd as its control plane: announces `link` (the link listener's
+    /// address) under a lease, reads back where functions were placed before a restart, and
+    /// follows unit membership, until `stop` fires.
+    pub async fn join_etcd(
+        &self,
+        client: crate::etcd::Etcd,
+        link: String,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        match client.list("placement").await {
+            Ok(placements) => {
+                let known: std::collections::HashSet<String> = self
+                    .list_functions()
+                    .into_iter()
+                    .map(|r| r.manifest.name)
+                    .collect();
+                let mut n = 0;
+                for (f, u) in placements {
+                    if let (true, Ok(u)) = (known.contains(&f), u.parse::<u32>()) {
+                        self.inner.units.restore_placement(f, u);
+                        n += 1;
+                    }
+                }
+                if n > 0 {
+                    tracing::info!(placements = n, "placements read back from etcd");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading placements from etcd"),
+        }
+        let value =
+            serde_json::json!({ "link": link, "unit": self.inner.units.local.id }).to_string();
+        let registration = crate::etcd::Registration::start(
+            client.clone(),
+            [("control".to_owned(), value)].into_iter().collect(),
+            stop.clone(),
+        );
+        *self.inner.units.etcd.lock().expect("etcd lock") = Some(EtcdView {
+            client: client.clone(),
+            registration,
+            members: None,
+        });
+        let units = self.inner.units.clone();
+        let mut stop = stop;
+        loop {
+            let members = client.list("units").await.ok().map(|m| {
+                m.into_iter()
+                    .filter_map(|(k, v)| {
+                        Some((
+                            k.parse::<u32>().ok()?,
+                            serde_json::from_str::<UnitInfo>(&v).ok()?,
+                        ))
+                    })
+                    .collect::<BTreeMap<u32, UnitInfo>>()
+            });
+            if let Some(v) = units.etcd.lock().expect("etcd lock").as_mut() {
+                v.members = members;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop.changed() => return,
+            }
         }
     }
 
@@ -704,8 +859,28 @@ impl Control {
     /// Runs this daemon as a unit's shim: dials the control plane at `control` (`HOST:PORT`),
     /// serves its calls, and dials again with backoff whenever the link drops, until
     /// `stop` fires.
-    pub async fn run_shim(&self, control: String, mut stop: tokio::sync::watch::Receiver<bool>) {
+    pub async fn run_shim(
+        &self,
+        control: Option<String>,
+        etcd: Option<crate::etcd::Etcd>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
         let units = self.inner.units.clone();
+        if let Some(client) = &etcd {
+            let info = serde_json::to_string(&units.local).expect("unit info serializes");
+            let registration = crate::etcd::Registration::start(
+                client.clone(),
+                [(format!("units/{}", units.local.id), info)]
+                    .into_iter()
+                    .collect(),
+                stop.clone(),
+            );
+            *units.etcd.lock().expect("etcd lock") = Some(EtcdView {
+                client: client.clone(),
+                registration,
+                members: None,
+            });
+        }
         let mut backoff = Duration::from_millis(100);
         let mut announced_failure = false;
         loop {
@@ -713,9 +888,18 @@ impl Control {
                 return;
             }
             let attempt = async {
+                let control = match (&control, &etcd) {
+                    (Some(c), _) => c.clone(),
+                    (None, Some(client)) => discover(client).await?,
+                    (None, None) => {
+                        return Err(LinkError::Handshake(
+                            "no control plane address: give --control or --etcd".into(),
+                        ))
+                    }
+                };
                 let s = tokio::net::TcpStream::connect(&control)
                     .await
-                    .map_err(LinkError::Io)?;
+                    .map_err(|e| LinkError::Handshake(format!("connecting to {control}: {e}")))?;
                 let _ = s.set_nodelay(true);
                 link::connect(
                     s,
@@ -731,12 +915,12 @@ impl Control {
             };
             match attempt.await {
                 Ok(link) => {
-                    tracing::info!(unit = units.local.id, %control, "registered with the control plane");
+                    tracing::info!(unit = units.local.id, peer = %link.peer().id, "registered with the control plane");
                     backoff = Duration::from_millis(100);
                     announced_failure = false;
                     tokio::select! {
                         reason = link.closed() => {
-                            tracing::warn!(%control, %reason, "link to the control plane lost; dialing again");
+                            tracing::warn!(%reason, "link to the control plane lost; dialing again");
                         }
                         _ = stop.changed() => {
                             link.close(&format!("unit {} is shutting down", units.local.id));
@@ -748,12 +932,12 @@ impl Control {
                 }
                 Err(e) => {
                     if !announced_failure {
-                        tracing::warn!(%control, error = %e, "cannot reach the control plane; retrying");
+                        tracing::warn!(error = %e, "cannot reach the control plane; retrying");
                         announced_failure = true;
                     }
                     if let LinkError::Handshake(why) = &e {
                         if why.contains("refused") {
-                            tracing::error!(%control, error = %e, "the control plane refused this unit");
+                            tracing::error!(error = %e, "the control plane refused this unit");
                         }
                     }
                 }
@@ -765,6 +949,25 @@ impl Control {
             backoff = (backoff * 2).min(Duration::from_secs(3));
         }
     }
+}
+
+/// The control plane's link address, as it announced it in etcd.
+async fn discover(client: &crate::etcd::Etcd) -> Result<String, LinkError> {
+    let v = client
+        .get("control")
+        .await
+        .map_err(|e| LinkError::Handshake(e.to_string()))?
+        .ok_or_else(|| {
+            LinkError::Handshake(format!(
+                "no control plane is registered in etcd ({} is empty)",
+                client.key("control")
+            ))
+        })?;
+    let v: serde_json::Value = serde_json::from_str(&v)
+        .map_err(|e| LinkError::Handshake(format!("{}: {e}", client.key("control"))))?;
+    v["link"].as_str().map(str::to_owned).ok_or_else(|| {
+        LinkError::Handshake(format!("{} has no link address", client.key("control")))
+    })
 }
 
 /// A shim's side of its link: serves the control plane's calls with the unit's [`Control`].

@@ -78,6 +78,9 @@ pub fn units(endpoint: &str) -> Result<ExitCode> {
             peer,
             funcs.join(","),
         );
+        if let Some(e) = u["etcd"].as_str() {
+            println!("      etcd: {e}");
+        }
         if u["state"] == "down" {
             println!(
                 "      down for {:.0} s: {}",
@@ -90,7 +93,10 @@ pub fn units(endpoint: &str) -> Result<ExitCode> {
 }
 
 /// `spore serve`, or with `shim` (this unit, the control plane's link address) a shim.
-pub fn serve(args: ServeArgs, shim: Option<(spore_shim::UnitInfo, String)>) -> Result<ExitCode> {
+pub fn serve(
+    args: ServeArgs,
+    shim: Option<(spore_shim::UnitInfo, Option<String>)>,
+) -> Result<ExitCode> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -127,6 +133,15 @@ pub fn serve(args: ServeArgs, shim: Option<(spore_shim::UnitInfo, String)>) -> R
         .snapshot_codec
         .parse()
         .map_err(|e: String| anyhow::anyhow!("--snapshot-codec: {e}"))?;
+    let etcd = args
+        .etcd
+        .as_deref()
+        .map(|e| spore_control::etcd::Etcd::new(e, &args.etcd_prefix))
+        .transpose()
+        .context("--etcd")?;
+    if etcd.is_some() && shim.is_none() && args.link_listen.is_none() {
+        bail!("--etcd announces the control plane's link address: give --link-listen too");
+    }
     let grace = Duration::from_secs(args.grace_s);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -139,6 +154,8 @@ pub fn serve(args: ServeArgs, shim: Option<(spore_shim::UnitInfo, String)>) -> R
         }
         let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("listening on {listen}"))?;
         let link_file = data_dir.join("run").join("link-endpoint");
+        // Stops the shim's dialing and the etcd registrations at shutdown.
+        let (shim_stop, shim_stop_rx) = tokio::sync::watch::channel(false);
         if let Some(addr) = &args.link_listen {
             let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--link-listen {addr}"))?;
             let bound = l.local_addr()?.to_string();
@@ -146,12 +163,17 @@ pub fn serve(args: ServeArgs, shim: Option<(spore_shim::UnitInfo, String)>) -> R
             tracing::info!("accepting unit links on {bound}");
             let c = control.clone();
             tokio::spawn(async move { c.serve_links(l).await });
+            if let (Some(client), None) = (&etcd, &shim) {
+                let c = control.clone();
+                let (client, stop) = (client.clone(), shim_stop_rx.clone());
+                tokio::spawn(async move { c.join_etcd(client, bound, stop).await });
+            }
         }
-        let (shim_stop, shim_stop_rx) = tokio::sync::watch::channel(false);
         let shim_task = shim.map(|(unit, addr)| {
-            tracing::info!(unit = unit.id, arch = %unit.arch, accelerators = ?unit.accelerators, "running as a unit's shim; control plane at {addr}");
+            tracing::info!(unit = unit.id, arch = %unit.arch, accelerators = ?unit.accelerators, control = ?addr, "running as a unit's shim");
             let c = control.clone();
-            tokio::spawn(async move { c.run_shim(addr, shim_stop_rx).await })
+            let stop = shim_stop_rx.clone();
+            tokio::spawn(async move { c.run_shim(addr, etcd, stop).await })
         });
         let endpoint = format!("http://{}", listener.local_addr()?);
         control.set_gateway_url(endpoint.clone());
@@ -177,6 +199,10 @@ pub fn serve(args: ServeArgs, shim: Option<(spore_shim::UnitInfo, String)>) -> R
         let _ = shim_stop.send(true);
         if let Some(t) = shim_task {
             let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+        }
+        // Let the etcd registrations delete their keys.
+        if args.etcd.is_some() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let _ = std::fs::remove_file(&link_file);
         control.shutdown(grace).await;

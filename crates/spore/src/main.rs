@@ -152,9 +152,10 @@ pub(crate) struct ShimArgs {
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=65535))]
     id: u32,
     /// The control plane's link address, HOST:PORT (what `spore serve --link-listen` bound;
-    /// also in its <data-dir>/run/link-endpoint).
-    #[arg(long)]
-    control: String,
+    /// also in its <data-dir>/run/link-endpoint). Without it, the shim finds the control
+    /// plane in etcd (--etcd).
+    #[arg(long, required_unless_present = "etcd")]
+    control: Option<String>,
     /// The instruction set this unit declares (default: this host's).
     #[arg(long)]
     arch: Option<String>,
@@ -178,6 +179,14 @@ pub(crate) struct ServeArgs {
     /// only unit.
     #[arg(long)]
     link_listen: Option<String>,
+    /// etcd endpoints (http://HOST:PORT[,...]) for membership across hosts: the control plane
+    /// announces its link address and placements there; a shim registers itself there and
+    /// finds the control plane there.
+    #[arg(long, env = "SPORE_ETCD")]
+    etcd: Option<String>,
+    /// Key prefix in etcd (one per cluster).
+    #[arg(long, default_value = "/spore")]
+    etcd_prefix: String,
     /// Data dir (default /var/lib/spore as root, else ~/.local/share/spore; a shim's default
     /// is unit-N under it).
     #[arg(long, env = "SPORE_DATA_DIR")]

@@ -533,3 +533,216 @@ fn a_unit_that_dies_mid_invocation_fails_it_clearly_and_work_moves_on() {
     drop(shim2);
     drop(d);
 }
+
+/// A throwaway etcd listening on `ip` (the veth's host end, so that namespaces reach it).
+struct Etcd {
+    child: Option<Child>,
+    dir: PathBuf,
+    client_url: String,
+    peer_url: String,
+}
+
+fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Etcd {
+    fn start(ip: &str, dir: &Path) -> Etcd {
+        let mut e = Etcd {
+            child: None,
+            dir: dir.to_owned(),
+            client_url: format!("http://{ip}:{}", free_port(ip)),
+            peer_url: format!("http://127.0.0.1:{}", free_port("127.0.0.1")),
+        };
+        e.spawn();
+        e
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.with_extension("etcd-log"))
+            .unwrap();
+        let child = Command::new("etcd")
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .args(["--listen-client-urls", &self.client_url])
+            .args(["--advertise-client-urls", &self.client_url])
+            .args(["--listen-peer-urls", &self.peer_url])
+            .args(["--initial-advertise-peer-urls", &self.peer_url])
+            .args(["--initial-cluster", &format!("default={}", self.peer_url)])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.get("/spore/none").is_err() {
+            assert!(Instant::now() < deadline, "etcd did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// One key's value, through etcd's JSON gateway.
+    fn get(&self, key: &str) -> Result<Option<String>, reqwest::Error> {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let v: Value = reqwest::blocking::Client::new()
+            .post(format!("{}/v3/kv/range", self.client_url))
+            .json(&json!({ "key": b64.encode(key) }))
+            .timeout(Duration::from_secs(2))
+            .send()?
+            .json()?;
+        Ok(v["kvs"][0]["value"]
+            .as_str()
+            .map(|s| String::from_utf8(b64.decode(s).unwrap()).unwrap()))
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn membership_in_etcd_survives_etcd_and_control_plane_restarts() {
+    let test = "membership_in_etcd_survives_etcd_and_control_plane_restarts";
+    if !can_link(test) {
+        return;
+    }
+    if Command::new("etcd").arg("--version").output().is_err() {
+        eprintln!("SKIP {test}: no etcd binary (Debian package etcd-server)");
+        return;
+    }
+    let ns = NetNs::new();
+    let tmp = tempfile::Builder::new()
+        .prefix("spore-xpu-")
+        .tempdir()
+        .unwrap();
+    let mut etcd = Etcd::start(&ns.host_ip, &tmp.path().join("etcd"));
+    let url = etcd.client_url.clone();
+    let link_listen = format!("{}:0", ns.host_ip);
+    let args = [
+        "--link-listen",
+        link_listen.as_str(),
+        "--etcd",
+        url.as_str(),
+    ];
+    let d0 = tmp.path().join("d0");
+    let d = Daemon::start_at(&d0, &args);
+
+    // The shim has no --control: it finds the control plane in etcd.
+    let log = tmp.path().join("d1.shim-log");
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{}", ns.name))
+        .args([
+            "--",
+            BIN,
+            "shim",
+            "--id",
+            "1",
+            "--etcd",
+            &url,
+            "--accelerator",
+            "fpga",
+        ])
+        .args(["--grace-s", "5", "--data-dir"])
+        .arg(tmp.path().join("d1"))
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
+        .env("RUST_LOG", "info");
+    if let Some(p) = packages_dir() {
+        cmd.arg("--packages-dir").arg(p);
+    }
+    let shim = Shim {
+        child: Some(cmd.spawn().unwrap()),
+        log: log.with_extension("err"),
+    };
+    wait_unit(&d, 1, "up", &|| shim.log_text());
+    let control_key = etcd
+        .get("/spore/control")
+        .unwrap()
+        .expect("the control plane's key");
+    assert!(control_key.contains(&ns.host_ip), "{control_key}");
+    let member = etcd.get("/spore/units/1").unwrap().expect("unit 1's key");
+    assert!(member.contains("fpga"), "{member}");
+    wait_for("unit 1 registered in etcd", || {
+        units(&d)
+            .iter()
+            .any(|u| u["id"] == 1 && u["etcd"] == "registered")
+    });
+
+    create(
+        &d,
+        &sample("hello"),
+        "hello-fpga",
+        json!({"spore:accelerator": "fpga"}),
+    );
+    let a = invoke(&d, "hello-fpga", json!({}), None);
+    assert_eq!((a.status, a.unit.as_str()), (200, "1"), "{}", a.body);
+    wait_for("the placement in etcd", || {
+        etcd.get("/spore/placement/hello-fpga").unwrap().as_deref() == Some("1")
+    });
+
+    // etcd goes away: the cluster keeps serving.
+    etcd.kill();
+    for _ in 0..3 {
+        let a = invoke(&d, "hello-fpga", json!({}), None);
+        assert_eq!((a.status, a.unit.as_str()), (200, "1"), "{}", a.body);
+    }
+    wait_for("the control plane to notice", || {
+        units(&d)[0]["etcd"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("unreachable"))
+    });
+    assert_eq!(
+        units(&d).iter().find(|u| u["id"] == 1).unwrap()["state"],
+        "up"
+    );
+    // etcd comes back (past the leases' TTL): membership is registered again.
+    std::thread::sleep(Duration::from_secs(7));
+    etcd.spawn();
+    wait_for("membership to recover", || {
+        let u = units(&d);
+        u[0]["etcd"] == "registered" && u.iter().any(|x| x["id"] == 1 && x["etcd"] == "registered")
+    });
+    assert!(etcd.get("/spore/units/1").unwrap().is_some());
+    assert!(etcd.get("/spore/control").unwrap().is_some());
+
+    // The control plane restarts on another port: the shim finds it through etcd, and the
+    // placement is read back before any invocation.
+    drop(d);
+    let d = Daemon::start_at(&d0, &args);
+    wait_unit(&d, 1, "up", &|| shim.log_text());
+    let u1 = units(&d).into_iter().find(|u| u["id"] == 1).unwrap();
+    assert_eq!(u1["functions"], json!(["hello-fpga"]), "{u1}");
+    let a = invoke(&d, "hello-fpga", json!({}), None);
+    assert_eq!((a.status, a.unit.as_str()), (200, "1"), "{}", a.body);
+    drop(shim);
+    wait_for("unit 1 to leave etcd", || {
+        etcd.get("/spore/units/1").unwrap().is_none()
+    });
+    drop(d);
+}

@@ -122,8 +122,15 @@ fn deploy(client: &Client, dir: &Path, name: &str, sandbox: SandboxKind, unit: u
 }
 
 /// TCP echo round trips over the veth: a server thread inside the namespace (setns on that
-/// thread only), the client here. Returns the median round trip of `size` bytes each way, ms.
-fn tcp_baseline(ns: &NetNs, sizes: &[usize], reps: impl Fn(usize) -> usize) -> Result<Vec<f64>> {
+/// thread only), the client here. Per size, the median round trip (ms) of `size` bytes each
+/// way, twice: streamed (the server sends back each piece as it arrives, overlapping both
+/// directions) and whole (the server takes the whole message, then sends it back, as a
+/// message-passing link must).
+fn tcp_baseline(
+    ns: &NetNs,
+    sizes: &[usize],
+    reps: impl Fn(usize) -> usize,
+) -> Result<Vec<(f64, f64)>> {
     let netns = std::fs::File::open(format!("/run/netns/{}", ns.name))
         .with_context(|| format!("opening the namespace {}", ns.name))?;
     let ns_ip = ns.ns_ip();
@@ -136,12 +143,20 @@ fn tcp_baseline(ns: &NetNs, sizes: &[usize], reps: impl Fn(usize) -> usize) -> R
         let (mut s, _) = l.accept()?;
         s.set_nodelay(true)?;
         let mut buf = vec![0u8; 1 << 20];
+        let mut whole = Vec::new();
         loop {
-            let mut len = [0u8; 8];
-            if s.read_exact(&mut len).is_err() {
+            let mut head = [0u8; 9];
+            if s.read_exact(&mut head).is_err() {
                 return Ok(());
             }
-            let mut left = u64::from_le_bytes(len) as usize;
+            let size = u64::from_le_bytes(head[..8].try_into().expect("8 bytes")) as usize;
+            if head[8] == 1 {
+                whole.resize(size, 0);
+                s.read_exact(&mut whole)?;
+                s.write_all(&whole)?;
+                continue;
+            }
+            let mut left = size;
             while left > 0 {
                 let want = left.min(buf.len());
                 let k = s.read(&mut buf[..want])?;
@@ -160,20 +175,26 @@ fn tcp_baseline(ns: &NetNs, sizes: &[usize], reps: impl Fn(usize) -> usize) -> R
     for &size in sizes {
         let data = std::sync::Arc::new(vec![0x5au8; size]);
         let mut back = vec![0u8; size];
-        let mut times = Vec::new();
-        for _ in 0..reps(size) {
-            let t = Instant::now();
-            c.write_all(&(size as u64).to_le_bytes())?;
-            // Write and read at once, as the link does, so that large sizes do not deadlock.
-            let mut w = c.try_clone()?;
-            let d2 = std::sync::Arc::clone(&data);
-            let writer = std::thread::spawn(move || w.write_all(&d2));
-            c.read_exact(&mut back)?;
-            writer.join().expect("writer thread")?;
-            times.push(t.elapsed().as_secs_f64() * 1000.0);
+        let mut pair = [0.0; 2];
+        for (mode, slot) in pair.iter_mut().enumerate() {
+            let mut times = Vec::new();
+            for _ in 0..reps(size) {
+                let t = Instant::now();
+                let mut head = (size as u64).to_le_bytes().to_vec();
+                head.push(mode as u8);
+                c.write_all(&head)?;
+                // Write and read at once so that large sizes do not deadlock.
+                let mut w = c.try_clone()?;
+                let d2 = std::sync::Arc::clone(&data);
+                let writer = std::thread::spawn(move || w.write_all(&d2));
+                c.read_exact(&mut back)?;
+                writer.join().expect("writer thread")?;
+                times.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+            times.sort_by(f64::total_cmp);
+            *slot = times[times.len() / 2];
         }
-        times.sort_by(f64::total_cmp);
-        medians.push(times[times.len() / 2]);
+        medians.push((pair[0], pair[1]));
     }
     drop(c);
     let _ = server.join();
@@ -348,7 +369,7 @@ pub fn bench_xpu(n: usize, out: &Path, functions: &Path) -> Result<ExitCode> {
     let sizes = [1usize << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20];
     let reps = |size: usize| if size >= 16 << 20 { 7 } else { 31 };
     let tcp = tcp_baseline(&ns, &sizes, reps)?;
-    table.push_str("\nLink payload sweep (echo: the size goes and comes back; median of the runs; GB/s counts both ways):\n\n| size | runs | link round trip | link GB/s | TCP round trip | TCP GB/s | link / TCP |\n|---:|---:|---:|---:|---:|---:|---:|\n");
+    table.push_str("\nLink payload sweep (echo: the size goes and comes back; median of the runs; GB/s counts both ways). TCP over the same veth in the same run, streamed (the echo overlaps both directions) and whole (the receiver takes the whole message before sending it back, as a message link does):\n\n| size | runs | link round trip | link GB/s | TCP whole | GB/s | link / TCP whole | TCP streamed | GB/s |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     let mut sweep = Vec::new();
     for (i, &size) in sizes.iter().enumerate() {
         let k = reps(size);
@@ -356,16 +377,17 @@ pub fn bench_xpu(n: usize, out: &Path, functions: &Path) -> Result<ExitCode> {
         let mut s = link_echo(&client, 1, size, k)?;
         s.sort_by(f64::total_cmp);
         let link_ms = s[s.len() / 2];
+        let (streamed, whole) = tcp[i];
         let gbps = |ms: f64| 2.0 * size as f64 / (ms / 1000.0) / 1e9;
         table.push_str(&format!(
-            "| {} KiB | {k} | {link_ms:.3} ms | {:.2} | {:.3} ms | {:.2} | {:.0}% |\n",
+            "| {} KiB | {k} | {link_ms:.3} ms | {:.2} | {whole:.3} ms | {:.2} | {:.0}% | {streamed:.3} ms | {:.2} |\n",
             size >> 10,
             gbps(link_ms),
-            tcp[i],
-            gbps(tcp[i]),
-            100.0 * tcp[i] / link_ms
+            gbps(whole),
+            100.0 * whole / link_ms,
+            gbps(streamed),
         ));
-        sweep.push(serde_json::json!({"size": size, "link_ms": link_ms, "tcp_ms": tcp[i]}));
+        sweep.push(serde_json::json!({"size": size, "link_ms": link_ms, "tcp_whole_ms": whole, "tcp_streamed_ms": streamed}));
     }
 
     // 4. Workloads spread over the two units.

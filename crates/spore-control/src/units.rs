@@ -912,6 +912,7 @@ impl Control {
                     Arc::new(ShimSide {
                         control: self.clone(),
                         synced: Arc::new(Mutex::new(HashMap::new())),
+                        deploying: Arc::new(tokio::sync::Mutex::new(())),
                     }),
                     units.link_cfg.clone(),
                 )
@@ -979,6 +980,8 @@ struct ShimSide {
     control: Control,
     /// Per function: the control plane's code id and manifest this unit holds.
     synced: Arc<Mutex<HashMap<String, (String, spore_core::FunctionManifest)>>>,
+    /// Held while a package is installed.
+    deploying: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Service for ShimSide {
@@ -988,11 +991,12 @@ impl Service for ShimSide {
     ) -> Pin<Box<dyn Future<Output = Result<Message, RemoteError>> + Send + 'static>> {
         let control = self.control.clone();
         let synced = self.synced.clone();
+        let deploying = self.deploying.clone();
         Box::pin(async move {
             let call: Call = serde_json::from_slice(&msg.header).map_err(|e| {
                 RemoteError::new(RemoteErrorKind::BadCall, format!("unreadable call: {e}"))
             })?;
-            let (answer, body) = serve(control, synced, call, msg.body).await?;
+            let (answer, body) = serve(control, synced, deploying, call, msg.body).await?;
             Ok(Message {
                 header: serde_json::to_vec(&answer)
                     .expect("answers serialize")
@@ -1014,6 +1018,7 @@ type Synced = Arc<Mutex<HashMap<String, (String, spore_core::FunctionManifest)>>
 async fn serve(
     control: Control,
     synced: Synced,
+    deploying: Arc<tokio::sync::Mutex<()>>,
     call: Call,
     body: Bytes,
 ) -> Result<(Answer, Bytes), RemoteError> {
@@ -1083,17 +1088,24 @@ async fn serve(
                 description,
             };
             let c = control.clone();
-            let rec =
-                tokio::task::spawn_blocking(move || match c.get_function(&spec.manifest.name) {
+            // Concurrent first calls may each bring the package: one installs it at a time,
+            // and the others find it there and change nothing (a change would retire the
+            // instances the first one started).
+            let _one = deploying.lock().await;
+            let rec = tokio::task::spawn_blocking(move || {
+                let (_, hex) = crate::code::digest(&body);
+                match c.get_function(&spec.manifest.name) {
+                    Ok(r) if r.manifest == spec.manifest && r.code_hex == hex => Ok(r),
                     Ok(_) => {
                         c.update_config(spec.clone())?;
                         c.update_code(&spec.manifest.name, &body)
                     }
                     Err(_) => c.create_function(spec, &body),
-                })
-                .await
-                .map_err(|e| RemoteError::new(RemoteErrorKind::Internal, e.to_string()))?
-                .map_err(control_to_remote)?;
+                }
+            })
+            .await
+            .map_err(|e| RemoteError::new(RemoteErrorKind::Internal, e.to_string()))?
+            .map_err(control_to_remote)?;
             synced
                 .lock()
                 .expect("synced lock")

@@ -315,6 +315,29 @@ fn functions_and_dags_run_on_the_units_they_are_placed_on() {
         let w = invoke(&d, name, json!({"name": "again"}), None);
         assert_eq!((w.unit.as_str(), w.start.as_str()), ("1", "warm"), "{name}");
     }
+    // Concurrent first calls each find the code missing on the unit and bring it: all succeed.
+    create(&d, &hello, "hello-u1-par", json!({"spore:unit": "1"}));
+    let go = std::sync::Arc::new(std::sync::Barrier::new(8));
+    let par: Vec<_> = (0..8)
+        .map(|i| {
+            let (ep, http, go) = (d.endpoint.clone(), d.http.clone(), go.clone());
+            std::thread::spawn(move || {
+                go.wait();
+                let r = http
+                    .post(format!(
+                        "{ep}/2015-03-31/functions/hello-u1-par/invocations"
+                    ))
+                    .json(&json!({"name": i}))
+                    .send()
+                    .unwrap();
+                (r.status().as_u16(), r.text().unwrap())
+            })
+        })
+        .collect();
+    for t in par {
+        let (status, body) = t.join().unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
     // A fresh instance forked from the unit's template, across the link.
     let f = invoke(&d, "hello-u1-fork", json!({}), Some("fork"));
     assert_eq!(
@@ -745,4 +768,82 @@ fn membership_in_etcd_survives_etcd_and_control_plane_restarts() {
         etcd.get("/spore/units/1").unwrap().is_none()
     });
     drop(d);
+}
+
+/// Reads one frame (header and payload) from a raw link connection.
+fn read_frame(s: &mut std::net::TcpStream) -> (u8, Vec<u8>) {
+    use std::io::Read;
+    let mut h = [0u8; 12];
+    s.read_exact(&mut h).unwrap();
+    let len = u32::from_le_bytes(h[8..12].try_into().unwrap()) as usize;
+    let mut p = vec![0u8; len];
+    s.read_exact(&mut p).unwrap();
+    (h[1], p)
+}
+
+#[test]
+fn a_shim_survives_malformed_frames_from_its_control_plane() {
+    use std::io::Write;
+    let test = "a_shim_survives_malformed_frames_from_its_control_plane";
+    if !can_sandbox(test) {
+        return;
+    }
+    // A fake control plane on loopback: greets the shim properly, then sends garbage.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let tmp = tempfile::Builder::new()
+        .prefix("spore-xpu-")
+        .tempdir()
+        .unwrap();
+    let log = tmp.path().join("shim.log");
+    let child = Command::new(BIN)
+        .args(["shim", "--id", "3", "--control", &addr, "--data-dir"])
+        .arg(tmp.path().join("d3"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .env("RUST_LOG", "info")
+        .spawn()
+        .unwrap();
+    let mut shim = Shim {
+        child: Some(child),
+        log,
+    };
+    let (mut s, _) = l.accept().unwrap();
+    let (kind, hello) = read_frame(&mut s);
+    assert_eq!(kind, 1, "the shim greets first");
+    let hello: Value = serde_json::from_slice(&hello).unwrap();
+    assert_eq!(hello["unit"]["id"], 3);
+    assert_eq!(hello["role"], "shim");
+    let ack = serde_json::to_vec(&json!({
+        "version": 1, "role": "control",
+        "unit": {"id": 0, "arch": "x86_64", "cores": 1, "memory_mb": 1},
+    }))
+    .unwrap();
+    let mut frame = vec![0xA7, 2, 0, 0, 0, 0, 0, 0];
+    frame.extend_from_slice(&(ack.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&ack);
+    s.write_all(&frame).unwrap();
+    // A request frame whose message claims 1 TiB.
+    let mut bad = vec![0xA7, 3, 1, 0, 2, 0, 0, 0, 8, 0, 0, 0];
+    bad.extend_from_slice(&(1u64 << 40).to_le_bytes());
+    s.write_all(&bad).unwrap();
+    // The shim answers with a GoAway naming the problem, and closes.
+    let (kind, why) = read_frame(&mut s);
+    assert_eq!(kind, 8, "expected a GoAway");
+    let why = String::from_utf8_lossy(&why).into_owned();
+    assert!(
+        why.contains("malformed message from unit 0") && why.contains("exceeds"),
+        "{why}"
+    );
+    // It keeps running and dials again.
+    l.set_nonblocking(false).unwrap();
+    let (mut s2, _) = l.accept().unwrap();
+    let (kind, _) = read_frame(&mut s2);
+    assert_eq!(kind, 1, "the shim greets again");
+    assert!(
+        shim.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "the shim exited: {}",
+        shim.log_text()
+    );
 }

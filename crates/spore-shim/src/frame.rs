@@ -165,47 +165,75 @@ impl Decoder for FrameCodec {
         if src.len() < HEADER_LEN {
             return Ok(None);
         }
-        let kind = Kind::from_u8(src[1]).ok_or(FrameError::UnknownKind(src[1]))?;
-        let fl = src[2];
-        let bad = |why: String| FrameError::BadHeader { kind, why };
-        if src[3] != 0 {
-            return Err(bad(format!("reserved byte is {}", src[3])));
-        }
-        if fl & !flags::ALL != 0 {
-            return Err(bad(format!("unknown flags 0x{fl:02x}")));
-        }
-        if !kind.is_message() && fl != 0 {
-            return Err(bad(format!("flags 0x{fl:02x} on a frame that takes none")));
-        }
-        if fl & flags::ERROR != 0 && kind != Kind::Response {
-            return Err(bad("the error flag on a request".into()));
-        }
-        let stream = u32::from_le_bytes(src[4..8].try_into().expect("4 bytes"));
-        let len = u32::from_le_bytes(src[8..12].try_into().expect("4 bytes"));
-        if len as usize > MAX_FRAME_PAYLOAD {
-            return Err(FrameError::TooLarge(len));
-        }
-        let link_level = matches!(
-            kind,
-            Kind::Hello | Kind::HelloAck | Kind::Ping | Kind::Pong | Kind::GoAway
-        );
-        if link_level != (stream == 0) {
-            return Err(bad(format!("stream {stream} is not valid for this kind")));
-        }
-        let total = HEADER_LEN + len as usize;
+        let h = parse_header(src[..HEADER_LEN].try_into().expect("12 bytes"))?;
+        let total = HEADER_LEN + h.len as usize;
         if src.len() < total {
             src.reserve(total - src.len());
             return Ok(None);
         }
         src.advance(HEADER_LEN);
-        let payload = src.split_to(len as usize).freeze();
+        let payload = src.split_to(h.len as usize).freeze();
         Ok(Some(Frame {
-            kind,
-            flags: fl,
-            stream,
+            kind: h.kind,
+            flags: h.flags,
+            stream: h.stream,
             payload,
         }))
     }
+}
+
+/// A frame header, checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// What the frame carries.
+    pub kind: Kind,
+    /// [`flags`].
+    pub flags: u8,
+    /// Its stream.
+    pub stream: u32,
+    /// Payload bytes that follow.
+    pub len: u32,
+}
+
+/// Checks a frame header: magic, kind, flags, the reserved byte, the stream for the kind, and
+/// the payload length.
+pub fn parse_header(h: &[u8; HEADER_LEN]) -> Result<Header, FrameError> {
+    if h[0] != MAGIC {
+        return Err(FrameError::BadMagic(h[0]));
+    }
+    let kind = Kind::from_u8(h[1]).ok_or(FrameError::UnknownKind(h[1]))?;
+    let fl = h[2];
+    let bad = |why: String| FrameError::BadHeader { kind, why };
+    if h[3] != 0 {
+        return Err(bad(format!("reserved byte is {}", h[3])));
+    }
+    if fl & !flags::ALL != 0 {
+        return Err(bad(format!("unknown flags 0x{fl:02x}")));
+    }
+    if !kind.is_message() && fl != 0 {
+        return Err(bad(format!("flags 0x{fl:02x} on a frame that takes none")));
+    }
+    if fl & flags::ERROR != 0 && kind != Kind::Response {
+        return Err(bad("the error flag on a request".into()));
+    }
+    let stream = u32::from_le_bytes(h[4..8].try_into().expect("4 bytes"));
+    let len = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
+    if len as usize > MAX_FRAME_PAYLOAD {
+        return Err(FrameError::TooLarge(len));
+    }
+    let link_level = matches!(
+        kind,
+        Kind::Hello | Kind::HelloAck | Kind::Ping | Kind::Pong | Kind::GoAway
+    );
+    if link_level != (stream == 0) {
+        return Err(bad(format!("stream {stream} is not valid for this kind")));
+    }
+    Ok(Header {
+        kind,
+        flags: fl,
+        stream,
+        len,
+    })
 }
 
 impl Encoder<Frame> for FrameCodec {
@@ -356,25 +384,53 @@ impl Assembler {
                 },
             );
         }
+        let len = data.len();
+        self.reserve(f.kind, stream, len)?.put_slice(&data);
+        self.advance(stream, len, f.flags & flags::END != 0)
+    }
+
+    /// For a continuation frame (no START) of `len` bytes: checks it against its open message
+    /// and returns the buffer its payload goes into (with room for it), so that a reader can
+    /// read the payload straight into place; then call [`Assembler::advance`].
+    pub fn reserve(
+        &mut self,
+        kind: Kind,
+        stream: u32,
+        len: usize,
+    ) -> Result<&mut BytesMut, FrameError> {
+        let err = |why: String| FrameError::Message { stream, why };
         let Some(p) = self.open.get_mut(&stream) else {
             return Err(err("a continuation frame for no open message".into()));
         };
-        if p.kind != f.kind {
+        if p.kind != kind {
             return Err(err(format!(
-                "a {:?} frame inside a {:?} message",
-                f.kind, p.kind
+                "a {kind:?} frame inside a {:?} message",
+                p.kind
             )));
         }
-        if data.len() as u64 > p.remaining {
+        if len as u64 > p.remaining {
             return Err(err(format!(
                 "{} more bytes than the message's length",
-                data.len() as u64 - p.remaining
+                len as u64 - p.remaining
             )));
         }
-        p.remaining -= data.len() as u64;
-        p.buf.put_slice(&data);
-        data.clear();
-        let end = f.flags & flags::END != 0;
+        p.buf.reserve(len);
+        Ok(&mut p.buf)
+    }
+
+    /// Records that `len` payload bytes of a continuation frame went into the buffer that
+    /// [`Assembler::reserve`] gave; returns the message once its last frame is in.
+    pub fn advance(
+        &mut self,
+        stream: u32,
+        len: usize,
+        end: bool,
+    ) -> Result<Option<Assembled>, FrameError> {
+        let err = |why: String| FrameError::Message { stream, why };
+        let Some(p) = self.open.get_mut(&stream) else {
+            return Err(err("a continuation frame for no open message".into()));
+        };
+        p.remaining -= len as u64;
         match (end, p.remaining) {
             (false, _) => Ok(None),
             (true, 0) => {

@@ -29,8 +29,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use bytes::{Buf, BytesMut};
 use futures_util::StreamExt;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter, ReadHalf, WriteHalf};
+use tokio::io::{
+    AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter, ReadHalf, WriteHalf,
+};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::AbortHandle;
 use tokio_util::codec::FramedRead;
@@ -682,9 +685,72 @@ fn take(
     }
 }
 
+/// Reads frames off the connection. The payload of a message's continuation frame is read
+/// straight into that message's buffer, so the bulk of a large message is copied once, by
+/// the kernel (the first frame and small frames go through a read buffer).
+struct FrameReader<R> {
+    io: R,
+    buf: BytesMut,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// Makes the buffer hold at least `n` bytes; false on a clean end of stream before any.
+    async fn fill(&mut self, n: usize) -> std::io::Result<bool> {
+        while self.buf.len() < n {
+            self.buf.reserve((n - self.buf.len()).max(64 * 1024));
+            if self.io.read_buf(&mut self.buf).await? == 0 {
+                if self.buf.is_empty() {
+                    return Ok(false);
+                }
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the connection closed inside a frame",
+                ));
+            }
+        }
+        Ok(true)
+    }
+
+    async fn header(&mut self) -> Result<Option<frame::Header>, FrameError> {
+        if !self.fill(1).await? {
+            return Ok(None);
+        }
+        if self.buf[0] != frame::MAGIC {
+            return Err(FrameError::BadMagic(self.buf[0]));
+        }
+        self.fill(frame::HEADER_LEN).await?;
+        let h = frame::parse_header(self.buf[..frame::HEADER_LEN].try_into().expect("12 bytes"))?;
+        self.buf.advance(frame::HEADER_LEN);
+        Ok(Some(h))
+    }
+
+    async fn payload(&mut self, n: usize) -> std::io::Result<Bytes> {
+        self.fill(n).await?;
+        Ok(self.buf.split_to(n).freeze())
+    }
+
+    async fn payload_into(&mut self, dst: &mut BytesMut, n: usize) -> std::io::Result<()> {
+        let buffered = n.min(self.buf.len());
+        dst.extend_from_slice(&self.buf[..buffered]);
+        self.buf.advance(buffered);
+        let mut left = n - buffered;
+        while left > 0 {
+            let k = (&mut self.io).take(left as u64).read_buf(dst).await?;
+            if k == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the connection closed inside a frame",
+                ));
+            }
+            left -= k;
+        }
+        Ok(())
+    }
+}
+
 async fn read_loop<R: AsyncRead + Unpin + Send + 'static>(
     shared: Arc<Shared>,
-    mut reader: FramedRead<R, FrameCodec>,
+    reader: FramedRead<R, FrameCodec>,
     service: Arc<dyn Service>,
     max_concurrent: usize,
     my_parity: u32,
@@ -692,15 +758,54 @@ async fn read_loop<R: AsyncRead + Unpin + Send + 'static>(
     let limit = Arc::new(Semaphore::new(max_concurrent));
     let mut asm = Assembler::default();
     let peer = shared.peer.id;
+    let parts = reader.into_parts();
+    let mut reader = FrameReader {
+        io: parts.io,
+        buf: parts.read_buf,
+    };
     shared.heard();
     let reason = loop {
-        let f = match reader.next().await {
-            None => break format!("unit {peer} closed the connection"),
-            Some(Err(FrameError::Io(e))) => break format!("reading from unit {peer}: {e}"),
-            Some(Err(e)) => break format!("malformed frame from unit {peer}: {e}"),
-            Some(Ok(f)) => f,
+        let h = match reader.header().await {
+            Ok(None) => break format!("unit {peer} closed the connection"),
+            Err(FrameError::Io(e)) => break format!("reading from unit {peer}: {e}"),
+            Err(e) => break format!("malformed frame from unit {peer}: {e}"),
+            Ok(Some(h)) => h,
         };
+        let continuation = h.kind.is_message() && h.flags & flags::START == 0;
+        let mut payload = Bytes::new();
+        let mut assembled = None;
+        if continuation {
+            let theirs = h.stream % 2 != my_parity % 2;
+            if (h.kind == Kind::Request) != theirs {
+                break format!(
+                    "protocol error from unit {peer}: a {:?} on stream {} (wrong direction)",
+                    h.kind, h.stream
+                );
+            }
+            let dst = match asm.reserve(h.kind, h.stream, h.len as usize) {
+                Ok(d) => d,
+                Err(e) => break format!("malformed message from unit {peer}: {e}"),
+            };
+            if let Err(e) = reader.payload_into(dst, h.len as usize).await {
+                break format!("reading from unit {peer}: {e}");
+            }
+            match asm.advance(h.stream, h.len as usize, h.flags & flags::END != 0) {
+                Ok(a) => assembled = Some(a),
+                Err(e) => break format!("malformed message from unit {peer}: {e}"),
+            }
+        } else {
+            match reader.payload(h.len as usize).await {
+                Ok(p) => payload = p,
+                Err(e) => break format!("reading from unit {peer}: {e}"),
+            }
+        }
         shared.heard();
+        let f = Frame {
+            kind: h.kind,
+            flags: h.flags,
+            stream: h.stream,
+            payload,
+        };
         match f.kind {
             Kind::Request | Kind::Response => {
                 let theirs = f.stream % 2 != my_parity % 2;
@@ -710,7 +815,11 @@ async fn read_loop<R: AsyncRead + Unpin + Send + 'static>(
                         f.kind, f.stream
                     );
                 }
-                let a = match asm.push(f) {
+                let pushed = match assembled {
+                    Some(a) => Ok(a),
+                    None => asm.push(f),
+                };
+                let a = match pushed {
                     Ok(None) => continue,
                     Ok(Some(a)) => a,
                     Err(e) => break format!("malformed message from unit {peer}: {e}"),

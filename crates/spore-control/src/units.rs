@@ -453,14 +453,10 @@ struct UnitSide {
 impl Service for UnitSide {
     fn call(
         &self,
-        _msg: Message,
+        msg: Message,
     ) -> Pin<Box<dyn Future<Output = Result<Message, RemoteError>> + Send + 'static>> {
-        Box::pin(async {
-            Err(RemoteError::new(
-                RemoteErrorKind::BadCall,
-                "the control plane takes no calls from units in this version",
-            ))
-        })
+        // Units make no calls on the control plane in this version.
+        spore_shim::NoCalls.call(msg)
     }
 
     fn heartbeat(&self, load: Bytes) {
@@ -531,15 +527,7 @@ impl Control {
         for pool in self.inner.pools.lock().expect("pools lock").values() {
             instances += pool.state.lock().expect("pool lock").total;
         }
-        let mem_available_mb = std::fs::read_to_string("/proc/meminfo")
-            .ok()
-            .and_then(|m| {
-                m.lines()
-                    .find(|l| l.starts_with("MemAvailable:"))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|kb| kb.parse::<u64>().ok())
-            })
-            .map_or(0, |kb| kb / 1024);
+        let mem_available_mb = spore_shim::proto::meminfo_mb("MemAvailable");
         UnitLoad {
             inflight: self.inner.inflight.load(Ordering::Relaxed) as u32,
             instances,

@@ -1167,21 +1167,30 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_malformed_frame_closes_the_link_and_the_acceptor_carries_on() {
-        let (addr, _, mut accepted) = echo_server().await;
-        // Greet properly, then send garbage.
+    /// Greets `addr` by hand as unit `id`; returns the raw connection and the acceptor's link.
+    async fn greet_raw(
+        addr: std::net::SocketAddr,
+        accepted: &mut mpsc::UnboundedReceiver<Result<Link, LinkError>>,
+        id: u32,
+    ) -> (TcpStream, Link) {
         let mut s = TcpStream::connect(addr).await.unwrap();
         let hello = Hello {
             min_version: 1,
             max_version: 1,
             role: Role::Shim,
-            unit: unit(5),
+            unit: unit(id),
         };
         write_frame(&mut s, Kind::Hello, 0, &serde_json::to_vec(&hello).unwrap())
             .await
             .unwrap();
-        let server_side = accepted.recv().await.unwrap().unwrap();
+        (s, accepted.recv().await.unwrap().unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_malformed_frame_closes_the_link_and_the_acceptor_carries_on() {
+        let (addr, _, mut accepted) = echo_server().await;
+        // Greet properly, then send garbage.
+        let (mut s, server_side) = greet_raw(addr, &mut accepted, 5).await;
         s.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
         let why = tokio::time::timeout(Duration::from_secs(5), server_side.closed())
             .await
@@ -1205,17 +1214,7 @@ mod tests {
     #[tokio::test]
     async fn a_silent_peer_is_declared_dead() {
         let (addr, _, mut accepted) = echo_server().await;
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        let hello = Hello {
-            min_version: 1,
-            max_version: 1,
-            role: Role::Shim,
-            unit: unit(6),
-        };
-        write_frame(&mut s, Kind::Hello, 0, &serde_json::to_vec(&hello).unwrap())
-            .await
-            .unwrap();
-        let server_side = accepted.recv().await.unwrap().unwrap();
+        let (s, server_side) = greet_raw(addr, &mut accepted, 6).await;
         let t = Instant::now();
         let why = tokio::time::timeout(Duration::from_secs(5), server_side.closed())
             .await

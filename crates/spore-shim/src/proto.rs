@@ -39,15 +39,7 @@ impl UnitInfo {
     /// (to declare a unit's role when simulating a DPU or an accelerator host).
     pub fn detect(id: u32, arch: Option<String>, accelerators: Option<Vec<String>>) -> UnitInfo {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
-        let memory_mb = std::fs::read_to_string("/proc/meminfo")
-            .ok()
-            .and_then(|m| {
-                m.lines()
-                    .find(|l| l.starts_with("MemTotal:"))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|kb| kb.parse::<u64>().ok())
-            })
-            .map_or(0, |kb| kb / 1024);
+        let memory_mb = meminfo_mb("MemTotal");
         let detected = if std::path::Path::new("/dev/nvidia0").exists() {
             vec!["gpu".to_owned()]
         } else {
@@ -81,6 +73,19 @@ impl UnitInfo {
         }
         None
     }
+}
+
+/// One `/proc/meminfo` field (`MemTotal`, `MemAvailable`, ...) in MiB (0 if unreadable).
+pub fn meminfo_mb(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb / 1024)
 }
 
 /// A unit's load, sent with every heartbeat.

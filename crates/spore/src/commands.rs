@@ -579,7 +579,12 @@ fn daemon_for(endpoint: &str, what: &str) -> Result<(Client, Option<ManagedDaemo
         dir.display()
     );
     let packages = std::env::var_os("SPORE_PACKAGES_DIR").map(PathBuf::from);
-    let d = ManagedDaemon::start(&dir, packages)?;
+    // It takes unit links on loopback, for the demo's processing-units part.
+    let d = ManagedDaemon::start(
+        &dir,
+        packages,
+        &["--link-listen".into(), "127.0.0.1:0".into()],
+    )?;
     Ok((Client::new(&d.endpoint)?, Some(d)))
 }
 
@@ -895,7 +900,66 @@ pub fn demo(endpoint: &str, args: DemoArgs) -> Result<ExitCode> {
     );
     demo_snapshots(&client, &ep, &args.functions, args.cold.max(3))?;
     demo_dags(&client, &args.functions.join("dag"))?;
+    demo_units(&client, daemon.as_ref(), &args.functions, args.warm.max(5))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The demo's processing-units part: a second unit (a shim on loopback), `hello` pinned to it
+/// as a cfork function, started and called across the link next to the same on unit 0.
+fn demo_units(
+    client: &Client,
+    daemon: Option<&ManagedDaemon>,
+    functions: &Path,
+    n: usize,
+) -> Result<()> {
+    println!();
+    println!("== processing units: a shim as unit 1 (on loopback), hello forked and called there");
+    let Some(daemon) = daemon else {
+        println!("   skipped: the demo uses the daemon at the endpoint, which it did not start with --link-listen");
+        return Ok(());
+    };
+    let link = std::fs::read_to_string(daemon.data_dir().join("run/link-endpoint"))
+        .context("reading the daemon's link endpoint")?;
+    let shim = crate::xpu_bench::ShimProcess::spawn(
+        None,
+        1,
+        link.trim(),
+        &PathBuf::from(".spore").join("demo"),
+    )?;
+    shim.wait_up(client)?;
+    let hello = functions.join("hello");
+    for unit in [0u32, 1] {
+        let mut m = read_manifest(&hello)?;
+        m.name = format!("hello-unit{unit}");
+        m.sandbox = SandboxKind::Cfork;
+        m.unit = Some(unit);
+        let zip = spore_control::code::zip_dir(&hello)?;
+        client.deploy(&m, &zip)?;
+    }
+    println!("   | function | unit | cfork start p50 | warm call p50 |\n   |---|---:|---:|---:|");
+    for unit in [0u32, 1] {
+        let name = format!("hello-unit{unit}");
+        let mut times = [Vec::new(), Vec::new()];
+        for (i, cold) in [Some("fork"), None].into_iter().enumerate() {
+            client.invoke_with(&name, b"{}".to_vec(), cold)?;
+            for _ in 0..n {
+                let t = Instant::now();
+                let a = client.invoke_with(&name, b"{}".to_vec(), cold)?;
+                anyhow::ensure!(a.unit == unit.to_string(), "{name} ran on unit {}", a.unit);
+                times[i].push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+        println!(
+            "   | {name} | {unit} | {:.2} ms | {:.3} ms |",
+            summarize(&times[0]).p50,
+            summarize(&times[1]).p50
+        );
+    }
+    println!(
+        "   (`spore units` lists the units; `spore bench xpu` measures them in network namespaces)"
+    );
+    drop(shim);
+    Ok(())
 }
 
 /// Deploys `<name>-snap` (a container function with `snapshot = true`) for each name.

@@ -21,14 +21,9 @@ pub struct ManagedDaemon {
 }
 
 impl ManagedDaemon {
-    /// Starts `spore serve` on a free loopback port with a fresh data dir under `parent`;
-    /// its log goes to `parent/daemon.log`.
-    pub fn start(parent: &Path, packages_dir: Option<PathBuf>) -> Result<ManagedDaemon> {
-        Self::start_with(parent, packages_dir, &[])
-    }
-
-    /// As [`ManagedDaemon::start`], with extra `spore serve` arguments.
-    pub fn start_with(
+    /// Starts `spore serve` on a free loopback port with a fresh data dir under `parent` and
+    /// `extra` arguments; its log goes to `parent/daemon.log`.
+    pub fn start(
         parent: &Path,
         packages_dir: Option<PathBuf>,
         extra: &[String],

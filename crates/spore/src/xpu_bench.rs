@@ -85,8 +85,76 @@ impl Drop for NetNs {
     }
 }
 
-/// `spore shim` in the namespace (stopped with SIGTERM on drop).
-struct ShimProcess(Child);
+/// A `spore shim` child, in a network namespace or not (stopped with SIGTERM on drop).
+pub(crate) struct ShimProcess(Child);
+
+impl ShimProcess {
+    /// Starts unit `id` dialing `control`, inside `netns` if given; its data dir and log go
+    /// under `parent`.
+    pub(crate) fn spawn(
+        netns: Option<&str>,
+        id: u32,
+        control: &str,
+        parent: &Path,
+    ) -> Result<ShimProcess> {
+        std::fs::create_dir_all(parent)?;
+        let data = parent.join(format!("unit-{id}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&data);
+        let log = std::fs::File::create(parent.join(format!("shim-{id}.log")))?;
+        let exe = std::env::current_exe()?;
+        let mut cmd = match netns {
+            Some(ns) => {
+                // nsenter switches only the network namespace (`ip netns exec` would also
+                // mount a new /sys, hiding the cgroup hierarchies sandboxes need).
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
+        cmd.args(["shim", "--id", &id.to_string(), "--control", control])
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--keep-alive-s", "600"]);
+        if let Some(p) = packages_dir() {
+            cmd.arg("--packages-dir").arg(p);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        Ok(ShimProcess(cmd.spawn().context("starting the shim")?))
+    }
+
+    /// Waits until the control plane lists this unit as up.
+    pub(crate) fn wait_up(&self, client: &Client) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let units = client.units()?;
+            if units["Units"]
+                .as_array()
+                .is_some_and(|u| u.iter().any(|u| u["id"] == 1 && u["state"] == "up"))
+            {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "unit 1 did not register within 30 s (see its log under .spore/)"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// The shared Python packages, if the setup installed them.
+fn packages_dir() -> Option<PathBuf> {
+    std::env::var_os("SPORE_PACKAGES_DIR")
+        .map(PathBuf::from)
+        .or_else(|| {
+            let p = PathBuf::from("target/python-packages");
+            p.join("numpy").is_dir().then_some(p)
+        })
+        .map(|p| p.canonicalize().unwrap_or(p))
+}
 
 impl Drop for ShimProcess {
     fn drop(&mut self) {
@@ -225,54 +293,16 @@ pub fn bench_xpu(n: usize, out: &Path, functions: &Path) -> Result<ExitCode> {
         ns.name,
         ns.ns_ip()
     );
-    let packages = std::env::var_os("SPORE_PACKAGES_DIR")
-        .map(PathBuf::from)
-        .or_else(|| {
-            let p = PathBuf::from("target/python-packages");
-            p.join("numpy").is_dir().then_some(p)
-        })
-        .map(|p| p.canonicalize().unwrap_or(p));
-    let daemon = ManagedDaemon::start_with(
+    let daemon = ManagedDaemon::start(
         &parent,
-        packages.clone(),
+        packages_dir(),
         &["--link-listen".into(), format!("{}:0", ns.host_ip)],
     )?;
     let link = std::fs::read_to_string(daemon.data_dir().join("run/link-endpoint"))
         .context("reading the control plane's link endpoint")?;
-    let shim_data = parent.join(format!("unit-1-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&shim_data);
-    let shim_log = std::fs::File::create(parent.join("shim.log"))?;
-    let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net=/run/netns/{}", ns.name))
-        .arg("--")
-        .arg(std::env::current_exe()?)
-        .args(["shim", "--id", "1", "--control", link.trim(), "--data-dir"])
-        .arg(&shim_data)
-        .args(["--keep-alive-s", "600"]);
-    if let Some(p) = &packages {
-        cmd.arg("--packages-dir").arg(p);
-    }
-    cmd.stdin(Stdio::null())
-        .stdout(shim_log.try_clone()?)
-        .stderr(shim_log);
-    let shim = ShimProcess(cmd.spawn().context("starting the shim (nsenter)")?);
+    let shim = ShimProcess::spawn(Some(&ns.name), 1, link.trim(), &parent)?;
     let client = Client::new(&daemon.endpoint)?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let units = client.units()?;
-        if units["Units"]
-            .as_array()
-            .is_some_and(|u| u.iter().any(|u| u["id"] == 1 && u["state"] == "up"))
-        {
-            break;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "unit 1 did not register within 30 s; see {}",
-            parent.join("shim.log").display()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    shim.wait_up(&client)?;
 
     let mut series = Vec::new();
     let mut table = String::new();

@@ -224,6 +224,8 @@ impl Units {
             functions: on(self.local.id),
             etcd: None,
         }];
+        // Lock order everywhere: entries, then placed, then etcd.
+        let entries = self.entries();
         let etcd = self.etcd.lock().expect("etcd lock");
         if let Some(v) = etcd.as_ref() {
             out[0].etcd = Some(v.registration.state());
@@ -236,7 +238,7 @@ impl Units {
                 Some(_) => "absent".into(),
             })
         };
-        for (id, e) in self.entries().iter() {
+        for (id, e) in entries.iter() {
             out.push(UnitStatus {
                 info: e.info.clone(),
                 state: if e.link.is_some() { "up" } else { "down" },

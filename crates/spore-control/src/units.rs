@@ -1132,3 +1132,87 @@ async fn serve(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(toml_extra: &str) -> FunctionRecord {
+        let m = spore_core::FunctionManifest::from_toml(&format!(
+            "name = \"f\"\nhandler = \"main.handler\"\n{toml_extra}"
+        ))
+        .unwrap();
+        FunctionRecord {
+            manifest: m,
+            description: String::new(),
+            code_sha256: String::new(),
+            code_hex: "00".into(),
+            code_size: 0,
+            last_modified_ms: 0,
+            revision: 1,
+        }
+    }
+
+    fn units() -> Units {
+        let mut local = UnitInfo::detect(0, Some("x86_64".into()), Some(vec![]));
+        local.cores = 2;
+        Units::new(local, LinkConfig::default())
+    }
+
+    fn err(r: Result<Placement, ControlError>) -> String {
+        match r {
+            Ok(_) => panic!("placed"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn placement_without_other_units() {
+        let u = units();
+        assert!(matches!(u.place(&rec("")), Ok(Placement::Local)));
+        assert!(matches!(u.place(&rec("unit = 0")), Ok(Placement::Local)));
+        assert!(matches!(
+            u.place(&rec("arch = \"x86_64\"")),
+            Ok(Placement::Local)
+        ));
+        let e = err(u.place(&rec("unit = 5")));
+        assert!(
+            e.contains("pinned to unit 5, which has not registered"),
+            "{e}"
+        );
+        let e = err(u.place(&rec("unit = 0\naccelerator = \"gpu\"")));
+        assert!(e.contains("pinned to unit 0, but unit 0 has no gpu"), "{e}");
+        let e = err(u.place(&rec("accelerator = \"gpu\"\narch = \"aarch64\"")));
+        assert!(
+            e.contains("no unit can run function f (it needs arch aarch64 and accelerator gpu): unit 0 is x86_64, not aarch64"),
+            "{e}"
+        );
+        // Placed functions are listed on their unit.
+        assert_eq!(u.statuses()[0].functions, ["f"]);
+        u.unplace("f");
+        assert!(u.statuses()[0].functions.is_empty());
+    }
+
+    #[test]
+    fn errors_keep_their_kind_across_the_link() {
+        for (e, want) in [
+            (
+                ControlError::NotFound("f".into()),
+                RemoteErrorKind::NotFound,
+            ),
+            (
+                ControlError::TooManyRequests(3),
+                RemoteErrorKind::TooManyRequests,
+            ),
+            (
+                ControlError::Unavailable("x".into()),
+                RemoteErrorKind::Unavailable,
+            ),
+        ] {
+            let r = control_to_remote(e);
+            assert_eq!(r.kind, want);
+            let back = remote_to_control(r, 4);
+            assert!(back.to_string().contains("unit 4: "), "{back}");
+        }
+    }
+}

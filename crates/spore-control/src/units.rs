@@ -14,8 +14,9 @@
 //! (unit never registered, down, or lacking what the function needs). Otherwise the control
 //! plane keeps the function where it first placed it while that unit stays up (warm instances
 //! and cfork templates live there), and places it on the least loaded unit (invocations in
-//! flight per core) that has the function's `arch` and `accelerator`, preferring lower ids
-//! on ties; if no unit can run it, the error lists what each unit lacks.
+//! flight per core) that has the function's `arch` and `accelerator` and last reported at
+//! least `memory_mb` available, preferring lower ids on ties; if no unit can run it, the
+//! error lists what each unit lacks.
 //!
 //! **Code.** Every relayed invocation names the control plane's code id and carries the
 //! manifest; a shim that does not hold exactly that answers `needs_code`, and the control
@@ -354,6 +355,16 @@ impl Units {
             }
             if let Some(why) = e.info.lacks(arch, acc) {
                 lacking.push(why);
+                continue;
+            }
+            // A unit that reported less free memory than one instance needs is passed over
+            // (0: not reported yet).
+            let free = e.load.mem_available_mb;
+            if free > 0 && free < u64::from(m.memory_mb) {
+                lacking.push(format!(
+                    "unit {id} has {free} MiB available, the function needs {} MiB",
+                    m.memory_mb
+                ));
                 continue;
             }
             let s = score(&e.inflight, e.info.cores);

@@ -360,7 +360,22 @@ struct Finished {
 
 impl Control {
     /// Runs a deployed DAG on `input` (JSON) and returns the sink's output.
+    ///
+    /// Like [`Control::invoke`], the run continues on a task of its own if its caller gives up,
+    /// so that the instances it holds go back to their pools.
     pub async fn invoke_dag(
+        &self,
+        name: &str,
+        input: &[u8],
+        opts: DagInvokeOptions,
+    ) -> Result<DagRun, ControlError> {
+        let (me, name, input) = (self.clone(), name.to_owned(), input.to_vec());
+        tokio::spawn(async move { me.invoke_dag_attached(&name, &input, opts).await })
+            .await
+            .map_err(|e| ControlError::Internal(format!("the DAG task failed: {e}")))?
+    }
+
+    async fn invoke_dag_attached(
         &self,
         name: &str,
         input: &[u8],

@@ -630,6 +630,11 @@ impl Control {
     /// Invokes a function and waits for its result. Function failures (errors, timeouts,
     /// crashes) are an `Ok` [`Invocation`] whose outcome is `Err`; `Err` is for requests the
     /// platform could not serve.
+    ///
+    /// The invocation runs on a task of its own: a caller that gives up (an HTTP client that
+    /// disconnects, a unit's call cancelled by the control plane) leaves it to finish, log its
+    /// report and give its instance back, as Lambda does. (Dropped half-way, it would keep its
+    /// instance slot forever.)
     pub async fn invoke(
         &self,
         name: &str,
@@ -637,6 +642,18 @@ impl Control {
         opts: InvokeOptions,
     ) -> Result<Invocation, ControlError> {
         Self::check_payload(payload, false)?;
+        let (me, name, payload) = (self.clone(), name.to_owned(), payload.to_vec());
+        tokio::spawn(async move { me.invoke_attached(&name, &payload, opts).await })
+            .await
+            .map_err(|e| ControlError::Internal(format!("the invocation task failed: {e}")))?
+    }
+
+    async fn invoke_attached(
+        &self,
+        name: &str,
+        payload: &[u8],
+        opts: InvokeOptions,
+    ) -> Result<Invocation, ControlError> {
         self.inner.inflight.fetch_add(1, Ordering::AcqRel);
         let _guard = InflightGuard(&self.inner);
         if self.inner.draining.load(Ordering::Acquire) {

@@ -91,3 +91,53 @@ fn calls_waiting_past_the_timeout_get_429() {
     let r = d.invoke_raw("one", br#"{"s": 0}"#, &[]);
     assert_eq!(r.status(), 200, "the function serves again afterwards");
 }
+
+#[test]
+fn a_caller_that_gives_up_leaves_the_invocation_to_finish_and_free_its_instance() {
+    let test = "a_caller_that_gives_up_leaves_the_invocation_to_finish_and_free_its_instance";
+    if !can_sandbox(test) {
+        return;
+    }
+    let d = Daemon::start();
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture("sleepy").join("main.py"),
+        tmp.path().join("main.py"),
+    )
+    .unwrap();
+    std::fs::write(
+        tmp.path().join("spore.toml"),
+        "name = \"single\"\nhandler = \"main.handler\"\ntimeout_s = 20\nmax_instances = 1\n",
+    )
+    .unwrap();
+    d.deploy(tmp.path());
+    // The client hangs up after 0.5 s of a 1.5 s invocation.
+    let impatient = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let r = impatient
+        .post(d.url("/2015-03-31/functions/single/invocations"))
+        .body(r#"{"s": 1.5}"#)
+        .send();
+    assert!(r.is_err(), "the client should have timed out");
+    // The one instance comes back once that invocation ends: the next call is served (it
+    // waits at most ~1 s), not refused after the 20 s timeout.
+    let t = Instant::now();
+    let r = d.invoke_raw("single", br#"{"s": 0}"#, &[]);
+    assert_eq!(r.status(), 200, "{}", r.text().unwrap());
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "served after {:?}",
+        t.elapsed()
+    );
+    // The abandoned invocation ran to its end and reported.
+    let logs = d.get_json("/spore/v1/functions/single/logs?lines=50");
+    let reports = logs["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l.as_str().unwrap().starts_with("REPORT"))
+        .count();
+    assert_eq!(reports, 2, "{logs}");
+}

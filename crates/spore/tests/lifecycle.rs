@@ -301,15 +301,26 @@ fn a_daemon_without_root_keeps_the_registry_and_refuses_invocations_clearly() {
     // A copy the unprivileged user can reach, wherever the checkout lives.
     let bin = tmp.path().join("spore");
     std::fs::copy(BIN, &bin).unwrap();
-    let mut child = Command::new(&bin)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&data)
-        .uid(65534)
-        .gid(65534)
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    // Another test thread forking while the copy was open for writing holds that descriptor
+    // in its child until the child execs: exec then fails with ETXTBSY for a moment. Retry.
+    let mut tries = 0;
+    let mut child = loop {
+        let r = Command::new(&bin)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data)
+            .uid(65534)
+            .gid(65534)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log.try_clone().unwrap())
+            .spawn();
+        match r {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => break r.unwrap(),
+        }
+    };
     let http = reqwest::blocking::Client::new();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let endpoint = loop {

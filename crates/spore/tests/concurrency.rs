@@ -24,6 +24,24 @@ fn burst(d: &Daemon, name: &str, calls: usize) -> Vec<Value> {
     })
 }
 
+/// Deploys the `sleepy` fixture as `name` with one instance at most and a timeout.
+fn deploy_single_sleepy(d: &Daemon, name: &str, timeout_s: u32) {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture("sleepy").join("main.py"),
+        tmp.path().join("main.py"),
+    )
+    .unwrap();
+    std::fs::write(
+        tmp.path().join("spore.toml"),
+        format!(
+            "name = \"{name}\"\nhandler = \"main.handler\"\ntimeout_s = {timeout_s}\nmax_instances = 1\n"
+        ),
+    )
+    .unwrap();
+    d.deploy(tmp.path());
+}
+
 #[test]
 fn bursts_are_served_within_the_instance_limit() {
     if !can_sandbox("bursts_are_served_within_the_instance_limit") {
@@ -68,18 +86,7 @@ fn calls_waiting_past_the_timeout_get_429() {
     }
     let d = Daemon::start();
     // One instance, a 1-second timeout, and calls that each hold it ~0.8 s.
-    let tmp = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        fixture("sleepy").join("main.py"),
-        tmp.path().join("main.py"),
-    )
-    .unwrap();
-    std::fs::write(
-        tmp.path().join("spore.toml"),
-        "name = \"one\"\nhandler = \"main.handler\"\ntimeout_s = 1\nmax_instances = 1\n",
-    )
-    .unwrap();
-    d.deploy(tmp.path());
+    deploy_single_sleepy(&d, "one", 1);
     let statuses: Vec<u16> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..4)
             .map(|_| s.spawn(|| d.invoke_raw("one", br#"{"s": 0.8}"#, &[]).status().as_u16()))
@@ -99,18 +106,7 @@ fn a_caller_that_gives_up_leaves_the_invocation_to_finish_and_free_its_instance(
         return;
     }
     let d = Daemon::start();
-    let tmp = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        fixture("sleepy").join("main.py"),
-        tmp.path().join("main.py"),
-    )
-    .unwrap();
-    std::fs::write(
-        tmp.path().join("spore.toml"),
-        "name = \"single\"\nhandler = \"main.handler\"\ntimeout_s = 20\nmax_instances = 1\n",
-    )
-    .unwrap();
-    d.deploy(tmp.path());
+    deploy_single_sleepy(&d, "single", 20);
     // The client hangs up after 0.5 s of a 1.5 s invocation.
     let impatient = reqwest::blocking::Client::builder()
         .timeout(Duration::from_millis(500))

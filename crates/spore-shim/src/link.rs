@@ -841,6 +841,9 @@ async fn read_loop<R: AsyncRead + Unpin + Send + 'static>(
                     break "the link stopped".into();
                 };
                 let (sh, svc, stream) = (shared.clone(), service.clone(), a.stream);
+                // The handle is recorded under the lock the task takes to remove it, so a
+                // handler that ends at once cannot leave its entry behind.
+                let mut handlers = shared.handlers.lock().expect("handlers lock");
                 let task = tokio::spawn(async move {
                     let r = svc.call(a.message).await;
                     drop(permit);
@@ -865,13 +868,7 @@ async fn read_loop<R: AsyncRead + Unpin + Send + 'static>(
                         })
                         .await;
                 });
-                if !task.is_finished() {
-                    shared
-                        .handlers
-                        .lock()
-                        .expect("handlers lock")
-                        .insert(stream, task.abort_handle());
-                }
+                handlers.insert(stream, task.abort_handle());
             }
             Kind::Cancel => {
                 asm.drop_stream(f.stream);
@@ -1070,6 +1067,8 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(server_side.call_counts().1, 52);
+        // Every finished handler took its entry away.
+        assert!(server_side.shared.handlers.lock().unwrap().is_empty());
         link.close("test over");
         let why = server_side.closed().await;
         assert!(why.contains("test over"), "{why}");

@@ -108,7 +108,9 @@ pub struct Units {
 
 /// What the control plane knows from etcd.
 struct EtcdView {
-    client: crate::etcd::Etcd,
+    /// Where placements are recorded: the control plane's client. None on a shim, which must
+    /// not touch the control plane's placement keys when its own registry changes.
+    placements: Option<crate::etcd::Etcd>,
     /// Its own registration.
     registration: crate::etcd::Registration,
     /// Units with a live lease in etcd, at the last poll (None: the poll failed).
@@ -166,7 +168,6 @@ impl Units {
         }
     }
 
-    /// Marks a unit down if `link` is still its link.
     /// A placement of `function` on `unit` from before a restart (kept while that unit is
     /// up and fits).
     fn restore_placement(&self, function: String, unit: u32) {
@@ -176,6 +177,7 @@ impl Units {
             .insert(function, unit);
     }
 
+    /// Marks a unit down if `link` is still its link.
     fn link_closed(&self, link: &Link, reason: &str) {
         let id = link.peer().id;
         let mut entries = self.entries();
@@ -419,7 +421,7 @@ impl Units {
             .lock()
             .expect("etcd lock")
             .as_ref()
-            .map(|v| v.client.clone())
+            .and_then(|v| v.placements.clone())
         else {
             return;
         };
@@ -510,11 +512,6 @@ fn control_to_remote(e: ControlError) -> RemoteError {
 }
 
 impl Control {
-    /// The unit table.
-    pub fn units(&self) -> &Arc<Units> {
-        &self.inner.units
-    }
-
     /// Every unit and its state.
     pub fn unit_statuses(&self) -> Vec<UnitStatus> {
         let mut s = self.inner.units.statuses();
@@ -586,7 +583,7 @@ impl Control {
             stop.clone(),
         );
         *self.inner.units.etcd.lock().expect("etcd lock") = Some(EtcdView {
-            client: client.clone(),
+            placements: Some(client.clone()),
             registration,
             members: None,
         });
@@ -881,7 +878,7 @@ impl Control {
                 stop.clone(),
             );
             *units.etcd.lock().expect("etcd lock") = Some(EtcdView {
-                client: client.clone(),
+                placements: None,
                 registration,
                 members: None,
             });
@@ -941,11 +938,6 @@ impl Control {
                         tracing::warn!(error = %e, "cannot reach the control plane; retrying");
                         announced_failure = true;
                     }
-                    if let LinkError::Handshake(why) = &e {
-                        if why.contains("refused") {
-                            tracing::error!(error = %e, "the control plane refused this unit");
-                        }
-                    }
                 }
             }
             tokio::select! {
@@ -980,7 +972,7 @@ async fn discover(client: &crate::etcd::Etcd) -> Result<String, LinkError> {
 struct ShimSide {
     control: Control,
     /// Per function: the control plane's code id and manifest this unit holds.
-    synced: Arc<Mutex<HashMap<String, (String, spore_core::FunctionManifest)>>>,
+    synced: Synced,
     /// Held while a package is installed.
     deploying: Arc<tokio::sync::Mutex<()>>,
 }

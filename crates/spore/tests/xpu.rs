@@ -716,6 +716,24 @@ fn membership_in_etcd_survives_etcd_and_control_plane_restarts() {
     wait_for("the placement in etcd", || {
         etcd.get("/spore/placement/hello-fpga").unwrap().as_deref() == Some("1")
     });
+    // New code reaches the unit, which replaces the function in its own registry: the
+    // placement, the control plane's record, stays.
+    let zip = spore_control::code::zip_dir(&common::fixture("echo")).unwrap();
+    let r = d
+        .http
+        .put(d.url("/2015-03-31/functions/hello-fpga/code"))
+        .json(&json!({ "ZipFile": base64::engine::general_purpose::STANDARD.encode(zip) }))
+        .send()
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().unwrap());
+    let a = invoke(&d, "hello-fpga", json!({"x": 1}), None);
+    assert_eq!((a.status, a.unit.as_str()), (200, "1"), "{}", a.body);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        etcd.get("/spore/placement/hello-fpga").unwrap().as_deref(),
+        Some("1"),
+        "a unit's own registry change removed the control plane's placement"
+    );
 
     // etcd goes away: the cluster keeps serving.
     etcd.kill();

@@ -279,11 +279,6 @@ impl Registration {
     pub fn state(&self) -> String {
         self.state.lock().expect("state lock").clone()
     }
-
-    /// The etcd client.
-    pub fn etcd(&self) -> &Etcd {
-        &self.etcd
-    }
 }
 
 #[cfg(test)]

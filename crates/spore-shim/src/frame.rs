@@ -269,38 +269,6 @@ impl Message {
         prefix.put_u32_le(self.header.len() as u32);
         [prefix.freeze(), self.header.clone(), self.body.clone()]
     }
-
-    /// Cuts the message into frames of at most `chunk` payload bytes (copies; the link's
-    /// writer sends the same bytes without building frames).
-    pub fn to_frames(&self, kind: Kind, stream: u32, extra: u8, chunk: usize) -> Vec<Frame> {
-        let mut all = BytesMut::new();
-        for p in self.wire_parts() {
-            all.put_slice(&p);
-        }
-        let all = all.freeze();
-        let mut out = Vec::new();
-        let mut off = 0;
-        while off < all.len() {
-            // The first frame holds at least the 12-byte prefix.
-            let size = if off == 0 { chunk.max(12) } else { chunk };
-            let end = (off + size).min(all.len());
-            let mut fl = extra;
-            if off == 0 {
-                fl |= flags::START;
-            }
-            if end == all.len() {
-                fl |= flags::END;
-            }
-            out.push(Frame {
-                kind,
-                flags: fl,
-                stream,
-                payload: all.slice(off..end),
-            });
-            off = end;
-        }
-        out
-    }
 }
 
 struct Partial {
@@ -477,6 +445,38 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// Cuts a message into frames of at most `chunk` payload bytes, as the link's writer
+    /// does (which sends the same bytes without building frames).
+    fn to_frames(m: &Message, kind: Kind, stream: u32, extra: u8, chunk: usize) -> Vec<Frame> {
+        let mut all = BytesMut::new();
+        for p in m.wire_parts() {
+            all.put_slice(&p);
+        }
+        let all = all.freeze();
+        let mut out = Vec::new();
+        let mut off = 0;
+        while off < all.len() {
+            // The first frame holds at least the 12-byte prefix.
+            let size = if off == 0 { chunk.max(12) } else { chunk };
+            let end = (off + size).min(all.len());
+            let mut fl = extra;
+            if off == 0 {
+                fl |= flags::START;
+            }
+            if end == all.len() {
+                fl |= flags::END;
+            }
+            out.push(Frame {
+                kind,
+                flags: fl,
+                stream,
+                payload: all.slice(off..end),
+            });
+            off = end;
+        }
+        out
+    }
+
     fn decode_all(mut buf: BytesMut) -> Result<Vec<Frame>, FrameError> {
         let mut out = Vec::new();
         while let Some(f) = FrameCodec.decode(&mut buf)? {
@@ -594,7 +594,7 @@ mod tests {
             split in 1usize..64,
         ) {
             let m = Message { header: header.into(), body: body.into() };
-            let frames = m.to_frames(Kind::Response, 4, flags::ERROR, chunk);
+            let frames = to_frames(&m, Kind::Response, 4, flags::ERROR, chunk);
             let mut wire = BytesMut::new();
             for f in frames {
                 FrameCodec.encode(f, &mut wire).unwrap();

@@ -148,7 +148,6 @@ static LINK_IDS: AtomicU64 = AtomicU64::new(1);
 struct Shared {
     id: u64,
     peer: UnitInfo,
-    peer_role: Role,
     version: u16,
     out: mpsc::Sender<Out>,
     pending: Mutex<HashMap<u32, Waiter>>,
@@ -264,11 +263,6 @@ impl Link {
         &self.shared.peer
     }
 
-    /// The other side's role.
-    pub fn peer_role(&self) -> Role {
-        self.shared.peer_role
-    }
-
     /// The link version in use.
     pub fn version(&self) -> u16 {
         self.shared.version
@@ -285,12 +279,6 @@ impl Link {
             self.shared.calls_out.load(Ordering::Relaxed),
             self.shared.calls_in.load(Ordering::Relaxed),
         )
-    }
-
-    /// Time since the peer was last heard from.
-    pub fn silent_for(&self) -> Duration {
-        let now = self.shared.epoch.elapsed().as_millis() as u64;
-        Duration::from_millis(now.saturating_sub(self.shared.last_heard_ms.load(Ordering::Relaxed)))
     }
 
     /// Waits until the link closes; returns the reason.
@@ -448,16 +436,7 @@ where
             ack.version, VERSIONS.0, VERSIONS.1
         )));
     }
-    Ok(start(
-        reader,
-        w,
-        ack.unit,
-        ack.role,
-        ack.version,
-        1,
-        service,
-        cfg,
-    ))
+    Ok(start(reader, w, ack.unit, ack.version, 1, service, cfg))
 }
 
 /// Accepts: reads the dialer's greeting, lets `admit` refuse it (with a reason sent back)
@@ -505,17 +484,13 @@ where
     };
     let payload = serde_json::to_vec(&ack).expect("ack serializes");
     write_frame(&mut w, Kind::HelloAck, 0, &payload).await?;
-    Ok(start(
-        reader, w, hello.unit, hello.role, version, 2, service, cfg,
-    ))
+    Ok(start(reader, w, hello.unit, version, 2, service, cfg))
 }
 
-#[allow(clippy::too_many_arguments)]
 fn start<T>(
     reader: FramedRead<ReadHalf<T>, FrameCodec>,
     w: WriteHalf<T>,
     peer: UnitInfo,
-    peer_role: Role,
     version: u16,
     first_stream: u32,
     service: Arc<dyn Service>,
@@ -528,7 +503,6 @@ where
     let shared = Arc::new(Shared {
         id: LINK_IDS.fetch_add(1, Ordering::Relaxed),
         peer,
-        peer_role,
         version,
         out,
         pending: Mutex::new(HashMap::new()),
@@ -541,26 +515,23 @@ where
         calls_out: AtomicU64::new(0),
         calls_in: AtomicU64::new(0),
     });
-    let writer = tokio::spawn(write_loop(shared.clone(), w, rx));
-    let reader = tokio::spawn(read_loop(
-        shared.clone(),
-        reader,
-        service.clone(),
-        cfg.max_concurrent,
-        first_stream,
-    ));
-    let beat = tokio::spawn(heartbeat_loop(shared.clone(), service, cfg));
-    // The writer first: `close` lets it finish its GoAway and stops the others.
-    shared.tasks.lock().expect("tasks lock").extend([
-        writer.abort_handle(),
-        reader.abort_handle(),
-        beat.abort_handle(),
-    ]);
-    if shared.closed.borrow().is_some() {
-        // Closed before the handles were recorded: stop everything now.
-        reader.abort();
-        beat.abort();
-    }
+    // The tasks are spawned under the lock `close` takes to stop them, so that a close from
+    // one of them finds every handle. The writer comes first: `close` lets it finish its
+    // GoAway and stops the others.
+    let mut tasks = shared.tasks.lock().expect("tasks lock");
+    tasks.push(tokio::spawn(write_loop(shared.clone(), w, rx)).abort_handle());
+    tasks.push(
+        tokio::spawn(read_loop(
+            shared.clone(),
+            reader,
+            service.clone(),
+            cfg.max_concurrent,
+            first_stream,
+        ))
+        .abort_handle(),
+    );
+    tasks.push(tokio::spawn(heartbeat_loop(shared.clone(), service, cfg)).abort_handle());
+    drop(tasks);
     Link { shared }
 }
 

@@ -964,7 +964,7 @@ async fn direct_hop(
     event: Vec<u8>,
 ) -> Result<HttpReply, FunctionError> {
     let inv = control
-        .invoke(function, &event, crate::InvokeOptions::default())
+        .invoke(function, event.into(), crate::InvokeOptions::default())
         .await
         .map_err(|e| FunctionError::platform("Spore.DagHop", e.to_string()))?;
     Ok(HttpReply {

@@ -638,12 +638,12 @@ impl Control {
     pub async fn invoke(
         &self,
         name: &str,
-        payload: &[u8],
+        payload: bytes::Bytes,
         opts: InvokeOptions,
     ) -> Result<Invocation, ControlError> {
-        Self::check_payload(payload, false)?;
-        let (me, name, payload) = (self.clone(), name.to_owned(), payload.to_vec());
-        tokio::spawn(async move { me.invoke_attached(&name, &payload, opts).await })
+        Self::check_payload(&payload, false)?;
+        let (me, name) = (self.clone(), name.to_owned());
+        tokio::spawn(async move { me.invoke_attached(&name, payload, opts).await })
             .await
             .map_err(|e| ControlError::Internal(format!("the invocation task failed: {e}")))?
     }
@@ -651,7 +651,7 @@ impl Control {
     async fn invoke_attached(
         &self,
         name: &str,
-        payload: &[u8],
+        payload: bytes::Bytes,
         opts: InvokeOptions,
     ) -> Result<Invocation, ControlError> {
         self.inner.inflight.fetch_add(1, Ordering::AcqRel);
@@ -693,7 +693,7 @@ impl Control {
         let (mut inst, start) = match slot {
             Slot::Warm(inst) => (*inst, StartKind::Warm),
             Slot::Cold => {
-                let first = instance::invoke_frame(&request_id, payload, rec.manifest.timeout_s);
+                let first = instance::invoke_frame(&request_id, &payload, rec.manifest.timeout_s);
                 match self
                     .start_fresh(&env, &rec, log.clone(), Some(first), opts)
                     .await
@@ -741,7 +741,7 @@ impl Control {
         let init_ms = if fresh { inst.init_ms } else { 0.0 };
         let breakdown = std::mem::take(&mut inst.breakdown);
         let result = inst
-            .invoke(&request_id, payload, rec.manifest.timeout_s)
+            .invoke(&request_id, &payload, rec.manifest.timeout_s)
             .await;
         let total_ms = t0.elapsed().as_secs_f64() * 1000.0;
         let peak = inst.memory_peak_mb();
@@ -1017,7 +1017,10 @@ impl Control {
         let name = name.to_owned();
         let id = uuid::Uuid::new_v4().to_string();
         tokio::spawn(async move {
-            if let Err(e) = this.invoke(&name, &payload, InvokeOptions::default()).await {
+            if let Err(e) = this
+                .invoke(&name, payload.into(), InvokeOptions::default())
+                .await
+            {
                 this.log_ring(&name)
                     .push_text(&format!("asynchronous invocation failed: {e}"));
             }

@@ -750,7 +750,7 @@ impl Control {
         rec: &FunctionRecord,
         unit: u32,
         link: &Link,
-        payload: &[u8],
+        payload: Bytes,
         opts: InvokeOptions,
     ) -> Result<Invocation, ControlError> {
         let name = &rec.manifest.name;
@@ -762,11 +762,10 @@ impl Control {
             restore_mode: opts.restore_mode.map(|m| m.as_str().to_owned()),
         };
         let timeout = Duration::from_secs(u64::from(rec.manifest.timeout_s)) + RELAY_SLACK;
-        let body = Bytes::copy_from_slice(payload);
         let t0 = Instant::now();
         let mut deployed = false;
         let (answer, out) = loop {
-            match link.call(&call, body.clone(), timeout).await {
+            match link.call(&call, payload.clone(), timeout).await {
                 Ok(r) => break r,
                 Err(LinkError::Remote(e)) if e.kind == RemoteErrorKind::NeedsCode && !deployed => {
                     deployed = true;
@@ -1044,7 +1043,7 @@ async fn serve(
             let inv = control
                 .invoke(
                     &name,
-                    &body,
+                    body,
                     InvokeOptions {
                         force_cold,
                         cold_path,

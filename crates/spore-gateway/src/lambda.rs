@@ -464,7 +464,7 @@ pub(crate) async fn invoke(
                 .control
                 .invoke(
                     &name,
-                    &body,
+                    body,
                     InvokeOptions {
                         force_cold,
                         cold_path,

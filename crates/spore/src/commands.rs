@@ -929,12 +929,13 @@ fn demo_units(
     shim.wait_up(client)?;
     let hello = functions.join("hello");
     for unit in [0u32, 1] {
-        let mut m = read_manifest(&hello)?;
-        m.name = format!("hello-unit{unit}");
-        m.sandbox = SandboxKind::Cfork;
-        m.unit = Some(unit);
-        let zip = spore_control::code::zip_dir(&hello)?;
-        client.deploy(&m, &zip)?;
+        crate::xpu_bench::deploy_on(
+            client,
+            &hello,
+            &format!("hello-unit{unit}"),
+            SandboxKind::Cfork,
+            unit,
+        )?;
     }
     println!("   | function | unit | cfork start p50 | warm call p50 |\n   |---|---:|---:|---:|");
     for unit in [0u32, 1] {

@@ -176,7 +176,14 @@ impl Drop for ShimProcess {
     }
 }
 
-fn deploy(client: &Client, dir: &Path, name: &str, sandbox: SandboxKind, unit: u32) -> Result<()> {
+/// Deploys the function in `dir` as `name`, pinned to `unit`.
+pub(crate) fn deploy_on(
+    client: &Client,
+    dir: &Path,
+    name: &str,
+    sandbox: SandboxKind,
+    unit: u32,
+) -> Result<()> {
     let mut m = read_manifest(dir)?;
     m.name = name.to_owned();
     m.sandbox = sandbox;
@@ -309,7 +316,7 @@ pub fn bench_xpu(n: usize, out: &Path, functions: &Path) -> Result<ExitCode> {
     // 1. Starts and calls: unit 0 vs unit 1.
     let hello = functions.join("hello");
     for (unit, name) in [(0, "hello-u0"), (1, "hello-u1")] {
-        deploy(&client, &hello, name, SandboxKind::Cfork, unit)?;
+        deploy_on(&client, &hello, name, SandboxKind::Cfork, unit)?;
     }
     eprintln!("   cfork starts and warm calls, unit 0 vs unit 1, n={n}");
     for (what, cold) in [("cfork start", Some("fork")), ("warm call", None)] {
@@ -358,9 +365,9 @@ pub fn bench_xpu(n: usize, out: &Path, functions: &Path) -> Result<ExitCode> {
 
     // 2. DAG hop, 1 KiB: shared memory, across the link, HTTP.
     let step = functions.join("dag").join("chain-step");
-    deploy(&client, &step, "xs-a", SandboxKind::Container, 0)?;
-    deploy(&client, &step, "xs-b", SandboxKind::Container, 0)?;
-    deploy(&client, &step, "xs-b-u1", SandboxKind::Container, 1)?;
+    deploy_on(&client, &step, "xs-a", SandboxKind::Container, 0)?;
+    deploy_on(&client, &step, "xs-b", SandboxKind::Container, 0)?;
+    deploy_on(&client, &step, "xs-b-u1", SandboxKind::Container, 1)?;
     for (dag, b) in [("xhop-local", "xs-b"), ("xhop-units", "xs-b-u1")] {
         client.put_dag(&format!(
             "name = \"{dag}\"\n[[nodes]]\nid = \"a\"\nfunction = \"xs-a\"\n[[nodes]]\nid = \"b\"\nfunction = \"{b}\"\nafter = [\"a\"]\n"
@@ -432,8 +439,8 @@ pub fn bench_xpu(n: usize, out: &Path, functions: &Path) -> Result<ExitCode> {
         "alexa-report",
     ] {
         let m = read_manifest(&dagdir.join(f))?;
-        deploy(&client, &dagdir.join(f), &format!("x0-{f}"), m.sandbox, 0)?;
-        deploy(&client, &dagdir.join(f), &format!("x1-{f}"), m.sandbox, 1)?;
+        deploy_on(&client, &dagdir.join(f), &format!("x0-{f}"), m.sandbox, 0)?;
+        deploy_on(&client, &dagdir.join(f), &format!("x1-{f}"), m.sandbox, 1)?;
     }
     let chain = |name: &str, units: [u32; 5]| {
         let mut t = format!("name = \"{name}\"\n");

@@ -33,6 +33,7 @@ use tokio::task::JoinSet;
 use crate::instance::{Instance, Reply};
 
 pub(crate) mod pipeline;
+pub(crate) mod spread;
 use crate::registry::FunctionRecord;
 use crate::{Control, ControlError};
 
@@ -120,6 +121,9 @@ pub struct DagRun {
     /// Some nodes run on other processing units: the control plane relayed every hop (over
     /// the neighbour link for those nodes) instead of wiring shared memory.
     pub relayed: bool,
+    /// Some nodes run on other processing units, on a pipeline spread over the units: shared
+    /// memory within each unit, the neighbour link between them.
+    pub spread: bool,
     /// The sink's output (JSON; raw bytes if the sink returned bytes), or the failure.
     pub outcome: Result<Vec<u8>, NodeFailure>,
     /// Whether the output is raw bytes rather than JSON.
@@ -164,26 +168,13 @@ impl Plan {
         let order = spec
             .order()
             .map_err(|e| ControlError::InvalidParameter(e.to_string()))?;
-        let index: BTreeMap<&str, usize> = spec
-            .nodes
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (n.id.as_str(), i))
-            .collect();
-        let preds: Vec<Vec<usize>> = spec
-            .nodes
-            .iter()
-            .map(|n| n.after.iter().map(|a| index[a.as_str()]).collect())
-            .collect();
+        let (preds, sink) = spread::graph(&spec);
         let mut succs = vec![Vec::new(); spec.nodes.len()];
         for (c, ps) in preds.iter().enumerate() {
             for &p in ps {
                 succs[p].push(c);
             }
         }
-        let sink = (0..spec.nodes.len())
-            .find(|&i| succs[i].is_empty())
-            .expect("a validated DAG has a sink");
         let mut recs = Vec::with_capacity(spec.nodes.len());
         for n in &spec.nodes {
             let rec = control.get_function(&n.function).map_err(|_| {
@@ -408,17 +399,19 @@ impl Control {
         let t0 = Instant::now();
         let t0_ns = crate::instance::monotonic_ns();
         let request_id = uuid::Uuid::new_v4().to_string();
-        // Nodes placed on other units cannot share memory with the rest: the control plane
-        // relays every hop, over the neighbour link for those nodes.
-        let mut relayed = false;
-        for rec in &plan.recs {
-            if matches!(
-                self.inner.units.place(rec)?,
-                crate::units::Placement::Remote { .. }
-            ) {
-                relayed = true;
-            }
+        // Where each node runs. A fixed DAG with nodes on other units runs as a pipeline
+        // spread over them (shared memory within a unit, the neighbour link between units);
+        // any other DAG with such nodes is relayed hop by hop by the control plane.
+        let me = self.inner.units.local().id;
+        let mut units = Vec::with_capacity(plan.recs.len());
+        for (rec, node) in plan.recs.iter().zip(&plan.spec.nodes) {
+            units.push(match self.inner.units.place_node(rec, node.unit)? {
+                crate::units::Placement::Local => me,
+                crate::units::Placement::Remote { unit, .. } => unit,
+            });
         }
+        let spread = units.iter().any(|&u| u != me);
+        let relayed = spread && !(transport == Transport::Shm && pipeline::pipelinable(&plan));
         let (outcome, raw, mut nodes) = match transport {
             _ if relayed => self.run_http(&plan, input, true).await?,
             Transport::Shm => {
@@ -432,7 +425,7 @@ impl Control {
                     }
                 }
                 if pipeline::pipelinable(&plan) {
-                    self.run_pipelined(&plan, input, &request_id).await?
+                    self.run_pipelined(&plan, input, &request_id, units).await?
                 } else {
                     self.run_shm(&plan, input, &request_id).await?
                 }
@@ -452,6 +445,7 @@ impl Control {
             request_id,
             transport,
             relayed,
+            spread: spread && !relayed,
             outcome,
             raw,
             total_ms: t0.elapsed().as_secs_f64() * 1000.0,
@@ -766,14 +760,27 @@ impl Control {
         plan: &Plan,
         nodes: &[usize],
     ) -> Result<Result<Vec<(Instance, StartKind)>, NodeFailure>, ControlError> {
+        let recs = nodes.iter().map(|&n| (n, plan.recs[n].clone())).collect();
+        Ok(self
+            .acquire_each(recs)
+            .await?
+            .map_err(|(n, e)| plan.failure(n, e)))
+    }
+
+    /// One instance for each `(node, function)`, acquired concurrently, in order. `Ok(Err)`
+    /// is a function's init failure, with its node; then the others went back.
+    pub(crate) async fn acquire_each(
+        &self,
+        recs: Vec<(usize, FunctionRecord)>,
+    ) -> Result<Result<Vec<(Instance, StartKind)>, (usize, FunctionError)>, ControlError> {
         let mut got = JoinSet::new();
-        for (k, &n) in nodes.iter().enumerate() {
+        for (k, (_, rec)) in recs.iter().enumerate() {
             let this = self.clone();
-            let rec = plan.recs[n].clone();
+            let rec = rec.clone();
             got.spawn(async move { (k, this.dag_instance(&rec).await) });
         }
         let mut instances: Vec<Option<(Instance, StartKind)>> =
-            (0..nodes.len()).map(|_| None).collect();
+            (0..recs.len()).map(|_| None).collect();
         let mut init_failure = None;
         let mut platform_failure = None;
         while let Some(r) = got.join_next().await {
@@ -781,7 +788,7 @@ impl Control {
             match r {
                 Ok(i) => instances[k] = Some(i),
                 Err(Ok(e)) => {
-                    init_failure.get_or_insert_with(|| plan.failure(nodes[k], e));
+                    init_failure.get_or_insert((recs[k].0, e));
                 }
                 Err(Err(e)) => {
                     platform_failure.get_or_insert(e);
@@ -791,9 +798,9 @@ impl Control {
         if platform_failure.is_none() && init_failure.is_none() {
             return Ok(Ok(instances.into_iter().flatten().collect()));
         }
-        for (i, &n) in instances.into_iter().zip(nodes) {
+        for (i, (_, rec)) in instances.into_iter().zip(&recs) {
             if let Some((inst, _)) = i {
-                self.give_back(&plan.recs[n], inst, true);
+                self.give_back(rec, inst, true);
             }
         }
         match (platform_failure, init_failure) {
@@ -961,10 +968,15 @@ struct HttpReply {
 async fn direct_hop(
     control: &Control,
     function: &str,
+    unit: Option<u32>,
     event: Vec<u8>,
 ) -> Result<HttpReply, FunctionError> {
+    let opts = crate::InvokeOptions {
+        unit,
+        ..Default::default()
+    };
     let inv = control
-        .invoke(function, event.into(), crate::InvokeOptions::default())
+        .invoke(function, event.into(), opts)
         .await
         .map_err(|e| FunctionError::platform("Spore.DagHop", e.to_string()))?;
     Ok(HttpReply {
@@ -1035,8 +1047,11 @@ impl Control {
                     let timeout = plan.timeout(n) + Duration::from_secs(30);
                     if direct {
                         let me = self.clone();
-                        let function = plan.spec.nodes[n].function.clone();
-                        tasks.spawn(async move { (n, j, direct_hop(&me, &function, event).await) });
+                        let (function, unit) =
+                            (plan.spec.nodes[n].function.clone(), plan.spec.nodes[n].unit);
+                        tasks.spawn(async move {
+                            (n, j, direct_hop(&me, &function, unit, event).await)
+                        });
                     } else {
                         tasks.spawn(async move {
                             (n, j, http_hop(&client, &url, event, timeout).await)

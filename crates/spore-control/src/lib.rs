@@ -156,6 +156,9 @@ pub struct InvokeOptions {
     pub cold_path: Option<StartKind>,
     /// How a restore installs memory (None: the daemon's `snapshot_mode`).
     pub restore_mode: Option<spore_snapshot::restore::MemoryMode>,
+    /// Run on this processing unit rather than where the function is placed (a DAG node's
+    /// `unit`).
+    pub unit: Option<u32>,
 }
 
 /// The outcome of one invocation.
@@ -665,7 +668,7 @@ impl Control {
             ControlError::Unavailable(format!("invocations are disabled on this host: {why}"))
         })?;
         let rec = self.get_function(name)?;
-        let _counted = match self.inner.units.place(&rec)? {
+        let _counted = match self.inner.units.place_node(&rec, opts.unit)? {
             units::Placement::Local => self.inner.units.local_guard(),
             units::Placement::Remote {
                 unit,

@@ -38,6 +38,7 @@ use spore_shim::{
     UnitLoad,
 };
 
+use crate::dag::spread::{self, ShimSegments};
 use crate::registry::FunctionRecord;
 use crate::{Control, ControlError, Invocation, InvokeOptions};
 
@@ -104,6 +105,8 @@ pub struct Units {
     placed: Mutex<HashMap<String, u32>>,
     link_cfg: LinkConfig,
     etcd: Mutex<Option<EtcdView>>,
+    /// Spread DAG pipelines' routers, by key: where units' reports go.
+    routes: Mutex<HashMap<String, tokio::sync::mpsc::UnboundedSender<spread::Event>>>,
 }
 
 /// What the control plane knows from etcd.
@@ -135,7 +138,32 @@ impl Units {
             placed: Mutex::new(HashMap::new()),
             link_cfg,
             etcd: Mutex::new(None),
+            routes: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Sends a spread pipeline's reports to `tx`.
+    pub(crate) fn route(&self, key: &str, tx: tokio::sync::mpsc::UnboundedSender<spread::Event>) {
+        self.routes
+            .lock()
+            .expect("routes lock")
+            .insert(key.to_owned(), tx);
+    }
+
+    /// Forgets a spread pipeline's router.
+    pub(crate) fn unroute(&self, key: &str) {
+        self.routes.lock().expect("routes lock").remove(key);
+    }
+
+    /// Hands a report to a spread pipeline's router; false if there is none.
+    pub(crate) fn deliver(&self, key: &str, ev: spread::Event) -> bool {
+        let tx = self.routes.lock().expect("routes lock").get(key).cloned();
+        tx.is_some_and(|tx| tx.send(ev).is_ok())
+    }
+
+    /// The link to unit `id`, if it is up.
+    pub(crate) fn link_of(&self, id: u32) -> Option<Link> {
+        self.entries().get(&id).and_then(|e| e.link.clone())
     }
 
     /// The local unit.
@@ -286,8 +314,28 @@ impl Units {
             .collect()
     }
 
+    /// Where `rec`'s next invocation runs when a DAG node pins it to `pin` (None: where
+    /// [`Units::place`] puts it).
+    pub(crate) fn place_node(
+        &self,
+        rec: &FunctionRecord,
+        pin: Option<u32>,
+    ) -> Result<Placement, ControlError> {
+        match (pin, rec.manifest.unit) {
+            (None, _) => self.place(rec),
+            (Some(p), Some(u)) if p != u => Err(ControlError::InvalidParameter(format!(
+                "a DAG node pins function {} to unit {p}, but the function is pinned to unit {u}",
+                rec.manifest.name
+            ))),
+            (Some(p), _) => self.pinned(rec, p),
+        }
+    }
+
     /// Where `rec`'s next invocation runs.
     pub(crate) fn place(&self, rec: &FunctionRecord) -> Result<Placement, ControlError> {
+        if let Some(u) = rec.manifest.unit {
+            return self.pinned(rec, u);
+        }
         let m = &rec.manifest;
         let (arch, acc) = (m.arch.as_deref(), m.accelerator.as_deref());
         let name = &m.name;
@@ -299,33 +347,6 @@ impl Units {
                 inflight: e.inflight.clone(),
             })
         };
-        if let Some(u) = m.unit {
-            if u == self.local.id {
-                if let Some(why) = self.local.lacks(arch, acc) {
-                    return Err(ControlError::Unavailable(format!(
-                        "function {name} is pinned to unit {u}, but {why}"
-                    )));
-                }
-                return Ok(Placement::Local);
-            }
-            let e = entries.get(&u).ok_or_else(|| {
-                ControlError::Unavailable(format!(
-                    "function {name} is pinned to unit {u}, which has not registered (start `spore shim --id {u} --control ADDR`)"
-                ))
-            })?;
-            if let Some(why) = e.info.lacks(arch, acc) {
-                return Err(ControlError::Unavailable(format!(
-                    "function {name} is pinned to unit {u}, but {why}"
-                )));
-            }
-            return remote(u, e).ok_or_else(|| {
-                ControlError::Unavailable(format!(
-                    "function {name} is pinned to unit {u}, which is down ({:.0} s): {}",
-                    e.since.elapsed().as_secs_f64(),
-                    e.reason
-                ))
-            });
-        }
         // Sticky: stay where the function was placed while that unit is up and fits.
         let mut placed = self.placed.lock().expect("placed lock");
         if let Some(&u) = placed.get(name) {
@@ -400,6 +421,44 @@ impl Units {
         Ok(remote(id, &entries[&id]).expect("a live unit was picked"))
     }
 
+    /// Where `rec` runs when pinned to unit `u`: there, or an error saying why not.
+    fn pinned(&self, rec: &FunctionRecord, u: u32) -> Result<Placement, ControlError> {
+        let m = &rec.manifest;
+        let (arch, acc) = (m.arch.as_deref(), m.accelerator.as_deref());
+        let name = &m.name;
+        let entries = self.entries();
+        if u == self.local.id {
+            if let Some(why) = self.local.lacks(arch, acc) {
+                return Err(ControlError::Unavailable(format!(
+                    "function {name} is pinned to unit {u}, but {why}"
+                )));
+            }
+            return Ok(Placement::Local);
+        }
+        let e = entries.get(&u).ok_or_else(|| {
+            ControlError::Unavailable(format!(
+                "function {name} is pinned to unit {u}, which has not registered (start `spore shim --id {u} --control ADDR`)"
+            ))
+        })?;
+        if let Some(why) = e.info.lacks(arch, acc) {
+            return Err(ControlError::Unavailable(format!(
+                "function {name} is pinned to unit {u}, but {why}"
+            )));
+        }
+        let link = e.link.clone().ok_or_else(|| {
+            ControlError::Unavailable(format!(
+                "function {name} is pinned to unit {u}, which is down ({:.0} s): {}",
+                e.since.elapsed().as_secs_f64(),
+                e.reason
+            ))
+        })?;
+        Ok(Placement::Remote {
+            unit: u,
+            link,
+            inflight: e.inflight.clone(),
+        })
+    }
+
     /// Forgets where a function was placed (deleted or changed).
     pub(crate) fn unplace(&self, name: &str) {
         if self
@@ -470,8 +529,61 @@ impl Service for UnitSide {
         &self,
         msg: Message,
     ) -> Pin<Box<dyn Future<Output = Result<Message, RemoteError>> + Send + 'static>> {
-        // Units make no calls on the control plane in this version.
-        spore_shim::NoCalls.call(msg)
+        // Units report to spread DAG pipelines' routers; they make no other calls.
+        let units = self.units.clone();
+        let id = self.id;
+        Box::pin(async move {
+            let call: Call = serde_json::from_slice(&msg.header).map_err(|e| {
+                RemoteError::new(RemoteErrorKind::BadCall, format!("unreadable call: {e}"))
+            })?;
+            let (key, ev) = match call {
+                Call::EdgeValue {
+                    key,
+                    seq,
+                    edge,
+                    raw,
+                    times,
+                    ..
+                } => {
+                    let value = spore_ipc::edge::Value {
+                        raw,
+                        bytes: msg.body.to_vec(),
+                    };
+                    let ev = spread::Event::Value {
+                        seq,
+                        edge,
+                        value,
+                        times,
+                    };
+                    (key, ev)
+                }
+                Call::SegmentTimes { key, seq, times } => {
+                    (key, spread::Event::Times { seq, times })
+                }
+                Call::SegmentFailed {
+                    key,
+                    seq,
+                    node,
+                    error,
+                } => (key, spread::Event::Failed { seq, node, error }),
+                other => {
+                    return Err(RemoteError::new(
+                        RemoteErrorKind::BadCall,
+                        format!("a control plane does not serve {other:?} from unit {id}"),
+                    ))
+                }
+            };
+            if !units.deliver(&key, ev) {
+                // The pipeline is gone (failed or stopped); the unit's report is moot.
+                tracing::debug!(unit = id, %key, "a report for a stopped DAG pipeline");
+            }
+            Ok(Message {
+                header: serde_json::to_vec(&Answer::Done)
+                    .expect("answers serialize")
+                    .into(),
+                body: Bytes::new(),
+            })
+        })
     }
 
     fn heartbeat(&self, load: Bytes) {
@@ -811,7 +923,13 @@ impl Control {
         })
     }
 
-    fn link_failure(&self, name: &str, unit: u32, link: &Link, e: LinkError) -> ControlError {
+    pub(crate) fn link_failure(
+        &self,
+        name: &str,
+        unit: u32,
+        link: &Link,
+        e: LinkError,
+    ) -> ControlError {
         match e {
             LinkError::Remote(r) => remote_to_control(r, unit),
             LinkError::Closed(why) => {
@@ -829,7 +947,7 @@ impl Control {
     }
 
     /// Sends a function's code and manifest to a unit.
-    async fn deploy_to(
+    pub(crate) async fn deploy_to(
         &self,
         rec: &FunctionRecord,
         unit: u32,
@@ -902,7 +1020,8 @@ impl Control {
                     .await
                     .map_err(|e| LinkError::Handshake(format!("connecting to {control}: {e}")))?;
                 let _ = s.set_nodelay(true);
-                link::connect(
+                let segments = ShimSegments::default();
+                let link = link::connect(
                     s,
                     units.local.clone(),
                     Role::Shim,
@@ -910,19 +1029,24 @@ impl Control {
                         control: self.clone(),
                         synced: Arc::new(Mutex::new(HashMap::new())),
                         deploying: Arc::new(tokio::sync::Mutex::new(())),
+                        segments: segments.clone(),
                     }),
                     units.link_cfg.clone(),
                 )
-                .await
+                .await?;
+                segments.set_link(link.clone());
+                Ok((link, segments))
             };
             match attempt.await {
-                Ok(link) => {
+                Ok((link, segments)) => {
                     tracing::info!(unit = units.local.id, peer = %link.peer().id, "registered with the control plane");
                     backoff = Duration::from_millis(100);
                     announced_failure = false;
                     tokio::select! {
                         reason = link.closed() => {
                             tracing::warn!(%reason, "link to the control plane lost; dialing again");
+                            // Its DAG segments served the control plane over this link.
+                            segments.clear();
                         }
                         _ = stop.changed() => {
                             link.close(&format!("unit {} is shutting down", units.local.id));
@@ -974,6 +1098,8 @@ struct ShimSide {
     synced: Synced,
     /// Held while a package is installed.
     deploying: Arc<tokio::sync::Mutex<()>>,
+    /// Its segments of spread DAG pipelines.
+    segments: ShimSegments,
 }
 
 impl Service for ShimSide {
@@ -984,11 +1110,13 @@ impl Service for ShimSide {
         let control = self.control.clone();
         let synced = self.synced.clone();
         let deploying = self.deploying.clone();
+        let segments = self.segments.clone();
         Box::pin(async move {
             let call: Call = serde_json::from_slice(&msg.header).map_err(|e| {
                 RemoteError::new(RemoteErrorKind::BadCall, format!("unreadable call: {e}"))
             })?;
-            let (answer, body) = serve(control, synced, deploying, call, msg.body).await?;
+            let (answer, body) =
+                serve(control, synced, deploying, segments, call, msg.body).await?;
             Ok(Message {
                 header: serde_json::to_vec(&answer)
                     .expect("answers serialize")
@@ -1011,11 +1139,64 @@ async fn serve(
     control: Control,
     synced: Synced,
     deploying: Arc<tokio::sync::Mutex<()>>,
+    segments: ShimSegments,
     call: Call,
     body: Bytes,
 ) -> Result<(Answer, Bytes), RemoteError> {
     match call {
         Call::Echo => Ok((Answer::Echoed, body)),
+        Call::SegmentOpen {
+            key,
+            spec,
+            units,
+            functions,
+        } => {
+            for (m, code) in &functions {
+                let holds = synced
+                    .lock()
+                    .expect("synced lock")
+                    .get(&m.name)
+                    .is_some_and(|(c, mm)| c == code && mm == m);
+                if !holds {
+                    return Err(RemoteError::new(
+                        RemoteErrorKind::NeedsCode,
+                        format!("this unit does not hold {} at code {code}", m.name),
+                    ));
+                }
+            }
+            let answer = segments
+                .open(&control, key, spec, units, functions)
+                .await
+                .map_err(control_to_remote)?;
+            Ok((answer, Bytes::new()))
+        }
+        Call::EdgeValue {
+            key,
+            seq,
+            edge,
+            raw,
+            deadline_ms,
+            request_id,
+            ..
+        } => {
+            let value = spore_ipc::edge::Value {
+                raw,
+                bytes: body.to_vec(),
+            };
+            segments
+                .deliver(&key, seq, edge, value, deadline_ms, &request_id)
+                .await
+                .map_err(control_to_remote)?;
+            Ok((Answer::Done, Bytes::new()))
+        }
+        Call::SegmentClose { key } => {
+            segments.close(&key).await;
+            Ok((Answer::Done, Bytes::new()))
+        }
+        Call::SegmentTimes { .. } | Call::SegmentFailed { .. } => Err(RemoteError::new(
+            RemoteErrorKind::BadCall,
+            "a unit takes DAG reports from no one; they go to the control plane",
+        )),
         Call::Invoke {
             manifest,
             code,
@@ -1048,6 +1229,7 @@ async fn serve(
                         force_cold,
                         cold_path,
                         restore_mode,
+                        unit: None,
                     },
                 )
                 .await

@@ -77,6 +77,10 @@ pub struct Node {
     /// Invoke once per element of the (single) predecessor's output list.
     #[serde(default)]
     pub each: bool,
+    /// Run this node on that processing unit (overrides where its function would be placed;
+    /// a function pinned elsewhere with its own `unit` is an error).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<u32>,
 }
 
 /// A checked DAG.
@@ -345,6 +349,7 @@ function = "f"
                 function: "f".into(),
                 after: deps.iter().map(|d| format!("n{d}")).collect(),
                 each: false,
+                unit: None,
             };
             let mut spec = DagSpec {
                 name: "p".into(),

@@ -95,9 +95,12 @@ pub(crate) async fn invoke_dag(
             (serde_json::to_vec(&v).expect("json"), true, false)
         }
     };
-    // "link": nodes on other units; the control plane relayed every hop.
+    // "link": nodes on other units; the control plane relayed every hop. "shm+link": a
+    // pipeline spread over units.
     let transport = if run.relayed {
         "link".to_owned()
+    } else if run.spread {
+        format!("{}+link", run.transport)
     } else {
         run.transport.to_string()
     };

@@ -469,6 +469,7 @@ pub(crate) async fn invoke(
                         force_cold,
                         cold_path,
                         restore_mode,
+                        unit: None,
                     },
                 )
                 .await?;

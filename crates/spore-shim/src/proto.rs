@@ -3,6 +3,7 @@
 //! evolve: unknown fields are ignored); bodies (events, results, code packages) are raw bytes.
 
 use serde::{Deserialize, Serialize};
+use spore_core::dag::DagSpec;
 use spore_core::{FunctionError, FunctionManifest, StartKind};
 
 /// Link protocol versions this build speaks (inclusive).
@@ -185,6 +186,98 @@ pub enum Call {
     },
     /// Send the body back (link measurements).
     Echo,
+    /// Build this unit's segment of a DAG spread over units: one instance per node placed
+    /// here, shared-memory edges between them, and the daemon's ends of the edges that
+    /// cross to other units. `NeedsCode` if the unit lacks one of `functions`.
+    SegmentOpen {
+        /// The pipeline's key (chosen by the control plane).
+        key: String,
+        /// The whole DAG.
+        spec: DagSpec,
+        /// The unit of each node, in `spec.nodes` order.
+        units: Vec<u32>,
+        /// Manifest and code id of each function of the nodes placed here.
+        functions: Vec<(FunctionManifest, String)>,
+    },
+    /// A value on edge `edge` (numbered as [`crate::proto::spread_edges`] says) of invocation
+    /// `seq` of segment `key`; the body is the value. Control plane to the unit of the edge's
+    /// consumer, and a unit to the control plane for edges leaving its segment.
+    EdgeValue {
+        /// The pipeline's key.
+        key: String,
+        /// The invocation.
+        seq: u64,
+        /// The edge.
+        edge: usize,
+        /// Raw bytes rather than JSON.
+        raw: bool,
+        /// The invocation's deadline, unix ms.
+        deadline_ms: u64,
+        /// The invocation's request id.
+        request_id: String,
+        /// (unit to control plane) Timing of the segment's nodes that finished this
+        /// invocation so far.
+        #[serde(default)]
+        times: Vec<NodeTimes>,
+    },
+    /// (unit to control plane) A node of segment `key` failed during invocation `seq`; the
+    /// segment serves no more.
+    SegmentFailed {
+        /// The pipeline's key.
+        key: String,
+        /// The invocation.
+        seq: u64,
+        /// The node (index in the DAG).
+        node: usize,
+        /// What happened.
+        error: FunctionError,
+    },
+    /// (unit to control plane) Timing of segment `key`'s nodes in invocation `seq`, sent
+    /// after a value that left the segment.
+    SegmentTimes {
+        /// The pipeline's key.
+        key: String,
+        /// The invocation.
+        seq: u64,
+        /// The nodes that finished.
+        times: Vec<NodeTimes>,
+    },
+    /// Stop segment `key` and destroy its instances.
+    SegmentClose {
+        /// The pipeline's key.
+        key: String,
+    },
+}
+
+/// A node's timing in one invocation (`CLOCK_MONOTONIC` ns on its unit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeTimes {
+    /// The node (index in the DAG).
+    pub node: usize,
+    /// Every input had arrived.
+    pub inputs_ns: u64,
+    /// The handler started.
+    pub start_ns: u64,
+    /// The handler returned.
+    pub end_ns: u64,
+    /// The result was on every output edge.
+    pub sent_ns: u64,
+}
+
+/// The edges of a DAG spread over units, in the order both sides number them: for each node
+/// in order, an edge from the DAG's input if it has no predecessors, else one from each
+/// predecessor in `after` order; last, the sink's edge to the DAG's output. `None` stands for
+/// the input (as a source) and the output (as a destination).
+pub fn spread_edges(preds: &[Vec<usize>], sink: usize) -> Vec<(Option<usize>, Option<usize>)> {
+    let mut edges = Vec::new();
+    for (c, ps) in preds.iter().enumerate() {
+        if ps.is_empty() {
+            edges.push((None, Some(c)));
+        }
+        edges.extend(ps.iter().map(|&p| (Some(p), Some(c))));
+    }
+    edges.push((Some(sink), None));
+    edges
 }
 
 /// A shim's answer to a [`Call`].
@@ -229,6 +322,16 @@ pub enum Answer {
     },
     /// The body is the request's body.
     Echoed,
+    /// The segment is built.
+    SegmentOpened {
+        /// How each of its instances started, in node order.
+        starts: Vec<StartKind>,
+        /// A function's init failed instead: the node and the error (nothing was kept).
+        #[serde(default)]
+        failed: Option<(usize, FunctionError)>,
+    },
+    /// The value is on its edge (or the segment is closed, or the failure noted).
+    Done,
 }
 
 /// Why a call failed on the far side.

@@ -376,10 +376,32 @@ fn functions_and_dags_run_on_the_units_they_are_placed_on() {
     create(&d, &step, "step-a", json!({}));
     create(&d, &step, "step-b", json!({}));
     create(&d, &step, "step-b-u1", json!({"spore:unit": "1"}));
-    for (dag, second) in [("two-local", "step-b"), ("two-units", "step-b-u1")] {
-        let spec = format!(
-            "name = \"{dag}\"\ntransport = \"shm\"\n[[nodes]]\nid = \"a\"\nfunction = \"step-a\"\n[[nodes]]\nid = \"b\"\nfunction = \"{second}\"\nafter = [\"a\"]\n"
-        );
+    let node = |id: &str, f: &str, after: &str, extra: &str| {
+        format!("[[nodes]]\nid = \"{id}\"\nfunction = \"{f}\"\nafter = [{after}]\n{extra}")
+    };
+    let mut dags: Vec<(String, String)> = [("two-local", "step-b"), ("two-units", "step-b-u1")]
+        .iter()
+        .map(|(dag, second)| {
+            let nodes = node("a", "step-a", "", "") + &node("b", second, "\"a\"", "");
+            (dag.to_string(), nodes)
+        })
+        .collect();
+    // Four nodes over two units, one of them placed by a node pin (`unit = 1` in the DAG),
+    // and a fan-out/fan-in: a(0) -> b(1) -> c(1) -> d(0), a -> d.
+    dags.push((
+        "four-units".into(),
+        node("a", "step-a", "", "")
+            + &node("b", "step-b-u1", "\"a\"", "")
+            + &node("c", "step-a", "\"b\"", "unit = 1\n")
+            + &node("d", "step-b", "\"c\", \"a\"", ""),
+    ));
+    // Every node on unit 1: the control plane only routes.
+    dags.push((
+        "all-remote".into(),
+        node("a", "step-b-u1", "", "") + &node("b", "step-a", "\"a\"", "unit = 1\n"),
+    ));
+    for (dag, nodes) in dags {
+        let spec = format!("name = \"{dag}\"\ntransport = \"shm\"\n{nodes}");
         let r = d
             .http
             .post(d.url("/dags"))
@@ -406,25 +428,72 @@ fn functions_and_dags_run_on_the_units_they_are_placed_on() {
         let v: Value = r.json().unwrap();
         (transport, v)
     };
+    let node_units = |v: &Value| -> Vec<(String, u64, String)> {
+        let mut u: Vec<_> = v["Timing"]["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| {
+                (
+                    n["node"].as_str().unwrap().to_owned(),
+                    n["unit"].as_u64().unwrap(),
+                    n["start"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        u.sort();
+        u
+    };
     let (t_local, local) = run("two-local");
-    let (t_units, across) = run("two-units");
     assert_eq!(t_local, "shm");
-    assert_eq!(t_units, "link");
     assert_eq!(local["Result"], json!({"n": 2, "tag": "x"}), "{local}");
-    assert_eq!(across["Result"], local["Result"], "{across}");
-    let node_units: Vec<(String, u64)> = across["Timing"]["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| {
-            (
-                n["node"].as_str().unwrap().to_owned(),
-                n["unit"].as_u64().unwrap(),
-            )
-        })
+    // Twice: the second run reuses the spread pipeline (its instances stay wired).
+    for round in 0..2 {
+        let (t_units, across) = run("two-units");
+        assert_eq!(t_units, "shm+link", "{across}");
+        assert_eq!(across["Result"], local["Result"], "{across}");
+        let units: Vec<(String, u64)> = node_units(&across)
+            .into_iter()
+            .map(|(n, u, start)| {
+                if round == 1 {
+                    assert_eq!(start, "warm", "{across}");
+                }
+                (n, u)
+            })
+            .collect();
+        assert_eq!(units, [("a".into(), 0), ("b".into(), 1)], "{across}");
+        let hop = across["Timing"]["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node"] == "b")
+            .and_then(|n| n["hop_us"].as_f64());
+        assert!(
+            hop.is_some_and(|h| h > 0.0),
+            "the cross-unit hop is timed: {across}"
+        );
+    }
+    let (t, four) = run("four-units");
+    assert_eq!(t, "shm+link", "{four}");
+    // d sums c's count (3 steps) and a's (1), plus its own step.
+    assert_eq!(four["Result"], json!({"n": 5, "tag": "x"}), "{four}");
+    let units: Vec<(String, u64)> = node_units(&four)
+        .into_iter()
+        .map(|(n, u, _)| (n, u))
         .collect();
-    assert!(node_units.contains(&("a".into(), 0)), "{node_units:?}");
-    assert!(node_units.contains(&("b".into(), 1)), "{node_units:?}");
+    assert_eq!(
+        units,
+        [
+            ("a".into(), 0),
+            ("b".into(), 1),
+            ("c".into(), 1),
+            ("d".into(), 0)
+        ],
+        "{four}"
+    );
+    let (t, all) = run("all-remote");
+    assert_eq!(t, "shm+link", "{all}");
+    assert_eq!(all["Result"], json!({"n": 2, "tag": "x"}), "{all}");
 
     // `spore units` lists both, with what runs where.
     let out = Command::new(BIN)

@@ -65,6 +65,11 @@ pub(crate) struct Pipeline {
     starts: Vec<StartKind>,
     seq: u64,
     last_used: Instant,
+    /// The unit of each node.
+    units: Vec<u32>,
+    /// With nodes on other units: the segments and the router (`ends`, `pages` and
+    /// `members` are then unused).
+    spread: Option<super::spread::Spread>,
 }
 
 impl Drop for Pipeline {
@@ -75,9 +80,32 @@ impl Drop for Pipeline {
 }
 
 impl Pipeline {
-    /// Whether the pipeline was built for this DAG and these function revisions.
-    fn fits(&self, plan: &Plan) -> bool {
+    /// A pipeline whose nodes are spread over units.
+    fn spread(plan: &Plan, sp: super::spread::Spread) -> Pipeline {
+        let (_, failures) = mpsc::unbounded_channel();
+        Pipeline {
+            spec: plan.spec.clone(),
+            revisions: plan.recs.iter().map(|r| r.revision).collect(),
+            functions: plan.recs.iter().map(|r| r.manifest.name.clone()).collect(),
+            ends: None,
+            pages: Arc::new(Vec::new()),
+            failures,
+            cancel: watch::channel(false).0,
+            members: Vec::new(),
+            starts: Vec::new(),
+            seq: 0,
+            last_used: Instant::now(),
+            units: sp.units.clone(),
+            spread: Some(sp),
+        }
+    }
+
+    /// Whether the pipeline was built for this DAG, these function revisions and these
+    /// units, and its segments on other units are still there.
+    fn fits(&self, plan: &Plan, units: &[u32]) -> bool {
         self.spec == plan.spec
+            && self.units == units
+            && self.spread.as_ref().is_none_or(|s| s.alive())
             && self
                 .revisions
                 .iter()
@@ -101,6 +129,9 @@ impl Pipeline {
 
     /// Stops it and waits until its instances are destroyed.
     pub(crate) async fn close(mut self) {
+        if let Some(sp) = self.spread.take() {
+            sp.close().await;
+        }
         let _ = self.cancel.send(true);
         for m in std::mem::take(&mut self.members) {
             let _ = m.await;
@@ -113,7 +144,7 @@ pub(super) fn pipelinable(plan: &Plan) -> bool {
     !plan.spec.nodes.iter().any(|n| n.each)
 }
 
-fn ring_fds(set: OwnedFdSet) -> (RingFds, UnixStream) {
+pub(super) fn ring_fds(set: OwnedFdSet) -> (RingFds, UnixStream) {
     let [memory, data_ready, space_ready, sock] = set;
     (
         RingFds {
@@ -126,21 +157,35 @@ fn ring_fds(set: OwnedFdSet) -> (RingFds, UnixStream) {
 }
 
 impl Control {
-    /// Runs `plan` on an idle pipeline of its DAG, or on a new one.
+    /// Runs `plan` on an idle pipeline of its DAG, or on a new one; `units` is where each
+    /// node runs.
     pub(super) async fn run_pipelined(
         &self,
         plan: &Plan,
         input: &[u8],
         request_id: &str,
+        units: Vec<u32>,
     ) -> Result<Outcome, ControlError> {
-        let mut pipe = match self.take_pipeline(plan) {
+        let me = self.inner.units.local().id;
+        let mut pipe = match self.take_pipeline(plan, &units) {
             Some(p) => p,
-            None => match self.build_pipeline(plan, request_id).await? {
-                Ok(p) => p,
+            None if units.iter().all(|&u| u == me) => {
+                match self.build_pipeline(plan, request_id).await? {
+                    Ok(p) => p,
+                    Err(f) => return Ok((Err(f), false, Vec::new())),
+                }
+            }
+            None => match self.build_spread(plan, units, request_id).await? {
+                Ok(sp) => Pipeline::spread(plan, sp),
                 Err(f) => return Ok((Err(f), false, Vec::new())),
             },
         };
-        let (outcome, healthy) = self.run_on(plan, &mut pipe, input, request_id).await?;
+        let (outcome, healthy) = if let Some(sp) = pipe.spread.as_mut() {
+            pipe.seq += 1;
+            self.run_spread(plan, sp, pipe.seq, input, request_id).await
+        } else {
+            self.run_on(plan, &mut pipe, input, request_id).await?
+        };
         if healthy && !self.inner.draining.load(Ordering::Acquire) {
             pipe.last_used = Instant::now();
             self.inner
@@ -155,11 +200,11 @@ impl Control {
     }
 
     /// An idle pipeline that fits `plan` (stale ones of its DAG are stopped).
-    fn take_pipeline(&self, plan: &Plan) -> Option<Pipeline> {
+    fn take_pipeline(&self, plan: &Plan, units: &[u32]) -> Option<Pipeline> {
         let mut all = self.inner.pipelines.lock().expect("pipelines lock");
         let idle = all.get_mut(&plan.spec.name)?;
         while let Some(p) = idle.pop() {
-            if p.fits(plan) {
+            if p.fits(plan, units) {
                 return Some(p);
             }
         }
@@ -311,12 +356,14 @@ impl Control {
             starts,
             seq: 0,
             last_used: Instant::now(),
+            units: vec![self.inner.units.local().id; n_nodes],
+            spread: None,
         }))
     }
 
     /// The task that keeps one node's instance in its pipeline: it reports the node's
     /// failure, and destroys the instance when the pipeline ends.
-    fn spawn_member(
+    pub(super) fn spawn_member(
         &self,
         rec: FunctionRecord,
         launch: Launch,

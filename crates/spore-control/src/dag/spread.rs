@@ -414,6 +414,9 @@ pub(crate) struct Spread {
     /// How each node's instance started.
     starts: Vec<StartKind>,
     routes: Arc<crate::units::Units>,
+    /// The running invocation's deadline (unix ms) and request id, for values this unit's
+    /// exits send straight to other units.
+    current: Arc<Mutex<(u64, String)>>,
 }
 
 impl Drop for Spread {
@@ -479,6 +482,7 @@ impl Control {
             inbox,
             starts: vec![StartKind::Warm; plan.spec.nodes.len()],
             routes,
+            current: Arc::new(Mutex::new((0, String::new()))),
         };
         let mut by_unit: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
         for (n, &u) in spread.units.iter().enumerate() {
@@ -548,8 +552,27 @@ impl Control {
         }
         if let Some(nodes) = by_unit.get(&me) {
             let recs = nodes.iter().map(|&n| (n, plan.recs[n].clone())).collect();
-            let report: Reporter = Arc::new(move |ev| {
-                let _ = tx.send(ev);
+            // A value leaving this unit's segment for another unit goes there straight from
+            // the exit's thread; everything else goes through the router.
+            let direct = DirectExit {
+                key: key.clone(),
+                edges: spread.edges.clone(),
+                units: spread.units.clone(),
+                remotes: spread.remotes.clone(),
+                current: spread.current.clone(),
+                handle: tokio::runtime::Handle::current(),
+            };
+            let report: Reporter = Arc::new(move |ev| match ev {
+                Event::Value {
+                    seq, edge, value, ..
+                } if direct.remote(edge).is_some() => {
+                    if let Err(failed) = direct.send(seq, edge, value) {
+                        let _ = tx.send(failed);
+                    }
+                }
+                ev => {
+                    let _ = tx.send(ev);
+                }
             });
             let units = spread.units.clone();
             let seg = match self
@@ -582,6 +605,7 @@ impl Control {
         let total = path.iter().copied().max().unwrap_or_default();
         let t0 = Instant::now();
         let deadline_ms = crate::store::now_unix_ms() + total.as_millis() as u64;
+        *sp.current.lock().expect("current lock") = (deadline_ms, request_id.to_owned());
         if let Some(seg) = &sp.local {
             seg.begin(seq, deadline_ms, request_id);
         }
@@ -758,6 +782,56 @@ impl Control {
         super::fill_hops(plan, &ends, &mut runs);
         runs.sort_by(|a, b| a.handler_end_us.total_cmp(&b.handler_end_us));
         runs
+    }
+}
+
+/// Sends the values of this unit's exits whose consumers are on other units, from the
+/// exit's thread (one hand-off fewer than through the router).
+struct DirectExit {
+    key: String,
+    edges: Vec<(Option<usize>, Option<usize>)>,
+    units: Vec<u32>,
+    remotes: BTreeMap<u32, Link>,
+    current: Arc<Mutex<(u64, String)>>,
+    handle: tokio::runtime::Handle,
+}
+
+impl DirectExit {
+    /// The consumer of `edge` and its unit's link, if it is on another unit.
+    fn remote(&self, edge: usize) -> Option<(usize, &Link)> {
+        let c = self.edges.get(edge)?.1?;
+        Some((c, self.remotes.get(&self.units[c])?))
+    }
+
+    /// Sends a value and waits for the unit to take it; the failure to report if it did not.
+    fn send(&self, seq: u64, edge: usize, value: Value) -> Result<(), Event> {
+        let (c, link) = self.remote(edge).expect("checked by the caller");
+        let (deadline_ms, request_id) = self.current.lock().expect("current lock").clone();
+        let call = Call::EdgeValue {
+            key: self.key.clone(),
+            seq,
+            edge,
+            raw: value.raw,
+            deadline_ms,
+            request_id,
+            times: Vec::new(),
+        };
+        let left = Duration::from_millis(
+            deadline_ms
+                .saturating_sub(crate::store::now_unix_ms())
+                .max(1),
+        );
+        let sent = self
+            .handle
+            .block_on(link.call(&call, Bytes::from(value.bytes), left));
+        sent.map(|_| ()).map_err(|e| Event::Failed {
+            seq,
+            node: c,
+            error: FunctionError::platform(
+                "Spore.DagLink",
+                format!("delivering its input on unit {}: {e}", self.units[c]),
+            ),
+        })
     }
 }
 

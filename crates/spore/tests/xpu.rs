@@ -395,6 +395,14 @@ fn functions_and_dags_run_on_the_units_they_are_placed_on() {
             + &node("c", "step-a", "\"b\"", "unit = 1\n")
             + &node("d", "step-b", "\"c\", \"a\"", ""),
     ));
+    // A node on unit 1 that fails on request, between two on unit 0.
+    dags.push((
+        "fragile-units".into(),
+        node("a", "step-a", "", "")
+            + &node("f", "dag-fail", "\"a\"", "unit = 1\n")
+            + &node("z", "step-b", "\"f\"", ""),
+    ));
+    create(&d, &sample("dag/dag-fail"), "dag-fail", json!({}));
     // Every node on unit 1: the control plane only routes.
     dags.push((
         "all-remote".into(),
@@ -491,6 +499,32 @@ fn functions_and_dags_run_on_the_units_they_are_placed_on() {
         ],
         "{four}"
     );
+    // A node failing on unit 1 fails the run, named, from the unit; the next run rebuilds
+    // the pipeline and succeeds.
+    let run_with = |dag: &str, input: Value| -> (bool, Value) {
+        let r = d
+            .http
+            .post(d.url(&format!("/dags/{dag}/invocations")))
+            .json(&input)
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200, "{dag}");
+        let failed = r.headers().get("x-amz-function-error").is_some();
+        (failed, r.json().unwrap())
+    };
+    assert_eq!(
+        run_with("fragile-units", json!({"n": 0})),
+        (false, json!({"n": 2}))
+    );
+    for (how, error_type) in [("raise", "ValueError"), ("crash", "Runtime.ExitError")] {
+        let (failed, got) = run_with("fragile-units", json!({"n": 0, "fail": how}));
+        assert!(failed, "{how}: {got}");
+        assert_eq!(got["node"], "f", "{how}: {got}");
+        assert_eq!(got["errorType"], error_type, "{how}: {got}");
+        let (failed, got) = run_with("fragile-units", json!({"n": 0}));
+        assert!(!failed, "after {how}: {got}");
+        assert_eq!(got, json!({"n": 2}), "after {how}");
+    }
     let (t, all) = run("all-remote");
     assert_eq!(t, "shm+link", "{all}");
     assert_eq!(all["Result"], json!({"n": 2, "tag": "x"}), "{all}");
@@ -561,6 +595,26 @@ fn a_unit_that_dies_mid_invocation_fails_it_clearly_and_work_moves_on() {
     let a = invoke(&d, "sleepy", json!({"s": 0.01}), None);
     assert_eq!((a.status, a.unit.as_str()), (200, "1"), "{}", a.body);
 
+    // A DAG whose second node runs on unit 1 (a node pin) and is slow.
+    create(&d, &sample("dag/chain-step"), "step", json!({}));
+    let spec = "name = \"slow-units\"\n[[nodes]]\nid = \"a\"\nfunction = \"step\"\n[[nodes]]\nid = \"s\"\nfunction = \"sleepy\"\nafter = [\"a\"]\nunit = 1\n";
+    let r = d
+        .http
+        .post(d.url("/dags"))
+        .header("content-type", "application/toml")
+        .body(spec)
+        .send()
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().unwrap());
+    let endpoint = d.endpoint.clone();
+    let slow_dag = std::thread::spawn(move || {
+        reqwest::blocking::Client::new()
+            .post(format!("{endpoint}/dags/slow-units/invocations"))
+            .json(&json!({"s": 5}))
+            .send()
+            .unwrap()
+    });
+
     // Kill unit 1 in the middle of an invocation.
     let endpoint = d.endpoint.clone();
     let slow = std::thread::spawn(move || {
@@ -587,6 +641,22 @@ fn a_unit_that_dies_mid_invocation_fails_it_clearly_and_work_moves_on() {
         t.elapsed() < Duration::from_secs(4),
         "the failure took {:?}",
         t.elapsed()
+    );
+    // The DAG fails too, naming the node and the unit.
+    let r = slow_dag.join().unwrap();
+    assert!(r.headers().get("x-amz-function-error").is_some());
+    let v: Value = r.json().unwrap();
+    assert_eq!(
+        (v["node"].as_str(), v["errorType"].as_str()),
+        (Some("s"), Some("Spore.UnitDown")),
+        "{v}"
+    );
+    assert!(
+        v["errorMessage"]
+            .as_str()
+            .unwrap()
+            .contains("unit 1 went down"),
+        "{v}"
     );
     let down = wait_unit(&d, 1, "down", &|| shim1.log_text());
     assert!(!down["reason"].as_str().unwrap().is_empty(), "{down}");

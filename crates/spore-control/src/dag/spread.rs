@@ -71,6 +71,8 @@ pub(crate) enum Event {
         node: usize,
         error: FunctionError,
     },
+    /// A unit's link closed: its segment is gone.
+    UnitDown { unit: u32, reason: String },
 }
 
 /// Where a segment's events go: the control plane's router, or a shim's link.
@@ -417,10 +419,15 @@ pub(crate) struct Spread {
     /// The running invocation's deadline (unix ms) and request id, for values this unit's
     /// exits send straight to other units.
     current: Arc<Mutex<(u64, String)>>,
+    /// Tasks that report a unit's link closing.
+    watchers: Vec<tokio::task::AbortHandle>,
 }
 
 impl Drop for Spread {
     fn drop(&mut self) {
+        for w in &self.watchers {
+            w.abort();
+        }
         self.routes.unroute(&self.key);
         let remotes = std::mem::take(&mut self.remotes);
         if remotes.is_empty() {
@@ -483,6 +490,7 @@ impl Control {
             starts: vec![StartKind::Warm; plan.spec.nodes.len()],
             routes,
             current: Arc::new(Mutex::new((0, String::new()))),
+            watchers: Vec::new(),
         };
         let mut by_unit: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
         for (n, &u) in spread.units.iter().enumerate() {
@@ -532,6 +540,12 @@ impl Control {
                     }
                 }
             };
+            let (l, tx) = (link.clone(), tx.clone());
+            let watcher = tokio::spawn(async move {
+                let reason = l.closed().await;
+                let _ = tx.send(Event::UnitDown { unit: u, reason });
+            });
+            spread.watchers.push(watcher.abort_handle());
             spread.remotes.insert(u, link);
             match answer {
                 Answer::SegmentOpened {
@@ -612,8 +626,15 @@ impl Control {
         let mut times: BTreeMap<usize, NodeTimes> = BTreeMap::new();
         // Leftovers of earlier invocations are dropped; a failure is not.
         while let Ok(ev) = sp.inbox.try_recv() {
-            if let Event::Failed { node, error, .. } = ev {
-                return ((Err(plan.failure(node, error)), false, Vec::new()), false);
+            match ev {
+                Event::Failed { node, error, .. } => {
+                    return ((Err(plan.failure(node, error)), false, Vec::new()), false);
+                }
+                Event::UnitDown { unit, reason } => {
+                    let f = unit_down(plan, sp, &times, unit, &reason);
+                    return ((Err(f), false, Vec::new()), false);
+                }
+                _ => {}
             }
         }
         let input = Value {
@@ -645,6 +666,7 @@ impl Control {
                 ev = sp.inbox.recv() => match ev {
                     None => break plan.failure(plan.sink, FunctionError::platform("Spore.DagPipeline", "the pipeline's router closed")),
                     Some(Event::Failed { node, error, .. }) => break plan.failure(node, error),
+                    Some(Event::UnitDown { unit, reason }) => break unit_down(plan, sp, &times, unit, &reason),
                     Some(Event::Times { seq: s, times: t }) if s == seq => {
                         times.extend(t.into_iter().map(|t| (t.node, t)));
                     }
@@ -785,6 +807,33 @@ impl Control {
     }
 }
 
+/// The failure of a run whose unit `unit` went down: named after the first node there that
+/// had not finished.
+fn unit_down(
+    plan: &Plan,
+    sp: &Spread,
+    times: &BTreeMap<usize, NodeTimes>,
+    unit: u32,
+    reason: &str,
+) -> NodeFailure {
+    let on_unit = |n: &usize| sp.units[*n] == unit;
+    let node = plan
+        .order
+        .iter()
+        .copied()
+        .filter(on_unit)
+        .find(|n| !times.contains_key(n))
+        .or_else(|| plan.order.iter().copied().find(on_unit))
+        .unwrap_or(plan.sink);
+    plan.failure(
+        node,
+        FunctionError::platform(
+            "Spore.UnitDown",
+            format!("unit {unit} went down while running it: {reason}"),
+        ),
+    )
+}
+
 /// Sends the values of this unit's exits whose consumers are on other units, from the
 /// exit's thread (one hand-off fewer than through the router).
 struct DirectExit {
@@ -905,6 +954,8 @@ impl ShimSegments {
                     },
                     Bytes::new(),
                 ),
+                // Only the control plane watches units.
+                Event::UnitDown { .. } => return,
             };
             let send = async move {
                 if let Err(e) = link.call(&call, body, CLOSE_TIMEOUT).await {

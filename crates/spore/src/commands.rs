@@ -956,6 +956,36 @@ fn demo_units(
             summarize(&times[1]).p50
         );
     }
+    // A DAG spread over both units: a (unit 0) -> b (unit 1, a node pin) -> c (unit 0).
+    let step = functions.join("dag").join("chain-step");
+    crate::xpu_bench::deploy_on(client, &step, "demo-step", SandboxKind::Cfork, 0)?;
+    let mut m = read_manifest(&step)?;
+    m.name = "demo-step-any".into();
+    m.sandbox = SandboxKind::Cfork;
+    client.deploy(&m, &spore_control::code::zip_dir(&step)?)?;
+    client.put_dag(
+        "name = \"demo-units\"\ntransport = \"shm\"\n\
+         [[nodes]]\nid = \"a\"\nfunction = \"demo-step\"\n\
+         [[nodes]]\nid = \"b\"\nfunction = \"demo-step-any\"\nafter = [\"a\"]\nunit = 1\n\
+         [[nodes]]\nid = \"c\"\nfunction = \"demo-step\"\nafter = [\"b\"]\n",
+    )?;
+    let input = serde_json::json!({"n": 0});
+    dag_run(client, "demo-units", &input, "shm")?;
+    let (mut total, mut hops, mut last) = (Vec::new(), Vec::new(), serde_json::Value::Null);
+    for _ in 0..n {
+        let (ms, v) = dag_run(client, "demo-units", &input, "shm")?;
+        total.push(ms);
+        hops.extend(dag_hops(&v, None));
+        last = v;
+    }
+    println!(
+        "   DAG a(unit 0) -> b(unit 1) -> c(unit 0), transport {}: result {}, {:.2} ms p50 end to end, hop p50 {:.0} us (cross-unit, n={})",
+        last["Timing"]["transport"].as_str().unwrap_or("?"),
+        last["Result"],
+        summarize(&total).p50,
+        summarize(&hops).p50 * 1000.0,
+        hops.len()
+    );
     println!(
         "   (`spore units` lists the units; `spore bench xpu` measures them in network namespaces)"
     );

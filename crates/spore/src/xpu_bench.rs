@@ -85,8 +85,9 @@ impl Drop for NetNs {
     }
 }
 
-/// A `spore shim` child, in a network namespace or not (stopped with SIGTERM on drop).
-pub(crate) struct ShimProcess(Child);
+/// A `spore shim` child, in a network namespace or not (stopped with SIGTERM on drop, its
+/// data dir removed once it exited).
+pub(crate) struct ShimProcess(Child, PathBuf);
 
 impl ShimProcess {
     /// Starts unit `id` dialing `control`, inside `netns` if given; its data dir and log go
@@ -122,7 +123,7 @@ impl ShimProcess {
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        Ok(ShimProcess(cmd.spawn().context("starting the shim")?))
+        Ok(ShimProcess(cmd.spawn().context("starting the shim")?, data))
     }
 
     /// Waits until the control plane lists this unit as up.
@@ -167,12 +168,14 @@ impl Drop for ShimProcess {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.0.try_wait() {
+                let _ = std::fs::remove_dir_all(&self.1);
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         let _ = self.0.kill();
         let _ = self.0.wait();
+        let _ = std::fs::remove_dir_all(&self.1);
     }
 }
 

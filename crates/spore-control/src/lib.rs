@@ -981,6 +981,14 @@ impl Control {
         if rec.manifest.sandbox != SandboxKind::Cfork {
             return;
         }
+        // A function pinned to another unit is forked there, never here.
+        if rec
+            .manifest
+            .unit
+            .is_some_and(|u| u != self.inner.units.local().id)
+        {
+            return;
+        }
         let this = self.clone();
         // Counted as in flight, so that a shutdown waits for the template and removes it.
         self.inner.inflight.fetch_add(1, Ordering::AcqRel);

@@ -214,6 +214,48 @@ mod tests {
     }
 
     #[test]
+    fn no_wake_up_is_lost_in_a_ping_pong() {
+        // Two rings, two threads, one message in flight: this side's receives sleep on the
+        // doorbell, racing the peer's send. A lost wake-up (the sender missing the
+        // receiver's waiting flag) shows up as a receive that times out with the message
+        // already in the ring.
+        let (ab, ba) = (create(4096).unwrap(), create(4096).unwrap());
+        let mut a_tx = Producer::open(ab.try_clone().unwrap()).unwrap();
+        let mut b_rx = Consumer::open(ab).unwrap();
+        // The echo polls, so its reply lands while this side is still on its way to sleep:
+        // the window in which a wake-up can be lost.
+        b_rx.set_spin(Duration::from_millis(5));
+        let mut b_tx = Producer::open(ba.try_clone().unwrap()).unwrap();
+        let mut a_rx = Consumer::open(ba).unwrap();
+        let n = 100_000u32;
+        let wait = Duration::from_secs(2);
+        let echo = std::thread::spawn(move || {
+            for _ in 0..n {
+                let m = b_rx.recv(wait).expect("b waits");
+                b_tx.send(&m, wait).unwrap();
+            }
+        });
+        let mut stalls = 0;
+        for i in 0..n {
+            let t = Instant::now();
+            a_tx.send(&i.to_le_bytes(), wait).unwrap();
+            let m = a_rx
+                .recv(wait)
+                .unwrap_or_else(|e| panic!("round trip {i}: {e}"));
+            assert_eq!(m, i.to_le_bytes());
+            // A lost wake-up sleeps until the receive's timeout, then finds the message.
+            if t.elapsed() > wait / 2 {
+                stalls += 1;
+            }
+        }
+        echo.join().unwrap();
+        assert_eq!(
+            stalls, 0,
+            "{stalls} of {n} round trips waited out their timeout"
+        );
+    }
+
+    #[test]
     fn timeouts_and_limits() {
         let fds = create(4096).unwrap();
         let mut p = Producer::open(fds.try_clone().unwrap()).unwrap();

@@ -253,9 +253,12 @@ impl ProducerCore {
                     );
                 }
                 self.tail += total;
-                self.v
-                    .atomic64(TAIL_OFF)
-                    .store(self.tail, Ordering::Release);
+                // SeqCst, not Release: this store and the load of the consumer's flag below
+                // must not be reordered (a Release store may still sit in this CPU's store
+                // buffer when the flag is read: the consumer then sees the old tail after
+                // raising its flag, this side sees no flag, and the wake-up is lost). `park`
+                // is the other half of this Dekker pair.
+                self.v.atomic64(TAIL_OFF).store(self.tail, Ordering::SeqCst);
                 if self.v.atomic32(CONSUMER_WAITING_OFF).load(Ordering::SeqCst) != 0 {
                     peer.ring();
                 }
@@ -365,9 +368,8 @@ impl ConsumerCore {
                 None
             };
             self.head += step;
-            self.v
-                .atomic64(HEAD_OFF)
-                .store(self.head, Ordering::Release);
+            // SeqCst for the reason given in `ProducerCore::send`.
+            self.v.atomic64(HEAD_OFF).store(self.head, Ordering::SeqCst);
             if self.v.atomic32(PRODUCER_WAITING_OFF).load(Ordering::SeqCst) != 0 {
                 peer.ring();
             }

@@ -530,8 +530,11 @@ impl Control {
                         if e.kind == spore_shim::RemoteErrorKind::NeedsCode && !deployed =>
                     {
                         deployed = true;
+                        let mut sent = std::collections::BTreeSet::new();
                         for &n in nodes {
-                            self.deploy_to(&plan.recs[n], u, &link).await?;
+                            if sent.insert(&plan.recs[n].manifest.name) {
+                                self.deploy_to(&plan.recs[n], u, &link).await?;
+                            }
                         }
                     }
                     Err(e) => {

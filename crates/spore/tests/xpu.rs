@@ -403,6 +403,19 @@ fn functions_and_dags_run_on_the_units_they_are_placed_on() {
             + &node("z", "step-b", "\"f\"", ""),
     ));
     create(&d, &sample("dag/dag-fail"), "dag-fail", json!({}));
+    // Word count, its mappers (`each`) on unit 1 by a node pin, on one unit and on two: a DAG
+    // with `each` nodes spread over units is relayed node by node.
+    for f in ["wc-split", "wc-map", "wc-reduce"] {
+        create(&d, &sample(&format!("dag/{f}")), f, json!({}));
+    }
+    for (dag, pin) in [("wc-local", ""), ("wc-units", "unit = 1\n")] {
+        dags.push((
+            dag.into(),
+            node("split", "wc-split", "", "")
+                + &node("map", "wc-map", "\"split\"", &format!("each = true\n{pin}"))
+                + &node("reduce", "wc-reduce", "\"map\"", ""),
+        ));
+    }
     // Every node on unit 1: the control plane only routes.
     dags.push((
         "all-remote".into(),
@@ -451,6 +464,20 @@ fn functions_and_dags_run_on_the_units_they_are_placed_on() {
             .collect();
         u.sort();
         u
+    };
+    let run_with_transport = |dag: &str, input: &Value| {
+        let r = d
+            .http
+            .post(d.url(&format!("/dags/{dag}/invocations?timing=1")))
+            .json(input)
+            .send()
+            .unwrap();
+        let transport = r.headers()["x-spore-transport"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let v: Value = r.json().unwrap();
+        (transport, v)
     };
     let (t_local, local) = run("two-local");
     assert_eq!(t_local, "shm");
@@ -525,6 +552,27 @@ fn functions_and_dags_run_on_the_units_they_are_placed_on() {
         assert!(!failed, "after {how}: {got}");
         assert_eq!(got, json!({"n": 2}), "after {how}");
     }
+    let words = json!({"words": 2000, "parts": 3, "seed": 7});
+    let (t, wc_local) = run_with_transport("wc-local", &words);
+    assert_eq!(t, "shm");
+    let (t, wc_units) = run_with_transport("wc-units", &words);
+    assert_eq!(t, "link", "{wc_units}");
+    assert_eq!(wc_units["Result"], wc_local["Result"], "{wc_units}");
+    let map_units: Vec<(String, u64)> = node_units(&wc_units)
+        .into_iter()
+        .map(|(n, u, _)| (n, u))
+        .collect();
+    assert_eq!(
+        map_units,
+        [
+            ("map".into(), 1),
+            ("map".into(), 1),
+            ("map".into(), 1),
+            ("reduce".into(), 0),
+            ("split".into(), 0)
+        ],
+        "{wc_units}"
+    );
     let (t, all) = run("all-remote");
     assert_eq!(t, "shm+link", "{all}");
     assert_eq!(all["Result"], json!({"n": 2, "tag": "x"}), "{all}");

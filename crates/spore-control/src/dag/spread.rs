@@ -46,8 +46,11 @@ use crate::{Control, ControlError};
 
 /// How often an exit's thread looks at its stop flag.
 const POLL_SLICE: Duration = Duration::from_millis(10);
-/// How long a unit waits, after the sink's result, for its nodes' timing.
+/// How long a unit holds the sink's result back for its nodes' timing (a node writes its
+/// timing just after its result).
 const SLOT_WAIT: Duration = Duration::from_millis(2);
+/// How long timing that is late (a loaded host) is still waited for and reported.
+const LATE_TIMING: Duration = Duration::from_millis(50);
 /// Time allowed for a unit to build its segment (instances may start cold).
 const OPEN_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time allowed for a unit to stop a segment.
@@ -222,8 +225,8 @@ fn spawn_exit(
                 Err(_) => return,
             };
             let s = *seq.lock().expect("segment seq lock");
-            let wait_for = |pred: &dyn Fn(&[NodeTimes]) -> bool| {
-                let until = Instant::now() + SLOT_WAIT;
+            let wait_for = |pred: &dyn Fn(&[NodeTimes]) -> bool, limit: Duration| {
+                let until = Instant::now() + limit;
                 loop {
                     let t = slot_times(&pages, s);
                     if pred(&t) || Instant::now() >= until {
@@ -233,14 +236,21 @@ fn spawn_exit(
                 }
             };
             if to_output {
-                // The DAG's result: it carries the timing of every node of the segment.
-                let times = wait_for(&|t| t.len() == pages.len());
+                // The DAG's result: it carries the timing of every node of the segment, and
+                // what is late follows.
+                let all = |t: &[NodeTimes]| t.len() == pages.len();
+                let times = wait_for(&all, SLOT_WAIT);
+                let complete = all(&times);
                 report(Event::Value {
                     seq: s,
                     edge,
                     value,
                     times,
                 });
+                if !complete {
+                    let times = wait_for(&all, LATE_TIMING);
+                    report(Event::Times { seq: s, times });
+                }
             } else {
                 // On its way at once; the producer's timing follows.
                 report(Event::Value {
@@ -249,7 +259,7 @@ fn spawn_exit(
                     value,
                     times: Vec::new(),
                 });
-                let times = wait_for(&|t| t.iter().any(|x| x.node == node));
+                let times = wait_for(&|t| t.iter().any(|x| x.node == node), LATE_TIMING);
                 report(Event::Times { seq: s, times });
             }
         })
@@ -769,7 +779,8 @@ impl Control {
         mut times: BTreeMap<usize, NodeTimes>,
     ) -> Vec<NodeRun> {
         let n_nodes = plan.spec.nodes.len();
-        let until = Instant::now() + SLOT_WAIT;
+        // Usually every node's timing is in by now; late timing is waited for a little.
+        let until = Instant::now() + LATE_TIMING;
         loop {
             if let Some(seg) = &sp.local {
                 times.extend(seg.times(seq).into_iter().map(|t| (t.node, t)));

@@ -641,7 +641,8 @@ impl Control {
         while let Ok(ev) = sp.inbox.try_recv() {
             match ev {
                 Event::Failed { node, error, .. } => {
-                    return ((Err(plan.failure(node, error)), false, Vec::new()), false);
+                    let f = plan.failure(known(plan, node), error);
+                    return ((Err(f), false, Vec::new()), false);
                 }
                 Event::UnitDown { unit, reason } => {
                     let f = unit_down(plan, sp, &times, unit, &reason);
@@ -678,7 +679,7 @@ impl Control {
             tokio::select! {
                 ev = sp.inbox.recv() => match ev {
                     None => break plan.failure(plan.sink, FunctionError::platform("Spore.DagPipeline", "the pipeline's router closed")),
-                    Some(Event::Failed { node, error, .. }) => break plan.failure(node, error),
+                    Some(Event::Failed { node, error, .. }) => break plan.failure(known(plan, node), error),
                     Some(Event::UnitDown { unit, reason }) => break unit_down(plan, sp, &times, unit, &reason),
                     Some(Event::Times { seq: s, times: t }) if s == seq => {
                         times.extend(t.into_iter().map(|t| (t.node, t)));
@@ -818,6 +819,16 @@ impl Control {
         super::fill_hops(plan, &ends, &mut runs);
         runs.sort_by(|a, b| a.handler_end_us.total_cmp(&b.handler_end_us));
         runs
+    }
+}
+
+/// `node` if the DAG has it, else its sink (a unit's report named a node that does not
+/// exist: the run still fails, under the sink's name).
+fn known(plan: &Plan, node: usize) -> usize {
+    if node < plan.spec.nodes.len() {
+        node
+    } else {
+        plan.sink
     }
 }
 

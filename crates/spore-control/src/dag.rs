@@ -334,6 +334,27 @@ struct Launch {
 }
 
 impl Launch {
+    /// The launch of pipeline node `node` (id `id`): no edges yet, the input as its event.
+    fn pipeline_node(node: usize, id: &str) -> Launch {
+        Launch {
+            node,
+            index: 0,
+            wiring: DagWiring {
+                node: id.to_owned(),
+                fds: 0,
+                event: EventShape::Input,
+                outputs: Vec::new(),
+                reply: false,
+                split: false,
+                inline_max: INLINE_MAX,
+                spin_us: 0,
+                pipeline: None,
+            },
+            body: Vec::new(),
+            fds: Vec::new(),
+        }
+    }
+
     fn push_edge(&mut self, set: OwnedFdSet) -> EdgeFds {
         let base = self.fds.len();
         self.fds.extend(set);

@@ -512,12 +512,11 @@ fn functions_and_dags_run_on_the_units_they_are_placed_on() {
     assert_eq!(t, "shm+link", "{four}");
     // d sums c's count (3 steps) and a's (1), plus its own step.
     assert_eq!(four["Result"], json!({"n": 5, "tag": "x"}), "{four}");
-    let units: Vec<(String, u64)> = node_units(&four)
-        .into_iter()
-        .map(|(n, u, _)| (n, u))
-        .collect();
+    let units_of = |v: &Value| -> Vec<(String, u64)> {
+        node_units(v).into_iter().map(|(n, u, _)| (n, u)).collect()
+    };
     assert_eq!(
-        units,
+        units_of(&four),
         [
             ("a".into(), 0),
             ("b".into(), 1),
@@ -558,12 +557,8 @@ fn functions_and_dags_run_on_the_units_they_are_placed_on() {
     let (t, wc_units) = run_with_transport("wc-units", &words);
     assert_eq!(t, "link", "{wc_units}");
     assert_eq!(wc_units["Result"], wc_local["Result"], "{wc_units}");
-    let map_units: Vec<(String, u64)> = node_units(&wc_units)
-        .into_iter()
-        .map(|(n, u, _)| (n, u))
-        .collect();
     assert_eq!(
-        map_units,
+        units_of(&wc_units),
         [
             ("map".into(), 1),
             ("map".into(), 1),

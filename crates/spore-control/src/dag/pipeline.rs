@@ -28,7 +28,7 @@ use spore_ipc::edge::{EdgeReceiver, EdgeSender, Value};
 use spore_ipc::page::{NodePage, SlotTimes};
 use spore_ipc::ring::{Consumer, Producer, RingFds};
 use spore_ipc::IpcError;
-use spore_runtime::protocol::{DagWiring, EventShape, PipelineWiring};
+use spore_runtime::protocol::{EventShape, PipelineWiring};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -258,23 +258,7 @@ impl Control {
             ))
         };
         let mut launches: Vec<Launch> = (0..n_nodes)
-            .map(|n| Launch {
-                node: n,
-                index: 0,
-                wiring: DagWiring {
-                    node: plan.id(n).to_owned(),
-                    fds: 0,
-                    event: EventShape::Input,
-                    outputs: Vec::new(),
-                    reply: false,
-                    split: false,
-                    inline_max: INLINE_MAX,
-                    spin_us: 0,
-                    pipeline: None,
-                },
-                body: Vec::new(),
-                fds: Vec::new(),
-            })
+            .map(|n| Launch::pipeline_node(n, plan.id(n)))
             .collect();
         // A source reads the input from the daemon; any other node one edge per
         // predecessor (a list of them for several, in `after` order).

@@ -33,7 +33,7 @@ use spore_ipc::edge::{EdgeReceiver, EdgeSender, Value};
 use spore_ipc::page::NodePage;
 use spore_ipc::ring::{Consumer, Producer};
 use spore_ipc::IpcError;
-use spore_runtime::protocol::{DagWiring, EventShape, PipelineWiring};
+use spore_runtime::protocol::{EventShape, PipelineWiring};
 use spore_shim::proto::{spread_edges, NodeTimes};
 use spore_shim::{Answer, Call, Link};
 use tokio::sync::{mpsc, watch};
@@ -290,26 +290,7 @@ impl Control {
         let here = |x: Option<usize>| x.is_some_and(|n| units[n] == me);
         let mut launches: BTreeMap<usize, Launch> = recs
             .keys()
-            .map(|&n| {
-                let launch = Launch {
-                    node: n,
-                    index: 0,
-                    wiring: DagWiring {
-                        node: spec.nodes[n].id.clone(),
-                        fds: 0,
-                        event: EventShape::Input,
-                        outputs: Vec::new(),
-                        reply: false,
-                        split: false,
-                        inline_max: INLINE_MAX,
-                        spin_us: 0,
-                        pipeline: None,
-                    },
-                    body: Vec::new(),
-                    fds: Vec::new(),
-                };
-                (n, launch)
-            })
+            .map(|&n| (n, Launch::pipeline_node(n, &spec.nodes[n].id)))
             .collect();
         let mut items: BTreeMap<usize, Vec<EventShape>> = BTreeMap::new();
         let mut entries = HashMap::new();

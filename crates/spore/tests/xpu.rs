@@ -497,17 +497,21 @@ fn functions_and_dags_run_on_the_units_they_are_placed_on() {
             })
             .collect();
         assert_eq!(units, [("a".into(), 0), ("b".into(), 1)], "{across}");
-        let hop = across["Timing"]["nodes"]
+    }
+    // The cross-unit hop is timed (timing is best effort on a loaded host: a few tries).
+    let hop = |v: &Value| {
+        v["Timing"]["nodes"]
             .as_array()
             .unwrap()
             .iter()
             .find(|n| n["node"] == "b")
-            .and_then(|n| n["hop_us"].as_f64());
-        assert!(
-            hop.is_some_and(|h| h > 0.0),
-            "the cross-unit hop is timed: {across}"
-        );
-    }
+            .and_then(|n| n["hop_us"].as_f64())
+    };
+    let timed = (0..5).find_map(|_| hop(&run("two-units").1));
+    assert!(
+        timed.is_some_and(|h| h > 0.0),
+        "the cross-unit hop is never timed"
+    );
     let (t, four) = run("four-units");
     assert_eq!(t, "shm+link", "{four}");
     // d sums c's count (3 steps) and a's (1), plus its own step.

@@ -49,7 +49,7 @@ const POLL_SLICE: Duration = Duration::from_millis(10);
 /// How long a unit holds the sink's result back for its nodes' timing (a node writes its
 /// timing just after its result).
 const SLOT_WAIT: Duration = Duration::from_millis(2);
-/// How long timing that is late (a loaded host) is still waited for and reported.
+/// How long a unit still waits for late timing (a loaded host) to report it.
 const LATE_TIMING: Duration = Duration::from_millis(50);
 /// Time allowed for a unit to build its segment (instances may start cold).
 const OPEN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -225,14 +225,20 @@ fn spawn_exit(
                 Err(_) => return,
             };
             let s = *seq.lock().expect("segment seq lock");
+            // Polls the pages: briefly at first (a node writes its timing right after its
+            // result), then every half millisecond, so that a late node does not cost a CPU.
             let wait_for = |pred: &dyn Fn(&[NodeTimes]) -> bool, limit: Duration| {
-                let until = Instant::now() + limit;
+                let t0 = Instant::now();
                 loop {
                     let t = slot_times(&pages, s);
-                    if pred(&t) || Instant::now() >= until {
+                    if pred(&t) || t0.elapsed() >= limit {
                         return t;
                     }
-                    std::thread::yield_now();
+                    if t0.elapsed() < Duration::from_micros(200) {
+                        std::thread::yield_now();
+                    } else {
+                        std::thread::sleep(Duration::from_micros(500));
+                    }
                 }
             };
             if to_output {
@@ -761,8 +767,9 @@ impl Control {
         mut times: BTreeMap<usize, NodeTimes>,
     ) -> Vec<NodeRun> {
         let n_nodes = plan.spec.nodes.len();
-        // Usually every node's timing is in by now; late timing is waited for a little.
-        let until = Instant::now() + LATE_TIMING;
+        // Usually every node's timing is in by now; the result is not held back for late
+        // timing beyond a moment (timing is best effort, as in a local pipeline).
+        let until = Instant::now() + SLOT_WAIT;
         loop {
             if let Some(seg) = &sp.local {
                 times.extend(seg.times(seq).into_iter().map(|t| (t.node, t)));

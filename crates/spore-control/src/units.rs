@@ -107,6 +107,8 @@ pub struct Units {
     etcd: Mutex<Option<EtcdView>>,
     /// Spread DAG pipelines' routers, by key: where units' reports go.
     routes: Mutex<HashMap<String, tokio::sync::mpsc::UnboundedSender<spread::Event>>>,
+    /// (a shim) Its segments of spread DAG pipelines and its neighbour links.
+    pub(crate) segments: ShimSegments,
 }
 
 /// What the control plane knows from etcd.
@@ -139,7 +141,17 @@ impl Units {
             link_cfg,
             etcd: Mutex::new(None),
             routes: Mutex::new(HashMap::new()),
+            segments: ShimSegments::default(),
         }
+    }
+
+    /// Where each unit up takes neighbour links, for those that do.
+    pub(crate) fn neighbour_addrs(&self) -> BTreeMap<u32, String> {
+        self.entries()
+            .iter()
+            .filter(|(_, e)| e.link.is_some())
+            .filter_map(|(&id, e)| e.info.link.clone().map(|a| (id, a)))
+            .collect()
     }
 
     /// Sends a spread pipeline's reports to `tx`.
@@ -169,6 +181,11 @@ impl Units {
     /// The local unit.
     pub fn local(&self) -> &UnitInfo {
         &self.local
+    }
+
+    /// The settings of this unit's links.
+    pub(crate) fn link_cfg(&self) -> &LinkConfig {
+        &self.link_cfg
     }
 
     fn entries(&self) -> std::sync::MutexGuard<'_, BTreeMap<u32, Entry>> {
@@ -655,6 +672,7 @@ impl Control {
             instances,
             templates: self.inner.templates.lock().expect("templates lock").len() as u32,
             mem_available_mb,
+            neighbours: self.inner.units.segments.neighbours(),
         }
     }
 
@@ -796,6 +814,54 @@ impl Control {
                 });
                 let reason = link.closed().await;
                 units.link_closed(&link, &reason);
+            });
+        }
+    }
+
+    /// Runs as a shim: takes neighbour links from other shims on `listener` and puts the DAG
+    /// values they send on this unit's segments.
+    pub async fn serve_neighbours(&self, listener: tokio::net::TcpListener) {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a neighbour link");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let me = self.clone();
+            tokio::spawn(async move {
+                let units = me.inner.units.clone();
+                let local_id = units.local.id;
+                let segments = units.segments.clone();
+                let r = link::accept(
+                    stream,
+                    units.local.clone(),
+                    Role::Shim,
+                    units.link_cfg.clone(),
+                    |hello| {
+                        if hello.role != Role::Shim || hello.unit.id == local_id {
+                            return Err(format!(
+                                "unit {local_id} takes neighbour links from other units' shims only"
+                            ));
+                        }
+                        Ok(Arc::new(NeighbourSide {
+                            control: me.clone(),
+                            segments,
+                        }) as Arc<dyn Service>)
+                    },
+                )
+                .await;
+                match r {
+                    Ok(link) => {
+                        tracing::info!(unit = link.peer().id, %peer, "neighbour link accepted");
+                        let reason = link.closed().await;
+                        tracing::info!(unit = link.peer().id, %reason, "neighbour link closed");
+                    }
+                    Err(e) => tracing::warn!(%peer, error = %e, "a neighbour's greeting failed"),
+                }
             });
         }
     }
@@ -1020,7 +1086,7 @@ impl Control {
                     .await
                     .map_err(|e| LinkError::Handshake(format!("connecting to {control}: {e}")))?;
                 let _ = s.set_nodelay(true);
-                let segments = ShimSegments::default();
+                let segments = units.segments.clone();
                 let link = link::connect(
                     s,
                     units.local.clone(),
@@ -1135,6 +1201,42 @@ impl Service for ShimSide {
 
 type Synced = Arc<Mutex<HashMap<String, (String, spore_core::FunctionManifest)>>>;
 
+/// A shim's side of a neighbour link from another shim: takes the DAG values it sends.
+struct NeighbourSide {
+    control: Control,
+    segments: ShimSegments,
+}
+
+impl Service for NeighbourSide {
+    fn call(
+        &self,
+        msg: Message,
+    ) -> Pin<Box<dyn Future<Output = Result<Message, RemoteError>> + Send + 'static>> {
+        let (control, segments) = (self.control.clone(), self.segments.clone());
+        Box::pin(async move {
+            let call: Call = serde_json::from_slice(&msg.header).map_err(|e| {
+                RemoteError::new(RemoteErrorKind::BadCall, format!("unreadable call: {e}"))
+            })?;
+            if !matches!(call, Call::EdgeValue { .. }) {
+                return Err(RemoteError::new(
+                    RemoteErrorKind::BadCall,
+                    "a neighbour link carries DAG values only",
+                ));
+            }
+            let synced = Arc::new(Mutex::new(HashMap::new()));
+            let deploying = Arc::new(tokio::sync::Mutex::new(()));
+            let (answer, body) =
+                serve(control, synced, deploying, segments, call, msg.body).await?;
+            Ok(Message {
+                header: serde_json::to_vec(&answer)
+                    .expect("answers serialize")
+                    .into(),
+                body,
+            })
+        })
+    }
+}
+
 async fn serve(
     control: Control,
     synced: Synced,
@@ -1150,6 +1252,7 @@ async fn serve(
             spec,
             units,
             functions,
+            neighbours,
         } => {
             for (m, code) in &functions {
                 let holds = synced
@@ -1165,7 +1268,7 @@ async fn serve(
                 }
             }
             let answer = segments
-                .open(&control, key, spec, units, functions)
+                .open(&control, key, spec, units, functions, neighbours)
                 .await
                 .map_err(control_to_remote)?;
             Ok((answer, Bytes::new()))

@@ -32,6 +32,9 @@ pub struct UnitInfo {
     /// The Spore version the unit runs.
     #[serde(default)]
     pub version: String,
+    /// Where the unit's shim takes neighbour links from other shims (HOST:PORT), if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
 }
 
 impl UnitInfo {
@@ -57,6 +60,7 @@ impl UnitInfo {
             accelerators: accelerators.unwrap_or(detected),
             hostname,
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            link: None,
         }
     }
 
@@ -100,6 +104,9 @@ pub struct UnitLoad {
     pub templates: u32,
     /// `MemAvailable`, MiB.
     pub mem_available_mb: u64,
+    /// Units this shim holds a neighbour link to (DAG edges go there directly).
+    #[serde(default)]
+    pub neighbours: Vec<u32>,
 }
 
 /// Which side of the link a peer is.
@@ -198,6 +205,11 @@ pub enum Call {
         units: Vec<u32>,
         /// Manifest and code id of each function of the nodes placed here.
         functions: Vec<(FunctionManifest, String)>,
+        /// Where the other shims of the DAG take neighbour links (unit, HOST:PORT): values
+        /// for their nodes go there directly instead of through the control plane. (A list:
+        /// integer map keys do not survive the tagged enum's JSON.)
+        #[serde(default)]
+        neighbours: Vec<(u32, String)>,
     },
     /// A value on edge `edge` (numbered as [`crate::proto::spread_edges`] says) of invocation
     /// `seq` of segment `key`; the body is the value. Control plane to the unit of the edge's
@@ -403,6 +415,29 @@ mod tests {
             Some("unit 3 has no gpu")
         );
         assert!(u.cores >= 1 && u.memory_mb > 0);
+    }
+
+    #[test]
+    fn a_segment_call_survives_its_json() {
+        let spec =
+            DagSpec::from_toml("name = \"d\"\n[[nodes]]\nid = \"a\"\nfunction = \"f\"\nunit = 1\n")
+                .unwrap();
+        let call = Call::SegmentOpen {
+            key: "k".into(),
+            spec,
+            units: vec![1],
+            functions: Vec::new(),
+            neighbours: vec![(2, "10.0.0.2:4000".into())],
+        };
+        let back: Call = serde_json::from_slice(&serde_json::to_vec(&call).unwrap()).unwrap();
+        let Call::SegmentOpen {
+            spec, neighbours, ..
+        } = back
+        else {
+            panic!("{back:?}");
+        };
+        assert_eq!(spec.nodes[0].unit, Some(1));
+        assert_eq!(neighbours, [(2, "10.0.0.2:4000".to_owned())]);
     }
 
     #[test]

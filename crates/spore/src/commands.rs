@@ -26,9 +26,6 @@ fn default_data_dir() -> PathBuf {
 
 /// `spore shim`.
 pub fn shim(args: ShimArgs) -> Result<ExitCode> {
-    if args.serve.link_listen.is_some() {
-        bail!("--link-listen: shims dial the control plane; links between shims are not built yet (issue 7)");
-    }
     let accelerators = match args.accelerator.as_slice() {
         [] => None,
         [one] if one == "none" => Some(Vec::new()),
@@ -103,6 +100,25 @@ pub fn serve(
         )
         .with_writer(std::io::stderr)
         .init();
+    // A shim's --link-listen takes neighbour links from other shims; its address is part of
+    // the unit's description, so it is bound before the unit greets anyone.
+    let mut shim = shim;
+    let neighbour_listener = match (&mut shim, &args.link_listen) {
+        (Some((unit, _)), Some(addr)) => {
+            let l = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("--link-listen {addr}"))?;
+            l.set_nonblocking(true)?;
+            let bound = l.local_addr()?;
+            anyhow::ensure!(
+                !bound.ip().is_unspecified(),
+                "--link-listen {addr}: give the address other units reach this one at (it is announced to them), not {}",
+                bound.ip()
+            );
+            unit.link = Some(bound.to_string());
+            Some(l)
+        }
+        _ => None,
+    };
     let data_dir = args.data_dir.clone().unwrap_or_else(|| match &shim {
         Some((u, _)) => default_data_dir().join(format!("unit-{}", u.id)),
         None => default_data_dir(),
@@ -156,7 +172,12 @@ pub fn serve(
         let link_file = data_dir.join("run").join("link-endpoint");
         // Stops the shim's dialing and the etcd registrations at shutdown.
         let (shim_stop, shim_stop_rx) = tokio::sync::watch::channel(false);
-        if let Some(addr) = &args.link_listen {
+        if let Some(l) = neighbour_listener {
+            let l = tokio::net::TcpListener::from_std(l)?;
+            tracing::info!("accepting neighbour links from other shims on {}", l.local_addr()?);
+            let c = control.clone();
+            tokio::spawn(async move { c.serve_neighbours(l).await });
+        } else if let Some(addr) = &args.link_listen {
             let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--link-listen {addr}"))?;
             let bound = l.local_addr()?.to_string();
             spore_control::store::write_atomic(&link_file, bound.as_bytes()).context("writing the link endpoint file")?;

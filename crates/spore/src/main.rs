@@ -174,9 +174,11 @@ pub(crate) struct ServeArgs {
     /// shows its own unit).
     #[arg(long)]
     listen: Option<String>,
-    /// Where to accept shims' neighbour links, HOST:PORT (`spore serve` only; port 0 picks
-    /// a free one, written to <data-dir>/run/link-endpoint). Without it, this daemon is the
-    /// only unit.
+    /// `spore serve`: where to accept shims' links, HOST:PORT (port 0 picks a free one,
+    /// written to <data-dir>/run/link-endpoint); without it, this daemon is the only unit.
+    /// `spore shim`: where to accept neighbour links from other shims (an address they
+    /// reach; it is announced to the control plane), so that DAG edges between two shims go
+    /// straight between them; without it, such edges pass through the control plane.
     #[arg(long)]
     link_listen: Option<String>,
     /// etcd endpoints (http://HOST:PORT[,...]) for membership across hosts: the control plane

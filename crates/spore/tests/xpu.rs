@@ -110,6 +110,15 @@ struct Shim {
 
 impl Shim {
     fn start(ns: &NetNs, id: u32, control: &str, data: &Path, accelerators: &[&str]) -> Shim {
+        let acc: Vec<String> = accelerators
+            .iter()
+            .map(|a| format!("--accelerator={a}"))
+            .collect();
+        let acc: Vec<&str> = acc.iter().map(String::as_str).collect();
+        Shim::start_with(ns, id, control, data, &acc)
+    }
+
+    fn start_with(ns: &NetNs, id: u32, control: &str, data: &Path, extra: &[&str]) -> Shim {
         std::fs::create_dir_all(data).unwrap();
         let log = data.with_extension(format!("shim-log-{}", NEXT.fetch_add(1, Ordering::Relaxed)));
         let f = std::fs::File::create(&log).unwrap();
@@ -120,9 +129,7 @@ impl Shim {
             .args(["--", BIN, "shim", "--id", &id.to_string()])
             .args(["--control", control, "--grace-s", "5", "--data-dir"])
             .arg(data);
-        for a in accelerators {
-            cmd.args(["--accelerator", a]);
-        }
+        cmd.args(extra);
         if let Some(p) = packages_dir() {
             cmd.arg("--packages-dir").arg(p);
         }
@@ -592,6 +599,65 @@ fn functions_and_dags_run_on_the_units_they_are_placed_on() {
     drop(shim);
     drop(d);
     drop(ns);
+}
+
+#[test]
+fn dag_edges_between_two_shims_take_their_neighbour_link() {
+    let test = "dag_edges_between_two_shims_take_their_neighbour_link";
+    if !can_link(test) {
+        return;
+    }
+    let ns = NetNs::new();
+    let (tmp, d, link) = control(&ns);
+    // Both shims in one namespace, each taking neighbour links on the namespace's address.
+    let listen = format!("--link-listen={}:0", ns.ns_ip);
+    let shim1 = Shim::start_with(&ns, 1, &link, &tmp.path().join("d1"), &[&listen]);
+    let shim2 = Shim::start_with(&ns, 2, &link, &tmp.path().join("d2"), &[&listen]);
+    wait_unit(&d, 1, "up", &|| shim1.log_text());
+    wait_unit(&d, 2, "up", &|| shim2.log_text());
+    create(&d, &sample("dag/chain-step"), "step", json!({}));
+    // a (unit 1) -> b (unit 2) -> c (unit 0): the a -> b edge joins two shims.
+    let spec = "name = \"shims\"\n[[nodes]]\nid = \"a\"\nfunction = \"step\"\nunit = 1\n[[nodes]]\nid = \"b\"\nfunction = \"step\"\nafter = [\"a\"]\nunit = 2\n[[nodes]]\nid = \"c\"\nfunction = \"step\"\nafter = [\"b\"]\n";
+    let r = d
+        .http
+        .post(d.url("/dags"))
+        .header("content-type", "application/toml")
+        .body(spec)
+        .send()
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().unwrap());
+    for _ in 0..3 {
+        let r = d
+            .http
+            .post(d.url("/dags/shims/invocations"))
+            .json(&json!({"n": 0}))
+            .send()
+            .unwrap();
+        let transport = r.headers().get("x-spore-transport").cloned();
+        let v: Value = r.json().unwrap();
+        assert_eq!(v, json!({"n": 3}));
+        assert_eq!(transport.unwrap(), "shm+link");
+    }
+    // Unit 1 dialed unit 2: its heartbeat lists the neighbour link.
+    wait_for("unit 1 to report its neighbour link to unit 2", || {
+        units(&d)
+            .iter()
+            .find(|u| u["id"] == 1)
+            .is_some_and(|u| u["load"]["neighbours"] == json!([2]))
+    });
+    assert!(
+        shim1.log_text().contains("neighbour link up"),
+        "{}",
+        shim1.log_text()
+    );
+    assert!(
+        !shim1.log_text().contains("through the control plane"),
+        "{}",
+        shim1.log_text()
+    );
+    drop(shim2);
+    drop(shim1);
+    drop(d);
 }
 
 #[test]

@@ -34,8 +34,9 @@ use spore_ipc::page::NodePage;
 use spore_ipc::ring::{Consumer, Producer};
 use spore_ipc::IpcError;
 use spore_runtime::protocol::{EventShape, PipelineWiring};
+use spore_shim::link::LinkConfig;
 use spore_shim::proto::{spread_edges, NodeTimes};
-use spore_shim::{Answer, Call, Link};
+use spore_shim::{Answer, Call, Link, UnitInfo};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -493,6 +494,8 @@ impl Control {
         for (n, &u) in spread.units.iter().enumerate() {
             by_unit.entry(u).or_default().push(n);
         }
+        let mut neighbours = self.inner.units.neighbour_addrs();
+        neighbours.retain(|u, _| by_unit.contains_key(u));
         for (&u, nodes) in &by_unit {
             if u == me {
                 continue;
@@ -518,6 +521,7 @@ impl Control {
                 spec: plan.spec.clone(),
                 units: spread.units.clone(),
                 functions,
+                neighbours: neighbours.clone().into_iter().collect(),
             };
             let mut deployed = false;
             let answer = loop {
@@ -906,31 +910,115 @@ struct Delivery {
     me: u32,
 }
 
-/// A shim's segments, by key, and how they report to the control plane.
+/// The running invocation's deadline (unix ms) and request id, as a segment last heard them.
+type Current = Arc<Mutex<(u64, String)>>;
+
+/// A segment on a shim, and what it last heard of the running invocation.
+type ShimSegment = (Arc<Segment>, Current);
+
+/// A shim's segments, by key, how they report to the control plane, and its neighbour links
+/// (to other shims, for DAG edges between them).
 #[derive(Clone, Default)]
 pub(crate) struct ShimSegments {
-    segments: Arc<Mutex<HashMap<String, Arc<Segment>>>>,
-    link: Arc<std::sync::OnceLock<Link>>,
+    segments: Arc<Mutex<HashMap<String, ShimSegment>>>,
+    /// The link to the control plane (the latest).
+    control: Arc<Mutex<Option<Link>>>,
+    /// Neighbour links this shim dialed, by unit.
+    dialed: Arc<Mutex<HashMap<u32, Link>>>,
+}
+
+/// Where a shim sends the values of its exits: per edge, the consumer's unit and its
+/// neighbour address, when the consumer is on another shim that takes neighbour links.
+struct Targets {
+    edges: Vec<(Option<usize>, Option<usize>)>,
+    units: Vec<u32>,
+    neighbours: BTreeMap<u32, String>,
+}
+
+impl Targets {
+    fn of(&self, edge: usize) -> Option<(u32, &str)> {
+        let c = self.edges.get(edge)?.1?;
+        let u = self.units[c];
+        self.neighbours.get(&u).map(|a| (u, a.as_str()))
+    }
 }
 
 impl ShimSegments {
-    /// The link to the control plane, once up.
+    /// The link to the control plane, at each (re)connection.
     pub(crate) fn set_link(&self, link: Link) {
-        let _ = self.link.set(link);
+        *self.control.lock().expect("control link lock") = Some(link);
     }
 
-    /// Drops every segment (the link is gone).
+    /// Drops every segment (the link to the control plane is gone).
     pub(crate) fn clear(&self) {
         self.segments.lock().expect("segments lock").clear();
     }
 
-    fn reporter(&self, key: &str) -> Reporter {
-        let link = self.link.clone();
+    /// Units this shim holds a live neighbour link to.
+    pub(crate) fn neighbours(&self) -> Vec<u32> {
+        let mut d = self.dialed.lock().expect("dialed lock");
+        d.retain(|_, l| l.close_reason().is_none());
+        let mut v: Vec<u32> = d.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// The neighbour link to unit `unit` at `addr`: the one dialed before, or a new one.
+    async fn neighbour(
+        &self,
+        me: &(UnitInfo, LinkConfig),
+        unit: u32,
+        addr: &str,
+    ) -> Result<Link, spore_shim::LinkError> {
+        let known = self.dialed.lock().expect("dialed lock").get(&unit).cloned();
+        if let Some(l) = known.filter(|l| l.close_reason().is_none()) {
+            return Ok(l);
+        }
+        let s = tokio::net::TcpStream::connect(addr).await.map_err(|e| {
+            spore_shim::LinkError::Handshake(format!("connecting to unit {unit} at {addr}: {e}"))
+        })?;
+        let _ = s.set_nodelay(true);
+        let link = spore_shim::link::connect(
+            s,
+            me.0.clone(),
+            spore_shim::Role::Shim,
+            Arc::new(spore_shim::NoCalls),
+            me.1.clone(),
+        )
+        .await?;
+        if link.peer().id != unit {
+            link.close("not the unit dialed");
+            return Err(spore_shim::LinkError::Handshake(format!(
+                "{addr} is unit {}, not unit {unit}",
+                link.peer().id
+            )));
+        }
+        tracing::info!(unit, %addr, "neighbour link up");
+        self.dialed
+            .lock()
+            .expect("dialed lock")
+            .insert(unit, link.clone());
+        Ok(link)
+    }
+
+    fn reporter(
+        &self,
+        key: &str,
+        targets: Targets,
+        current: Current,
+        me: (UnitInfo, LinkConfig),
+    ) -> Reporter {
+        let this = self.clone();
         let key = key.to_owned();
         let handle = tokio::runtime::Handle::current();
+        let targets = Arc::new(targets);
         Arc::new(move |ev: Event| {
-            let Some(link) = link.get().cloned() else {
+            let Some(link) = this.control.lock().expect("control link lock").clone() else {
                 return;
+            };
+            let direct = match &ev {
+                Event::Value { edge, .. } => targets.of(*edge).map(|(u, a)| (u, a.to_owned())),
+                _ => None,
             };
             let (call, body) = match ev {
                 Event::Value {
@@ -938,18 +1026,21 @@ impl ShimSegments {
                     edge,
                     value,
                     times,
-                } => (
-                    Call::EdgeValue {
-                        key: key.clone(),
-                        seq,
-                        edge,
-                        raw: value.raw,
-                        deadline_ms: 0,
-                        request_id: String::new(),
-                        times,
-                    },
-                    Bytes::from(value.bytes),
-                ),
+                } => {
+                    let (deadline_ms, request_id) = current.lock().expect("current lock").clone();
+                    (
+                        Call::EdgeValue {
+                            key: key.clone(),
+                            seq,
+                            edge,
+                            raw: value.raw,
+                            deadline_ms,
+                            request_id,
+                            times,
+                        },
+                        Bytes::from(value.bytes),
+                    )
+                }
                 Event::Times { seq, times } => (
                     Call::SegmentTimes {
                         key: key.clone(),
@@ -970,7 +1061,24 @@ impl ShimSegments {
                 // Only the control plane watches units.
                 Event::UnitDown { .. } => return,
             };
+            let (this, me) = (this.clone(), me.clone());
             let send = async move {
+                // A value for a node on another shim goes there over a neighbour link; if
+                // that fails, through the control plane, which routes it.
+                if let Some((unit, addr)) = direct {
+                    let left = CLOSE_TIMEOUT;
+                    match this.neighbour(&me, unit, &addr).await {
+                        Ok(n) => match n.call(&call, body.clone(), left).await {
+                            Ok(_) => return,
+                            Err(e) => {
+                                tracing::warn!(unit, error = %e, "a DAG value to a neighbour; through the control plane instead")
+                            }
+                        },
+                        Err(e) => {
+                            tracing::warn!(unit, error = %e, "no neighbour link; DAG values go through the control plane")
+                        }
+                    }
+                }
                 if let Err(e) = link.call(&call, body, CLOSE_TIMEOUT).await {
                     tracing::warn!(error = %e, "reporting to the control plane");
                 }
@@ -994,6 +1102,7 @@ impl ShimSegments {
         spec: DagSpec,
         units: Vec<u32>,
         functions: Vec<(spore_core::FunctionManifest, String)>,
+        neighbours: Vec<(u32, String)>,
     ) -> Result<Answer, ControlError> {
         spec.validate()
             .map_err(|e| ControlError::InvalidParameter(e.to_string()))?;
@@ -1025,7 +1134,18 @@ impl ShimSegments {
                 spec.name
             )));
         }
-        let report = self.reporter(&key);
+        let (preds, sink) = graph(&spec);
+        let targets = Targets {
+            edges: spread_edges(&preds, sink),
+            units: units.clone(),
+            neighbours: neighbours.into_iter().filter(|(u, _)| *u != me).collect(),
+        };
+        let current: Current = Arc::new(Mutex::new((0, String::new())));
+        let me_info = (
+            control.inner.units.local().clone(),
+            control.inner.units.link_cfg().clone(),
+        );
+        let report = self.reporter(&key, targets, current.clone(), me_info);
         match control
             .build_segment(&spec, &units, recs, &key, report)
             .await?
@@ -1040,7 +1160,7 @@ impl ShimSegments {
                     .segments
                     .lock()
                     .expect("segments lock")
-                    .insert(key, Arc::new(seg));
+                    .insert(key, (Arc::new(seg), current));
                 drop(old);
                 Ok(Answer::SegmentOpened {
                     starts,
@@ -1060,13 +1180,14 @@ impl ShimSegments {
         deadline_ms: u64,
         request_id: &str,
     ) -> Result<(), ControlError> {
-        let seg = self
+        let (seg, current) = self
             .segments
             .lock()
             .expect("segments lock")
             .get(key)
             .cloned()
             .ok_or_else(|| ControlError::NotFound(format!("no DAG segment {key} on this unit")))?;
+        *current.lock().expect("current lock") = (deadline_ms, request_id.to_owned());
         seg.begin(seq, deadline_ms, request_id);
         let left = Duration::from_millis(
             deadline_ms
@@ -1081,7 +1202,7 @@ impl ShimSegments {
     /// `segment_close`: stops a segment and waits until its instances are destroyed.
     pub(crate) async fn close(&self, key: &str) {
         let seg = self.segments.lock().expect("segments lock").remove(key);
-        if let Some(seg) = seg.and_then(|s| Arc::try_unwrap(s).ok()) {
+        if let Some(seg) = seg.and_then(|(s, _)| Arc::try_unwrap(s).ok()) {
             seg.close().await;
         }
     }

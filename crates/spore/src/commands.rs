@@ -78,6 +78,20 @@ pub fn units(endpoint: &str) -> Result<ExitCode> {
         if let Some(e) = u["etcd"].as_str() {
             println!("      etcd: {e}");
         }
+        if let Some(addr) = u["link"].as_str() {
+            let linked: Vec<String> = u["load"]["neighbours"]
+                .as_array()
+                .map(|a| a.iter().map(|x| x.to_string()).collect())
+                .unwrap_or_default();
+            println!(
+                "      takes neighbour links on {addr}; linked to units: {}",
+                if linked.is_empty() {
+                    "none yet".to_owned()
+                } else {
+                    linked.join(",")
+                }
+            );
+        }
         if u["state"] == "down" {
             println!(
                 "      down for {:.0} s: {}",

@@ -222,8 +222,21 @@ fn spawn_exit(
             let value = match rx.recv(POLL_SLICE) {
                 Ok(v) => v,
                 Err(IpcError::Timeout(_)) => continue,
-                // The producer's instance is gone: its member reports why.
-                Err(_) => return,
+                Err(e) => {
+                    // A ring or payload the producer broke: the run fails naming it (if its
+                    // instance died instead, its member reports that too; the first wins).
+                    let s = *seq.lock().expect("segment seq lock");
+                    let error = FunctionError::platform(
+                        "Spore.DagEdge",
+                        format!("reading its result: {e}"),
+                    );
+                    report(Event::Failed {
+                        seq: s,
+                        node,
+                        error,
+                    });
+                    return;
+                }
             };
             let s = *seq.lock().expect("segment seq lock");
             // Polls the pages: briefly at first (a node writes its timing right after its

@@ -742,18 +742,9 @@ impl Control {
 
     /// Accepts shims' links on `listener` until the daemon stops.
     pub async fn serve_links(&self, listener: tokio::net::TcpListener) {
-        loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accepting a unit link");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
+        accept_each(listener, "a unit link", |stream, peer| {
             let me = self.clone();
-            tokio::spawn(async move {
+            async move {
                 let units = me.inner.units.clone();
                 let local_id = units.local.id;
                 let r = link::accept(
@@ -814,25 +805,17 @@ impl Control {
                 });
                 let reason = link.closed().await;
                 units.link_closed(&link, &reason);
-            });
-        }
+            }
+        })
+        .await
     }
 
     /// Runs as a shim: takes neighbour links from other shims on `listener` and puts the DAG
     /// values they send on this unit's segments.
     pub async fn serve_neighbours(&self, listener: tokio::net::TcpListener) {
-        loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accepting a neighbour link");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
+        accept_each(listener, "a neighbour link", |stream, peer| {
             let me = self.clone();
-            tokio::spawn(async move {
+            async move {
                 let units = me.inner.units.clone();
                 let local_id = units.local.id;
                 let segments = units.segments.clone();
@@ -862,8 +845,9 @@ impl Control {
                     }
                     Err(e) => tracing::warn!(%peer, error = %e, "a neighbour's greeting failed"),
                 }
-            });
-        }
+            }
+        })
+        .await
     }
 
     /// Measures the link to unit `id`: `n` echo calls of `bytes` each way, one at a time;
@@ -1135,6 +1119,27 @@ impl Control {
             }
             backoff = (backoff * 2).min(Duration::from_secs(3));
         }
+    }
+}
+
+/// Accepts connections on `listener` until the task is dropped (`what` names them in logs),
+/// each with Nagle off, and serves each on a task of its own.
+async fn accept_each<F, Fut>(listener: tokio::net::TcpListener, what: &str, serve: F)
+where
+    F: Fn(tokio::net::TcpStream, std::net::SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting {what}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(serve(stream, peer));
     }
 }
 

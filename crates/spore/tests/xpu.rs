@@ -208,6 +208,18 @@ fn wait_unit(d: &Daemon, id: u64, state: &str, shim_log: &dyn Fn() -> String) ->
 }
 
 /// Creates a function from a folder under `name` with Spore tags.
+/// Deploys a DAG from its TOML text.
+fn put_dag(d: &Daemon, spec: &str) {
+    let r = d
+        .http
+        .post(d.url("/dags"))
+        .header("content-type", "application/toml")
+        .body(spec.to_owned())
+        .send()
+        .unwrap();
+    assert!(r.status().is_success(), "{spec}: {}", r.text().unwrap());
+}
+
 fn create(d: &Daemon, dir: &Path, name: &str, tags: Value) {
     let m = spore_core::FunctionManifest::from_toml(
         &std::fs::read_to_string(dir.join("spore.toml")).unwrap(),
@@ -429,15 +441,10 @@ fn functions_and_dags_run_on_the_units_they_are_placed_on() {
         node("a", "step-b-u1", "", "") + &node("b", "step-a", "\"a\"", "unit = 1\n"),
     ));
     for (dag, nodes) in dags {
-        let spec = format!("name = \"{dag}\"\ntransport = \"shm\"\n{nodes}");
-        let r = d
-            .http
-            .post(d.url("/dags"))
-            .header("content-type", "application/toml")
-            .body(spec)
-            .send()
-            .unwrap();
-        assert!(r.status().is_success(), "{dag}: {}", r.text().unwrap());
+        put_dag(
+            &d,
+            &format!("name = \"{dag}\"\ntransport = \"shm\"\n{nodes}"),
+        );
     }
     let run = |dag: &str| {
         let r = d
@@ -617,15 +624,7 @@ fn dag_edges_between_two_shims_take_their_neighbour_link() {
     wait_unit(&d, 2, "up", &|| shim2.log_text());
     create(&d, &sample("dag/chain-step"), "step", json!({}));
     // a (unit 1) -> b (unit 2) -> c (unit 0): the a -> b edge joins two shims.
-    let spec = "name = \"shims\"\n[[nodes]]\nid = \"a\"\nfunction = \"step\"\nunit = 1\n[[nodes]]\nid = \"b\"\nfunction = \"step\"\nafter = [\"a\"]\nunit = 2\n[[nodes]]\nid = \"c\"\nfunction = \"step\"\nafter = [\"b\"]\n";
-    let r = d
-        .http
-        .post(d.url("/dags"))
-        .header("content-type", "application/toml")
-        .body(spec)
-        .send()
-        .unwrap();
-    assert!(r.status().is_success(), "{}", r.text().unwrap());
+    put_dag(&d, "name = \"shims\"\n[[nodes]]\nid = \"a\"\nfunction = \"step\"\nunit = 1\n[[nodes]]\nid = \"b\"\nfunction = \"step\"\nafter = [\"a\"]\nunit = 2\n[[nodes]]\nid = \"c\"\nfunction = \"step\"\nafter = [\"b\"]\n");
     for _ in 0..3 {
         let r = d
             .http
@@ -710,15 +709,7 @@ fn a_unit_that_dies_mid_invocation_fails_it_clearly_and_work_moves_on() {
 
     // A DAG whose second node runs on unit 1 (a node pin) and is slow.
     create(&d, &sample("dag/chain-step"), "step", json!({}));
-    let spec = "name = \"slow-units\"\n[[nodes]]\nid = \"a\"\nfunction = \"step\"\n[[nodes]]\nid = \"s\"\nfunction = \"sleepy\"\nafter = [\"a\"]\nunit = 1\n";
-    let r = d
-        .http
-        .post(d.url("/dags"))
-        .header("content-type", "application/toml")
-        .body(spec)
-        .send()
-        .unwrap();
-    assert!(r.status().is_success(), "{}", r.text().unwrap());
+    put_dag(&d, "name = \"slow-units\"\n[[nodes]]\nid = \"a\"\nfunction = \"step\"\n[[nodes]]\nid = \"s\"\nfunction = \"sleepy\"\nafter = [\"a\"]\nunit = 1\n");
     let endpoint = d.endpoint.clone();
     let slow_dag = std::thread::spawn(move || {
         reqwest::blocking::Client::new()

@@ -960,6 +960,7 @@ fn demo_units(
         1,
         link.trim(),
         &PathBuf::from(".spore").join("demo"),
+        &[],
     )?;
     shim.wait_up(client)?;
     let hello = functions.join("hello");
@@ -994,10 +995,7 @@ fn demo_units(
     // A DAG spread over both units: a (unit 0) -> b (unit 1, a node pin) -> c (unit 0).
     let step = functions.join("dag").join("chain-step");
     crate::xpu_bench::deploy_on(client, &step, "demo-step", SandboxKind::Cfork, 0)?;
-    let mut m = read_manifest(&step)?;
-    m.name = "demo-step-any".into();
-    m.sandbox = SandboxKind::Cfork;
-    client.deploy(&m, &spore_control::code::zip_dir(&step)?)?;
+    crate::xpu_bench::deploy_as(client, &step, "demo-step-any", SandboxKind::Cfork, None)?;
     client.put_dag(
         "name = \"demo-units\"\ntransport = \"shm\"\n\
          [[nodes]]\nid = \"a\"\nfunction = \"demo-step\"\n\

@@ -116,8 +116,8 @@ fn idle_wakeups(n: usize) -> Result<Vec<f64>> {
 }
 
 /// A `spore shim` child, in a network namespace or not (stopped with SIGTERM on drop, its
-/// data dir removed once it exited).
-pub(crate) struct ShimProcess(Child, PathBuf);
+/// data dir removed once it exited), and its unit id.
+pub(crate) struct ShimProcess(Child, PathBuf, u32);
 
 impl ShimProcess {
     /// Starts unit `id` dialing `control`, inside `netns` if given; its data dir and log go
@@ -127,6 +127,7 @@ impl ShimProcess {
         id: u32,
         control: &str,
         parent: &Path,
+        extra: &[String],
     ) -> Result<ShimProcess> {
         std::fs::create_dir_all(parent)?;
         let data = parent.join(format!("unit-{id}-{}", std::process::id()));
@@ -146,14 +147,19 @@ impl ShimProcess {
         cmd.args(["shim", "--id", &id.to_string(), "--control", control])
             .arg("--data-dir")
             .arg(&data)
-            .args(["--keep-alive-s", "600"]);
+            .args(["--keep-alive-s", "600"])
+            .args(extra);
         if let Some(p) = packages_dir() {
             cmd.arg("--packages-dir").arg(p);
         }
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        Ok(ShimProcess(cmd.spawn().context("starting the shim")?, data))
+        Ok(ShimProcess(
+            cmd.spawn().context("starting the shim")?,
+            data,
+            id,
+        ))
     }
 
     /// Waits until the control plane lists this unit as up.
@@ -163,13 +169,14 @@ impl ShimProcess {
             let units = client.units()?;
             if units["Units"]
                 .as_array()
-                .is_some_and(|u| u.iter().any(|u| u["id"] == 1 && u["state"] == "up"))
+                .is_some_and(|u| u.iter().any(|u| u["id"] == self.2 && u["state"] == "up"))
             {
                 return Ok(());
             }
             ensure!(
                 Instant::now() < deadline,
-                "unit 1 did not register within 30 s (see its log under .spore/)"
+                "unit {} did not register within 30 s (see its log under .spore/)",
+                self.2
             );
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -217,10 +224,21 @@ pub(crate) fn deploy_on(
     sandbox: SandboxKind,
     unit: u32,
 ) -> Result<()> {
+    deploy_as(client, dir, name, sandbox, Some(unit))
+}
+
+/// Deploys the function in `dir` as `name` with `sandbox`, pinned to `unit` if given.
+pub(crate) fn deploy_as(
+    client: &Client,
+    dir: &Path,
+    name: &str,
+    sandbox: SandboxKind,
+    unit: Option<u32>,
+) -> Result<()> {
     let mut m = read_manifest(dir)?;
     m.name = name.to_owned();
     m.sandbox = sandbox;
-    m.unit = Some(unit);
+    m.unit = unit;
     let zip = spore_control::code::zip_dir(dir)
         .with_context(|| format!("packaging {}", dir.display()))?;
     client
@@ -340,9 +358,13 @@ pub fn bench_xpu(n: usize, out: &Path, functions: &Path) -> Result<ExitCode> {
     )?;
     let link = std::fs::read_to_string(daemon.data_dir().join("run/link-endpoint"))
         .context("reading the control plane's link endpoint")?;
-    let shim = ShimProcess::spawn(Some(&ns.name), 1, link.trim(), &parent)?;
+    // Units 1 and 2 share the namespace and take neighbour links from each other there.
+    let neighbour = vec![format!("--link-listen={}:0", ns.ns_ip())];
+    let shim = ShimProcess::spawn(Some(&ns.name), 1, link.trim(), &parent, &neighbour)?;
+    let shim2 = ShimProcess::spawn(Some(&ns.name), 2, link.trim(), &parent, &neighbour)?;
     let client = Client::new(&daemon.endpoint)?;
     shim.wait_up(&client)?;
+    shim2.wait_up(&client)?;
 
     let mut series = Vec::new();
     let mut table = String::new();
@@ -406,12 +428,18 @@ pub fn bench_xpu(n: usize, out: &Path, functions: &Path) -> Result<ExitCode> {
             "name = \"{dag}\"\n[[nodes]]\nid = \"a\"\nfunction = \"xs-a\"\n[[nodes]]\nid = \"b\"\nfunction = \"{b}\"\nafter = [\"a\"]\n"
         ))?;
     }
+    // a on unit 1, b on unit 2 (node pins): the hop takes the shims' neighbour link.
+    deploy_as(&client, &step, "xs-any-free", SandboxKind::Container, None)?;
+    client.put_dag(
+        "name = \"xhop-shims\"\n[[nodes]]\nid = \"a\"\nfunction = \"xs-any-free\"\nunit = 1\n[[nodes]]\nid = \"b\"\nfunction = \"xs-any-free\"\nafter = [\"a\"]\nunit = 2\n",
+    )?;
     eprintln!("   DAG hop (1 KiB): shm vs cross-unit link vs http, n={n}");
     let pad = serde_json::json!({"n": 0, "pad": "x".repeat(1000)});
     let first = series.len();
     for (label, dag, transport) in [
         ("hop shm, local", "xhop-local", "shm"),
         ("hop cross-unit (link)", "xhop-units", "shm"),
+        ("hop shim to shim (neighbour link)", "xhop-shims", "shm"),
         ("hop http, local", "xhop-local", "http"),
     ] {
         for _ in 0..3 {

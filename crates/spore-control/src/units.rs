@@ -830,9 +830,12 @@ impl Control {
                                 "unit {local_id} takes neighbour links from other units' shims only"
                             ));
                         }
-                        Ok(Arc::new(NeighbourSide {
+                        Ok(Arc::new(ShimSide {
                             control: me.clone(),
+                            synced: Arc::new(Mutex::new(HashMap::new())),
+                            deploying: Arc::new(tokio::sync::Mutex::new(())),
                             segments,
+                            neighbour: true,
                         }) as Arc<dyn Service>)
                     },
                 )
@@ -1080,6 +1083,7 @@ impl Control {
                         synced: Arc::new(Mutex::new(HashMap::new())),
                         deploying: Arc::new(tokio::sync::Mutex::new(())),
                         segments: segments.clone(),
+                        neighbour: false,
                     }),
                     units.link_cfg.clone(),
                 )
@@ -1171,6 +1175,8 @@ struct ShimSide {
     deploying: Arc<tokio::sync::Mutex<()>>,
     /// Its segments of spread DAG pipelines.
     segments: ShimSegments,
+    /// The link comes from another shim (a neighbour): it carries DAG values only.
+    neighbour: bool,
 }
 
 impl Service for ShimSide {
@@ -1182,10 +1188,17 @@ impl Service for ShimSide {
         let synced = self.synced.clone();
         let deploying = self.deploying.clone();
         let segments = self.segments.clone();
+        let neighbour = self.neighbour;
         Box::pin(async move {
             let call: Call = serde_json::from_slice(&msg.header).map_err(|e| {
                 RemoteError::new(RemoteErrorKind::BadCall, format!("unreadable call: {e}"))
             })?;
+            if neighbour && !matches!(call, Call::EdgeValue { .. }) {
+                return Err(RemoteError::new(
+                    RemoteErrorKind::BadCall,
+                    "a neighbour link carries DAG values only",
+                ));
+            }
             let (answer, body) =
                 serve(control, synced, deploying, segments, call, msg.body).await?;
             Ok(Message {
@@ -1205,42 +1218,6 @@ impl Service for ShimSide {
 }
 
 type Synced = Arc<Mutex<HashMap<String, (String, spore_core::FunctionManifest)>>>;
-
-/// A shim's side of a neighbour link from another shim: takes the DAG values it sends.
-struct NeighbourSide {
-    control: Control,
-    segments: ShimSegments,
-}
-
-impl Service for NeighbourSide {
-    fn call(
-        &self,
-        msg: Message,
-    ) -> Pin<Box<dyn Future<Output = Result<Message, RemoteError>> + Send + 'static>> {
-        let (control, segments) = (self.control.clone(), self.segments.clone());
-        Box::pin(async move {
-            let call: Call = serde_json::from_slice(&msg.header).map_err(|e| {
-                RemoteError::new(RemoteErrorKind::BadCall, format!("unreadable call: {e}"))
-            })?;
-            if !matches!(call, Call::EdgeValue { .. }) {
-                return Err(RemoteError::new(
-                    RemoteErrorKind::BadCall,
-                    "a neighbour link carries DAG values only",
-                ));
-            }
-            let synced = Arc::new(Mutex::new(HashMap::new()));
-            let deploying = Arc::new(tokio::sync::Mutex::new(()));
-            let (answer, body) =
-                serve(control, synced, deploying, segments, call, msg.body).await?;
-            Ok(Message {
-                header: serde_json::to_vec(&answer)
-                    .expect("answers serialize")
-                    .into(),
-                body,
-            })
-        })
-    }
-}
 
 async fn serve(
     control: Control,

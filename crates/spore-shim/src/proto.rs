@@ -418,6 +418,34 @@ mod tests {
     }
 
     #[test]
+    fn spread_edges_are_numbered_input_first_then_after_order_then_output() {
+        // A diamond: a -> (b, c) -> d, with d after [c, b].
+        let preds = vec![vec![], vec![0], vec![0], vec![2, 1]];
+        assert_eq!(
+            spread_edges(&preds, 3),
+            [
+                (None, Some(0)),
+                (Some(0), Some(1)),
+                (Some(0), Some(2)),
+                (Some(2), Some(3)),
+                (Some(1), Some(3)),
+                (Some(3), None),
+            ]
+        );
+        // Two sources each get the input.
+        assert_eq!(
+            spread_edges(&[vec![], vec![], vec![0, 1]], 2),
+            [
+                (None, Some(0)),
+                (None, Some(1)),
+                (Some(0), Some(2)),
+                (Some(1), Some(2)),
+                (Some(2), None),
+            ]
+        );
+    }
+
+    #[test]
     fn a_segment_call_survives_its_json() {
         let spec =
             DagSpec::from_toml("name = \"d\"\n[[nodes]]\nid = \"a\"\nfunction = \"f\"\nunit = 1\n")

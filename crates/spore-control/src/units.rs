@@ -550,17 +550,16 @@ impl Service for UnitSide {
         let units = self.units.clone();
         let id = self.id;
         Box::pin(async move {
-            let call: Call = serde_json::from_slice(&msg.header).map_err(|e| {
-                RemoteError::new(RemoteErrorKind::BadCall, format!("unreadable call: {e}"))
-            })?;
+            let call = parse_call(&msg)?;
             let (key, ev) = match call {
                 Call::EdgeValue {
                     key,
                     seq,
                     edge,
                     raw,
+                    deadline_ms,
+                    request_id,
                     times,
-                    ..
                 } => {
                     let value = spore_ipc::edge::Value {
                         raw,
@@ -568,6 +567,8 @@ impl Service for UnitSide {
                     };
                     let ev = spread::Event::Value {
                         seq,
+                        deadline_ms,
+                        request_id,
                         edge,
                         value,
                         times,
@@ -594,12 +595,7 @@ impl Service for UnitSide {
                 // The pipeline is gone (failed or stopped); the unit's report is moot.
                 tracing::debug!(unit = id, %key, "a report for a stopped DAG pipeline");
             }
-            Ok(Message {
-                header: serde_json::to_vec(&Answer::Done)
-                    .expect("answers serialize")
-                    .into(),
-                body: Bytes::new(),
-            })
+            Ok(answer_message(&Answer::Done, Bytes::new()))
         })
     }
 
@@ -607,6 +603,22 @@ impl Service for UnitSide {
         if let Ok(l) = serde_json::from_slice::<UnitLoad>(&load) {
             self.units.record_load(self.id, l);
         }
+    }
+}
+
+/// The call a message carries.
+fn parse_call(msg: &Message) -> Result<Call, RemoteError> {
+    serde_json::from_slice(&msg.header)
+        .map_err(|e| RemoteError::new(RemoteErrorKind::BadCall, format!("unreadable call: {e}")))
+}
+
+/// The message of an answer.
+fn answer_message(answer: &Answer, body: Bytes) -> Message {
+    Message {
+        header: serde_json::to_vec(answer)
+            .expect("answers serialize")
+            .into(),
+        body,
     }
 }
 
@@ -1190,9 +1202,7 @@ impl Service for ShimSide {
         let segments = self.segments.clone();
         let neighbour = self.neighbour;
         Box::pin(async move {
-            let call: Call = serde_json::from_slice(&msg.header).map_err(|e| {
-                RemoteError::new(RemoteErrorKind::BadCall, format!("unreadable call: {e}"))
-            })?;
+            let call = parse_call(&msg)?;
             if neighbour && !matches!(call, Call::EdgeValue { .. }) {
                 return Err(RemoteError::new(
                     RemoteErrorKind::BadCall,
@@ -1201,12 +1211,7 @@ impl Service for ShimSide {
             }
             let (answer, body) =
                 serve(control, synced, deploying, segments, call, msg.body).await?;
-            Ok(Message {
-                header: serde_json::to_vec(&answer)
-                    .expect("answers serialize")
-                    .into(),
-                body,
-            })
+            Ok(answer_message(&answer, body))
         })
     }
 

@@ -60,9 +60,12 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// What a segment reports.
 #[derive(Debug)]
 pub(crate) enum Event {
-    /// A value left a segment on `edge`; `times` are that segment's nodes that finished.
+    /// A value left a segment on `edge` during invocation `seq` (deadline, unix ms, and
+    /// request id as the segment got them); `times` are that segment's nodes that finished.
     Value {
         seq: u64,
+        deadline_ms: u64,
+        request_id: String,
         edge: usize,
         value: Value,
         times: Vec<NodeTimes>,
@@ -79,6 +82,14 @@ pub(crate) enum Event {
     UnitDown { unit: u32, reason: String },
 }
 
+/// The invocation a segment's pages are set up for.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Invocation {
+    seq: u64,
+    deadline_ms: u64,
+    request_id: String,
+}
+
 /// Where a segment's events go: the control plane's router, or a shim's link.
 pub(crate) type Reporter = Arc<dyn Fn(Event) + Send + Sync>;
 
@@ -89,7 +100,7 @@ pub(crate) struct Segment {
     /// The daemon's producing ends of the edges entering the segment, by edge.
     entries: Arc<Mutex<HashMap<usize, EdgeSender>>>,
     /// The invocation the pages' headers hold.
-    seq: Arc<Mutex<u64>>,
+    seq: Arc<Mutex<Invocation>>,
     /// How each node's instance started (node, start).
     starts: Vec<(usize, StartKind)>,
     cancel: watch::Sender<bool>,
@@ -109,11 +120,15 @@ impl Segment {
     /// Writes invocation `seq`'s header into every page (once per invocation).
     pub(crate) fn begin(&self, seq: u64, deadline_ms: u64, request_id: &str) {
         let mut cur = self.seq.lock().expect("segment seq lock");
-        if seq > *cur {
+        if seq > cur.seq {
             for (_, p) in self.pages.iter() {
                 p.write_header(seq, deadline_ms, request_id);
             }
-            *cur = seq;
+            *cur = Invocation {
+                seq,
+                deadline_ms,
+                request_id: request_id.to_owned(),
+            };
         }
     }
 
@@ -199,7 +214,7 @@ pub(crate) fn graph(spec: &DagSpec) -> (Vec<Vec<usize>>, usize) {
 /// the stop flag.
 type ExitParts = (
     Arc<Vec<(usize, NodePage)>>,
-    Arc<Mutex<u64>>,
+    Arc<Mutex<Invocation>>,
     Arc<AtomicBool>,
 );
 
@@ -225,7 +240,7 @@ fn spawn_exit(
                 Err(e) => {
                     // A ring or payload the producer broke: the run fails naming it (if its
                     // instance died instead, its member reports that too; the first wins).
-                    let s = *seq.lock().expect("segment seq lock");
+                    let s = seq.lock().expect("segment seq lock").seq;
                     let error = FunctionError::platform(
                         "Spore.DagEdge",
                         format!("reading its result: {e}"),
@@ -238,7 +253,8 @@ fn spawn_exit(
                     return;
                 }
             };
-            let s = *seq.lock().expect("segment seq lock");
+            let inv = seq.lock().expect("segment seq lock").clone();
+            let s = inv.seq;
             // Polls the pages: briefly at first (a node writes its timing right after its
             // result), then every half millisecond, so that a late node does not cost a CPU.
             let wait_for = |pred: &dyn Fn(&[NodeTimes]) -> bool, limit: Duration| {
@@ -255,31 +271,30 @@ fn spawn_exit(
                     }
                 }
             };
-            if to_output {
-                // The DAG's result: it carries the timing of every node of the segment, and
-                // what is late follows.
-                let all = |t: &[NodeTimes]| t.len() == pages.len();
-                let times = wait_for(&all, SLOT_WAIT);
-                let complete = all(&times);
-                report(Event::Value {
-                    seq: s,
-                    edge,
-                    value,
-                    times,
-                });
-                if !complete {
-                    let times = wait_for(&all, LATE_TIMING);
-                    report(Event::Times { seq: s, times });
-                }
+            // The DAG's result carries the timing of every node of the segment; any other
+            // value goes at once. Timing that is not in yet follows.
+            let all = |t: &[NodeTimes]| t.len() == pages.len();
+            let (times, late) = if to_output {
+                let t = wait_for(&all, SLOT_WAIT);
+                let late = !all(&t);
+                (t, late)
             } else {
-                // On its way at once; the producer's timing follows.
-                report(Event::Value {
-                    seq: s,
-                    edge,
-                    value,
-                    times: Vec::new(),
-                });
-                let times = wait_for(&|t| t.iter().any(|x| x.node == node), LATE_TIMING);
+                (Vec::new(), true)
+            };
+            report(Event::Value {
+                seq: s,
+                deadline_ms: inv.deadline_ms,
+                request_id: inv.request_id,
+                edge,
+                value,
+                times,
+            });
+            if late {
+                let times = if to_output {
+                    wait_for(&all, LATE_TIMING)
+                } else {
+                    wait_for(&|t| t.iter().any(|x| x.node == node), LATE_TIMING)
+                };
                 report(Event::Times { seq: s, times });
             }
         })
@@ -369,7 +384,7 @@ impl Control {
             Ok(i) => i,
             Err(f) => return Ok(Err(f)),
         };
-        let seq = Arc::new(Mutex::new(0u64));
+        let seq = Arc::new(Mutex::new(Invocation::default()));
         let (cancel, cancel_rx) = watch::channel(false);
         let (fail_tx, mut fail_rx) = mpsc::unbounded_channel::<(usize, FunctionError)>();
         let mut members = Vec::with_capacity(launches.len());
@@ -389,7 +404,7 @@ impl Control {
             let (seq, report) = (seq.clone(), report.clone());
             members.push(tokio::spawn(async move {
                 while let Some((node, error)) = fail_rx.recv().await {
-                    let seq = *seq.lock().expect("segment seq lock");
+                    let seq = seq.lock().expect("segment seq lock").seq;
                     report(Event::Failed { seq, node, error });
                 }
             }));
@@ -427,9 +442,6 @@ pub(crate) struct Spread {
     /// How each node's instance started.
     starts: Vec<StartKind>,
     routes: Arc<crate::units::Units>,
-    /// The running invocation's deadline (unix ms) and request id, for values this unit's
-    /// exits send straight to other units.
-    current: Arc<Mutex<(u64, String)>>,
     /// Tasks that report a unit's link closing.
     watchers: Vec<tokio::task::AbortHandle>,
 }
@@ -500,7 +512,6 @@ impl Control {
             inbox,
             starts: vec![StartKind::Warm; plan.spec.nodes.len()],
             routes,
-            current: Arc::new(Mutex::new((0, String::new()))),
             watchers: Vec::new(),
         };
         let mut by_unit: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
@@ -590,14 +601,18 @@ impl Control {
                 edges: spread.edges.clone(),
                 units: spread.units.clone(),
                 remotes: spread.remotes.clone(),
-                current: spread.current.clone(),
                 handle: tokio::runtime::Handle::current(),
             };
             let report: Reporter = Arc::new(move |ev| match ev {
                 Event::Value {
-                    seq, edge, value, ..
+                    seq,
+                    deadline_ms,
+                    request_id,
+                    edge,
+                    value,
+                    ..
                 } if direct.remote(edge).is_some() => {
-                    if let Err(failed) = direct.send(seq, edge, value) {
+                    if let Err(failed) = direct.send(seq, deadline_ms, request_id, edge, value) {
                         let _ = tx.send(failed);
                     }
                 }
@@ -636,7 +651,6 @@ impl Control {
         let total = path.iter().copied().max().unwrap_or_default();
         let t0 = Instant::now();
         let deadline_ms = crate::store::now_unix_ms() + total.as_millis() as u64;
-        *sp.current.lock().expect("current lock") = (deadline_ms, request_id.to_owned());
         if let Some(seg) = &sp.local {
             seg.begin(seq, deadline_ms, request_id);
         }
@@ -688,7 +702,7 @@ impl Control {
                     Some(Event::Times { seq: s, times: t }) if s == seq => {
                         times.extend(t.into_iter().map(|t| (t.node, t)));
                     }
-                    Some(Event::Value { seq: s, edge, value, times: t }) if s == seq => {
+                    Some(Event::Value { seq: s, edge, value, times: t, .. }) if s == seq => {
                         times.extend(t.into_iter().map(|t| (t.node, t)));
                         if sp.edges.get(edge).is_some_and(|e| e.1.is_none()) {
                             let runs = self.spread_runs(plan, sp, seq, times).await;
@@ -871,7 +885,6 @@ struct DirectExit {
     edges: Vec<(Option<usize>, Option<usize>)>,
     units: Vec<u32>,
     remotes: BTreeMap<u32, Link>,
-    current: Arc<Mutex<(u64, String)>>,
     handle: tokio::runtime::Handle,
 }
 
@@ -883,9 +896,15 @@ impl DirectExit {
     }
 
     /// Sends a value and waits for the unit to take it; the failure to report if it did not.
-    fn send(&self, seq: u64, edge: usize, value: Value) -> Result<(), Event> {
+    fn send(
+        &self,
+        seq: u64,
+        deadline_ms: u64,
+        request_id: String,
+        edge: usize,
+        value: Value,
+    ) -> Result<(), Event> {
         let (c, link) = self.remote(edge).expect("checked by the caller");
-        let (deadline_ms, request_id) = self.current.lock().expect("current lock").clone();
         let call = Call::EdgeValue {
             key: self.key.clone(),
             seq,
@@ -923,17 +942,11 @@ struct Delivery {
     me: u32,
 }
 
-/// The running invocation's deadline (unix ms) and request id, as a segment last heard them.
-type Current = Arc<Mutex<(u64, String)>>;
-
-/// A segment on a shim, and what it last heard of the running invocation.
-type ShimSegment = (Arc<Segment>, Current);
-
 /// A shim's segments, by key, how they report to the control plane, and its neighbour links
 /// (to other shims, for DAG edges between them).
 #[derive(Clone, Default)]
 pub(crate) struct ShimSegments {
-    segments: Arc<Mutex<HashMap<String, ShimSegment>>>,
+    segments: Arc<Mutex<HashMap<String, Arc<Segment>>>>,
     /// The link to the control plane (the latest).
     control: Arc<Mutex<Option<Link>>>,
     /// Neighbour links this shim dialed, by unit.
@@ -1014,13 +1027,7 @@ impl ShimSegments {
         Ok(link)
     }
 
-    fn reporter(
-        &self,
-        key: &str,
-        targets: Targets,
-        current: Current,
-        me: (UnitInfo, LinkConfig),
-    ) -> Reporter {
+    fn reporter(&self, key: &str, targets: Targets, me: (UnitInfo, LinkConfig)) -> Reporter {
         let this = self.clone();
         let key = key.to_owned();
         let handle = tokio::runtime::Handle::current();
@@ -1036,24 +1043,23 @@ impl ShimSegments {
             let (call, body) = match ev {
                 Event::Value {
                     seq,
+                    deadline_ms,
+                    request_id,
                     edge,
                     value,
                     times,
-                } => {
-                    let (deadline_ms, request_id) = current.lock().expect("current lock").clone();
-                    (
-                        Call::EdgeValue {
-                            key: key.clone(),
-                            seq,
-                            edge,
-                            raw: value.raw,
-                            deadline_ms,
-                            request_id,
-                            times,
-                        },
-                        Bytes::from(value.bytes),
-                    )
-                }
+                } => (
+                    Call::EdgeValue {
+                        key: key.clone(),
+                        seq,
+                        edge,
+                        raw: value.raw,
+                        deadline_ms,
+                        request_id,
+                        times,
+                    },
+                    Bytes::from(value.bytes),
+                ),
                 Event::Times { seq, times } => (
                     Call::SegmentTimes {
                         key: key.clone(),
@@ -1153,12 +1159,11 @@ impl ShimSegments {
             units: units.clone(),
             neighbours: neighbours.into_iter().filter(|(u, _)| *u != me).collect(),
         };
-        let current: Current = Arc::new(Mutex::new((0, String::new())));
         let me_info = (
             control.inner.units.local().clone(),
             control.inner.units.link_cfg().clone(),
         );
-        let report = self.reporter(&key, targets, current.clone(), me_info);
+        let report = self.reporter(&key, targets, me_info);
         match control
             .build_segment(&spec, &units, recs, &key, report)
             .await?
@@ -1173,7 +1178,7 @@ impl ShimSegments {
                     .segments
                     .lock()
                     .expect("segments lock")
-                    .insert(key, (Arc::new(seg), current));
+                    .insert(key, Arc::new(seg));
                 drop(old);
                 Ok(Answer::SegmentOpened {
                     starts,
@@ -1193,14 +1198,13 @@ impl ShimSegments {
         deadline_ms: u64,
         request_id: &str,
     ) -> Result<(), ControlError> {
-        let (seg, current) = self
+        let seg = self
             .segments
             .lock()
             .expect("segments lock")
             .get(key)
             .cloned()
             .ok_or_else(|| ControlError::NotFound(format!("no DAG segment {key} on this unit")))?;
-        *current.lock().expect("current lock") = (deadline_ms, request_id.to_owned());
         seg.begin(seq, deadline_ms, request_id);
         let left = Duration::from_millis(
             deadline_ms
@@ -1215,7 +1219,7 @@ impl ShimSegments {
     /// `segment_close`: stops a segment and waits until its instances are destroyed.
     pub(crate) async fn close(&self, key: &str) {
         let seg = self.segments.lock().expect("segments lock").remove(key);
-        if let Some(seg) = seg.and_then(|(s, _)| Arc::try_unwrap(s).ok()) {
+        if let Some(seg) = seg.and_then(|s| Arc::try_unwrap(s).ok()) {
             seg.close().await;
         }
     }

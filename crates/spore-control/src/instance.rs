@@ -311,7 +311,7 @@ fn spawn_in(
         argv: launch.argv(),
         env: launch.env(),
         cwd: spore_runtime::TASK_ROOT.to_owned(),
-        cgroup_procs: cgroup.procs_files(),
+        cgroup_join: cgroup.self_attach_files(),
         max_open_files: 1024,
         control_fd: spore_runtime::CONTROL_FD,
         user_namespace: None,
@@ -358,6 +358,17 @@ fn spawn_in(
         });
     }
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(platform("socketpair"))?;
+    if spec.restore.is_some() {
+        // The restored runtime reads its environment first (it has the checkpointed one). A
+        // few KiB into an empty socket buffer: this write does not block.
+        let frame = protocol::encode(
+            &ToRuntime::Environment {
+                vars: spec.env.iter().cloned().collect(),
+            },
+            b"",
+        );
+        std::io::Write::write_all(&mut &ours, &frame).map_err(platform("socket"))?;
+    }
     ours.set_nonblocking(true).map_err(platform("socket"))?;
     let sock = UnixStream::from_std(ours).map_err(platform("socket"))?;
     let mut cmd = spore_sandbox::command(&env.exe, &spec)
@@ -383,6 +394,73 @@ fn spawn_in(
         sock,
         stderr_tail,
     })
+}
+
+/// The first frame a starting runtime sends after its checkpoint, if it offers one: a
+/// runtime started with `ColdStart::InitAndSnapshot` waits in its checkpoint call, is copied
+/// (`runtime`: the sandbox's outer init, host pid, and how many generations below it the
+/// runtime is) and told how that went, then reports ready. The snapshot's time goes into
+/// `breakdown`.
+pub(crate) async fn first_frame(
+    sock: &mut UnixStream,
+    deadline: tokio::time::Instant,
+    how: &ColdStart,
+    runtime: Option<(u32, u32)>,
+    function: &str,
+    breakdown: &mut Vec<(String, f64)>,
+) -> Result<std::io::Result<Option<(FromRuntime, Vec<u8>)>>, tokio::time::error::Elapsed> {
+    let first = tokio::time::timeout_at(deadline, read_frame(sock)).await;
+    let Ok(Ok(Some((FromRuntime::Checkpoint { context }, _)))) = &first else {
+        return first;
+    };
+    let (context, t) = (*context, Instant::now());
+    let taken = match (how, runtime) {
+        (ColdStart::InitAndSnapshot(pending), Some((init, depth))) => {
+            capture_runtime(init, depth, pending, context).await
+        }
+        (ColdStart::InitAndSnapshot(_), None) => Err("the sandbox exited".to_owned()),
+        _ => Err("the runtime offered a snapshot nobody asked for".to_owned()),
+    };
+    let status = match taken {
+        Ok(()) => 0u8,
+        Err(why) => {
+            tracing::warn!(function = %function, "snapshot not taken: {why}");
+            1
+        }
+    };
+    breakdown.push(("snapshot".into(), t.elapsed().as_secs_f64() * 1e3));
+    // The runtime waits for one raw status byte, then reports ready.
+    if let Err(e) = sock.write_all(&[status]).await {
+        return Ok(Err(e));
+    }
+    tokio::time::timeout_at(deadline, read_frame(sock)).await
+}
+
+/// Copies the runtime waiting in its checkpoint call at `context` into `pending`: the process
+/// `depth` generations below the sandbox's outer init `init` (host pid), each the only child
+/// of its parent.
+async fn capture_runtime(
+    init: u32,
+    depth: u32,
+    pending: &Arc<crate::snapshots::Pending>,
+    context: u64,
+) -> Result<(), String> {
+    let pending = pending.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut pid = init;
+        for _ in 0..depth {
+            let path = format!("/proc/{pid}/task/{pid}/children");
+            pid = std::fs::read_to_string(&path)
+                .map_err(|e| format!("{path}: {e}"))?
+                .split_whitespace()
+                .next()
+                .and_then(|p| p.parse().ok())
+                .ok_or("the sandbox has no runtime process")?;
+        }
+        pending.capture(pid as i32, context)
+    })
+    .await
+    .map_err(|e| format!("snapshot task: {e}"))?
 }
 
 pub(crate) fn platform(what: &str) -> impl FnOnce(std::io::Error) -> StartError + '_ {
@@ -433,27 +511,19 @@ impl Instance {
             helpers,
         };
         let deadline = tokio::time::Instant::now() + init_timeout;
-        let mut first = tokio::time::timeout_at(deadline, read_frame(&mut inst.sock)).await;
-        if let Ok(Ok(Some((FromRuntime::Checkpoint { context }, _)))) = &first {
-            let (context, t) = (*context, Instant::now());
-            let taken = match &how {
-                ColdStart::InitAndSnapshot(pending) => inst.snapshot_into(pending, context).await,
-                _ => Err("the runtime offered a snapshot nobody asked for".to_owned()),
-            };
-            let status = match taken {
-                Ok(()) => 0u8,
-                Err(why) => {
-                    tracing::warn!(function = %m.name, "snapshot not taken: {why}");
-                    1
-                }
-            };
-            inst.breakdown
-                .push(("snapshot".into(), t.elapsed().as_secs_f64() * 1e3));
-            // The runtime waits for one raw status byte, then reports ready.
-            if inst.sock.write_all(&[status]).await.is_ok() {
-                first = tokio::time::timeout_at(deadline, read_frame(&mut inst.sock)).await;
-            }
-        }
+        let init = match &inst.proc {
+            Proc::Spawned(child) => child.id(),
+            Proc::Forked(_) => None,
+        };
+        let first = first_frame(
+            &mut inst.sock,
+            deadline,
+            &how,
+            init.map(|pid| (pid, 1)),
+            &m.name,
+            &mut inst.breakdown,
+        )
+        .await;
         let failure = match first {
             Ok(Ok(Some((FromRuntime::Ready { .. }, _)))) => {
                 inst.init_ms = t0.elapsed().as_secs_f64() * 1000.0;
@@ -491,33 +561,6 @@ impl Instance {
         };
         inst.destroy().await;
         Err(failure)
-    }
-
-    /// Copies this instance's runtime, waiting in its checkpoint call at `context`, into the
-    /// pending snapshot.
-    async fn snapshot_into(
-        &self,
-        pending: &Arc<crate::snapshots::Pending>,
-        context: u64,
-    ) -> Result<(), String> {
-        let Proc::Spawned(child) = &self.proc else {
-            return Err("not a spawned sandbox".into());
-        };
-        let init = child.id().ok_or("the sandbox exited")?;
-        let pending = pending.clone();
-        tokio::task::spawn_blocking(move || {
-            // The runtime is the init's only child (pid 1 of the sandbox's pid namespace).
-            let path = format!("/proc/{init}/task/{init}/children");
-            let runtime: i32 = std::fs::read_to_string(&path)
-                .map_err(|e| format!("{path}: {e}"))?
-                .split_whitespace()
-                .next()
-                .and_then(|p| p.parse().ok())
-                .ok_or("the sandbox has no runtime process")?;
-            pending.capture(runtime, context)
-        })
-        .await
-        .map_err(|e| format!("snapshot task: {e}"))?
     }
 
     /// Runs one invocation. On `Err` the instance is broken and must be destroyed.

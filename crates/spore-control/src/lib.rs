@@ -78,6 +78,18 @@ impl From<RegistryError> for ControlError {
     }
 }
 
+/// What [`Control::evict`] stopped.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Evicted {
+    /// Idle instances stopped.
+    pub instances: usize,
+    /// Whether a cfork template was stopped.
+    pub template: bool,
+    /// Whether the function's next start restores from a snapshot.
+    pub restorable: bool,
+}
+
 /// Daemon settings.
 #[derive(Debug, Clone)]
 pub struct ControlConfig {
@@ -327,7 +339,13 @@ impl Control {
                 0o755,
             ),
         ];
+        // The runtime code a snapshot holds in memory: an image taken with other runtime files
+        // (another Spore build) would resume that other code, so it is not restored.
+        let mut build = crc32fast::Hasher::new();
+        build.update(env!("CARGO_PKG_VERSION").as_bytes());
         for (name, bytes, mode) in runtime_files {
+            build.update(name.as_bytes());
+            build.update(bytes);
             let path = runtime_dir.join(name);
             // Unchanged files keep their identity, so that snapshots (which map them and
             // check their inode and mtime) survive a daemon restart.
@@ -386,9 +404,12 @@ impl Control {
         if let Err(why) = &env {
             warnings.push(format!("invocations are disabled: {why}"));
         }
-        let snapshots =
-            snapshots::Snapshots::new(cfg.data_dir.join("snapshots"), cfg.snapshot_codec)
-                .map_err(|e| io("creating the snapshots directory", e))?;
+        let snapshots = snapshots::Snapshots::new(
+            cfg.data_dir.join("snapshots"),
+            cfg.snapshot_codec,
+            format!("{:08x}", build.finalize()),
+        )
+        .map_err(|e| io("creating the snapshots directory", e))?;
         let units = Arc::new(units::Units::new(
             cfg.unit
                 .clone()
@@ -583,6 +604,37 @@ impl Control {
             .entry(name.to_owned())
             .or_default()
             .clone()
+    }
+
+    /// Stops the idle instances and the cfork template of `name` now, releasing their
+    /// memory (an operator's `spore evict`, and benchmarks that measure what comes back):
+    /// the next start restores from the function's snapshot if it has one. Busy instances
+    /// are left to finish. Returns once they are gone.
+    pub async fn evict(&self, name: &str) -> Result<Evicted, ControlError> {
+        let rec = self.get_function(name)?;
+        let template = self
+            .inner
+            .templates
+            .lock()
+            .expect("templates lock")
+            .remove(name);
+        let idle = self
+            .existing_pool(name)
+            .map(|pool| pool.take_idle(|_| true))
+            .unwrap_or_default();
+        let out = Evicted {
+            instances: idle.len(),
+            template: template.is_some(),
+            restorable: rec.manifest.snapshot
+                && self.inner.snapshots.current(name, rec.revision).is_some(),
+        };
+        for inst in idle {
+            inst.destroy().await;
+        }
+        if let Some(t) = template {
+            t.destroy().await;
+        }
+        Ok(out)
     }
 
     /// Stops the idle instances and the template of `name` (after a change or delete).
@@ -855,14 +907,16 @@ impl Control {
                 Ok((inst, StartKind::Cold))
             }
             SandboxKind::Cfork => {
-                self.fork_instance(env, rec, log, init_timeout, first_invoke)
+                self.fork_instance(env, rec, log, init_timeout, first_invoke, opts)
                     .await
             }
         }
     }
 
-    /// Starts a cfork instance: forked from the live template, or from a new one (then the
-    /// start counts as cold and includes the template's start).
+    /// Starts a cfork instance: forked from the live template, or from a new one, imported or
+    /// restored from the function's snapshot (then the start counts as `cold` or `restore`
+    /// and includes the template's start). `opts.cold_path` `init` or `restore` replaces the
+    /// live template with one started that way.
     async fn fork_instance(
         &self,
         env: &Arc<InstanceEnv>,
@@ -870,8 +924,16 @@ impl Control {
         log: Arc<LogRing>,
         init_timeout: Duration,
         first_invoke: Option<Vec<u8>>,
+        opts: InvokeOptions,
     ) -> Result<(Instance, StartKind), StartError> {
-        let (template, created) = self.template_for(env, rec, log, init_timeout).await?;
+        let fresh = match opts.cold_path {
+            Some(StartKind::Cold) => Some(false),
+            Some(StartKind::Restore) => Some(true),
+            _ => None,
+        };
+        let (template, started) = self
+            .template_for(env, rec, log, init_timeout, fresh)
+            .await?;
         let forked = template
             .fork(env, rec, Duration::from_secs(10), first_invoke)
             .await;
@@ -879,9 +941,14 @@ impl Control {
             self.drop_template(&rec.manifest.name, &template);
         }
         let mut inst = forked?;
-        if created {
+        if started {
             inst.init_ms += template.init_ms;
-            return Ok((inst, StartKind::Cold));
+            let kind = if template.restored {
+                StartKind::Restore
+            } else {
+                StartKind::Cold
+            };
+            return Ok((inst, kind));
         }
         Ok((inst, StartKind::Fork))
     }
@@ -898,14 +965,17 @@ impl Control {
         tokio::spawn(async move { t.destroy().await });
     }
 
-    /// The live template of `rec`, started if there is none (or it died, or is stale).
-    /// Returns whether it was started now.
+    /// The live template of `rec`, started if there is none (or it died, or is stale):
+    /// restored from the function's snapshot if it has one, else imported (and snapshotted,
+    /// for a `snapshot = true` function). `fresh` = Some(restore?) replaces a live template
+    /// with a new one started that way. Returns whether it was started now.
     async fn template_for(
         &self,
         env: &Arc<InstanceEnv>,
         rec: &FunctionRecord,
         log: Arc<LogRing>,
         init_timeout: Duration,
+        fresh: Option<bool>,
     ) -> Result<(Arc<Template>, bool), StartError> {
         let name = &rec.manifest.name;
         let lock = self
@@ -925,7 +995,7 @@ impl Control {
             .get(name)
             .cloned();
         if let Some(t) = existing {
-            if t.is_alive() && t.revision == rec.revision {
+            if t.is_alive() && t.revision == rec.revision && fresh.is_none() {
                 return Ok((t, false));
             }
             self.drop_template(name, &t);
@@ -936,8 +1006,44 @@ impl Control {
             .manifest
             .max_instances
             .unwrap_or(self.inner.cfg.max_instances);
-        let template =
-            Template::start(env, rec, code_dir, log, init_timeout, max_instances).await?;
+        let snaps = &self.inner.snapshots;
+        let restore = fresh.unwrap_or(rec.manifest.snapshot);
+        // Only snapshot users pay for looking at the store.
+        let image = restore.then(|| snaps.current(name, rec.revision)).flatten();
+        let mut template = None;
+        if let Some(image) = image {
+            let how = ColdStart::Restore(image.clone(), spore_snapshot::restore::MemoryMode::Full);
+            let started = Template::start(
+                env,
+                rec,
+                code_dir.clone(),
+                log.clone(),
+                init_timeout,
+                max_instances,
+                how,
+            )
+            .await;
+            match started {
+                Ok(t) => template = Some(t),
+                Err(e) => {
+                    // A refused or failed image never runs: import instead, and take a new one.
+                    tracing::warn!(function = %name, "restoring the cfork template failed, starting it from scratch: {e}");
+                    snaps.discard(&image);
+                }
+            }
+        }
+        let template = match template {
+            Some(t) => t,
+            None => {
+                let pending = rec
+                    .manifest
+                    .snapshot
+                    .then(|| snaps.begin(name, rec.revision))
+                    .flatten();
+                let how = pending.map_or(ColdStart::Init, ColdStart::InitAndSnapshot);
+                Template::start(env, rec, code_dir, log, init_timeout, max_instances, how).await?
+            }
+        };
         template.refill_spares(env);
         self.inner
             .templates
@@ -997,7 +1103,10 @@ impl Control {
             let log = this.log_ring(&rec.manifest.name);
             let timeout =
                 Duration::from_secs(u64::from(rec.manifest.timeout_s)).max(Duration::from_secs(10));
-            if let Err(e) = this.template_for(&env, &rec, log.clone(), timeout).await {
+            if let Err(e) = this
+                .template_for(&env, &rec, log.clone(), timeout, None)
+                .await
+            {
                 log.push_text(&format!("starting the cfork template failed: {e}"));
             }
         });

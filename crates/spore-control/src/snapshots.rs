@@ -2,10 +2,13 @@
 //! which one is current for a function, taking one, listing and removing them.
 //!
 //! A function with `snapshot = true` has its runtime copied at its first init (the runtime
-//! offers itself before reporting ready; see `Instance::start`); later cold starts restore
-//! that image instead of importing again. The file name carries the registry revision, so a
-//! redeploy never restores old code; files survive a daemon restart (the runtime files they
-//! map are rewritten only when their content changes).
+//! offers itself before reporting ready; see `Instance::start`; a cfork function's template
+//! likewise, see `Template::start`); later cold starts restore that image instead of
+//! importing again. The file name (`NAME@REVISION-BUILD.snap`) carries the registry revision,
+//! so a redeploy never restores old code, and a digest of Spore's runtime files, so an
+//! upgrade never resumes the old runtime code an image holds in memory; files survive a
+//! daemon restart (the runtime files they map are rewritten only when their content
+//! changes).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -20,6 +23,8 @@ use spore_snapshot::image::{Codec, Image};
 pub struct Snapshots {
     dir: PathBuf,
     codec: Codec,
+    /// Digest of the runtime files of this build (in every file name).
+    build: String,
     /// Functions whose snapshot is being taken now.
     busy: Mutex<HashSet<String>>,
     /// Functions (and the revision) whose runtime cannot be snapshotted: not tried again
@@ -113,26 +118,31 @@ pub struct SnapshotInfo {
     pub error: Option<String>,
 }
 
-fn parse_name(path: &Path) -> Option<(String, u64)> {
+/// (function, revision, build) of a snapshot file name; the build is empty in names from
+/// before builds were recorded.
+fn parse_name(path: &Path) -> Option<(String, u64, String)> {
     let stem = path.file_name()?.to_str()?.strip_suffix(".snap")?;
-    let (name, rev) = stem.rsplit_once('@')?;
-    Some((name.to_owned(), rev.parse().ok()?))
+    let (name, rest) = stem.rsplit_once('@')?;
+    let (rev, build) = rest.split_once('-').unwrap_or((rest, ""));
+    Some((name.to_owned(), rev.parse().ok()?, build.to_owned()))
 }
 
 impl Snapshots {
     /// Opens (creating) the store under `dir`.
-    pub fn new(dir: PathBuf, codec: Codec) -> std::io::Result<Snapshots> {
+    pub fn new(dir: PathBuf, codec: Codec, build: String) -> std::io::Result<Snapshots> {
         std::fs::create_dir_all(&dir)?;
         Ok(Snapshots {
             dir,
             codec,
+            build,
             busy: Mutex::new(HashSet::new()),
             refused: Mutex::new(std::collections::HashMap::new()),
         })
     }
 
     fn path(&self, function: &str, revision: u64) -> PathBuf {
-        self.dir.join(format!("{function}@{revision}.snap"))
+        self.dir
+            .join(format!("{function}@{revision}-{}.snap", self.build))
     }
 
     fn files_of(&self, function: &str) -> Vec<PathBuf> {
@@ -141,7 +151,7 @@ impl Snapshots {
         };
         entries
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| parse_name(p).is_some_and(|(n, _)| n == function))
+            .filter(|p| parse_name(p).is_some_and(|(n, _, _)| n == function))
             .collect()
     }
 
@@ -200,8 +210,15 @@ impl Snapshots {
         let mut out: Vec<SnapshotInfo> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter_map(|path| {
-                let (function, revision) = parse_name(&path)?;
-                Some(info(function, revision, path))
+                let (function, revision, build) = parse_name(&path)?;
+                let mut info = info(function, revision, path);
+                if build != self.build && info.error.is_none() {
+                    info.error = Some(format!(
+                        "taken by another Spore build (runtime {build:?}, this one {:?}): not restored; replaced at the next init",
+                        self.build
+                    ));
+                }
+                Some(info)
             })
             .collect();
         out.sort_by(|a, b| {
@@ -247,10 +264,15 @@ mod tests {
     #[test]
     fn names_revisions_and_one_capture_at_a_time() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Snapshots::new(dir.path().join("s"), Codec::Lz4).unwrap());
+        let store =
+            Arc::new(Snapshots::new(dir.path().join("s"), Codec::Lz4, "0badcafe".into()).unwrap());
+        assert_eq!(
+            parse_name(Path::new("/x/a-b@12-0badcafe.snap")),
+            Some(("a-b".into(), 12, "0badcafe".into()))
+        );
         assert_eq!(
             parse_name(Path::new("/x/a-b@12.snap")),
-            Some(("a-b".into(), 12))
+            Some(("a-b".into(), 12, String::new()))
         );
         assert_eq!(parse_name(Path::new("/x/a.snap")), None);
         assert!(store.current("f", 1).is_none());
@@ -266,7 +288,18 @@ mod tests {
         let listed = store.list();
         assert_eq!(listed.len(), 1);
         assert!(listed[0].error.as_deref().unwrap().contains("truncated"));
-        assert_eq!(store.remove("f"), 1);
+        // An image of another build is listed as such, never restored, and goes with the
+        // function's others.
+        std::fs::write(dir.path().join("s/f@1-12345678.snap"), b"junk").unwrap();
+        std::fs::write(dir.path().join("s/f@1.snap"), b"junk").unwrap();
+        assert_eq!(store.current("f", 1), Some(store.path("f", 1)));
+        assert_eq!(store.list().len(), 3);
+        assert_eq!(store.remove("f"), 3);
         assert!(store.list().is_empty());
+        std::fs::write(dir.path().join("s/g@1-12345678.snap"), b"junk").unwrap();
+        assert!(store.current("g", 1).is_none(), "another build's image");
+        let listed = store.list();
+        assert!(listed[0].error.is_some());
+        assert!(store.begin("g", 1).is_some(), "a new one is taken");
     }
 }

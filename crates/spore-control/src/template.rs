@@ -22,8 +22,8 @@ use tokio::net::UnixStream;
 use tokio::sync::Notify;
 
 use crate::instance::{
-    create_cgroup, destroy_cgroup, error_chain, monotonic_ns, platform, read_frame, spawn_sandbox,
-    Instance, InstanceEnv, Launch, Proc, StartError,
+    create_cgroup, destroy_cgroup, error_chain, first_frame, monotonic_ns, platform, read_frame,
+    spawn_sandbox, ColdStart, Instance, InstanceEnv, Launch, Proc, StartError,
 };
 use crate::logs::LogRing;
 use crate::registry::FunctionRecord;
@@ -81,8 +81,10 @@ pub struct Template {
     pub id: String,
     /// Registry revision of the function it holds.
     pub revision: u64,
-    /// Time it took to start (sandbox, interpreter, imports), ms.
+    /// Time it took to start (sandbox, interpreter, imports or restore), ms.
     pub init_ms: f64,
+    /// Whether it was restored from a snapshot (else it imported the handler).
+    pub restored: bool,
     writer: tokio::sync::Mutex<OwnedWriteHalf>,
     helper: tokio::sync::Mutex<tokio::process::Child>,
     cgroup: Mutex<Option<spore_sandbox::cgroup::Cgroup>>,
@@ -96,7 +98,11 @@ pub struct Template {
 }
 
 impl Template {
-    /// Starts a template of `rec` and waits until it has imported the handler.
+    /// Starts a template of `rec` and waits until it has imported the handler: from scratch
+    /// (possibly snapshotting itself before it prepares anything for children), or restored
+    /// from a snapshot. A template's memory is always installed whole (`full`): pages served
+    /// lazily would be lost to the children it forks before they arrive (userfaultfd does not
+    /// follow a fork into a child registered by nobody).
     pub async fn start(
         env: &Arc<InstanceEnv>,
         rec: &FunctionRecord,
@@ -104,7 +110,14 @@ impl Template {
         log: Arc<LogRing>,
         init_timeout: Duration,
         max_instances: u32,
+        how: ColdStart,
     ) -> Result<Arc<Template>, StartError> {
+        let how = match how {
+            ColdStart::Restore(image, _) => {
+                ColdStart::Restore(image, spore_snapshot::restore::MemoryMode::Full)
+            }
+            other => other,
+        };
         let t0 = Instant::now();
         let m = &rec.manifest;
         // The function's own limit, plus the namespaces its live children hold, plus slack.
@@ -144,11 +157,25 @@ impl Template {
             code_dir,
             uid: 0,
             template: Some((mapping, extra_env)),
-            how: crate::instance::ColdStart::Init,
+            how: how.clone(),
         };
-        let (cgroup, spawned) = spawn_sandbox(env, rec, launch, log, memory_mb, 2).await?;
-        let (mut reader, writer) = spawned.sock.into_split();
-        let first = tokio::time::timeout(init_timeout, read_frame(&mut reader)).await;
+        let restored = matches!(how, ColdStart::Restore(..));
+        let (cgroup, mut spawned) = spawn_sandbox(env, rec, launch, log, memory_mb, 2).await?;
+        let deadline = tokio::time::Instant::now() + init_timeout;
+        let mut breakdown = Vec::new();
+        // The runtime is the only child of the template's pid-namespace init, itself the only
+        // child of the sandbox's outer init.
+        let runtime = spawned.child.id().map(|pid| (pid, 2));
+        let first = first_frame(
+            &mut spawned.sock,
+            deadline,
+            &how,
+            runtime,
+            &m.name,
+            &mut breakdown,
+        )
+        .await;
+        let (reader, writer) = spawned.sock.into_split();
         let mut helper = spawned.child;
         let failure = match first {
             Ok(Ok(Some((FromRuntime::Ready { .. }, _)))) => None,
@@ -167,7 +194,8 @@ impl Template {
                     .cloned()
                     .collect();
                 Some(StartError::Platform(format!(
-                    "the cfork template exited during init ({status:?}): {}",
+                    "the cfork template exited during {} ({status:?}): {}",
+                    if restored { "its restore" } else { "init" },
                     tail.join(" | ")
                 )))
             }
@@ -190,11 +218,15 @@ impl Template {
             alive: AtomicBool::new(true),
             children: Mutex::default(),
         });
+        if let Some((_, ms)) = breakdown.first() {
+            tracing::info!(function = %m.name, "cfork template snapshot: {ms:.1} ms");
+        }
         tokio::spawn(read_reports(reader, shared.clone(), id.clone()));
         Ok(Arc::new(Template {
             id,
             revision: rec.revision,
             init_ms: t0.elapsed().as_secs_f64() * 1000.0,
+            restored,
             writer: tokio::sync::Mutex::new(writer),
             helper: tokio::sync::Mutex::new(helper),
             cgroup: Mutex::new(Some(cgroup)),

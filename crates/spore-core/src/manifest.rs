@@ -135,7 +135,8 @@ pub struct FunctionManifest {
     /// Most concurrent instances (None: the daemon's default).
     pub max_instances: Option<u32>,
     /// Take a snapshot of the warm runtime at its first init and start later instances by
-    /// restoring it (Python container functions).
+    /// restoring it (Python functions; for a cfork function, its template is snapshotted and
+    /// restored, and instances fork from it).
     #[serde(default)]
     pub snapshot: bool,
     /// Pin the function to this processing unit (None: the control plane places it).
@@ -221,13 +222,11 @@ impl FunctionManifest {
         validate_handler(&self.handler)?;
         in_range("memory_mb", i64::from(self.memory_mb), &MEMORY_MB_RANGE)?;
         in_range("timeout_s", i64::from(self.timeout_s), &TIMEOUT_S_RANGE)?;
-        if self.snapshot
-            && (self.runtime != Runtime::Python3 || self.sandbox != SandboxKind::Container)
-        {
+        if self.snapshot && self.runtime != Runtime::Python3 {
             return Err(ManifestError::Invalid {
                 key: "snapshot",
-                reason: "snapshots are implemented for python3 functions in container sandboxes \
-                         (cfork templates and Node.js are not snapshotted yet)"
+                reason: "snapshots are implemented for python3 functions (Node.js runs \
+                         background threads, which a process snapshot cannot resume)"
                     .into(),
             });
         }

@@ -595,6 +595,14 @@ pub(crate) async fn delete_snapshots(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+pub(crate) async fn evict(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    let evicted = st.control.evict(function_name_from_ref(&name)).await?;
+    Ok(axum::Json(evicted).into_response())
+}
+
 pub(crate) async fn metrics(State(st): State<AppState>) -> Response {
     match &st.metrics {
         Some(h) => ([("content-type", "text/plain; version=0.0.4")], h.render()).into_response(),

@@ -81,6 +81,7 @@ pub fn router(control: Control, metrics: Option<PrometheusHandle>) -> Router {
         )
         .route(&format!("{api}/{{name}}/invocations"), post(lambda::invoke))
         .route("/spore/v1/functions/{name}/logs", get(lambda::logs))
+        .route("/spore/v1/functions/{name}/evict", post(lambda::evict))
         .route("/spore/v1/units", get(lambda::list_units))
         .route("/spore/v1/units/{id}/echo", post(lambda::echo_unit))
         .route("/spore/v1/snapshots", get(lambda::list_snapshots))

@@ -61,6 +61,17 @@ class _ChildSetup(ctypes.Structure):
 _NATIVE_STEPS = ("cgroup", "unshare", "mounts", "net", "privileges")
 
 
+def preload():
+    """What the template needs that reads files (modules, the native library), done before a
+    checkpoint so that a restored template reads nothing; and the imports' objects moved out
+    of the collector's sight, so that the template's own collection before `ready` (and a
+    child's) only looks at what came after."""
+    if os.environ.get("SPORE_CFORK_NATIVE") != "0":
+        _native_lib()
+    gc.collect()
+    gc.freeze()
+
+
 def _native_lib():
     """The native child set-up next to this file, or None (then Python does it, slower)."""
     if os.environ.get("SPORE_CFORK_NATIVE") == "0":
@@ -239,8 +250,9 @@ def template(fd, handler, import_ms, serve, send, recv_rest):
     signal.signal(signal.SIGCHLD, lambda *_: None)
     children = {}
     netns = _NetnsPool(int(os.environ.get("SPORE_CFORK_NETNS_POOL", "4")))
-    while netns.wanted():
-        netns.refill_one()
+    # One namespace for the first child, which usually follows at once; the loop below makes
+    # the rest while idle.
+    netns.refill_one()
     # Move everything imported so far out of the collector's sight: a child's collections
     # then never touch (and copy) the template's objects.
     gc.collect()

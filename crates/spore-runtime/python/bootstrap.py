@@ -194,9 +194,16 @@ def main():
         _send(fd, {"type": "init_error", "error": exc.error})
         return 1
     import_ms = (time.perf_counter() - t0) * 1000.0
-    if os.environ.get("SPORE_MODE") == "template":
+    template = os.environ.get("SPORE_MODE") == "template"
+    if template:
         import _spore_cfork
 
+        _spore_cfork.preload()
+    # A template is offered before it prepares anything for its children (namespaces,
+    # pipes), so that the image holds no descriptor beyond the control socket.
+    if os.environ.get("SPORE_CHECKPOINT") == "1" and _checkpoint(fd):
+        import_ms = 0.0  # a restored copy imported nothing
+    if template:
         try:
             return _spore_cfork.template(fd, handler, import_ms, _serve, _send, _recv_rest)
         except BaseException:
@@ -204,8 +211,6 @@ def main():
 
             os.write(2, ("spore cfork template failed:\n" + traceback.format_exc()).encode())
             raise
-    if os.environ.get("SPORE_CHECKPOINT") == "1" and _checkpoint(fd):
-        import_ms = 0.0  # a restored copy imported nothing
     _send(fd, {"type": "ready", "import_ms": import_ms})
     return _serve(fd, handler)
 
@@ -232,6 +237,13 @@ def _checkpoint(fd):
     frame = _PREFIX.pack(len(h), 0) + h
     rc = lib.spore_checkpoint(fd, frame, len(frame))
     if rc == 1:
+        # The environment is the one this copy's sandbox was started with (a cfork template
+        # reads its children's seccomp filter from it): the daemon sent it first.
+        header, _ = _recv(fd)
+        if header is None or header.get("type") != "environment":
+            raise SystemExit("spore: a restored runtime expected its environment, got %r" % (header,))
+        os.environ.clear()
+        os.environ.update(header["vars"])
         # Every copy of the snapshot starts from the same generator states.
         random.seed()
         nprand = sys.modules.get("numpy.random")

@@ -100,6 +100,14 @@ pub enum ToRuntime {
         /// Size cap of the child's `/tmp`, MiB.
         tmp_mb: u32,
     },
+    /// (To a runtime restored from a snapshot, before anything else) the environment of the
+    /// sandbox it now runs in. A restored process has the environment of the one that was
+    /// checkpointed; the daemon's part of it (a template's seccomp programs, its pool sizes)
+    /// may have changed since.
+    Environment {
+        /// Every variable, replacing the restored ones.
+        vars: std::collections::BTreeMap<String, String>,
+    },
 }
 
 /// Messages from a runtime to the daemon.

@@ -70,9 +70,9 @@ fn init_main() -> Result<i32, InitError> {
     let json = std::env::var(SPEC_ENV).step(|| format!("reading {SPEC_ENV}"))?;
     let spec: SandboxSpec =
         serde_json::from_str(&json).step(|| "parsing the sandbox spec".into())?;
-    let me = std::process::id().to_string();
-    for procs in &spec.cgroup_procs {
-        fs::write(procs, &me).step(|| format!("joining cgroup {}", procs.display()))?;
+    // Single-threaded here (just exec'd), so moving this thread moves the process.
+    for file in &spec.cgroup_join {
+        fs::write(file, "0").step(|| format!("joining cgroup {}", file.display()))?;
     }
     setsid().step(|| "setsid".into())?;
     // The mount namespace is pid 1's alone (it unshares it itself): pivot_root moves the root

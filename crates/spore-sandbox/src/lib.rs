@@ -96,8 +96,10 @@ pub struct SandboxSpec {
     pub env: Vec<(String, String)>,
     /// Working directory inside the sandbox.
     pub cwd: String,
-    /// `cgroup.procs` files the init writes itself into before anything else.
-    pub cgroup_procs: Vec<PathBuf>,
+    /// Files through which the init moves itself into its cgroups, before anything else, by
+    /// writing `0` ([`cgroup::Cgroup::self_attach_files`]: v1's `tasks`, which spares the
+    /// RCU grace period a `cgroup.procs` write waits out; the init is single-threaded then).
+    pub cgroup_join: Vec<PathBuf>,
     /// `RLIMIT_NOFILE`.
     pub max_open_files: u64,
     /// Move stdin (fd 0, the control socket from the daemon) to this fd; 0 leaves it.
@@ -232,7 +234,7 @@ mod tests {
             argv: vec!["/bin/true".into()],
             env: vec![],
             cwd: "/".into(),
-            cgroup_procs: vec![],
+            cgroup_join: vec![],
             max_open_files: 1024,
             control_fd: 3,
             user_namespace: None,

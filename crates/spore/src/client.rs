@@ -233,6 +233,15 @@ impl Client {
         })
     }
 
+    /// Stops a function's idle instances and cfork template (`POST
+    /// /spore/v1/functions/{name}/evict`); returns what went.
+    pub fn evict(&self, name: &str) -> Result<Value> {
+        let url = self.url(&format!("/spore/v1/functions/{name}/evict"));
+        Self::check(self.send(self.http.post(url))?)?
+            .json()
+            .context("malformed answer to an eviction")
+    }
+
     /// Removes a function's snapshots.
     pub fn delete_snapshot(&self, name: &str) -> Result<()> {
         let url = self.url(&format!("/spore/v1/snapshots/{name}"));

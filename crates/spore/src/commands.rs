@@ -335,6 +335,26 @@ pub fn invoke(
 }
 
 /// `spore snapshot ...`.
+/// `spore evict NAME`.
+pub fn evict(endpoint: &str, name: &str) -> Result<ExitCode> {
+    let v = Client::new(endpoint)?.evict(name)?;
+    let template = if v["Template"].as_bool() == Some(true) {
+        " and its cfork template"
+    } else {
+        ""
+    };
+    let next = if v["Restorable"].as_bool() == Some(true) {
+        "restores from its snapshot"
+    } else {
+        "starts from scratch (no snapshot)"
+    };
+    println!(
+        "evicted {name}: {} idle instances{template}; its next start {next}",
+        v["Instances"]
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn snapshot(endpoint: &str, which: crate::SnapshotCommand) -> Result<ExitCode> {
     use crate::SnapshotCommand as S;
     match which {

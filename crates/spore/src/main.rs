@@ -76,6 +76,12 @@ enum Command {
         #[arg(long, short = 'n', default_value_t = 100)]
         lines: usize,
     },
+    /// Stop a function's idle instances and cfork template now, releasing their memory (the
+    /// next start restores from its snapshot, if it has one).
+    Evict {
+        /// Function name.
+        name: String,
+    },
     /// List, inspect and remove snapshots of warm runtimes.
     Snapshot {
         #[command(subcommand)]
@@ -402,6 +408,7 @@ fn main() -> ExitCode {
         ),
         Command::Ls => commands::ls(&cli.endpoint),
         Command::Rm { name } => commands::rm(&cli.endpoint, &name),
+        Command::Evict { name } => commands::evict(&cli.endpoint, &name),
         Command::Logs { name, lines } => commands::logs(&cli.endpoint, &name, lines),
         Command::Dag { which } => commands::dag(&cli.endpoint, which),
         Command::Snapshot { which } => commands::snapshot(&cli.endpoint, which),

@@ -22,6 +22,10 @@ use crate::{summarize, BenchError, Series};
 pub struct Workload {
     /// Deployed name (with `snapshot = true`).
     pub function: String,
+    /// The same code deployed as a cfork function with `snapshot = true`: its template is
+    /// evicted before each start and comes back imported (`tpl-init`) or restored
+    /// (`tpl-restore`), then forks; `fork` is a fork from the live template.
+    pub cfork: Option<String>,
     /// Event JSON.
     pub payload: Vec<u8>,
 }
@@ -230,6 +234,18 @@ pub fn run(
                 }
             }
         }
+        if let Some(cfork) = &w.cfork {
+            cfork_series(
+                cfg,
+                &http,
+                w,
+                cfork,
+                caches,
+                &mut series,
+                &mut startup,
+                progress,
+            )?;
+        }
         for (_, path) in &variants {
             let _ = std::fs::remove_file(path);
         }
@@ -241,6 +257,74 @@ pub fn run(
         });
     }
     Ok(out)
+}
+
+/// The cfork twin's series: each start evicts the template first (outside the timing), so
+/// that it comes back by the path measured.
+#[allow(clippy::too_many_arguments)]
+fn cfork_series(
+    cfg: &Config,
+    http: &reqwest::blocking::Client,
+    w: &Workload,
+    cfork: &str,
+    caches: &[bool],
+    series: &mut Vec<Series>,
+    startup: &mut Vec<Series>,
+    progress: &dyn Fn(&str),
+) -> Result<(), BenchError> {
+    let ep = &cfg.endpoint;
+    // The first start makes the template, which snapshots itself.
+    invoke_with(http, ep, cfork, &w.payload, Some("init"))?;
+    if snapshot_path(http, ep, cfork)?.is_none() {
+        return Err(BenchError::Check(format!(
+            "{cfork} has no template snapshot after an init (see the daemon log)"
+        )));
+    }
+    let evict = || -> Result<(), BenchError> {
+        let r = http
+            .post(format!("{ep}/spore/v1/functions/{cfork}/evict"))
+            .send()
+            .map_err(|e| BenchError::Http(e.to_string()))?;
+        if !r.status().is_success() {
+            return Err(BenchError::Http(format!(
+                "evicting {cfork}: {}",
+                r.status()
+            )));
+        }
+        Ok(())
+    };
+    for &cold in caches {
+        let suffix = if cold { "+dropcache" } else { "" };
+        for (name, header, expect) in [
+            ("tpl-init", "init", "cold"),
+            ("tpl-restore", "1", "restore"),
+        ] {
+            progress(&format!(
+                "{cfork}: {} {name}{suffix} (template evicted before each)",
+                cfg.n
+            ));
+            let s = bounded(cfg.n, cfg.max_per_series, || {
+                evict()?;
+                if cold {
+                    drop_caches()?;
+                }
+                let s = invoke_headers(http, ep, cfork, &w.payload, &[("X-Spore-Cold", header)])?;
+                check_start(cfork, &s.start, expect)?;
+                Ok((s.latency_ms, s.init_ms))
+            })?;
+            push(series, startup, format!("{name}{suffix}"), s);
+        }
+    }
+    // Forks from the live template (the page cache does not matter to a fork).
+    invoke_with(http, ep, cfork, &w.payload, None)?;
+    progress(&format!("{cfork}: {} forks", cfg.n));
+    let s = bounded(cfg.n, cfg.max_per_series, || {
+        let s = invoke_headers(http, ep, cfork, &w.payload, &[("X-Spore-Cold", "1")])?;
+        check_start(cfork, &s.start, "fork")?;
+        Ok((s.latency_ms, s.init_ms))
+    })?;
+    push(series, startup, "fork".into(), s);
+    Ok(())
 }
 
 fn push(series: &mut Vec<Series>, startup: &mut Vec<Series>, name: String, s: Vec<(f64, f64)>) {
@@ -301,7 +385,9 @@ pub fn table(results: &[FunctionResult]) -> String {
     out.push_str(
         "\nCold start: first response = request to response through the gateway (handler \
          included); start-up = sandbox spawn to runtime ready (`X-Spore-Init-Ms`). Ratios are \
-         init's p50 over the row's, with the same page-cache state.\n\n",
+         init's p50 over the row's, with the same page-cache state; `tpl-*` and `fork` rows are \
+         the cfork twin (template evicted before each start, then imported or restored, and \
+         forked; `fork`: from the live template), against `tpl-init`.\n\n",
     );
     out.push_str("| function | series | n | first response p50 | p99 | vs init | start-up p50 | p99 | vs init |\n");
     out.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|\n");
@@ -313,11 +399,18 @@ pub fn table(results: &[FunctionResult]) -> String {
         };
         for (s, st) in r.series.iter().zip(&r.startup) {
             let (sum, sst) = (summarize(&s.samples_ms), summarize(&st.samples_ms));
-            let base = if s.name.ends_with("+dropcache") {
-                "init+dropcache"
+            // A cfork row against its template's init, a container row against an init.
+            let family = if s.name.starts_with("tpl-") || s.name == "fork" {
+                "tpl-init"
             } else {
                 "init"
             };
+            let base = if s.name.ends_with("+dropcache") {
+                format!("{family}+dropcache")
+            } else {
+                family.to_owned()
+            };
+            let base = base.as_str();
             let ratio = |b: Option<f64>, v: f64| match b {
                 Some(b) if v > 0.0 => format!("{:.1}x", b / v),
                 _ => "-".into(),

@@ -118,8 +118,9 @@ pub struct ControlConfig {
     /// How restores install memory unless a request says otherwise (full by default).
     pub snapshot_mode: spore_snapshot::restore::MemoryMode,
     /// Most memory idle instances may hold together, MiB (None: no limit beyond the
-    /// keep-alive). Over it, the reaper stops idle instances, those it can restore from a
-    /// snapshot first, then the longest idle.
+    /// keep-alive). Over it, the reaper stops idle instances and cfork templates, those it
+    /// can restore from a snapshot first, then the longest idle (templates only if they can
+    /// be restored).
     pub idle_memory_mb: Option<u64>,
     /// The processing unit this daemon is (None: unit 0, described from this host).
     pub unit: Option<spore_shim::UnitInfo>,
@@ -931,12 +932,20 @@ impl Control {
             Some(StartKind::Restore) => Some(true),
             _ => None,
         };
-        let (template, started) = self
-            .template_for(env, rec, log, init_timeout, fresh)
+        let (mut template, mut started) = self
+            .template_for(env, rec, log.clone(), init_timeout, fresh)
             .await?;
-        let forked = template
-            .fork(env, rec, Duration::from_secs(10), first_invoke)
+        let mut forked = template
+            .fork(env, rec, Duration::from_secs(10), first_invoke.clone())
             .await;
+        if forked.is_err() && template.was_stopped() {
+            // The reaper (or a redeploy) stopped the template between our getting it and
+            // forking: go to the next one.
+            (template, started) = self.template_for(env, rec, log, init_timeout, None).await?;
+            forked = template
+                .fork(env, rec, Duration::from_secs(10), first_invoke)
+                .await;
+        }
         if forked.is_err() && !template.is_alive() {
             self.drop_template(&rec.manifest.name, &template);
         }
@@ -1272,6 +1281,17 @@ impl Control {
                 for pool in this.pools_snapshot() {
                     spawn_destroy(pool.take_idle(|i| i.last_used.elapsed() > keep));
                 }
+                // A template that can come back from its snapshot leaves memory like an idle
+                // instance; one that cannot stays (only the template count bounds those).
+                let idle: Vec<String> = this
+                    .template_list()
+                    .into_iter()
+                    .filter(|(name, t)| t.last_used().elapsed() > keep && this.restorable(name))
+                    .map(|(name, _)| name)
+                    .collect();
+                for name in idle {
+                    this.stop_template(&name, "idle for longer than the keep-alive");
+                }
                 if let Some(budget) = this.inner.cfg.idle_memory_mb {
                     this.enforce_idle_budget(budget << 20);
                 }
@@ -1279,9 +1299,49 @@ impl Control {
         });
     }
 
-    /// Stops idle instances until those left hold at most `budget` bytes: first the ones
-    /// whose function can be restored from a snapshot (cheap to bring back), then the
-    /// longest idle.
+    /// Every live template, by function.
+    fn template_list(&self) -> Vec<(String, Arc<Template>)> {
+        self.inner
+            .templates
+            .lock()
+            .expect("templates lock")
+            .iter()
+            .map(|(n, t)| (n.clone(), t.clone()))
+            .collect()
+    }
+
+    /// Whether `name`'s next start can restore from a snapshot.
+    fn restorable(&self, name: &str) -> bool {
+        self.registry()
+            .get(name)
+            .filter(|r| r.manifest.snapshot)
+            .and_then(|r| self.inner.snapshots.current(name, r.revision))
+            .is_some()
+    }
+
+    /// Stops `name`'s template (if it is still the one live), logging why.
+    fn stop_template(&self, name: &str, why: &str) -> bool {
+        let t = self
+            .inner
+            .templates
+            .lock()
+            .expect("templates lock")
+            .remove(name);
+        let Some(t) = t else {
+            return false;
+        };
+        tracing::info!(
+            "stopping the cfork template {} ({why}); it comes back from its snapshot",
+            t.id
+        );
+        tokio::spawn(async move { t.destroy().await });
+        true
+    }
+
+    /// Stops idle instances and cfork templates until those left hold at most `budget`
+    /// bytes: first the ones whose function can be restored from a snapshot (cheap to bring
+    /// back), then the longest idle. Templates count as idle (busy children have cgroups of
+    /// their own); only restorable ones are stopped.
     fn enforce_idle_budget(&self, budget: u64) {
         let pools: Vec<(String, Arc<Pool>)> = self
             .inner
@@ -1291,15 +1351,10 @@ impl Control {
             .iter()
             .map(|(n, p)| (n.clone(), p.clone()))
             .collect();
-        // (restorable, idle since, bytes, pool, instance id)
+        // (restorable, idle since, bytes, pool and instance id, or a template's function)
         let mut idle = Vec::new();
         for (name, pool) in &pools {
-            let restorable = self
-                .registry()
-                .get(name)
-                .filter(|r| r.manifest.snapshot)
-                .and_then(|r| self.inner.snapshots.current(name, r.revision))
-                .is_some();
+            let restorable = self.restorable(name);
             let st = pool.state.lock().expect("pool lock");
             for inst in &st.idle {
                 let bytes = inst.memory_bytes().unwrap_or(0);
@@ -1307,20 +1362,37 @@ impl Control {
                     restorable,
                     inst.last_used,
                     bytes,
-                    pool.clone(),
-                    inst.id.clone(),
+                    Ok((pool.clone(), inst.id.clone())),
                 ));
             }
+        }
+        for (name, t) in self.template_list() {
+            let bytes = t.memory_bytes().unwrap_or(0);
+            idle.push((self.restorable(&name), t.last_used(), bytes, Err(name)));
         }
         let mut total: u64 = idle.iter().map(|x| x.2).sum();
         if total <= budget {
             return;
         }
         idle.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        for (restorable, _, bytes, pool, id) in idle {
+        for (restorable, _, bytes, what) in idle {
             if total <= budget {
                 break;
             }
+            let (pool, id) = match what {
+                Ok(instance) => instance,
+                Err(template) => {
+                    let why = format!(
+                        "{:.1} MiB, to keep idle memory under {} MiB",
+                        bytes as f64 / 1048576.0,
+                        budget >> 20
+                    );
+                    if restorable && self.stop_template(&template, &why) {
+                        total = total.saturating_sub(bytes);
+                    }
+                    continue;
+                }
+            };
             let taken = pool.take_idle(|i| i.id == id);
             if !taken.is_empty() {
                 tracing::info!(

@@ -71,6 +71,8 @@ impl ChildState {
 #[derive(Debug, Default)]
 struct Shared {
     alive: AtomicBool,
+    /// Set when the daemon stops the template (eviction, redeploy), as opposed to its dying.
+    stopped: AtomicBool,
     children: Mutex<HashMap<String, Arc<ChildState>>>,
 }
 
@@ -216,7 +218,7 @@ impl Template {
         let own_pids = cgroup.pids();
         let shared = Arc::new(Shared {
             alive: AtomicBool::new(true),
-            children: Mutex::default(),
+            ..Shared::default()
         });
         if let Some((_, ms)) = breakdown.first() {
             tracing::info!(function = %m.name, "cfork template snapshot: {ms:.1} ms");
@@ -254,9 +256,23 @@ impl Template {
         }
     }
 
+    /// Whether the daemon stopped it (a fork that raced with that can go to a new one).
+    pub fn was_stopped(&self) -> bool {
+        self.shared.stopped.load(Ordering::Acquire)
+    }
+
     /// Whether the template still answers.
     pub fn is_alive(&self) -> bool {
         self.shared.alive.load(Ordering::Acquire)
+    }
+
+    /// Memory its cgroup holds (the template alone: children have their own groups).
+    pub fn memory_bytes(&self) -> Option<u64> {
+        self.cgroup
+            .lock()
+            .expect("template cgroup")
+            .as_ref()
+            .and_then(spore_sandbox::cgroup::Cgroup::memory_current)
     }
 
     /// When it last forked.
@@ -441,6 +457,7 @@ impl Template {
     /// Stops the template (its running children are not affected: they live in their own
     /// cgroups and are stopped with their instances).
     pub async fn destroy(&self) {
+        self.shared.stopped.store(true, Ordering::Release);
         self.shared.alive.store(false, Ordering::Release);
         let mut helper = self.helper.lock().await;
         if let Ok(Some(status)) = helper.try_wait() {

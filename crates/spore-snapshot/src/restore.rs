@@ -611,17 +611,26 @@ fn restore_signals(image: &Image) -> Result<(), SnapshotError> {
             return Err(errno_err(format!("rt_sigaction({sig})")));
         }
     }
+    // The image's alternate signal stack, or none: this process's own (Rust's runtime gives
+    // the main thread one) is unmapped with the rest of the restorer, and a handler installed
+    // with SA_ONSTACK (as Python installs every one) would then fault on delivery.
     let (sp, flags, size) = ctx.altstack;
-    if flags & libc::SS_DISABLE == 0 {
-        let ss = libc::stack_t {
+    let ss = if flags & libc::SS_DISABLE == 0 {
+        libc::stack_t {
             ss_sp: sp as *mut libc::c_void,
             ss_flags: 0,
             ss_size: size as usize,
-        };
-        // SAFETY: a valid stack_t; the stack memory is part of the mapped image.
-        if unsafe { libc::sigaltstack(&ss, std::ptr::null_mut()) } != 0 {
-            return Err(errno_err("sigaltstack"));
         }
+    } else {
+        libc::stack_t {
+            ss_sp: std::ptr::null_mut(),
+            ss_flags: libc::SS_DISABLE,
+            ss_size: 0,
+        }
+    };
+    // SAFETY: a valid stack_t; an enabled stack's memory is part of the mapped image.
+    if unsafe { libc::sigaltstack(&ss, std::ptr::null_mut()) } != 0 {
+        return Err(errno_err("sigaltstack"));
     }
     Ok(())
 }

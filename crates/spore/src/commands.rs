@@ -1046,7 +1046,8 @@ fn demo_units(
     Ok(())
 }
 
-/// Deploys `<name>-snap` (a container function with `snapshot = true`) for each name.
+/// Deploys `<name>-snap` (a container function with `snapshot = true`) and `<name>-tsnap`
+/// (its cfork twin, whose template is snapshotted) for each name.
 fn deploy_snapshotted(
     client: &Client,
     functions: &Path,
@@ -1065,8 +1066,15 @@ fn deploy_snapshotted(
             .deploy(&m, &zip)
             .with_context(|| format!("deploying {}", m.name))?;
         let payload = std::fs::read(dir.join("event.json")).unwrap_or_else(|_| b"{}".to_vec());
+        let mut t = m.clone();
+        t.name = format!("{name}-tsnap");
+        t.sandbox = SandboxKind::Cfork;
+        client
+            .deploy(&t, &zip)
+            .with_context(|| format!("deploying {}", t.name))?;
         out.push(spore_bench::snapshot::Workload {
             function: m.name,
+            cfork: Some(t.name),
             payload,
         });
     }

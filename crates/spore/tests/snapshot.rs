@@ -391,6 +391,13 @@ fn daemon_restores_snapshotted_functions_isolated_and_falls_back_when_refused() 
         invoke_start(&d, "rng", "init", &serde_json::json!({})).0,
         "cold"
     );
+    // A restored runtime takes signals through Python handlers (installed with SA_ONSTACK:
+    // the restorer's own alternate stack must not outlive it) and reaps children.
+    d.deploy_snapshotted(&common::fixture("signals"), "signals");
+    invoke_start(&d, "signals", "1", &serde_json::json!({}));
+    let (start, v) = invoke_start(&d, "signals", "restore", &serde_json::json!({}));
+    assert_eq!(start, "restore");
+    assert_eq!(v, serde_json::json!({"usr1": 1, "child_exit": 3}));
 
     // A restored instance is as contained as any other.
     d.deploy_snapshotted(&common::fixture("probe"), "probe");
@@ -472,6 +479,137 @@ fn daemon_restores_snapshotted_functions_isolated_and_falls_back_when_refused() 
     d.stop();
 }
 
+fn evict(d: &common::Daemon, name: &str) -> Value {
+    let r = d
+        .http
+        .post(d.url(&format!("/spore/v1/functions/{name}/evict")))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200, "evict {name}");
+    r.json().unwrap()
+}
+
+#[test]
+fn cfork_templates_are_snapshotted_evicted_restored_and_forked_from() {
+    let test = "cfork_templates_are_snapshotted_evicted_restored_and_forked_from";
+    if !common::can_sandbox(test) || !can_snapshot(test) {
+        return;
+    }
+    let mut d = common::Daemon::start();
+    d.deploy_snapshotted_in(&common::fixture("rng"), "rng", Some("cfork"));
+    // The template (started at deploy, or by this call) imports, then snapshots itself.
+    let (start, first) = invoke_start(&d, "rng", "1", &serde_json::json!({}));
+    assert!(start == "fork" || start == "cold", "{start}");
+    let listed = snapshots(&d);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert!(listed[0]["error"].is_null(), "{listed:?}");
+    assert!(
+        d.log_text().contains("cfork template snapshot"),
+        "the capture is logged"
+    );
+
+    // Evicted, the template comes back from its snapshot, and forks.
+    let gone = evict(&d, "rng");
+    assert_eq!(gone["Template"], true, "{gone}");
+    assert_eq!(gone["Restorable"], true, "{gone}");
+    let (start, a) = invoke_start(&d, "rng", "1", &serde_json::json!({}));
+    assert_eq!(start, "restore", "the template was restored: {a}");
+    let (start, b) = invoke_start(&d, "rng", "1", &serde_json::json!({}));
+    assert_eq!(start, "fork", "then it forks: {b}");
+    for v in [&a, &b] {
+        assert_eq!(v["threads"], 1, "{v}");
+        assert_eq!(v["pid"], 1, "pid 1 of its own pid namespace: {v}");
+        assert_ne!(v["uid"], 0, "unprivileged: {v}");
+        assert_eq!(
+            v["fds"], first["fds"],
+            "the same descriptors as before: {v}"
+        );
+    }
+    let randoms = [&first["random"], &a["random"], &b["random"]];
+    assert!(
+        randoms[0] != randoms[1] && randoms[1] != randoms[2] && randoms[0] != randoms[2],
+        "forks of a restored template have their own random state: {randoms:?}"
+    );
+    assert_ne!(a["uuid"], b["uuid"]);
+    // X-Spore-Cold: restore replaces the live template with a restored one, init with an
+    // imported one.
+    assert_eq!(
+        invoke_start(&d, "rng", "restore", &serde_json::json!({})).0,
+        "restore"
+    );
+    assert_eq!(
+        invoke_start(&d, "rng", "init", &serde_json::json!({})).0,
+        "cold"
+    );
+
+    // A child of a restored template is as contained as any fork.
+    d.deploy_snapshotted_in(&common::fixture("probe"), "probe", Some("cfork"));
+    d.deploy_snapshotted_in(&common::fixture("hog"), "hog", Some("cfork"));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let ev = serde_json::json!({ "port": port });
+    invoke_start(&d, "probe", "1", &ev);
+    let (start, v) = invoke_start(&d, "probe", "restore", &ev);
+    assert_eq!(start, "restore");
+    for path in ["/root", "/var/lib/spore", "/etc/shadow"] {
+        assert_ne!(v[path], "READABLE", "{path}: {v}");
+    }
+    assert_eq!(v["pids"], serde_json::json!([1]), "{v}");
+    assert_eq!(v["tcp"], "ConnectionRefusedError", "{v}");
+    for call in ["mount", "ptrace", "unshare"] {
+        assert_eq!(v[call], serde_json::json!([-1, 1]), "{call}: {v}");
+    }
+    let _ = d.invoke_raw("hog", b"{}", &[("X-Spore-Cold", "1")]);
+    let r = d.invoke_raw("hog", b"{}", &[("X-Spore-Cold", "restore")]);
+    assert_eq!(r.headers()["x-spore-start"], "restore");
+    let v: Value = r.json().unwrap();
+    assert_eq!(v["errorType"], "Runtime.OutOfMemory", "{v}");
+    drop(listener);
+    // A restored template outlives its children (it takes SIGCHLD through a Python handler),
+    // and they handle signals of their own.
+    d.deploy_snapshotted_in(&common::fixture("signals"), "signals", Some("cfork"));
+    invoke_start(&d, "signals", "1", &serde_json::json!({}));
+    let (start, v) = invoke_start(&d, "signals", "restore", &serde_json::json!({}));
+    assert_eq!(start, "restore");
+    assert_eq!(v, serde_json::json!({"usr1": 1, "child_exit": 3}));
+    d.deploy_snapshotted_in(&common::fixture("crash"), "crash", Some("cfork"));
+    let _ = d.invoke_raw("crash", b"{}", &[("X-Spore-Cold", "1")]);
+    let r = d.invoke_raw("crash", b"{}", &[("X-Spore-Cold", "restore")]);
+    assert_eq!(r.headers()["x-spore-start"], "restore");
+    std::thread::sleep(Duration::from_millis(300));
+    let r = d.invoke_raw("crash", b"{}", &[("X-Spore-Cold", "1")]);
+    assert_eq!(
+        r.headers()["x-spore-start"],
+        "fork",
+        "the restored template survived its child's exit: {}",
+        d.log_text()
+    );
+
+    // A damaged template image is refused: the template imports instead (and takes a new
+    // image), and the function keeps working.
+    let path = PathBuf::from(
+        snapshots(&d)
+            .into_iter()
+            .find(|s| s["function"] == "rng")
+            .unwrap()["path"]
+            .as_str()
+            .unwrap(),
+    );
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[4096 + 64] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    evict(&d, "rng");
+    let (start, _) = invoke_start(&d, "rng", "1", &serde_json::json!({}));
+    assert_eq!(start, "cold", "a corrupt image never runs");
+    assert!(d.log_text().contains("checksum"), "the refusal is logged");
+    evict(&d, "rng");
+    assert_eq!(
+        invoke_start(&d, "rng", "1", &serde_json::json!({})).0,
+        "restore"
+    );
+    d.stop();
+}
+
 #[test]
 fn over_the_idle_memory_budget_instances_go_and_come_back_restored() {
     if !common::can_sandbox("over_the_idle_memory_budget_instances_go_and_come_back_restored")
@@ -497,6 +635,21 @@ fn over_the_idle_memory_budget_instances_go_and_come_back_restored() {
     assert!(d.log_text().contains("to keep idle instances under 1 MiB"));
     // The next call, with no cold header, starts from the snapshot.
     let r = d.invoke_raw("rng", b"{}", &[]);
+    assert_eq!(r.headers()["x-spore-start"], "restore");
+    // So does a cfork template.
+    d.deploy_snapshotted_in(&common::fixture("rng"), "rngc", Some("cfork"));
+    let r = d.invoke_raw("rngc", b"{}", &[]);
+    assert_eq!(r.status(), 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !d.log_text().contains("stopping the cfork template rngc") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the template stays: {}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let r = d.invoke_raw("rngc", b"{}", &[]);
     assert_eq!(r.headers()["x-spore-start"], "restore");
     d.stop();
 }

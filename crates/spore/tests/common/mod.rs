@@ -230,6 +230,11 @@ impl Daemon {
 
     /// Deploys the folder as a function named `name` that snapshots its runtime.
     pub fn deploy_snapshotted(&self, dir: &Path, name: &str) {
+        self.deploy_snapshotted_in(dir, name, None)
+    }
+
+    /// As [`Daemon::deploy_snapshotted`], in sandbox `sandbox` (None: the manifest's).
+    pub fn deploy_snapshotted_in(&self, dir: &Path, name: &str, sandbox: Option<&str>) {
         let tmp = tempfile::tempdir().unwrap();
         for entry in std::fs::read_dir(dir).unwrap() {
             let entry = entry.unwrap();
@@ -240,7 +245,7 @@ impl Daemon {
         let manifest = tmp.path().join("spore.toml");
         let text = std::fs::read_to_string(&manifest).unwrap();
         std::fs::write(&manifest, format!("{text}\nsnapshot = true\n")).unwrap();
-        let r = self.create_as(tmp.path(), Some(name), None);
+        let r = self.create_as(tmp.path(), Some(name), sandbox);
         assert_eq!(r.status(), 201, "create failed: {}", r.text().unwrap());
     }
 

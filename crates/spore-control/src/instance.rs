@@ -298,6 +298,7 @@ fn spawn_in(
         handler: &m.handler,
         memory_mb: m.memory_mb,
         user_env: &m.environment,
+        warmup_event: m.warmup_event.as_deref(),
     };
     let mut spec = SandboxSpec {
         id: id.to_owned(),

@@ -139,6 +139,13 @@ pub struct FunctionManifest {
     /// restored, and instances fork from it).
     #[serde(default)]
     pub snapshot: bool,
+    /// A file in the function's code holding an event (JSON) the runtime runs the handler on
+    /// once, after importing it and before reporting ready (and before a snapshot is taken),
+    /// with its result discarded: code the handler loads lazily on its first call (numpy's
+    /// random generators and linear algebra, say) is then loaded in every fork and restore.
+    /// Like SnapStart's priming; the handler must tolerate the call. Python only.
+    #[serde(default)]
+    pub warmup_event: Option<String>,
     /// Pin the function to this processing unit (None: the control plane places it).
     #[serde(default)]
     pub unit: Option<u32>,
@@ -170,6 +177,8 @@ struct RawManifest {
     max_instances: Option<i64>,
     #[serde(default)]
     snapshot: bool,
+    #[serde(default)]
+    warmup_event: Option<String>,
     #[serde(default)]
     unit: Option<i64>,
     #[serde(default)]
@@ -205,6 +214,7 @@ impl FunctionManifest {
                 .map(|m| in_range("max_instances", m, &(1..=1024)))
                 .transpose()?,
             snapshot: raw.snapshot,
+            warmup_event: raw.warmup_event,
             unit: raw
                 .unit
                 .map(|u| in_range("unit", u, &(0..=65535)))
@@ -229,6 +239,15 @@ impl FunctionManifest {
                          background threads, which a process snapshot cannot resume)"
                     .into(),
             });
+        }
+        if let Some(path) = &self.warmup_event {
+            validate_warmup_event(path)?;
+            if self.runtime != Runtime::Python3 {
+                return Err(ManifestError::Invalid {
+                    key: "warmup_event",
+                    reason: "warm-up events are implemented for python3 functions".into(),
+                });
+            }
         }
         for (key, value) in [("accelerator", &self.accelerator), ("arch", &self.arch)] {
             if let Some(v) = value {
@@ -278,6 +297,26 @@ fn in_range(
                 range.end()
             ),
         })
+}
+
+/// A warm-up event path: relative, inside the code package, at most 256 bytes.
+fn validate_warmup_event(path: &str) -> Result<(), ManifestError> {
+    let bad = |reason: &str| ManifestError::Invalid {
+        key: "warmup_event",
+        reason: format!("{path:?} {reason}"),
+    };
+    if path.is_empty() || path.len() > 256 {
+        return Err(bad("must be 1 to 256 bytes"));
+    }
+    if path.starts_with('/') || path.split('/').any(|c| c == ".." || c.is_empty()) {
+        return Err(bad(
+            "must be a relative path inside the function's code (no leading /, no .., no //)",
+        ));
+    }
+    if path.chars().any(|c| c.is_control()) {
+        return Err(bad("has control characters"));
+    }
+    Ok(())
 }
 
 /// Checks a handler string: `module.function`, the module a dotted or slashed path of
@@ -330,6 +369,19 @@ GREETING = "hi"
     }
 
     #[test]
+    fn warmup_events_are_relative_paths_in_the_code() {
+        let m = FunctionManifest::from_toml(
+            "name = \"a\"\nhandler = \"m.f\"\nwarmup_event = \"events/warm.json\"",
+        )
+        .unwrap();
+        assert_eq!(m.warmup_event.as_deref(), Some("events/warm.json"));
+        for bad in ["", "a//b", "a/../b", "/x", "a\nb"] {
+            assert!(validate_warmup_event(bad).is_err(), "{bad:?}");
+        }
+        assert!(validate_warmup_event(&"x".repeat(257)).is_err());
+    }
+
+    #[test]
     fn defaults() {
         let m = FunctionManifest::from_toml("name = \"a\"\nhandler = \"m.f\"\n").unwrap();
         assert_eq!(
@@ -358,6 +410,18 @@ GREETING = "hi"
             (
                 "name = \"a\"\nhandler = \"m.f\"\nsandbox = \"vm\"",
                 "sandbox",
+            ),
+            (
+                "name = \"a\"\nhandler = \"m.f\"\nwarmup_event = \"../x.json\"",
+                "warmup_event",
+            ),
+            (
+                "name = \"a\"\nhandler = \"m.f\"\nwarmup_event = \"/etc/passwd\"",
+                "warmup_event",
+            ),
+            (
+                "name = \"a\"\nhandler = \"m.f\"\nruntime = \"node20\"\nwarmup_event = \"e.json\"",
+                "warmup_event",
             ),
         ];
         for (text, key) in cases {

@@ -22,6 +22,8 @@ pub const TAG_SANDBOX: &str = "spore:sandbox";
 pub const TAG_MAX_INSTANCES: &str = "spore:max_instances";
 /// Tag turning snapshots on (`true`) for a function.
 pub const TAG_SNAPSHOT: &str = "spore:snapshot";
+/// Tag naming a warm-up event file in the function's code (`warmup_event`).
+pub const TAG_WARMUP_EVENT: &str = "spore:warmup_event";
 /// Tag pinning a function to a processing unit.
 pub const TAG_UNIT: &str = "spore:unit";
 /// Tag naming the accelerator a function needs.
@@ -204,6 +206,9 @@ fn tags(rec: &FunctionRecord) -> BTreeMap<String, String> {
     if let Some(u) = rec.manifest.unit {
         t.insert(TAG_UNIT.to_owned(), u.to_string());
     }
+    if let Some(w) = &rec.manifest.warmup_event {
+        t.insert(TAG_WARMUP_EVENT.to_owned(), w.clone());
+    }
     for (k, v) in [
         (TAG_ACCELERATOR, &rec.manifest.accelerator),
         (TAG_ARCH, &rec.manifest.arch),
@@ -288,6 +293,7 @@ pub(crate) async fn create_function(
         environment: req.environment.unwrap_or_default().variables,
         max_instances,
         snapshot,
+        warmup_event: req.tags.get(TAG_WARMUP_EVENT).cloned(),
         unit,
         accelerator: req.tags.get(TAG_ACCELERATOR).cloned(),
         arch: req.tags.get(TAG_ARCH).cloned(),

@@ -193,6 +193,9 @@ def main():
     except _InitError as exc:
         _send(fd, {"type": "init_error", "error": exc.error})
         return 1
+    warmup = os.environ.get("SPORE_WARMUP_EVENT")
+    if warmup:
+        _warm_up(handler, warmup)
     import_ms = (time.perf_counter() - t0) * 1000.0
     template = os.environ.get("SPORE_MODE") == "template"
     if template:
@@ -213,6 +216,30 @@ def main():
             raise
     _send(fd, {"type": "ready", "import_ms": import_ms})
     return _serve(fd, handler)
+
+
+def _warm_up(handler, path):
+    """Runs the handler once on the event in `path`, discarding its result and output, so
+    that what it loads on its first call is loaded before `ready` (and before a snapshot or
+    the first fork). A failure is reported on stderr (the function's log) and start-up goes
+    on: the instance works as without the warm-up."""
+    t = time.perf_counter()
+    real_out, real_err = sys.stdout, sys.stderr
+    sys.stdout = sys.stderr = _Capture()
+    try:
+        with open(path, "rb") as f:
+            event = json.loads(f.read() or b"{}")
+        handler(event, LambdaContext("warmup", int(time.time() * 1000) + 60000))
+        error = None
+    except BaseException as exc:  # noqa: BLE001 - reported, never fatal
+        error = "%s: %s" % (type(exc).__name__, exc)
+    finally:
+        sys.stdout, sys.stderr = real_out, real_err
+        _marks["handler_start_ns"] = _marks["handler_end_ns"] = 0
+    if error is not None:
+        os.write(2, ("spore: warm-up event %s failed (%s); starting without it\n" % (path, error)).encode())
+    else:
+        os.write(2, ("spore: warm-up event ran in %.1f ms\n" % ((time.perf_counter() - t) * 1000.0)).encode())
 
 
 def _checkpoint(fd):

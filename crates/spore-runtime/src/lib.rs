@@ -72,6 +72,8 @@ pub struct RuntimeLaunch<'a> {
     pub memory_mb: u32,
     /// User-defined environment variables.
     pub user_env: &'a std::collections::BTreeMap<String, String>,
+    /// The warm-up event file, relative to the code directory (Python).
+    pub warmup_event: Option<&'a str>,
 }
 
 impl RuntimeLaunch<'_> {
@@ -117,6 +119,9 @@ impl RuntimeLaunch<'_> {
         ];
         match self.runtime {
             spore_core::Runtime::Python3 => {
+                if let Some(w) = self.warmup_event {
+                    reserved.push(("SPORE_WARMUP_EVENT", format!("{TASK_ROOT}/{w}")));
+                }
                 reserved.push(("PYTHONPATH", format!("{TASK_ROOT}:{PACKAGES_ROOT}")));
                 reserved.push(("PYTHONDONTWRITEBYTECODE", "1".to_owned()));
             }
@@ -145,6 +150,7 @@ mod tests {
             handler: "main.handler",
             memory_mb: 128,
             user_env: &user,
+            warmup_event: Some("event.json"),
         };
         let env = launch.env();
         let get = |k: &str| {
@@ -156,6 +162,7 @@ mod tests {
         assert_eq!(get("PATH"), vec!["/usr/local/bin:/usr/bin:/bin"]);
         assert_eq!(get("MINE"), vec!["1"]);
         assert_eq!(get("_HANDLER"), vec!["main.handler"]);
+        assert_eq!(get("SPORE_WARMUP_EVENT"), vec!["/var/task/event.json"]);
         let node = RuntimeLaunch {
             runtime: spore_core::Runtime::Node20,
             ..launch

@@ -116,6 +116,9 @@ impl Client {
         if let Some(u) = m.unit {
             tags.insert("spore:unit".into(), u.to_string().into());
         }
+        if let Some(w) = &m.warmup_event {
+            tags.insert("spore:warmup_event".into(), w.clone().into());
+        }
         if let Some(a) = &m.accelerator {
             tags.insert("spore:accelerator".into(), a.clone().into());
         }

@@ -1060,6 +1060,10 @@ fn deploy_snapshotted(
         m.name = format!("{name}-snap");
         m.sandbox = SandboxKind::Container;
         m.snapshot = true;
+        // Primed like SnapStart: the handler's first-call loads are then in the image.
+        if m.warmup_event.is_none() && dir.join("event.json").is_file() {
+            m.warmup_event = Some("event.json".into());
+        }
         let zip = spore_control::code::zip_dir(&dir)
             .with_context(|| format!("packaging {}", dir.display()))?;
         client

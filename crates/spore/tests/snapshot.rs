@@ -610,6 +610,66 @@ fn cfork_templates_are_snapshotted_evicted_restored_and_forked_from() {
     d.stop();
 }
 
+fn function_log(d: &common::Daemon, name: &str) -> String {
+    d.http
+        .get(d.url(&format!("/spore/v1/functions/{name}/logs?lines=200")))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap()
+}
+
+#[test]
+fn a_warm_up_event_runs_before_ready_and_its_state_reaches_forks_and_restores() {
+    let test = "a_warm_up_event_runs_before_ready_and_its_state_reaches_forks_and_restores";
+    if !common::can_sandbox(test) || !can_snapshot(test) {
+        return;
+    }
+    let mut d = common::Daemon::start();
+    let warmed = serde_json::json!({"warm": true});
+    // A container instance's first invocation is its handler's second call.
+    d.deploy(&common::fixture("warm"));
+    let (start, v) = invoke_start(&d, "warm", "1", &serde_json::json!({"k": 1}));
+    assert_eq!(start, "cold");
+    assert_eq!(v["calls"], 2, "{v}");
+    assert_eq!(v["first"], warmed, "{v}");
+    assert!(
+        function_log(&d, "warm").contains("warm-up event ran"),
+        "{}",
+        function_log(&d, "warm")
+    );
+    // A cfork template runs it once; every child inherits the state.
+    let r = d.create_as(&common::fixture("warm"), Some("warmc"), Some("cfork"));
+    assert_eq!(r.status(), 201);
+    for _ in 0..2 {
+        let (_, v) = invoke_start(&d, "warmc", "1", &serde_json::json!({}));
+        assert_eq!(v["calls"], 2, "{v}");
+    }
+    // A snapshot is taken after it: restores start warmed.
+    d.deploy_snapshotted(&common::fixture("warm"), "warms");
+    invoke_start(&d, "warms", "1", &serde_json::json!({}));
+    let (start, v) = invoke_start(&d, "warms", "restore", &serde_json::json!({}));
+    assert_eq!(start, "restore");
+    assert_eq!(v["calls"], 2, "{v}");
+    assert_eq!(v["first"], warmed, "{v}");
+    // A warm-up that fails is reported, and the function works without it.
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["main.py", "spore.toml"] {
+        std::fs::copy(common::fixture("warm").join(f), tmp.path().join(f)).unwrap();
+    }
+    std::fs::write(tmp.path().join("warmup.json"), b"{not json").unwrap();
+    let r = d.create_as(tmp.path(), Some("warmbad"), None);
+    assert_eq!(r.status(), 201);
+    let (_, v) = invoke_start(&d, "warmbad", "1", &serde_json::json!({}));
+    assert_eq!(v["calls"], 1, "{v}");
+    let log = function_log(&d, "warmbad");
+    assert!(
+        log.contains("warm-up event /var/task/warmup.json failed"),
+        "{log}"
+    );
+    d.stop();
+}
+
 #[test]
 fn over_the_idle_memory_budget_instances_go_and_come_back_restored() {
     if !common::can_sandbox("over_the_idle_memory_budget_instances_go_and_come_back_restored")

@@ -216,6 +216,9 @@ impl Daemon {
         if m.snapshot {
             body["Tags"]["spore:snapshot"] = "true".into();
         }
+        if let Some(w) = &m.warmup_event {
+            body["Tags"]["spore:warmup_event"] = w.clone().into();
+        }
         self.http
             .post(self.url("/2015-03-31/functions"))
             .json(&body)

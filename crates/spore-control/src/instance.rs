@@ -479,6 +479,37 @@ impl Instance {
         init_timeout: Duration,
         how: ColdStart,
     ) -> Result<Instance, StartError> {
+        let first = Self::start_once(
+            env,
+            rec,
+            code_dir.clone(),
+            log.clone(),
+            init_timeout,
+            how.clone(),
+        )
+        .await;
+        match first {
+            Err((_, true)) => {
+                // The restorer's random layout overlapped the image: a new process has
+                // another one.
+                tracing::info!(function = %rec.manifest.name, "restore collided with the restorer's own mappings; trying a fresh sandbox");
+                Self::start_once(env, rec, code_dir, log, init_timeout, how)
+                    .await
+                    .map_err(|(e, _)| e)
+            }
+            other => other.map_err(|(e, _)| e),
+        }
+    }
+
+    /// One attempt of [`Instance::start`]; the flag says a restore collided.
+    async fn start_once(
+        env: &Arc<InstanceEnv>,
+        rec: &FunctionRecord,
+        code_dir: PathBuf,
+        log: Arc<LogRing>,
+        init_timeout: Duration,
+        how: ColdStart,
+    ) -> Result<Instance, (StartError, bool)> {
         let t0 = Instant::now();
         let m = &rec.manifest;
         let seq = env.next_seq();
@@ -496,7 +527,9 @@ impl Instance {
             _ => 0,
         };
         let (cgroup, spawned) =
-            spawn_sandbox(env, rec, launch, log, m.memory_mb, 1 + helpers as u32).await?;
+            spawn_sandbox(env, rec, launch, log, m.memory_mb, 1 + helpers as u32)
+                .await
+                .map_err(|e| (e, false))?;
         let mut inst = Instance {
             id,
             revision: rec.revision,
@@ -525,6 +558,7 @@ impl Instance {
             &mut inst.breakdown,
         )
         .await;
+        let mut collision = false;
         let failure = match first {
             Ok(Ok(Some((FromRuntime::Ready { .. }, _)))) => {
                 inst.init_ms = t0.elapsed().as_secs_f64() * 1000.0;
@@ -536,6 +570,7 @@ impl Instance {
             }
             Ok(Ok(None)) | Ok(Err(_)) => {
                 let detail = inst.exit_detail().await;
+                collision = detail.collision;
                 if detail.setup_failed || matches!(how, ColdStart::Restore(..)) {
                     StartError::Platform(detail.text)
                 } else if inst.oom_killed() {
@@ -561,7 +596,7 @@ impl Instance {
             )),
         };
         inst.destroy().await;
-        Err(failure)
+        Err((failure, collision))
     }
 
     /// Runs one invocation. On `Err` the instance is broken and must be destroyed.
@@ -793,6 +828,7 @@ impl Instance {
         }
         ExitDetail {
             setup_failed: code == Some(spore_sandbox::SETUP_FAILED_EXIT),
+            collision: code == Some(spore_sandbox::RESTORE_COLLISION_EXIT),
             text,
         }
     }
@@ -827,6 +863,8 @@ impl Drop for Instance {
 
 pub(crate) struct ExitDetail {
     pub setup_failed: bool,
+    /// The restorer collided with the image (another process may not).
+    pub collision: bool,
     pub text: String,
 }
 

@@ -612,22 +612,12 @@ impl Control {
     /// the next start restores from the function's snapshot if it has one. Busy instances
     /// are left to finish. Returns once they are gone.
     pub async fn evict(&self, name: &str) -> Result<Evicted, ControlError> {
-        let rec = self.get_function(name)?;
-        let template = self
-            .inner
-            .templates
-            .lock()
-            .expect("templates lock")
-            .remove(name);
-        let idle = self
-            .existing_pool(name)
-            .map(|pool| pool.take_idle(|_| true))
-            .unwrap_or_default();
+        self.get_function(name)?;
+        let (template, idle) = self.take_idle(name);
         let out = Evicted {
             instances: idle.len(),
             template: template.is_some(),
-            restorable: rec.manifest.snapshot
-                && self.inner.snapshots.current(name, rec.revision).is_some(),
+            restorable: self.restorable(name),
         };
         for inst in idle {
             inst.destroy().await;
@@ -638,23 +628,33 @@ impl Control {
         Ok(out)
     }
 
-    /// Stops the idle instances and the template of `name` (after a change or delete).
-    fn retire_idle(&self, name: &str) {
+    /// Takes `name`'s template and idle instances out of the daemon's tables (callers stop
+    /// them); waiters for an instance are woken to start their own.
+    fn take_idle(&self, name: &str) -> (Option<Arc<Template>>, Vec<Instance>) {
         let template = self
             .inner
             .templates
             .lock()
             .expect("templates lock")
             .remove(name);
+        let idle = match self.existing_pool(name) {
+            Some(pool) => {
+                let idle = pool.take_idle(|_| true);
+                pool.notify.notify_waiters();
+                idle
+            }
+            None => Vec::new(),
+        };
+        (template, idle)
+    }
+
+    /// Stops the idle instances and the template of `name` (after a change or delete).
+    fn retire_idle(&self, name: &str) {
+        let (template, idle) = self.take_idle(name);
         if let Some(t) = template {
             tokio::spawn(async move { t.destroy().await });
         }
-        let pool = self.existing_pool(name);
-        if let Some(pool) = pool {
-            let stale = pool.take_idle(|_| true);
-            pool.notify.notify_waiters();
-            spawn_destroy(stale);
-        }
+        spawn_destroy(idle);
     }
 
     /// Checks a payload for a synchronous or asynchronous invocation.
@@ -1022,23 +1022,32 @@ impl Control {
         let mut template = None;
         if let Some(image) = image {
             let how = ColdStart::Restore(image.clone(), spore_snapshot::restore::MemoryMode::Full);
-            let started = Template::start(
-                env,
-                rec,
-                code_dir.clone(),
-                log.clone(),
-                init_timeout,
-                max_instances,
-                how,
-            )
-            .await;
-            match started {
-                Ok(t) => template = Some(t),
-                Err(e) => {
-                    // A refused or failed image never runs: import instead, and take a new one.
-                    tracing::warn!(function = %name, "restoring the cfork template failed, starting it from scratch: {e}");
-                    snaps.discard(&image);
+            // Twice: a restore can collide with the restorer's own (random) layout, which a
+            // second process does not share.
+            let mut why = String::new();
+            for _ in 0..2 {
+                let started = Template::start(
+                    env,
+                    rec,
+                    code_dir.clone(),
+                    log.clone(),
+                    init_timeout,
+                    max_instances,
+                    how.clone(),
+                )
+                .await;
+                match started {
+                    Ok(t) => {
+                        template = Some(t);
+                        break;
+                    }
+                    Err(e) => why = e.to_string(),
                 }
+            }
+            if template.is_none() {
+                // A refused or failed image never runs: import instead, and take a new one.
+                tracing::warn!(function = %name, "restoring the cfork template failed, starting it from scratch: {why}");
+                snaps.discard(&image);
             }
         }
         let template = match template {

@@ -343,6 +343,9 @@ fn fd_above(
 
 fn restore_failed(e: &spore_snapshot::SnapshotError) -> ! {
     eprintln!("spore restore failed: {e}");
+    if matches!(e, spore_snapshot::SnapshotError::Collision(_)) {
+        std::process::exit(crate::RESTORE_COLLISION_EXIT)
+    }
     std::process::exit(crate::RESTORE_FAILED_EXIT)
 }
 

@@ -38,6 +38,9 @@ pub const SETUP_FAILED_EXIT: i32 = 125;
 /// Exit status of a sandbox whose snapshot restore failed (the reason is on stderr); the
 /// daemon then starts the function from scratch.
 pub const RESTORE_FAILED_EXIT: i32 = 123;
+/// Exit status of a sandbox init whose own mappings (placed by ASLR) overlap the image it was
+/// to restore: nothing is wrong with the image, and a fresh process can try again.
+pub const RESTORE_COLLISION_EXIT: i32 = 122;
 
 /// Errors from preparing or checking sandboxes on the host.
 #[derive(Debug, thiserror::Error)]

@@ -347,6 +347,27 @@ fn invoke_start(d: &common::Daemon, name: &str, how: &str, payload: &Value) -> (
     (start, r.json().unwrap())
 }
 
+/// Restores the deployed `probe` function and checks that the instance sees what any
+/// sandbox sees: no host files, only its own processes, no host network, no privileged calls.
+/// Returns the listener it must not reach (keep it open until done).
+fn assert_restored_probe_is_contained(d: &common::Daemon) -> std::net::TcpListener {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let ev = serde_json::json!({ "port": port });
+    invoke_start(d, "probe", "1", &ev);
+    let (start, v) = invoke_start(d, "probe", "restore", &ev);
+    assert_eq!(start, "restore");
+    for path in ["/root", "/var/lib/spore", "/etc/shadow"] {
+        assert_ne!(v[path], "READABLE", "{path}: {v}");
+    }
+    assert_eq!(v["pids"], serde_json::json!([1]), "{v}");
+    assert_eq!(v["tcp"], "ConnectionRefusedError", "{v}");
+    for call in ["mount", "ptrace", "unshare"] {
+        assert_eq!(v[call], serde_json::json!([-1, 1]), "{call}: {v}");
+    }
+    listener
+}
+
 fn snapshots(d: &common::Daemon) -> Vec<Value> {
     d.get_json("/spore/v1/snapshots")["Snapshots"]
         .as_array()
@@ -402,20 +423,7 @@ fn daemon_restores_snapshotted_functions_isolated_and_falls_back_when_refused() 
     // A restored instance is as contained as any other.
     d.deploy_snapshotted(&common::fixture("probe"), "probe");
     d.deploy_snapshotted(&common::fixture("hog"), "hog");
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let ev = serde_json::json!({ "port": port });
-    invoke_start(&d, "probe", "1", &ev);
-    let (start, v) = invoke_start(&d, "probe", "restore", &ev);
-    assert_eq!(start, "restore");
-    for path in ["/root", "/var/lib/spore", "/etc/shadow"] {
-        assert_ne!(v[path], "READABLE", "{path}: {v}");
-    }
-    assert_eq!(v["pids"], serde_json::json!([1]), "{v}");
-    assert_eq!(v["tcp"], "ConnectionRefusedError", "{v}");
-    for call in ["mount", "ptrace", "unshare"] {
-        assert_eq!(v[call], serde_json::json!([-1, 1]), "{call}: {v}");
-    }
+    let listener = assert_restored_probe_is_contained(&d);
     let r = d.invoke_raw("hog", b"{}", &[("X-Spore-Cold", "1")]);
     assert_eq!(r.headers()["x-spore-start"], "cold");
     let r = d.invoke_raw("hog", b"{}", &[("X-Spore-Cold", "restore")]);
@@ -545,20 +553,7 @@ fn cfork_templates_are_snapshotted_evicted_restored_and_forked_from() {
     // A child of a restored template is as contained as any fork.
     d.deploy_snapshotted_in(&common::fixture("probe"), "probe", Some("cfork"));
     d.deploy_snapshotted_in(&common::fixture("hog"), "hog", Some("cfork"));
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let ev = serde_json::json!({ "port": port });
-    invoke_start(&d, "probe", "1", &ev);
-    let (start, v) = invoke_start(&d, "probe", "restore", &ev);
-    assert_eq!(start, "restore");
-    for path in ["/root", "/var/lib/spore", "/etc/shadow"] {
-        assert_ne!(v[path], "READABLE", "{path}: {v}");
-    }
-    assert_eq!(v["pids"], serde_json::json!([1]), "{v}");
-    assert_eq!(v["tcp"], "ConnectionRefusedError", "{v}");
-    for call in ["mount", "ptrace", "unshare"] {
-        assert_eq!(v[call], serde_json::json!([-1, 1]), "{call}: {v}");
-    }
+    let listener = assert_restored_probe_is_contained(&d);
     let _ = d.invoke_raw("hog", b"{}", &[("X-Spore-Cold", "1")]);
     let r = d.invoke_raw("hog", b"{}", &[("X-Spore-Cold", "restore")]);
     assert_eq!(r.headers()["x-spore-start"], "restore");

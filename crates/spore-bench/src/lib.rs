@@ -9,6 +9,7 @@ pub mod cold_start;
 pub mod density;
 pub mod functionbench;
 pub mod ipc;
+pub mod memory_restore;
 pub mod plot;
 pub mod snapshot;
 

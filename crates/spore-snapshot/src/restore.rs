@@ -430,6 +430,68 @@ fn install_all(image: &Image, wanted: &(dyn Fn(u64) -> bool + Sync)) -> Result<(
     })
 }
 
+/// Installs every stored page of `image` into a fresh anonymous area of this process (not at
+/// the image's addresses) with `threads` threads, as a restore does (read, check, decompress,
+/// and the destination's page faults), then unmaps it. What `spore bench memory-restore`
+/// times: the memory part of a restore alone, Sabre's Figure 9.
+pub fn install_scratch(image: &Image, threads: usize) -> Result<(), SnapshotError> {
+    let len = (image.meta.stored_pages() * PAGE) as usize;
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: a new private anonymous mapping; nothing else refers to it.
+    let area = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if area == libc::MAP_FAILED {
+        return Err(errno_err("mmap of a scratch area"));
+    }
+    let base = area as usize;
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let work = || -> Result<(), SnapshotError> {
+        let mut scratch = Vec::new();
+        loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some(p) = image.meta.partitions.get(i) else {
+                return Ok(());
+            };
+            // SAFETY: partition i's pages land in their own slice of the scratch area (the
+            // partitions cut the stream into disjoint ranges), written by this thread only.
+            let out = unsafe {
+                std::slice::from_raw_parts_mut(
+                    (base + (p.first * PAGE) as usize) as *mut u8,
+                    (p.pages * PAGE) as usize,
+                )
+            };
+            image.read_partition(i, &mut scratch, out)?;
+        }
+    };
+    let result = std::thread::scope(|s| {
+        let helpers: Vec<_> = (1..threads.max(1)).map(|_| s.spawn(work)).collect();
+        let mine = work();
+        helpers
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(SnapshotError::Restore("an install thread panicked".into()))
+                })
+            })
+            .chain(std::iter::once(mine))
+            .collect::<Result<Vec<()>, _>>()
+            .map(|_| ())
+    });
+    // SAFETY: the area mapped above, no longer used by any thread (the scope joined them).
+    unsafe { libc::munmap(area, len) };
+    result
+}
+
 /// Installs partition `i`, whose pages go to `pieces` (address, first stream page, pages).
 fn install_partition(
     image: &Image,

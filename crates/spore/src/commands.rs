@@ -1046,12 +1046,13 @@ fn demo_units(
     Ok(())
 }
 
-/// Deploys `<name>-snap` (a container function with `snapshot = true`) and `<name>-tsnap`
-/// (its cfork twin, whose template is snapshotted) for each name.
+/// Deploys `<name>-snap` (a container function with `snapshot = true`) and, with `twins`,
+/// `<name>-tsnap` (its cfork twin, whose template is snapshotted) for each name.
 fn deploy_snapshotted(
     client: &Client,
     functions: &Path,
     names: &[&str],
+    twins: bool,
 ) -> Result<Vec<spore_bench::snapshot::Workload>> {
     let mut out = Vec::new();
     for name in names {
@@ -1070,15 +1071,19 @@ fn deploy_snapshotted(
             .deploy(&m, &zip)
             .with_context(|| format!("deploying {}", m.name))?;
         let payload = std::fs::read(dir.join("event.json")).unwrap_or_else(|_| b"{}".to_vec());
-        let mut t = m.clone();
-        t.name = format!("{name}-tsnap");
-        t.sandbox = SandboxKind::Cfork;
-        client
-            .deploy(&t, &zip)
-            .with_context(|| format!("deploying {}", t.name))?;
+        let mut cfork = None;
+        if twins {
+            let mut t = m.clone();
+            t.name = format!("{name}-tsnap");
+            t.sandbox = SandboxKind::Cfork;
+            client
+                .deploy(&t, &zip)
+                .with_context(|| format!("deploying {}", t.name))?;
+            cfork = Some(t.name);
+        }
         out.push(spore_bench::snapshot::Workload {
             function: m.name,
-            cfork: Some(t.name),
+            cfork,
             payload,
         });
     }
@@ -1092,7 +1097,7 @@ fn demo_snapshots(client: &Client, ep: &str, functions: &Path, n: usize) -> Resu
     println!(
         "== snapshots: hello and linpack (numpy) copied at their first init, then {n} starts by init and {n} by restore"
     );
-    let workloads = deploy_snapshotted(client, functions, &["hello", "linpack"])?;
+    let workloads = deploy_snapshotted(client, functions, &["hello", "linpack"], true)?;
     let scratch = tempfile::tempdir()?;
     let cfg = spore_bench::snapshot::Config {
         endpoint: ep.to_owned(),
@@ -1334,6 +1339,99 @@ pub fn bench(endpoint: &str, which: BenchCommand) -> Result<ExitCode> {
         }
         BenchCommand::Dag { n, out, functions } => bench_dag(endpoint, n, &out, &functions),
         BenchCommand::Xpu { n, out, functions } => crate::xpu_bench::bench_xpu(n, &out, &functions),
+        BenchCommand::MemoryRestore {
+            n,
+            only,
+            codecs,
+            threads,
+            warm_cache_only,
+            out,
+            functions,
+        } => {
+            let names: Vec<&str> = only
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .collect();
+            let codecs = codecs
+                .split(',')
+                .filter(|c| !c.trim().is_empty())
+                .map(|c| c.trim().parse().map_err(|e: String| anyhow::anyhow!(e)))
+                .collect::<Result<Vec<spore_snapshot::image::Codec>>>()?;
+            let threads = threads
+                .split(',')
+                .map(|t| {
+                    t.trim()
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|&t| (1..=64).contains(&t))
+                        .ok_or_else(|| anyhow::anyhow!("--threads: {t:?} is not 1..=64"))
+                })
+                .collect::<Result<Vec<usize>>>()?;
+            let cold_cache = !warm_cache_only && nix::unistd::geteuid().is_root();
+            if !warm_cache_only && !cold_cache {
+                eprintln!("   not root: the dropped-page-cache series are skipped");
+            }
+            let (client, _daemon) = daemon_for(endpoint, "bench")?;
+            // The images: each function's runtime snapshotted at an init.
+            let mut images = Vec::new();
+            for w in deploy_snapshotted(&client, &functions, &names, false)? {
+                let answer = client
+                    .invoke_with(&w.function, w.payload.clone(), Some("init"))
+                    .with_context(|| format!("starting {}", w.function))?;
+                if answer.function_error {
+                    anyhow::bail!(
+                        "{} failed at its init: {}",
+                        w.function,
+                        String::from_utf8_lossy(&answer.body)
+                    );
+                }
+                let list = client.get_json("/spore/v1/snapshots")?;
+                let path = list["Snapshots"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|s| s["function"] == w.function.as_str() && s["error"].is_null())
+                    .find_map(|s| s["path"].as_str().map(PathBuf::from))
+                    .ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "{} has no snapshot after an init (see the daemon log)",
+                            w.function
+                        )
+                    })?;
+                images.push((w.function.clone(), path));
+            }
+            let cfg = spore_bench::memory_restore::Config {
+                n,
+                codecs,
+                threads,
+                cold_cache,
+                scratch: out.join("memory-restore").join("images"),
+                max_per_series: Duration::from_secs(60),
+            };
+            let rows = spore_bench::memory_restore::run(&cfg, &images, &|m| eprintln!("   {m}"))?;
+            let table = spore_bench::memory_restore::table(&rows);
+            let series = spore_bench::memory_restore::series(&rows);
+            let first: Vec<Series> = series
+                .iter()
+                .filter(|s| {
+                    images
+                        .first()
+                        .is_some_and(|(f, _)| s.name.starts_with(f.as_str()))
+                })
+                .cloned()
+                .collect();
+            save_and_print(
+                &out,
+                "memory-restore",
+                &series,
+                &table,
+                host_meta(serde_json::json!({ "n": n, "cold_cache": cold_cache })),
+                ("Memory restore alone (first function)", &first),
+            )?;
+            let _ = std::fs::remove_dir(out.join("memory-restore").join("images"));
+            Ok(ExitCode::SUCCESS)
+        }
         BenchCommand::SnapshotColdStart {
             n,
             only,
@@ -1359,7 +1457,7 @@ pub fn bench(endpoint: &str, which: BenchCommand) -> Result<ExitCode> {
             let ep = daemon
                 .as_ref()
                 .map_or(endpoint.to_owned(), |d| d.endpoint.clone());
-            let workloads = deploy_snapshotted(&client, &functions, &names)?;
+            let workloads = deploy_snapshotted(&client, &functions, &names, true)?;
             let cfg = spore_bench::snapshot::Config {
                 endpoint: ep,
                 n,

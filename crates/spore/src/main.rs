@@ -304,6 +304,32 @@ enum BenchCommand {
     /// Snapshots (Sabre Table 2 / Figs. 9, 11-12): image sizes raw, zero-elided and per
     /// codec, and cold start to first response from an init vs a restore from each codec,
     /// page cache warm and dropped.
+    /// Memory restore alone (Sabre Fig. 9): images of sample functions' runtimes restored
+    /// into fresh memory as a plain memory file, with zero pages elided, and per codec, with
+    /// 1 and 2 threads, page cache warm and dropped
+    MemoryRestore {
+        /// Restores per series.
+        #[arg(long, short = 'n', default_value_t = 20)]
+        n: usize,
+        /// Sample functions whose images are restored (folder names under --functions).
+        #[arg(long, default_value = "hello,linpack,image_processing")]
+        only: String,
+        /// Codecs besides the raw image.
+        #[arg(long, default_value = "lz4,zstd-1,zstd-3")]
+        codecs: String,
+        /// Install threads to compare.
+        #[arg(long, default_value = "1,2")]
+        threads: String,
+        /// Skip the series with the page cache dropped before each restore.
+        #[arg(long)]
+        warm_cache_only: bool,
+        /// Where results go.
+        #[arg(long, default_value = "bench-results")]
+        out: PathBuf,
+        /// Folder of sample functions.
+        #[arg(long, default_value = "functions")]
+        functions: PathBuf,
+    },
     SnapshotColdStart {
         /// Starts per series.
         #[arg(long, short = 'n', default_value_t = 20)]

@@ -411,7 +411,19 @@ fn install_all(image: &Image, wanted: &(dyn Fn(u64) -> bool + Sync)) -> Result<(
             install_partition(image, i, pieces, &mut scratch, &mut unpacked)?;
         }
     };
-    if threads <= 1 || plan.iter().all(Vec::is_empty) {
+    if plan.iter().all(Vec::is_empty) {
+        return work();
+    }
+    on_threads(threads, &work)
+}
+
+/// Runs `work` on `threads` threads, this one included, until each returns; the first error
+/// wins. The helpers have exited when this returns.
+fn on_threads(
+    threads: usize,
+    work: &(dyn Fn() -> Result<(), SnapshotError> + Sync),
+) -> Result<(), SnapshotError> {
+    if threads <= 1 {
         return work();
     }
     std::thread::scope(|s| {
@@ -473,20 +485,7 @@ pub fn install_scratch(image: &Image, threads: usize) -> Result<(), SnapshotErro
             image.read_partition(i, &mut scratch, out)?;
         }
     };
-    let result = std::thread::scope(|s| {
-        let helpers: Vec<_> = (1..threads.max(1)).map(|_| s.spawn(work)).collect();
-        let mine = work();
-        helpers
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(SnapshotError::Restore("an install thread panicked".into()))
-                })
-            })
-            .chain(std::iter::once(mine))
-            .collect::<Result<Vec<()>, _>>()
-            .map(|_| ())
-    });
+    let result = on_threads(threads, &work);
     // SAFETY: the area mapped above, no longer used by any thread (the scope joined them).
     unsafe { libc::munmap(area, len) };
     result

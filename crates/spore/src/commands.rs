@@ -1046,6 +1046,30 @@ fn demo_units(
     Ok(())
 }
 
+/// The snapshot benchmarks' shared options: sample function names, codecs, and whether the
+/// dropped-page-cache series run (they need root).
+fn snapshot_bench_args<'a>(
+    only: &'a str,
+    codecs: &str,
+    warm_cache_only: bool,
+) -> Result<(Vec<&'a str>, Vec<spore_snapshot::image::Codec>, bool)> {
+    let names = only
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    let codecs = codecs
+        .split(',')
+        .filter(|c| !c.trim().is_empty())
+        .map(|c| c.trim().parse().map_err(|e: String| anyhow::anyhow!(e)))
+        .collect::<Result<Vec<spore_snapshot::image::Codec>>>()?;
+    let cold_cache = !warm_cache_only && nix::unistd::geteuid().is_root();
+    if !warm_cache_only && !cold_cache {
+        eprintln!("   not root: the dropped-page-cache series are skipped");
+    }
+    Ok((names, codecs, cold_cache))
+}
+
 /// Deploys `<name>-snap` (a container function with `snapshot = true`) and, with `twins`,
 /// `<name>-tsnap` (its cfork twin, whose template is snapshotted) for each name.
 fn deploy_snapshotted(
@@ -1348,16 +1372,7 @@ pub fn bench(endpoint: &str, which: BenchCommand) -> Result<ExitCode> {
             out,
             functions,
         } => {
-            let names: Vec<&str> = only
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .collect();
-            let codecs = codecs
-                .split(',')
-                .filter(|c| !c.trim().is_empty())
-                .map(|c| c.trim().parse().map_err(|e: String| anyhow::anyhow!(e)))
-                .collect::<Result<Vec<spore_snapshot::image::Codec>>>()?;
+            let (names, codecs, cold_cache) = snapshot_bench_args(&only, &codecs, warm_cache_only)?;
             let threads = threads
                 .split(',')
                 .map(|t| {
@@ -1368,10 +1383,6 @@ pub fn bench(endpoint: &str, which: BenchCommand) -> Result<ExitCode> {
                         .ok_or_else(|| anyhow::anyhow!("--threads: {t:?} is not 1..=64"))
                 })
                 .collect::<Result<Vec<usize>>>()?;
-            let cold_cache = !warm_cache_only && nix::unistd::geteuid().is_root();
-            if !warm_cache_only && !cold_cache {
-                eprintln!("   not root: the dropped-page-cache series are skipped");
-            }
             let (client, _daemon) = daemon_for(endpoint, "bench")?;
             // The images: each function's runtime snapshotted at an init.
             let mut images = Vec::new();
@@ -1440,19 +1451,7 @@ pub fn bench(endpoint: &str, which: BenchCommand) -> Result<ExitCode> {
             out,
             functions,
         } => {
-            let names: Vec<&str> = only
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .collect();
-            let codecs = codecs
-                .split(',')
-                .map(|c| c.trim().parse().map_err(|e: String| anyhow::anyhow!(e)))
-                .collect::<Result<Vec<spore_snapshot::image::Codec>>>()?;
-            let cold_cache = !warm_cache_only && nix::unistd::geteuid().is_root();
-            if !warm_cache_only && !cold_cache {
-                eprintln!("   not root: the dropped-page-cache series are skipped");
-            }
+            let (names, codecs, cold_cache) = snapshot_bench_args(&only, &codecs, warm_cache_only)?;
             let (client, daemon) = daemon_for(endpoint, "bench")?;
             let ep = daemon
                 .as_ref()

@@ -368,6 +368,21 @@ fn assert_restored_probe_is_contained(d: &common::Daemon) -> std::net::TcpListen
     listener
 }
 
+/// Flips one byte in the first partition of `function`'s image.
+fn corrupt_image(d: &common::Daemon, function: &str) {
+    let path = PathBuf::from(
+        snapshots(d)
+            .into_iter()
+            .find(|s| s["function"] == function)
+            .unwrap()["path"]
+            .as_str()
+            .unwrap(),
+    );
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[4096 + 64] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+}
+
 fn snapshots(d: &common::Daemon) -> Vec<Value> {
     d.get_json("/spore/v1/snapshots")["Snapshots"]
         .as_array()
@@ -433,17 +448,7 @@ fn daemon_restores_snapshotted_functions_isolated_and_falls_back_when_refused() 
     drop(listener);
 
     // A damaged image is refused: the start falls back to an init, which takes a new one.
-    let path = PathBuf::from(
-        snapshots(&d)
-            .into_iter()
-            .find(|s| s["function"] == "rng")
-            .unwrap()["path"]
-            .as_str()
-            .unwrap(),
-    );
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes[4096 + 64] ^= 0xff;
-    std::fs::write(&path, &bytes).unwrap();
+    corrupt_image(&d, "rng");
     let (start, _) = invoke_start(&d, "rng", "restore", &serde_json::json!({}));
     assert_eq!(start, "cold", "a corrupt image never runs");
     assert!(d.log_text().contains("checksum"), "the refusal is logged");
@@ -582,17 +587,7 @@ fn cfork_templates_are_snapshotted_evicted_restored_and_forked_from() {
 
     // A damaged template image is refused: the template imports instead (and takes a new
     // image), and the function keeps working.
-    let path = PathBuf::from(
-        snapshots(&d)
-            .into_iter()
-            .find(|s| s["function"] == "rng")
-            .unwrap()["path"]
-            .as_str()
-            .unwrap(),
-    );
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes[4096 + 64] ^= 0xff;
-    std::fs::write(&path, &bytes).unwrap();
+    corrupt_image(&d, "rng");
     evict(&d, "rng");
     let (start, _) = invoke_start(&d, "rng", "1", &serde_json::json!({}));
     assert_eq!(start, "cold", "a corrupt image never runs");

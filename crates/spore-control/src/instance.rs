@@ -204,6 +204,8 @@ pub(crate) struct Spawned {
     pub child: Child,
     pub sock: UnixStream,
     pub stderr_tail: Arc<Mutex<VecDeque<String>>>,
+    /// A spare's go-ahead: the byte it waits for, then the restored runtime's environment.
+    pub go: Option<Vec<u8>>,
 }
 
 /// Creates a cgroup under the daemon's parent (on a blocking thread). `inits` is the number
@@ -228,6 +230,62 @@ pub(crate) async fn create_cgroup(
         .map_err(|e| StartError::Platform(error_chain(&e)))
 }
 
+/// A sandbox built ahead of time for a restore, waiting for the go-ahead: a restore into it
+/// pays only for installing memory and resuming (the daemon keeps one per function that
+/// restores, see `Control`).
+#[derive(Debug)]
+pub struct Spare {
+    inst: Instance,
+    go: Vec<u8>,
+    how: ColdStart,
+    revision: u64,
+    image: PathBuf,
+    ino: u64,
+    /// When it was built.
+    pub created: Instant,
+}
+
+impl Spare {
+    /// Whether it restores the image now at `image` for `revision` (a replaced file has
+    /// another inode; the spare holds the old one open).
+    pub fn fits(&self, revision: u64, image: &std::path::Path) -> bool {
+        self.revision == revision
+            && self.image == image
+            && std::fs::metadata(image)
+                .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == self.ino)
+    }
+
+    /// Lets it restore; returns the instance once its runtime is ready (`init_ms` counts from
+    /// the go-ahead).
+    pub async fn start(
+        mut self,
+        rec: &FunctionRecord,
+        init_timeout: Duration,
+    ) -> Result<Instance, StartError> {
+        let t0 = Instant::now();
+        if let Err(e) = self.inst.sock.write_all(&self.go).await {
+            self.inst.destroy().await;
+            return Err(StartError::Platform(format!(
+                "the spare sandbox is gone ({e})"
+            )));
+        }
+        self.inst
+            .await_ready(rec, &self.how, init_timeout, t0)
+            .await
+            .map_err(|(e, _)| e)
+    }
+
+    /// Host pids of its processes.
+    pub fn pids(&self) -> Vec<i32> {
+        self.inst.pids()
+    }
+
+    /// Stops it.
+    pub async fn destroy(self) {
+        self.inst.destroy().await;
+    }
+}
+
 /// What differs between the sandboxes of one function.
 pub(crate) struct Launch<'a> {
     /// Instance or template id (the hostname).
@@ -241,6 +299,8 @@ pub(crate) struct Launch<'a> {
     /// How the runtime comes up: imported from scratch (possibly offering itself for a
     /// snapshot), or restored from a snapshot.
     pub how: ColdStart,
+    /// (A restore) build the sandbox now and restore only on the go-ahead (a spare).
+    pub spare: bool,
 }
 
 /// How a sandbox's runtime comes up.
@@ -289,6 +349,7 @@ fn spawn_in(
         uid,
         template,
         how,
+        spare,
     } = launch;
     let is_template = template.is_some();
     let m = &rec.manifest;
@@ -318,6 +379,7 @@ fn spawn_in(
         user_namespace: None,
         restore: None,
         restore_mode: None,
+        wait_for_go: false,
     };
     if rec.manifest.snapshot {
         // A runtime is snapshotted single-threaded: keep numerical libraries from starting
@@ -359,16 +421,23 @@ fn spawn_in(
         });
     }
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(platform("socketpair"))?;
+    let mut go = None;
     if spec.restore.is_some() {
         // The restored runtime reads its environment first (it has the checkpointed one). A
-        // few KiB into an empty socket buffer: this write does not block.
+        // few KiB into an empty socket buffer: this write does not block. A spare gets it
+        // behind its go-ahead byte.
         let frame = protocol::encode(
             &ToRuntime::Environment {
                 vars: spec.env.iter().cloned().collect(),
             },
             b"",
         );
-        std::io::Write::write_all(&mut &ours, &frame).map_err(platform("socket"))?;
+        if spare {
+            spec.wait_for_go = true;
+            go = Some([b"g".as_slice(), &frame].concat());
+        } else {
+            std::io::Write::write_all(&mut &ours, &frame).map_err(platform("socket"))?;
+        }
     }
     ours.set_nonblocking(true).map_err(platform("socket"))?;
     let sock = UnixStream::from_std(ours).map_err(platform("socket"))?;
@@ -394,6 +463,7 @@ fn spawn_in(
         child,
         sock,
         stderr_tail,
+        go,
     })
 }
 
@@ -511,6 +581,22 @@ impl Instance {
         how: ColdStart,
     ) -> Result<Instance, (StartError, bool)> {
         let t0 = Instant::now();
+        let (inst, _) = Self::spawn(env, rec, code_dir, log, &how, false)
+            .await
+            .map_err(|e| (e, false))?;
+        inst.await_ready(rec, &how, init_timeout, t0).await
+    }
+
+    /// Builds the sandbox and starts its runtime (or, as a spare, leaves it waiting for the
+    /// go-ahead, returned with it).
+    async fn spawn(
+        env: &Arc<InstanceEnv>,
+        rec: &FunctionRecord,
+        code_dir: PathBuf,
+        log: Arc<LogRing>,
+        how: &ColdStart,
+        spare: bool,
+    ) -> Result<(Instance, Option<Vec<u8>>), StartError> {
         let m = &rec.manifest;
         let seq = env.next_seq();
         let id = format!("{}-{}-{seq}", m.name, std::process::id());
@@ -521,16 +607,15 @@ impl Instance {
             uid,
             template: None,
             how: how.clone(),
+            spare,
         };
-        let helpers = match &how {
+        let helpers = match how {
             ColdStart::Restore(_, mode) if *mode != spore_snapshot::restore::MemoryMode::Full => 1,
             _ => 0,
         };
         let (cgroup, spawned) =
-            spawn_sandbox(env, rec, launch, log, m.memory_mb, 1 + helpers as u32)
-                .await
-                .map_err(|e| (e, false))?;
-        let mut inst = Instance {
+            spawn_sandbox(env, rec, launch, log, m.memory_mb, 1 + helpers as u32).await?;
+        let inst = Instance {
             id,
             revision: rec.revision,
             init_ms: 0.0,
@@ -544,6 +629,21 @@ impl Instance {
             invoke_sent: false,
             helpers,
         };
+        Ok((inst, spawned.go))
+    }
+
+    /// Waits (at most `init_timeout`) for the runtime started at `t0` to report ready,
+    /// taking its snapshot on the way if `how` asks for one. On failure the sandbox is gone;
+    /// the flag says a restore collided with the restorer's own layout.
+    async fn await_ready(
+        mut self,
+        rec: &FunctionRecord,
+        how: &ColdStart,
+        init_timeout: Duration,
+        t0: Instant,
+    ) -> Result<Instance, (StartError, bool)> {
+        let inst = &mut self;
+        let m = &rec.manifest;
         let deadline = tokio::time::Instant::now() + init_timeout;
         let init = match &inst.proc {
             Proc::Spawned(child) => child.id(),
@@ -552,7 +652,7 @@ impl Instance {
         let first = first_frame(
             &mut inst.sock,
             deadline,
-            &how,
+            how,
             init.map(|pid| (pid, 1)),
             &m.name,
             &mut inst.breakdown,
@@ -562,7 +662,7 @@ impl Instance {
         let failure = match first {
             Ok(Ok(Some((FromRuntime::Ready { .. }, _)))) => {
                 inst.init_ms = t0.elapsed().as_secs_f64() * 1000.0;
-                return Ok(inst);
+                return Ok(self);
             }
             Ok(Ok(Some((FromRuntime::InitError { error }, _)))) => StartError::Init(error),
             Ok(Ok(Some((other, _)))) => {
@@ -595,8 +695,36 @@ impl Instance {
                 ),
             )),
         };
-        inst.destroy().await;
+        self.destroy().await;
         Err((failure, collision))
+    }
+
+    /// Builds a sandbox that will restore `image` (memory mode `full`) on the go-ahead.
+    pub async fn spare(
+        env: &Arc<InstanceEnv>,
+        rec: &FunctionRecord,
+        code_dir: PathBuf,
+        log: Arc<LogRing>,
+        image: PathBuf,
+    ) -> Result<Spare, StartError> {
+        let ino = std::fs::metadata(&image)
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .map_err(|e| StartError::Platform(format!("{}: {e}", image.display())))?;
+        let how = ColdStart::Restore(image.clone(), spore_snapshot::restore::MemoryMode::Full);
+        let (inst, go) = Self::spawn(env, rec, code_dir, log, &how, true).await?;
+        let Some(go) = go else {
+            inst.destroy().await;
+            return Err(StartError::Platform("a spare without a go-ahead".into()));
+        };
+        Ok(Spare {
+            inst,
+            go,
+            how,
+            revision: rec.revision,
+            image,
+            ino,
+            created: Instant::now(),
+        })
     }
 
     /// Runs one invocation. On `Err` the instance is broken and must be destroyed.

@@ -236,6 +236,8 @@ struct Inner {
     pools: Mutex<HashMap<String, Arc<Pool>>>,
     logs: Mutex<HashMap<String, Arc<LogRing>>>,
     templates: Mutex<HashMap<String, Arc<Template>>>,
+    /// One sandbox per function built ahead of its next restore (after a first restore).
+    spares: Mutex<HashMap<String, instance::Spare>>,
     template_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     draining: AtomicBool,
     inflight: AtomicUsize,
@@ -426,6 +428,7 @@ impl Control {
                 pools: Mutex::new(HashMap::new()),
                 logs: Mutex::new(HashMap::new()),
                 templates: Mutex::new(HashMap::new()),
+                spares: Mutex::new(HashMap::new()),
                 template_locks: Mutex::new(HashMap::new()),
                 draining: AtomicBool::new(false),
                 inflight: AtomicUsize::new(0),
@@ -625,7 +628,99 @@ impl Control {
         if let Some(t) = template {
             t.destroy().await;
         }
+        self.stop_spares(|n, _| n == name).await;
         Ok(out)
+    }
+
+    /// Takes `name`'s spare sandbox if it restores `image` at `revision`; a stale one is
+    /// stopped.
+    fn take_spare(
+        &self,
+        name: &str,
+        revision: u64,
+        image: &std::path::Path,
+    ) -> Option<instance::Spare> {
+        let spare = self
+            .inner
+            .spares
+            .lock()
+            .expect("spares lock")
+            .remove(name)?;
+        if spare.fits(revision, image) {
+            return Some(spare);
+        }
+        tokio::spawn(spare.destroy());
+        None
+    }
+
+    /// Builds a spare sandbox for `rec`'s next restore from `image`, in the background,
+    /// unless it has one (or the daemon is stopping).
+    fn refill_spare(
+        &self,
+        env: &Arc<InstanceEnv>,
+        rec: &FunctionRecord,
+        log: &Arc<LogRing>,
+        image: &std::path::Path,
+    ) {
+        let name = rec.manifest.name.clone();
+        if self.inner.draining.load(Ordering::Acquire)
+            || self
+                .inner
+                .spares
+                .lock()
+                .expect("spares lock")
+                .contains_key(&name)
+        {
+            return;
+        }
+        let (this, env, rec, log) = (self.clone(), env.clone(), rec.clone(), log.clone());
+        let image = image.to_owned();
+        // Counted as in flight, so that a shutdown waits for it and then stops it.
+        self.inner.inflight.fetch_add(1, Ordering::AcqRel);
+        tokio::spawn(async move {
+            let _guard = InflightGuard(&this.inner);
+            let code_dir = this.registry().code_dir(&rec);
+            match instance::Instance::spare(&env, &rec, code_dir, log, image).await {
+                Ok(spare) => {
+                    let stale = {
+                        let mut spares = this.inner.spares.lock().expect("spares lock");
+                        let current = this
+                            .registry()
+                            .get(&name)
+                            .is_some_and(|r| r.revision == rec.revision);
+                        if this.inner.draining.load(Ordering::Acquire)
+                            || !current
+                            || spares.contains_key(&name)
+                        {
+                            Some(spare)
+                        } else {
+                            spares.insert(name, spare);
+                            None
+                        }
+                    };
+                    if let Some(s) = stale {
+                        s.destroy().await;
+                    }
+                }
+                Err(e) => tracing::warn!(function = %name, "building a spare sandbox: {e}"),
+            }
+        });
+    }
+
+    /// Stops every spare sandbox `stop` selects.
+    async fn stop_spares(&self, stop: impl Fn(&str, &instance::Spare) -> bool) {
+        let gone: Vec<instance::Spare> = {
+            let mut spares = self.inner.spares.lock().expect("spares lock");
+            let names: Vec<String> = spares
+                .iter()
+                .filter(|(n, s)| stop(n, s))
+                .map(|(n, _)| n.clone())
+                .collect();
+            names.iter().filter_map(|n| spares.remove(n)).collect()
+        };
+        for s in gone {
+            s.destroy().await;
+        }
     }
 
     /// Takes `name`'s template and idle instances out of the daemon's tables (callers stop
@@ -655,6 +750,10 @@ impl Control {
             tokio::spawn(async move { t.destroy().await });
         }
         spawn_destroy(idle);
+        let spare = self.inner.spares.lock().expect("spares lock").remove(name);
+        if let Some(s) = spare {
+            tokio::spawn(s.destroy());
+        }
     }
 
     /// Checks a payload for a synchronous or asynchronous invocation.
@@ -878,6 +977,21 @@ impl Control {
                 let image = restore.then(|| snaps.current(name, rec.revision)).flatten();
                 if let Some(image) = image {
                     let mode = opts.restore_mode.unwrap_or(self.inner.cfg.snapshot_mode);
+                    let full = mode == spore_snapshot::restore::MemoryMode::Full;
+                    let spare = full
+                        .then(|| self.take_spare(name, rec.revision, &image))
+                        .flatten();
+                    if let Some(spare) = spare {
+                        match spare.start(rec, init_timeout).await {
+                            Ok(inst) => {
+                                self.refill_spare(env, rec, &log, &image);
+                                return Ok((inst, StartKind::Restore));
+                            }
+                            Err(e) => {
+                                tracing::info!(function = %name, "the spare sandbox failed ({e}); restoring in a new one")
+                            }
+                        }
+                    }
                     let how = ColdStart::Restore(image.clone(), mode);
                     match Instance::start(
                         env,
@@ -889,7 +1003,12 @@ impl Control {
                     )
                     .await
                     {
-                        Ok(inst) => return Ok((inst, StartKind::Restore)),
+                        Ok(inst) => {
+                            if full {
+                                self.refill_spare(env, rec, &log, &image);
+                            }
+                            return Ok((inst, StartKind::Restore));
+                        }
                         Err(e) => {
                             // A refused or failed image never runs: start from scratch, and
                             // take a new one.
@@ -1142,6 +1261,16 @@ impl Control {
         t.is_alive().then(|| t.pids())
     }
 
+    /// Host pids of a function's spare sandbox (built for its next restore), if it has one.
+    pub fn spare_pids(&self, name: &str) -> Option<Vec<i32>> {
+        self.inner
+            .spares
+            .lock()
+            .expect("spares lock")
+            .get(name)
+            .map(instance::Spare::pids)
+    }
+
     /// Queues an asynchronous (`Event`) invocation; its outcome goes to the function's log.
     pub fn invoke_async(&self, name: &str, payload: Vec<u8>) -> Result<String, ControlError> {
         Self::check_payload(&payload, true)?;
@@ -1301,6 +1430,7 @@ impl Control {
                 for name in idle {
                     this.stop_template(&name, "idle for longer than the keep-alive");
                 }
+                this.stop_spares(|_, s| s.created.elapsed() > keep).await;
                 if let Some(budget) = this.inner.cfg.idle_memory_mb {
                     this.enforce_idle_budget(budget << 20);
                 }
@@ -1458,6 +1588,7 @@ impl Control {
         for t in templates {
             t.destroy().await;
         }
+        self.stop_spares(|_, _| true).await;
         if let Ok(env) = &self.inner.env {
             let (layout, parent) = (env.layout.clone(), env.cgroup_parent.clone());
             let res = tokio::task::spawn_blocking(move || layout.sweep_parent(&parent, true)).await;

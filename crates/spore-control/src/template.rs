@@ -160,6 +160,7 @@ impl Template {
             uid: 0,
             template: Some((mapping, extra_env)),
             how: how.clone(),
+            spare: false,
         };
         let restored = matches!(how, ColdStart::Restore(..));
         let (cgroup, mut spawned) = spawn_sandbox(env, rec, launch, log, memory_mb, 2).await?;

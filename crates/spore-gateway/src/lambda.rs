@@ -333,6 +333,7 @@ pub(crate) async fn get_function(
         "Spore": {
             "Instances": { "Idle": idle, "Total": total, "IdlePids": st.control.instance_pids(&rec.manifest.name) },
             "Template": st.control.template_pids(&rec.manifest.name).map(|pids| serde_json::json!({ "Pids": pids })),
+            "Spare": st.control.spare_pids(&rec.manifest.name).map(|pids| serde_json::json!({ "Pids": pids })),
         },
     }))
     .into_response())

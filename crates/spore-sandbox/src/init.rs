@@ -289,6 +289,25 @@ fn child_main(
         seccompiler::apply_filter(filter).step(|| "installing the seccomp filter".into())?;
     }
     chdir(spec.cwd.as_str()).step(|| format!("chdir {}", spec.cwd))?;
+    if image.is_some() && spec.wait_for_go {
+        // Ready ahead of time: the daemon sends one byte when an instance is wanted, or
+        // closes the socket when this one is not.
+        let mut go = [0u8; 1];
+        loop {
+            // SAFETY: reads at most one byte into `go` from the control socket, which this
+            // process holds at that number.
+            let n = unsafe { libc::read(spec.control_fd, go.as_mut_ptr().cast(), 1) };
+            match n {
+                1 => break,
+                0 => std::process::exit(0),
+                _ if nix::errno::Errno::last() == nix::errno::Errno::EINTR => continue,
+                _ => {
+                    return Err(std::io::Error::last_os_error())
+                        .step(|| "waiting for the go-ahead".into())
+                }
+            }
+        }
+    }
     if let Some(image) = image {
         let (mode, lazy) = match lazy {
             Some((mode, uffd, sock)) => (mode, Some((uffd, sock))),

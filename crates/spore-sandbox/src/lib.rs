@@ -122,6 +122,11 @@ pub struct SandboxSpec {
     /// the sandbox init's parent over userfaultfd).
     #[serde(default)]
     pub restore_mode: Option<String>,
+    /// (With `restore`) build the sandbox, then wait for one byte on the control socket
+    /// before restoring: a sandbox made ahead of time, so that a restore pays only for its
+    /// memory. End of file instead of the byte: exit without restoring.
+    #[serde(default)]
+    pub wait_for_go: bool,
 }
 
 /// A user-namespace id mapping: ids `0..count` inside are `host_base..host_base+count` outside.
@@ -243,6 +248,7 @@ mod tests {
             user_namespace: None,
             restore: None,
             restore_mode: None,
+            wait_for_go: false,
         }
     }
 

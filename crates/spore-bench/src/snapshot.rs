@@ -6,7 +6,8 @@
 //!
 //! The daemon keeps one image per function; the bench rewrites that image in each codec
 //! (`spore_snapshot::image::transcode`) and puts each in place in turn, so every series
-//! restores the same pages.
+//! restores the same pages. Starts are 50 ms apart, as cold starts arrive, so that what the
+//! daemon prepares between them (a spare sandbox for the next restore) counts.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -16,6 +17,9 @@ use spore_snapshot::image::{transcode, Codec, Image, DEFAULT_PARTITION_PAGES};
 
 use crate::cold_start::{bounded, client, invoke_headers, invoke_with};
 use crate::{summarize, BenchError, Series};
+
+/// Pause before each measured start.
+const BETWEEN_STARTS: Duration = Duration::from_millis(50);
 
 /// One function to measure.
 #[derive(Debug, Clone)]
@@ -160,6 +164,9 @@ pub fn run(
         // `cold`, the page cache is dropped before each.
         let starts = |cold: bool, headers: &[(&str, &str)], expect: &str| {
             bounded(cfg.n, cfg.max_per_series, || {
+                // Cold starts arrive apart, not back to back: what the daemon does between
+                // them (a spare sandbox for the next restore) is part of what is measured.
+                std::thread::sleep(BETWEEN_STARTS);
                 if cold {
                     drop_caches()?;
                 }
@@ -305,6 +312,7 @@ fn cfork_series(
             ));
             let s = bounded(cfg.n, cfg.max_per_series, || {
                 evict()?;
+                std::thread::sleep(BETWEEN_STARTS);
                 if cold {
                     drop_caches()?;
                 }
@@ -319,6 +327,7 @@ fn cfork_series(
     invoke_with(http, ep, cfork, &w.payload, None)?;
     progress(&format!("{cfork}: {} forks", cfg.n));
     let s = bounded(cfg.n, cfg.max_per_series, || {
+        std::thread::sleep(BETWEEN_STARTS);
         let s = invoke_headers(http, ep, cfork, &w.payload, &[("X-Spore-Cold", "1")])?;
         check_start(cfork, &s.start, "fork")?;
         Ok((s.latency_ms, s.init_ms))

@@ -1017,12 +1017,7 @@ impl Control {
                         }
                     }
                 }
-                let pending = rec
-                    .manifest
-                    .snapshot
-                    .then(|| snaps.begin(name, rec.revision))
-                    .flatten();
-                let how = pending.map_or(ColdStart::Init, ColdStart::InitAndSnapshot);
+                let how = self.init_how(rec);
                 let inst = Instance::start(env, rec, code_dir, log, init_timeout, how).await?;
                 Ok((inst, StartKind::Cold))
             }
@@ -1031,6 +1026,16 @@ impl Control {
                     .await
             }
         }
+    }
+
+    /// How a start from scratch goes: an import, snapshotted if the function asks for
+    /// snapshots and has no usable one (nor a capture under way).
+    fn init_how(&self, rec: &FunctionRecord) -> ColdStart {
+        rec.manifest
+            .snapshot
+            .then(|| self.inner.snapshots.begin(&rec.manifest.name, rec.revision))
+            .flatten()
+            .map_or(ColdStart::Init, ColdStart::InitAndSnapshot)
     }
 
     /// Starts a cfork instance: forked from the live template, or from a new one, imported or
@@ -1172,12 +1177,7 @@ impl Control {
         let template = match template {
             Some(t) => t,
             None => {
-                let pending = rec
-                    .manifest
-                    .snapshot
-                    .then(|| snaps.begin(name, rec.revision))
-                    .flatten();
-                let how = pending.map_or(ColdStart::Init, ColdStart::InitAndSnapshot);
+                let how = self.init_how(rec);
                 Template::start(env, rec, code_dir, log, init_timeout, max_instances, how).await?
             }
         };

@@ -642,26 +642,25 @@ impl Instance {
         init_timeout: Duration,
         t0: Instant,
     ) -> Result<Instance, (StartError, bool)> {
-        let inst = &mut self;
         let m = &rec.manifest;
         let deadline = tokio::time::Instant::now() + init_timeout;
-        let init = match &inst.proc {
+        let init = match &self.proc {
             Proc::Spawned(child) => child.id(),
             Proc::Forked(_) => None,
         };
         let first = first_frame(
-            &mut inst.sock,
+            &mut self.sock,
             deadline,
             how,
             init.map(|pid| (pid, 1)),
             &m.name,
-            &mut inst.breakdown,
+            &mut self.breakdown,
         )
         .await;
         let mut collision = false;
         let failure = match first {
             Ok(Ok(Some((FromRuntime::Ready { .. }, _)))) => {
-                inst.init_ms = t0.elapsed().as_secs_f64() * 1000.0;
+                self.init_ms = t0.elapsed().as_secs_f64() * 1000.0;
                 return Ok(self);
             }
             Ok(Ok(Some((FromRuntime::InitError { error }, _)))) => StartError::Init(error),
@@ -669,11 +668,11 @@ impl Instance {
                 StartError::Platform(format!("runtime sent {other:?} before ready"))
             }
             Ok(Ok(None)) | Ok(Err(_)) => {
-                let detail = inst.exit_detail().await;
+                let detail = self.exit_detail().await;
                 collision = detail.collision;
                 if detail.setup_failed || matches!(how, ColdStart::Restore(..)) {
                     StartError::Platform(detail.text)
-                } else if inst.oom_killed() {
+                } else if self.oom_killed() {
                     StartError::Init(
                         InvokeFailure::OutOfMemory {
                             limit_mb: m.memory_mb,

@@ -1490,7 +1490,12 @@ impl Control {
             .iter()
             .map(|(n, p)| (n.clone(), p.clone()))
             .collect();
-        // (restorable, idle since, bytes, pool and instance id, or a template's function)
+        /// What holds idle memory.
+        enum Holder {
+            Instance(Arc<Pool>, String),
+            Template(String),
+        }
+        // (restorable, idle since, bytes, holder)
         let mut idle = Vec::new();
         for (name, pool) in &pools {
             let restorable = self.restorable(name);
@@ -1501,26 +1506,31 @@ impl Control {
                     restorable,
                     inst.last_used,
                     bytes,
-                    Ok((pool.clone(), inst.id.clone())),
+                    Holder::Instance(pool.clone(), inst.id.clone()),
                 ));
             }
         }
         for (name, t) in self.template_list() {
             let bytes = t.memory_bytes().unwrap_or(0);
-            idle.push((self.restorable(&name), t.last_used(), bytes, Err(name)));
+            idle.push((
+                self.restorable(&name),
+                t.last_used(),
+                bytes,
+                Holder::Template(name),
+            ));
         }
         let mut total: u64 = idle.iter().map(|x| x.2).sum();
         if total <= budget {
             return;
         }
         idle.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        for (restorable, _, bytes, what) in idle {
+        for (restorable, _, bytes, holder) in idle {
             if total <= budget {
                 break;
             }
-            let (pool, id) = match what {
-                Ok(instance) => instance,
-                Err(template) => {
+            let (pool, id) = match holder {
+                Holder::Instance(pool, id) => (pool, id),
+                Holder::Template(template) => {
                     let why = format!(
                         "{:.1} MiB, to keep idle memory under {} MiB",
                         bytes as f64 / 1048576.0,

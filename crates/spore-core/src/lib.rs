@@ -1,15 +1,18 @@
 //! Shared types of Spore: the function manifest (`spore.toml`), DAG specifications, function
-//! names, runtimes, sandbox kinds, invocation results and the structured function error.
+//! names, runtimes, sandbox kinds, invocation options and results, the control plane's errors
+//! and the structured function error.
 //!
 //! This crate has no I/O beyond parsing; every other crate depends on it, and it depends on no
 //! other Spore crate.
 #![forbid(unsafe_code)]
 
+pub mod control;
 pub mod dag;
 pub mod invoke;
 pub mod manifest;
 
-pub use invoke::{FunctionError, StartKind};
+pub use control::{error_chain, ControlError, Invocation, InvokeOptions};
+pub use invoke::{FunctionError, MemoryMode, StartKind};
 pub use manifest::{FunctionManifest, ManifestError, Runtime, SandboxKind};
 
 /// Largest synchronous invocation payload, request or response, in bytes (Lambda's 6 MB).

@@ -13,8 +13,8 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
-use spore_control::dag::DagInvokeOptions;
 use spore_core::dag::{DagSpec, Transport};
+use spore_dag::DagInvokeOptions;
 
 use crate::lambda::{ApiError, ApiResult};
 use crate::AppState;
@@ -26,8 +26,7 @@ pub(crate) async fn put_dag(State(st): State<AppState>, body: Bytes) -> ApiResul
         serde_json::from_str(text)
             .map_err(|e| ApiError::invalid(format!("Malformed DAG JSON: {e}")))?
     } else {
-        DagSpec::from_toml(text)
-            .map_err(|e| ApiError::invalid(spore_control::instance::error_chain(&e)))?
+        DagSpec::from_toml(text).map_err(|e| ApiError::invalid(spore_core::error_chain(&e)))?
     };
     let spec = st.control.put_dag(spec)?;
     Ok((StatusCode::CREATED, axum::Json(spec)).into_response())

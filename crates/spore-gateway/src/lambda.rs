@@ -8,10 +8,10 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
-use spore_control::registry::FunctionRecord;
 use spore_control::{Control, ControlError, FunctionSpec, InvokeOptions};
 use spore_core::StartKind;
 use spore_core::{function_name_from_ref, FunctionManifest, SandboxKind};
+use spore_registry::FunctionRecord;
 
 use crate::AppState;
 
@@ -177,7 +177,7 @@ fn configuration(rec: &FunctionRecord) -> serde_json::Value {
         "Description": rec.description,
         "Timeout": m.timeout_s,
         "MemorySize": m.memory_mb,
-        "LastModified": spore_control::store::lambda_timestamp(rec.last_modified_ms),
+        "LastModified": spore_registry::store::lambda_timestamp(rec.last_modified_ms),
         "CodeSha256": rec.code_sha256,
         "Version": "$LATEST",
         "Environment": { "Variables": m.environment },
@@ -561,7 +561,7 @@ pub(crate) async fn logs(
 ) -> ApiResult<Response> {
     let lines = st.control.logs(
         function_name_from_ref(&name),
-        q.lines.unwrap_or(100).min(spore_control::logs::LOG_LINES),
+        q.lines.unwrap_or(100).min(spore_pool::logs::LOG_LINES),
     )?;
     Ok(axum::Json(serde_json::json!({ "lines": lines })).into_response())
 }

@@ -32,44 +32,7 @@ use crate::image::{prot, Codec, FileIdentity, Image, Region, RegionKind};
 use crate::procfs::{self, MapLine, PAGE};
 use crate::SnapshotError;
 
-/// How the memory of an image is installed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MemoryMode {
-    /// Read every stored page before resuming.
-    Full,
-    /// Resume at once; a server installs each page on its first touch (userfaultfd).
-    Lazy,
-    /// Install the working set recorded at an earlier restore up front, the rest lazily; with
-    /// no working set yet, as `Lazy`, recording one.
-    Reap,
-}
-
-impl MemoryMode {
-    /// `full`, `lazy` or `reap`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MemoryMode::Full => "full",
-            MemoryMode::Lazy => "lazy",
-            MemoryMode::Reap => "reap",
-        }
-    }
-}
-
-impl std::str::FromStr for MemoryMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<MemoryMode, String> {
-        match s {
-            "full" => Ok(MemoryMode::Full),
-            "lazy" => Ok(MemoryMode::Lazy),
-            "reap" => Ok(MemoryMode::Reap),
-            "compressed" | "reap+compressed" => Err(format!(
-                "memory mode {s:?}: compression is a property of the image (spore serve \
-                 --snapshot-codec lz4|zstd-N); the modes are full, lazy and reap"
-            )),
-            _ => Err(format!("unknown memory mode {s:?} (full, lazy, reap)")),
-        }
-    }
-}
+pub use spore_core::MemoryMode;
 
 /// What the restore keeps from the calling process.
 #[derive(Debug)]

@@ -166,7 +166,7 @@ pub fn serve(
     let etcd = args
         .etcd
         .as_deref()
-        .map(|e| spore_control::etcd::Etcd::new(e, &args.etcd_prefix))
+        .map(|e| spore_cluster::etcd::Etcd::new(e, &args.etcd_prefix))
         .transpose()
         .context("--etcd")?;
     if etcd.is_some() && shim.is_none() && args.link_listen.is_none() {
@@ -194,7 +194,7 @@ pub fn serve(
         } else if let Some(addr) = &args.link_listen {
             let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--link-listen {addr}"))?;
             let bound = l.local_addr()?.to_string();
-            spore_control::store::write_atomic(&link_file, bound.as_bytes()).context("writing the link endpoint file")?;
+            spore_registry::store::write_atomic(&link_file, bound.as_bytes()).context("writing the link endpoint file")?;
             tracing::info!("accepting unit links on {bound}");
             let c = control.clone();
             tokio::spawn(async move { c.serve_links(l).await });
@@ -213,7 +213,7 @@ pub fn serve(
         let endpoint = format!("http://{}", listener.local_addr()?);
         control.set_gateway_url(endpoint.clone());
         let endpoint_file = data_dir.join("run").join("endpoint");
-        spore_control::store::write_atomic(&endpoint_file, endpoint.as_bytes()).context("writing the endpoint file")?;
+        spore_registry::store::write_atomic(&endpoint_file, endpoint.as_bytes()).context("writing the endpoint file")?;
         let metrics = spore_gateway::install_metrics();
         control.spawn_reaper();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -276,7 +276,7 @@ pub(crate) fn read_manifest(dir: &Path) -> Result<FunctionManifest> {
 
 fn deploy_dir(client: &Client, dir: &Path) -> Result<FunctionManifest> {
     let m = read_manifest(dir)?;
-    let zip = spore_control::code::zip_dir(dir)
+    let zip = spore_registry::code::zip_dir(dir)
         .with_context(|| format!("packaging {}", dir.display()))?;
     client
         .deploy(&m, &zip)
@@ -484,11 +484,7 @@ pub fn dag(endpoint: &str, which: crate::DagCommand) -> Result<ExitCode> {
                 .with_context(|| format!("reading {}", file.display()))?;
             // Checked here first, for an error that names the file.
             let spec = spore_core::dag::DagSpec::from_toml(&text).map_err(|e| {
-                anyhow::anyhow!(
-                    "{}: {}",
-                    file.display(),
-                    spore_control::instance::error_chain(&e)
-                )
+                anyhow::anyhow!("{}: {}", file.display(), spore_core::error_chain(&e))
             })?;
             client.put_dag(&text)?;
             println!(
@@ -681,7 +677,7 @@ fn deploy_variant(
     if max_instances.is_some() {
         m.max_instances = max_instances;
     }
-    let zip = spore_control::code::zip_dir(dir)
+    let zip = spore_registry::code::zip_dir(dir)
         .with_context(|| format!("packaging {}", dir.display()))?;
     client
         .deploy(&m, &zip)
@@ -1089,7 +1085,7 @@ fn deploy_snapshotted(
         if m.warmup_event.is_none() && dir.join("event.json").is_file() {
             m.warmup_event = Some("event.json".into());
         }
-        let zip = spore_control::code::zip_dir(&dir)
+        let zip = spore_registry::code::zip_dir(&dir)
             .with_context(|| format!("packaging {}", dir.display()))?;
         client
             .deploy(&m, &zip)

@@ -239,7 +239,7 @@ pub(crate) fn deploy_as(
     m.name = name.to_owned();
     m.sandbox = sandbox;
     m.unit = unit;
-    let zip = spore_control::code::zip_dir(dir)
+    let zip = spore_registry::code::zip_dir(dir)
         .with_context(|| format!("packaging {}", dir.display()))?;
     client
         .deploy(&m, &zip)

@@ -181,7 +181,7 @@ fn bad_requests_get_clear_4xx_and_the_daemon_keeps_serving() {
     };
     let zip = |dir: &str| {
         base64::engine::general_purpose::STANDARD
-            .encode(spore_control::code::zip_dir(&fixture(dir)).unwrap())
+            .encode(spore_registry::code::zip_dir(&fixture(dir)).unwrap())
     };
 
     // Unknown function.
@@ -323,7 +323,7 @@ fn update_code_configuration_event_and_delete() {
     )
     .unwrap();
     let zip = base64::engine::general_purpose::STANDARD
-        .encode(spore_control::code::zip_dir(tmp.path()).unwrap());
+        .encode(spore_registry::code::zip_dir(tmp.path()).unwrap());
     let r = d
         .http
         .put(d.url("/2015-03-31/functions/echo/code"))

@@ -367,7 +367,7 @@ after = ["step"]
     assert!(logs.to_string().contains("stamp v1 for"), "{logs}");
     // A new revision of a function: the next run uses it (the old pipeline is stale).
     write(2);
-    let zip = spore_control::code::zip_dir(&dir).unwrap();
+    let zip = spore_registry::code::zip_dir(&dir).unwrap();
     let r = d
         .http
         .put(d.url("/2015-03-31/functions/stamp/code"))

@@ -336,7 +336,7 @@ fn a_daemon_without_root_keeps_the_registry_and_refuses_invocations_clearly() {
     };
     use base64::Engine as _;
     let zip = base64::engine::general_purpose::STANDARD
-        .encode(spore_control::code::zip_dir(&fixture("echo")).unwrap());
+        .encode(spore_registry::code::zip_dir(&fixture("echo")).unwrap());
     let r = http
         .post(format!("{endpoint}/2015-03-31/functions"))
         .json(&json!({"FunctionName": "echo", "Runtime": "python3", "Handler": "main.handler", "Code": {"ZipFile": zip}}))

@@ -481,7 +481,7 @@ fn daemon_restores_snapshotted_functions_isolated_and_falls_back_when_refused() 
     );
 
     // A redeploy never restores the old code; removing the function removes its images.
-    let zip = spore_control::code::zip_dir(&common::fixture("echo")).unwrap();
+    let zip = spore_registry::code::zip_dir(&common::fixture("echo")).unwrap();
     use base64::Engine as _;
     let body = serde_json::json!({
         "ZipFile": base64::engine::general_purpose::STANDARD.encode(zip)

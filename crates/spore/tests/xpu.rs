@@ -225,7 +225,7 @@ fn create(d: &Daemon, dir: &Path, name: &str, tags: Value) {
         &std::fs::read_to_string(dir.join("spore.toml")).unwrap(),
     )
     .unwrap();
-    let zip = spore_control::code::zip_dir(dir).unwrap();
+    let zip = spore_registry::code::zip_dir(dir).unwrap();
     let body = json!({
         "FunctionName": name, "Runtime": m.runtime.as_str(), "Handler": m.handler,
         "MemorySize": m.memory_mb, "Timeout": m.timeout_s,
@@ -961,7 +961,7 @@ fn membership_in_etcd_survives_etcd_and_control_plane_restarts() {
     });
     // New code reaches the unit, which replaces the function in its own registry: the
     // placement, the control plane's record, stays.
-    let zip = spore_control::code::zip_dir(&common::fixture("echo")).unwrap();
+    let zip = spore_registry::code::zip_dir(&common::fixture("echo")).unwrap();
     let r = d
         .http
         .put(d.url("/2015-03-31/functions/hello-fpga/code"))

@@ -201,7 +201,7 @@ impl Daemon {
             m.name = n.to_owned();
         }
         let sandbox = sandbox.unwrap_or(m.sandbox.as_str());
-        let zip = spore_control::code::zip_dir(dir).unwrap();
+        let zip = spore_registry::code::zip_dir(dir).unwrap();
         let body = json!({
             "FunctionName": m.name, "Runtime": m.runtime.as_str(), "Handler": m.handler,
             "MemorySize": m.memory_mb, "Timeout": m.timeout_s,

@@ -40,10 +40,13 @@ use spore_shim::{Answer, Call, Link, UnitInfo};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::pipeline::ring_fds;
-use super::{new_edge, Launch, NodeFailure, NodeRun, Plan, INLINE_MAX};
-use crate::registry::FunctionRecord;
-use crate::{Control, ControlError};
+use crate::pipeline::ring_fds;
+use crate::{new_edge, Launch, NodeFailure, NodeRun, Plan, INLINE_MAX};
+use spore_cluster::SegmentEvent as Event;
+use spore_core::ControlError;
+use spore_registry::FunctionRecord;
+
+use crate::Dags;
 
 /// How often an exit's thread looks at its stop flag.
 const POLL_SLICE: Duration = Duration::from_millis(10);
@@ -56,31 +59,6 @@ const LATE_TIMING: Duration = Duration::from_millis(50);
 const OPEN_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time allowed for a unit to stop a segment.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// What a segment reports.
-#[derive(Debug)]
-pub(crate) enum Event {
-    /// A value left a segment on `edge` during invocation `seq` (deadline, unix ms, and
-    /// request id as the segment got them); `times` are that segment's nodes that finished.
-    Value {
-        seq: u64,
-        deadline_ms: u64,
-        request_id: String,
-        edge: usize,
-        value: Value,
-        times: Vec<NodeTimes>,
-    },
-    /// Timing of a segment's nodes, after a value left it.
-    Times { seq: u64, times: Vec<NodeTimes> },
-    /// A node failed: the segment serves no more.
-    Failed {
-        seq: u64,
-        node: usize,
-        error: FunctionError,
-    },
-    /// A unit's link closed: its segment is gone.
-    UnitDown { unit: u32, reason: String },
-}
 
 /// The invocation a segment's pages are set up for.
 #[derive(Debug, Clone, Default)]
@@ -302,7 +280,7 @@ fn spawn_exit(
         .map_err(|e| ControlError::Internal(format!("starting an edge thread: {e}")))
 }
 
-impl Control {
+impl Dags {
     /// Builds this unit's segment of `spec` spread over `units` (one per node): `recs` are
     /// the nodes placed here. `Ok(Err)` is a function's init failure (nothing is kept).
     pub(crate) async fn build_segment(
@@ -441,7 +419,7 @@ pub(crate) struct Spread {
     inbox: mpsc::UnboundedReceiver<Event>,
     /// How each node's instance started.
     starts: Vec<StartKind>,
-    routes: Arc<crate::units::Units>,
+    routes: Arc<spore_cluster::Units>,
     /// Tasks that report a unit's link closing.
     watchers: Vec<tokio::task::AbortHandle>,
 }
@@ -488,7 +466,7 @@ impl Spread {
     }
 }
 
-impl Control {
+impl Dags {
     /// Builds a spread pipeline for `plan` with nodes on `units`: this unit's segment and
     /// every other unit's (asking each over its link, sending code where a unit lacks it).
     pub(super) async fn build_spread(
@@ -558,13 +536,13 @@ impl Control {
                         let mut sent = std::collections::BTreeSet::new();
                         for &n in nodes {
                             if sent.insert(&plan.recs[n].manifest.name) {
-                                self.deploy_to(&plan.recs[n], u, &link).await?;
+                                self.inner.units.deploy_to(&plan.recs[n], u, &link).await?;
                             }
                         }
                     }
                     Err(e) => {
                         let name = format!("DAG {}", plan.spec.name);
-                        return Err(self.link_failure(&name, u, &link, e));
+                        return Err(self.inner.units.link_failure(&name, u, &link, e));
                     }
                 }
             };
@@ -645,12 +623,12 @@ impl Control {
         seq: u64,
         input: &[u8],
         request_id: &str,
-    ) -> (super::pipeline::Outcome, bool) {
+    ) -> (crate::pipeline::Outcome, bool) {
         let me = self.inner.units.local().id;
         let path = plan.deadlines(|_| true);
         let total = path.iter().copied().max().unwrap_or_default();
         let t0 = Instant::now();
-        let deadline_ms = crate::store::now_unix_ms() + total.as_millis() as u64;
+        let deadline_ms = spore_registry::store::now_unix_ms() + total.as_millis() as u64;
         if let Some(seg) = &sp.local {
             seg.begin(seq, deadline_ms, request_id);
         }
@@ -719,7 +697,7 @@ impl Control {
                     if let Some(n) = culprit {
                         if Instant::now() >= t0 + path[n] && !times.contains_key(&n) {
                             let seconds = plan.recs[n].manifest.timeout_s;
-                            break plan.failure(n, crate::instance::InvokeFailure::Timeout { seconds }.to_function_error());
+                            break plan.failure(n, spore_pool::InvokeFailure::Timeout { seconds }.to_function_error());
                         }
                     }
                 }
@@ -835,7 +813,7 @@ impl Control {
             runs.push(run);
             ends[n].push(t.end_ns);
         }
-        super::fill_hops(plan, &ends, &mut runs);
+        crate::fill_hops(plan, &ends, &mut runs);
         runs.sort_by(|a, b| a.handler_end_us.total_cmp(&b.handler_end_us));
         runs
     }
@@ -916,7 +894,7 @@ impl DirectExit {
         };
         let left = Duration::from_millis(
             deadline_ms
-                .saturating_sub(crate::store::now_unix_ms())
+                .saturating_sub(spore_registry::store::now_unix_ms())
                 .max(1),
         );
         let sent = self
@@ -1116,7 +1094,7 @@ impl ShimSegments {
     /// `functions` at the control plane's code ids).
     pub(crate) async fn open(
         &self,
-        control: &Control,
+        control: &Dags,
         key: String,
         spec: DagSpec,
         units: Vec<u32>,
@@ -1208,7 +1186,7 @@ impl ShimSegments {
         seg.begin(seq, deadline_ms, request_id);
         let left = Duration::from_millis(
             deadline_ms
-                .saturating_sub(crate::store::now_unix_ms())
+                .saturating_sub(spore_registry::store::now_unix_ms())
                 .max(1),
         );
         seg.deliver(edge, value, left)
@@ -1222,5 +1200,50 @@ impl ShimSegments {
         if let Some(seg) = seg.and_then(|s| Arc::try_unwrap(s).ok()) {
             seg.close().await;
         }
+    }
+}
+
+impl spore_cluster::SegmentHost for Dags {
+    fn open(
+        &self,
+        key: String,
+        spec: DagSpec,
+        units: Vec<u32>,
+        functions: Vec<(spore_core::FunctionManifest, String)>,
+        neighbours: Vec<(u32, String)>,
+    ) -> spore_cluster::BoxFuture<'_, Result<Answer, ControlError>> {
+        Box::pin(
+            self.inner
+                .segments
+                .open(self, key, spec, units, functions, neighbours),
+        )
+    }
+
+    fn deliver<'a>(
+        &'a self,
+        key: &'a str,
+        seq: u64,
+        edge: usize,
+        value: Value,
+        deadline_ms: u64,
+        request_id: &'a str,
+    ) -> spore_cluster::BoxFuture<'a, Result<(), ControlError>> {
+        Box::pin(
+            self.inner
+                .segments
+                .deliver(key, seq, edge, value, deadline_ms, request_id),
+        )
+    }
+
+    fn close<'a>(&'a self, key: &'a str) -> spore_cluster::BoxFuture<'a, ()> {
+        Box::pin(self.inner.segments.close(key))
+    }
+
+    fn set_link(&self, link: Link) {
+        self.inner.segments.set_link(link);
+    }
+
+    fn clear(&self) {
+        self.inner.segments.clear();
     }
 }

@@ -32,10 +32,12 @@ use spore_runtime::protocol::{EventShape, PipelineWiring};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::{fill_hops, new_edge, Launch, NodeFailure, NodeRun, OwnedFdSet, Plan, INLINE_MAX};
-use crate::instance::{Instance, InvokeFailure};
-use crate::registry::FunctionRecord;
-use crate::{Control, ControlError};
+use crate::{fill_hops, new_edge, Launch, NodeFailure, NodeRun, OwnedFdSet, Plan, INLINE_MAX};
+use spore_core::ControlError;
+use spore_pool::{Instance, InvokeFailure};
+use spore_registry::FunctionRecord;
+
+use crate::Dags;
 
 /// How often the daemon's wait for the sink's result looks at its cancel flag.
 const POLL_SLICE: Duration = Duration::from_millis(10);
@@ -69,7 +71,7 @@ pub(crate) struct Pipeline {
     units: Vec<u32>,
     /// With nodes on other units: the segments and the router (`ends`, `pages` and
     /// `members` are then unused).
-    spread: Option<super::spread::Spread>,
+    spread: Option<crate::spread::Spread>,
 }
 
 impl Drop for Pipeline {
@@ -81,7 +83,7 @@ impl Drop for Pipeline {
 
 impl Pipeline {
     /// A pipeline whose nodes are spread over units.
-    fn spread(plan: &Plan, sp: super::spread::Spread) -> Pipeline {
+    fn spread(plan: &Plan, sp: crate::spread::Spread) -> Pipeline {
         let (_, failures) = mpsc::unbounded_channel();
         Pipeline {
             spec: plan.spec.clone(),
@@ -156,7 +158,7 @@ pub(super) fn ring_fds(set: OwnedFdSet) -> (RingFds, UnixStream) {
     )
 }
 
-impl Control {
+impl Dags {
     /// Runs `plan` on an idle pipeline of its DAG, or on a new one; `units` is where each
     /// node runs.
     pub(super) async fn run_pipelined(
@@ -186,7 +188,7 @@ impl Control {
         } else {
             self.run_on(plan, &mut pipe, input, request_id).await?
         };
-        if healthy && !self.inner.draining.load(Ordering::Acquire) {
+        if healthy && !self.inner.work.is_draining() {
             pipe.last_used = Instant::now();
             self.inner
                 .pipelines
@@ -229,7 +231,7 @@ impl Control {
     }
 
     /// Stops every idle pipeline and waits for their instances to be destroyed.
-    pub(crate) async fn close_pipelines(&self) {
+    pub async fn close_pipelines(&self) {
         let all: Vec<Pipeline> = self
             .inner
             .pipelines
@@ -384,9 +386,8 @@ impl Control {
                 };
                 let _ = failures.send((launch.node, error));
             }
-            let pool = this.pool(&rec.manifest.name);
             inst.destroy().await;
-            this.release_slot(&pool);
+            this.inner.pools.forget(&rec.manifest.name);
         })
     }
 
@@ -413,7 +414,7 @@ impl Control {
         }
         let total = path.iter().copied().max().unwrap_or_default();
         let t0 = Instant::now();
-        let deadline_ms = crate::store::now_unix_ms() + total.as_millis() as u64;
+        let deadline_ms = spore_registry::store::now_unix_ms() + total.as_millis() as u64;
         for p in pipe.pages.iter() {
             p.write_header(seq, deadline_ms, request_id);
         }

@@ -19,14 +19,16 @@ use spore_sandbox::IdMapping;
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
-use tokio::sync::Notify;
 
-use crate::instance::{
-    create_cgroup, destroy_cgroup, error_chain, first_frame, monotonic_ns, platform, read_frame,
-    spawn_sandbox, ColdStart, Instance, InstanceEnv, Launch, Proc, StartError,
-};
+use spore_core::error_chain;
+use spore_registry::FunctionRecord;
+
+use crate::instance::{monotonic_ns, ChildState, Instance, Proc};
 use crate::logs::LogRing;
-use crate::registry::FunctionRecord;
+use crate::sandbox::{
+    create_cgroup, destroy_cgroup, first_frame, platform, read_frame, sendmsg_fds, spawn_sandbox,
+    ColdStart, InstanceEnv, Launch, StartError,
+};
 
 /// Ids mapped into each template's user namespace.
 const IDS_PER_TEMPLATE: u32 = 65_536;
@@ -43,30 +45,6 @@ const NETNS_POOL: u32 = 4;
 /// copies only the child still maps. Measured with 1000 live `hello` children: 248 MiB of such
 /// pages plus 88 MiB of kernel memory, ~335 KiB a child; this leaves twice that.
 const CHILD_KIB: u32 = 768;
-
-/// What a template reports about one forked child.
-#[derive(Debug, Default)]
-pub struct ChildState {
-    exit: Mutex<Option<i32>>,
-    error: Mutex<Option<String>>,
-    changed: Notify,
-}
-
-impl ChildState {
-    /// Waits up to `timeout` for the child's exit status.
-    pub async fn wait_exit(&self, timeout: Duration) -> Option<i32> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let changed = self.changed.notified();
-            if let Some(code) = *self.exit.lock().expect("child state") {
-                return Some(code);
-            }
-            if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                return None;
-            }
-        }
-    }
-}
 
 #[derive(Debug, Default)]
 struct Shared {
@@ -502,7 +480,7 @@ async fn send_with_fds(
     frame: &[u8],
     fds: &[OwnedFd],
 ) -> std::io::Result<()> {
-    let sent = crate::instance::sendmsg_fds(w.as_ref(), frame, fds).await?;
+    let sent = sendmsg_fds(w.as_ref(), frame, fds).await?;
     if sent < frame.len() {
         w.write_all(&frame[sent..]).await?;
     }

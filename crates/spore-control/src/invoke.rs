@@ -1,0 +1,285 @@
+//! The invocation path: checks, placement (here or on another unit), an instance from the
+//! pools, the call, the Lambda-style report block and the metrics.
+
+use std::time::{Duration, Instant};
+
+use spore_cluster::{InflightCount, Placement};
+use spore_core::{ControlError, FunctionError, Invocation, InvokeOptions, StartKind};
+use spore_pool::{Checkout, FirstInvoke, StartError};
+
+use crate::Control;
+
+impl Control {
+    /// Checks a payload for a synchronous or asynchronous invocation.
+    pub fn check_payload(payload: &[u8], asynchronous: bool) -> Result<(), ControlError> {
+        let (limit, kind) = if asynchronous {
+            (spore_core::MAX_ASYNC_PAYLOAD, "Event")
+        } else {
+            (spore_core::MAX_SYNC_PAYLOAD, "RequestResponse")
+        };
+        if payload.len() > limit {
+            return Err(ControlError::RequestTooLarge {
+                size: payload.len(),
+                limit,
+                kind,
+            });
+        }
+        spore_core::control::check_json(payload)
+    }
+
+    /// Invokes a function and waits for its result. Function failures (errors, timeouts,
+    /// crashes) are an `Ok` [`Invocation`] whose outcome is `Err`; `Err` is for requests the
+    /// platform could not serve.
+    ///
+    /// The invocation runs on a task of its own: a caller that gives up (an HTTP client that
+    /// disconnects, a unit's call cancelled by the control plane) leaves it to finish, log its
+    /// report and give its instance back, as Lambda does. (Dropped half-way, it would keep its
+    /// instance slot forever.)
+    pub async fn invoke(
+        &self,
+        name: &str,
+        payload: bytes::Bytes,
+        opts: InvokeOptions,
+    ) -> Result<Invocation, ControlError> {
+        Self::check_payload(&payload, false)?;
+        let (me, name) = (self.clone(), name.to_owned());
+        tokio::spawn(async move { me.invoke_attached(&name, payload, opts).await })
+            .await
+            .map_err(|e| ControlError::Internal(format!("the invocation task failed: {e}")))?
+    }
+
+    async fn invoke_attached(
+        &self,
+        name: &str,
+        payload: bytes::Bytes,
+        opts: InvokeOptions,
+    ) -> Result<Invocation, ControlError> {
+        let _work = self.inner.work.begin();
+        if self.inner.work.is_draining() {
+            return Err(ControlError::Unavailable(
+                "the daemon is shutting down".into(),
+            ));
+        }
+        let pools = &self.inner.pools;
+        pools.env()?;
+        let rec = self.get_function(name)?;
+        let _counted = match self.inner.units.place_node(&rec, opts.unit)? {
+            Placement::Local => self.inner.units.local_guard(),
+            Placement::Remote {
+                unit,
+                link,
+                inflight,
+            } => {
+                let _counted = InflightCount::new(inflight);
+                return self
+                    .inner
+                    .units
+                    .invoke_remote(&rec, unit, &link, payload, opts)
+                    .await;
+            }
+        };
+        let t0 = Instant::now();
+        let t0_ns = spore_pool::monotonic_ns();
+        let request_id = uuid::Uuid::new_v4().to_string();
+        let timeout = Duration::from_secs(u64::from(rec.manifest.timeout_s));
+        let log = pools.log(name);
+        let checkout = Checkout {
+            force_cold: opts.force_cold,
+            cold_path: opts.cold_path,
+            restore_mode: opts.restore_mode,
+            // A cfork child is forked with its first invocation pipelined.
+            first_invoke: Some(FirstInvoke {
+                request_id: request_id.clone(),
+                payload: payload.clone(),
+                timeout_s: rec.manifest.timeout_s,
+            }),
+            deadline: Some(t0 + timeout),
+        };
+        let lease = match pools.checkout(&rec, checkout).await? {
+            Ok(lease) => lease,
+            Err(StartError::Platform(msg)) => {
+                metrics::counter!("spore_platform_errors_total", "function" => name.to_owned())
+                    .increment(1);
+                return Err(ControlError::Internal(msg));
+            }
+            Err(StartError::Init(err)) => {
+                let total_ms = t0.elapsed().as_secs_f64() * 1000.0;
+                let block = report_block(
+                    &request_id,
+                    "",
+                    total_ms,
+                    rec.manifest.memory_mb,
+                    None,
+                    Some(total_ms),
+                    Some(&err),
+                );
+                log.push_text(&block);
+                record_metrics(name, StartKind::Cold, total_ms, Some(&err));
+                return Ok(Invocation {
+                    request_id,
+                    start: StartKind::Cold,
+                    init_ms: total_ms,
+                    total_ms,
+                    outcome: Err(err),
+                    log: block,
+                    breakdown: Vec::new(),
+                    to_handler_ms: None,
+                    handler_ns: (0, 0),
+                    unit: self.inner.units.local().id,
+                });
+            }
+        };
+        let (mut inst, start) = (lease.instance, lease.start);
+        let fresh = start != StartKind::Warm;
+        let init_ms = if fresh { inst.init_ms } else { 0.0 };
+        let breakdown = std::mem::take(&mut inst.breakdown);
+        let result = inst
+            .invoke(&request_id, &payload, rec.manifest.timeout_s)
+            .await;
+        let total_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        let peak = inst.memory_peak_mb();
+        let mut to_handler_ms = None;
+        let mut handler_ns = (0, 0);
+        let (outcome, logs, handler_ms, reusable) = match result {
+            Ok(reply) => {
+                let reusable = !inst.has_strays();
+                handler_ns = (reply.handler_start_ns, reply.handler_end_ns);
+                if reply.handler_start_ns > t0_ns {
+                    to_handler_ms = Some((reply.handler_start_ns - t0_ns) as f64 / 1e6);
+                }
+                (reply.outcome, reply.logs, reply.handler_ms, reusable)
+            }
+            Err(failure) => (
+                Err(failure.to_function_error()),
+                String::new(),
+                total_ms - init_ms,
+                false,
+            ),
+        };
+        pools.checkin(&rec, inst, reusable);
+        let block = report_block(
+            &request_id,
+            &logs,
+            handler_ms,
+            rec.manifest.memory_mb,
+            peak,
+            fresh.then_some(init_ms),
+            outcome.as_ref().err(),
+        );
+        log.push_text(&block);
+        record_metrics(name, start, total_ms, outcome.as_ref().err());
+        if fresh {
+            metrics::histogram!("spore_init_duration_seconds", "function" => name.to_owned(), "start" => start.as_str())
+                .record(init_ms / 1000.0);
+        }
+        Ok(Invocation {
+            request_id,
+            start,
+            init_ms,
+            total_ms,
+            outcome,
+            log: block,
+            breakdown,
+            to_handler_ms,
+            handler_ns,
+            unit: self.inner.units.local().id,
+        })
+    }
+
+    /// Queues an asynchronous (`Event`) invocation; its outcome goes to the function's log.
+    pub fn invoke_async(&self, name: &str, payload: Vec<u8>) -> Result<String, ControlError> {
+        Self::check_payload(&payload, true)?;
+        self.get_function(name)?;
+        if self.inner.work.is_draining() {
+            return Err(ControlError::Unavailable(
+                "the daemon is shutting down".into(),
+            ));
+        }
+        let this = self.clone();
+        let name = name.to_owned();
+        let id = uuid::Uuid::new_v4().to_string();
+        tokio::spawn(async move {
+            if let Err(e) = this
+                .invoke(&name, payload.into(), InvokeOptions::default())
+                .await
+            {
+                this.inner
+                    .pools
+                    .log(&name)
+                    .push_text(&format!("asynchronous invocation failed: {e}"));
+            }
+        });
+        Ok(id)
+    }
+}
+
+fn record_metrics(name: &str, start: StartKind, total_ms: f64, error: Option<&FunctionError>) {
+    metrics::counter!("spore_invocations_total", "function" => name.to_owned(), "start" => start.as_str()).increment(1);
+    if let Some(e) = error {
+        metrics::counter!("spore_invocation_errors_total", "function" => name.to_owned(), "type" => e.error_type.clone()).increment(1);
+    }
+    metrics::histogram!("spore_invocation_duration_seconds", "function" => name.to_owned(), "start" => start.as_str()).record(total_ms / 1000.0);
+}
+
+fn report_block(
+    request_id: &str,
+    logs: &str,
+    duration_ms: f64,
+    memory_mb: u32,
+    peak_mb: Option<u64>,
+    init_ms: Option<f64>,
+    error: Option<&FunctionError>,
+) -> String {
+    let mut s = format!("START RequestId: {request_id} Version: $LATEST\n");
+    s.push_str(logs);
+    if !logs.is_empty() && !logs.ends_with('\n') {
+        s.push('\n');
+    }
+    if let Some(e) = error {
+        s.push_str(&format!("[ERROR] {}: {}\n", e.error_type, e.message));
+    }
+    s.push_str(&format!("END RequestId: {request_id}\n"));
+    s.push_str(&format!(
+        "REPORT RequestId: {request_id}\tDuration: {duration_ms:.2} ms\tBilled Duration: {} ms\tMemory Size: {memory_mb} MB",
+        duration_ms.ceil() as u64
+    ));
+    if let Some(p) = peak_mb {
+        s.push_str(&format!("\tMax Memory Used: {p} MB"));
+    }
+    if let Some(i) = init_ms {
+        s.push_str(&format!("\tInit Duration: {i:.2} ms"));
+    }
+    s.push('\n');
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_checks() {
+        assert!(Control::check_payload(b"", false).is_ok());
+        assert!(Control::check_payload(b"{\"a\": 1}", false).is_ok());
+        assert!(matches!(
+            Control::check_payload(b"{nope", false),
+            Err(ControlError::InvalidRequestContent(_))
+        ));
+        let big = format!("\"{}\"", "a".repeat(spore_core::MAX_ASYNC_PAYLOAD)).into_bytes();
+        assert!(Control::check_payload(&big, false).is_ok());
+        assert!(matches!(
+            Control::check_payload(&big, true),
+            Err(ControlError::RequestTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn report_block_shape() {
+        let err = FunctionError::platform("Sandbox.Timedout", "Task timed out after 1.00 seconds");
+        let b = report_block("r1", "hello", 12.3, 128, Some(20), Some(40.0), Some(&err));
+        assert!(b.starts_with("START RequestId: r1"));
+        assert!(b.contains("hello\n[ERROR] Sandbox.Timedout"));
+        assert!(b.contains("Init Duration: 40.00 ms"));
+        assert!(b.contains("Max Memory Used: 20 MB"));
+    }
+}

@@ -1,0 +1,387 @@
+//! The start-path ladder for a fresh instance: a fork of the function's live cfork template
+//! (started, or restored from its snapshot, when there is none), a restore into a spare
+//! sandbox or a new one, or a start from scratch (snapshotted when the function asks for it).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use spore_core::{MemoryMode, SandboxKind, StartKind};
+use spore_registry::FunctionRecord;
+
+use crate::instance::invoke_frame;
+use crate::logs::LogRing;
+use crate::sandbox::{ColdStart, InstanceEnv, StartError};
+use crate::spare::Spare;
+use crate::template::Template;
+use crate::{Checkout, Instance, Pools};
+
+impl Pools {
+    /// Starts a fresh instance of `rec` (a container, or a fork of its template); a cfork
+    /// child is forked with `how.first_invoke` pipelined (then already sent).
+    pub(crate) async fn start_fresh(
+        &self,
+        env: &Arc<InstanceEnv>,
+        rec: &FunctionRecord,
+        log: Arc<LogRing>,
+        how: &Checkout,
+    ) -> Result<(Instance, StartKind), StartError> {
+        let path = how.cold_path;
+        let timeout = Duration::from_secs(u64::from(rec.manifest.timeout_s));
+        let init_timeout = timeout.max(Duration::from_secs(10));
+        match rec.manifest.sandbox {
+            SandboxKind::Container => {
+                // A container's runtime reads its first frame only once ready: the caller
+                // sends it.
+                let code_dir = self.inner.registry.code_dir(rec);
+                let (name, snaps) = (&rec.manifest.name, &self.inner.snapshots);
+                let restore = match path {
+                    Some(StartKind::Restore) => true,
+                    Some(_) => false,
+                    None => rec.manifest.snapshot,
+                };
+                // Only snapshot users pay for looking at the store.
+                let image = restore.then(|| snaps.current(name, rec.revision)).flatten();
+                if let Some(image) = image {
+                    let mode = how.restore_mode.unwrap_or(self.inner.cfg.snapshot_mode);
+                    let full = mode == MemoryMode::Full;
+                    let spare = full
+                        .then(|| self.take_spare(name, rec.revision, &image))
+                        .flatten();
+                    if let Some(spare) = spare {
+                        match spare.start(rec, init_timeout).await {
+                            Ok(inst) => {
+                                self.refill_spare(env, rec, &log, &image);
+                                return Ok((inst, StartKind::Restore));
+                            }
+                            Err(e) => {
+                                tracing::info!(function = %name, "the spare sandbox failed ({e}); restoring in a new one")
+                            }
+                        }
+                    }
+                    let how = ColdStart::Restore(image.clone(), mode);
+                    match Instance::start(
+                        env,
+                        rec,
+                        code_dir.clone(),
+                        log.clone(),
+                        init_timeout,
+                        how,
+                    )
+                    .await
+                    {
+                        Ok(inst) => {
+                            if full {
+                                self.refill_spare(env, rec, &log, &image);
+                            }
+                            return Ok((inst, StartKind::Restore));
+                        }
+                        Err(e) => {
+                            // A refused or failed image never runs: start from scratch, and
+                            // take a new one.
+                            tracing::warn!(function = %name, "restore failed, starting from scratch: {e}");
+                            snaps.discard(&image);
+                        }
+                    }
+                }
+                let how = self.init_how(rec);
+                let inst = Instance::start(env, rec, code_dir, log, init_timeout, how).await?;
+                Ok((inst, StartKind::Cold))
+            }
+            SandboxKind::Cfork => {
+                let first = how
+                    .first_invoke
+                    .as_ref()
+                    .map(|f| invoke_frame(&f.request_id, &f.payload, f.timeout_s));
+                self.fork_instance(env, rec, log, init_timeout, first, path)
+                    .await
+            }
+        }
+    }
+
+    /// How a start from scratch goes: an import, snapshotted if the function asks for
+    /// snapshots and has no usable one (nor a capture under way).
+    fn init_how(&self, rec: &FunctionRecord) -> ColdStart {
+        rec.manifest
+            .snapshot
+            .then(|| self.inner.snapshots.begin(&rec.manifest.name, rec.revision))
+            .flatten()
+            .map_or(ColdStart::Init, ColdStart::InitAndSnapshot)
+    }
+
+    /// Starts a cfork instance: forked from the live template, or from a new one, imported or
+    /// restored from the function's snapshot (then the start counts as `cold` or `restore`
+    /// and includes the template's start). `cold_path` `init` or `restore` replaces the live
+    /// template with one started that way.
+    async fn fork_instance(
+        &self,
+        env: &Arc<InstanceEnv>,
+        rec: &FunctionRecord,
+        log: Arc<LogRing>,
+        init_timeout: Duration,
+        first_invoke: Option<Vec<u8>>,
+        cold_path: Option<StartKind>,
+    ) -> Result<(Instance, StartKind), StartError> {
+        let fresh = match cold_path {
+            Some(StartKind::Cold) => Some(false),
+            Some(StartKind::Restore) => Some(true),
+            _ => None,
+        };
+        let (mut template, mut started) = self
+            .template_for(env, rec, log.clone(), init_timeout, fresh)
+            .await?;
+        let mut forked = template
+            .fork(env, rec, Duration::from_secs(10), first_invoke.clone())
+            .await;
+        if forked.is_err() && template.was_stopped() {
+            // The reaper (or a redeploy) stopped the template between our getting it and
+            // forking: go to the next one.
+            (template, started) = self.template_for(env, rec, log, init_timeout, None).await?;
+            forked = template
+                .fork(env, rec, Duration::from_secs(10), first_invoke)
+                .await;
+        }
+        if forked.is_err() && !template.is_alive() {
+            self.drop_template(&rec.manifest.name, &template);
+        }
+        let mut inst = forked?;
+        if started {
+            inst.init_ms += template.init_ms;
+            let kind = if template.restored {
+                StartKind::Restore
+            } else {
+                StartKind::Cold
+            };
+            return Ok((inst, kind));
+        }
+        Ok((inst, StartKind::Fork))
+    }
+
+    fn drop_template(&self, name: &str, template: &Arc<Template>) {
+        let mut templates = self.inner.templates.lock().expect("templates lock");
+        if templates
+            .get(name)
+            .is_some_and(|t| Arc::ptr_eq(t, template))
+        {
+            templates.remove(name);
+        }
+        let t = template.clone();
+        tokio::spawn(async move { t.destroy().await });
+    }
+
+    /// The live template of `rec`, started if there is none (or it died, or is stale):
+    /// restored from the function's snapshot if it has one, else imported (and snapshotted,
+    /// for a `snapshot = true` function). `fresh` = Some(restore?) replaces a live template
+    /// with a new one started that way. Returns whether it was started now.
+    async fn template_for(
+        &self,
+        env: &Arc<InstanceEnv>,
+        rec: &FunctionRecord,
+        log: Arc<LogRing>,
+        init_timeout: Duration,
+        fresh: Option<bool>,
+    ) -> Result<(Arc<Template>, bool), StartError> {
+        let name = &rec.manifest.name;
+        let lock = self
+            .inner
+            .template_locks
+            .lock()
+            .expect("template locks")
+            .entry(name.clone())
+            .or_default()
+            .clone();
+        let _creating = lock.lock().await;
+        let existing = self
+            .inner
+            .templates
+            .lock()
+            .expect("templates lock")
+            .get(name)
+            .cloned();
+        if let Some(t) = existing {
+            if t.is_alive() && t.revision == rec.revision && fresh.is_none() {
+                return Ok((t, false));
+            }
+            self.drop_template(name, &t);
+        }
+        self.evict_templates(self.inner.cfg.max_templates.saturating_sub(1));
+        let code_dir = self.inner.registry.code_dir(rec);
+        let max_instances = self.max_instances(rec);
+        let snaps = &self.inner.snapshots;
+        let restore = fresh.unwrap_or(rec.manifest.snapshot);
+        // Only snapshot users pay for looking at the store.
+        let image = restore.then(|| snaps.current(name, rec.revision)).flatten();
+        let mut template = None;
+        if let Some(image) = image {
+            let how = ColdStart::Restore(image.clone(), MemoryMode::Full);
+            // Twice: a restore can collide with the restorer's own (random) layout, which a
+            // second process does not share.
+            let mut why = String::new();
+            for _ in 0..2 {
+                let started = Template::start(
+                    env,
+                    rec,
+                    code_dir.clone(),
+                    log.clone(),
+                    init_timeout,
+                    max_instances,
+                    how.clone(),
+                )
+                .await;
+                match started {
+                    Ok(t) => {
+                        template = Some(t);
+                        break;
+                    }
+                    Err(e) => why = e.to_string(),
+                }
+            }
+            if template.is_none() {
+                // A refused or failed image never runs: import instead, and take a new one.
+                tracing::warn!(function = %name, "restoring the cfork template failed, starting it from scratch: {why}");
+                snaps.discard(&image);
+            }
+        }
+        let template = match template {
+            Some(t) => t,
+            None => {
+                let how = self.init_how(rec);
+                Template::start(env, rec, code_dir, log, init_timeout, max_instances, how).await?
+            }
+        };
+        template.refill_spares(env);
+        self.inner
+            .templates
+            .lock()
+            .expect("templates lock")
+            .insert(name.clone(), template.clone());
+        Ok((template, true))
+    }
+
+    /// Stops least recently used templates until at most `keep` remain.
+    fn evict_templates(&self, keep: usize) {
+        let evicted: Vec<Arc<Template>> = {
+            let mut templates = self.inner.templates.lock().expect("templates lock");
+            let mut by_age: Vec<(String, Instant)> = templates
+                .iter()
+                .map(|(n, t)| (n.clone(), t.last_used()))
+                .collect();
+            by_age.sort_by_key(|(_, used)| *used);
+            let excess = templates.len().saturating_sub(keep);
+            by_age
+                .into_iter()
+                .take(excess)
+                .filter_map(|(n, _)| templates.remove(&n))
+                .collect()
+        };
+        for t in evicted {
+            tracing::info!("evicting cfork template {} (least recently used)", t.id);
+            tokio::spawn(async move { t.destroy().await });
+        }
+    }
+
+    /// Starts the template of cfork function `rec` in the background (after a deploy), so
+    /// that its first invocation forks instead of waiting for the template.
+    pub fn prewarm(&self, rec: FunctionRecord) {
+        let Ok(env) = self.inner.env.clone() else {
+            return;
+        };
+        if rec.manifest.sandbox != SandboxKind::Cfork {
+            return;
+        }
+        let this = self.clone();
+        // Counted as in flight, so that a shutdown waits for the template and removes it.
+        let guard = self.inner.work.begin();
+        tokio::spawn(async move {
+            let _guard = guard;
+            let log = this.log(&rec.manifest.name);
+            let timeout =
+                Duration::from_secs(u64::from(rec.manifest.timeout_s)).max(Duration::from_secs(10));
+            if let Err(e) = this
+                .template_for(&env, &rec, log.clone(), timeout, None)
+                .await
+            {
+                log.push_text(&format!("starting the cfork template failed: {e}"));
+            }
+        });
+    }
+
+    /// Takes `name`'s spare sandbox if it restores `image` at `revision`; a stale one is
+    /// stopped.
+    fn take_spare(&self, name: &str, revision: u64, image: &std::path::Path) -> Option<Spare> {
+        let spare = self
+            .inner
+            .spares
+            .lock()
+            .expect("spares lock")
+            .remove(name)?;
+        if spare.fits(revision, image) {
+            return Some(spare);
+        }
+        tokio::spawn(spare.destroy());
+        None
+    }
+
+    /// Builds a spare sandbox for `rec`'s next restore from `image`, in the background,
+    /// unless it has one (or the daemon is stopping).
+    fn refill_spare(
+        &self,
+        env: &Arc<InstanceEnv>,
+        rec: &FunctionRecord,
+        log: &Arc<LogRing>,
+        image: &std::path::Path,
+    ) {
+        let name = rec.manifest.name.clone();
+        if self.inner.work.is_draining()
+            || self
+                .inner
+                .spares
+                .lock()
+                .expect("spares lock")
+                .contains_key(&name)
+        {
+            return;
+        }
+        let (this, env, rec, log) = (self.clone(), env.clone(), rec.clone(), log.clone());
+        let image = image.to_owned();
+        // Counted as in flight, so that a shutdown waits for it and then stops it.
+        let guard = self.inner.work.begin();
+        tokio::spawn(async move {
+            let _guard = guard;
+            let code_dir = this.inner.registry.code_dir(&rec);
+            match Spare::build(&env, &rec, code_dir, log, image).await {
+                Ok(spare) => {
+                    let stale = {
+                        let mut spares = this.inner.spares.lock().expect("spares lock");
+                        let current = this.inner.registry.revision(&name) == Some(rec.revision);
+                        if this.inner.work.is_draining() || !current || spares.contains_key(&name) {
+                            Some(spare)
+                        } else {
+                            spares.insert(name, spare);
+                            None
+                        }
+                    };
+                    if let Some(s) = stale {
+                        s.destroy().await;
+                    }
+                }
+                Err(e) => tracing::warn!(function = %name, "building a spare sandbox: {e}"),
+            }
+        });
+    }
+
+    /// Stops every spare sandbox `stop` selects.
+    pub(crate) async fn stop_spares(&self, stop: impl Fn(&str, &Spare) -> bool) {
+        let gone: Vec<Spare> = {
+            let mut spares = self.inner.spares.lock().expect("spares lock");
+            let names: Vec<String> = spares
+                .iter()
+                .filter(|(n, s)| stop(n, s))
+                .map(|(n, _)| n.clone())
+                .collect();
+            names.iter().filter_map(|n| spares.remove(n)).collect()
+        };
+        for s in gone {
+            s.destroy().await;
+        }
+    }
+}

@@ -1,0 +1,77 @@
+//! The function registry: what is deployed, persisted in the data dir.
+//!
+//! It owns the function records (`function.json`, written atomically), the unpacked code
+//! packages (zip checks: size, entry count, paths, permissions), the data dir's lock against a
+//! second daemon, and the small file helpers every subsystem that writes under the data dir
+//! uses. Every other control-plane crate (`spore-pool`, `spore-cluster`, `spore-dag`,
+//! `spore-control`) reads records through a [`SharedRegistry`]; only `spore-control` changes
+//! them. It knows nothing of sandboxes, instances, units or DAGs.
+#![forbid(unsafe_code)]
+
+pub mod code;
+pub mod registry;
+pub mod store;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use spore_core::{error_chain, ControlError, FunctionManifest};
+
+pub use registry::{FunctionRecord, Registry, RegistryError};
+
+/// A function's configuration as given by a create or update call.
+#[derive(Debug, Clone)]
+pub struct FunctionSpec {
+    /// The manifest.
+    pub manifest: FunctionManifest,
+    /// Description.
+    pub description: String,
+}
+
+impl From<RegistryError> for ControlError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::Code(c) => ControlError::InvalidParameter(c.to_string()),
+            other => ControlError::Internal(error_chain(&other)),
+        }
+    }
+}
+
+/// The registry, shared by the control plane's subsystems. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct SharedRegistry(Arc<Mutex<Registry>>);
+
+impl SharedRegistry {
+    /// Shares `registry`.
+    pub fn new(registry: Registry) -> SharedRegistry {
+        SharedRegistry(Arc::new(Mutex::new(registry)))
+    }
+
+    /// Locks the registry (for a change: keep the guard short, never across an await).
+    pub fn lock(&self) -> MutexGuard<'_, Registry> {
+        self.0.lock().expect("registry lock")
+    }
+
+    /// One function's record, or `NotFound`.
+    pub fn get(&self, name: &str) -> Result<FunctionRecord, ControlError> {
+        self.lock()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ControlError::NotFound(name.into()))
+    }
+
+    /// Every record.
+    pub fn list(&self) -> Vec<FunctionRecord> {
+        self.lock().list().cloned().collect()
+    }
+
+    /// The revision `name` has now (None: deleted).
+    pub fn revision(&self, name: &str) -> Option<u64> {
+        self.lock().get(name).map(|r| r.revision)
+    }
+
+    /// Where `rec`'s code is unpacked.
+    pub fn code_dir(&self, rec: &FunctionRecord) -> PathBuf {
+        self.lock().code_dir(rec)
+    }
+}

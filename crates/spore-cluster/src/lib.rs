@@ -29,6 +29,7 @@
 //! engine); both are handed in by the caller that starts serving.
 #![forbid(unsafe_code)]
 
+mod calls;
 pub mod etcd;
 mod links;
 mod shim;

@@ -16,6 +16,7 @@ use spore_shim::{
     UnitLoad,
 };
 
+use crate::calls::{accept_each, answer_message, parse_call, remote_to_control};
 use crate::units::{EtcdView, UnitStatus};
 use crate::{SegmentEvent, UnitHost, Units};
 
@@ -91,52 +92,6 @@ impl Service for UnitSide {
             self.units.record_load(self.id, l);
         }
     }
-}
-
-/// The call a message carries.
-pub(crate) fn parse_call(msg: &Message) -> Result<Call, RemoteError> {
-    serde_json::from_slice(&msg.header)
-        .map_err(|e| RemoteError::new(RemoteErrorKind::BadCall, format!("unreadable call: {e}")))
-}
-
-/// The message of an answer.
-pub(crate) fn answer_message(answer: &Answer, body: Bytes) -> Message {
-    Message {
-        header: serde_json::to_vec(answer)
-            .expect("answers serialize")
-            .into(),
-        body,
-    }
-}
-
-fn remote_to_control(e: RemoteError, unit: u32) -> ControlError {
-    let msg = format!("unit {unit}: {}", e.message);
-    match e.kind {
-        RemoteErrorKind::NotFound => ControlError::NotFound(msg),
-        RemoteErrorKind::InvalidParameter | RemoteErrorKind::NeedsCode => {
-            ControlError::InvalidParameter(msg)
-        }
-        RemoteErrorKind::InvalidRequestContent => ControlError::InvalidRequestContent(msg),
-        RemoteErrorKind::TooManyRequests => ControlError::Unavailable(msg),
-        RemoteErrorKind::RequestTooLarge => ControlError::InvalidParameter(msg),
-        RemoteErrorKind::Unavailable => ControlError::Unavailable(msg),
-        RemoteErrorKind::Internal | RemoteErrorKind::BadCall => ControlError::Internal(msg),
-    }
-}
-
-pub(crate) fn control_to_remote(e: ControlError) -> RemoteError {
-    let kind = match &e {
-        ControlError::NotFound(_) => RemoteErrorKind::NotFound,
-        ControlError::Conflict(_) | ControlError::InvalidParameter(_) => {
-            RemoteErrorKind::InvalidParameter
-        }
-        ControlError::InvalidRequestContent(_) => RemoteErrorKind::InvalidRequestContent,
-        ControlError::RequestTooLarge { .. } => RemoteErrorKind::RequestTooLarge,
-        ControlError::TooManyRequests(_) => RemoteErrorKind::TooManyRequests,
-        ControlError::Unavailable(_) => RemoteErrorKind::Unavailable,
-        ControlError::Internal(_) => RemoteErrorKind::Internal,
-    };
-    RemoteError::new(kind, e.to_string())
 }
 
 impl Units {
@@ -230,7 +185,7 @@ impl Units {
         host: Arc<dyn UnitHost>,
         listener: tokio::net::TcpListener,
     ) {
-        crate::shim::accept_each(listener, "a unit link", |stream, peer| {
+        accept_each(listener, "a unit link", |stream, peer| {
             let (units, host) = (self.clone(), host.clone());
             async move {
                 let local_id = units.local.id;
@@ -471,6 +426,7 @@ impl Units {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::calls::control_to_remote;
 
     #[test]
     fn errors_keep_their_kind_across_the_link() {

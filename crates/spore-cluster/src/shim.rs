@@ -14,7 +14,7 @@ use spore_registry::{FunctionSpec, SharedRegistry};
 use spore_shim::link;
 use spore_shim::{Answer, Call, LinkError, Message, RemoteError, RemoteErrorKind, Role, Service};
 
-use crate::links::{answer_message, control_to_remote, parse_call};
+use crate::calls::{accept_each, answer_message, control_to_remote, parse_call};
 use crate::units::EtcdView;
 use crate::{SegmentHost, UnitHost, Units};
 
@@ -163,27 +163,6 @@ impl Units {
             }
             backoff = (backoff * 2).min(Duration::from_secs(3));
         }
-    }
-}
-
-/// Accepts connections on `listener` until the task is dropped (`what` names them in logs),
-/// each with Nagle off, and serves each on a task of its own.
-pub(crate) async fn accept_each<F, Fut>(listener: tokio::net::TcpListener, what: &str, serve: F)
-where
-    F: Fn(tokio::net::TcpStream, std::net::SocketAddr) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "accepting {what}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        tokio::spawn(serve(stream, peer));
     }
 }
 

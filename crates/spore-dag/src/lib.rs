@@ -27,6 +27,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -40,11 +41,13 @@ use tokio::task::JoinSet;
 
 use spore_cluster::{SegmentHost, Units};
 use spore_core::{ControlError, Invocation, InvokeOptions};
+use spore_ipc::ring::RingFds;
 use spore_pool::{Pools, Reply, Work};
 use spore_registry::{FunctionRecord, SharedRegistry};
 
 mod http;
 pub(crate) mod pipeline;
+mod segments;
 mod specs;
 pub(crate) mod spread;
 mod waves;
@@ -336,6 +339,23 @@ fn new_edge() -> Result<Edge, ControlError> {
     })
 }
 
+/// A run's outcome, as the engine reports it: the sink's output (and whether it is raw
+/// bytes) or the failure, and the nodes' timing.
+pub(crate) type Outcome = (Result<Vec<u8>, NodeFailure>, bool, Vec<NodeRun>);
+
+/// A ring's descriptors and its payload socket, from one end's set.
+pub(crate) fn ring_fds(set: OwnedFdSet) -> (RingFds, UnixStream) {
+    let [memory, data_ready, space_ready, sock] = set;
+    (
+        RingFds {
+            memory,
+            data_ready,
+            space_ready,
+        },
+        UnixStream::from(sock),
+    )
+}
+
 /// What one instance of a wave gets.
 struct Launch {
     node: usize,
@@ -409,7 +429,7 @@ struct Inner {
     /// The full invocation path, for relayed DAGs (set once by the control plane).
     invoker: OnceLock<Arc<dyn Invoker>>,
     /// (a shim) Its segments of spread DAG pipelines and its neighbour links.
-    segments: spread::ShimSegments,
+    segments: segments::ShimSegments,
 }
 
 /// The DAG engine of one unit. Cheap to clone.
@@ -462,7 +482,7 @@ impl Dags {
                 gateway_url: Mutex::new(None),
                 http: reqwest::Client::new(),
                 invoker: OnceLock::new(),
-                segments: spread::ShimSegments::default(),
+                segments: segments::ShimSegments::default(),
             }),
         }
     }

@@ -17,7 +17,6 @@
 //! in it is destroyed, and with the last descriptors every ring and memfd.
 
 use std::collections::BTreeSet;
-use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,13 +25,15 @@ use spore_core::dag::DagSpec;
 use spore_core::{FunctionError, StartKind};
 use spore_ipc::edge::{EdgeReceiver, EdgeSender, Value};
 use spore_ipc::page::{NodePage, SlotTimes};
-use spore_ipc::ring::{Consumer, Producer, RingFds};
+use spore_ipc::ring::{Consumer, Producer};
 use spore_ipc::IpcError;
 use spore_runtime::protocol::{EventShape, PipelineWiring};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::{fill_hops, new_edge, Launch, NodeFailure, NodeRun, OwnedFdSet, Plan, INLINE_MAX};
+use crate::{
+    fill_hops, new_edge, ring_fds, Launch, NodeFailure, NodeRun, Outcome, Plan, INLINE_MAX,
+};
 use spore_core::ControlError;
 use spore_pool::{Instance, InvokeFailure};
 use spore_registry::FunctionRecord;
@@ -43,10 +44,6 @@ use crate::Dags;
 const POLL_SLICE: Duration = Duration::from_millis(10);
 /// How long the daemon waits, after the result, for nodes to post their timing.
 const SLOT_WAIT: Duration = Duration::from_millis(2);
-
-/// A run's outcome, as the engine reports it: the sink's output (and whether it is raw
-/// bytes) or the failure, and the nodes' timing.
-pub(super) type Outcome = (Result<Vec<u8>, NodeFailure>, bool, Vec<NodeRun>);
 
 /// The daemon's ends of a pipeline.
 struct Ends {
@@ -144,18 +141,6 @@ impl Pipeline {
 /// Whether `plan` can run as a pipeline: its graph is fixed (no `each` node).
 pub(super) fn pipelinable(plan: &Plan) -> bool {
     !plan.spec.nodes.iter().any(|n| n.each)
-}
-
-pub(super) fn ring_fds(set: OwnedFdSet) -> (RingFds, UnixStream) {
-    let [memory, data_ready, space_ready, sock] = set;
-    (
-        RingFds {
-            memory,
-            data_ready,
-            space_ready,
-        },
-        UnixStream::from(sock),
-    )
 }
 
 impl Dags {

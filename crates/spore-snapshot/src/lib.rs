@@ -19,6 +19,7 @@
 pub mod capture;
 pub mod context;
 pub mod image;
+mod install;
 pub mod lazy;
 pub mod procfs;
 pub mod restore;

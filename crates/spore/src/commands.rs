@@ -9,8 +9,8 @@ use spore_bench::{summarize, Series};
 use spore_control::{Control, ControlConfig};
 use spore_core::{FunctionManifest, SandboxKind};
 
-use crate::client::Client;
-use crate::daemon::ManagedDaemon;
+use spore_client::{read_manifest, Client, ManagedDaemon};
+
 use crate::{BenchCommand, DemoArgs, ServeArgs, ShimArgs};
 
 fn default_data_dir() -> PathBuf {
@@ -263,31 +263,11 @@ async fn shutdown_signal() -> &'static str {
     }
 }
 
-pub(crate) fn read_manifest(dir: &Path) -> Result<FunctionManifest> {
-    let path = dir.join("spore.toml");
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "reading {}: a function folder needs a spore.toml",
-            path.display()
-        )
-    })?;
-    FunctionManifest::from_toml(&text).with_context(|| format!("in {}", path.display()))
-}
-
-fn deploy_dir(client: &Client, dir: &Path) -> Result<FunctionManifest> {
-    let m = read_manifest(dir)?;
-    let zip = spore_control::code::zip_dir(dir)
-        .with_context(|| format!("packaging {}", dir.display()))?;
-    client
-        .deploy(&m, &zip)
-        .with_context(|| format!("deploying {}", m.name))?;
-    Ok(m)
-}
-
 /// `spore deploy DIR`.
 pub fn deploy(endpoint: &str, dir: &Path) -> Result<ExitCode> {
     let client = Client::new(endpoint)?;
-    let m = deploy_dir(&client, dir)?;
+    let m = read_manifest(dir)?;
+    client.deploy_dir(dir, &m)?;
     println!(
         "deployed {} ({}, handler {}, {} MB, {} s timeout, sandbox {})",
         m.name, m.runtime, m.handler, m.memory_mb, m.timeout_s, m.sandbox
@@ -681,11 +661,7 @@ fn deploy_variant(
     if max_instances.is_some() {
         m.max_instances = max_instances;
     }
-    let zip = spore_control::code::zip_dir(dir)
-        .with_context(|| format!("packaging {}", dir.display()))?;
-    client
-        .deploy(&m, &zip)
-        .with_context(|| format!("deploying {name}"))?;
+    client.deploy_dir(dir, &m)?;
     Ok(m)
 }
 
@@ -1089,20 +1065,14 @@ fn deploy_snapshotted(
         if m.warmup_event.is_none() && dir.join("event.json").is_file() {
             m.warmup_event = Some("event.json".into());
         }
-        let zip = spore_control::code::zip_dir(&dir)
-            .with_context(|| format!("packaging {}", dir.display()))?;
-        client
-            .deploy(&m, &zip)
-            .with_context(|| format!("deploying {}", m.name))?;
+        client.deploy_dir(&dir, &m)?;
         let payload = std::fs::read(dir.join("event.json")).unwrap_or_else(|_| b"{}".to_vec());
         let mut cfork = None;
         if twins {
             let mut t = m.clone();
             t.name = format!("{name}-tsnap");
             t.sandbox = SandboxKind::Cfork;
-            client
-                .deploy(&t, &zip)
-                .with_context(|| format!("deploying {}", t.name))?;
+            client.deploy_dir(&dir, &t)?;
             cfork = Some(t.name);
         }
         out.push(spore_bench::snapshot::Workload {

@@ -3,9 +3,7 @@
 //! Exit codes: 0 success; 1 error; 2 usage error; 3 the function returned an error
 //! (`invoke`); 4 the daemon could not be reached.
 
-mod client;
 mod commands;
-mod daemon;
 mod xpu_bench;
 
 use std::path::PathBuf;
@@ -449,7 +447,10 @@ fn main() -> ExitCode {
             for cause in e.chain().skip(1) {
                 eprintln!("  caused by: {cause}");
             }
-            if e.downcast_ref::<client::Unreachable>().is_some() {
+            if e.chain().any(|c| {
+                c.downcast_ref::<spore_client::ClientError>()
+                    .is_some_and(spore_client::ClientError::is_unreachable)
+            }) {
                 ExitCode::from(4)
             } else {
                 ExitCode::from(1)

@@ -16,9 +16,9 @@ use anyhow::{bail, ensure, Context, Result};
 use spore_bench::Series;
 use spore_core::SandboxKind;
 
-use crate::client::Client;
-use crate::commands::{dag_hops, dag_run, host_meta, read_manifest, save_and_print};
-use crate::daemon::ManagedDaemon;
+use spore_client::{read_manifest, Client, ManagedDaemon};
+
+use crate::commands::{dag_hops, dag_run, host_meta, save_and_print};
 
 /// A network namespace joined to this one by a veth pair (removed on drop).
 struct NetNs {
@@ -239,11 +239,7 @@ pub(crate) fn deploy_as(
     m.name = name.to_owned();
     m.sandbox = sandbox;
     m.unit = unit;
-    let zip = spore_control::code::zip_dir(dir)
-        .with_context(|| format!("packaging {}", dir.display()))?;
-    client
-        .deploy(&m, &zip)
-        .with_context(|| format!("deploying {name}"))?;
+    client.deploy_dir(dir, &m)?;
     Ok(())
 }
 

@@ -4,7 +4,6 @@
 //! (`invoke`); 4 the daemon could not be reached.
 
 mod commands;
-mod xpu_bench;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

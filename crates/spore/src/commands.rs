@@ -9,7 +9,7 @@ use spore_bench::drivers::{self, RunOptions, SnapshotSelection};
 use spore_client::{read_manifest, Client};
 use spore_control::{Control, ControlConfig};
 
-use crate::{BenchCommand, DemoArgs, ServeArgs, ShimArgs};
+use crate::cli::{BenchCommand, DagCommand, DemoArgs, ServeArgs, ShimArgs, SnapshotCommand};
 
 fn default_data_dir() -> PathBuf {
     if nix::unistd::geteuid().is_root() {
@@ -333,8 +333,8 @@ pub fn evict(endpoint: &str, name: &str) -> Result<ExitCode> {
 }
 
 /// `spore snapshot ...`.
-pub fn snapshot(endpoint: &str, which: crate::SnapshotCommand) -> Result<ExitCode> {
-    use crate::SnapshotCommand as S;
+pub fn snapshot(endpoint: &str, which: SnapshotCommand) -> Result<ExitCode> {
+    use SnapshotCommand as S;
     match which {
         S::Ls => {
             let list = Client::new(endpoint)?.get_json("/spore/v1/snapshots")?;
@@ -453,8 +453,8 @@ fn inspect_snapshot(path: &Path) -> Result<()> {
 }
 
 /// `spore dag ...`.
-pub fn dag(endpoint: &str, which: crate::DagCommand) -> Result<ExitCode> {
-    use crate::DagCommand as D;
+pub fn dag(endpoint: &str, which: DagCommand) -> Result<ExitCode> {
+    use DagCommand as D;
     let client = Client::new(endpoint)?;
     match which {
         D::Deploy { file } => {

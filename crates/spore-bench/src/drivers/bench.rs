@@ -372,3 +372,26 @@ fn instance_pids(client: &Client, name: &str) -> std::result::Result<Vec<i64>, c
         .filter_map(serde_json::Value::as_i64)
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_selection_parses() {
+        let selection = SnapshotSelection {
+            only: " hello, ,linpack".into(),
+            codecs: "raw, lz4,".into(),
+            warm_cache_only: true,
+        };
+        let (names, codecs, cold_cache) = snapshot_bench_args(&selection).unwrap();
+        assert_eq!(names, ["hello", "linpack"]);
+        assert_eq!(codecs.len(), 2);
+        assert!(!cold_cache);
+        let bad = SnapshotSelection {
+            codecs: "lz5".into(),
+            ..selection
+        };
+        assert!(snapshot_bench_args(&bad).is_err());
+    }
+}

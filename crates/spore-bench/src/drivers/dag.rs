@@ -203,3 +203,21 @@ pub fn run(endpoint: &str, opts: &RunOptions) -> Result<()> {
     plot(&png, "DAG end to end, shm vs http", &e2e);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hops_of_every_node_or_one() {
+        let v = serde_json::json!({"Timing": {"nodes": [
+            {"node": "a", "hop_us": null},
+            {"node": "b", "hop_us": 1500.0},
+            {"node": "c", "hop_us": 250.0},
+        ]}});
+        assert_eq!(dag_hops(&v, None), vec![1.5, 0.25]);
+        assert_eq!(dag_hops(&v, Some("c")), vec![0.25]);
+        assert!(dag_hops(&v, Some("a")).is_empty());
+        assert!(dag_hops(&serde_json::json!({}), None).is_empty());
+    }
+}

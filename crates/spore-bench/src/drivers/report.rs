@@ -50,3 +50,16 @@ pub(crate) fn host_meta(extra: serde_json::Value) -> serde_json::Value {
     }
     meta
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_meta_keeps_the_extra_fields() {
+        let meta = host_meta(serde_json::json!({"n": 3, "kernel": "mine"}));
+        assert_eq!(meta["n"], 3);
+        assert_eq!(meta["kernel"], "mine");
+        assert!(meta["host_cpus"].as_u64().is_some_and(|n| n > 0));
+    }
+}

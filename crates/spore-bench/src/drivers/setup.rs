@@ -156,3 +156,24 @@ pub(crate) fn deploy_snapshotted(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn function_dirs_are_the_folders_with_a_manifest() {
+        let root = tempfile::tempdir().unwrap();
+        for (dir, manifest) in [("b", true), ("a", true), ("not-a-function", false)] {
+            std::fs::create_dir(root.path().join(dir)).unwrap();
+            if manifest {
+                std::fs::write(root.path().join(dir).join("spore.toml"), "").unwrap();
+            }
+        }
+        std::fs::write(root.path().join("chain.toml"), "").unwrap();
+        let dirs = function_dirs(root.path()).unwrap();
+        assert_eq!(dirs, vec![root.path().join("a"), root.path().join("b")]);
+        let e = function_dirs(&root.path().join("missing")).unwrap_err();
+        assert!(e.to_string().contains("pass --functions"), "{e}");
+    }
+}

@@ -1,12 +1,17 @@
-//! Benchmark harness: statistics (p50/p99), result files (CSV, JSON), plots (PNG), and the
-//! workloads behind `spore bench`.
+//! Benchmark harness: statistics (p50/p99), result files (CSV, JSON), plots (PNG), the
+//! workloads behind `spore bench`, and ([`drivers`]) the benchmark and demo commands
+//! themselves, which drive a daemon over HTTP.
 //!
 //! Every benchmark measures its baseline in the same run and reports ratios next to absolute
 //! figures. Results go under `bench-results/<bench>/`.
+//!
+//! Linux only. Errors: [`BenchError`] in the measurement modules; `anyhow` in [`drivers`]
+//! (see there why).
 #![forbid(unsafe_code)]
 
 pub mod cold_start;
 pub mod density;
+pub mod drivers;
 pub mod functionbench;
 pub mod ipc;
 pub mod memory_restore;

@@ -2,16 +2,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use spore_bench::{summarize, Series};
+use spore_bench::drivers::{self, RunOptions, SnapshotSelection};
+use spore_client::{read_manifest, Client};
 use spore_control::{Control, ControlConfig};
-use spore_core::{FunctionManifest, SandboxKind};
 
-use crate::client::Client;
-use crate::daemon::ManagedDaemon;
-use crate::{BenchCommand, DemoArgs, ServeArgs, ShimArgs};
+use crate::cli::{BenchCommand, DagCommand, DemoArgs, ServeArgs, ShimArgs, SnapshotCommand};
 
 fn default_data_dir() -> PathBuf {
     if nix::unistd::geteuid().is_root() {
@@ -263,31 +261,11 @@ async fn shutdown_signal() -> &'static str {
     }
 }
 
-pub(crate) fn read_manifest(dir: &Path) -> Result<FunctionManifest> {
-    let path = dir.join("spore.toml");
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "reading {}: a function folder needs a spore.toml",
-            path.display()
-        )
-    })?;
-    FunctionManifest::from_toml(&text).with_context(|| format!("in {}", path.display()))
-}
-
-fn deploy_dir(client: &Client, dir: &Path) -> Result<FunctionManifest> {
-    let m = read_manifest(dir)?;
-    let zip = spore_registry::code::zip_dir(dir)
-        .with_context(|| format!("packaging {}", dir.display()))?;
-    client
-        .deploy(&m, &zip)
-        .with_context(|| format!("deploying {}", m.name))?;
-    Ok(m)
-}
-
 /// `spore deploy DIR`.
 pub fn deploy(endpoint: &str, dir: &Path) -> Result<ExitCode> {
     let client = Client::new(endpoint)?;
-    let m = deploy_dir(&client, dir)?;
+    let m = read_manifest(dir)?;
+    client.deploy_dir(dir, &m)?;
     println!(
         "deployed {} ({}, handler {}, {} MB, {} s timeout, sandbox {})",
         m.name, m.runtime, m.handler, m.memory_mb, m.timeout_s, m.sandbox
@@ -334,7 +312,6 @@ pub fn invoke(
     })
 }
 
-/// `spore snapshot ...`.
 /// `spore evict NAME`.
 pub fn evict(endpoint: &str, name: &str) -> Result<ExitCode> {
     let v = Client::new(endpoint)?.evict(name)?;
@@ -355,8 +332,9 @@ pub fn evict(endpoint: &str, name: &str) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn snapshot(endpoint: &str, which: crate::SnapshotCommand) -> Result<ExitCode> {
-    use crate::SnapshotCommand as S;
+/// `spore snapshot ...`.
+pub fn snapshot(endpoint: &str, which: SnapshotCommand) -> Result<ExitCode> {
+    use SnapshotCommand as S;
     match which {
         S::Ls => {
             let list = Client::new(endpoint)?.get_json("/spore/v1/snapshots")?;
@@ -475,8 +453,8 @@ fn inspect_snapshot(path: &Path) -> Result<()> {
 }
 
 /// `spore dag ...`.
-pub fn dag(endpoint: &str, which: crate::DagCommand) -> Result<ExitCode> {
-    use crate::DagCommand as D;
+pub fn dag(endpoint: &str, which: DagCommand) -> Result<ExitCode> {
+    use DagCommand as D;
     let client = Client::new(endpoint)?;
     match which {
         D::Deploy { file } => {
@@ -617,748 +595,44 @@ pub fn logs(endpoint: &str, name: &str, lines: usize) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Uses the daemon at `endpoint` if it answers, else starts one under `.spore/<what>`.
-fn daemon_for(endpoint: &str, what: &str) -> Result<(Client, Option<ManagedDaemon>)> {
-    let client = Client::new(endpoint)?;
-    if client.healthy() {
-        eprintln!("using the daemon at {endpoint}");
-        return Ok((client, None));
-    }
-    let dir = PathBuf::from(".spore").join(what);
-    eprintln!(
-        "no daemon at {endpoint}; starting one (log: {}/daemon.log)",
-        dir.display()
-    );
-    let packages = std::env::var_os("SPORE_PACKAGES_DIR").map(PathBuf::from);
-    // It takes unit links on loopback, for the demo's processing-units part.
-    let d = ManagedDaemon::start(
-        &dir,
-        packages,
-        &["--link-listen".into(), "127.0.0.1:0".into()],
-    )?;
-    Ok((Client::new(&d.endpoint)?, Some(d)))
-}
-
-fn function_dirs(root: &Path) -> Result<Vec<PathBuf>> {
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)
-        .with_context(|| format!("reading the functions folder {} (run from the repository root, or pass --functions)", root.display()))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.join("spore.toml").is_file())
-        .collect();
-    dirs.sort();
-    Ok(dirs)
-}
-
-fn floor_samples(n: usize) -> Vec<f64> {
-    (0..n)
-        .filter_map(|_| {
-            let t0 = Instant::now();
-            let ok = std::process::Command::new(spore_runtime::PYTHON_INTERPRETER)
-                .args(["-c", "pass"])
-                .status()
-                .ok()?
-                .success();
-            ok.then(|| t0.elapsed().as_secs_f64() * 1000.0)
-        })
-        .collect()
-}
-
-fn deploy_variant(
-    client: &Client,
-    dir: &Path,
-    name: &str,
-    sandbox: SandboxKind,
-    max_instances: Option<u32>,
-) -> Result<FunctionManifest> {
-    let mut m = read_manifest(dir)?;
-    m.name = name.to_owned();
-    m.sandbox = sandbox;
-    if max_instances.is_some() {
-        m.max_instances = max_instances;
-    }
-    let zip = spore_registry::code::zip_dir(dir)
-        .with_context(|| format!("packaging {}", dir.display()))?;
-    client
-        .deploy(&m, &zip)
-        .with_context(|| format!("deploying {name}"))?;
-    Ok(m)
-}
-
-/// Deploys every sample function twice: as a container function and as `<name>-cfork`.
-fn deploy_samples(
-    client: &Client,
-    functions: &Path,
-) -> Result<Vec<spore_bench::functionbench::Workload>> {
-    let mut out = Vec::new();
-    for dir in function_dirs(functions)? {
-        let m = read_manifest(&dir)?;
-        deploy_variant(client, &dir, &m.name, SandboxKind::Container, None)?;
-        let cfork = format!("{}-cfork", m.name);
-        deploy_variant(client, &dir, &cfork, SandboxKind::Cfork, None)?;
-        let payload = std::fs::read(dir.join("event.json")).unwrap_or_else(|_| b"{}".to_vec());
-        out.push(spore_bench::functionbench::Workload {
-            container: m.name,
-            cfork,
-            payload,
-        });
-    }
-    Ok(out)
-}
-
-/// `spore bench dag`.
-/// Deploys the functions under `dir` and the DAG files (`*.toml`) in it; returns the DAGs'
-/// names.
-fn deploy_dags(client: &Client, dir: &Path) -> Result<Vec<String>> {
-    for f in function_dirs(dir)? {
-        let m = read_manifest(&f)?;
-        deploy_variant(client, &f, &m.name, m.sandbox, None)?;
-    }
-    let mut dags = Vec::new();
-    for e in std::fs::read_dir(dir)?.flatten() {
-        let p = e.path();
-        if p.extension().is_some_and(|x| x == "toml") {
-            let text = std::fs::read_to_string(&p)?;
-            let spec = spore_core::dag::DagSpec::from_toml(&text)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
-            client.put_dag(&text)?;
-            dags.push(spec.name);
-        }
-    }
-    dags.sort();
-    Ok(dags)
-}
-
-/// Invokes a DAG with timing: (request to response at the client, ms; the answer).
-pub(crate) fn dag_run(
-    client: &Client,
-    name: &str,
-    input: &serde_json::Value,
-    transport: &str,
-) -> Result<(f64, serde_json::Value)> {
-    let t0 = Instant::now();
-    let (body, failed) =
-        client.invoke_dag(name, input.to_string().into_bytes(), Some(transport), true)?;
-    let ms = t0.elapsed().as_secs_f64() * 1000.0;
-    let v: serde_json::Value = serde_json::from_slice(&body)?;
-    anyhow::ensure!(!failed, "DAG {name} over {transport} failed: {v}");
-    Ok((ms, v))
-}
-
-/// The hops (ms) in a timed DAG answer, of every node or of one.
-pub(crate) fn dag_hops(v: &serde_json::Value, node: Option<&str>) -> Vec<f64> {
-    v["Timing"]["nodes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|x| node.is_none_or(|id| x["node"] == id))
-        .filter_map(|x| x["hop_us"].as_f64())
-        .map(|us| us / 1000.0)
-        .collect()
-}
-
-fn bench_dag(endpoint: &str, n: usize, out: &Path, functions: &Path) -> Result<ExitCode> {
-    let (client, daemon) = daemon_for(endpoint, "bench")?;
-    let _keep = daemon;
-    let dags = deploy_dags(&client, functions)?;
-    let run = |name: &str, input: &serde_json::Value, transport: &str| {
-        dag_run(&client, name, input, transport)
-    };
-    let hops = dag_hops;
-    // 1. Hop latency: every hop of the 10-function pychain, 1 KiB payload.
-    eprintln!("   hop latency: pychain (10 functions, 1 KiB), {n} runs per transport");
-    let pad = serde_json::json!({"n": 0, "pad": "x".repeat(1000)});
-    let mut series = Vec::new();
-    for transport in ["shm", "http"] {
-        for _ in 0..3 {
-            run("pychain", &pad, transport)?; // warm the instances
-        }
-        let mut s = Vec::new();
-        for _ in 0..n {
-            s.extend(hops(&run("pychain", &pad, transport)?.1, None));
-        }
-        series.push(spore_bench::Series {
-            name: format!("{transport} hop, 1 KiB"),
-            samples_ms: s,
-        });
-    }
-    let mut table = spore_bench::table(&series, "http hop, 1 KiB");
-    // 2. Payload sweep, shm only, with memcpy of the same size in this process.
-    eprintln!("   payload sweep: 1 KiB .. 64 MiB, producer to consumer");
-    table.push_str("\nPayload hop (median of the runs; hop = producer's handler returns -> consumer's handler starts with the payload in hand):\n\n| size | mode | runs | hop | GB/s | memcpy | GB/s | hop / memcpy bandwidth |\n|---:|---|---:|---:|---:|---:|---:|---:|\n");
-    let mut sweep = Vec::new();
-    for size in [1usize << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20] {
-        let k = if size >= 16 << 20 { 5 } else { 15 };
-        let src = vec![7u8; size];
-        let mut dst = vec![0u8; size];
-        let mut copies: Vec<f64> = (0..k)
-            .map(|_| {
-                let t0 = Instant::now();
-                dst.copy_from_slice(std::hint::black_box(&src));
-                std::hint::black_box(&dst);
-                t0.elapsed().as_secs_f64() * 1000.0
-            })
-            .collect();
-        copies.sort_by(f64::total_cmp);
-        let memcpy = copies[k / 2];
-        for mode in ["buffer", "bytes"] {
-            let input = serde_json::json!({"size": size, "mode": mode});
-            run("payload", &input, "shm")?;
-            let mut hs: Vec<f64> = Vec::new();
-            for _ in 0..k {
-                hs.extend(hops(&run("payload", &input, "shm")?.1, Some("sink")));
-            }
-            hs.sort_by(f64::total_cmp);
-            let hop = hs[hs.len() / 2];
-            let gbps = |ms: f64| size as f64 / (ms / 1000.0) / 1e9;
-            table.push_str(&format!(
-                "| {} KiB | {mode} | {k} | {hop:.3} ms | {:.2} | {memcpy:.3} ms | {:.2} | {:.0}% |\n",
-                size >> 10, gbps(hop), gbps(memcpy), 100.0 * gbps(hop) / gbps(memcpy)
-            ));
-            sweep.push(
-                serde_json::json!({"size": size, "mode": mode, "hop_ms": hop, "memcpy_ms": memcpy}),
-            );
-        }
-    }
-    // 3. End to end, each workload, shm vs http, client-side request to response.
-    table.push_str("\nEnd to end, request to response at the client (warm instances):\n\n| DAG | n | shm p50 | shm p99 | http p50 | http p99 | http / shm (p50) |\n|---|---:|---:|---:|---:|---:|---:|\n");
-    let inputs = [
-        (
-            "chain2",
-            serde_json::json!({"n": 0, "pad": "x".repeat(1000)}),
-        ),
-        (
-            "chain5",
-            serde_json::json!({"n": 0, "pad": "x".repeat(1000)}),
-        ),
-        (
-            "fanout",
-            serde_json::json!({"n": 0, "pad": "x".repeat(1000)}),
-        ),
-        (
-            "fanin",
-            serde_json::json!({"n": 0, "pad": "x".repeat(1000)}),
-        ),
-        (
-            "pychain",
-            serde_json::json!({"n": 0, "pad": "x".repeat(1000)}),
-        ),
-        (
-            "alexa",
-            serde_json::json!({"user": "ann", "utterance": "open the door, lights on, watch TV"}),
-        ),
-        (
-            "wordcount",
-            serde_json::json!({"words": 20000, "parts": 4, "seed": 7}),
-        ),
-    ];
-    for (name, input) in &inputs {
-        eprintln!("   end to end: {name}");
-        let mut per = Vec::new();
-        for transport in ["shm", "http"] {
-            for _ in 0..3 {
-                run(name, input, transport)?;
-            }
-            let s: Vec<f64> = (0..n)
-                .map(|_| run(name, input, transport).map(|r| r.0))
-                .collect::<Result<_>>()?;
-            per.push(spore_bench::summarize(&s));
-            series.push(spore_bench::Series {
-                name: format!("{name} e2e {transport}"),
-                samples_ms: s,
-            });
-        }
-        table.push_str(&format!(
-            "| {name} | {n} | {:.3} ms | {:.3} ms | {:.3} ms | {:.3} ms | {:.1}x |\n",
-            per[0].p50,
-            per[0].p99,
-            per[1].p50,
-            per[1].p99,
-            per[1].p50 / per[0].p50
-        ));
-    }
-    // Hops and whole runs differ by an order of magnitude: one plot each.
-    let (hop, e2e): (Vec<Series>, Vec<Series>) = series
-        .iter()
-        .cloned()
-        .partition(|s| s.name.contains(" hop"));
-    let png = out.join("dag").join("dag-e2e.png");
-    save_and_print(
-        out,
-        "dag",
-        &series,
-        &table,
-        host_meta(serde_json::json!({ "n": n, "dags": dags, "sweep": sweep })),
-        (
-            "DAG hop latency (1 KiB), shm vs http through the gateway",
-            &hop,
-        ),
-    )?;
-    match spore_bench::plot::cdf(&png, "DAG end to end, shm vs http", &e2e) {
-        Ok(()) => eprintln!("   plot: {}", png.display()),
-        Err(e) => eprintln!("   no plot: {e}"),
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
 /// `spore demo`.
 pub fn demo(endpoint: &str, args: DemoArgs) -> Result<ExitCode> {
-    let (client, daemon) = daemon_for(endpoint, "demo")?;
-    let ep = daemon
-        .as_ref()
-        .map_or(endpoint.to_owned(), |d| d.endpoint.clone());
-    println!(
-        "== deploying the sample functions from {} (each as a container and as a cfork function)",
-        args.functions.display()
-    );
-    let workloads = deploy_samples(&client, &args.functions)?;
-    for w in &workloads {
-        println!("   {:<18} -> {} and {}", w.container, w.container, w.cfork);
-    }
-    println!(
-        "== invoking each: {} fresh containers, {} cfork starts, {} warm",
-        args.cold, args.cold, args.warm
-    );
-    let results = spore_bench::functionbench::run(
-        &ep,
-        &workloads,
-        args.cold.max(1),
-        args.warm.max(1),
-        Duration::from_secs(120),
-        &|msg| println!("   {msg}"),
+    let DemoArgs {
+        functions,
+        warm,
+        cold,
+    } = args;
+    drivers::demo::run(
+        endpoint,
+        &drivers::demo::DemoOptions {
+            functions,
+            warm,
+            cold,
+        },
     )?;
-    println!();
-    println!("== latency of one invocation, request to response through the HTTP API (p50 / p99)");
-    print!("{}", spore_bench::functionbench::table(&results));
-    for w in workloads.iter().take(1) {
-        let ans = client.invoke(&w.cfork, w.payload.clone(), true)?;
-        println!();
-        println!(
-            "a cfork start of {} ({}, {:.2} ms in the daemon) answered: {}",
-            w.cfork,
-            ans.start,
-            ans.init_ms,
-            String::from_utf8_lossy(&ans.body)
-        );
-    }
-    let floor = summarize(&floor_samples(20));
-    println!();
-    println!(
-        "floor: `{} -c pass` p50 {:.1} ms (n={})",
-        spore_runtime::PYTHON_INTERPRETER,
-        floor.p50,
-        floor.n
-    );
-    demo_snapshots(&client, &ep, &args.functions, args.cold.max(3))?;
-    demo_dags(&client, &args.functions.join("dag"))?;
-    demo_units(&client, daemon.as_ref(), &args.functions, args.warm.max(5))?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// The demo's processing-units part: a second unit (a shim on loopback), `hello` pinned to it
-/// as a cfork function, started and called across the link next to the same on unit 0.
-fn demo_units(
-    client: &Client,
-    daemon: Option<&ManagedDaemon>,
-    functions: &Path,
-    n: usize,
-) -> Result<()> {
-    println!();
-    println!("== processing units: a shim as unit 1 (on loopback), hello forked and called there");
-    let Some(daemon) = daemon else {
-        println!("   skipped: the demo uses the daemon at the endpoint, which it did not start with --link-listen");
-        return Ok(());
-    };
-    let link = std::fs::read_to_string(daemon.data_dir().join("run/link-endpoint"))
-        .context("reading the daemon's link endpoint")?;
-    let shim = crate::xpu_bench::ShimProcess::spawn(
-        None,
-        1,
-        link.trim(),
-        &PathBuf::from(".spore").join("demo"),
-        &[],
-    )?;
-    shim.wait_up(client)?;
-    let hello = functions.join("hello");
-    for unit in [0u32, 1] {
-        crate::xpu_bench::deploy_on(
-            client,
-            &hello,
-            &format!("hello-unit{unit}"),
-            SandboxKind::Cfork,
-            unit,
-        )?;
-    }
-    println!("   | function | unit | cfork start p50 | warm call p50 |\n   |---|---:|---:|---:|");
-    for unit in [0u32, 1] {
-        let name = format!("hello-unit{unit}");
-        let mut times = [Vec::new(), Vec::new()];
-        for (i, cold) in [Some("fork"), None].into_iter().enumerate() {
-            client.invoke_with(&name, b"{}".to_vec(), cold)?;
-            for _ in 0..n {
-                let t = Instant::now();
-                let a = client.invoke_with(&name, b"{}".to_vec(), cold)?;
-                anyhow::ensure!(a.unit == unit.to_string(), "{name} ran on unit {}", a.unit);
-                times[i].push(t.elapsed().as_secs_f64() * 1000.0);
-            }
-        }
-        println!(
-            "   | {name} | {unit} | {:.2} ms | {:.3} ms |",
-            summarize(&times[0]).p50,
-            summarize(&times[1]).p50
-        );
-    }
-    // A DAG spread over both units: a (unit 0) -> b (unit 1, a node pin) -> c (unit 0).
-    let step = functions.join("dag").join("chain-step");
-    crate::xpu_bench::deploy_on(client, &step, "demo-step", SandboxKind::Cfork, 0)?;
-    crate::xpu_bench::deploy_as(client, &step, "demo-step-any", SandboxKind::Cfork, None)?;
-    client.put_dag(
-        "name = \"demo-units\"\ntransport = \"shm\"\n\
-         [[nodes]]\nid = \"a\"\nfunction = \"demo-step\"\n\
-         [[nodes]]\nid = \"b\"\nfunction = \"demo-step-any\"\nafter = [\"a\"]\nunit = 1\n\
-         [[nodes]]\nid = \"c\"\nfunction = \"demo-step\"\nafter = [\"b\"]\n",
-    )?;
-    let input = serde_json::json!({"n": 0});
-    dag_run(client, "demo-units", &input, "shm")?;
-    let (mut total, mut hops, mut last) = (Vec::new(), Vec::new(), serde_json::Value::Null);
-    for _ in 0..n {
-        let (ms, v) = dag_run(client, "demo-units", &input, "shm")?;
-        total.push(ms);
-        hops.extend(dag_hops(&v, None));
-        last = v;
-    }
-    println!(
-        "   DAG a(unit 0) -> b(unit 1) -> c(unit 0), transport {}: result {}, {:.2} ms p50 end to end, hop p50 {:.0} us (cross-unit, n={})",
-        last["Timing"]["transport"].as_str().unwrap_or("?"),
-        last["Result"],
-        summarize(&total).p50,
-        summarize(&hops).p50 * 1000.0,
-        hops.len()
-    );
-    println!(
-        "   (`spore units` lists the units; `spore bench xpu` measures them in network namespaces)"
-    );
-    drop(shim);
-    Ok(())
-}
-
-/// The snapshot benchmarks' shared options: sample function names, codecs, and whether the
-/// dropped-page-cache series run (they need root).
-fn snapshot_bench_args<'a>(
-    only: &'a str,
-    codecs: &str,
-    warm_cache_only: bool,
-) -> Result<(Vec<&'a str>, Vec<spore_snapshot::image::Codec>, bool)> {
-    let names = only
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .collect();
-    let codecs = codecs
-        .split(',')
-        .filter(|c| !c.trim().is_empty())
-        .map(|c| c.trim().parse().map_err(|e: String| anyhow::anyhow!(e)))
-        .collect::<Result<Vec<spore_snapshot::image::Codec>>>()?;
-    let cold_cache = !warm_cache_only && nix::unistd::geteuid().is_root();
-    if !warm_cache_only && !cold_cache {
-        eprintln!("   not root: the dropped-page-cache series are skipped");
-    }
-    Ok((names, codecs, cold_cache))
-}
-
-/// Deploys `<name>-snap` (a container function with `snapshot = true`) and, with `twins`,
-/// `<name>-tsnap` (its cfork twin, whose template is snapshotted) for each name.
-fn deploy_snapshotted(
-    client: &Client,
-    functions: &Path,
-    names: &[&str],
-    twins: bool,
-) -> Result<Vec<spore_bench::snapshot::Workload>> {
-    let mut out = Vec::new();
-    for name in names {
-        let dir = functions.join(name);
-        let mut m = read_manifest(&dir)?;
-        m.name = format!("{name}-snap");
-        m.sandbox = SandboxKind::Container;
-        m.snapshot = true;
-        // Primed like SnapStart: the handler's first-call loads are then in the image.
-        if m.warmup_event.is_none() && dir.join("event.json").is_file() {
-            m.warmup_event = Some("event.json".into());
-        }
-        let zip = spore_registry::code::zip_dir(&dir)
-            .with_context(|| format!("packaging {}", dir.display()))?;
-        client
-            .deploy(&m, &zip)
-            .with_context(|| format!("deploying {}", m.name))?;
-        let payload = std::fs::read(dir.join("event.json")).unwrap_or_else(|_| b"{}".to_vec());
-        let mut cfork = None;
-        if twins {
-            let mut t = m.clone();
-            t.name = format!("{name}-tsnap");
-            t.sandbox = SandboxKind::Cfork;
-            client
-                .deploy(&t, &zip)
-                .with_context(|| format!("deploying {}", t.name))?;
-            cfork = Some(t.name);
-        }
-        out.push(spore_bench::snapshot::Workload {
-            function: m.name,
-            cfork,
-            payload,
-        });
-    }
-    Ok(out)
-}
-
-/// The demo's snapshot part: `hello` and `linpack` snapshotted at their first init, then
-/// started by importing (init) and by restoring.
-fn demo_snapshots(client: &Client, ep: &str, functions: &Path, n: usize) -> Result<()> {
-    println!();
-    println!(
-        "== snapshots: hello and linpack (numpy) copied at their first init, then {n} starts by init and {n} by restore"
-    );
-    let workloads = deploy_snapshotted(client, functions, &["hello", "linpack"], true)?;
-    let scratch = tempfile::tempdir()?;
-    let cfg = spore_bench::snapshot::Config {
-        endpoint: ep.to_owned(),
-        n,
-        codecs: vec![spore_snapshot::image::Codec::None],
-        cold_cache: false,
-        scratch: scratch.path().to_owned(),
-        max_per_series: Duration::from_secs(60),
-        lazy_modes: false,
-    };
-    let results = spore_bench::snapshot::run(&cfg, &workloads, &|m| println!("   {m}"))?;
-    println!();
-    print!("{}", spore_bench::snapshot::table(&results));
-    Ok(())
-}
-
-/// The demo's DAG part: the Alexa skill and a 10-function chain, over shared memory and
-/// over HTTP through the gateway.
-fn demo_dags(client: &Client, dir: &Path) -> Result<()> {
-    println!();
-    if !dir.is_dir() {
-        println!("(no DAGs: {} is missing)", dir.display());
-        return Ok(());
-    }
-    println!(
-        "== function DAGs from {}: the first run starts and wires the instances, later ones reuse the pipeline",
-        dir.display()
-    );
-    let dags = deploy_dags(client, dir)?;
-    println!("   deployed: {}", dags.join(", "));
-    let runs = 20;
-    let cases = [
-        (
-            "alexa",
-            serde_json::json!({"user": "ann", "utterance": "open the door, lights on, watch TV"}),
-        ),
-        (
-            "pychain",
-            serde_json::json!({"n": 0, "pad": "x".repeat(1000)}),
-        ),
-    ];
-    println!();
-    println!(
-        "| DAG | transport | first run | warm p50 (n={runs}) | hop p50 |\n|---|---|---:|---:|---:|"
-    );
-    for (name, input) in &cases {
-        for transport in ["shm", "http"] {
-            let (first, _) = dag_run(client, name, input, transport)?;
-            let mut e2e = Vec::with_capacity(runs);
-            let mut hops = Vec::new();
-            for _ in 0..runs {
-                let (ms, v) = dag_run(client, name, input, transport)?;
-                e2e.push(ms);
-                hops.extend(dag_hops(&v, None));
-            }
-            println!(
-                "| {name} | {transport} | {first:.2} ms | {:.2} ms | {:.0} us |",
-                summarize(&e2e).p50,
-                summarize(&hops).p50 * 1000.0
-            );
-        }
-    }
-    let (_, answer) = dag_run(client, "alexa", &cases[0].1, "shm")?;
-    println!();
-    println!("the Alexa skill answered: {}", answer["Result"]);
-    Ok(())
-}
-
-fn instance_pids(
-    client: &Client,
-    name: &str,
-) -> std::result::Result<Vec<i64>, spore_bench::BenchError> {
-    let v = client
-        .get_json(&format!("/2015-03-31/functions/{name}"))
-        .map_err(|e| spore_bench::BenchError::Http(e.to_string()))?;
-    Ok(v["Spore"]["Instances"]["IdlePids"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(serde_json::Value::as_i64)
-        .collect())
-}
-
-pub(crate) fn save_and_print(
-    out: &Path,
-    bench: &str,
-    series: &[Series],
-    table: &str,
-    meta: serde_json::Value,
-    (title, plotted): (&str, &[Series]),
-) -> Result<()> {
-    let dir = out.join(bench);
-    let files = spore_bench::write_results(&dir, bench, series, table, meta)?;
-    let png = dir.join(format!("{bench}.png"));
-    match spore_bench::plot::cdf(&png, title, plotted) {
-        Ok(()) => eprintln!("   plot: {}", png.display()),
-        Err(e) => eprintln!("   no plot: {e}"),
-    }
-    println!("{table}");
-    println!(
-        "results: {}, {}, {}",
-        files.csv.display(),
-        files.json.display(),
-        files.markdown.display()
-    );
-    Ok(())
-}
-
-pub(crate) fn host_meta(extra: serde_json::Value) -> serde_json::Value {
-    let mut meta = serde_json::json!({
-        "host_cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
-    });
-    if let (Some(m), Some(e)) = (meta.as_object_mut(), extra.as_object()) {
-        m.extend(e.clone());
-    }
-    meta
 }
 
 /// `spore bench ...`.
 pub fn bench(endpoint: &str, which: BenchCommand) -> Result<ExitCode> {
+    use drivers::bench;
     match which {
         BenchCommand::ColdStart {
             sandbox,
             n,
             out,
             functions,
-        } => {
-            let sandbox: SandboxKind = sandbox.parse()?;
-            let (client, daemon) = daemon_for(endpoint, "bench")?;
-            let ep = daemon
-                .as_ref()
-                .map_or(endpoint.to_owned(), |d| d.endpoint.clone());
-            let hello = functions.join("hello");
-            deploy_variant(&client, &hello, "hello", SandboxKind::Container, None)?;
-            let cfork = match sandbox {
-                SandboxKind::Cfork => Some(
-                    deploy_variant(&client, &hello, "hello-cfork", SandboxKind::Cfork, None)?.name,
-                ),
-                SandboxKind::Container => None,
-            };
-            let cfg = spore_bench::cold_start::ColdStartConfig {
-                endpoint: ep,
-                container_function: "hello".into(),
-                cfork_function: cfork,
-                n,
-                python: spore_runtime::PYTHON_INTERPRETER.to_owned(),
-                max_per_series: Duration::from_secs(300),
-            };
-            let res = spore_bench::cold_start::run(&cfg, &|msg| eprintln!("   {msg}"))?;
-            let baseline = match sandbox {
-                SandboxKind::Cfork => spore_bench::cold_start::CONTAINER,
-                SandboxKind::Container => spore_bench::cold_start::FLOOR,
-            };
-            let mut table = spore_bench::table(&res.series, baseline);
-            if !res.breakdown.is_empty() {
-                table.push_str("\nWhere a cfork start goes (p50 per step; the steps add up to the daemon's request-to-ready time):\n\n| step | p50 | p99 | what |\n|---|---:|---:|---|\n");
-                for s in &res.breakdown {
-                    let sum = summarize(&s.samples_ms);
-                    table.push_str(&format!(
-                        "| {} | {:.3} ms | {:.3} ms | {} |\n",
-                        s.name,
-                        sum.p50,
-                        sum.p99,
-                        spore_bench::cold_start::step_meaning(&s.name)
-                    ));
-                }
-            }
-            let title = format!("Spore cold start ({sandbox}) vs warm vs python3 -c pass");
-            save_and_print(
-                &out,
-                &format!("cold-start-{sandbox}"),
-                &res.series,
-                &table,
-                host_meta(
-                    serde_json::json!({ "sandbox": sandbox.as_str(), "n": n, "function": "hello" }),
-                ),
-                (&title, &res.series),
-            )?;
-            Ok(ExitCode::SUCCESS)
-        }
+        } => bench::cold_start(endpoint, &RunOptions { n, out, functions }, &sandbox),
         BenchCommand::Functionbench { n, out, functions } => {
-            let (client, daemon) = daemon_for(endpoint, "bench")?;
-            let ep = daemon
-                .as_ref()
-                .map_or(endpoint.to_owned(), |d| d.endpoint.clone());
-            let workloads = deploy_samples(&client, &functions)?;
-            let results = spore_bench::functionbench::run(
-                &ep,
-                &workloads,
-                n,
-                n,
-                Duration::from_secs(300),
-                &|msg| eprintln!("   {msg}"),
-            )?;
-            let table = spore_bench::functionbench::table(&results);
-            let series: Vec<Series> = results
-                .iter()
-                .flat_map(|(_, s)| s.iter().take(2).cloned())
-                .collect();
-            save_and_print(
-                &out,
-                "functionbench",
-                &series,
-                &table,
-                host_meta(serde_json::json!({ "n": n })),
-                ("FunctionBench: fresh instance, container vs cfork", &series),
-            )?;
-            Ok(ExitCode::SUCCESS)
+            bench::functionbench(endpoint, &RunOptions { n, out, functions })
         }
-        BenchCommand::Ipc { n, spin_us, out } => {
-            eprintln!("   hop latency: {n} round trips of 1 KiB per series");
-            let series = spore_bench::ipc::hop_latency(n, 1024, Duration::from_micros(spin_us))?;
-            let mut table = spore_bench::table(&series, "unix socketpair (baseline), 1024 B");
-            eprintln!("   payload sweep: sealed memfd hand-off vs memcpy");
-            let sizes = [1 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20];
-            let rows = spore_bench::ipc::payload_sweep(&sizes, 7)?;
-            table.push_str("\nPayload hand-off (median of 7): the producer writes a sealed memfd, the consumer maps it and reads every byte; memcpy copies and reads the copy.\n\n| size | memfd hand-off | GB/s | memcpy | GB/s | hand-off / memcpy bandwidth |\n|---:|---:|---:|---:|---:|---:|\n");
-            for r in &rows {
-                table.push_str(&format!(
-                    "| {} KiB | {:.3} ms | {:.2} | {:.3} ms | {:.2} | {:.0}% |\n",
-                    r.size >> 10,
-                    r.memfd_ms,
-                    r.memfd_gbps(),
-                    r.memcpy_ms,
-                    r.memcpy_gbps(),
-                    100.0 * r.memfd_gbps() / r.memcpy_gbps()
-                ));
-            }
-            save_and_print(
-                &out,
-                "ipc",
-                &series,
-                &table,
-                host_meta(serde_json::json!({ "n": n, "spin_us": spin_us, "sweep": rows })),
-                ("Shared-memory ring hop (1 KiB) vs Unix socketpair", &series),
-            )?;
-            Ok(ExitCode::SUCCESS)
+        BenchCommand::Ipc { n, spin_us, out } => bench::ipc(&bench::IpcOptions { n, spin_us, out }),
+        BenchCommand::Dag { n, out, functions } => {
+            drivers::dag::run(endpoint, &RunOptions { n, out, functions })
         }
-        BenchCommand::Dag { n, out, functions } => bench_dag(endpoint, n, &out, &functions),
-        BenchCommand::Xpu { n, out, functions } => crate::xpu_bench::bench_xpu(n, &out, &functions),
+        BenchCommand::Xpu { n, out, functions } => {
+            drivers::xpu::run(&RunOptions { n, out, functions })
+        }
         BenchCommand::MemoryRestore {
             n,
             only,
@@ -1367,78 +641,12 @@ pub fn bench(endpoint: &str, which: BenchCommand) -> Result<ExitCode> {
             warm_cache_only,
             out,
             functions,
-        } => {
-            let (names, codecs, cold_cache) = snapshot_bench_args(&only, &codecs, warm_cache_only)?;
-            let threads = threads
-                .split(',')
-                .map(|t| {
-                    t.trim()
-                        .parse::<usize>()
-                        .ok()
-                        .filter(|&t| (1..=64).contains(&t))
-                        .ok_or_else(|| anyhow::anyhow!("--threads: {t:?} is not 1..=64"))
-                })
-                .collect::<Result<Vec<usize>>>()?;
-            let (client, _daemon) = daemon_for(endpoint, "bench")?;
-            // The images: each function's runtime snapshotted at an init.
-            let mut images = Vec::new();
-            for w in deploy_snapshotted(&client, &functions, &names, false)? {
-                let answer = client
-                    .invoke_with(&w.function, w.payload.clone(), Some("init"))
-                    .with_context(|| format!("starting {}", w.function))?;
-                if answer.function_error {
-                    anyhow::bail!(
-                        "{} failed at its init: {}",
-                        w.function,
-                        String::from_utf8_lossy(&answer.body)
-                    );
-                }
-                let list = client.get_json("/spore/v1/snapshots")?;
-                let path = list["Snapshots"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter(|s| s["function"] == w.function.as_str() && s["error"].is_null())
-                    .find_map(|s| s["path"].as_str().map(PathBuf::from))
-                    .ok_or_else(|| {
-                        anyhow::anyhow!(
-                            "{} has no snapshot after an init (see the daemon log)",
-                            w.function
-                        )
-                    })?;
-                images.push((w.function.clone(), path));
-            }
-            let cfg = spore_bench::memory_restore::Config {
-                n,
-                codecs,
-                threads,
-                cold_cache,
-                scratch: out.join("memory-restore").join("images"),
-                max_per_series: Duration::from_secs(60),
-            };
-            let rows = spore_bench::memory_restore::run(&cfg, &images, &|m| eprintln!("   {m}"))?;
-            let table = spore_bench::memory_restore::table(&rows);
-            let series = spore_bench::memory_restore::series(&rows);
-            let first: Vec<Series> = series
-                .iter()
-                .filter(|s| {
-                    images
-                        .first()
-                        .is_some_and(|(f, _)| s.name.starts_with(f.as_str()))
-                })
-                .cloned()
-                .collect();
-            save_and_print(
-                &out,
-                "memory-restore",
-                &series,
-                &table,
-                host_meta(serde_json::json!({ "n": n, "cold_cache": cold_cache })),
-                ("Memory restore alone (first function)", &first),
-            )?;
-            let _ = std::fs::remove_dir(out.join("memory-restore").join("images"));
-            Ok(ExitCode::SUCCESS)
-        }
+        } => bench::memory_restore(
+            endpoint,
+            &RunOptions { n, out, functions },
+            &selection(only, codecs, warm_cache_only),
+            &threads,
+        ),
         BenchCommand::SnapshotColdStart {
             n,
             only,
@@ -1446,115 +654,26 @@ pub fn bench(endpoint: &str, which: BenchCommand) -> Result<ExitCode> {
             warm_cache_only,
             out,
             functions,
-        } => {
-            let (names, codecs, cold_cache) = snapshot_bench_args(&only, &codecs, warm_cache_only)?;
-            let (client, daemon) = daemon_for(endpoint, "bench")?;
-            let ep = daemon
-                .as_ref()
-                .map_or(endpoint.to_owned(), |d| d.endpoint.clone());
-            let workloads = deploy_snapshotted(&client, &functions, &names, true)?;
-            let cfg = spore_bench::snapshot::Config {
-                endpoint: ep,
-                n,
-                codecs,
-                cold_cache,
-                scratch: out.join("snapshot-cold-start").join("images"),
-                max_per_series: Duration::from_secs(120),
-                lazy_modes: true,
-            };
-            let results = spore_bench::snapshot::run(&cfg, &workloads, &|m| eprintln!("   {m}"))?;
-            let table = spore_bench::snapshot::table(&results);
-            let series: Vec<Series> = results
-                .iter()
-                .flat_map(|r| {
-                    r.series.iter().map(|s| Series {
-                        name: format!("{}/{}", r.function, s.name),
-                        samples_ms: s.samples_ms.clone(),
-                    })
-                })
-                .collect();
-            let sizes: Vec<_> = results
-                .iter()
-                .map(|r| serde_json::json!({"function": r.function, "sizes": r.sizes}))
-                .collect();
-            let first = results
-                .first()
-                .map(|r| r.series.clone())
-                .unwrap_or_default();
-            save_and_print(
-                &out,
-                "snapshot-cold-start",
-                &series,
-                &table,
-                host_meta(serde_json::json!({ "n": n, "sizes": sizes, "cold_cache": cold_cache })),
-                (
-                    "Cold start: init vs restore from a snapshot (first function)",
-                    &first,
-                ),
-            )?;
-            let _ = std::fs::remove_dir(out.join("snapshot-cold-start").join("images"));
-            Ok(ExitCode::SUCCESS)
-        }
+        } => bench::snapshot_cold_start(
+            endpoint,
+            &RunOptions { n, out, functions },
+            &selection(only, codecs, warm_cache_only),
+        ),
         BenchCommand::Density {
             n,
             container_n,
             out,
             functions,
-        } => {
-            let (client, _daemon) = daemon_for(endpoint, "bench")?;
-            let hello = functions.join("hello");
-            let limit = u32::try_from(n.max(container_n) + 1)
-                .unwrap_or(1024)
-                .min(1024);
-            let mut rows = Vec::new();
-            for (name, kind, count) in [
-                (
-                    "hello-density-container",
-                    SandboxKind::Container,
-                    container_n,
-                ),
-                ("hello-density-cfork", SandboxKind::Cfork, n),
-            ] {
-                if count == 0 {
-                    continue;
-                }
-                deploy_variant(&client, &hello, name, kind, Some(limit))?;
-                let ep = _daemon
-                    .as_ref()
-                    .map_or(endpoint.to_owned(), |d| d.endpoint.clone());
-                let d = spore_bench::density::measure(
-                    &ep,
-                    name,
-                    kind.as_str(),
-                    count,
-                    Duration::from_secs(600),
-                    &|| instance_pids(&client, name),
-                    &|m| eprintln!("   {m}"),
-                )?;
-                client.delete(name)?;
-                std::thread::sleep(Duration::from_secs(2));
-                rows.push(d);
-            }
-            let mut table = String::from("| kind | idle instances | host memory per instance | PSS per instance | USS per instance | would fit in this host | time to start them |\n|---|---:|---:|---:|---:|---:|---:|\n");
-            for d in &rows {
-                table.push_str(&format!(
-                    "| {} | {} | {:.0} KiB | {:.0} KiB | {:.0} KiB | {} | {:.1} s |\n",
-                    d.kind,
-                    d.n,
-                    d.host_kib_per_instance,
-                    d.pss_kib,
-                    d.uss_kib,
-                    d.fit_in_host,
-                    d.start_seconds
-                ));
-            }
-            let dir = out.join("density");
-            std::fs::create_dir_all(&dir)?;
-            std::fs::write(dir.join("density.json"), serde_json::to_vec_pretty(&rows)?)?;
-            std::fs::write(dir.join("table.md"), &table)?;
-            println!("{table}");
-            println!("results: {}", dir.display());
-            Ok(ExitCode::SUCCESS)
-        }
+        } => bench::density(endpoint, &RunOptions { n, out, functions }, container_n),
+    }?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The snapshot benchmarks' `--only`, `--codecs` and `--warm-cache-only`.
+fn selection(only: String, codecs: String, warm_cache_only: bool) -> SnapshotSelection {
+    SnapshotSelection {
+        only,
+        codecs,
+        warm_cache_only,
     }
 }

@@ -1,23 +1,60 @@
-//! A small blocking client of the daemon's API, used by the CLI commands.
+//! A small blocking client of the daemon's API (`/2015-03-31/functions`, `/dags`,
+//! `/spore/v1`).
 
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
 use base64::Engine as _;
 use reqwest::blocking::{Client as Http, Response};
 use serde_json::Value;
 
-/// The daemon did not answer at all.
-#[derive(Debug)]
-pub struct Unreachable(pub String);
+/// Errors of a request to the daemon. The messages are the CLI's own (printed as they are,
+/// with their causes), so they keep its wording.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The daemon did not answer at all (nothing listens at the endpoint).
+    #[error("cannot reach the Spore daemon at {0}: is `spore serve` running? (set --endpoint or SPORE_ENDPOINT)")]
+    Unreachable(String),
+    /// The request failed on its way (other than by a refused connection).
+    #[error("request to the daemon failed")]
+    Request(#[source] reqwest::Error),
+    /// The daemon answered with an error status.
+    #[error("{kind} ({status}): {message}")]
+    Api {
+        /// `X-Amzn-ErrorType` (`Error` when absent).
+        kind: String,
+        /// The HTTP status.
+        status: reqwest::StatusCode,
+        /// The answer's `message`, or its whole body.
+        message: String,
+    },
+    /// A successful answer whose JSON body did not decode.
+    #[error("{what}")]
+    Malformed {
+        /// Which answer.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// Building the HTTP client or reading an answer's body failed.
+    #[error(transparent)]
+    Http(#[from] reqwest::Error),
+}
 
-impl std::fmt::Display for Unreachable {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "cannot reach the Spore daemon at {}: is `spore serve` running? (set --endpoint or SPORE_ENDPOINT)", self.0)
+impl ClientError {
+    /// Whether the daemon could not be reached at all (the CLI's exit code 4).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, ClientError::Unreachable(_))
     }
 }
 
-impl std::error::Error for Unreachable {}
+type Result<T> = std::result::Result<T, ClientError>;
+
+/// Decodes a successful answer's JSON body; `what` names the answer in the error.
+fn json(resp: Response, what: &'static str) -> Result<Value> {
+    resp.json()
+        .map_err(|source| ClientError::Malformed { what, source })
+}
 
 /// Client of one daemon.
 pub struct Client {
@@ -60,9 +97,9 @@ impl Client {
     fn send(&self, req: reqwest::blocking::RequestBuilder) -> Result<Response> {
         req.send().map_err(|e| {
             if e.is_connect() {
-                anyhow::Error::new(Unreachable(self.endpoint.clone()))
+                ClientError::Unreachable(self.endpoint.clone())
             } else {
-                anyhow::Error::new(e).context("request to the daemon failed")
+                ClientError::Request(e)
             }
         })
     }
@@ -80,11 +117,15 @@ impl Client {
             .unwrap_or("Error")
             .to_owned();
         let body = resp.text().unwrap_or_default();
-        let msg = serde_json::from_str::<Value>(&body)
+        let message = serde_json::from_str::<Value>(&body)
             .ok()
             .and_then(|v| v["message"].as_str().map(str::to_owned))
             .unwrap_or(body);
-        bail!("{kind} ({status}): {msg}")
+        Err(ClientError::Api {
+            kind,
+            status,
+            message,
+        })
     }
 
     /// Whether the daemon answers `/healthz`.
@@ -99,7 +140,7 @@ impl Client {
     /// GET returning JSON.
     pub fn get_json(&self, path: &str) -> Result<Value> {
         let resp = Self::check(self.send(self.http.get(self.url(path)))?)?;
-        resp.json().context("the daemon sent malformed JSON")
+        json(resp, "the daemon sent malformed JSON")
     }
 
     /// Creates or updates a function from a manifest and a zip.
@@ -136,9 +177,7 @@ impl Client {
                 .json(&create),
         )?;
         if resp.status() != reqwest::StatusCode::CONFLICT {
-            return Self::check(resp)?
-                .json()
-                .context("malformed CreateFunction answer");
+            return json(Self::check(resp)?, "malformed CreateFunction answer");
         }
         let base = format!("/2015-03-31/functions/{}", m.name);
         let config = serde_json::json!({
@@ -153,24 +192,27 @@ impl Client {
             )?,
         )?;
         let code = serde_json::json!({ "ZipFile": b64 });
-        Self::check(self.send(self.http.put(self.url(&format!("{base}/code"))).json(&code))?)?
-            .json()
-            .context("malformed UpdateFunctionCode answer")
+        json(
+            Self::check(self.send(self.http.put(self.url(&format!("{base}/code"))).json(&code))?)?,
+            "malformed UpdateFunctionCode answer",
+        )
     }
 
     /// `GET /spore/v1/units`.
     pub fn units(&self) -> Result<Value> {
-        Self::check(self.send(self.http.get(self.url("/spore/v1/units")))?)?
-            .json()
-            .context("malformed answer to a units listing")
+        json(
+            Self::check(self.send(self.http.get(self.url("/spore/v1/units")))?)?,
+            "malformed answer to a units listing",
+        )
     }
 
     /// `POST /spore/v1/units/{unit}/echo`: `n` echo calls of `bytes` over the unit's link.
     pub fn unit_echo(&self, unit: u32, bytes: usize, n: usize) -> Result<Value> {
         let url = self.url(&format!("/spore/v1/units/{unit}/echo?bytes={bytes}&n={n}"));
-        Self::check(self.send(self.http.post(url))?)?
-            .json()
-            .context("malformed answer to a link echo")
+        json(
+            Self::check(self.send(self.http.post(url))?)?,
+            "malformed answer to a link echo",
+        )
     }
 
     /// Deletes a function.
@@ -240,9 +282,10 @@ impl Client {
     /// /spore/v1/functions/{name}/evict`); returns what went.
     pub fn evict(&self, name: &str) -> Result<Value> {
         let url = self.url(&format!("/spore/v1/functions/{name}/evict"));
-        Self::check(self.send(self.http.post(url))?)?
-            .json()
-            .context("malformed answer to an eviction")
+        json(
+            Self::check(self.send(self.http.post(url))?)?,
+            "malformed answer to an eviction",
+        )
     }
 
     /// Removes a function's snapshots.
@@ -254,9 +297,10 @@ impl Client {
 
     /// Deploys a DAG file (TOML).
     pub fn put_dag(&self, toml: &str) -> Result<Value> {
-        Self::check(self.send(self.http.post(self.url("/dags")).body(toml.to_owned()))?)?
-            .json()
-            .context("malformed answer to a DAG deploy")
+        json(
+            Self::check(self.send(self.http.post(self.url("/dags")).body(toml.to_owned()))?)?,
+            "malformed answer to a DAG deploy",
+        )
     }
 
     /// Deletes a DAG.
@@ -281,5 +325,65 @@ impl Client {
         let resp = Self::check(self.send(self.http.post(self.url(&url)).body(payload))?)?;
         let failed = resp.headers().contains_key("x-amz-function-error");
         Ok((resp.bytes()?.to_vec(), failed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::*;
+
+    /// A server on loopback that answers one request with `response`; its endpoint.
+    fn answer_once(response: String) -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", l.local_addr().unwrap());
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            s.write_all(response.as_bytes()).unwrap();
+        });
+        endpoint
+    }
+
+    #[test]
+    fn unreachable_daemon() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", l.local_addr().unwrap());
+        drop(l);
+        let client = Client::new(&endpoint).unwrap();
+        assert!(!client.healthy());
+        let e = client.get_json("/2015-03-31/functions").unwrap_err();
+        assert!(e.is_unreachable(), "{e:?}");
+        assert!(e.to_string().contains(&endpoint));
+    }
+
+    #[test]
+    fn api_errors_carry_kind_status_and_message() {
+        let body = r#"{"message":"Function not found: f"}"#;
+        let response = format!(
+            "HTTP/1.1 404 Not Found\r\nX-Amzn-ErrorType: ResourceNotFoundException\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let e = Client::new(&answer_once(response))
+            .unwrap()
+            .delete("f")
+            .unwrap_err();
+        assert!(!e.is_unreachable());
+        assert_eq!(
+            e.to_string(),
+            "ResourceNotFoundException (404 Not Found): Function not found: f"
+        );
+    }
+
+    #[test]
+    fn malformed_json_is_named() {
+        let endpoint = answer_once(
+            "HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nnot".into(),
+        );
+        let e = Client::new(&endpoint).unwrap().units().unwrap_err();
+        assert!(matches!(e, ClientError::Malformed { .. }), "{e:?}");
+        assert_eq!(e.to_string(), "malformed answer to a units listing");
     }
 }

@@ -1,17 +1,61 @@
 //! A daemon started and stopped by a CLI command (`demo`, `bench`) when none is running.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::client::Client;
+use crate::client::{Client, ClientError};
+
+/// Errors of starting a daemon. The messages are the CLI's own, so they keep its wording.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// A file, folder or the child process could not be made (the text says which).
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Duplicating the log's handle or polling the child failed.
+    #[error(transparent)]
+    Os(#[from] std::io::Error),
+    /// The client of the new daemon could not be built.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// `spore serve` exited before it answered.
+    #[error("spore serve exited with {status}; see {}", log.display())]
+    Exited {
+        /// How it exited.
+        status: ExitStatus,
+        /// Its log.
+        log: PathBuf,
+    },
+    /// `spore serve` did not answer in time.
+    #[error("spore serve did not come up within 20 s; see {}", log.display())]
+    Timeout {
+        /// Its log.
+        log: PathBuf,
+    },
+}
+
+/// Wraps the error of one I/O step of a start in what the step was doing.
+fn doing(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
+    let what = what.into();
+    move |source| DaemonError::Io { what, source }
+}
+
+type Result<T> = std::result::Result<T, DaemonError>;
 
 /// A `spore serve` child process with a temporary data dir; stopped with SIGTERM (so that it
 /// removes its sandboxes and cgroups) and waited for on drop.
+///
+/// The daemon is this process's own executable (`std::env::current_exe`) run as
+/// `spore serve`: only the `spore` binary (and what it calls) can start one.
 pub struct ManagedDaemon {
     child: Child,
     /// Its endpoint.
@@ -28,13 +72,12 @@ impl ManagedDaemon {
         packages_dir: Option<PathBuf>,
         extra: &[String],
     ) -> Result<ManagedDaemon> {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("creating {}", parent.display()))?;
+        std::fs::create_dir_all(parent).map_err(doing(format!("creating {}", parent.display())))?;
         let data = tempfile::Builder::new()
             .prefix("data-")
             .tempdir_in(parent)
-            .context("creating a data dir")?;
-        let exe = std::env::current_exe().context("locating the spore binary")?;
+            .map_err(doing("creating a data dir"))?;
+        let exe = std::env::current_exe().map_err(doing("locating the spore binary"))?;
         let mut cmd = Command::new(exe);
         cmd.args([
             "serve",
@@ -50,11 +93,11 @@ impl ManagedDaemon {
         }
         cmd.args(extra);
         let log_path = parent.join("daemon.log");
-        let log = std::fs::File::create(&log_path).context("creating the daemon log")?;
+        let log = std::fs::File::create(&log_path).map_err(doing("creating the daemon log"))?;
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        let child = cmd.spawn().context("starting spore serve")?;
+        let child = cmd.spawn().map_err(doing("starting spore serve"))?;
         let endpoint_file = data.path().join("run").join("endpoint");
         let mut daemon = ManagedDaemon {
             child,
@@ -70,16 +113,13 @@ impl ManagedDaemon {
                 }
             }
             if let Some(status) = daemon.child.try_wait()? {
-                bail!(
-                    "spore serve exited with {status}; see {}",
-                    log_path.display()
-                );
+                return Err(DaemonError::Exited {
+                    status,
+                    log: log_path,
+                });
             }
             if Instant::now() > deadline {
-                bail!(
-                    "spore serve did not come up within 20 s; see {}",
-                    log_path.display()
-                );
+                return Err(DaemonError::Timeout { log: log_path });
             }
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -8,17 +8,20 @@
 
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use spore_bench::Series;
+use spore_client::{read_manifest, Client, ManagedDaemon};
 use spore_core::SandboxKind;
 
-use crate::client::Client;
-use crate::commands::{dag_hops, dag_run, host_meta, read_manifest, save_and_print};
-use crate::daemon::ManagedDaemon;
+use super::dag::{dag_hops, dag_run};
+use super::report::{host_meta, save_and_print};
+use super::setup::{deploy_on, deploy_variant};
+use super::shim::{packages_dir, ShimProcess};
+use super::RunOptions;
+use crate::Series;
 
 /// A network namespace joined to this one by a veth pair (removed on drop).
 struct NetNs {
@@ -115,138 +118,6 @@ fn idle_wakeups(n: usize) -> Result<Vec<f64>> {
     Ok(out)
 }
 
-/// A `spore shim` child, in a network namespace or not (stopped with SIGTERM on drop, its
-/// data dir removed once it exited), and its unit id.
-pub(crate) struct ShimProcess(Child, PathBuf, u32);
-
-impl ShimProcess {
-    /// Starts unit `id` dialing `control`, inside `netns` if given; its data dir and log go
-    /// under `parent`.
-    pub(crate) fn spawn(
-        netns: Option<&str>,
-        id: u32,
-        control: &str,
-        parent: &Path,
-        extra: &[String],
-    ) -> Result<ShimProcess> {
-        std::fs::create_dir_all(parent)?;
-        let data = parent.join(format!("unit-{id}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&data);
-        let log = std::fs::File::create(parent.join(format!("shim-{id}.log")))?;
-        let exe = std::env::current_exe()?;
-        let mut cmd = match netns {
-            Some(ns) => {
-                // nsenter switches only the network namespace (`ip netns exec` would also
-                // mount a new /sys, hiding the cgroup hierarchies sandboxes need).
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(exe);
-                c
-            }
-            None => Command::new(exe),
-        };
-        cmd.args(["shim", "--id", &id.to_string(), "--control", control])
-            .arg("--data-dir")
-            .arg(&data)
-            .args(["--keep-alive-s", "600"])
-            .args(extra);
-        if let Some(p) = packages_dir() {
-            cmd.arg("--packages-dir").arg(p);
-        }
-        cmd.stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        Ok(ShimProcess(
-            cmd.spawn().context("starting the shim")?,
-            data,
-            id,
-        ))
-    }
-
-    /// Waits until the control plane lists this unit as up.
-    pub(crate) fn wait_up(&self, client: &Client) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let units = client.units()?;
-            if units["Units"]
-                .as_array()
-                .is_some_and(|u| u.iter().any(|u| u["id"] == self.2 && u["state"] == "up"))
-            {
-                return Ok(());
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "unit {} did not register within 30 s (see its log under .spore/)",
-                self.2
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-/// The shared Python packages, if the setup installed them.
-fn packages_dir() -> Option<PathBuf> {
-    std::env::var_os("SPORE_PACKAGES_DIR")
-        .map(PathBuf::from)
-        .or_else(|| {
-            let p = PathBuf::from("target/python-packages");
-            p.join("numpy").is_dir().then_some(p)
-        })
-        .map(|p| p.canonicalize().unwrap_or(p))
-}
-
-impl Drop for ShimProcess {
-    fn drop(&mut self) {
-        if let Ok(pid) = i32::try_from(self.0.id()) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                let _ = std::fs::remove_dir_all(&self.1);
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-        let _ = std::fs::remove_dir_all(&self.1);
-    }
-}
-
-/// Deploys the function in `dir` as `name`, pinned to `unit`.
-pub(crate) fn deploy_on(
-    client: &Client,
-    dir: &Path,
-    name: &str,
-    sandbox: SandboxKind,
-    unit: u32,
-) -> Result<()> {
-    deploy_as(client, dir, name, sandbox, Some(unit))
-}
-
-/// Deploys the function in `dir` as `name` with `sandbox`, pinned to `unit` if given.
-pub(crate) fn deploy_as(
-    client: &Client,
-    dir: &Path,
-    name: &str,
-    sandbox: SandboxKind,
-    unit: Option<u32>,
-) -> Result<()> {
-    let mut m = read_manifest(dir)?;
-    m.name = name.to_owned();
-    m.sandbox = sandbox;
-    m.unit = unit;
-    let zip = spore_registry::code::zip_dir(dir)
-        .with_context(|| format!("packaging {}", dir.display()))?;
-    client
-        .deploy(&m, &zip)
-        .with_context(|| format!("deploying {name}"))?;
-    Ok(())
-}
-
 /// TCP echo round trips over the veth: a server thread inside the namespace (setns on that
 /// thread only), the client here. Per size, the median round trip (ms) of `size` bytes each
 /// way, twice: streamed (the server sends back each piece as it arrives, overlapping both
@@ -338,8 +209,10 @@ fn link_echo(client: &Client, unit: u32, size: usize, n: usize) -> Result<Vec<f6
         .collect())
 }
 
-/// `spore bench xpu`.
-pub fn bench_xpu(n: usize, out: &Path, functions: &Path) -> Result<ExitCode> {
+/// `spore bench xpu` (root only: it makes a network namespace). Starts its own daemon and
+/// shims whatever `endpoint` the CLI was given.
+pub fn run(opts: &RunOptions) -> Result<()> {
+    let (n, out, functions) = (opts.n, &opts.out, &opts.functions);
     if !nix::unistd::geteuid().is_root() {
         bail!("spore bench xpu creates a network namespace and a veth pair: run it as root");
     }
@@ -408,15 +281,9 @@ pub fn bench_xpu(n: usize, out: &Path, functions: &Path) -> Result<ExitCode> {
         }
     }
     table.push_str("Start and call, request to response at the client:\n\n");
-    table.push_str(&spore_bench::table(
-        &series[..2],
-        "cfork start, unit 0 (local)",
-    ));
+    table.push_str(&crate::table(&series[..2], "cfork start, unit 0 (local)"));
     table.push('\n');
-    table.push_str(&spore_bench::table(
-        &series[2..4],
-        "warm call, unit 0 (local)",
-    ));
+    table.push_str(&crate::table(&series[2..4], "warm call, unit 0 (local)"));
 
     // 2. DAG hop, 1 KiB: shared memory, across the link, HTTP.
     let step = functions.join("dag").join("chain-step");
@@ -429,7 +296,9 @@ pub fn bench_xpu(n: usize, out: &Path, functions: &Path) -> Result<ExitCode> {
         ))?;
     }
     // a on unit 1, b on unit 2 (node pins): the hop takes the shims' neighbour link.
-    deploy_as(&client, &step, "xs-any-free", SandboxKind::Container, None)?;
+    deploy_variant(&client, &step, "xs-any-free", SandboxKind::Container, |m| {
+        m.unit = None
+    })?;
     client.put_dag(
         "name = \"xhop-shims\"\n[[nodes]]\nid = \"a\"\nfunction = \"xs-any-free\"\nunit = 1\n[[nodes]]\nid = \"b\"\nfunction = \"xs-any-free\"\nafter = [\"a\"]\nunit = 2\n",
     )?;
@@ -466,7 +335,7 @@ pub fn bench_xpu(n: usize, out: &Path, functions: &Path) -> Result<ExitCode> {
     table.push_str(
         "\nDAG hop, 1 KiB (producer's handler returns -> consumer's handler starts), and the wake-up of an idle thread (after 1 ms of quiet: one byte written -> the reader blocked on it runs):\n\n",
     );
-    table.push_str(&spore_bench::table(&series[first..], "hop http, local"));
+    table.push_str(&crate::table(&series[first..], "hop http, local"));
 
     // 3. Payload sweep over the link vs TCP over the same veth.
     eprintln!("   payload sweep over the link vs TCP over the same veth");
@@ -565,7 +434,7 @@ pub fn bench_xpu(n: usize, out: &Path, functions: &Path) -> Result<ExitCode> {
             let s: Vec<f64> = (0..n)
                 .map(|_| dag_run(&client, &dag, input, transport).map(|r| r.0))
                 .collect::<Result<_>>()?;
-            row.push(spore_bench::summarize(&s));
+            row.push(crate::summarize(&s));
             series.push(Series {
                 name: format!(
                     "{w} e2e, {}",
@@ -600,5 +469,5 @@ pub fn bench_xpu(n: usize, out: &Path, functions: &Path) -> Result<ExitCode> {
     drop(shim);
     drop(daemon);
     drop(ns);
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }

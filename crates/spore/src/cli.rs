@@ -1,0 +1,376 @@
+//! The command line: clap's definitions of every command, flag and help text.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Spore: a serverless function runtime with sandboxed, fast-starting instances.
+#[derive(Debug, Parser)]
+#[command(name = "spore", version, about, long_about = None, propagate_version = true)]
+pub(crate) struct Cli {
+    /// Daemon endpoint for client commands.
+    #[arg(
+        long,
+        global = true,
+        env = "SPORE_ENDPOINT",
+        default_value = "http://127.0.0.1:9000"
+    )]
+    pub(crate) endpoint: String,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Run the daemon: the HTTP API on --listen, sandboxes, registry under --data-dir.
+    Serve(ServeArgs),
+    /// Run a processing unit's shim: it dials the control plane (`spore serve --link-listen`)
+    /// at --control, registers as unit --id, and runs the functions placed there.
+    Shim(ShimArgs),
+    /// List the processing units, their state, load and functions.
+    Units,
+    /// Deploy (create or update) a function from a folder with spore.toml and code.
+    Deploy {
+        /// Folder holding spore.toml.
+        dir: PathBuf,
+    },
+    /// Invoke a function and print its result.
+    Invoke {
+        /// Function name.
+        name: String,
+        /// Event JSON, or @FILE to read it from a file.
+        #[arg(long, short, default_value = "{}")]
+        payload: String,
+        /// Serve from a fresh instance, bypassing the warm pool (to measure cold starts):
+        /// `--cold` takes the function's default start, `--cold init|fork|restore` that one.
+        #[arg(long, num_args = 0..=1, default_missing_value = "1", value_name = "HOW")]
+        cold: Option<String>,
+        /// Print the invocation's log block to stderr.
+        #[arg(long)]
+        log: bool,
+        /// Print start kind and timings to stderr.
+        #[arg(long, short)]
+        verbose: bool,
+    },
+    /// List deployed functions.
+    Ls,
+    /// Delete a function.
+    Rm {
+        /// Function name.
+        name: String,
+    },
+    /// Print a function's recent log lines.
+    Logs {
+        /// Function name.
+        name: String,
+        /// How many lines.
+        #[arg(long, short = 'n', default_value_t = 100)]
+        lines: usize,
+    },
+    /// Stop a function's idle instances and cfork template now, releasing their memory (the
+    /// next start restores from its snapshot, if it has one).
+    Evict {
+        /// Function name.
+        name: String,
+    },
+    /// List, inspect and remove snapshots of warm runtimes.
+    Snapshot {
+        #[command(subcommand)]
+        which: SnapshotCommand,
+    },
+    /// Deploy, list, remove and invoke function DAGs.
+    Dag {
+        #[command(subcommand)]
+        which: DagCommand,
+    },
+    /// Run the demo: start a daemon, deploy the sample functions, invoke them cold and warm,
+    /// print the figures.
+    Demo(DemoArgs),
+    /// Run a benchmark; results go to --out as CSV, JSON, Markdown and PNG.
+    Bench {
+        #[command(subcommand)]
+        which: BenchCommand,
+    },
+    /// (internal) The sandbox init, run by the daemon.
+    #[command(name = "__sandbox-init", hide = true)]
+    SandboxInit,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum SnapshotCommand {
+    /// List stored snapshots.
+    Ls,
+    /// Describe a snapshot: regions, page counts, partitions (a function name or an image
+    /// file).
+    Inspect {
+        /// Function name or image path.
+        target: PathBuf,
+    },
+    /// Remove a function's snapshots (the next init takes a new one).
+    Rm {
+        /// Function name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum DagCommand {
+    /// Deploy (create or replace) a DAG from its TOML file; its functions must exist.
+    Deploy {
+        /// The DAG file.
+        file: PathBuf,
+    },
+    /// Invoke a DAG and print the sink's output.
+    Invoke {
+        /// DAG name.
+        name: String,
+        /// Input event JSON, or @FILE to read it from a file.
+        #[arg(long, short, default_value = "{}")]
+        payload: String,
+        /// shm or http (the baseline); default: the DAG's own.
+        #[arg(long)]
+        transport: Option<String>,
+        /// Print per-node timings to stderr.
+        #[arg(long)]
+        timing: bool,
+    },
+    /// List deployed DAGs.
+    Ls,
+    /// Remove a DAG (its functions stay).
+    Rm {
+        /// DAG name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ShimArgs {
+    /// This unit's id (1-65535; 0 is the control plane's own unit).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=65535))]
+    pub(crate) id: u32,
+    /// The control plane's link address, HOST:PORT (what `spore serve --link-listen` bound;
+    /// also in its <data-dir>/run/link-endpoint). Without it, the shim finds the control
+    /// plane in etcd (--etcd).
+    #[arg(long, required_unless_present = "etcd")]
+    pub(crate) control: Option<String>,
+    /// The instruction set this unit declares (default: this host's).
+    #[arg(long)]
+    pub(crate) arch: Option<String>,
+    /// An accelerator this unit declares (repeat for several; default: `gpu` if an NVIDIA
+    /// device is present). `--accelerator none` declares none.
+    #[arg(long)]
+    pub(crate) accelerator: Vec<String>,
+    #[command(flatten)]
+    pub(crate) serve: ServeArgs,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// Address of the HTTP API (port 0 picks a free one; the address is written to
+    /// <data-dir>/run/endpoint). Default 127.0.0.1:9000; for a shim 127.0.0.1:0 (its API
+    /// shows its own unit).
+    #[arg(long)]
+    pub(crate) listen: Option<String>,
+    /// `spore serve`: where to accept shims' links, HOST:PORT (port 0 picks a free one,
+    /// written to <data-dir>/run/link-endpoint); without it, this daemon is the only unit.
+    /// `spore shim`: where to accept neighbour links from other shims (an address they
+    /// reach; it is announced to the control plane), so that DAG edges between two shims go
+    /// straight between them; without it, such edges pass through the control plane.
+    #[arg(long)]
+    pub(crate) link_listen: Option<String>,
+    /// etcd endpoints (http://HOST:PORT[,...]) for membership across hosts: the control plane
+    /// announces its link address and placements there; a shim registers itself there and
+    /// finds the control plane there.
+    #[arg(long, env = "SPORE_ETCD")]
+    pub(crate) etcd: Option<String>,
+    /// Key prefix in etcd (one per cluster).
+    #[arg(long, default_value = "/spore")]
+    pub(crate) etcd_prefix: String,
+    /// Data dir (default /var/lib/spore as root, else ~/.local/share/spore; a shim's default
+    /// is unit-N under it).
+    #[arg(long, env = "SPORE_DATA_DIR")]
+    pub(crate) data_dir: Option<PathBuf>,
+    /// Shared Python packages, bound read-only into sandboxes (default <data-dir>/packages).
+    #[arg(long, env = "SPORE_PACKAGES_DIR")]
+    pub(crate) packages_dir: Option<PathBuf>,
+    /// Default most instances per function.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) max_instances: u32,
+    /// Seconds an idle instance is kept warm.
+    #[arg(long, default_value_t = 300)]
+    pub(crate) keep_alive_s: u64,
+    /// CPU quota per instance, in thousandths of a CPU.
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) cpu_millis: u32,
+    /// Most processes per instance.
+    #[arg(long, default_value_t = 64)]
+    pub(crate) pids_max: u32,
+    /// Size of each instance's /tmp, MiB.
+    #[arg(long, default_value_t = 64)]
+    pub(crate) tmp_mb: u32,
+    /// Most memory idle instances may hold together, MiB: over it, idle instances are
+    /// stopped (those restorable from a snapshot first, then the longest idle).
+    #[arg(long)]
+    pub(crate) idle_memory_mb: Option<u64>,
+    /// How restores install memory: full (all pages first), lazy (on first touch, via
+    /// userfaultfd) or reap (a recorded working set first, the rest lazily).
+    #[arg(long, default_value = "full")]
+    pub(crate) snapshot_mode: String,
+    /// How snapshot images store pages: raw, lz4, zstd-N.
+    #[arg(long, default_value = "raw")]
+    pub(crate) snapshot_codec: String,
+    /// Seconds to let in-flight invocations finish on shutdown.
+    #[arg(long, default_value_t = 30)]
+    pub(crate) grace_s: u64,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct DemoArgs {
+    /// Folder of sample functions.
+    #[arg(long, default_value = "functions")]
+    pub(crate) functions: PathBuf,
+    /// Warm invocations per function.
+    #[arg(long, default_value_t = 20)]
+    pub(crate) warm: usize,
+    /// Cold invocations per function.
+    #[arg(long, default_value_t = 5)]
+    pub(crate) cold: usize,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum BenchCommand {
+    /// Fresh-instance start of `hello`: container (and cfork) vs warm vs `python3 -c pass`.
+    ColdStart {
+        /// Sandbox kind to measure: container, or cfork (then container is the baseline).
+        #[arg(long, default_value = "container")]
+        sandbox: String,
+        /// Samples per series.
+        #[arg(long, short = 'n', default_value_t = 100)]
+        n: usize,
+        /// Where results go.
+        #[arg(long, default_value = "bench-results")]
+        out: PathBuf,
+        /// Folder of sample functions (hello is deployed from here).
+        #[arg(long, default_value = "functions")]
+        functions: PathBuf,
+    },
+    /// Every sample function on a fresh instance: container vs cfork (Molecule Fig. 14).
+    Functionbench {
+        /// Samples per function and mode.
+        #[arg(long, short = 'n', default_value_t = 20)]
+        n: usize,
+        /// Where results go.
+        #[arg(long, default_value = "bench-results")]
+        out: PathBuf,
+        /// Folder of sample functions.
+        #[arg(long, default_value = "functions")]
+        functions: PathBuf,
+    },
+    /// The shared-memory data plane alone: ring hop latency vs a Unix socketpair, sealed memfd
+    /// hand-off vs memcpy (no daemon needed).
+    Ipc {
+        /// Round trips per series.
+        #[arg(long, short = 'n', default_value_t = 20000)]
+        n: usize,
+        /// Microseconds the ring polls before sleeping on its doorbell, for the spinning series.
+        #[arg(long, default_value_t = 50)]
+        spin_us: u64,
+        /// Where results go.
+        #[arg(long, default_value = "bench-results")]
+        out: PathBuf,
+    },
+    /// Function DAGs over shared memory vs HTTP through the gateway: hop latency (1 KiB),
+    /// payload sweep against memcpy, end-to-end latency of each workload.
+    Dag {
+        /// Invocations per workload and transport.
+        #[arg(long, short = 'n', default_value_t = 50)]
+        n: usize,
+        /// Where results go.
+        #[arg(long, default_value = "bench-results")]
+        out: PathBuf,
+        /// Folder of the DAG functions and DAG files.
+        #[arg(long, default_value = "functions/dag")]
+        functions: PathBuf,
+    },
+    /// Snapshots (Sabre Table 2 / Figs. 9, 11-12): image sizes raw, zero-elided and per
+    /// codec, and cold start to first response from an init vs a restore from each codec,
+    /// page cache warm and dropped.
+    /// Memory restore alone (Sabre Fig. 9): images of sample functions' runtimes restored
+    /// into fresh memory as a plain memory file, with zero pages elided, and per codec, with
+    /// 1 and 2 threads, page cache warm and dropped
+    MemoryRestore {
+        /// Restores per series.
+        #[arg(long, short = 'n', default_value_t = 20)]
+        n: usize,
+        /// Sample functions whose images are restored (folder names under --functions).
+        #[arg(long, default_value = "hello,linpack,image_processing")]
+        only: String,
+        /// Codecs besides the raw image.
+        #[arg(long, default_value = "lz4,zstd-1,zstd-3")]
+        codecs: String,
+        /// Install threads to compare.
+        #[arg(long, default_value = "1,2")]
+        threads: String,
+        /// Skip the series with the page cache dropped before each restore.
+        #[arg(long)]
+        warm_cache_only: bool,
+        /// Where results go.
+        #[arg(long, default_value = "bench-results")]
+        out: PathBuf,
+        /// Folder of sample functions.
+        #[arg(long, default_value = "functions")]
+        functions: PathBuf,
+    },
+    SnapshotColdStart {
+        /// Starts per series.
+        #[arg(long, short = 'n', default_value_t = 20)]
+        n: usize,
+        /// Sample functions to measure (folder names under --functions).
+        #[arg(
+            long,
+            default_value = "hello,json_dumps_loads,pyaes,linpack,image_processing"
+        )]
+        only: String,
+        /// Codecs to restore from.
+        #[arg(long, default_value = "raw,lz4,zstd-1,zstd-3")]
+        codecs: String,
+        /// Skip the series with the page cache dropped before each start.
+        #[arg(long)]
+        warm_cache_only: bool,
+        /// Where results go.
+        #[arg(long, default_value = "bench-results")]
+        out: PathBuf,
+        /// Folder of sample functions.
+        #[arg(long, default_value = "functions")]
+        functions: PathBuf,
+    },
+    /// Two processing units (a shim in its own network namespace, linked over veth; needs
+    /// root): cfork and calls local vs cross-unit, DAG hop shm vs link vs http, the link's
+    /// payload sweep vs TCP, and DAG workloads spread over both units.
+    Xpu {
+        /// Samples per series.
+        #[arg(long, short = 'n', default_value_t = 100)]
+        n: usize,
+        /// Where results go.
+        #[arg(long, default_value = "bench-results")]
+        out: PathBuf,
+        /// Folder of sample functions (hello, and the DAG functions under dag/).
+        #[arg(long, default_value = "functions")]
+        functions: PathBuf,
+    },
+    /// Memory per idle instance (cfork, with containers as the baseline).
+    Density {
+        /// Idle cfork instances to start.
+        #[arg(long, short = 'n', default_value_t = 500)]
+        n: usize,
+        /// Idle container instances to start (the baseline; 0 skips it).
+        #[arg(long, default_value_t = 100)]
+        container_n: usize,
+        /// Where results go.
+        #[arg(long, default_value = "bench-results")]
+        out: PathBuf,
+        /// Folder of sample functions (hello is deployed from here).
+        #[arg(long, default_value = "functions")]
+        functions: PathBuf,
+    },
+}

@@ -4,6 +4,7 @@
 //! `python3 -c pass` process start. For cfork it also reports where the start-up time goes
 //! (`X-Spore-Breakdown`).
 
+use spore_client::Http;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -43,17 +44,23 @@ pub struct Sample {
     pub body: Vec<u8>,
 }
 
-/// A blocking HTTP client for benchmarks.
-pub fn client() -> Result<reqwest::blocking::Client, BenchError> {
-    reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(120))
-        .build()
-        .map_err(|e| BenchError::Http(e.to_string()))
+/// The key benchmarks sign their requests with: that of the daemon under test.
+static KEY: std::sync::Mutex<Option<spore_auth::Credentials>> = std::sync::Mutex::new(None);
+
+/// Sets the key [`client`] signs with (the daemon under test's).
+pub fn use_credentials(creds: Option<spore_auth::Credentials>) {
+    *KEY.lock().expect("bench key lock") = creds;
+}
+
+/// A blocking HTTP client for benchmarks, signing with the key set by [`use_credentials`].
+pub fn client() -> Result<Http, BenchError> {
+    let key = KEY.lock().expect("bench key lock").clone();
+    Http::new(Duration::from_secs(120), key).map_err(|e| BenchError::Http(e.to_string()))
 }
 
 /// Invokes `function` once; checks that it succeeded.
 pub fn invoke(
-    client: &reqwest::blocking::Client,
+    client: &Http,
     endpoint: &str,
     function: &str,
     payload: &[u8],
@@ -64,7 +71,7 @@ pub fn invoke(
 
 /// Invokes `function` once with `X-Spore-Cold: <cold>` if given; checks that it succeeded.
 pub fn invoke_with(
-    client: &reqwest::blocking::Client,
+    client: &Http,
     endpoint: &str,
     function: &str,
     payload: &[u8],
@@ -76,7 +83,7 @@ pub fn invoke_with(
 
 /// Invokes `function` once with extra request headers; checks that it succeeded.
 pub fn invoke_headers(
-    client: &reqwest::blocking::Client,
+    client: &Http,
     endpoint: &str,
     function: &str,
     payload: &[u8],
@@ -86,7 +93,7 @@ pub fn invoke_headers(
     let t0 = Instant::now();
     let mut req = client.post(&url).body(payload.to_vec());
     for (k, v) in headers {
-        req = req.header(*k, *v);
+        req = req.header(k, v);
     }
     let resp = req.send().map_err(|e| BenchError::Http(e.to_string()))?;
     let status = resp.status();
@@ -152,7 +159,7 @@ pub fn bounded<T>(
 
 /// `n` forced fresh starts of `function`, each checked to be served as `expect`.
 pub fn fresh_starts(
-    client: &reqwest::blocking::Client,
+    client: &Http,
     endpoint: &str,
     function: &str,
     payload: &[u8],
@@ -174,7 +181,7 @@ pub fn fresh_starts(
 
 /// `n` warm invocations (after one to warm up).
 pub fn warm(
-    client: &reqwest::blocking::Client,
+    client: &Http,
     endpoint: &str,
     function: &str,
     payload: &[u8],

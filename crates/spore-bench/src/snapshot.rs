@@ -90,7 +90,7 @@ pub fn drop_caches() -> Result<(), BenchError> {
 }
 
 fn snapshot_path(
-    http: &reqwest::blocking::Client,
+    http: &spore_client::Http,
     endpoint: &str,
     function: &str,
 ) -> Result<Option<PathBuf>, BenchError> {
@@ -271,7 +271,7 @@ pub fn run(
 #[allow(clippy::too_many_arguments)]
 fn cfork_series(
     cfg: &Config,
-    http: &reqwest::blocking::Client,
+    http: &spore_client::Http,
     w: &Workload,
     cfork: &str,
     caches: &[bool],

@@ -4,7 +4,10 @@
 use std::time::Duration;
 
 use base64::Engine as _;
-use reqwest::blocking::{Client as Http, Response};
+use reqwest::blocking::Response;
+use spore_auth::Credentials;
+
+use crate::signed::{Http, RequestBuilder};
 use serde_json::Value;
 
 /// Errors of a request to the daemon. The messages are the CLI's own (printed as they are,
@@ -14,6 +17,9 @@ pub enum ClientError {
     /// The daemon did not answer at all (nothing listens at the endpoint).
     #[error("cannot reach the Spore daemon at {0}: is `spore serve` running? (set --endpoint or SPORE_ENDPOINT)")]
     Unreachable(String),
+    /// The client's access key could not be found.
+    #[error("finding an access key: {0}")]
+    Credentials(String),
     /// The request failed on its way (other than by a refused connection).
     #[error("request to the daemon failed")]
     Request(#[source] reqwest::Error),
@@ -81,20 +87,33 @@ pub struct InvokeAnswer {
 }
 
 impl Client {
-    /// A client of `endpoint`.
+    /// A client of `endpoint`, signing with the key the AWS tools would find (the standard
+    /// variables, `--profile`), else the daemon's own `<data-dir>/credentials`.
     pub fn new(endpoint: &str) -> Result<Client> {
-        let http = Http::builder().timeout(Duration::from_secs(960)).build()?;
+        let creds = crate::signed::default_credentials()
+            .map_err(|e| ClientError::Credentials(e.to_string()))?;
+        Self::with_credentials(endpoint, creds)
+    }
+
+    /// A client of `endpoint` signing with `creds` (None: unsigned).
+    pub fn with_credentials(endpoint: &str, creds: Option<Credentials>) -> Result<Client> {
+        let http = Http::new(Duration::from_secs(960), creds)?;
         Ok(Client {
             endpoint: endpoint.trim_end_matches('/').to_owned(),
             http,
         })
     }
 
+    /// The signing HTTP client it uses (for callers that time raw requests).
+    pub fn http(&self) -> &Http {
+        &self.http
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.endpoint)
     }
 
-    fn send(&self, req: reqwest::blocking::RequestBuilder) -> Result<Response> {
+    fn send(&self, req: RequestBuilder) -> Result<Response> {
         req.send().map_err(|e| {
             if e.is_connect() {
                 ClientError::Unreachable(self.endpoint.clone())
@@ -126,6 +145,31 @@ impl Client {
             status,
             message,
         })
+    }
+
+    /// Makes an access key (`POST /spore/v1/keys`); the answer holds its secret.
+    pub fn create_key(
+        &self,
+        name: &str,
+        invoke_only: bool,
+        functions: Option<&str>,
+    ) -> Result<Value> {
+        let body = serde_json::json!({
+            "Name": name,
+            "InvokeOnly": invoke_only,
+            "Functions": functions,
+        });
+        let req = self.http.post(self.url("/spore/v1/keys")).json(&body);
+        json(Self::check(self.send(req)?)?, "the new key")
+    }
+
+    /// Removes an access key.
+    pub fn delete_key(&self, name: &str) -> Result<()> {
+        let req = self
+            .http
+            .delete(self.url(&format!("/spore/v1/keys/{name}")));
+        Self::check(self.send(req)?)?;
+        Ok(())
     }
 
     /// Whether the daemon answers `/healthz`.

@@ -127,6 +127,15 @@ impl ManagedDaemon {
 }
 
 impl ManagedDaemon {
+    /// The admin key it wrote to its data dir at start (None: it runs without one).
+    pub fn credentials(&self) -> Result<Option<spore_auth::Credentials>> {
+        let file = self.data_dir().join("credentials");
+        spore_auth::credentials::read_profile(&file, "default").map_err(|source| DaemonError::Io {
+            what: format!("reading the daemon's key in {}", file.display()),
+            source,
+        })
+    }
+
     /// Its data dir.
     pub fn data_dir(&self) -> &Path {
         self._data.path()

@@ -431,6 +431,11 @@ impl Control {
         self.inner.dags.set_gateway_url(url);
     }
 
+    /// The key DAG hops over HTTP sign their calls to the gateway with.
+    pub fn set_gateway_credentials(&self, creds: Option<spore_auth::Credentials>) {
+        self.inner.dags.set_gateway_credentials(creds);
+    }
+
     // Units: the cluster's API, as the gateway and the binary call it.
 
     /// Every unit and its state.

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use spore_auth::Credentials;
 use spore_core::{ControlError, FunctionError, StartKind};
 
 use crate::*;
@@ -45,6 +46,12 @@ impl Dags {
     /// Where the gateway listens, for DAG hops over HTTP.
     pub fn set_gateway_url(&self, url: String) {
         *self.inner.gateway_url.lock().expect("gateway url lock") = Some(url);
+    }
+
+    /// The key DAG hops over HTTP sign their calls to the gateway with (None: unsigned, for
+    /// a gateway without authentication).
+    pub fn set_gateway_credentials(&self, creds: Option<Credentials>) {
+        *self.inner.gateway_creds.lock().expect("gateway creds lock") = creds;
     }
 
     /// Runs node by node: each hop over HTTP through the gateway, or (`direct`) through this
@@ -98,6 +105,12 @@ impl Dags {
                         plan.spec.nodes[n].function
                     );
                     let client = self.inner.http.clone();
+                    let creds = self
+                        .inner
+                        .gateway_creds
+                        .lock()
+                        .expect("gateway creds lock")
+                        .clone();
                     let timeout = plan.timeout(n) + Duration::from_secs(30);
                     if direct {
                         let me = self.clone();
@@ -108,7 +121,11 @@ impl Dags {
                         });
                     } else {
                         tasks.spawn(async move {
-                            (n, j, http_hop(&client, &url, event, timeout).await)
+                            (
+                                n,
+                                j,
+                                http_hop(&client, &url, creds.as_ref(), event, timeout).await,
+                            )
                         });
                     }
                 }
@@ -206,16 +223,23 @@ fn http_events(
 async fn http_hop(
     client: &reqwest::Client,
     url: &str,
+    creds: Option<&Credentials>,
     event: Vec<u8>,
     timeout: Duration,
 ) -> Result<HttpReply, FunctionError> {
     let platform = |msg: String| FunctionError::platform("Spore.DagHttpHop", msg);
-    let resp = client
+    let mut req = client
         .post(url)
         .header("content-type", "application/json")
         .body(event)
         .timeout(timeout)
-        .send()
+        .build()
+        .map_err(|e| platform(format!("POST {url}: {}", spore_core::error_chain(&e))))?;
+    if let Some(c) = creds {
+        sign(&mut req, c);
+    }
+    let resp = client
+        .execute(req)
         .await
         .map_err(|e| platform(format!("POST {url}: {}", spore_core::error_chain(&e))))?;
     let status = resp.status();
@@ -270,4 +294,51 @@ async fn http_hop(
         handler_ns,
         unit,
     })
+}
+
+/// Signs a call to the gateway (AWS Signature Version 4, as any client of the API).
+fn sign(req: &mut reqwest::Request, creds: &Credentials) {
+    let url = req.url().clone();
+    let host = match url.port() {
+        Some(p) => format!("{}:{p}", url.host_str().unwrap_or_default()),
+        None => url.host_str().unwrap_or_default().to_owned(),
+    };
+    let mut headers: Vec<(String, String)> = req
+        .headers()
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.as_str().to_owned(),
+                v.to_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    headers.push(("host".into(), host));
+    let body = req
+        .body()
+        .and_then(|b| b.as_bytes())
+        .unwrap_or_default()
+        .to_vec();
+    let parts = spore_auth::RequestParts {
+        method: req.method().as_str(),
+        path: url.path(),
+        query: url.query().unwrap_or(""),
+        headers: &headers,
+        body: &body,
+    };
+    let added = spore_auth::sigv4::sign(
+        &parts,
+        creds,
+        spore_auth::sigv4::DEFAULT_REGION,
+        "lambda",
+        std::time::SystemTime::now(),
+    );
+    for (k, v) in added {
+        if let (Ok(k), Ok(v)) = (
+            reqwest::header::HeaderName::from_bytes(k.as_bytes()),
+            reqwest::header::HeaderValue::from_str(&v),
+        ) {
+            req.headers_mut().insert(k, v);
+        }
+    }
 }

@@ -425,6 +425,8 @@ struct Inner {
     pipelines: Mutex<HashMap<String, Vec<pipeline::Pipeline>>>,
     /// The gateway's base URL, for DAG hops over HTTP (set once it listens).
     gateway_url: Mutex<Option<String>>,
+    /// The key HTTP hops sign with.
+    gateway_creds: Mutex<Option<spore_auth::Credentials>>,
     http: reqwest::Client,
     /// The full invocation path, for relayed DAGs (set once by the control plane).
     invoker: OnceLock<Arc<dyn Invoker>>,
@@ -480,6 +482,7 @@ impl Dags {
                 dags_dir: data_dir.join("dags"),
                 pipelines: Mutex::new(HashMap::new()),
                 gateway_url: Mutex::new(None),
+                gateway_creds: Mutex::new(None),
                 http: reqwest::Client::new(),
                 invoker: OnceLock::new(),
                 segments: segments::ShimSegments::default(),

@@ -40,6 +40,15 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// An error of `kind` (Lambda's error type) with HTTP `status`.
+    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            kind,
+            message: message.into(),
+        }
+    }
+
     pub(crate) fn invalid(message: impl Into<String>) -> Self {
         ApiError {
             status: StatusCode::BAD_REQUEST,

@@ -13,9 +13,15 @@
 //! | GET | `/spore/v1/functions/{name}/logs?lines=N` | (Spore) recent log lines |
 //! | GET | `/spore/v1/snapshots` | (Spore) stored runtime snapshots |
 //! | DELETE | `/spore/v1/snapshots/{name}` | (Spore) remove a function's snapshots |
+//! | GET, POST | `/spore/v1/keys` | (Spore) list, create access keys (admin keys only) |
+//! | DELETE | `/spore/v1/keys/{name}` | (Spore) remove an access key |
 //! | GET | `/metrics`, `/healthz` | (Spore) Prometheus text, liveness |
+//!
+//! Every request but `/healthz` must be signed (AWS Signature Version 4) with one of the
+//! daemon's access keys, unless the daemon runs with `--auth none` (see [`auth`]).
 #![forbid(unsafe_code)]
 
+pub mod auth;
 mod dag;
 mod lambda;
 
@@ -23,10 +29,11 @@ use std::future::Future;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
-use axum::Router;
+pub use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use spore_control::Control;
 
+pub use auth::Auth;
 pub use lambda::ApiError;
 
 /// Largest request body (a 50 MB zip, base64-encoded, plus JSON).
@@ -36,6 +43,7 @@ pub const MAX_BODY: usize = 72 * 1024 * 1024;
 struct AppState {
     control: Control,
     metrics: Option<PrometheusHandle>,
+    auth: Auth,
 }
 
 /// Installs the process-wide Prometheus recorder. Returns `None` if one is installed already.
@@ -58,9 +66,14 @@ pub fn install_metrics() -> Option<PrometheusHandle> {
     Some(handle)
 }
 
-/// The API router.
-pub fn router(control: Control, metrics: Option<PrometheusHandle>) -> Router {
+/// The API router; `auth` says who may call it.
+pub fn router(control: Control, metrics: Option<PrometheusHandle>, auth: Auth) -> Router {
     let api = "/2015-03-31/functions";
+    let state = AppState {
+        control,
+        metrics,
+        auth,
+    };
     Router::new()
         .route(
             api,
@@ -92,11 +105,37 @@ pub fn router(control: Control, metrics: Option<PrometheusHandle>) -> Router {
         .route("/dags", post(dag::put_dag).get(dag::list_dags))
         .route("/dags/{name}", get(dag::get_dag).delete(dag::delete_dag))
         .route("/dags/{name}/invocations", post(dag::invoke_dag))
+        .route(
+            "/spore/v1/keys",
+            post(auth::create_key).get(auth::list_keys),
+        )
+        .route(
+            "/spore/v1/keys/{name}",
+            axum::routing::delete(auth::delete_key),
+        )
         .route("/metrics", get(lambda::metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .fallback(lambda::not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::check,
+        ))
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(AppState { control, metrics })
+        .with_state(state)
+}
+
+/// A router of `/metrics` and `/healthz` alone, without authentication (`spore serve
+/// --metrics-listen`: an address for the Prometheus scraper only).
+pub fn metrics_router(control: Control, metrics: Option<PrometheusHandle>) -> Router {
+    Router::new()
+        .route("/metrics", get(lambda::metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .fallback(lambda::not_found)
+        .with_state(AppState {
+            control,
+            metrics,
+            auth: Auth::None,
+        })
 }
 
 /// Serves the API on `listener` until `shutdown` completes; in-flight requests finish first.
@@ -104,9 +143,18 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     control: Control,
     metrics: Option<PrometheusHandle>,
+    auth: Auth,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(control, metrics))
+    axum::serve(listener, router(control, metrics, auth))
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// Serves `router` on `listener` until the process ends.
+pub async fn serve_router(
+    listener: tokio::net::TcpListener,
+    router: Router,
+) -> std::io::Result<()> {
+    axum::serve(listener, router).await
 }

@@ -16,6 +16,12 @@ pub(crate) struct Cli {
         default_value = "http://127.0.0.1:9000"
     )]
     pub(crate) endpoint: String,
+    /// Client commands sign their requests with this profile of the AWS credentials file
+    /// (`AWS_SHARED_CREDENTIALS_FILE`, default ~/.aws/credentials). Without it: the
+    /// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY variables, else the daemon's own
+    /// <data-dir>/credentials when readable (SPORE_DATA_DIR, default /var/lib/spore as root).
+    #[arg(long, global = true, env = "AWS_PROFILE")]
+    pub(crate) profile: Option<String>,
     #[command(subcommand)]
     pub(crate) command: Command,
 }
@@ -91,9 +97,38 @@ pub(crate) enum Command {
         #[command(subcommand)]
         which: BenchCommand,
     },
+    /// Create, list and remove the daemon's access keys (requests are signed with AWS
+    /// Signature Version 4; the daemon makes an admin key in <data-dir>/credentials).
+    Keys {
+        #[command(subcommand)]
+        which: KeysCommand,
+    },
     /// (internal) The sandbox init, run by the daemon.
     #[command(name = "__sandbox-init", hide = true)]
     SandboxInit,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum KeysCommand {
+    /// Make an access key and print it (the only time its secret is shown), as AWS
+    /// credentials-file lines.
+    Create {
+        /// The key's name.
+        name: String,
+        /// It may invoke functions and nothing else.
+        #[arg(long)]
+        invoke_only: bool,
+        /// (With --invoke-only) the functions it may invoke: a glob with * and ?.
+        #[arg(long, value_name = "GLOB")]
+        functions: Option<String>,
+    },
+    /// List the access keys (without secrets).
+    Ls,
+    /// Remove an access key (requests signed with it are refused from then on).
+    Rm {
+        /// The key's name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -222,6 +257,15 @@ pub(crate) struct ServeArgs {
     /// Seconds to let in-flight invocations finish on shutdown.
     #[arg(long, default_value_t = 30)]
     pub(crate) grace_s: u64,
+    /// Who may call the API: `keys` (every request but /healthz signed with AWS Signature
+    /// Version 4 by one of the daemon's access keys) or `none` (no checks: only for a
+    /// throwaway daemon on a loopback --listen).
+    #[arg(long, default_value = "keys", value_parser = ["keys", "none"])]
+    pub(crate) auth: String,
+    /// Also serve /metrics (and /healthz) without authentication on this address, for a
+    /// Prometheus scraper (the API's own /metrics needs an admin key).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub(crate) metrics_listen: Option<String>,
 }
 
 #[derive(Debug, Args)]

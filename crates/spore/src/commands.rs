@@ -1,5 +1,6 @@
 //! The CLI's commands.
 
+use std::net::ToSocketAddrs;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -11,16 +12,7 @@ use spore_control::{Control, ControlConfig};
 
 use crate::cli::{BenchCommand, DagCommand, DemoArgs, ServeArgs, ShimArgs, SnapshotCommand};
 
-fn default_data_dir() -> PathBuf {
-    if nix::unistd::geteuid().is_root() {
-        return PathBuf::from("/var/lib/spore");
-    }
-    let base = std::env::var_os("XDG_DATA_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
-        .unwrap_or_else(|| PathBuf::from("."));
-    base.join("spore")
-}
+use spore_client::default_data_dir;
 
 /// `spore shim`.
 pub fn shim(args: ShimArgs) -> Result<ExitCode> {
@@ -171,6 +163,17 @@ pub fn serve(
         bail!("--etcd announces the control plane's link address: give --link-listen too");
     }
     let grace = Duration::from_secs(args.grace_s);
+    let no_auth = args.auth == "none";
+    if no_auth {
+        let loopback = listen
+            .to_socket_addrs()
+            .with_context(|| format!("--listen {listen}"))?
+            .all(|a| a.ip().is_loopback());
+        anyhow::ensure!(
+            loopback,
+            "--auth none is refused on --listen {listen}: without authentication anyone who reaches the port may deploy and run code; listen on a loopback address or drop --auth none"
+        );
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -180,6 +183,19 @@ pub fn serve(
         for w in warnings {
             tracing::warn!("{w}");
         }
+        let (keys, note) = spore_auth::KeyStore::open(&data_dir, spore_registry::store::now_unix_ms())
+            .context("opening the access keys")?;
+        if let Some(n) = note {
+            tracing::info!("{n}");
+        }
+        let admin = keys.get(spore_auth::keys::ADMIN).map(spore_auth::Key::credentials);
+        let auth = if no_auth {
+            tracing::warn!("--auth none: the API on {listen} checks no signatures; anyone who reaches it may deploy and run code");
+            spore_gateway::Auth::None
+        } else {
+            control.set_gateway_credentials(admin);
+            spore_gateway::Auth::keys(keys)
+        };
         let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("listening on {listen}"))?;
         let link_file = data_dir.join("run").join("link-endpoint");
         // Stops the shim's dialing and the etcd registrations at shutdown.
@@ -215,7 +231,13 @@ pub fn serve(
         let metrics = spore_gateway::install_metrics();
         control.spawn_reaper();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let mut server = tokio::spawn(spore_gateway::serve(listener, control.clone(), metrics, async {
+        if let Some(addr) = &args.metrics_listen {
+            let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--metrics-listen {addr}"))?;
+            tracing::info!("serving /metrics without authentication on {}", l.local_addr()?);
+            let router = spore_gateway::metrics_router(control.clone(), metrics.clone());
+            tokio::spawn(async move { axum_serve(l, router).await });
+        }
+        let mut server = tokio::spawn(spore_gateway::serve(listener, control.clone(), metrics, auth, async {
             let _ = stop_rx.await;
         }));
         tracing::info!("spore listening on {endpoint} (data dir {})", data_dir.display());
@@ -676,4 +698,71 @@ fn selection(only: String, codecs: String, warm_cache_only: bool) -> SnapshotSel
         codecs,
         warm_cache_only,
     }
+}
+
+/// Serves a router until the process ends (the metrics listener).
+async fn axum_serve(l: tokio::net::TcpListener, router: spore_gateway::Router) {
+    if let Err(e) = spore_gateway::serve_router(l, router).await {
+        tracing::warn!("the metrics listener stopped: {e}");
+    }
+}
+
+/// `spore keys`.
+pub fn keys(endpoint: &str, which: crate::cli::KeysCommand) -> Result<ExitCode> {
+    use crate::cli::KeysCommand;
+    let client = Client::new(endpoint)?;
+    match which {
+        KeysCommand::Create {
+            name,
+            invoke_only,
+            functions,
+        } => {
+            let k = client.create_key(&name, invoke_only, functions.as_deref())?;
+            let s = |f: &str| k[f].as_str().unwrap_or_default().to_owned();
+            println!("[{}]", s("Name"));
+            println!("aws_access_key_id = {}", s("AccessKeyId"));
+            println!("aws_secret_access_key = {}", s("SecretAccessKey"));
+            eprintln!(
+                "the secret is shown once: keep these lines in a credentials file (mode 0600) and use --profile {}",
+                s("Name")
+            );
+        }
+        KeysCommand::Ls => {
+            let v = client.get_json("/spore/v1/keys")?;
+            let keys = v["Keys"].as_array().cloned().unwrap_or_default();
+            let rows: Vec<[String; 4]> = keys
+                .iter()
+                .map(|k| {
+                    let s = |f: &str| k[f].as_str().unwrap_or("").to_owned();
+                    let scope = if k["InvokeOnly"].as_bool() == Some(true) {
+                        format!("invoke {}", k["Functions"].as_str().unwrap_or("*"))
+                    } else {
+                        "admin".to_owned()
+                    };
+                    [s("Name"), s("AccessKeyId"), scope, s("Created")]
+                })
+                .collect();
+            let header = ["NAME", "ACCESS KEY ID", "MAY", "CREATED"];
+            let width = |i: usize| {
+                rows.iter()
+                    .map(|r| r[i].len())
+                    .chain([header[i].len()])
+                    .max()
+                    .unwrap_or(0)
+            };
+            let (w0, w1, w2) = (width(0), width(1), width(2));
+            println!(
+                "{:w0$}  {:w1$}  {:w2$}  {}",
+                header[0], header[1], header[2], header[3]
+            );
+            for r in rows {
+                println!("{:w0$}  {:w1$}  {:w2$}  {}", r[0], r[1], r[2], r[3]);
+            }
+        }
+        KeysCommand::Rm { name } => {
+            client.delete_key(&name)?;
+            println!("removed access key {name}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -41,6 +41,7 @@ fn main() -> ExitCode {
             )
         };
     }
+    spore_client::signed::set_defaults(cli.profile.clone(), None);
     let result = match cli.command {
         Command::Serve(args) => commands::serve(args, None),
         Command::Shim(args) => commands::shim(args),
@@ -68,6 +69,7 @@ fn main() -> ExitCode {
         Command::Snapshot { which } => commands::snapshot(&cli.endpoint, which),
         Command::Demo(args) => commands::demo(&cli.endpoint, args),
         Command::Bench { which } => commands::bench(&cli.endpoint, which),
+        Command::Keys { which } => commands::keys(&cli.endpoint, which),
         Command::SandboxInit => unreachable!("handled above"),
     };
     match result {

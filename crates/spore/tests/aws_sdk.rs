@@ -11,8 +11,9 @@ import base64, io, json, sys, zipfile
 import boto3, botocore
 
 endpoint, code_dir = sys.argv[1], sys.argv[2]
+# The key comes from the daemon's credentials file (AWS_SHARED_CREDENTIALS_FILE), as the
+# AWS tools read it.
 lam = boto3.client("lambda", endpoint_url=endpoint, region_name="local",
-                   aws_access_key_id="x", aws_secret_access_key="x",
                    config=botocore.config.Config(retries={"max_attempts": 1}))
 buf = io.BytesIO()
 with zipfile.ZipFile(buf, "w") as z:
@@ -91,6 +92,11 @@ fn boto3_works_unchanged() {
         .arg(&d.endpoint)
         .arg(fixture("echo"))
         .env("PYTHONPATH", &test_python)
+        .env("AWS_SHARED_CREDENTIALS_FILE", d.data.join("credentials"))
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_PROFILE")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);

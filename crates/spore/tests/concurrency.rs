@@ -108,13 +108,11 @@ fn a_caller_that_gives_up_leaves_the_invocation_to_finish_and_free_its_instance(
     let d = Daemon::start();
     deploy_single_sleepy(&d, "single", 20);
     // The client hangs up after 0.5 s of a 1.5 s invocation.
-    let impatient = reqwest::blocking::Client::builder()
-        .timeout(Duration::from_millis(500))
-        .build()
-        .unwrap();
+    let impatient = d.http.clone();
     let r = impatient
         .post(d.url("/2015-03-31/functions/single/invocations"))
         .body(r#"{"s": 1.5}"#)
+        .timeout(Duration::from_millis(500))
         .send();
     assert!(r.is_err(), "the client should have timed out");
     // The one instance comes back once that invocation ends: the next call is served (it

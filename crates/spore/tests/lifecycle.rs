@@ -321,7 +321,6 @@ fn a_daemon_without_root_keeps_the_registry_and_refuses_invocations_clearly() {
             r => break r.unwrap(),
         }
     };
-    let http = reqwest::blocking::Client::new();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let endpoint = loop {
         if let Ok(e) = std::fs::read_to_string(data.join("run/endpoint")) {
@@ -337,6 +336,9 @@ fn a_daemon_without_root_keeps_the_registry_and_refuses_invocations_clearly() {
     use base64::Engine as _;
     let zip = base64::engine::general_purpose::STANDARD
         .encode(spore_registry::code::zip_dir(&fixture("echo")).unwrap());
+    let creds =
+        spore_auth::credentials::read_profile(&data.join("credentials"), "default").unwrap();
+    let http = spore_client::Http::new(std::time::Duration::from_secs(60), creds).unwrap();
     let r = http
         .post(format!("{endpoint}/2015-03-31/functions"))
         .json(&json!({"FunctionName": "echo", "Runtime": "python3", "Handler": "main.handler", "Code": {"ZipFile": zip}}))

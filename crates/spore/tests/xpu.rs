@@ -710,25 +710,23 @@ fn a_unit_that_dies_mid_invocation_fails_it_clearly_and_work_moves_on() {
     // A DAG whose second node runs on unit 1 (a node pin) and is slow.
     create(&d, &sample("dag/chain-step"), "step", json!({}));
     put_dag(&d, "name = \"slow-units\"\n[[nodes]]\nid = \"a\"\nfunction = \"step\"\n[[nodes]]\nid = \"s\"\nfunction = \"sleepy\"\nafter = [\"a\"]\nunit = 1\n");
-    let endpoint = d.endpoint.clone();
+    let (endpoint, http) = (d.endpoint.clone(), d.http.clone());
     let slow_dag = std::thread::spawn(move || {
-        reqwest::blocking::Client::new()
-            .post(format!("{endpoint}/dags/slow-units/invocations"))
+        http.post(format!("{endpoint}/dags/slow-units/invocations"))
             .json(&json!({"s": 5}))
             .send()
             .unwrap()
     });
 
     // Kill unit 1 in the middle of an invocation.
-    let endpoint = d.endpoint.clone();
+    let (endpoint, http) = (d.endpoint.clone(), d.http.clone());
     let slow = std::thread::spawn(move || {
-        reqwest::blocking::Client::new()
-            .post(format!(
-                "{endpoint}/2015-03-31/functions/sleepy/invocations"
-            ))
-            .json(&json!({"s": 5}))
-            .send()
-            .unwrap()
+        http.post(format!(
+            "{endpoint}/2015-03-31/functions/sleepy/invocations"
+        ))
+        .json(&json!({"s": 5}))
+        .send()
+        .unwrap()
     });
     std::thread::sleep(Duration::from_millis(800));
     let t = Instant::now();

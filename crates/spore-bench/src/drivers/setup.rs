@@ -23,6 +23,7 @@ impl Daemon {
         let client = Client::new(endpoint)?;
         if client.healthy() {
             eprintln!("using the daemon at {endpoint}");
+            crate::cold_start::use_credentials(client.http().credentials().cloned());
             return Ok(Daemon {
                 client,
                 endpoint: endpoint.to_owned(),
@@ -41,8 +42,10 @@ impl Daemon {
             packages,
             &["--link-listen".into(), "127.0.0.1:0".into()],
         )?;
+        let creds = d.credentials()?;
+        crate::cold_start::use_credentials(creds.clone());
         Ok(Daemon {
-            client: Client::new(&d.endpoint)?,
+            client: Client::with_credentials(&d.endpoint, creds)?,
             endpoint: d.endpoint.clone(),
             started: Some(d),
         })

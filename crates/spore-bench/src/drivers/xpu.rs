@@ -235,7 +235,9 @@ pub fn run(opts: &RunOptions) -> Result<()> {
     let neighbour = vec![format!("--link-listen={}:0", ns.ns_ip())];
     let shim = ShimProcess::spawn(Some(&ns.name), 1, link.trim(), &parent, &neighbour)?;
     let shim2 = ShimProcess::spawn(Some(&ns.name), 2, link.trim(), &parent, &neighbour)?;
-    let client = Client::new(&daemon.endpoint)?;
+    let creds = daemon.credentials()?;
+    crate::cold_start::use_credentials(creds.clone());
+    let client = Client::with_credentials(&daemon.endpoint, creds)?;
     shim.wait_up(&client)?;
     shim2.wait_up(&client)?;
 

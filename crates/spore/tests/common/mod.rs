@@ -6,8 +6,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use reqwest::blocking::Client;
 use serde_json::{json, Value};
+use spore_client::Http as Client;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_spore");
 
@@ -125,10 +125,8 @@ impl Daemon {
         cmd.envs(env.iter().copied());
         let mut child = cmd.spawn().unwrap();
         let endpoint_file = data.join("run/endpoint");
-        let http = Client::builder()
-            .timeout(Duration::from_secs(60))
-            .build()
-            .unwrap();
+        // Requests are signed with the admin key the daemon writes to its data dir at start.
+        let mut http = Client::new(Duration::from_secs(60), None).unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(e) = std::fs::read_to_string(&endpoint_file) {
@@ -138,6 +136,10 @@ impl Daemon {
                     .send()
                     .is_ok_and(|r| r.status().is_success())
                 {
+                    let creds =
+                        spore_auth::credentials::read_profile(&data.join("credentials"), "default")
+                            .unwrap();
+                    http = http.with_credentials(creds);
                     return Daemon {
                         child: Some(child),
                         endpoint: e,
@@ -269,7 +271,7 @@ impl Daemon {
             .post(self.url(&format!("/2015-03-31/functions/{name}/invocations")))
             .body(payload.to_vec());
         for (k, v) in headers {
-            req = req.header(*k, *v);
+            req = req.header(k, v);
         }
         req.send().unwrap()
     }

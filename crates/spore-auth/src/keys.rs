@@ -343,12 +343,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut store, _) = KeyStore::open(dir.path(), 1).unwrap();
         let k = store.create("ci", true, Some("img-*".into()), 1).unwrap();
-        assert!(k.allows(Action::Invoke {
-            function: "img-resize"
-        }));
-        assert!(!k.allows(Action::Invoke {
-            function: "billing"
-        }));
+        let invoke = |f: &str| Action::Invoke { function: f.into() };
+        assert!(k.allows(&invoke("img-resize")));
+        assert!(!k.allows(&invoke("billing")));
         assert!(!k.allows(&Action::Manage));
         assert!(!k.allows(&Action::InvokeDag));
         let all = store.create("all", true, None, 1).unwrap();

@@ -13,10 +13,6 @@ pub mod credentials;
 pub mod keys;
 pub mod sigv4;
 
-use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::Path;
-
 pub use keys::{Action, Key, KeyStore};
 pub use sigv4::{RequestParts, SignatureError, Verified};
 
@@ -66,25 +62,7 @@ impl Credentials {
     }
 }
 
-/// Writes `bytes` to `path` atomically, readable and writable by the owner only.
-pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path)
-}
-
-/// Makes an existing file readable and writable by its owner only.
-pub fn make_private(path: &Path) -> io::Result<()> {
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-}
+pub use spore_registry::store::{make_private, write_atomic as write_private};
 
 #[cfg(test)]
 mod tests {

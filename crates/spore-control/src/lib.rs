@@ -119,6 +119,10 @@ impl Control {
     pub fn open(cfg: ControlConfig) -> Result<(Control, Vec<String>), ControlError> {
         let io = |what: &str, e: std::io::Error| ControlError::Internal(format!("{what}: {e}"));
         std::fs::create_dir_all(&cfg.data_dir).map_err(|e| io("creating the data dir", e))?;
+        // Records, keys, snapshots and code are the daemon's: no other local user lists or
+        // reads anything under the data dir (sandboxes get what they need bound in).
+        spore_registry::store::make_private(&cfg.data_dir)
+            .map_err(|e| io("making the data dir private", e))?;
         let lock = DataDirLock::acquire(&cfg.data_dir)
             .map_err(|e| ControlError::Unavailable(e.to_string()))?;
         let (registry, mut warnings) = Registry::open(&cfg.data_dir)?;

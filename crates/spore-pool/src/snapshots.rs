@@ -131,6 +131,12 @@ impl Snapshots {
     /// Opens (creating) the store under `dir`.
     pub fn new(dir: PathBuf, codec: Codec, build: String) -> std::io::Result<Snapshots> {
         std::fs::create_dir_all(&dir)?;
+        // An image is a whole process's memory (its environment included): the daemon's
+        // alone, also in data dirs from before this rule.
+        spore_registry::store::make_private(&dir)?;
+        for e in std::fs::read_dir(&dir)?.flatten() {
+            spore_registry::store::make_private(&e.path())?;
+        }
         Ok(Snapshots {
             dir,
             codec,

@@ -77,6 +77,8 @@ impl Registry {
             if !path.exists() {
                 continue; // a deploy that crashed before its record was written
             }
+            // Records hold environments (secrets): data dirs from before this rule get it now.
+            crate::store::make_private(&path).map_err(io_at(&path))?;
             let loaded = fs::read(&path).map_err(|e| e.to_string()).and_then(|b| {
                 serde_json::from_slice::<FunctionRecord>(&b).map_err(|e| e.to_string())
             });

@@ -2,10 +2,13 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync, rename,
 /// fsync of the directory. A crash leaves either the old file or the new one, never a mix.
+/// The file is readable and writable by its owner only (data-dir files may hold secrets:
+/// records carry environments; callers that need wider access change the mode afterwards).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path
         .parent()
@@ -19,12 +22,28 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
         std::process::id()
     ));
     {
-        let mut f = File::create(&tmp)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
     }
     fs::rename(&tmp, path)?;
     File::open(dir)?.sync_all()
+}
+
+/// Makes an existing file or directory accessible to its owner only (`0600`, directories
+/// `0700`).
+pub fn make_private(path: &Path) -> io::Result<()> {
+    let mode = if fs::metadata(path)?.is_dir() {
+        0o700
+    } else {
+        0o600
+    };
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
 }
 
 /// An exclusive lock on a data dir, held for the daemon's lifetime.

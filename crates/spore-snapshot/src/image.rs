@@ -19,6 +19,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -421,7 +422,14 @@ pub fn write(
     });
     let tmp = path.with_extension("tmp");
     let result = (|| {
-        let mut file = File::create(&tmp).map_err(|e| SnapshotError::io(&tmp, e))?;
+        // The daemon's alone: an image is a whole process's memory, environment included.
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| SnapshotError::io(&tmp, e))?;
         let mut offset = DATA_OFFSET;
         let mut first = 0;
         meta.partitions.clear();

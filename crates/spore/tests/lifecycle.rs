@@ -104,12 +104,8 @@ fn sandboxes_left_by_a_killed_daemon_are_swept() {
     d.stop();
 }
 
-fn spore(endpoint: &str, args: &[&str]) -> std::process::Output {
-    Command::new(BIN)
-        .args(args)
-        .env("SPORE_ENDPOINT", endpoint)
-        .output()
-        .unwrap()
+fn spore(d: &Daemon, args: &[&str]) -> std::process::Output {
+    d.cli(args)
 }
 
 #[test]
@@ -118,9 +114,8 @@ fn cli_deploy_invoke_ls_logs_rm() {
         return;
     }
     let mut d = Daemon::start();
-    let ep = d.endpoint.clone();
     let echo = fixture("echo");
-    let out = spore(&ep, &["deploy", echo.to_str().unwrap()]);
+    let out = spore(&d, &["deploy", echo.to_str().unwrap()]);
     assert!(
         out.status.success(),
         "{}",
@@ -128,12 +123,12 @@ fn cli_deploy_invoke_ls_logs_rm() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("deployed echo"));
     // Deploying again updates in place.
-    assert!(spore(&ep, &["deploy", echo.to_str().unwrap()])
+    assert!(spore(&d, &["deploy", echo.to_str().unwrap()])
         .status
         .success());
 
     let out = spore(
-        &ep,
+        &d,
         &[
             "invoke",
             "echo",
@@ -150,7 +145,7 @@ fn cli_deploy_invoke_ls_logs_rm() {
     let payload = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(payload.path(), r#"{"from": "file"}"#).unwrap();
     let out = spore(
-        &ep,
+        &d,
         &[
             "invoke",
             "echo",
@@ -163,14 +158,14 @@ fn cli_deploy_invoke_ls_logs_rm() {
     assert_eq!(v["event"], json!({"from": "file"}));
 
     let err_dir = fixture("err");
-    assert!(spore(&ep, &["deploy", err_dir.to_str().unwrap()])
+    assert!(spore(&d, &["deploy", err_dir.to_str().unwrap()])
         .status
         .success());
-    let out = spore(&ep, &["invoke", "err"]);
+    let out = spore(&d, &["invoke", "err"]);
     assert_eq!(out.status.code(), Some(3), "a function error exits 3");
     assert!(String::from_utf8_lossy(&out.stdout).contains("ValueError"));
 
-    let out = spore(&ep, &["ls"]);
+    let out = spore(&d, &["ls"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("echo") && text.contains("err"), "{text}");
     assert!(
@@ -178,10 +173,10 @@ fn cli_deploy_invoke_ls_logs_rm() {
         "{text}"
     );
 
-    let out = spore(&ep, &["logs", "echo", "-n", "50"]);
+    let out = spore(&d, &["logs", "echo", "-n", "50"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("echo got {'cli': True}"));
 
-    let out = spore(&ep, &["invoke", "echo", "--payload", "{broken"]);
+    let out = spore(&d, &["invoke", "echo", "--payload", "{broken"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("InvalidRequestContentException"));
 
@@ -191,7 +186,7 @@ fn cli_deploy_invoke_ls_logs_rm() {
         "name = \"x\"\nhandler = \"nodot\"\n",
     )
     .unwrap();
-    let out = spore(&ep, &["deploy", bad.path().to_str().unwrap()]);
+    let out = spore(&d, &["deploy", bad.path().to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -199,11 +194,15 @@ fn cli_deploy_invoke_ls_logs_rm() {
         "{stderr}"
     );
 
-    assert!(spore(&ep, &["rm", "echo"]).status.success());
-    let out = spore(&ep, &["invoke", "echo"]);
+    assert!(spore(&d, &["rm", "echo"]).status.success());
+    let out = spore(&d, &["invoke", "echo"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("ResourceNotFoundException"));
 
-    let out = spore("http://127.0.0.1:1", &["ls"]);
+    let out = Command::new(BIN)
+        .args(["ls"])
+        .env("SPORE_ENDPOINT", "http://127.0.0.1:1")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(4));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is `spore serve` running?"));
     d.stop();

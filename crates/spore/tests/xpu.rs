@@ -593,6 +593,7 @@ fn functions_and_dags_run_on_the_units_they_are_placed_on() {
     // `spore units` lists both, with what runs where.
     let out = Command::new(BIN)
         .args(["--endpoint", &d.endpoint, "units"])
+        .env("SPORE_DATA_DIR", &d.data)
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);

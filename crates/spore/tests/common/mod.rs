@@ -165,6 +165,20 @@ impl Daemon {
         }
     }
 
+    /// Runs the `spore` CLI against this daemon, signing with its admin key (found in its
+    /// data dir, as root on the daemon's host finds it).
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(BIN)
+            .args(args)
+            .env("SPORE_ENDPOINT", &self.endpoint)
+            .env("SPORE_DATA_DIR", &self.data)
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env_remove("AWS_PROFILE")
+            .output()
+            .unwrap()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.endpoint)
     }

@@ -277,9 +277,25 @@ impl FunctionManifest {
                 });
             }
         }
+        let size: usize = self
+            .environment
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum();
+        if size > MAX_ENVIRONMENT_BYTES {
+            return Err(ManifestError::Invalid {
+                key: "environment",
+                reason: format!(
+                    "the variables take {size} bytes (names and values); Lambda's limit, which Spore keeps, is {MAX_ENVIRONMENT_BYTES} (4 KB): keep larger data in the code package or a file"
+                ),
+            });
+        }
         Ok(())
     }
 }
+
+/// Most bytes a function's environment may take, names and values together (Lambda's 4 KB).
+pub const MAX_ENVIRONMENT_BYTES: usize = 4096;
 
 fn in_range(
     key: &'static str,
@@ -346,6 +362,18 @@ pub fn validate_handler(handler: &str) -> Result<(), ManifestError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn environments_over_4_kb_are_refused() {
+        let mut m =
+            FunctionManifest::from_toml("name = \"f\"\nruntime = \"python3\"\nhandler = \"m.h\"\n")
+                .unwrap();
+        m.environment.insert("BIG".into(), "x".repeat(4093));
+        assert!(m.validate().is_ok());
+        m.environment.insert("BIG".into(), "x".repeat(4094));
+        let e = m.validate().unwrap_err().to_string();
+        assert!(e.contains("environment") && e.contains("4096"), "{e}");
+    }
 
     #[test]
     fn full_manifest() {

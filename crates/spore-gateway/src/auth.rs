@@ -89,24 +89,38 @@ fn percent_decode(s: &str) -> String {
 /// The middleware: checks the signature and the key's permission, then hands the request
 /// (body restored) on.
 pub(crate) async fn check(State(st): State<AppState>, req: Request, next: Next) -> Response {
-    let store = match &st.auth {
-        Auth::None => return next.run(req).await,
-        Auth::Keys(store) => store.clone(),
-    };
     if req.uri().path() == "/healthz" {
         return next.run(req).await;
     }
+    // The body is read here for its hash; an oversize one is refused in Lambda's shape
+    // (with or without authentication), before any of it is kept.
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "RequestEntityTooLargeException",
+            format!("Request must be smaller than {MAX_BODY} bytes for the operation"),
+        )
+        .into_response()
+    };
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return too_large();
+    }
     let (mut parts, body) = req.into_parts();
-    let bytes = match to_bytes(body, MAX_BODY).await {
-        Ok(b) => b,
-        Err(_) => {
-            return ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "RequestEntityTooLargeException",
-                format!("Request must be smaller than {MAX_BODY} bytes"),
-            )
-            .into_response()
+    let Ok(bytes) = to_bytes(body, MAX_BODY).await else {
+        return too_large();
+    };
+    let store = match &st.auth {
+        Auth::None => {
+            return next
+                .run(Request::from_parts(parts, Body::from(bytes)))
+                .await
         }
+        Auth::Keys(store) => store.clone(),
     };
     let mut headers: Vec<(String, String)> = parts
         .headers

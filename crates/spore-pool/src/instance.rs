@@ -36,6 +36,14 @@ pub enum InvokeFailure {
         /// The limit, MiB.
         limit_mb: u32,
     },
+    /// The function's result is larger than any reply can be (the frame was refused before
+    /// it was read; the instance is not reused).
+    ResponseTooLarge {
+        /// Its size, bytes.
+        size: u64,
+        /// The largest reply, bytes.
+        limit: u64,
+    },
     /// The runtime exited or broke the protocol.
     Exited {
         /// What is known (exit status, last stderr lines).
@@ -54,6 +62,12 @@ impl InvokeFailure {
             InvokeFailure::OutOfMemory { limit_mb } => FunctionError::platform(
                 "Runtime.OutOfMemory",
                 format!("Runtime exited: the function exceeded its memory limit of {limit_mb} MB and was killed"),
+            ),
+            InvokeFailure::ResponseTooLarge { size, limit } => FunctionError::platform(
+                "Function.ResponseSizeTooLarge",
+                format!(
+                    "Response payload size ({size} bytes) exceeded maximum allowed payload size ({limit} bytes)."
+                ),
             ),
             InvokeFailure::Exited { detail } => FunctionError::platform(
                 "Runtime.ExitError",
@@ -471,6 +485,14 @@ impl Instance {
             Ok(Some((other, _))) => Err(InvokeFailure::Exited {
                 detail: format!("protocol violation: unexpected {other:?}"),
             }),
+            Err(e) if too_long_body(&e).is_some() => {
+                let size = too_long_body(&e).unwrap_or_default();
+                // What follows the refused prefix is unread: the instance cannot serve again.
+                Err(InvokeFailure::ResponseTooLarge {
+                    size,
+                    limit: limit.min(protocol::MAX_BODY as usize) as u64,
+                })
+            }
             Ok(None) | Err(_) => {
                 let detail = self.exit_detail().await;
                 if self.oom_killed() {
@@ -585,4 +607,14 @@ pub(crate) struct ExitDetail {
     /// The restorer collided with the image (another process may not).
     pub collision: bool,
     pub text: String,
+}
+
+/// The size of a reply body the protocol refused as too long, if that is what `e` is.
+fn too_long_body(e: &std::io::Error) -> Option<u64> {
+    match e.get_ref()?.downcast_ref::<protocol::ProtocolError>()? {
+        protocol::ProtocolError::TooLong {
+            what: "body", len, ..
+        } => Some(u64::from(*len)),
+        _ => None,
+    }
 }

@@ -22,6 +22,11 @@ pub enum CodeError {
     /// An entry would land outside the code directory, or is a link.
     #[error("Code package entry {0:?} is not allowed: paths must be relative, without '..', and not symlinks")]
     UnsafeEntry(String),
+    /// Two entries have the same path (which one would win depends on the unzipper).
+    #[error(
+        "Code package holds entries with the same path ({0}): entries must have distinct paths"
+    )]
+    Duplicate(String),
     /// Too many entries or too large unpacked.
     #[error("Code package too large: {0}")]
     TooLarge(String),
@@ -43,6 +48,16 @@ pub fn digest(zip: &[u8]) -> (String, String) {
 /// archive says so.
 pub fn unpack(zip: &[u8], dest: &Path) -> Result<u64, CodeError> {
     let mut archive = zip::ZipArchive::new(io::Cursor::new(zip)).map_err(CodeError::BadZip)?;
+    // The zip crate keys entries by name: of two with one name it keeps one without a word,
+    // so compare with the count the archive's own directory gives.
+    if let Some(n) = central_directory_entries(zip) {
+        if n > archive.len() as u64 {
+            return Err(CodeError::Duplicate(format!(
+                "{n} entries under {} distinct paths",
+                archive.len()
+            )));
+        }
+    }
     if archive.len() > MAX_ENTRIES {
         return Err(CodeError::TooLarge(format!(
             "{} entries, at most {MAX_ENTRIES}",
@@ -52,6 +67,7 @@ pub fn unpack(zip: &[u8], dest: &Path) -> Result<u64, CodeError> {
     fs::create_dir(dest)?;
     fs::set_permissions(dest, fs::Permissions::from_mode(0o755))?;
     let mut total: u64 = 0;
+    let mut seen = std::collections::HashSet::new();
     for i in 0..archive.len() {
         let mut entry = archive.by_index(i).map_err(CodeError::BadZip)?;
         let raw_name = entry.name().to_owned();
@@ -62,6 +78,10 @@ pub fn unpack(zip: &[u8], dest: &Path) -> Result<u64, CodeError> {
             .enclosed_name()
             .ok_or_else(|| CodeError::UnsafeEntry(raw_name.clone()))?;
         let path = dest.join(&rel);
+        let key = rel.to_string_lossy().trim_end_matches('/').to_owned();
+        if !seen.insert(key.clone()) {
+            return Err(CodeError::Duplicate(format!("{key:?} twice")));
+        }
         if entry.is_dir() {
             fs::create_dir_all(&path)?;
             fs::set_permissions(&path, fs::Permissions::from_mode(0o755))?;
@@ -87,6 +107,22 @@ pub fn unpack(zip: &[u8], dest: &Path) -> Result<u64, CodeError> {
         )?;
     }
     Ok(total)
+}
+
+/// The number of entries the archive's end-of-central-directory record declares (None: no
+/// such record, or a ZIP64 archive that defers the count). Read by hand: no crate exposes it
+/// (the zip crate folds entries of one name into one).
+fn central_directory_entries(zip: &[u8]) -> Option<u64> {
+    const EOCD: [u8; 4] = [0x50, 0x4b, 0x05, 0x06];
+    const EOCD_LEN: usize = 22;
+    // The record ends the file, followed by a comment of at most 65535 bytes.
+    let tail_start = zip.len().saturating_sub(EOCD_LEN + 65_535);
+    let tail = &zip[tail_start..];
+    let at = (0..=tail.len().checked_sub(EOCD_LEN)?)
+        .rev()
+        .find(|&i| tail[i..i + 4] == EOCD)?;
+    let total = u16::from_le_bytes([tail[at + 10], tail[at + 11]]);
+    (total != u16::MAX).then_some(u64::from(total))
 }
 
 /// Zips a directory (for the CLI's `deploy` and for tests): every regular file under `dir`,

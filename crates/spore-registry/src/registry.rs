@@ -130,6 +130,12 @@ impl Registry {
             let staging = code_root.join(format!(".staging-{}", uuid::Uuid::new_v4()));
             if let Err(e) = code::unpack(zip, &staging) {
                 let _ = fs::remove_dir_all(&staging);
+                // A refused package of a function that does not exist leaves nothing behind
+                // (these only go if empty: a deployed function's are not).
+                if !self.functions.contains_key(name) {
+                    let _ = fs::remove_dir(&code_root);
+                    let _ = fs::remove_dir(self.dir.join(name));
+                }
                 return Err(e.into());
             }
             fs::rename(&staging, &final_dir).map_err(io_at(&final_dir))?;
@@ -205,6 +211,14 @@ mod tests {
         let src = tempfile::tempdir().unwrap();
         fs::write(src.path().join("main.py"), text).unwrap();
         code::zip_dir(src.path()).unwrap()
+    }
+
+    #[test]
+    fn a_refused_package_of_a_new_function_leaves_nothing_behind() {
+        let data = tempfile::tempdir().unwrap();
+        let (reg, _) = Registry::open(data.path()).unwrap();
+        assert!(reg.install_code("newfn", b"not a zip").is_err());
+        assert!(!data.path().join("functions/newfn").exists());
     }
 
     #[test]

@@ -1,0 +1,132 @@
+//! Limits that fail early and in Lambda's shape: an environment over 4 KB, a package with two
+//! entries of one name, an oversize request, a result larger than a reply may be; a refused
+//! create leaves nothing behind.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::process::Command;
+
+use base64::Engine as _;
+use common::{can_sandbox, fixture, Daemon};
+use serde_json::{json, Value};
+
+fn error_type(r: &reqwest::blocking::Response) -> String {
+    r.headers()
+        .get("x-amzn-errortype")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default()
+}
+
+fn create(d: &Daemon, name: &str, zip: &[u8], env: Value) -> reqwest::blocking::Response {
+    d.http
+        .post(d.url("/2015-03-31/functions"))
+        .json(&json!({
+            "FunctionName": name, "Runtime": "python3", "Handler": "main.handler",
+            "Environment": {"Variables": env},
+            "Code": {"ZipFile": base64::engine::general_purpose::STANDARD.encode(zip)},
+        }))
+        .send()
+        .unwrap()
+}
+
+/// A zip holding `main.py` twice (Python's zipfile writes it, with a warning).
+fn zip_with_duplicates() -> Vec<u8> {
+    let out = Command::new("/usr/bin/python3")
+        .args([
+            "-W",
+            "ignore",
+            "-c",
+            "import io, sys, zipfile\nb = io.BytesIO()\nz = zipfile.ZipFile(b, 'w')\nz.writestr('main.py', 'def handler(e, c): return 1\\n')\nz.writestr('main.py', 'def handler(e, c): return 2\\n')\nz.close()\nsys.stdout.buffer.write(b.getvalue())",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+#[test]
+fn refused_creates_say_why_and_leave_nothing_behind() {
+    if !can_sandbox("refused_creates_say_why_and_leave_nothing_behind") {
+        return;
+    }
+    let mut d = Daemon::start();
+    let good = spore_registry::code::zip_dir(&fixture("echo")).unwrap();
+    // An environment over Lambda's 4 KB.
+    let r = create(&d, "bigenv", &good, json!({"BIG": "x".repeat(5 << 20)}));
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_type(&r), "InvalidParameterValueException");
+    assert!(r.text().unwrap().contains("4096"));
+    // The same limit on an update of the configuration.
+    assert_eq!(create(&d, "small", &good, json!({})).status(), 201);
+    let r = d
+        .http
+        .put(d.url("/2015-03-31/functions/small/configuration"))
+        .json(&json!({"Environment": {"Variables": {"BIG": "x".repeat(5000)}}}))
+        .send()
+        .unwrap();
+    assert_eq!(error_type(&r), "InvalidParameterValueException");
+    // Two entries of one name.
+    let r = create(&d, "dups", &zip_with_duplicates(), json!({}));
+    assert_eq!(r.status(), 400);
+    assert!(r.text().unwrap().contains("same path"));
+    // A package that is not a zip, and one escaping its directory.
+    let r = create(&d, "garbage", b"not a zip", json!({}));
+    assert_eq!(error_type(&r), "InvalidParameterValueException");
+    for name in ["bigenv", "dups", "garbage"] {
+        assert!(
+            !d.data.join("functions").join(name).exists(),
+            "a refused create of {name} left its directory"
+        );
+    }
+    d.stop();
+}
+
+#[test]
+fn oversize_requests_and_results_get_lambdas_errors() {
+    if !can_sandbox("oversize_requests_and_results_get_lambdas_errors") {
+        return;
+    }
+    let mut d = Daemon::start();
+    // A request over the API's limit is refused from its Content-Length, before its body is
+    // read, in JSON (a raw client: it sends the head and reads the answer).
+    let addr = d.endpoint.trim_start_matches("http://").to_owned();
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        s,
+        "POST /2015-03-31/functions/none/invocations HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n",
+        spore_gateway::MAX_BODY + 1
+    )
+    .unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("x-amzn-errortype: requestentitytoolargeexception"),
+        "{answer}"
+    );
+    assert!(answer.contains("\"message\""), "{answer}");
+    // Results over 6 MB and over what any reply frame may carry.
+    d.deploy(&fixture("bigresult"));
+    for mb in [7, 100] {
+        let r = d.invoke_raw("bigresult", json!({"mb": mb}).to_string().as_bytes(), &[]);
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().unwrap();
+        assert_eq!(
+            v["errorType"], "Function.ResponseSizeTooLarge",
+            "{mb} MiB: {v}"
+        );
+    }
+    // The function keeps serving.
+    let (err, _, v) = d.invoke("bigresult", json!({"mb": 0}));
+    assert!(!err && v == json!(""), "{v}");
+    d.stop();
+}

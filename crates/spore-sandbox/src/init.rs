@@ -598,6 +598,11 @@ fn enter_user_namespace(
     for set in [caps::CapSet::Ambient, caps::CapSet::Inheritable] {
         caps::clear(None, set).step(|| format!("clearing the {set:?} capability set"))?;
     }
+    // The exec of the runtime would cut the others to the bounding set; a restore has no
+    // exec, so the restored template would keep every capability of its namespace.
+    for set in [caps::CapSet::Effective, caps::CapSet::Permitted] {
+        caps::set(None, set, &keep).step(|| format!("limiting the {set:?} capability set"))?;
+    }
     prctl::set_no_new_privs().step(|| "setting no_new_privs".into())?;
     Ok(())
 }

@@ -138,12 +138,15 @@ pub struct IdMapping {
     pub count: u32,
 }
 
-/// Capabilities a cfork template keeps inside its user namespace.
-pub const TEMPLATE_CAPS: [caps::Capability; 4] = [
+/// Capabilities a cfork template keeps inside its user namespace: namespaces and mounts,
+/// ids, loopback for its children, and CAP_SETPCAP, with which each child empties its
+/// bounding set before dropping to its uid.
+pub const TEMPLATE_CAPS: [caps::Capability; 5] = [
     caps::Capability::CAP_SYS_ADMIN,
     caps::Capability::CAP_SETUID,
     caps::Capability::CAP_SETGID,
     caps::Capability::CAP_NET_ADMIN,
+    caps::Capability::CAP_SETPCAP,
 ];
 
 /// Builds the command that starts a sandbox: `exe __sandbox-init` with the spec in its

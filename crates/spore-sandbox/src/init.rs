@@ -208,7 +208,7 @@ fn child_main(
         std::os::unix::net::UnixStream,
     )>,
 ) -> Result<Infallible, InitError> {
-    prctl::set_pdeathsig(Signal::SIGKILL).step(|| "setting the parent-death signal".into())?;
+    die_with_parent()?;
     // A snapshot is read from the host's file system, before the rootfs hides it.
     let image = match &spec.restore {
         Some(path) => {
@@ -588,6 +588,7 @@ fn enter_user_namespace(
     setresgid(root_g, root_g, root_g).step(|| "setresgid in the user namespace".into())?;
     let root_u = Uid::from_raw(0);
     setresuid(root_u, root_u, root_u).step(|| "setresuid in the user namespace".into())?;
+    die_with_parent()?;
     let keep: caps::CapsHashSet = crate::TEMPLATE_CAPS.into_iter().collect();
     for cap in caps::all() {
         if !keep.contains(&cap) {
@@ -616,11 +617,7 @@ fn pid_namespace_of_user_namespace(control_fd: i32) -> Result<(), InitError> {
         .step(|| "unsharing the template's pid and network namespaces".into())?;
     // SAFETY: single-threaded (see init_main), so fork copies a consistent process.
     match unsafe { fork() }.step(|| "fork of the template".into())? {
-        ForkResult::Child => {
-            prctl::set_pdeathsig(Signal::SIGKILL)
-                .step(|| "setting the parent-death signal".into())?;
-            Ok(())
-        }
+        ForkResult::Child => die_with_parent(),
         ForkResult::Parent { child } => {
             // SAFETY: fd `control_fd` is the control socket, owned by nothing else in this
             // process; the runtime holds its own copy, whose closing the daemon must see.
@@ -635,6 +632,13 @@ fn pid_namespace_of_user_namespace(control_fd: i32) -> Result<(), InitError> {
             }
         }
     }
+}
+
+/// Has the kernel kill this process when its parent (a single-threaded init) exits. A change
+/// of ids clears the setting, so it is made again after each: pid 1 must die with the
+/// sandbox's outer init, and with it every process of its namespace.
+fn die_with_parent() -> Result<(), InitError> {
+    prctl::set_pdeathsig(Signal::SIGKILL).step(|| "setting the parent-death signal".into())
 }
 
 fn drop_privileges(uid: u32, gid: u32) -> Result<(), InitError> {
@@ -655,6 +659,7 @@ fn drop_privileges(uid: u32, gid: u32) -> Result<(), InitError> {
     let u = Uid::from_raw(uid);
     // Leaving uid 0 without SECBIT_KEEP_CAPS clears the permitted and effective sets.
     setresuid(u, u, u).step(|| "setresuid".into())?;
+    die_with_parent()?;
     prctl::set_no_new_privs().step(|| "setting no_new_privs".into())?;
     let left = caps::read(None, caps::CapSet::Permitted).step(|| "reading capabilities".into())?;
     if !left.is_empty() {

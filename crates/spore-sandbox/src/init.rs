@@ -145,6 +145,12 @@ fn init_main() -> Result<i32, InitError> {
             if let (Some(map), Some(((unshared, _), (_, go)))) = (spec.user_namespace, handshake) {
                 write_id_maps(child, map, unshared, go)?;
             }
+            if let Some(daemon) = spec.daemon_pid {
+                if let Err(e) = watch_daemon(daemon, child) {
+                    let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+                    return Err(e);
+                }
+            }
             loop {
                 match waitpid(child, None) {
                     Ok(WaitStatus::Exited(_, code)) => return Ok(code),
@@ -161,6 +167,47 @@ fn init_main() -> Result<i32, InitError> {
                 Ok(never) => match never {},
                 Err(e) => fail(&e),
             }
+        }
+    }
+}
+
+/// Returns when the sandbox's pid 1 (`child`) has exited (not yet reaped), or once it has
+/// been killed because the daemon (`daemon`, this process's parent) exited: killing pid 1
+/// kills every process of its pid namespace, nested namespaces (a template's children)
+/// included. The daemon is watched through a pidfd, which becomes readable when the whole
+/// process has exited, whichever of its threads started this one (a parent-death signal
+/// would follow the thread, and the daemon's tokio threads come and go).
+fn watch_daemon(daemon: u32, child: nix::unistd::Pid) -> Result<(), InitError> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let watched = spore_snapshot::lazy::pidfd(daemon as i32);
+    if nix::unistd::getppid().as_raw() as u32 != daemon {
+        // The daemon exited before the pidfd was opened (this process has a new parent), or
+        // the number is another process's by now.
+        let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+        return Ok(());
+    }
+    // Still our parent after the open: the pidfd is the daemon's.
+    let watched = watched.step(|| "watching the daemon".into())?;
+    let pid1 =
+        spore_snapshot::lazy::pidfd(child.as_raw()).step(|| "watching the sandbox".into())?;
+    loop {
+        let mut fds = [
+            PollFd::new(pid1.as_fd(), PollFlags::POLLIN),
+            PollFd::new(watched.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e).step(|| "watching the daemon".into()),
+        }
+        let ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
+        if ready(&fds[0]) {
+            return Ok(());
+        }
+        if ready(&fds[1]) {
+            let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+            return Ok(());
         }
     }
 }

@@ -14,7 +14,8 @@
 //!    deny-list ([`seccomp`]) and execs the runtime.
 //!
 //! The helper stays as the pid namespace's parent and exits with the runtime's status; killing
-//! it kills the namespace (pid 1 has `PDEATHSIG`), and [`cgroup::Cgroup::kill_all`] is the
+//! it kills the namespace (pid 1 has `PDEATHSIG`), it kills the namespace itself when the
+//! daemon exits ([`SandboxSpec::daemon_pid`], a pidfd), and [`cgroup::Cgroup::kill_all`] is the
 //! catch-all that leaves nothing behind.
 //!
 //! Linux only. Needs root (or `CAP_SYS_ADMIN`); [`preflight`] says what is missing.
@@ -127,6 +128,10 @@ pub struct SandboxSpec {
     /// memory. End of file instead of the byte: exit without restoring.
     #[serde(default)]
     pub wait_for_go: bool,
+    /// The daemon that starts the sandbox (the init's parent): when that process exits, the
+    /// init kills the sandbox and exits too, so that no sandbox outlives its daemon.
+    #[serde(default)]
+    pub daemon_pid: Option<u32>,
 }
 
 /// A user-namespace id mapping: ids `0..count` inside are `host_base..host_base+count` outside.
@@ -252,6 +257,7 @@ mod tests {
             restore: None,
             restore_mode: None,
             wait_for_go: false,
+            daemon_pid: Some(1),
         }
     }
 

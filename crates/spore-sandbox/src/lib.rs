@@ -111,7 +111,7 @@ pub struct SandboxSpec {
     /// Run the process as root of a new user namespace instead of as `uid`/`gid` (cfork
     /// templates): it keeps [`TEMPLATE_CAPS`] inside that namespace only, so that it can give
     /// each forked child namespaces of its own, and the seccomp filter still allows namespace
-    /// operations (the child installs the full one).
+    /// operations (the child adds a filter that denies them).
     #[serde(default)]
     pub user_namespace: Option<IdMapping>,
     /// Restore this snapshot image (a host path, opened before the rootfs is built) instead

@@ -216,6 +216,7 @@ fn spawn_in(
         restore: None,
         restore_mode: None,
         wait_for_go: false,
+        daemon_pid: Some(std::process::id()),
     };
     if rec.manifest.snapshot {
         // A runtime is snapshotted single-threaded: keep numerical libraries from starting

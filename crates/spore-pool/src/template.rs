@@ -3,8 +3,8 @@
 //!
 //! The template runs as root of its own user namespace (see `spore_sandbox::IdMapping`), so
 //! that it can give each child new pid, mount, network, ipc and uts namespaces; the child then
-//! drops to an unprivileged uid, installs the full seccomp filter and serves invocations on its
-//! own socket. The daemon sends each fork request with descriptors (`SCM_RIGHTS`): the child's
+//! empties its capability bounding set, drops to an unprivileged uid, adds the seccomp filter
+//! that completes the template's and serves invocations on its own socket. The daemon sends each fork request with descriptors (`SCM_RIGHTS`): the child's
 //! socket and the `cgroup.procs` files of a cgroup it made for the child.
 
 use std::collections::HashMap;

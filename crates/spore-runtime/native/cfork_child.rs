@@ -53,6 +53,8 @@ const MS_NOSUID: c_ulong = 2;
 const MS_NODEV: c_ulong = 4;
 const MS_NOEXEC: c_ulong = 8;
 const PR_SET_SECCOMP: c_int = 22;
+const PR_CAPBSET_DROP: c_int = 24;
+const EINVAL: c_int = 22;
 const SECCOMP_MODE_FILTER: c_ulong = 2;
 const SIOCGIFFLAGS: c_ulong = 0x8913;
 const SIOCSIFFLAGS: c_ulong = 0x8914;
@@ -132,6 +134,22 @@ unsafe fn loopback_up() -> Result<(), c_int> {
     check(rc as c_long, 3)
 }
 
+/// Drops every capability from the bounding set, up to the kernel's last (which answers the
+/// next number with EINVAL). Needs CAP_SETPCAP, which the template holds in its namespace.
+fn drop_bounding_set() -> Result<(), c_int> {
+    for cap in 0..64 as c_ulong {
+        // SAFETY: PR_CAPBSET_DROP takes integer arguments only.
+        let rc = unsafe { prctl(PR_CAPBSET_DROP, cap, 0 as c_ulong, 0 as c_ulong, 0 as c_ulong) };
+        if rc < 0 {
+            return match errno() {
+                EINVAL if cap > 0 => Ok(()),
+                e => Err(7000 + e),
+            };
+        }
+    }
+    Ok(())
+}
+
 unsafe fn run(s: &ChildSetup) -> Result<(), c_int> {
     let marks = s.marks;
     // 1. cgroup: a single-threaded process moves itself by writing "0".
@@ -167,7 +185,9 @@ unsafe fn run(s: &ChildSetup) -> Result<(), c_int> {
         loopback_up()?;
     }
     *marks.add(3) = now();
-    // 5. privileges: an unprivileged uid (which clears every capability), then the filter.
+    // 5. privileges: an empty bounding set (while CAP_SETPCAP is still effective), an
+    // unprivileged uid (which clears every other capability set), then the filter.
+    drop_bounding_set()?;
     let ids = [s.uid];
     check(syscall(SYS_SETGROUPS, 1 as c_long, ids.as_ptr()), 7)?;
     let id = s.uid as c_long;
@@ -187,7 +207,7 @@ unsafe fn run(s: &ChildSetup) -> Result<(), c_int> {
 
 /// Sets the calling (freshly forked, single-threaded) child up. Returns 0, or
 /// `step * 1000 + errno` (steps: 1 cgroup, 2 namespaces, 3 loopback, 4 /proc, 5 /tmp,
-/// 6 hostname, 7 ids, 8 seccomp, 9 descriptors).
+/// 6 hostname, 7 bounding set and ids, 8 seccomp, 9 descriptors).
 ///
 /// # Safety
 /// `setup` points to a valid `ChildSetup` whose pointers are valid for its lengths, and the

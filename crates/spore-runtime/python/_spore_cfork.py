@@ -1,15 +1,17 @@
 """cfork template loop: fork a child into a fresh sandbox on each request.
 
-The template is root of its own user namespace (with CAP_SYS_ADMIN, CAP_SETUID, CAP_SETGID and
-CAP_NET_ADMIN there only) and has imported the handler. For each `fork` request it prepares a
-pid namespace for the next child, forks, and returns its own pid_for_children to its own
-namespace. The child joins its cgroup through descriptors the daemon opened, unshares mount,
-network, ipc and uts namespaces, mounts its own /proc, /tmp and /dev/shm, brings up loopback,
-drops to an unprivileged uid (which clears its capabilities), installs the full seccomp filter,
+The template is root of its own user namespace (with CAP_SYS_ADMIN, CAP_SETUID, CAP_SETGID,
+CAP_NET_ADMIN and CAP_SETPCAP there only) and has imported the handler. For each `fork` request
+it prepares a pid namespace for the next child, forks, and returns its own pid_for_children to
+its own namespace. The child joins its cgroup through descriptors the daemon opened, unshares
+mount, network, ipc and uts namespaces, mounts its own /proc, /tmp and /dev/shm, brings up
+loopback, empties its capability bounding set, drops to an unprivileged uid (which clears the
+other capability sets), adds the seccomp filter that completes the template's (inherited) one,
 keeps only its control socket, reseeds random number generators and serves invocations.
 """
 import array
 import ctypes
+import errno
 import fcntl
 import gc
 import json
@@ -28,6 +30,7 @@ CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x2, 0x4, 0x8
 PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
+PR_CAPBSET_DROP = 24
 SIOCGIFFLAGS, SIOCSIFFLAGS = 0x8913, 0x8914
 IFF_UP, IFF_RUNNING = 0x1, 0x40
 SYS_CLOSE_RANGE = 436
@@ -108,6 +111,18 @@ def _programs():
         buf = ctypes.create_string_buffer(raw, len(raw))
         progs.append((_SockFprog(len(raw) // 8, ctypes.cast(buf, ctypes.c_void_p)), buf))
     return progs
+
+
+def _drop_bounding_set():
+    """Empties the capability bounding set, up to the kernel's last capability (the next one
+    answers EINVAL); needs CAP_SETPCAP, which the template holds in its namespace."""
+    for cap in range(64):
+        zero = ctypes.c_ulong(0)
+        if _libc.prctl(PR_CAPBSET_DROP, ctypes.c_ulong(cap), zero, zero, zero) != 0:
+            err = ctypes.get_errno()
+            if err == errno.EINVAL and cap > 0:
+                return
+            raise OSError(err, "dropping capability %d from the bounding set: %s" % (cap, os.strerror(err)))
 
 
 def _check(rc, what):
@@ -225,6 +240,7 @@ def _child(req, inst_fd, cgroup_fds, netns_fd, programs, template_sock, serve, s
     if netns_fd is None:
         _loopback_up()
     phases.append(("net", time.monotonic_ns()))
+    _drop_bounding_set()
     uid = int(req["uid"])
     os.setgroups([uid])
     os.setresgid(uid, uid, uid)

@@ -145,6 +145,12 @@ fn init_main() -> Result<i32, InitError> {
             if let (Some(map), Some(((unshared, _), (_, go)))) = (spec.user_namespace, handshake) {
                 write_id_maps(child, map, unshared, go)?;
             }
+            if let Some(daemon) = spec.daemon_pid {
+                if let Err(e) = watch_daemon(daemon, child) {
+                    let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+                    return Err(e);
+                }
+            }
             loop {
                 match waitpid(child, None) {
                     Ok(WaitStatus::Exited(_, code)) => return Ok(code),
@@ -161,6 +167,47 @@ fn init_main() -> Result<i32, InitError> {
                 Ok(never) => match never {},
                 Err(e) => fail(&e),
             }
+        }
+    }
+}
+
+/// Returns when the sandbox's pid 1 (`child`) has exited (not yet reaped), or once it has
+/// been killed because the daemon (`daemon`, this process's parent) exited: killing pid 1
+/// kills every process of its pid namespace, nested namespaces (a template's children)
+/// included. The daemon is watched through a pidfd, which becomes readable when the whole
+/// process has exited, whichever of its threads started this one (a parent-death signal
+/// would follow the thread, and the daemon's tokio threads come and go).
+fn watch_daemon(daemon: u32, child: nix::unistd::Pid) -> Result<(), InitError> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let watched = spore_snapshot::lazy::pidfd(daemon as i32);
+    if nix::unistd::getppid().as_raw() as u32 != daemon {
+        // The daemon exited before the pidfd was opened (this process has a new parent), or
+        // the number is another process's by now.
+        let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+        return Ok(());
+    }
+    // Still our parent after the open: the pidfd is the daemon's.
+    let watched = watched.step(|| "watching the daemon".into())?;
+    let pid1 =
+        spore_snapshot::lazy::pidfd(child.as_raw()).step(|| "watching the sandbox".into())?;
+    loop {
+        let mut fds = [
+            PollFd::new(pid1.as_fd(), PollFlags::POLLIN),
+            PollFd::new(watched.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e).step(|| "watching the daemon".into()),
+        }
+        let ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
+        if ready(&fds[0]) {
+            return Ok(());
+        }
+        if ready(&fds[1]) {
+            let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+            return Ok(());
         }
     }
 }
@@ -208,7 +255,7 @@ fn child_main(
         std::os::unix::net::UnixStream,
     )>,
 ) -> Result<Infallible, InitError> {
-    prctl::set_pdeathsig(Signal::SIGKILL).step(|| "setting the parent-death signal".into())?;
+    die_with_parent()?;
     // A snapshot is read from the host's file system, before the rootfs hides it.
     let image = match &spec.restore {
         Some(path) => {
@@ -588,6 +635,7 @@ fn enter_user_namespace(
     setresgid(root_g, root_g, root_g).step(|| "setresgid in the user namespace".into())?;
     let root_u = Uid::from_raw(0);
     setresuid(root_u, root_u, root_u).step(|| "setresuid in the user namespace".into())?;
+    die_with_parent()?;
     let keep: caps::CapsHashSet = crate::TEMPLATE_CAPS.into_iter().collect();
     for cap in caps::all() {
         if !keep.contains(&cap) {
@@ -597,6 +645,11 @@ fn enter_user_namespace(
     }
     for set in [caps::CapSet::Ambient, caps::CapSet::Inheritable] {
         caps::clear(None, set).step(|| format!("clearing the {set:?} capability set"))?;
+    }
+    // The exec of the runtime would cut the others to the bounding set; a restore has no
+    // exec, so the restored template would keep every capability of its namespace.
+    for set in [caps::CapSet::Effective, caps::CapSet::Permitted] {
+        caps::set(None, set, &keep).step(|| format!("limiting the {set:?} capability set"))?;
     }
     prctl::set_no_new_privs().step(|| "setting no_new_privs".into())?;
     Ok(())
@@ -611,11 +664,7 @@ fn pid_namespace_of_user_namespace(control_fd: i32) -> Result<(), InitError> {
         .step(|| "unsharing the template's pid and network namespaces".into())?;
     // SAFETY: single-threaded (see init_main), so fork copies a consistent process.
     match unsafe { fork() }.step(|| "fork of the template".into())? {
-        ForkResult::Child => {
-            prctl::set_pdeathsig(Signal::SIGKILL)
-                .step(|| "setting the parent-death signal".into())?;
-            Ok(())
-        }
+        ForkResult::Child => die_with_parent(),
         ForkResult::Parent { child } => {
             // SAFETY: fd `control_fd` is the control socket, owned by nothing else in this
             // process; the runtime holds its own copy, whose closing the daemon must see.
@@ -630,6 +679,13 @@ fn pid_namespace_of_user_namespace(control_fd: i32) -> Result<(), InitError> {
             }
         }
     }
+}
+
+/// Has the kernel kill this process when its parent (a single-threaded init) exits. A change
+/// of ids clears the setting, so it is made again after each: pid 1 must die with the
+/// sandbox's outer init, and with it every process of its namespace.
+fn die_with_parent() -> Result<(), InitError> {
+    prctl::set_pdeathsig(Signal::SIGKILL).step(|| "setting the parent-death signal".into())
 }
 
 fn drop_privileges(uid: u32, gid: u32) -> Result<(), InitError> {
@@ -650,6 +706,7 @@ fn drop_privileges(uid: u32, gid: u32) -> Result<(), InitError> {
     let u = Uid::from_raw(uid);
     // Leaving uid 0 without SECBIT_KEEP_CAPS clears the permitted and effective sets.
     setresuid(u, u, u).step(|| "setresuid".into())?;
+    die_with_parent()?;
     prctl::set_no_new_privs().step(|| "setting no_new_privs".into())?;
     let left = caps::read(None, caps::CapSet::Permitted).step(|| "reading capabilities".into())?;
     if !left.is_empty() {

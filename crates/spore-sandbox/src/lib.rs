@@ -14,7 +14,8 @@
 //!    deny-list ([`seccomp`]) and execs the runtime.
 //!
 //! The helper stays as the pid namespace's parent and exits with the runtime's status; killing
-//! it kills the namespace (pid 1 has `PDEATHSIG`), and [`cgroup::Cgroup::kill_all`] is the
+//! it kills the namespace (pid 1 has `PDEATHSIG`), it kills the namespace itself when the
+//! daemon exits ([`SandboxSpec::daemon_pid`], a pidfd), and [`cgroup::Cgroup::kill_all`] is the
 //! catch-all that leaves nothing behind.
 //!
 //! Linux only. Needs root (or `CAP_SYS_ADMIN`); [`preflight`] says what is missing.
@@ -110,7 +111,7 @@ pub struct SandboxSpec {
     /// Run the process as root of a new user namespace instead of as `uid`/`gid` (cfork
     /// templates): it keeps [`TEMPLATE_CAPS`] inside that namespace only, so that it can give
     /// each forked child namespaces of its own, and the seccomp filter still allows namespace
-    /// operations (the child installs the full one).
+    /// operations (the child adds a filter that denies them).
     #[serde(default)]
     pub user_namespace: Option<IdMapping>,
     /// Restore this snapshot image (a host path, opened before the rootfs is built) instead
@@ -127,6 +128,10 @@ pub struct SandboxSpec {
     /// memory. End of file instead of the byte: exit without restoring.
     #[serde(default)]
     pub wait_for_go: bool,
+    /// The daemon that starts the sandbox (the init's parent): when that process exits, the
+    /// init kills the sandbox and exits too, so that no sandbox outlives its daemon.
+    #[serde(default)]
+    pub daemon_pid: Option<u32>,
 }
 
 /// A user-namespace id mapping: ids `0..count` inside are `host_base..host_base+count` outside.
@@ -138,12 +143,15 @@ pub struct IdMapping {
     pub count: u32,
 }
 
-/// Capabilities a cfork template keeps inside its user namespace.
-pub const TEMPLATE_CAPS: [caps::Capability; 4] = [
+/// Capabilities a cfork template keeps inside its user namespace: namespaces and mounts,
+/// ids, loopback for its children, and CAP_SETPCAP, with which each child empties its
+/// bounding set before dropping to its uid.
+pub const TEMPLATE_CAPS: [caps::Capability; 5] = [
     caps::Capability::CAP_SYS_ADMIN,
     caps::Capability::CAP_SETUID,
     caps::Capability::CAP_SETGID,
     caps::Capability::CAP_NET_ADMIN,
+    caps::Capability::CAP_SETPCAP,
 ];
 
 /// Builds the command that starts a sandbox: `exe __sandbox-init` with the spec in its
@@ -249,6 +257,7 @@ mod tests {
             restore: None,
             restore_mode: None,
             wait_for_go: false,
+            daemon_pid: Some(1),
         }
     }
 

@@ -256,6 +256,13 @@ fn the_python_child_set_up_works_where_the_native_one_is_unavailable() {
     for call in ["mount", "ptrace", "unshare"] {
         assert_eq!(v[call], json!([-1, 1]), "{call}: {v}");
     }
+    // The child empties its bounding set too (sandbox_security.rs checks the native one).
+    d.deploy_cfork(&fixture("sysprobe"), "sysprobe");
+    let (err, _, v) = invoke_cold(&d, "sysprobe", json!({}));
+    assert!(!err, "{v}");
+    for key in ["CapPrm", "CapEff", "CapBnd"] {
+        assert_eq!(v[key], "0000000000000000", "{key}: {v}");
+    }
     d.stop();
     let log = d.log_text();
     assert!(

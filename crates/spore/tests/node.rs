@@ -67,6 +67,19 @@ fn node_functions_run_in_containers() {
     let (err, _, v) = d.invoke("node-bad", json!({}));
     assert!(err);
     assert_eq!(v["errorType"], "Runtime.ImportModuleError", "{v}");
+
+    // Under the sandbox's filter (no io_uring, netlink but no other exotic sockets), files,
+    // loopback TCP, interface listing and name lookups work.
+    d.deploy(&fixture("node-sys"));
+    let (err, _, v) = d.invoke("node-sys", json!({}));
+    assert!(!err, "{v}");
+    assert_eq!(v["back"], "hello", "{v}");
+    assert_eq!(v["echoed"], "ping", "{v}");
+    assert!(
+        v["ifaces"].as_array().unwrap().contains(&json!("lo")),
+        "{v}"
+    );
+    assert!(v["addr"].is_string(), "{v}");
     d.stop();
 }
 

@@ -333,18 +333,7 @@ fn damaged_or_stale_images_are_refused_with_the_reason() {
 }
 
 fn invoke_start(d: &common::Daemon, name: &str, how: &str, payload: &Value) -> (String, Value) {
-    let r = d.invoke_raw(
-        name,
-        payload.to_string().as_bytes(),
-        &[("X-Spore-Cold", how)],
-    );
-    assert_eq!(r.status(), 200, "invoke {name}");
-    assert!(
-        r.headers().get("x-amz-function-error").is_none(),
-        "{name} failed"
-    );
-    let start = r.headers()["x-spore-start"].to_str().unwrap().to_owned();
-    (start, r.json().unwrap())
+    d.invoke_start(name, how, payload, &[])
 }
 
 /// Restores the deployed `probe` function and checks that the instance sees what any

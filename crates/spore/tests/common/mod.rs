@@ -303,6 +303,26 @@ impl Daemon {
         (err, start, r.json().unwrap())
     }
 
+    /// Invokes with `X-Spore-Cold: how` and `headers`, expecting success: (start kind, body).
+    pub fn invoke_start(
+        &self,
+        name: &str,
+        how: &str,
+        payload: &Value,
+        headers: &[(&str, &str)],
+    ) -> (String, Value) {
+        let mut all = vec![("X-Spore-Cold", how)];
+        all.extend_from_slice(headers);
+        let r = self.invoke_raw(name, payload.to_string().as_bytes(), &all);
+        assert_eq!(r.status(), 200, "invoke {name}");
+        assert!(
+            r.headers().get("x-amz-function-error").is_none(),
+            "{name} failed"
+        );
+        let start = r.headers()["x-spore-start"].to_str().unwrap().to_owned();
+        (start, r.json().unwrap())
+    }
+
     /// SIGTERM, wait, and check that nothing is left: cgroups, mounts, processes.
     pub fn stop(&mut self) {
         let Some(mut child) = self.child.take() else {

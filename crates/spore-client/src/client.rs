@@ -147,6 +147,55 @@ impl Client {
         })
     }
 
+    /// A function's recent log events (`{"timestamp", "requestId", "message"}`), the last
+    /// `lines` of those logged since `since_ms` (and of `request_id` if given).
+    pub fn log_events(
+        &self,
+        name: &str,
+        lines: usize,
+        since_ms: Option<u64>,
+        request_id: Option<&str>,
+    ) -> Result<Vec<Value>> {
+        let mut url = format!("/spore/v1/functions/{name}/logs?lines={lines}");
+        if let Some(t) = since_ms {
+            url.push_str(&format!("&since_ms={t}"));
+        }
+        if let Some(r) = request_id {
+            url.push_str(&format!("&request_id={r}"));
+        }
+        let v = self.get_json(&url)?;
+        Ok(v["events"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// Follows a function's log: calls `each` with every new event until the daemon ends the
+    /// stream (or `each` returns false).
+    pub fn follow_logs(&self, name: &str, mut each: impl FnMut(&Value) -> bool) -> Result<()> {
+        use std::io::BufRead;
+        let url = self.url(&format!("/spore/v1/functions/{name}/logs/stream"));
+        // A follow lasts as long as the user wants it to.
+        let req = self
+            .http
+            .get(url)
+            .timeout(Duration::from_secs(30 * 24 * 3600));
+        let resp = Self::check(self.send(req)?)?;
+        for line in std::io::BufReader::new(resp).lines() {
+            let line =
+                line.map_err(|e| ClientError::Credentials(format!("reading the log stream: {e}")))?;
+            let Some(data) = line.strip_prefix("data:") else {
+                continue;
+            };
+            let Ok(v) = serde_json::from_str::<Value>(data.trim()) else {
+                // The daemon's notice of skipped lines.
+                eprintln!("(log stream: {})", data.trim());
+                continue;
+            };
+            if !each(&v) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// Makes an access key (`POST /spore/v1/keys`); the answer holds its secret.
     pub fn create_key(
         &self,

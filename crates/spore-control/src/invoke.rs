@@ -113,7 +113,7 @@ impl Control {
                     Some(total_ms),
                     Some(&err),
                 );
-                log.push_text(&block);
+                log.push_invocation(&request_id, &block);
                 record_metrics(name, StartKind::Cold, total_ms, Some(&err));
                 return Ok(Invocation {
                     request_id,
@@ -166,7 +166,7 @@ impl Control {
             fresh.then_some(init_ms),
             outcome.as_ref().err(),
         );
-        log.push_text(&block);
+        log.push_invocation(&request_id, &block);
         record_metrics(name, start, total_ms, outcome.as_ref().err());
         if fresh {
             metrics::histogram!("spore_init_duration_seconds", "function" => name.to_owned(), "start" => start.as_str())

@@ -144,6 +144,8 @@ impl Control {
             host.build,
         )
         .map_err(|e| io("creating the snapshots directory", e))?;
+        let logs_dir = cfg.data_dir.join("logs");
+        std::fs::create_dir_all(&logs_dir).map_err(|e| io("creating the logs directory", e))?;
         let work = Work::new();
         let pools = Pools::new(
             PoolConfig {
@@ -152,6 +154,7 @@ impl Control {
                 max_templates: cfg.max_templates,
                 snapshot_mode: cfg.snapshot_mode,
                 idle_memory_mb: cfg.idle_memory_mb,
+                logs_dir: Some(logs_dir),
             },
             host.env,
             registry.clone(),
@@ -239,6 +242,7 @@ impl Control {
         })?;
         drop(reg);
         self.inner.pools.retire(&name);
+        tracing::info!(function = %name, runtime = %rec.manifest.runtime, sandbox = %rec.manifest.sandbox.as_str(), code = %rec.code_hex, "function created");
         Ok(rec)
     }
 
@@ -254,6 +258,7 @@ impl Control {
         let rec = reg.put(rec)?;
         drop(reg);
         self.inner.pools.retire(name);
+        tracing::info!(function = %name, revision = rec.revision, code = %rec.code_hex, "function code updated");
         Ok(rec)
     }
 
@@ -272,6 +277,7 @@ impl Control {
         drop(reg);
         self.inner.pools.retire(&name);
         self.inner.units.unplace(&name);
+        tracing::info!(function = %name, revision = rec.revision, "function configuration updated");
         Ok(rec)
     }
 
@@ -285,7 +291,9 @@ impl Control {
             .ok_or_else(|| ControlError::NotFound(name.into()))?;
         self.inner.pools.retire(name);
         self.inner.pools.snapshots().remove(name);
+        self.inner.pools.remove_log(name);
         self.inner.units.remove_on_units(name);
+        tracing::info!(function = %name, "function deleted");
         Ok(rec)
     }
 
@@ -317,6 +325,25 @@ impl Control {
     pub fn logs(&self, name: &str, n: usize) -> Result<Vec<String>, ControlError> {
         self.get_function(name)?;
         Ok(self.inner.pools.log(name).tail(n))
+    }
+
+    /// A function's log lines that `q` selects.
+    pub fn log_lines(
+        &self,
+        name: &str,
+        q: &spore_pool::logs::LogQuery,
+    ) -> Result<Vec<spore_pool::logs::LogLine>, ControlError> {
+        self.get_function(name)?;
+        Ok(self.inner.pools.log(name).query(q))
+    }
+
+    /// A function's new log lines, from now on.
+    pub fn follow_logs(
+        &self,
+        name: &str,
+    ) -> Result<tokio::sync::broadcast::Receiver<spore_pool::logs::LogLine>, ControlError> {
+        self.get_function(name)?;
+        Ok(self.inner.pools.log(name).follow())
     }
 
     /// Number of idle and total instances of a function.

@@ -561,18 +561,63 @@ pub(crate) async fn invoke(
 #[derive(Debug, Deserialize)]
 pub(crate) struct LogsQuery {
     lines: Option<usize>,
+    /// Only lines logged at or after this time, ms since the epoch.
+    since_ms: Option<u64>,
+    /// Only lines of this invocation.
+    request_id: Option<String>,
 }
 
+fn log_event(l: &spore_pool::logs::LogLine) -> serde_json::Value {
+    serde_json::json!({
+        "timestamp": l.timestamp_ms,
+        "requestId": l.request_id,
+        "message": l.message,
+    })
+}
+
+/// `GET /spore/v1/functions/{name}/logs?lines=N&since_ms=T&request_id=R`: the last lines
+/// (`lines`, their text; `events`, with time and request id).
 pub(crate) async fn logs(
     State(st): State<AppState>,
     Path(name): Path<String>,
     Query(q): Query<LogsQuery>,
 ) -> ApiResult<Response> {
-    let lines = st.control.logs(
-        function_name_from_ref(&name),
-        q.lines.unwrap_or(100).min(spore_pool::logs::LOG_LINES),
-    )?;
-    Ok(axum::Json(serde_json::json!({ "lines": lines })).into_response())
+    let query = spore_pool::logs::LogQuery {
+        lines: q.lines.unwrap_or(100).min(spore_pool::logs::LOG_LINES),
+        since_ms: q.since_ms,
+        request_id: q.request_id,
+    };
+    let events = st
+        .control
+        .log_lines(function_name_from_ref(&name), &query)?;
+    let lines: Vec<&str> = events.iter().map(|l| l.message.as_str()).collect();
+    let events: Vec<serde_json::Value> = events.iter().map(log_event).collect();
+    Ok(axum::Json(serde_json::json!({ "lines": lines, "events": events })).into_response())
+}
+
+/// `GET /spore/v1/functions/{name}/logs/stream`: new log lines as server-sent events (one
+/// JSON event a line, as in `logs`), until the client goes away.
+pub(crate) async fn follow_logs(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use tokio::sync::broadcast::error::RecvError;
+    let rx = st.control.follow_logs(function_name_from_ref(&name))?;
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        let ev = match rx.recv().await {
+            Ok(l) => Event::default().data(log_event(&l).to_string()),
+            // A follower too slow for the function's output misses lines: say so.
+            Err(RecvError::Lagged(n)) => Event::default()
+                .event("lagged")
+                .data(format!("{n} lines were skipped")),
+            Err(RecvError::Closed) => return None,
+        };
+        Some((Ok::<_, std::convert::Infallible>(ev), rx))
+    });
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
 }
 
 pub(crate) async fn list_units(State(st): State<AppState>) -> Response {

@@ -10,7 +10,8 @@
 //! | GET, PUT | `/2015-03-31/functions/{name}/configuration` | Get/UpdateFunctionConfiguration |
 //! | PUT | `/2015-03-31/functions/{name}/code` | UpdateFunctionCode |
 //! | POST | `/2015-03-31/functions/{name}/invocations` | Invoke |
-//! | GET | `/spore/v1/functions/{name}/logs?lines=N` | (Spore) recent log lines |
+//! | GET | `/spore/v1/functions/{name}/logs?lines=N&since_ms=T&request_id=R` | (Spore) recent log lines |
+//! | GET | `/spore/v1/functions/{name}/logs/stream` | (Spore) new log lines, as server-sent events |
 //! | GET | `/spore/v1/snapshots` | (Spore) stored runtime snapshots |
 //! | DELETE | `/spore/v1/snapshots/{name}` | (Spore) remove a function's snapshots |
 //! | GET, POST | `/spore/v1/keys` | (Spore) list, create access keys (admin keys only) |
@@ -94,6 +95,10 @@ pub fn router(control: Control, metrics: Option<PrometheusHandle>, auth: Auth) -
         )
         .route(&format!("{api}/{{name}}/invocations"), post(lambda::invoke))
         .route("/spore/v1/functions/{name}/logs", get(lambda::logs))
+        .route(
+            "/spore/v1/functions/{name}/logs/stream",
+            get(lambda::follow_logs),
+        )
         .route("/spore/v1/functions/{name}/evict", post(lambda::evict))
         .route("/spore/v1/units", get(lambda::list_units))
         .route("/spore/v1/units/{id}/echo", post(lambda::echo_unit))

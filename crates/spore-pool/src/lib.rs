@@ -57,6 +57,8 @@ pub struct PoolConfig {
     /// Most memory idle instances and templates may hold together, MiB (None: no limit
     /// beyond the keep-alive).
     pub idle_memory_mb: Option<u64>,
+    /// Where functions' logs are persisted (None: in memory only).
+    pub logs_dir: Option<std::path::PathBuf>,
 }
 
 /// What a [`Pools::checkout`] asks for.
@@ -201,15 +203,34 @@ impl Pools {
         &self.inner.snapshots
     }
 
-    /// The function's log.
+    /// The function's log (read back from its file the first time it is asked for).
     pub fn log(&self, name: &str) -> Arc<LogRing> {
         self.inner
             .logs
             .lock()
             .expect("logs lock")
             .entry(name.to_owned())
-            .or_default()
+            .or_insert_with(|| {
+                Arc::new(match &self.inner.cfg.logs_dir {
+                    Some(dir) => LogRing::open(dir.join(format!("{name}.jsonl"))),
+                    None => LogRing::in_memory(),
+                })
+            })
             .clone()
+    }
+
+    /// Drops a deleted function's log, files included.
+    pub fn remove_log(&self, name: &str) {
+        let ring = self.inner.logs.lock().expect("logs lock").remove(name);
+        ring.unwrap_or_else(|| self.log_detached(name))
+            .remove_files();
+    }
+
+    /// The function's log without keeping it in the table.
+    fn log_detached(&self, name: &str) -> Arc<LogRing> {
+        let ring = self.log(name);
+        self.inner.logs.lock().expect("logs lock").remove(name);
+        ring
     }
 
     /// The most instances `rec` may run at once.

@@ -72,6 +72,15 @@ pub(crate) enum Command {
         /// How many lines.
         #[arg(long, short = 'n', default_value_t = 100)]
         lines: usize,
+        /// Keep printing new lines as they come (Ctrl-C stops).
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Only lines of the last DURATION (30s, 10m, 2h, 1d).
+        #[arg(long, value_name = "DURATION")]
+        since: Option<String>,
+        /// Only lines of this invocation.
+        #[arg(long, value_name = "ID")]
+        request_id: Option<String>,
     },
     /// Stop a function's idle instances and cfork template now, releasing their memory (the
     /// next start restores from its snapshot, if it has one).

@@ -608,13 +608,66 @@ pub fn rm(endpoint: &str, name: &str) -> Result<ExitCode> {
 }
 
 /// `spore logs NAME`.
-pub fn logs(endpoint: &str, name: &str, lines: usize) -> Result<ExitCode> {
-    let v = Client::new(endpoint)?
-        .get_json(&format!("/spore/v1/functions/{name}/logs?lines={lines}"))?;
-    for l in v["lines"].as_array().into_iter().flatten() {
-        println!("{}", l.as_str().unwrap_or_default());
+pub fn logs(
+    endpoint: &str,
+    name: &str,
+    lines: usize,
+    follow: bool,
+    since: Option<&str>,
+    request_id: Option<&str>,
+) -> Result<ExitCode> {
+    let since_ms = since
+        .map(|s| {
+            let d = parse_duration(s).with_context(|| format!("--since {s}"))?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_millis() as u64;
+            Ok::<u64, anyhow::Error>(now.saturating_sub(d.as_millis() as u64))
+        })
+        .transpose()?;
+    let client = Client::new(endpoint)?;
+    for e in client.log_events(name, lines, since_ms, request_id)? {
+        print_log_event(&e);
+    }
+    if follow {
+        client.follow_logs(name, |e| {
+            if request_id.is_none_or(|r| e["requestId"].as_str() == Some(r)) {
+                print_log_event(e);
+            }
+            true
+        })?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One log line: its time (UTC), request id (`-` outside invocations) and text.
+fn print_log_event(e: &serde_json::Value) {
+    let t = e["timestamp"].as_u64().unwrap_or(0);
+    let ts = spore_registry::store::lambda_timestamp(t);
+    let rid = e["requestId"].as_str().unwrap_or("-");
+    println!(
+        "{ts}  {rid:<36}  {}",
+        e["message"].as_str().unwrap_or_default()
+    );
+}
+
+/// `30s`, `10m`, `2h`, `1d` (a bare number is seconds).
+fn parse_duration(s: &str) -> Result<Duration> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "s"), |i| (&s[..i], &s[i..]));
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("{s:?} is not a duration like 30s, 10m, 2h or 1d"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => bail!("{s:?}: the unit must be s, m, h or d"),
+    };
+    Ok(Duration::from_secs(secs))
 }
 
 /// `spore demo`.

@@ -149,12 +149,12 @@ impl Control {
                 }
                 (reply.outcome, reply.logs, reply.handler_ms, reusable)
             }
-            Err(failure) => (
-                Err(failure.to_function_error()),
-                String::new(),
-                total_ms - init_ms,
-                false,
-            ),
+            Err(failure) => {
+                // Timeouts, OOM kills and crashes concern the operator too.
+                let e = failure.to_function_error();
+                tracing::info!(function = %name, request_id = %request_id, error = %e.error_type, "{}", e.message);
+                (Err(e), String::new(), total_ms - init_ms, false)
+            }
         };
         pools.checkin(&rec, inst, reusable);
         let block = report_block(

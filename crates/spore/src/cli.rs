@@ -275,6 +275,10 @@ pub(crate) struct ServeArgs {
     /// Prometheus scraper (the API's own /metrics needs an admin key).
     #[arg(long, value_name = "HOST:PORT")]
     pub(crate) metrics_listen: Option<String>,
+    /// The daemon's own log on stderr: text (colours only on a terminal, never with
+    /// NO_COLOR) or json (one object a line). RUST_LOG filters it (default info).
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    pub(crate) log_format: String,
 }
 
 #[derive(Debug, Args)]

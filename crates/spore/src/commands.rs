@@ -98,12 +98,7 @@ pub fn serve(
     args: ServeArgs,
     shim: Option<(spore_shim::UnitInfo, Option<String>)>,
 ) -> Result<ExitCode> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging(&args.log_format);
     // A shim's --link-listen takes neighbour links from other shims; its address is part of
     // the unit's description, so it is bound before the unit greets anyone.
     let mut shim = shim;
@@ -266,6 +261,23 @@ pub fn serve(
         tracing::info!("stopped; all sandboxes removed");
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// The daemon's own log on stderr: `RUST_LOG` filters (default `info`); `text` has colours
+/// only on a terminal (and never with `NO_COLOR`), `json` is one object a line.
+fn init_logging(format: &str) {
+    use std::io::IsTerminal;
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+        builder.with_ansi(colour).init();
+    }
 }
 
 async fn shutdown_signal() -> &'static str {

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
 need=()
-for pkg in python3 python3-pip fonts-dejavu-core iproute2 util-linux etcd-server; do
+for pkg in python3 python3-pip fonts-dejavu-core iproute2 util-linux etcd-server prometheus; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ((${#need[@]})); then

@@ -356,6 +356,31 @@ impl Control {
         self.inner.pools.instance_pids(name)
     }
 
+    /// Sets the gauges of what the daemon holds now (instances by state, templates, spares,
+    /// pipelines, units, work in flight, memory per function): called before each scrape.
+    pub fn record_gauges(&self) {
+        let stats = self.inner.pools.stats();
+        for s in &stats {
+            let f = s.name.clone();
+            metrics::gauge!("spore_instances", "function" => f.clone(), "state" => "idle")
+                .set(f64::from(s.idle));
+            metrics::gauge!("spore_instances", "function" => f.clone(), "state" => "busy")
+                .set(f64::from(s.total - s.idle));
+            metrics::gauge!("spore_templates", "function" => f.clone())
+                .set(f64::from(u8::from(s.template)));
+            metrics::gauge!("spore_spares", "function" => f.clone())
+                .set(f64::from(u8::from(s.spare)));
+            metrics::gauge!("spore_idle_memory_bytes", "function" => f).set(s.memory_bytes as f64);
+        }
+        metrics::gauge!("spore_pipelines_idle").set(self.inner.dags.idle_pipelines() as f64);
+        metrics::gauge!("spore_inflight").set(self.inner.work.inflight() as f64);
+        let units = self.inner.units.statuses();
+        for state in ["up", "down"] {
+            let n = units.iter().filter(|u| u.state == state).count();
+            metrics::gauge!("spore_units", "state" => state).set(n as f64);
+        }
+    }
+
     /// Host pids of a function's live template, if it has one.
     pub fn template_pids(&self, name: &str) -> Option<Vec<i32>> {
         self.inner.pools.template_pids(name)

@@ -607,6 +607,10 @@ impl Dags {
             }
         }
         metrics::counter!("spore_dag_invocations_total", "dag" => name.to_owned(), "transport" => transport.to_string()).increment(1);
+        for hop in nodes.iter().filter_map(|n| n.hop_us) {
+            metrics::histogram!("spore_dag_hop_seconds", "dag" => name.to_owned(), "transport" => transport.to_string())
+                .record(hop / 1e6);
+        }
         Ok(DagRun {
             request_id,
             transport,

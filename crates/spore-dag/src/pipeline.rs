@@ -216,6 +216,18 @@ impl Dags {
     }
 
     /// Stops every idle pipeline and waits for their instances to be destroyed.
+    /// Idle pre-wired pipelines, all DAGs together.
+    pub fn idle_pipelines(&self) -> usize {
+        self.inner
+            .pipelines
+            .lock()
+            .expect("pipelines lock")
+            .values()
+            .map(Vec::len)
+            .sum()
+    }
+
+    /// Stops every idle pipeline and waits until their instances are gone.
     pub async fn close_pipelines(&self) {
         let all: Vec<Pipeline> = self
             .inner

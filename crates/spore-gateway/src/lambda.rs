@@ -666,7 +666,10 @@ pub(crate) async fn evict(
 
 pub(crate) async fn metrics(State(st): State<AppState>) -> Response {
     match &st.metrics {
-        Some(h) => ([("content-type", "text/plain; version=0.0.4")], h.render()).into_response(),
+        Some(h) => {
+            st.control.record_gauges();
+            ([("content-type", "text/plain; version=0.0.4")], h.render()).into_response()
+        }
         None => (
             StatusCode::SERVICE_UNAVAILABLE,
             "metrics recorder not installed\n",

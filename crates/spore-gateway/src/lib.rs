@@ -54,8 +54,15 @@ pub fn install_metrics() -> Option<PrometheusHandle> {
             0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
         ])
         .ok()?
+        // Gauges of functions that are gone stop being reported a while after their last
+        // update (they are set at every scrape).
+        .idle_timeout(
+            metrics_util::MetricKindMask::GAUGE,
+            Some(std::time::Duration::from_secs(120)),
+        )
         .install_recorder()
         .ok()?;
+    describe_metrics();
     let upkeep = handle.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
@@ -65,6 +72,81 @@ pub fn install_metrics() -> Option<PrometheusHandle> {
         }
     });
     Some(handle)
+}
+
+/// `# HELP` and units of every metric family the daemon reports.
+fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        "spore_invocations_total",
+        Unit::Count,
+        "Invocations served, by function and how the serving instance started (warm, fork, restore, cold)"
+    );
+    describe_counter!(
+        "spore_invocation_errors_total",
+        Unit::Count,
+        "Invocations that ended in a function error, by function and error type"
+    );
+    describe_counter!(
+        "spore_platform_errors_total",
+        Unit::Count,
+        "Invocations the platform could not serve (a sandbox that failed to start), by function"
+    );
+    describe_counter!(
+        "spore_dag_invocations_total",
+        Unit::Count,
+        "DAG invocations, by DAG and transport"
+    );
+    describe_histogram!(
+        "spore_invocation_duration_seconds",
+        Unit::Seconds,
+        "From an invocation reaching the daemon to its result, by function and start path"
+    );
+    describe_histogram!(
+        "spore_init_duration_seconds",
+        Unit::Seconds,
+        "Start-up of a fresh instance (a fork, a restore from a snapshot, a cold init), by function and start path"
+    );
+    describe_histogram!(
+        "spore_dag_hop_seconds",
+        Unit::Seconds,
+        "One DAG hop: a node's handler returning to its successor's handler starting, by DAG and transport"
+    );
+    describe_gauge!(
+        "spore_instances",
+        Unit::Count,
+        "Instances on this unit, by function and state (idle, busy)"
+    );
+    describe_gauge!(
+        "spore_templates",
+        Unit::Count,
+        "Live cfork templates, by function"
+    );
+    describe_gauge!(
+        "spore_spares",
+        Unit::Count,
+        "Spare sandboxes built ahead of a restore, by function"
+    );
+    describe_gauge!(
+        "spore_idle_memory_bytes",
+        Unit::Bytes,
+        "Memory held by a function's idle instances and cfork template"
+    );
+    describe_gauge!(
+        "spore_pipelines_idle",
+        Unit::Count,
+        "Idle pre-wired DAG pipelines"
+    );
+    describe_gauge!(
+        "spore_inflight",
+        Unit::Count,
+        "Invocations, DAG runs and background starts in flight"
+    );
+    describe_gauge!(
+        "spore_units",
+        Unit::Count,
+        "Processing units known to this daemon, by state (up, down)"
+    );
 }
 
 /// The API router; `auth` says who may call it.

@@ -89,6 +89,33 @@ pub struct FirstInvoke {
     pub timeout_s: u32,
 }
 
+/// What one function holds on a unit.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct FunctionStats {
+    /// The function.
+    pub name: String,
+    /// Idle (warm) instances.
+    pub idle: u32,
+    /// Instances, idle or busy.
+    pub total: u32,
+    /// Whether it has a live cfork template.
+    pub template: bool,
+    /// Whether a spare sandbox waits for its next restore.
+    pub spare: bool,
+    /// Memory its idle instances and template hold, bytes (busy instances are counted by
+    /// their invocations).
+    pub memory_bytes: u64,
+}
+
+impl FunctionStats {
+    fn new(name: &str) -> FunctionStats {
+        FunctionStats {
+            name: name.to_owned(),
+            ..FunctionStats::default()
+        }
+    }
+}
+
 /// A ready instance, and how it started.
 #[derive(Debug)]
 pub struct Lease {
@@ -423,6 +450,47 @@ impl Pools {
         }
         let templates = self.inner.templates.lock().expect("templates lock").len() as u32;
         (instances, templates)
+    }
+
+    /// What each function holds on this unit now (for the metrics' gauges).
+    pub fn stats(&self) -> Vec<FunctionStats> {
+        let mut out: HashMap<String, FunctionStats> = HashMap::new();
+        for (name, pool) in self.pools_snapshot() {
+            let st = pool.state.lock().expect("pool lock");
+            let e = out
+                .entry(name.clone())
+                .or_insert_with(|| FunctionStats::new(&name));
+            e.idle = st.idle.len() as u32;
+            e.total = st.total;
+            e.memory_bytes += st
+                .idle
+                .iter()
+                .filter_map(Instance::memory_bytes)
+                .sum::<u64>();
+        }
+        let templates: Vec<(String, Arc<Template>)> = self
+            .inner
+            .templates
+            .lock()
+            .expect("templates lock")
+            .iter()
+            .map(|(n, t)| (n.clone(), t.clone()))
+            .collect();
+        for (name, t) in templates {
+            let e = out
+                .entry(name.clone())
+                .or_insert_with(|| FunctionStats::new(&name));
+            e.template = t.is_alive();
+            e.memory_bytes += t.memory_bytes().unwrap_or(0);
+        }
+        for name in self.inner.spares.lock().expect("spares lock").keys() {
+            out.entry(name.clone())
+                .or_insert_with(|| FunctionStats::new(name))
+                .spare = true;
+        }
+        let mut v: Vec<FunctionStats> = out.into_values().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
     }
 
     /// Host pids of a function's live template, if it has one.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up for Spore on a fresh Debian/Ubuntu machine: Debian packages (the sandbox's
-# Python, pip, a font for plots, iproute2 and etcd for the units tests) and the Python packages
+# Python, pip, a font for plots, iproute2 and etcd for the units tests, prometheus for promtool) and the Python packages
 # of the sample functions (numpy, Pillow, pyaes) in a shared directory that sandboxes bind
 # read-only.
 set -euo pipefail

@@ -196,6 +196,12 @@ impl Client {
         Ok(())
     }
 
+    /// A one-time dashboard login path (`POST /spore/v1/ui/login-url`).
+    pub fn ui_login_url(&self) -> Result<Value> {
+        let req = self.http.post(self.url("/spore/v1/ui/login-url"));
+        json(Self::check(self.send(req)?)?, "the login URL")
+    }
+
     /// Makes an access key (`POST /spore/v1/keys`); the answer holds its secret.
     pub fn create_key(
         &self,

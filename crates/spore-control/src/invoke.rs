@@ -43,9 +43,15 @@ impl Control {
     ) -> Result<Invocation, ControlError> {
         Self::check_payload(&payload, false)?;
         let (me, name) = (self.clone(), name.to_owned());
-        tokio::spawn(async move { me.invoke_attached(&name, payload, opts).await })
-            .await
-            .map_err(|e| ControlError::Internal(format!("the invocation task failed: {e}")))?
+        tokio::spawn(async move {
+            let inv = me.invoke_attached(&name, payload, opts).await;
+            if let Ok(i) = &inv {
+                me.remember(&name, i);
+            }
+            inv
+        })
+        .await
+        .map_err(|e| ControlError::Internal(format!("the invocation task failed: {e}")))?
     }
 
     async fn invoke_attached(

@@ -98,7 +98,32 @@ impl ControlConfig {
     }
 }
 
+/// One finished invocation, as the dashboard lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RecentInvocation {
+    /// When it finished, ms since the epoch.
+    pub time_ms: u64,
+    /// The function.
+    pub function: String,
+    /// Its request id.
+    pub request_id: String,
+    /// How its instance started (`warm`, `fork`, `restore`, `cold`).
+    pub start: &'static str,
+    /// From the call to the result, ms.
+    pub duration_ms: f64,
+    /// Start-up of a fresh instance, ms (0 when warm).
+    pub init_ms: f64,
+    /// The error type, if it failed.
+    pub error: Option<String>,
+    /// The unit that ran it.
+    pub unit: u32,
+}
+
+/// How many finished invocations [`Control::recent_invocations`] keeps.
+pub const RECENT_INVOCATIONS: usize = 500;
+
 struct Inner {
+    recent: std::sync::Mutex<std::collections::VecDeque<RecentInvocation>>,
     registry: SharedRegistry,
     work: Arc<Work>,
     pools: Pools,
@@ -185,6 +210,7 @@ impl Control {
         });
         let control = Control {
             inner: Arc::new(Inner {
+                recent: std::sync::Mutex::new(std::collections::VecDeque::new()),
                 registry,
                 work,
                 pools,
@@ -354,6 +380,50 @@ impl Control {
     /// Host pids of a function's idle instances.
     pub fn instance_pids(&self, name: &str) -> Vec<i32> {
         self.inner.pools.instance_pids(name)
+    }
+
+    /// The last finished invocations, oldest first.
+    pub fn recent_invocations(&self) -> Vec<RecentInvocation> {
+        self.inner
+            .recent
+            .lock()
+            .expect("recent lock")
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// What each function holds on this unit now.
+    pub fn function_stats(&self) -> Vec<spore_pool::FunctionStats> {
+        self.inner.pools.stats()
+    }
+
+    /// Idle pre-wired DAG pipelines.
+    pub fn idle_pipelines(&self) -> usize {
+        self.inner.dags.idle_pipelines()
+    }
+
+    /// The last run of each DAG: its nodes' timing.
+    pub fn last_dag_runs(&self) -> std::collections::BTreeMap<String, spore_dag::LastRun> {
+        self.inner.dags.last_runs()
+    }
+
+    fn remember(&self, name: &str, inv: &Invocation) {
+        let r = RecentInvocation {
+            time_ms: spore_registry::store::now_unix_ms(),
+            function: name.to_owned(),
+            request_id: inv.request_id.clone(),
+            start: inv.start.as_str(),
+            duration_ms: inv.total_ms,
+            init_ms: inv.init_ms,
+            error: inv.outcome.as_ref().err().map(|e| e.error_type.clone()),
+            unit: inv.unit,
+        };
+        let mut recent = self.inner.recent.lock().expect("recent lock");
+        if recent.len() == RECENT_INVOCATIONS {
+            recent.pop_front();
+        }
+        recent.push_back(r);
     }
 
     /// Sets the gauges of what the daemon holds now (instances by state, templates, spares,

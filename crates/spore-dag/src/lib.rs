@@ -25,7 +25,7 @@
 //! running (blocked on edges) are destroyed, finished ones go back to their pool, and every
 //! ring and memfd is closed with the last descriptor that referred to it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -432,6 +432,8 @@ struct Inner {
     invoker: OnceLock<Arc<dyn Invoker>>,
     /// (a shim) Its segments of spread DAG pipelines and its neighbour links.
     segments: segments::ShimSegments,
+    /// Each DAG's last run.
+    last: Mutex<BTreeMap<String, LastRun>>,
 }
 
 /// The DAG engine of one unit. Cheap to clone.
@@ -486,6 +488,7 @@ impl Dags {
                 http: reqwest::Client::new(),
                 invoker: OnceLock::new(),
                 segments: segments::ShimSegments::default(),
+                last: Mutex::new(BTreeMap::new()),
             }),
         }
     }
@@ -611,6 +614,23 @@ impl Dags {
             metrics::histogram!("spore_dag_hop_seconds", "dag" => name.to_owned(), "transport" => transport.to_string())
                 .record(hop / 1e6);
         }
+        let total_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        let last = LastRun {
+            time_ms: spore_registry::store::now_unix_ms(),
+            request_id: request_id.clone(),
+            transport: transport.to_string(),
+            total_ms,
+            error: outcome
+                .as_ref()
+                .err()
+                .map(|f| f.to_function_error().message),
+            nodes: nodes.clone(),
+        };
+        self.inner
+            .last
+            .lock()
+            .expect("last runs lock")
+            .insert(name.to_owned(), last);
         Ok(DagRun {
             request_id,
             transport,
@@ -618,10 +638,32 @@ impl Dags {
             spread: spread && !relayed,
             outcome,
             raw,
-            total_ms: t0.elapsed().as_secs_f64() * 1000.0,
+            total_ms,
             nodes,
         })
     }
+
+    /// The last run of each DAG.
+    pub fn last_runs(&self) -> BTreeMap<String, LastRun> {
+        self.inner.last.lock().expect("last runs lock").clone()
+    }
+}
+
+/// A DAG's last run, as the dashboard draws it.
+#[derive(Debug, Clone, Serialize)]
+pub struct LastRun {
+    /// When it finished, ms since the epoch.
+    pub time_ms: u64,
+    /// Its request id.
+    pub request_id: String,
+    /// The transport.
+    pub transport: String,
+    /// From the call to the result, ms.
+    pub total_ms: f64,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
+    /// Per node instance.
+    pub nodes: Vec<NodeRun>,
 }
 
 /// Sets each run's hop: from the latest end among its node's predecessors to its start.

@@ -110,7 +110,7 @@ pub(crate) async fn check(State(st): State<AppState>, req: Request, next: Next) 
     if declared.is_some_and(|n| n > MAX_BODY as u64) {
         return too_large();
     }
-    let (mut parts, body) = req.into_parts();
+    let (parts, body) = req.into_parts();
     let Ok(bytes) = to_bytes(body, MAX_BODY).await else {
         return too_large();
     };
@@ -122,6 +122,39 @@ pub(crate) async fn check(State(st): State<AppState>, req: Request, next: Next) 
         }
         Auth::Keys(store) => store.clone(),
     };
+    // The dashboard's pages check their own session.
+    let path = parts.uri.path();
+    if path == "/ui" || path.starts_with("/ui/") {
+        return next
+            .run(Request::from_parts(parts, Body::from(bytes)))
+            .await;
+    }
+    // The dashboard's calls: a session cookie in place of a signature.
+    if !parts
+        .headers
+        .contains_key(axum::http::header::AUTHORIZATION)
+    {
+        if let Some(key) = crate::ui::session_cookie(&parts.headers)
+            .and_then(|s| st.sessions.key_of(&s))
+            .and_then(|name| store.read().expect("keys lock").get(&name).cloned())
+        {
+            let reads = matches!(
+                parts.method,
+                axum::http::Method::GET | axum::http::Method::HEAD
+            );
+            let marked = parts
+                .headers
+                .get("x-spore-ui")
+                .is_some_and(|v| v.as_bytes() == b"1");
+            if !reads && !marked {
+                return refused(
+                    "AccessDeniedException",
+                    "a request authenticated by the dashboard's cookie that changes anything must carry X-Spore-UI: 1".into(),
+                );
+            }
+            return authorized(key, parts, bytes, next).await;
+        }
+    }
     let mut headers: Vec<(String, String)> = parts
         .headers
         .iter()
@@ -166,6 +199,16 @@ pub(crate) async fn check(State(st): State<AppState>, req: Request, next: Next) 
         }
         Err(e) => return refused("InvalidSignatureException", e.to_string()),
     };
+    authorized(key, parts, bytes, next).await
+}
+
+/// Checks that `key` may do what the request does, then hands it on.
+async fn authorized(
+    key: Key,
+    mut parts: axum::http::request::Parts,
+    bytes: axum::body::Bytes,
+    next: Next,
+) -> Response {
     let action = action(&parts.method, parts.uri.path());
     if !key.allows(&action) {
         let what = match &action {

@@ -16,6 +16,9 @@
 //! | DELETE | `/spore/v1/snapshots/{name}` | (Spore) remove a function's snapshots |
 //! | GET, POST | `/spore/v1/keys` | (Spore) list, create access keys (admin keys only) |
 //! | DELETE | `/spore/v1/keys/{name}` | (Spore) remove an access key |
+//! | GET | `/spore/v1/status` | (Spore) what the dashboard shows: functions and what they hold, units, DAGs and their last runs, recent invocations |
+//! | POST | `/spore/v1/ui/login-url` | (Spore, admin keys) a one-time dashboard login path |
+//! | GET | `/ui` | (Spore) the web dashboard (`/ui/login` to log in) |
 //! | GET | `/metrics`, `/healthz` | (Spore) Prometheus text, liveness |
 //!
 //! Every request but `/healthz` must be signed (AWS Signature Version 4) with one of the
@@ -25,6 +28,7 @@
 pub mod auth;
 mod dag;
 mod lambda;
+pub mod ui;
 
 use std::future::Future;
 
@@ -45,6 +49,7 @@ struct AppState {
     control: Control,
     metrics: Option<PrometheusHandle>,
     auth: Auth,
+    sessions: std::sync::Arc<ui::Sessions>,
 }
 
 /// Installs the process-wide Prometheus recorder. Returns `None` if one is installed already.
@@ -156,6 +161,7 @@ pub fn router(control: Control, metrics: Option<PrometheusHandle>, auth: Auth) -
         control,
         metrics,
         auth,
+        sessions: std::sync::Arc::new(ui::Sessions::default()),
     };
     Router::new()
         .route(
@@ -200,6 +206,12 @@ pub fn router(control: Control, metrics: Option<PrometheusHandle>, auth: Auth) -
             "/spore/v1/keys/{name}",
             axum::routing::delete(auth::delete_key),
         )
+        .route("/spore/v1/status", get(ui::status))
+        .route("/spore/v1/ui/login-url", post(ui::login_url))
+        .route("/ui", get(ui::dashboard))
+        .route("/ui/", get(ui::dashboard))
+        .route("/ui/login", get(ui::login_form).post(ui::login))
+        .route("/ui/logout", post(ui::logout))
         .route("/metrics", get(lambda::metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .fallback(lambda::not_found)
@@ -222,6 +234,7 @@ pub fn metrics_router(control: Control, metrics: Option<PrometheusHandle>) -> Ro
             control,
             metrics,
             auth: Auth::None,
+            sessions: std::sync::Arc::new(ui::Sessions::default()),
         })
 }
 

@@ -106,6 +106,13 @@ pub(crate) enum Command {
         #[command(subcommand)]
         which: BenchCommand,
     },
+    /// Open the web dashboard: prints a one-time login URL (valid five minutes, for one
+    /// login) and, with --open, opens it in the default browser.
+    Ui {
+        /// Open the URL with xdg-open.
+        #[arg(long)]
+        open: bool,
+    },
     /// Create, list and remove the daemon's access keys (requests are signed with AWS
     /// Signature Version 4; the daemon makes an admin key in <data-dir>/credentials).
     Keys {

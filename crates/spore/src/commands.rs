@@ -831,3 +831,30 @@ pub fn keys(endpoint: &str, which: crate::cli::KeysCommand) -> Result<ExitCode> 
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// `spore ui`.
+pub fn ui(endpoint: &str, open: bool) -> Result<ExitCode> {
+    let v = Client::new(endpoint)?.ui_login_url()?;
+    let url = format!(
+        "{}{}",
+        endpoint.trim_end_matches('/'),
+        v["Path"].as_str().unwrap_or_default()
+    );
+    println!("{url}");
+    eprintln!(
+        "one login, within {} s; the dashboard lives at {}/ui",
+        v["ExpiresInSeconds"].as_u64().unwrap_or(0),
+        endpoint.trim_end_matches('/')
+    );
+    if open {
+        let status = std::process::Command::new("xdg-open")
+            .arg(&url)
+            .status()
+            .context("running xdg-open (open the URL above by hand)")?;
+        anyhow::ensure!(
+            status.success(),
+            "xdg-open failed: open the URL above by hand"
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

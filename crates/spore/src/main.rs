@@ -83,6 +83,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => commands::demo(&cli.endpoint, args),
         Command::Bench { which } => commands::bench(&cli.endpoint, which),
         Command::Keys { which } => commands::keys(&cli.endpoint, which),
+        Command::Ui { open } => commands::ui(&cli.endpoint, open),
         Command::SandboxInit => unreachable!("handled above"),
     };
     match result {

@@ -86,13 +86,18 @@ pub struct InvokeAnswer {
     pub unit: String,
 }
 
+/// How long a client waits for a daemon that does not listen yet.
+pub const CONNECT_WAIT: Duration = Duration::from_secs(5);
+
 impl Client {
     /// A client of `endpoint`, signing with the key the AWS tools would find (the standard
     /// variables, `--profile`), else the daemon's own `<data-dir>/credentials`.
     pub fn new(endpoint: &str) -> Result<Client> {
         let creds = crate::signed::default_credentials()
             .map_err(|e| ClientError::Credentials(e.to_string()))?;
-        Self::with_credentials(endpoint, creds)
+        let mut c = Self::with_credentials(endpoint, creds)?;
+        c.http = c.http.lazy_default();
+        Ok(c)
     }
 
     /// A client of `endpoint` signing with `creds` (None: unsigned).
@@ -114,13 +119,29 @@ impl Client {
     }
 
     fn send(&self, req: RequestBuilder) -> Result<Response> {
-        req.send().map_err(|e| {
-            if e.is_connect() {
-                ClientError::Unreachable(self.endpoint.clone())
-            } else {
-                ClientError::Request(e)
+        // A daemon that is starting (`spore serve &` then a client command) gets a few
+        // seconds to listen before the client gives up.
+        let deadline = std::time::Instant::now() + CONNECT_WAIT;
+        let mut said = false;
+        let mut req = req;
+        loop {
+            let retry = req.try_clone();
+            match req.send() {
+                Err(e) if e.is_connect() => {
+                    let Some(next) = retry.filter(|_| std::time::Instant::now() < deadline) else {
+                        return Err(ClientError::Unreachable(self.endpoint.clone()));
+                    };
+                    if !said {
+                        eprintln!("waiting for the Spore daemon at {} ...", self.endpoint);
+                        said = true;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                    req = next;
+                }
+                Err(e) => return Err(ClientError::Request(e)),
+                Ok(r) => return Ok(r),
             }
-        })
+        }
     }
 
     /// Turns an API error response into a readable error.

@@ -108,6 +108,9 @@ pub fn sign(req: &mut Request, creds: &Credentials) {
 pub struct Http {
     inner: Client,
     creds: Option<Credentials>,
+    /// Without a key: look for the default one again at each request (a daemon that was
+    /// starting writes its credentials file when it comes up).
+    lazy: bool,
 }
 
 impl Http {
@@ -116,12 +119,24 @@ impl Http {
         Ok(Http {
             inner: Client::builder().timeout(timeout).build()?,
             creds,
+            lazy: false,
         })
     }
 
     /// Wraps a configured `reqwest` client.
     pub fn from_client(inner: Client, creds: Option<Credentials>) -> Http {
-        Http { inner, creds }
+        Http {
+            inner,
+            creds,
+            lazy: false,
+        }
+    }
+
+    /// The same client, looking for the default key again at each request while it has
+    /// none.
+    pub fn lazy_default(mut self) -> Http {
+        self.lazy = true;
+        self
     }
 
     /// The key it signs with.
@@ -134,6 +149,7 @@ impl Http {
         Http {
             inner: self.inner.clone(),
             creds,
+            lazy: false,
         }
     }
 
@@ -205,10 +221,22 @@ impl RequestBuilder {
         }
     }
 
+    /// A copy (None when the body cannot be copied, a stream).
+    pub fn try_clone(&self) -> Option<RequestBuilder> {
+        Some(RequestBuilder {
+            inner: self.inner.try_clone()?,
+            http: self.http.clone(),
+        })
+    }
+
     /// Signs and sends the request.
     pub fn send(self) -> reqwest::Result<Response> {
         let mut req = self.inner.build()?;
-        if let Some(c) = &self.http.creds {
+        let found = match (&self.http.creds, self.http.lazy) {
+            (None, true) => default_credentials().ok().flatten(),
+            _ => None,
+        };
+        if let Some(c) = self.http.creds.as_ref().or(found.as_ref()) {
             sign(&mut req, c);
         }
         self.http.inner.execute(req)

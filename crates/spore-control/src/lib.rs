@@ -398,6 +398,15 @@ impl Control {
         self.inner.pools.stats()
     }
 
+    /// Every process this unit runs for functions (instances, templates, spares), and each
+    /// idle DAG pipeline (its DAG, instances, seconds idle).
+    pub fn processes(&self) -> (Vec<spore_pool::ProcessInfo>, Vec<(String, usize, f64)>) {
+        (
+            self.inner.pools.processes(),
+            self.inner.dags.pipelines_info(),
+        )
+    }
+
     /// Idle pre-wired DAG pipelines.
     pub fn idle_pipelines(&self) -> usize {
         self.inner.dags.idle_pipelines()

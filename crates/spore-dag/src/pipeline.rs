@@ -122,6 +122,11 @@ impl Pipeline {
     }
 
     /// Time since its last invocation.
+    /// How many local instances it holds.
+    pub(crate) fn instances(&self) -> usize {
+        self.members.len()
+    }
+
     pub(crate) fn idle_for(&self) -> Duration {
         self.last_used.elapsed()
     }
@@ -216,6 +221,21 @@ impl Dags {
     }
 
     /// Stops every idle pipeline and waits for their instances to be destroyed.
+    /// Each idle pre-wired pipeline: its DAG, how many instances it holds, and how long it
+    /// has been idle.
+    pub fn pipelines_info(&self) -> Vec<(String, usize, f64)> {
+        self.inner
+            .pipelines
+            .lock()
+            .expect("pipelines lock")
+            .iter()
+            .flat_map(|(dag, ps)| {
+                ps.iter()
+                    .map(|p| (dag.clone(), p.instances(), p.idle_for().as_secs_f64()))
+            })
+            .collect()
+    }
+
     /// Idle pre-wired pipelines, all DAGs together.
     pub fn idle_pipelines(&self) -> usize {
         self.inner
@@ -383,8 +403,9 @@ impl Dags {
                 };
                 let _ = failures.send((launch.node, error));
             }
+            let id = inst.id.clone();
             inst.destroy().await;
-            this.inner.pools.forget(&rec.manifest.name);
+            this.inner.pools.forget(&rec.manifest.name, &id);
         })
     }
 

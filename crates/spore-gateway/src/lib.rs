@@ -17,6 +17,7 @@
 //! | GET, POST | `/spore/v1/keys` | (Spore) list, create access keys (admin keys only) |
 //! | DELETE | `/spore/v1/keys/{name}` | (Spore) remove an access key |
 //! | GET | `/spore/v1/status` | (Spore) what the dashboard shows: functions and what they hold, units, DAGs and their last runs, recent invocations |
+//! | GET | `/spore/v1/processes` | (Spore) instances, templates, spares and idle pipelines (`spore ps`) |
 //! | POST | `/spore/v1/ui/login-url` | (Spore, admin keys) a one-time dashboard login path |
 //! | GET | `/ui` | (Spore) the web dashboard (`/ui/login` to log in) |
 //! | GET | `/metrics`, `/healthz` | (Spore) Prometheus text, liveness |
@@ -207,6 +208,7 @@ pub fn router(control: Control, metrics: Option<PrometheusHandle>, auth: Auth) -
             axum::routing::delete(auth::delete_key),
         )
         .route("/spore/v1/status", get(ui::status))
+        .route("/spore/v1/processes", get(ui::processes))
         .route("/spore/v1/ui/login-url", post(ui::login_url))
         .route("/ui", get(ui::dashboard))
         .route("/ui/", get(ui::dashboard))

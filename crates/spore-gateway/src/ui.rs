@@ -243,6 +243,19 @@ pub(crate) async fn login_url(
     .into_response()
 }
 
+/// `GET /spore/v1/processes`: every process this unit runs for functions, and the idle DAG
+/// pipelines (what `spore ps` lists).
+pub(crate) async fn processes(State(st): State<AppState>) -> Response {
+    let (procs, pipelines) = st.control.processes();
+    let pipelines: Vec<serde_json::Value> = pipelines
+        .into_iter()
+        .map(|(dag, instances, idle_s)| {
+            serde_json::json!({ "dag": dag, "instances": instances, "idle_s": idle_s })
+        })
+        .collect();
+    axum::Json(serde_json::json!({ "Processes": procs, "Pipelines": pipelines })).into_response()
+}
+
 /// `GET /spore/v1/status`: what the dashboard shows, in one answer.
 pub(crate) async fn status(State(st): State<AppState>) -> Response {
     let c = &st.control;

@@ -160,6 +160,10 @@ pub struct Instance {
     pub breakdown: Vec<(String, f64)>,
     /// Last time it finished an invocation (or started).
     pub last_used: Instant,
+    /// When it became ready.
+    pub created: Instant,
+    /// How it started (set when the pools hand it out fresh).
+    pub started: spore_core::StartKind,
     pub(crate) proc: Proc,
     pub(crate) sock: UnixStream,
     pub(crate) cgroup: Option<Cgroup>,
@@ -255,6 +259,8 @@ impl Instance {
             init_ms: 0.0,
             breakdown: Vec::new(),
             last_used: Instant::now(),
+            created: Instant::now(),
+            started: spore_core::StartKind::Cold,
             proc: Proc::Spawned(spawned.child),
             sock: spawned.sock,
             cgroup: Some(cgroup),

@@ -89,6 +89,42 @@ pub struct FirstInvoke {
     pub timeout_s: u32,
 }
 
+/// One process the pools run, as `spore ps` lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProcessInfo {
+    /// `instance`, `template` or `spare`.
+    pub kind: &'static str,
+    /// The function.
+    pub function: String,
+    /// Its id (the sandbox's hostname).
+    pub id: String,
+    /// Host pids of its processes.
+    pub pids: Vec<i32>,
+    /// How it started: `warm` is never shown, an instance keeps the start that made it.
+    pub start: &'static str,
+    /// `idle`, `busy`; a template `ready`; a spare `waiting`.
+    pub state: &'static str,
+    /// Seconds since it was ready.
+    pub age_s: f64,
+    /// Memory charged to its cgroup now (None: busy, or unknown).
+    pub memory_bytes: Option<u64>,
+}
+
+impl ProcessInfo {
+    fn of(function: &str, i: &Instance, state: &'static str) -> ProcessInfo {
+        ProcessInfo {
+            kind: "instance",
+            function: function.to_owned(),
+            id: i.id.clone(),
+            pids: i.pids(),
+            start: i.started.as_str(),
+            state,
+            age_s: i.created.elapsed().as_secs_f64(),
+            memory_bytes: (state == "idle").then(|| i.memory_bytes()).flatten(),
+        }
+    }
+}
+
 /// What one function holds on a unit.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct FunctionStats {
@@ -171,6 +207,8 @@ struct Inner {
     spares: Mutex<HashMap<String, Spare>>,
     template_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     reclaim: OnceLock<Reclaim>,
+    /// Instances handed out and not back yet, by id.
+    busy: Mutex<HashMap<String, ProcessInfo>>,
 }
 
 /// Every function's instances, templates, spares and snapshots on this unit. Cheap to clone.
@@ -208,6 +246,7 @@ impl Pools {
                 spares: Mutex::new(HashMap::new()),
                 template_locks: Mutex::new(HashMap::new()),
                 reclaim: OnceLock::new(),
+                busy: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -317,24 +356,37 @@ impl Pools {
         let slot = self
             .acquire(name, &pool, rec.revision, max, how.force_cold, deadline)
             .await?;
-        Ok(match slot {
+        let lease = match slot {
             Slot::Warm(inst) => Ok(Lease {
                 instance: *inst,
                 start: StartKind::Warm,
             }),
             Slot::Cold => match self.start_fresh(&env, rec, self.log(name), &how).await {
-                Ok((instance, start)) => Ok(Lease { instance, start }),
+                Ok((mut instance, start)) => {
+                    instance.started = start;
+                    Ok(Lease { instance, start })
+                }
                 Err(e) => {
                     Self::release_slot(&pool);
                     Err(e)
                 }
             },
-        })
+        };
+        if let Ok(l) = &lease {
+            let info = ProcessInfo::of(name, &l.instance, "busy");
+            self.inner
+                .busy
+                .lock()
+                .expect("busy lock")
+                .insert(l.instance.id.clone(), info);
+        }
+        Ok(lease)
     }
 
     /// Gives an instance from [`Pools::checkout`] back: kept warm if `reusable` and still of
     /// the function's current revision, else stopped.
     pub fn checkin(&self, rec: &FunctionRecord, inst: Instance, reusable: bool) {
+        self.inner.busy.lock().expect("busy lock").remove(&inst.id);
         let name = &rec.manifest.name;
         let pool = self.pool(name);
         let max = self.max_instances(rec);
@@ -343,8 +395,60 @@ impl Pools {
     }
 
     /// An instance from [`Pools::checkout`] was destroyed by its holder: frees its slot.
-    pub fn forget(&self, name: &str) {
+    pub fn forget(&self, name: &str, id: &str) {
+        self.inner.busy.lock().expect("busy lock").remove(id);
         Self::release_slot(&self.pool(name));
+    }
+
+    /// Every process this unit runs for functions: instances (idle and busy), templates and
+    /// spare sandboxes, oldest first.
+    pub fn processes(&self) -> Vec<ProcessInfo> {
+        let mut out: Vec<ProcessInfo> = self
+            .inner
+            .busy
+            .lock()
+            .expect("busy lock")
+            .values()
+            .cloned()
+            .collect();
+        for (name, pool) in self.pools_snapshot() {
+            let st = pool.state.lock().expect("pool lock");
+            out.extend(st.idle.iter().map(|i| ProcessInfo::of(&name, i, "idle")));
+        }
+        let templates: Vec<(String, Arc<Template>)> = self
+            .inner
+            .templates
+            .lock()
+            .expect("templates lock")
+            .iter()
+            .map(|(n, t)| (n.clone(), t.clone()))
+            .collect();
+        for (name, t) in templates {
+            out.push(ProcessInfo {
+                kind: "template",
+                function: name,
+                id: t.id.clone(),
+                pids: t.pids(),
+                start: if t.restored { "restore" } else { "cold" },
+                state: if t.is_alive() { "ready" } else { "dead" },
+                age_s: t.created.elapsed().as_secs_f64(),
+                memory_bytes: t.memory_bytes(),
+            });
+        }
+        for (name, s) in self.inner.spares.lock().expect("spares lock").iter() {
+            out.push(ProcessInfo {
+                kind: "spare",
+                function: name.clone(),
+                id: String::new(),
+                pids: s.pids(),
+                start: "restore",
+                state: "waiting",
+                age_s: s.created.elapsed().as_secs_f64(),
+                memory_bytes: None,
+            });
+        }
+        out.sort_by(|a, b| b.age_s.total_cmp(&a.age_s));
+        out
     }
 
     async fn acquire(

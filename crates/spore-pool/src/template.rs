@@ -65,6 +65,8 @@ pub struct Template {
     pub init_ms: f64,
     /// Whether it was restored from a snapshot (else it imported the handler).
     pub restored: bool,
+    /// When it became ready.
+    pub created: Instant,
     writer: tokio::sync::Mutex<OwnedWriteHalf>,
     helper: tokio::sync::Mutex<tokio::process::Child>,
     cgroup: Mutex<Option<spore_sandbox::cgroup::Cgroup>>,
@@ -208,6 +210,7 @@ impl Template {
             revision: rec.revision,
             init_ms: t0.elapsed().as_secs_f64() * 1000.0,
             restored,
+            created: Instant::now(),
             writer: tokio::sync::Mutex::new(writer),
             helper: tokio::sync::Mutex::new(helper),
             cgroup: Mutex::new(Some(cgroup)),
@@ -383,6 +386,8 @@ impl Template {
                     init_ms: t0.elapsed().as_secs_f64() * 1000.0,
                     breakdown: breakdown(sent_ns, &phases, ready_ns),
                     last_used: Instant::now(),
+                    created: Instant::now(),
+                    started: spore_core::StartKind::Cold,
                     proc: Proc::Forked(state),
                     sock,
                     cgroup: Some(cgroup),

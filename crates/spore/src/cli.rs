@@ -22,6 +22,15 @@ pub(crate) struct Cli {
     /// <data-dir>/credentials when readable (SPORE_DATA_DIR, default /var/lib/spore as root).
     #[arg(long, global = true, env = "AWS_PROFILE")]
     pub(crate) profile: Option<String>,
+    /// What client commands print: text (aligned tables) or json (the daemon's answers).
+    #[arg(
+        long,
+        short = 'o',
+        global = true,
+        default_value = "text",
+        value_parser = ["text", "json"]
+    )]
+    pub(crate) output: String,
     #[command(subcommand)]
     pub(crate) command: Command,
 }
@@ -60,6 +69,20 @@ pub(crate) enum Command {
     },
     /// List deployed functions.
     Ls,
+    /// List what runs for functions: instances (idle and busy), cfork templates, spare
+    /// sandboxes and idle DAG pipelines, with pids, start path, age and memory.
+    Ps,
+    /// Describe a function: configuration, what it holds, its snapshot, recent calls,
+    /// processes and last log lines.
+    Describe {
+        /// Function name.
+        name: String,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// Delete a function.
     Rm {
         /// Function name.
@@ -282,6 +305,10 @@ pub(crate) struct ServeArgs {
     /// Prometheus scraper (the API's own /metrics needs an admin key).
     #[arg(long, value_name = "HOST:PORT")]
     pub(crate) metrics_listen: Option<String>,
+    /// Write the API's address to this file once the daemon listens (removed at shutdown),
+    /// for scripts and service managers that wait for it.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) ready_file: Option<PathBuf>,
     /// The daemon's own log on stderr: text (colours only on a terminal, never with
     /// NO_COLOR) or json (one object a line). RUST_LOG filters it (default info).
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]

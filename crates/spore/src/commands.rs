@@ -11,6 +11,7 @@ use spore_client::{read_manifest, Client};
 use spore_control::{Control, ControlConfig};
 
 use crate::cli::{BenchCommand, DagCommand, DemoArgs, ServeArgs, ShimArgs, SnapshotCommand};
+use crate::out::{self, Table};
 
 use spore_client::default_data_dir;
 
@@ -29,30 +30,44 @@ pub fn shim(args: ShimArgs) -> Result<ExitCode> {
 pub fn units(endpoint: &str) -> Result<ExitCode> {
     let client = Client::new(endpoint)?;
     let v = client.units()?;
+    if out::json() {
+        out::print_json(&v);
+        return Ok(ExitCode::SUCCESS);
+    }
     let units = v["Units"].as_array().cloned().unwrap_or_default();
-    println!(
-        "{:<5} {:<5} {:<8} {:>5} {:>8} {:<12} {:>8} {:>9} {:<22} FUNCTIONS",
-        "UNIT", "STATE", "ARCH", "CORES", "MEM_MB", "ACCEL", "INFLIGHT", "INSTANCES", "PEER"
-    );
-    for u in units {
-        let accel: Vec<&str> = u["accelerators"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
-            .unwrap_or_default();
-        let funcs: Vec<&str> = u["functions"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
-            .unwrap_or_default();
+    let list = |x: &serde_json::Value| -> Vec<String> {
+        x.as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|x| x.as_str().map_or_else(|| x.to_string(), str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut t = Table::new(&[
+        "UNIT",
+        "STATE",
+        "ARCH",
+        ">CORES",
+        ">MEM_MB",
+        "ACCEL",
+        ">INFLIGHT",
+        ">INSTANCES",
+        "PEER",
+        "FUNCTIONS",
+    ]);
+    let mut notes = Vec::new();
+    for u in &units {
+        let accel = list(&u["accelerators"]);
         let peer = if u["local"].as_bool() == Some(true) {
             "(control plane)".to_owned()
         } else {
             u["peer"].as_str().unwrap_or("").to_owned()
         };
-        println!(
-            "{:<5} {:<5} {:<8} {:>5} {:>8} {:<12} {:>8} {:>9} {:<22} {}",
+        t.row(vec![
             u["id"].to_string(),
-            u["state"].as_str().unwrap_or("?"),
-            u["arch"].as_str().unwrap_or("?"),
+            u["state"].as_str().unwrap_or("?").to_owned(),
+            u["arch"].as_str().unwrap_or("?").to_owned(),
             u["cores"].to_string(),
             u["memory_mb"].to_string(),
             if accel.is_empty() {
@@ -63,32 +78,34 @@ pub fn units(endpoint: &str) -> Result<ExitCode> {
             u["inflight"].to_string(),
             u["load"]["instances"].to_string(),
             peer,
-            funcs.join(","),
-        );
+            list(&u["functions"]).join(","),
+        ]);
+        let id = &u["id"];
         if let Some(e) = u["etcd"].as_str() {
-            println!("      etcd: {e}");
+            notes.push(format!("unit {id}: etcd: {e}"));
         }
         if let Some(addr) = u["link"].as_str() {
-            let linked: Vec<String> = u["load"]["neighbours"]
-                .as_array()
-                .map(|a| a.iter().map(|x| x.to_string()).collect())
-                .unwrap_or_default();
-            println!(
-                "      takes neighbour links on {addr}; linked to units: {}",
+            let linked = list(&u["load"]["neighbours"]);
+            notes.push(format!(
+                "unit {id}: takes neighbour links on {addr}; linked to units: {}",
                 if linked.is_empty() {
                     "none yet".to_owned()
                 } else {
                     linked.join(",")
                 }
-            );
+            ));
         }
         if u["state"] == "down" {
-            println!(
-                "      down for {:.0} s: {}",
+            notes.push(format!(
+                "unit {id}: down for {:.0} s: {}",
                 u["since_s"].as_f64().unwrap_or(0.0),
                 u["reason"].as_str().unwrap_or("")
-            );
+            ));
         }
+    }
+    t.print();
+    for n in notes {
+        println!("{n}");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -236,6 +253,10 @@ pub fn serve(
             let _ = stop_rx.await;
         }));
         tracing::info!("spore listening on {endpoint} (data dir {})", data_dir.display());
+        if let Some(f) = &args.ready_file {
+            spore_registry::store::write_atomic(f, endpoint.as_bytes())
+                .with_context(|| format!("--ready-file {}", f.display()))?;
+        }
         tokio::select! {
             res = &mut server => {
                 let _ = std::fs::remove_file(&endpoint_file);
@@ -258,6 +279,9 @@ pub fn serve(
         control.shutdown(grace).await;
         let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
         let _ = std::fs::remove_file(&endpoint_file);
+        if let Some(f) = &args.ready_file {
+            let _ = std::fs::remove_file(f);
+        }
         tracing::info!("stopped; all sandboxes removed");
         Ok(ExitCode::SUCCESS)
     })
@@ -338,12 +362,35 @@ pub fn invoke(
             eprint!("{l}");
         }
     }
+    if ans.function_error && !out::json() {
+        print_function_error(name, &ans.body);
+        return Ok(ExitCode::from(3));
+    }
     println!("{}", String::from_utf8_lossy(&ans.body));
     Ok(if ans.function_error {
         ExitCode::from(3)
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// A function's error as people read it: type and message, then the traceback's lines.
+fn print_function_error(name: &str, body: &[u8]) {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+        eprintln!("{name} failed: {}", String::from_utf8_lossy(body));
+        return;
+    };
+    eprintln!(
+        "{name} failed: {}: {}",
+        v["errorType"].as_str().unwrap_or("Error"),
+        v["errorMessage"].as_str().unwrap_or("")
+    );
+    let trace = v["stackTrace"].as_array().or_else(|| v["trace"].as_array());
+    for line in trace.into_iter().flatten() {
+        for l in line.as_str().unwrap_or_default().lines() {
+            eprintln!("  {l}");
+        }
+    }
 }
 
 /// `spore evict NAME`.
@@ -372,24 +419,28 @@ pub fn snapshot(endpoint: &str, which: SnapshotCommand) -> Result<ExitCode> {
     match which {
         S::Ls => {
             let list = Client::new(endpoint)?.get_json("/spore/v1/snapshots")?;
-            println!(
-                "{:<20} {:>4} {:>9} {:>9} {:>9} {:>6} {:<8} STATE",
-                "FUNCTION", "REV", "FILE", "MAPPED", "STORED", "ZERO", "CODEC"
-            );
-            let mib = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0) / 1048576.0;
-            for s in list["Snapshots"].as_array().cloned().unwrap_or_default() {
-                println!(
-                    "{:<20} {:>4} {:>7.1}Mi {:>7.1}Mi {:>7.1}Mi {:>6} {:<8} {}",
-                    s["function"].as_str().unwrap_or("?"),
-                    s["revision"],
-                    mib(&s["file_bytes"]),
-                    mib(&s["mapped_bytes"]),
-                    s["stored_pages"].as_f64().unwrap_or(0.0) * 4096.0 / 1048576.0,
-                    s["zero_pages"],
-                    s["codec"].as_str().unwrap_or(""),
-                    s["error"].as_str().unwrap_or("ok"),
-                );
+            if out::json() {
+                out::print_json(&list);
+                return Ok(ExitCode::SUCCESS);
             }
+            let mut t = Table::new(&[
+                "FUNCTION", ">REV", ">FILE", ">MAPPED", ">STORED", ">ZERO", "CODEC", "STATE",
+            ]);
+            let mib = |v: f64| format!("{:.1} MiB", v / 1048576.0);
+            for s in list["Snapshots"].as_array().cloned().unwrap_or_default() {
+                let f = |k: &str| s[k].as_f64().unwrap_or(0.0);
+                t.row(vec![
+                    s["function"].as_str().unwrap_or("?").to_owned(),
+                    s["revision"].to_string(),
+                    mib(f("file_bytes")),
+                    mib(f("mapped_bytes")),
+                    mib(f("stored_pages") * 4096.0),
+                    s["zero_pages"].to_string(),
+                    s["codec"].as_str().unwrap_or("").to_owned(),
+                    s["error"].as_str().unwrap_or("ok").to_owned(),
+                ]);
+            }
+            t.print();
         }
         S::Inspect { target } => {
             let path = if target.exists() {
@@ -508,7 +559,11 @@ pub fn dag(endpoint: &str, which: DagCommand) -> Result<ExitCode> {
         }
         D::Ls => {
             let list = client.get_json("/dags")?;
-            println!("{:<20} {:<9} {:>5}  NODES", "NAME", "TRANSPORT", "COUNT");
+            if out::json() {
+                out::print_json(&list);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut t = Table::new(&["NAME", "TRANSPORT", ">COUNT", "NODES"]);
             for d in list["Dags"].as_array().cloned().unwrap_or_default() {
                 let nodes: Vec<String> = d["nodes"]
                     .as_array()
@@ -524,14 +579,14 @@ pub fn dag(endpoint: &str, which: DagCommand) -> Result<ExitCode> {
                         )
                     })
                     .collect();
-                println!(
-                    "{:<20} {:<9} {:>5}  {}",
-                    d["name"].as_str().unwrap_or("?"),
-                    d["transport"].as_str().unwrap_or("?"),
-                    nodes.len(),
-                    nodes.join(" ")
-                );
+                t.row(vec![
+                    d["name"].as_str().unwrap_or("?").to_owned(),
+                    d["transport"].as_str().unwrap_or("?").to_owned(),
+                    nodes.len().to_string(),
+                    nodes.join(" "),
+                ]);
             }
+            t.print();
         }
         D::Rm { name } => {
             client.delete_dag(&name)?;
@@ -589,23 +644,33 @@ pub fn dag(endpoint: &str, which: DagCommand) -> Result<ExitCode> {
 /// `spore ls`.
 pub fn ls(endpoint: &str) -> Result<ExitCode> {
     let list = Client::new(endpoint)?.get_json("/2015-03-31/functions")?;
-    let functions = list["Functions"].as_array().cloned().unwrap_or_default();
-    println!(
-        "{:<24} {:<8} {:<9} {:<20} {:>7} {:>8}  LAST MODIFIED",
-        "NAME", "RUNTIME", "SANDBOX", "HANDLER", "MEMORY", "TIMEOUT"
-    );
-    for f in &functions {
-        println!(
-            "{:<24} {:<8} {:<9} {:<20} {:>4} MB {:>6} s  {}",
-            f["FunctionName"].as_str().unwrap_or("?"),
-            f["Runtime"].as_str().unwrap_or("?"),
-            f["SporeSandbox"].as_str().unwrap_or("?"),
-            f["Handler"].as_str().unwrap_or("?"),
-            f["MemorySize"],
-            f["Timeout"],
-            f["LastModified"].as_str().unwrap_or("?")
-        );
+    if out::json() {
+        out::print_json(&list);
+        return Ok(ExitCode::SUCCESS);
     }
+    let functions = list["Functions"].as_array().cloned().unwrap_or_default();
+    let mut t = Table::new(&[
+        "NAME",
+        "RUNTIME",
+        "SANDBOX",
+        "HANDLER",
+        ">MEMORY",
+        ">TIMEOUT",
+        "LAST MODIFIED",
+    ]);
+    for f in &functions {
+        let s = |k: &str| f[k].as_str().unwrap_or("?").to_owned();
+        t.row(vec![
+            s("FunctionName"),
+            s("Runtime"),
+            s("SporeSandbox"),
+            s("Handler"),
+            format!("{} MB", f["MemorySize"]),
+            format!("{} s", f["Timeout"]),
+            s("LastModified"),
+        ]);
+    }
+    t.print();
     if functions.is_empty() {
         println!("(no functions deployed; try `spore deploy functions/hello`)");
     }
@@ -654,6 +719,10 @@ pub fn logs(
 
 /// One log line: its time (UTC), request id (`-` outside invocations) and text.
 fn print_log_event(e: &serde_json::Value) {
+    if out::json() {
+        println!("{e}");
+        return;
+    }
     let t = e["timestamp"].as_u64().unwrap_or(0);
     let ts = spore_registry::store::lambda_timestamp(t);
     let rid = e["requestId"].as_str().unwrap_or("-");
@@ -794,35 +863,21 @@ pub fn keys(endpoint: &str, which: crate::cli::KeysCommand) -> Result<ExitCode> 
         }
         KeysCommand::Ls => {
             let v = client.get_json("/spore/v1/keys")?;
-            let keys = v["Keys"].as_array().cloned().unwrap_or_default();
-            let rows: Vec<[String; 4]> = keys
-                .iter()
-                .map(|k| {
-                    let s = |f: &str| k[f].as_str().unwrap_or("").to_owned();
-                    let scope = if k["InvokeOnly"].as_bool() == Some(true) {
-                        format!("invoke {}", k["Functions"].as_str().unwrap_or("*"))
-                    } else {
-                        "admin".to_owned()
-                    };
-                    [s("Name"), s("AccessKeyId"), scope, s("Created")]
-                })
-                .collect();
-            let header = ["NAME", "ACCESS KEY ID", "MAY", "CREATED"];
-            let width = |i: usize| {
-                rows.iter()
-                    .map(|r| r[i].len())
-                    .chain([header[i].len()])
-                    .max()
-                    .unwrap_or(0)
-            };
-            let (w0, w1, w2) = (width(0), width(1), width(2));
-            println!(
-                "{:w0$}  {:w1$}  {:w2$}  {}",
-                header[0], header[1], header[2], header[3]
-            );
-            for r in rows {
-                println!("{:w0$}  {:w1$}  {:w2$}  {}", r[0], r[1], r[2], r[3]);
+            if out::json() {
+                out::print_json(&v);
+                return Ok(ExitCode::SUCCESS);
             }
+            let mut t = Table::new(&["NAME", "ACCESS KEY ID", "MAY", "CREATED"]);
+            for k in v["Keys"].as_array().cloned().unwrap_or_default() {
+                let s = |f: &str| k[f].as_str().unwrap_or("").to_owned();
+                let scope = if k["InvokeOnly"].as_bool() == Some(true) {
+                    format!("invoke {}", k["Functions"].as_str().unwrap_or("*"))
+                } else {
+                    "admin".to_owned()
+                };
+                t.row(vec![s("Name"), s("AccessKeyId"), scope, s("Created")]);
+            }
+            t.print();
         }
         KeysCommand::Rm { name } => {
             client.delete_key(&name)?;
@@ -856,5 +911,193 @@ pub fn ui(endpoint: &str, open: bool) -> Result<ExitCode> {
             "xdg-open failed: open the URL above by hand"
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn age(secs: f64) -> String {
+    let s = secs as u64;
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        _ => format!("{}h", s / 3600),
+    }
+}
+
+fn mib_of(v: &serde_json::Value) -> String {
+    v.as_f64()
+        .map_or_else(|| "-".to_owned(), |b| format!("{:.1} MiB", b / 1048576.0))
+}
+
+/// `spore ps`.
+pub fn ps(endpoint: &str) -> Result<ExitCode> {
+    let v = Client::new(endpoint)?.get_json("/spore/v1/processes")?;
+    if out::json() {
+        out::print_json(&v);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut t = Table::new(&[
+        "KIND", "FUNCTION", "ID", "PIDS", "START", "STATE", ">AGE", ">MEMORY",
+    ]);
+    for p in v["Processes"].as_array().cloned().unwrap_or_default() {
+        let pids: Vec<String> = p["pids"]
+            .as_array()
+            .map(|a| a.iter().map(|x| x.to_string()).collect())
+            .unwrap_or_default();
+        let s = |k: &str| p[k].as_str().unwrap_or("").to_owned();
+        t.row(vec![
+            s("kind"),
+            s("function"),
+            s("id"),
+            pids.join(","),
+            s("start"),
+            s("state"),
+            age(p["age_s"].as_f64().unwrap_or(0.0)),
+            mib_of(&p["memory_bytes"]),
+        ]);
+    }
+    for p in v["Pipelines"].as_array().cloned().unwrap_or_default() {
+        t.row(vec![
+            "pipeline".into(),
+            p["dag"].as_str().unwrap_or("").to_owned(),
+            String::new(),
+            format!("{} instances", p["instances"]),
+            String::new(),
+            format!("idle {}", age(p["idle_s"].as_f64().unwrap_or(0.0))),
+            String::new(),
+            String::new(),
+        ]);
+    }
+    if t.is_empty() {
+        println!("(nothing running: instances start at the first invocation)");
+    } else {
+        t.print();
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `spore describe NAME`.
+pub fn describe(endpoint: &str, name: &str) -> Result<ExitCode> {
+    let client = Client::new(endpoint)?;
+    let conf = client.get_json(&format!("/2015-03-31/functions/{name}"))?;
+    let procs = client.get_json("/spore/v1/processes")?;
+    let status = client.get_json("/spore/v1/status")?;
+    let mine = |a: &serde_json::Value, key: &str| -> Vec<serde_json::Value> {
+        a.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|x| x[key] == name)
+            .cloned()
+            .collect()
+    };
+    let processes = mine(&procs["Processes"], "function");
+    let recent = mine(&status["recent"], "function");
+    let function = mine(&status["functions"], "name").pop().unwrap_or_default();
+    let logs = client.log_events(name, 10, None, None)?;
+    if out::json() {
+        out::print_json(&serde_json::json!({
+            "Function": conf,
+            "Holds": function["stats"],
+            "Image": function["image"],
+            "Processes": processes,
+            "Recent": recent,
+            "Logs": logs,
+        }));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let c = &conf["Configuration"];
+    let s = |v: &serde_json::Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+    println!("Function:     {}", s(&c["FunctionName"]));
+    println!(
+        "Runtime:      {}  (handler {})",
+        s(&c["Runtime"]),
+        s(&c["Handler"])
+    );
+    println!(
+        "Sandbox:      {}  memory {} MB, timeout {} s",
+        s(&c["SporeSandbox"]),
+        c["MemorySize"],
+        c["Timeout"]
+    );
+    println!(
+        "Code:         {} bytes, sha256 {}",
+        c["CodeSize"],
+        s(&c["CodeSha256"])
+    );
+    println!(
+        "Modified:     {}  (revision {})",
+        s(&c["LastModified"]),
+        s(&c["RevisionId"])
+    );
+    let held = &function["stats"];
+    println!(
+        "Holds:        {} idle, {} busy instances; template {}; spare {}; {} held",
+        held["idle"].as_u64().unwrap_or(0),
+        held["total"].as_u64().unwrap_or(0) - held["idle"].as_u64().unwrap_or(0),
+        if held["template"] == true {
+            "live"
+        } else {
+            "none"
+        },
+        if held["spare"] == true {
+            "ready"
+        } else {
+            "none"
+        },
+        mib_of(&held["memory_bytes"]),
+    );
+    let image = &function["image"];
+    if image.is_object() {
+        println!(
+            "Snapshot:     revision {}, {} codec, {} ({})",
+            image["revision"],
+            s(&image["codec"]),
+            mib_of(&image["file_bytes"]),
+            image["error"].as_str().unwrap_or("ok")
+        );
+    }
+    let durations: Vec<f64> = recent
+        .iter()
+        .filter_map(|r| r["duration_ms"].as_f64())
+        .collect();
+    if !durations.is_empty() {
+        let mut d = durations.clone();
+        d.sort_by(f64::total_cmp);
+        let errors = recent.iter().filter(|r| r["error"].is_string()).count();
+        println!(
+            "Recent calls: {} (errors {}), p50 {:.2} ms, p99 {:.2} ms",
+            d.len(),
+            errors,
+            d[d.len() / 2],
+            d[(d.len() * 99 / 100).min(d.len() - 1)]
+        );
+    }
+    if !processes.is_empty() {
+        println!("Processes:");
+        for p in &processes {
+            println!(
+                "  {} {} {} ({}, {}) pids {}",
+                s(&p["kind"]),
+                s(&p["id"]),
+                s(&p["state"]),
+                s(&p["start"]),
+                age(p["age_s"].as_f64().unwrap_or(0.0)),
+                p["pids"]
+            );
+        }
+    }
+    if !logs.is_empty() {
+        println!("Last log lines:");
+        for e in &logs {
+            println!("  {}", e["message"].as_str().unwrap_or_default());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `spore completions SHELL`.
+pub fn completions(shell: clap_complete::Shell) -> Result<ExitCode> {
+    use clap::CommandFactory;
+    let mut cmd = crate::cli::Cli::command();
+    clap_complete::generate(shell, &mut cmd, "spore", &mut std::io::stdout());
     Ok(ExitCode::SUCCESS)
 }

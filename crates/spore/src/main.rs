@@ -5,6 +5,7 @@
 
 mod cli;
 mod commands;
+mod out;
 
 use std::process::ExitCode;
 
@@ -42,6 +43,7 @@ fn main() -> ExitCode {
         };
     }
     spore_client::signed::set_defaults(cli.profile.clone(), None);
+    out::set_json(cli.output == "json");
     let result = match cli.command {
         Command::Serve(args) => commands::serve(args, None),
         Command::Shim(args) => commands::shim(args),
@@ -62,6 +64,9 @@ fn main() -> ExitCode {
             verbose,
         ),
         Command::Ls => commands::ls(&cli.endpoint),
+        Command::Ps => commands::ps(&cli.endpoint),
+        Command::Describe { name } => commands::describe(&cli.endpoint, &name),
+        Command::Completions { shell } => commands::completions(shell),
         Command::Rm { name } => commands::rm(&cli.endpoint, &name),
         Command::Evict { name } => commands::evict(&cli.endpoint, &name),
         Command::Logs {

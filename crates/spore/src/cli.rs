@@ -240,17 +240,22 @@ pub(crate) struct ShimArgs {
 
 #[derive(Debug, Args)]
 pub(crate) struct ServeArgs {
+    /// A TOML file of these options (`max_instances = 16`, `listen = "127.0.0.1:9000"`, ...;
+    /// default /etc/spore/spore.toml when it exists). Flags win over environment variables,
+    /// which win over the file, which wins over the defaults.
+    #[arg(long, env = "SPORE_CONFIG", value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
     /// Address of the HTTP API (port 0 picks a free one; the address is written to
     /// <data-dir>/run/endpoint). Default 127.0.0.1:9000; for a shim 127.0.0.1:0 (its API
     /// shows its own unit).
-    #[arg(long)]
+    #[arg(long, env = "SPORE_LISTEN")]
     pub(crate) listen: Option<String>,
     /// `spore serve`: where to accept shims' links, HOST:PORT (port 0 picks a free one,
     /// written to <data-dir>/run/link-endpoint); without it, this daemon is the only unit.
     /// `spore shim`: where to accept neighbour links from other shims (an address they
     /// reach; it is announced to the control plane), so that DAG edges between two shims go
     /// straight between them; without it, such edges pass through the control plane.
-    #[arg(long)]
+    #[arg(long, env = "SPORE_LINK_LISTEN")]
     pub(crate) link_listen: Option<String>,
     /// etcd endpoints (http://HOST:PORT[,...]) for membership across hosts: the control plane
     /// announces its link address and placements there; a shim registers itself there and
@@ -258,7 +263,7 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "SPORE_ETCD")]
     pub(crate) etcd: Option<String>,
     /// Key prefix in etcd (one per cluster).
-    #[arg(long, default_value = "/spore")]
+    #[arg(long, env = "SPORE_ETCD_PREFIX", default_value = "/spore")]
     pub(crate) etcd_prefix: String,
     /// Data dir (default /var/lib/spore as root, else ~/.local/share/spore; a shim's default
     /// is unit-N under it).
@@ -268,50 +273,50 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "SPORE_PACKAGES_DIR")]
     pub(crate) packages_dir: Option<PathBuf>,
     /// Default most instances per function.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, env = "SPORE_MAX_INSTANCES", default_value_t = 8)]
     pub(crate) max_instances: u32,
     /// Seconds an idle instance is kept warm.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, env = "SPORE_KEEP_ALIVE_S", default_value_t = 300)]
     pub(crate) keep_alive_s: u64,
     /// CPU quota per instance, in thousandths of a CPU.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, env = "SPORE_CPU_MILLIS", default_value_t = 1000)]
     pub(crate) cpu_millis: u32,
     /// Most processes per instance.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, env = "SPORE_PIDS_MAX", default_value_t = 64)]
     pub(crate) pids_max: u32,
     /// Size of each instance's /tmp, MiB.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, env = "SPORE_TMP_MB", default_value_t = 64)]
     pub(crate) tmp_mb: u32,
     /// Most memory idle instances may hold together, MiB: over it, idle instances are
     /// stopped (those restorable from a snapshot first, then the longest idle).
-    #[arg(long)]
+    #[arg(long, env = "SPORE_IDLE_MEMORY_MB")]
     pub(crate) idle_memory_mb: Option<u64>,
     /// How restores install memory: full (all pages first), lazy (on first touch, via
     /// userfaultfd) or reap (a recorded working set first, the rest lazily).
-    #[arg(long, default_value = "full")]
+    #[arg(long, env = "SPORE_SNAPSHOT_MODE", default_value = "full")]
     pub(crate) snapshot_mode: String,
     /// How snapshot images store pages: raw, lz4, zstd-N.
-    #[arg(long, default_value = "raw")]
+    #[arg(long, env = "SPORE_SNAPSHOT_CODEC", default_value = "raw")]
     pub(crate) snapshot_codec: String,
     /// Seconds to let in-flight invocations finish on shutdown.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, env = "SPORE_GRACE_S", default_value_t = 30)]
     pub(crate) grace_s: u64,
     /// Who may call the API: `keys` (every request but /healthz signed with AWS Signature
     /// Version 4 by one of the daemon's access keys) or `none` (no checks: only for a
     /// throwaway daemon on a loopback --listen).
-    #[arg(long, default_value = "keys", value_parser = ["keys", "none"])]
+    #[arg(long, env = "SPORE_AUTH", default_value = "keys", value_parser = ["keys", "none"])]
     pub(crate) auth: String,
     /// Also serve /metrics (and /healthz) without authentication on this address, for a
     /// Prometheus scraper (the API's own /metrics needs an admin key).
-    #[arg(long, value_name = "HOST:PORT")]
+    #[arg(long, env = "SPORE_METRICS_LISTEN", value_name = "HOST:PORT")]
     pub(crate) metrics_listen: Option<String>,
     /// Write the API's address to this file once the daemon listens (removed at shutdown),
     /// for scripts and service managers that wait for it.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, env = "SPORE_READY_FILE", value_name = "PATH")]
     pub(crate) ready_file: Option<PathBuf>,
     /// The daemon's own log on stderr: text (colours only on a terminal, never with
     /// NO_COLOR) or json (one object a line). RUST_LOG filters it (default info).
-    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    #[arg(long, env = "SPORE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub(crate) log_format: String,
 }
 

@@ -5,6 +5,7 @@
 
 mod cli;
 mod commands;
+mod config;
 mod out;
 
 use std::process::ExitCode;
@@ -27,7 +28,14 @@ fn main() -> ExitCode {
     {
         spore_snapshot::run_restorer();
     }
-    let cli = Cli::parse();
+    let argv = match config::expand(std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(argv);
     if !matches!(
         cli.command,
         Command::Serve(_) | Command::Shim(_) | Command::Demo(_) | Command::Bench { .. }

@@ -163,7 +163,12 @@ fn cli_deploy_invoke_ls_logs_rm() {
         .success());
     let out = spore(&d, &["invoke", "err"]);
     assert_eq!(out.status.code(), Some(3), "a function error exits 3");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("ValueError"));
+    // Readable on stderr; the error JSON itself with -o json.
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ValueError"));
+    let out = spore(&d, &["-o", "json", "invoke", "err"]);
+    assert_eq!(out.status.code(), Some(3));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["errorType"], "ValueError");
 
     let out = spore(&d, &["ls"]);
     let text = String::from_utf8_lossy(&out.stdout);

@@ -249,6 +249,13 @@ impl Pools {
             }
         };
         template.refill_spares(env);
+        tracing::info!(
+            function = %name,
+            template = %template.id,
+            how = if template.restored { "restored" } else { "imported" },
+            "cfork template started in {:.1} ms",
+            template.init_ms
+        );
         self.inner
             .templates
             .lock()

@@ -126,6 +126,10 @@ pub(crate) enum Command {
     Demo(DemoArgs),
     /// Run a benchmark; results go to --out as CSV, JSON, Markdown and PNG.
     Bench {
+        /// Measure the daemon at --endpoint instead of starting one for the run (its
+        /// functions named like the samples are replaced).
+        #[arg(long, global = true)]
+        use_running_daemon: bool,
         #[command(subcommand)]
         which: BenchCommand,
     },
@@ -331,6 +335,10 @@ pub(crate) struct DemoArgs {
     /// Cold invocations per function.
     #[arg(long, default_value_t = 5)]
     pub(crate) cold: usize,
+    /// Deploy into the daemon at --endpoint instead of starting one for the demo (its
+    /// functions named like the samples are replaced).
+    #[arg(long)]
+    pub(crate) use_running_daemon: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -388,12 +396,9 @@ pub(crate) enum BenchCommand {
         #[arg(long, default_value = "functions/dag")]
         functions: PathBuf,
     },
-    /// Snapshots (Sabre Table 2 / Figs. 9, 11-12): image sizes raw, zero-elided and per
-    /// codec, and cold start to first response from an init vs a restore from each codec,
-    /// page cache warm and dropped.
     /// Memory restore alone (Sabre Fig. 9): images of sample functions' runtimes restored
     /// into fresh memory as a plain memory file, with zero pages elided, and per codec, with
-    /// 1 and 2 threads, page cache warm and dropped
+    /// 1 and 2 threads, page cache warm and dropped.
     MemoryRestore {
         /// Restores per series.
         #[arg(long, short = 'n', default_value_t = 20)]
@@ -417,6 +422,9 @@ pub(crate) enum BenchCommand {
         #[arg(long, default_value = "functions")]
         functions: PathBuf,
     },
+    /// Snapshots (Sabre Table 2 / Figs. 9, 11-12): image sizes raw, zero-elided and per
+    /// codec, and cold start to first response from an init vs a restore from each codec,
+    /// page cache warm and dropped.
     SnapshotColdStart {
         /// Starts per series.
         #[arg(long, short = 'n', default_value_t = 20)]
@@ -469,4 +477,24 @@ pub(crate) enum BenchCommand {
         #[arg(long, default_value = "functions")]
         functions: PathBuf,
     },
+}
+
+impl BenchCommand {
+    /// The same command with its `--functions` folder resolved by `resolve`.
+    pub(crate) fn with_samples(mut self, resolve: impl Fn(PathBuf) -> PathBuf) -> BenchCommand {
+        let f = match &mut self {
+            BenchCommand::ColdStart { functions, .. }
+            | BenchCommand::Functionbench { functions, .. }
+            | BenchCommand::Dag { functions, .. }
+            | BenchCommand::Xpu { functions, .. }
+            | BenchCommand::MemoryRestore { functions, .. }
+            | BenchCommand::SnapshotColdStart { functions, .. }
+            | BenchCommand::Density { functions, .. } => Some(functions),
+            BenchCommand::Ipc { .. } => None,
+        };
+        if let Some(f) = f {
+            *f = resolve(std::mem::take(f));
+        }
+        self
+    }
 }

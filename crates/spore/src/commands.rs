@@ -752,12 +752,14 @@ fn parse_duration(s: &str) -> Result<Duration> {
 }
 
 /// `spore demo`.
-pub fn demo(endpoint: &str, args: DemoArgs) -> Result<ExitCode> {
+pub fn demo(endpoint: Option<&str>, args: DemoArgs) -> Result<ExitCode> {
     let DemoArgs {
         functions,
         warm,
         cold,
+        ..
     } = args;
+    let functions = samples(functions);
     drivers::demo::run(
         endpoint,
         &drivers::demo::DemoOptions {
@@ -770,8 +772,9 @@ pub fn demo(endpoint: &str, args: DemoArgs) -> Result<ExitCode> {
 }
 
 /// `spore bench ...`.
-pub fn bench(endpoint: &str, which: BenchCommand) -> Result<ExitCode> {
+pub fn bench(endpoint: Option<&str>, which: BenchCommand) -> Result<ExitCode> {
     use drivers::bench;
+    let which = which.with_samples(samples);
     match which {
         BenchCommand::ColdStart {
             sandbox,
@@ -1100,4 +1103,25 @@ pub fn completions(shell: clap_complete::Shell) -> Result<ExitCode> {
     let mut cmd = crate::cli::Cli::command();
     clap_complete::generate(shell, &mut cmd, "spore", &mut std::io::stdout());
     Ok(ExitCode::SUCCESS)
+}
+
+/// The sample functions' folder: `dir` as given when it exists, else the same relative path
+/// beside the binary (a build tree: `target/release/spore` finds the repository's
+/// `functions/`) or in its installed `share/spore/` (so that `spore demo` and `spore bench`
+/// work from anywhere).
+fn samples(dir: PathBuf) -> PathBuf {
+    if dir.exists() || dir.is_absolute() {
+        return dir;
+    }
+    let Ok(exe) = std::env::current_exe() else {
+        return dir;
+    };
+    for base in exe.ancestors().skip(1) {
+        for candidate in [base.join(&dir), base.join("share/spore").join(&dir)] {
+            if candidate.exists() {
+                return candidate;
+            }
+        }
+    }
+    dir
 }

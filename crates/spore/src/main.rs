@@ -93,8 +93,14 @@ fn main() -> ExitCode {
         ),
         Command::Dag { which } => commands::dag(&cli.endpoint, which),
         Command::Snapshot { which } => commands::snapshot(&cli.endpoint, which),
-        Command::Demo(args) => commands::demo(&cli.endpoint, args),
-        Command::Bench { which } => commands::bench(&cli.endpoint, which),
+        Command::Demo(args) => {
+            let ep = args.use_running_daemon.then(|| cli.endpoint.clone());
+            commands::demo(ep.as_deref(), args)
+        }
+        Command::Bench {
+            which,
+            use_running_daemon,
+        } => commands::bench(use_running_daemon.then_some(cli.endpoint.as_str()), which),
         Command::Keys { which } => commands::keys(&cli.endpoint, which),
         Command::Ui { open } => commands::ui(&cli.endpoint, open),
         Command::SandboxInit => unreachable!("handled above"),

@@ -127,3 +127,44 @@ fn the_grafana_dashboard_uses_exported_families() {
     }
     assert!(checked >= 10);
 }
+
+#[test]
+fn the_demo_leaves_the_users_daemon_alone() {
+    if !can_sandbox("the_demo_leaves_the_users_daemon_alone") {
+        return;
+    }
+    let mut d = common::Daemon::start();
+    // The user's own function, named like a sample.
+    d.deploy_cfork(&common::fixture("echo"), "hello");
+    let before = d.get_json("/2015-03-31/functions/hello");
+    // Run from elsewhere: the samples are found beside the binary, and `.spore/` lands there.
+    let cwd = tempfile::tempdir().unwrap();
+    for run in 0..2 {
+        let out = Command::new(BIN)
+            .args(["demo", "--warm", "1", "--cold", "1"])
+            .env("SPORE_ENDPOINT", &d.endpoint)
+            .env("SPORE_DATA_DIR", &d.data)
+            .current_dir(cwd.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "demo run {run}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let after = d.get_json("/2015-03-31/functions/hello");
+    assert_eq!(
+        before["Configuration"]["CodeSha256"],
+        after["Configuration"]["CodeSha256"]
+    );
+    assert_eq!(
+        before["Configuration"]["RevisionId"],
+        after["Configuration"]["RevisionId"]
+    );
+    let list = d.get_json("/2015-03-31/functions");
+    assert_eq!(list["Functions"].as_array().unwrap().len(), 1, "{list}");
+    let (err, _, v) = d.invoke("hello", serde_json::json!({"k": 1}));
+    assert!(!err && v["event"] == serde_json::json!({"k": 1}), "{v}");
+    d.stop();
+}

@@ -27,10 +27,10 @@ pub struct IpcOptions {
 
 /// `spore bench cold-start`: fresh-instance starts of `hello` in `sandbox` (container, or
 /// cfork with container as the baseline) vs warm calls vs `python3 -c pass`.
-pub fn cold_start(endpoint: &str, opts: &RunOptions, sandbox: &str) -> Result<()> {
+pub fn cold_start(endpoint: Option<&str>, opts: &RunOptions, sandbox: &str) -> Result<()> {
     let (n, out, functions) = (opts.n, &opts.out, &opts.functions);
     let sandbox: SandboxKind = sandbox.parse()?;
-    let daemon = Daemon::at_or_start(endpoint, "bench")?;
+    let daemon = Daemon::for_run(endpoint, "bench")?;
     let (client, ep) = (&daemon.client, daemon.endpoint.clone());
     let hello = functions.join("hello");
     deploy_variant(client, &hello, "hello", SandboxKind::Container, |_| {})?;
@@ -81,9 +81,9 @@ pub fn cold_start(endpoint: &str, opts: &RunOptions, sandbox: &str) -> Result<()
 
 /// `spore bench functionbench`: every sample function on a fresh instance, container vs
 /// cfork.
-pub fn functionbench(endpoint: &str, opts: &RunOptions) -> Result<()> {
+pub fn functionbench(endpoint: Option<&str>, opts: &RunOptions) -> Result<()> {
     let (n, out, functions) = (opts.n, &opts.out, &opts.functions);
-    let daemon = Daemon::at_or_start(endpoint, "bench")?;
+    let daemon = Daemon::for_run(endpoint, "bench")?;
     let (client, ep) = (&daemon.client, daemon.endpoint.clone());
     let workloads = deploy_samples(client, functions)?;
     let results =
@@ -141,7 +141,7 @@ pub fn ipc(opts: &IpcOptions) -> Result<()> {
 /// `spore bench memory-restore`: images of sample functions' runtimes restored into fresh
 /// memory, per codec and install threads (`threads`: a comma-separated list, each 1-64).
 pub fn memory_restore(
-    endpoint: &str,
+    endpoint: Option<&str>,
     opts: &RunOptions,
     selection: &SnapshotSelection,
     threads: &str,
@@ -158,7 +158,7 @@ pub fn memory_restore(
                 .ok_or_else(|| anyhow::anyhow!("--threads: {t:?} is not 1..=64"))
         })
         .collect::<Result<Vec<usize>>>()?;
-    let daemon = Daemon::at_or_start(endpoint, "bench")?;
+    let daemon = Daemon::for_run(endpoint, "bench")?;
     let client = &daemon.client;
     // The images: each function's runtime snapshotted at an init.
     let mut images = Vec::new();
@@ -223,13 +223,13 @@ pub fn memory_restore(
 /// `spore bench snapshot-cold-start`: cold start to first response, from an init vs a restore
 /// from each codec.
 pub fn snapshot_cold_start(
-    endpoint: &str,
+    endpoint: Option<&str>,
     opts: &RunOptions,
     selection: &SnapshotSelection,
 ) -> Result<()> {
     let (n, out, functions) = (opts.n, &opts.out, &opts.functions);
     let (names, codecs, cold_cache) = snapshot_bench_args(selection)?;
-    let daemon = Daemon::at_or_start(endpoint, "bench")?;
+    let daemon = Daemon::for_run(endpoint, "bench")?;
     let (client, ep) = (&daemon.client, daemon.endpoint.clone());
     let workloads = deploy_snapshotted(client, functions, &names, true)?;
     let cfg = crate::snapshot::Config {
@@ -277,9 +277,9 @@ pub fn snapshot_cold_start(
 
 /// `spore bench density`: memory per idle instance, `opts.n` cfork instances next to
 /// `container_n` container ones (0 skips them).
-pub fn density(endpoint: &str, opts: &RunOptions, container_n: usize) -> Result<()> {
+pub fn density(endpoint: Option<&str>, opts: &RunOptions, container_n: usize) -> Result<()> {
     let (n, out, functions) = (opts.n, &opts.out, &opts.functions);
-    let daemon = Daemon::at_or_start(endpoint, "bench")?;
+    let daemon = Daemon::for_run(endpoint, "bench")?;
     let client = &daemon.client;
     let hello = functions.join("hello");
     let limit = u32::try_from(n.max(container_n) + 1)

@@ -62,9 +62,9 @@ pub(crate) fn dag_hops(v: &serde_json::Value, node: Option<&str>) -> Vec<f64> {
 }
 
 /// `spore bench dag`.
-pub fn run(endpoint: &str, opts: &RunOptions) -> Result<()> {
+pub fn run(endpoint: Option<&str>, opts: &RunOptions) -> Result<()> {
     let (n, out, functions) = (opts.n, &opts.out, &opts.functions);
-    let daemon = Daemon::at_or_start(endpoint, "bench")?;
+    let daemon = Daemon::for_run(endpoint, "bench")?;
     let client = &daemon.client;
     let dags = deploy_dags(client, functions)?;
     let run = |name: &str, input: &serde_json::Value, transport: &str| {

@@ -26,8 +26,8 @@ pub struct DemoOptions {
 }
 
 /// `spore demo`.
-pub fn run(endpoint: &str, opts: &DemoOptions) -> Result<()> {
-    let daemon = Daemon::at_or_start(endpoint, "demo")?;
+pub fn run(endpoint: Option<&str>, opts: &DemoOptions) -> Result<()> {
+    let daemon = Daemon::for_run(endpoint, "demo")?;
     let (client, ep) = (&daemon.client, &daemon.endpoint);
     println!(
         "== deploying the sample functions from {} (each as a container and as a cfork function)",

@@ -18,11 +18,19 @@ pub(crate) struct Daemon {
 }
 
 impl Daemon {
-    /// Uses the daemon at `endpoint` if it answers, else starts one under `.spore/<what>`.
-    pub fn at_or_start(endpoint: &str, what: &str) -> Result<Daemon> {
-        let client = Client::new(endpoint)?;
-        if client.healthy() {
-            eprintln!("using the daemon at {endpoint}");
+    /// The daemon at `endpoint` when one is given (it must answer), else one started for
+    /// this run on a fresh data dir under `.spore/<what>` (removed when it stops; its log stays), so that a
+    /// demo or benchmark never changes the functions of a daemon it did not start.
+    pub fn for_run(endpoint: Option<&str>, what: &str) -> Result<Daemon> {
+        if let Some(endpoint) = endpoint {
+            let client = Client::new(endpoint)?;
+            anyhow::ensure!(
+                client.healthy(),
+                "no daemon answers at {endpoint} (--use-running-daemon needs one)"
+            );
+            eprintln!(
+                "using the daemon at {endpoint}: its functions named like the samples are replaced"
+            );
             crate::cold_start::use_credentials(client.http().credentials().cloned());
             return Ok(Daemon {
                 client,
@@ -32,7 +40,7 @@ impl Daemon {
         }
         let dir = PathBuf::from(".spore").join(what);
         eprintln!(
-            "no daemon at {endpoint}; starting one (log: {}/daemon.log)",
+            "starting a daemon for this run (log: {}/daemon.log; --use-running-daemon uses the one at --endpoint)",
             dir.display()
         );
         let packages = std::env::var_os("SPORE_PACKAGES_DIR").map(PathBuf::from);

@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use plotters::coord::combinators::BindKeyPoints;
 use plotters::prelude::*;
 
 use crate::{BenchError, Series};
@@ -31,6 +32,29 @@ fn ensure_font() -> Result<(), BenchError> {
     .map_err(BenchError::Plot)
 }
 
+/// Tick values between `lo` and `hi` on a 1-2-5 sequence, so that a narrow range (a few ms)
+/// gets several labels, not one power of ten.
+fn ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let mut out = Vec::new();
+    let mut decade = 10f64.powf(lo.log10().floor());
+    while decade <= hi {
+        for m in [1.0, 2.0, 5.0] {
+            let v = decade * m;
+            if v >= lo && v <= hi {
+                out.push(v);
+            }
+        }
+        decade *= 10.0;
+    }
+    if out.len() < 4 {
+        // Fewer than four: add the midpoints of each step too.
+        let more: Vec<f64> = out.windows(2).map(|w| (w[0] * w[1]).sqrt()).collect();
+        out.extend(more);
+        out.sort_by(f64::total_cmp);
+    }
+    out
+}
+
 /// Draws the CDF of each series into a PNG at `path`.
 pub fn cdf(path: &Path, title: &str, series: &[Series]) -> Result<(), BenchError> {
     ensure_font()?;
@@ -45,17 +69,35 @@ pub fn cdf(path: &Path, title: &str, series: &[Series]) -> Result<(), BenchError
     }
     let lo = all.iter().copied().fold(f64::INFINITY, f64::min) * 0.8;
     let hi = all.iter().copied().fold(0.0, f64::max) * 1.25;
-    let root = BitMapBackend::new(path, (1000, 620)).into_drawing_area();
+    // The legend goes in a strip below the chart, where it covers no curve.
+    let legend_h = 30 + 24 * series.len().div_ceil(2) as u32;
+    let root = BitMapBackend::new(path, (1000, 620 + legend_h)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
-    let mut chart = ChartBuilder::on(&root)
+    let (plot_area, legend_area) = root.split_vertically(620);
+    let mut chart = ChartBuilder::on(&plot_area)
         .caption(title, ("sans-serif", 24))
         .margin(16)
         .x_label_area_size(48)
         .y_label_area_size(60)
-        .build_cartesian_2d((lo..hi).log_scale(), 0.0..1.0)
+        .build_cartesian_2d(
+            (lo..hi).log_scale().with_key_points(ticks(lo, hi)),
+            0.0..1.0,
+        )
         .map_err(|e| err(&e))?;
+    let fmt = |v: &f64| {
+        if *v >= 100.0 {
+            format!("{v:.0}")
+        } else if *v >= 1.0 {
+            format!("{v:.1}")
+        } else if *v >= 0.01 {
+            format!("{v:.2}")
+        } else {
+            format!("{v:.3}")
+        }
+    };
     chart
         .configure_mesh()
+        .x_label_formatter(&fmt)
         .x_desc("latency (ms, log scale)")
         .y_desc("fraction of requests")
         .label_style(("sans-serif", 15))
@@ -73,18 +115,49 @@ pub fn cdf(path: &Path, title: &str, series: &[Series]) -> Result<(), BenchError
             .collect();
         chart
             .draw_series(LineSeries::new(points, color))
-            .map_err(|e| err(&e))?
-            .label(format!("{} (n={})", s.name, v.len()))
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+            .map_err(|e| err(&e))?;
+        let (col, row) = (i % 2, i / 2);
+        let (x, y) = (70 + 470 * col as i32, 18 + 24 * row as i32);
+        legend_area
+            .draw(&PathElement::new(vec![(x, y), (x + 28, y)], color))
+            .map_err(|e| err(&e))?;
+        legend_area
+            .draw(&Text::new(
+                format!("{} (n={})", s.name, v.len()),
+                (x + 36, y - 9),
+                ("sans-serif", 16),
+            ))
+            .map_err(|e| err(&e))?;
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 16))
-        .position(SeriesLabelPosition::LowerRight)
-        .draw()
-        .map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cdf_plot_is_drawn() {
+        if ensure_font().is_err() {
+            eprintln!("SKIP a_cdf_plot_is_drawn: no DejaVu font (fonts-dejavu-core)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cdf.png");
+        let series: Vec<Series> = (0..5)
+            .map(|i| Series {
+                name: format!("series {i}"),
+                samples_ms: (1..200)
+                    .map(|k| f64::from(k) * 0.01 * f64::from(i + 1))
+                    .collect(),
+            })
+            .collect();
+        cdf(&path, "test", &series).unwrap();
+        let keep = std::env::var_os("SPORE_KEEP_PLOT").map(std::path::PathBuf::from);
+        if let Some(k) = keep {
+            std::fs::copy(&path, k).unwrap();
+        }
+        assert!(std::fs::metadata(&path).unwrap().len() > 10_000);
+    }
 }

@@ -7,10 +7,9 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use reqwest::blocking::{Client, Request, Response};
-use reqwest::header::{HeaderName, HeaderValue};
 use spore_auth::Credentials;
 
 /// Where clients look for a key when none is given: a named profile (`--profile`) and the
@@ -56,51 +55,19 @@ pub fn credentials_for(
     Ok(spore_auth::credentials::resolve(profile, Some(data_dir))?.map(|(c, _)| c))
 }
 
-/// Signs `req` with `creds` (service `lambda`, Spore's default region).
+/// Signs `req` with `creds` (AWS Signature Version 4, service `lambda`, Spore's default
+/// region), over its final method, address, headers and body.
 pub fn sign(req: &mut Request, creds: &Credentials) {
-    let url = req.url().clone();
-    let host = match url.port() {
-        Some(p) => format!("{}:{p}", url.host_str().unwrap_or_default()),
-        None => url.host_str().unwrap_or_default().to_owned(),
-    };
-    let mut headers: Vec<(String, String)> = req
-        .headers()
-        .iter()
-        .map(|(n, v)| {
-            (
-                n.as_str().to_owned(),
-                v.to_str().unwrap_or_default().to_owned(),
-            )
-        })
-        .collect();
-    headers.push(("host".into(), host));
-    let body = req
-        .body()
-        .and_then(|b| b.as_bytes())
-        .unwrap_or_default()
-        .to_vec();
-    let parts = spore_auth::RequestParts {
-        method: req.method().as_str(),
-        path: url.path(),
-        query: url.query().unwrap_or(""),
-        headers: &headers,
-        body: &body,
-    };
-    let added = spore_auth::sigv4::sign(
-        &parts,
+    let body = req.body().and_then(|b| b.as_bytes()).unwrap_or_default();
+    let added = spore_auth::sigv4::sign_http(
+        req.method(),
+        req.url().as_str(),
+        req.headers(),
+        body,
         creds,
-        spore_auth::sigv4::DEFAULT_REGION,
-        "lambda",
-        SystemTime::now(),
+        std::time::SystemTime::now(),
     );
-    for (k, v) in added {
-        if let (Ok(k), Ok(v)) = (
-            HeaderName::from_bytes(k.as_bytes()),
-            HeaderValue::from_str(&v),
-        ) {
-            req.headers_mut().insert(k, v);
-        }
-    }
+    req.headers_mut().extend(added);
 }
 
 /// A blocking HTTP client whose requests are signed with one key (or not at all).

@@ -296,49 +296,17 @@ async fn http_hop(
     })
 }
 
-/// Signs a call to the gateway (AWS Signature Version 4, as any client of the API).
+/// Signs `req` with `creds` (AWS Signature Version 4, service `lambda`, Spore's default
+/// region), over its final method, address, headers and body.
 fn sign(req: &mut reqwest::Request, creds: &Credentials) {
-    let url = req.url().clone();
-    let host = match url.port() {
-        Some(p) => format!("{}:{p}", url.host_str().unwrap_or_default()),
-        None => url.host_str().unwrap_or_default().to_owned(),
-    };
-    let mut headers: Vec<(String, String)> = req
-        .headers()
-        .iter()
-        .map(|(n, v)| {
-            (
-                n.as_str().to_owned(),
-                v.to_str().unwrap_or_default().to_owned(),
-            )
-        })
-        .collect();
-    headers.push(("host".into(), host));
-    let body = req
-        .body()
-        .and_then(|b| b.as_bytes())
-        .unwrap_or_default()
-        .to_vec();
-    let parts = spore_auth::RequestParts {
-        method: req.method().as_str(),
-        path: url.path(),
-        query: url.query().unwrap_or(""),
-        headers: &headers,
-        body: &body,
-    };
-    let added = spore_auth::sigv4::sign(
-        &parts,
+    let body = req.body().and_then(|b| b.as_bytes()).unwrap_or_default();
+    let added = spore_auth::sigv4::sign_http(
+        req.method(),
+        req.url().as_str(),
+        req.headers(),
+        body,
         creds,
-        spore_auth::sigv4::DEFAULT_REGION,
-        "lambda",
         std::time::SystemTime::now(),
     );
-    for (k, v) in added {
-        if let (Ok(k), Ok(v)) = (
-            reqwest::header::HeaderName::from_bytes(k.as_bytes()),
-            reqwest::header::HeaderValue::from_str(&v),
-        ) {
-            req.headers_mut().insert(k, v);
-        }
-    }
+    req.headers_mut().extend(added);
 }

@@ -55,7 +55,7 @@ fn action(method: &axum::http::Method, path: &str) -> Action {
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     if method == axum::http::Method::POST {
         if let ["2015-03-31", "functions", name, "invocations"] = segs.as_slice() {
-            let decoded = percent_decode(name);
+            let decoded = spore_auth::sigv4::percent_decode(name);
             return Action::Invoke {
                 function: spore_core::function_name_from_ref(&decoded).to_owned(),
             };
@@ -65,25 +65,6 @@ fn action(method: &axum::http::Method, path: &str) -> Action {
         }
     }
     Action::Manage
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let hex = |c: u8| (c as char).to_digit(16);
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The middleware: checks the signature and the key's permission, then hands the request

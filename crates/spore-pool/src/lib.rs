@@ -415,14 +415,7 @@ impl Pools {
             let st = pool.state.lock().expect("pool lock");
             out.extend(st.idle.iter().map(|i| ProcessInfo::of(&name, i, "idle")));
         }
-        let templates: Vec<(String, Arc<Template>)> = self
-            .inner
-            .templates
-            .lock()
-            .expect("templates lock")
-            .iter()
-            .map(|(n, t)| (n.clone(), t.clone()))
-            .collect();
+        let templates = self.template_list();
         for (name, t) in templates {
             out.push(ProcessInfo {
                 kind: "template",
@@ -572,14 +565,7 @@ impl Pools {
                 .filter_map(Instance::memory_bytes)
                 .sum::<u64>();
         }
-        let templates: Vec<(String, Arc<Template>)> = self
-            .inner
-            .templates
-            .lock()
-            .expect("templates lock")
-            .iter()
-            .map(|(n, t)| (n.clone(), t.clone()))
-            .collect();
+        let templates = self.template_list();
         for (name, t) in templates {
             let e = out
                 .entry(name.clone())

@@ -45,7 +45,7 @@ impl Pools {
     }
 
     /// Every live template, by function.
-    fn template_list(&self) -> Vec<(String, Arc<Template>)> {
+    pub(crate) fn template_list(&self) -> Vec<(String, Arc<Template>)> {
         self.inner
             .templates
             .lock()

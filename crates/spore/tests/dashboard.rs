@@ -22,7 +22,7 @@ url, shot = sys.argv[1], sys.argv[2]
 opts = webdriver.ChromeOptions()
 opts.binary_location = "/usr/bin/chromium"
 for a in ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-          "--window-size=1500,1250"]:
+          "--window-size=1500,1450"]:
     opts.add_argument(a)
 d = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
 wait = WebDriverWait(d, 30)
@@ -42,6 +42,8 @@ try:
     wait.until(lambda d: "browser" in text("invoke-result"))
     wait.until(lambda d: "START RequestId" in text("log") and "REPORT RequestId" in text("log"))
     wait.until(lambda d: "warm" in text("recent"))
+    # Instances by start path, and the cfork template.
+    wait.until(lambda d: "template" in text("procs") and "cold" in text("procs"))
     d.save_screenshot(shot)
     print("dashboard OK")
 finally:

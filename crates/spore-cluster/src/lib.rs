@@ -32,7 +32,10 @@
 mod calls;
 pub mod etcd;
 mod links;
+pub mod pki;
 mod shim;
+pub mod tls;
+pub mod tokens;
 pub mod units;
 
 use std::future::Future;
@@ -48,6 +51,18 @@ use spore_shim::{Answer, Link, UnitLoad};
 
 pub use spore_shim::{LinkConfig, UnitInfo};
 pub use units::{InflightCount, Placement, UnitStatus, Units};
+
+/// An error and its causes on one line (`a: b: c`), for reasons sent to a peer or logged.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
 
 /// A boxed future, as the host traits return them.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -23,6 +23,11 @@
 //! plane sends the package (the function's code directory, zipped) and calls again. Shims
 //! thus need no state of their own to follow redeploys, restarts or re-placements.
 //!
+//! **Security.** Every link is mutual TLS with certificates of the cluster's own CA
+//! ([`pki`], [`tls`]): a shim joins once with a token ([`tokens`]) that also pins the CA, and
+//! from then on presents its unit certificate; a greeting must claim the unit its certificate
+//! names, a unit that is up cannot be linked twice, and greetings are bounded.
+//!
 //! The wire format of links is `spore-shim`'s. This crate knows the registry (records and
 //! code) and nothing of instances or DAGs: what a unit runs locally it asks of a
 //! [`UnitHost`] (the unit's control plane), and DAG segments of a [`SegmentHost`] (the DAG
@@ -49,6 +54,7 @@ use spore_registry::{FunctionRecord, FunctionSpec};
 use spore_shim::proto::NodeTimes;
 use spore_shim::{Answer, Link, UnitLoad};
 
+pub use shim::ShimCredentials;
 pub use spore_shim::{LinkConfig, UnitInfo};
 pub use units::{InflightCount, Placement, UnitStatus, Units};
 

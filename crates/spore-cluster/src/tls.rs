@@ -143,6 +143,12 @@ impl ControlTls {
         &self.ca
     }
 
+    /// The server config of links (a unit certificate required), for callers that run the
+    /// handshake themselves.
+    pub fn link_config(&self) -> Arc<ServerConfig> {
+        self.link.clone()
+    }
+
     /// Takes a connection through its handshake (within `timeout`): a unit's link or a join.
     pub async fn accept(&self, tcp: TcpStream, timeout: Duration) -> Result<Incoming, String> {
         let _slot = self

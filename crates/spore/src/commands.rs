@@ -9,7 +9,9 @@ use spore_bench::drivers::{self, RunOptions, SnapshotSelection};
 use spore_client::{read_manifest, Client};
 use spore_control::{Control, ControlConfig};
 
-use crate::cli::{BenchCommand, DagCommand, DemoArgs, ServeArgs, ShimArgs, SnapshotCommand};
+use crate::cli::{
+    BenchCommand, ClusterCommand, DagCommand, DemoArgs, ServeArgs, ShimArgs, SnapshotCommand,
+};
 
 fn default_data_dir() -> PathBuf {
     if nix::unistd::geteuid().is_root() {
@@ -30,7 +32,111 @@ pub fn shim(args: ShimArgs) -> Result<ExitCode> {
         many => Some(many.to_vec()),
     };
     let unit = spore_shim::UnitInfo::detect(args.id, args.arch.clone(), accelerators);
-    serve(args.serve, Some((unit, args.control)))
+    let token = args
+        .join
+        .as_deref()
+        .map(str::parse::<spore_cluster::tokens::JoinToken>)
+        .transpose()
+        .context("--join")?;
+    serve(args.serve, Some((unit, args.control, token)))
+}
+
+/// `spore cluster init|token`.
+pub fn cluster(which: ClusterCommand) -> Result<ExitCode> {
+    use spore_cluster::pki::ClusterCa;
+    use spore_cluster::tokens::Tokens;
+    let dir = |d: Option<PathBuf>| d.unwrap_or_else(default_data_dir);
+    match which {
+        ClusterCommand::Init { data_dir } => {
+            let d = dir(data_dir);
+            let (ca, made) = ClusterCa::init(&d)
+                .with_context(|| format!("the cluster CA in {}", d.display()))?;
+            println!(
+                "{} the cluster CA in {} (sha256 {})",
+                if made { "made" } else { "found" },
+                ca.dir().display(),
+                ca.fingerprint_hex()
+            );
+        }
+        ClusterCommand::Token {
+            ttl,
+            once,
+            unit,
+            list,
+            revoke,
+            data_dir,
+        } => {
+            let d = dir(data_dir);
+            let tokens =
+                Tokens::open(&d).with_context(|| format!("the tokens in {}", d.display()))?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |t| t.as_secs());
+            if list {
+                println!("{:<9} {:>12} {:<5} UNIT", "ID", "EXPIRES_IN", "ONCE");
+                for t in tokens.list()? {
+                    println!(
+                        "{:<9} {:>11}s {:<5} {}",
+                        t.id,
+                        t.expires.saturating_sub(now),
+                        t.once,
+                        t.unit.map_or("any".to_owned(), |u| u.to_string())
+                    );
+                }
+            } else if let Some(id) = revoke {
+                if !tokens.revoke(&id)? {
+                    bail!("no token {id} (it may have expired or been used up)");
+                }
+                eprintln!("revoked token {id} (certificates already issued with it stay valid)");
+            } else {
+                let ca = ClusterCa::load(&d)?;
+                let (token, rec) = tokens.create(ca.fingerprint(), ttl, once, unit)?;
+                eprintln!(
+                    "token {} for {}{}, valid {} s; give it to `spore shim --join` (or SPORE_JOIN_TOKEN)",
+                    rec.id,
+                    unit.map_or("any unit".to_owned(), |u| format!("unit {u}")),
+                    if once { ", single use" } else { "" },
+                    ttl.as_secs()
+                );
+                println!("{token}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The etcd client of `--etcd` and its TLS and auth options.
+fn etcd_client(args: &ServeArgs) -> Result<Option<spore_cluster::etcd::Etcd>> {
+    let Some(endpoints) = args.etcd.as_deref() else {
+        return Ok(None);
+    };
+    let user = match &args.etcd_user {
+        None => None,
+        Some(u) => {
+            let password = match (&args.etcd_password_file, std::env::var("SPORE_ETCD_PASSWORD")) {
+                (Some(f), _) => std::fs::read_to_string(f)
+                    .with_context(|| format!("--etcd-password-file {}", f.display()))?
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned(),
+                (None, Ok(p)) => p,
+                (None, Err(_)) => bail!(
+                    "--etcd-user {u}: give the password in SPORE_ETCD_PASSWORD or --etcd-password-file"
+                ),
+            };
+            Some((u.clone(), password))
+        }
+    };
+    let auth = spore_cluster::etcd::EtcdAuth {
+        ca: args.etcd_ca.clone(),
+        cert: args.etcd_cert.clone(),
+        key: args.etcd_key.clone(),
+        user,
+    };
+    let client = spore_cluster::etcd::Etcd::with_auth(endpoints, &args.etcd_prefix, auth)
+        .context("--etcd")?;
+    Ok(Some(client))
 }
 
 /// `spore units`.
@@ -104,7 +210,11 @@ pub fn units(endpoint: &str) -> Result<ExitCode> {
 /// `spore serve`, or with `shim` (this unit, the control plane's link address) a shim.
 pub fn serve(
     args: ServeArgs,
-    shim: Option<(spore_shim::UnitInfo, Option<String>)>,
+    shim: Option<(
+        spore_shim::UnitInfo,
+        Option<String>,
+        Option<spore_cluster::tokens::JoinToken>,
+    )>,
 ) -> Result<ExitCode> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -116,7 +226,7 @@ pub fn serve(
     // the unit's description, so it is bound before the unit greets anyone.
     let mut shim = shim;
     let neighbour_listener = match (&mut shim, &args.link_listen) {
-        (Some((unit, _)), Some(addr)) => {
+        (Some((unit, _, _)), Some(addr)) => {
             let l = std::net::TcpListener::bind(addr)
                 .with_context(|| format!("--link-listen {addr}"))?;
             l.set_nonblocking(true)?;
@@ -132,9 +242,31 @@ pub fn serve(
         _ => None,
     };
     let data_dir = args.data_dir.clone().unwrap_or_else(|| match &shim {
-        Some((u, _)) => default_data_dir().join(format!("unit-{}", u.id)),
+        Some((u, _, _)) => default_data_dir().join(format!("unit-{}", u.id)),
         None => default_data_dir(),
     });
+    // A shim needs its unit certificate, or a token to get one.
+    let shim = match shim {
+        Some((unit, control, token)) => {
+            let creds = spore_cluster::ShimCredentials {
+                data_dir: data_dir.clone(),
+                token,
+            };
+            if let Err(why) = creds.usable(unit.id) {
+                bail!("unit {} cannot join the cluster: {why}", unit.id);
+            }
+            Some((unit, control, creds))
+        }
+        None => None,
+    };
+    // The control plane's link port is mutual TLS with the cluster CA (made on first use).
+    let control_tls = match (&shim, &args.link_listen) {
+        (None, Some(_)) => Some(std::sync::Arc::new(
+            spore_cluster::tls::ControlTls::open(&data_dir)
+                .with_context(|| format!("the cluster CA in {}", data_dir.display()))?,
+        )),
+        _ => None,
+    };
     let listen = args.listen.clone().unwrap_or_else(|| {
         if shim.is_some() {
             "127.0.0.1:0"
@@ -152,7 +284,7 @@ pub fn serve(
     cfg.pids_max = args.pids_max;
     cfg.tmp_mb = args.tmp_mb;
     cfg.idle_memory_mb = args.idle_memory_mb;
-    cfg.unit = shim.as_ref().map(|(u, _)| u.clone());
+    cfg.unit = shim.as_ref().map(|(u, _, _)| u.clone());
     cfg.snapshot_mode = args
         .snapshot_mode
         .parse()
@@ -161,12 +293,7 @@ pub fn serve(
         .snapshot_codec
         .parse()
         .map_err(|e: String| anyhow::anyhow!("--snapshot-codec: {e}"))?;
-    let etcd = args
-        .etcd
-        .as_deref()
-        .map(|e| spore_cluster::etcd::Etcd::new(e, &args.etcd_prefix))
-        .transpose()
-        .context("--etcd")?;
+    let etcd = etcd_client(&args)?;
     if etcd.is_some() && shim.is_none() && args.link_listen.is_none() {
         bail!("--etcd announces the control plane's link address: give --link-listen too");
     }
@@ -193,20 +320,22 @@ pub fn serve(
             let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--link-listen {addr}"))?;
             let bound = l.local_addr()?.to_string();
             spore_registry::store::write_atomic(&link_file, bound.as_bytes()).context("writing the link endpoint file")?;
-            tracing::info!("accepting unit links on {bound}");
+            let tls = control_tls.clone().expect("a control plane with --link-listen has its TLS");
+            tracing::info!(ca = %tls.ca().fingerprint_hex(), "accepting unit links on {bound} (mutual TLS)");
             let c = control.clone();
-            tokio::spawn(async move { c.serve_links(l).await });
+            let grace = args.unit_grace;
+            tokio::spawn(async move { c.serve_links(l, tls, grace).await });
             if let (Some(client), None) = (&etcd, &shim) {
                 let c = control.clone();
                 let (client, stop) = (client.clone(), shim_stop_rx.clone());
                 tokio::spawn(async move { c.join_etcd(client, bound, stop).await });
             }
         }
-        let shim_task = shim.map(|(unit, addr)| {
+        let shim_task = shim.map(|(unit, addr, creds)| {
             tracing::info!(unit = unit.id, arch = %unit.arch, accelerators = ?unit.accelerators, control = ?addr, "running as a unit's shim");
             let c = control.clone();
             let stop = shim_stop_rx.clone();
-            tokio::spawn(async move { c.run_shim(addr, etcd, stop).await })
+            tokio::spawn(async move { c.run_shim(addr, etcd, creds, stop).await })
         });
         let endpoint = format!("http://{}", listener.local_addr()?);
         control.set_gateway_url(endpoint.clone());

@@ -265,12 +265,7 @@ impl Units {
                         hello.role
                     ));
                 }
-                if hello.unit.id != cert_unit {
-                    return Err(format!(
-                        "the greeting claims unit {}, but the certificate is unit {cert_unit}'s",
-                        hello.unit.id
-                    ));
-                }
+                crate::tls::check_claim(hello.unit.id, cert_unit)?;
                 if hello.unit.id == local_id {
                     return Err(format!(
                         "unit {local_id} is the control plane's own; give the shim another --id"

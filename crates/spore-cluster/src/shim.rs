@@ -118,12 +118,7 @@ impl Units {
                                 "unit {local_id} takes neighbour links from other units' shims only"
                             ));
                         }
-                        if hello.unit.id != cert_unit {
-                            return Err(format!(
-                                "the greeting claims unit {}, but the certificate is unit {cert_unit}'s",
-                                hello.unit.id
-                            ));
-                        }
+                        crate::tls::check_claim(hello.unit.id, cert_unit)?;
                         Ok(Arc::new(ShimSide {
                             host: host.clone(),
                             registry: units.registry.clone(),

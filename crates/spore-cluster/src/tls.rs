@@ -74,6 +74,16 @@ fn peer_unit(conn: &rustls::CommonState) -> Result<u32, String> {
     pki::unit_of(cert).ok_or_else(|| "the peer's certificate names no unit".to_owned())
 }
 
+/// Refuses a greeting that claims another unit than the peer's certificate names.
+pub(crate) fn check_claim(claimed: u32, cert_unit: u32) -> Result<(), String> {
+    if claimed == cert_unit {
+        return Ok(());
+    }
+    Err(format!(
+        "the greeting claims unit {claimed}, but the certificate is unit {cert_unit}'s"
+    ))
+}
+
 /// Runs `f` (a handshake) within `timeout`.
 async fn within<T, E: std::fmt::Display>(
     timeout: Duration,

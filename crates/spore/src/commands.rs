@@ -32,6 +32,9 @@ pub fn shim(args: ShimArgs) -> Result<ExitCode> {
         many => Some(many.to_vec()),
     };
     let unit = spore_shim::UnitInfo::detect(args.id, args.arch.clone(), accelerators);
+    // The control plane refuses a greeting out of bounds: say so before starting.
+    unit.validate()
+        .map_err(|e| anyhow::anyhow!("unit {}: {e}", args.id))?;
     let token = args
         .join
         .as_deref()

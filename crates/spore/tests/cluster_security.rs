@@ -12,17 +12,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{can_sandbox, packages_dir, Daemon, BIN};
+use common::{can_sandbox, packages_dir, Daemon, Shim, BIN};
 use serde_json::{json, Value};
 use spore_cluster::pki::{self, ClusterCa, UnitCredentials};
 
-/// A `spore shim` on loopback (stopped on drop).
-struct Shim {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
 impl Shim {
+    /// Unit `id` on loopback, dialing `control`, joining with `token` if given.
     fn start(id: u32, control: &str, data: &Path, token: Option<&str>) -> Shim {
         std::fs::create_dir_all(data).unwrap();
         let log = data.with_extension("shim-log");
@@ -47,25 +42,6 @@ impl Shim {
             log,
         }
     }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Shim {
-    fn drop(&mut self) {
-        if let Some(c) = self.child.take() {
-            common::terminate(c, Duration::from_secs(20));
-        }
-    }
 }
 
 /// A control plane taking links on loopback; returns it and its link address.
@@ -81,18 +57,7 @@ fn control_plane(data: &Path, extra: &[&str]) -> (Daemon, String) {
 }
 
 fn token(d: &Daemon, extra: &[&str]) -> String {
-    let out = Command::new(BIN)
-        .args(["cluster", "token", "--data-dir"])
-        .arg(&d.data)
-        .args(extra)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    common::cluster(&[&["token"], extra].concat(), &d.data)
 }
 
 fn units(d: &Daemon) -> Vec<Value> {
@@ -107,6 +72,22 @@ fn unit_state(d: &Daemon, id: u64) -> Option<String> {
         .into_iter()
         .find(|u| u["id"] == id)
         .map(|u| u["state"].as_str().unwrap().to_owned())
+}
+
+/// A scratch dir for `test`, or None (with a SKIP line) where sandboxes cannot run.
+fn scratch(test: &str) -> Option<tempfile::TempDir> {
+    can_sandbox(test).then(|| {
+        tempfile::Builder::new()
+            .prefix("spore-sec-")
+            .tempdir()
+            .unwrap()
+    })
+}
+
+/// A file's permission bits.
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
 }
 
 fn wait_for(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
@@ -194,26 +175,14 @@ impl<T: Read + Write> ReadWrite for T {}
 
 #[test]
 fn peers_without_a_certificate_get_nothing_and_greetings_are_checked() {
-    let test = "peers_without_a_certificate_get_nothing_and_greetings_are_checked";
-    if !can_sandbox(test) {
+    let Some(tmp) = scratch("peers_without_a_certificate_get_nothing_and_greetings_are_checked")
+    else {
         return;
-    }
-    let tmp = tempfile::Builder::new()
-        .prefix("spore-sec-")
-        .tempdir()
-        .unwrap();
+    };
     let (d, link) = control_plane(&tmp.path().join("d0"), &[]);
     // The CA was made on first start, private.
-    use std::os::unix::fs::PermissionsExt;
-    let mode = |p: &str| {
-        std::fs::metadata(d.data.join(p))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777
-    };
-    assert_eq!(mode("cluster"), 0o700);
-    assert_eq!(mode("cluster/ca-key.pem"), 0o600);
+    assert_eq!(mode(&d.data.join("cluster")), 0o700);
+    assert_eq!(mode(&d.data.join("cluster/ca-key.pem")), 0o600);
 
     // A shim with neither a token nor a certificate does not start.
     let out = Command::new(BIN)
@@ -300,14 +269,9 @@ fn peers_without_a_certificate_get_nothing_and_greetings_are_checked() {
 
 #[test]
 fn a_live_unit_cannot_be_taken_over_and_down_units_are_forgotten() {
-    let test = "a_live_unit_cannot_be_taken_over_and_down_units_are_forgotten";
-    if !can_sandbox(test) {
+    let Some(tmp) = scratch("a_live_unit_cannot_be_taken_over_and_down_units_are_forgotten") else {
         return;
-    }
-    let tmp = tempfile::Builder::new()
-        .prefix("spore-sec-")
-        .tempdir()
-        .unwrap();
+    };
     let (d, link) = control_plane(&tmp.path().join("d0"), &["--unit-grace", "3s"]);
     let t = token(&d, &[]);
     let mut first = Shim::start(1, &link, &tmp.path().join("d1"), Some(&t));
@@ -322,12 +286,7 @@ fn a_live_unit_cannot_be_taken_over_and_down_units_are_forgotten() {
     };
     let first_peer = peer(&d);
     // Its certificate and key are stored, the key private.
-    use std::os::unix::fs::PermissionsExt;
-    let key = tmp.path().join("d1/cluster/unit-key.pem");
-    assert_eq!(
-        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
-        0o600
-    );
+    assert_eq!(mode(&tmp.path().join("d1/cluster/unit-key.pem")), 0o600);
 
     // A second shim with a copy of unit 1's credentials (a stolen certificate, or the same
     // shim started twice) is refused while the first is up, and says why.
@@ -386,29 +345,14 @@ fn a_live_unit_cannot_be_taken_over_and_down_units_are_forgotten() {
 
 #[test]
 fn a_token_of_another_ca_makes_the_shim_refuse_the_control_plane() {
-    let test = "a_token_of_another_ca_makes_the_shim_refuse_the_control_plane";
-    if !can_sandbox(test) {
+    let Some(tmp) = scratch("a_token_of_another_ca_makes_the_shim_refuse_the_control_plane") else {
         return;
-    }
-    let tmp = tempfile::Builder::new()
-        .prefix("spore-sec-")
-        .tempdir()
-        .unwrap();
+    };
     let (a, link_a) = control_plane(&tmp.path().join("a"), &[]);
     // Another cluster's CA and token (its control plane need not run).
     let other = tmp.path().join("b");
-    let out = Command::new(BIN)
-        .args(["cluster", "init", "--data-dir"])
-        .arg(&other)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let out = Command::new(BIN)
-        .args(["cluster", "token", "--once", "--data-dir"])
-        .arg(&other)
-        .output()
-        .unwrap();
-    let t = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    common::cluster(&["init"], &other);
+    let t = common::cluster(&["token", "--once"], &other);
     let shim = Shim::start(1, &link_a, &tmp.path().join("d1"), Some(&t));
     wait_for("the shim's refusal", 30, || {
         shim.log_text()
@@ -420,27 +364,13 @@ fn a_token_of_another_ca_makes_the_shim_refuse_the_control_plane() {
         .unwrap()
         .is_none());
     // The token was never shown to the wrong control plane: its single use is still there.
-    let list = Command::new(BIN)
-        .args(["cluster", "token", "--list", "--data-dir"])
-        .arg(&other)
-        .output()
-        .unwrap();
-    let listed = String::from_utf8_lossy(&list.stdout);
+    let listed = common::cluster(&["token", "--list"], &other);
     assert!(listed.contains(t.split('.').nth(1).unwrap()), "{listed}");
 
     // Tokens can be listed and revoked; a revoked token joins nothing.
     let t2 = token(&a, &["--ttl", "1h", "--unit", "2"]);
     let id = t2.split('.').nth(1).unwrap().to_owned();
-    let out = Command::new(BIN)
-        .args(["cluster", "token", "--revoke", &id, "--data-dir"])
-        .arg(&a.data)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::cluster(&["token", "--revoke", &id], &a.data);
     let shim2 = Shim::start(2, &link_a, &tmp.path().join("d2"), Some(&t2));
     wait_for("the revoked token's refusal", 30, || {
         shim2
@@ -519,17 +449,13 @@ fn free_port() -> u16 {
 #[test]
 fn the_control_plane_registers_in_an_etcd_with_tls_client_certificates_and_auth() {
     let test = "the_control_plane_registers_in_an_etcd_with_tls_client_certificates_and_auth";
-    if !can_sandbox(test) {
+    let Some(tmp) = scratch(test) else {
         return;
-    }
+    };
     if Command::new("etcd").arg("--version").output().is_err() {
         eprintln!("SKIP {test}: no etcd binary (Debian package etcd-server)");
         return;
     }
-    let tmp = tempfile::Builder::new()
-        .prefix("spore-sec-")
-        .tempdir()
-        .unwrap();
     let certs = EtcdCerts::make(&tmp.path().join("certs"));
     let url = format!("https://127.0.0.1:{}", free_port());
     let peer = format!("http://127.0.0.1:{}", free_port());

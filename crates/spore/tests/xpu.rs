@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use common::{can_sandbox, packages_dir, sample, Daemon, BIN};
+use common::{can_sandbox, packages_dir, sample, Daemon, Shim, BIN};
 use serde_json::{json, Value};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -102,12 +102,6 @@ impl Drop for NetNs {
     }
 }
 
-/// A `spore shim` running inside a namespace.
-struct Shim {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
 impl Shim {
     /// Unit `id` in `ns`, dialing `control` and joining with `token`.
     fn start(
@@ -159,40 +153,11 @@ impl Shim {
             log,
         }
     }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Shim {
-    fn drop(&mut self) {
-        if let Some(c) = self.child.take() {
-            common::terminate(c, Duration::from_secs(20));
-        }
-    }
 }
 
 /// A join token of the control plane `d` (`spore cluster token`).
 fn token(d: &Daemon) -> String {
-    let out = Command::new(BIN)
-        .args(["cluster", "token", "--data-dir"])
-        .arg(&d.data)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    common::cluster(&["token"], &d.data)
 }
 
 /// The control plane, accepting links on the host end of `ns`.

@@ -225,7 +225,7 @@ impl Units {
     /// One join: a shim presents its token and gets its unit certificate.
     async fn serve_join(
         &self,
-        stream: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        stream: tokio_rustls::server::TlsStream<crate::tls::Wire>,
         peer: std::net::SocketAddr,
         tls: &ControlTls,
     ) {
@@ -246,7 +246,7 @@ impl Units {
     /// One unit's link, from the greeting to its close.
     async fn serve_unit(
         self: Arc<Self>,
-        stream: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        stream: tokio_rustls::server::TlsStream<crate::tls::Wire>,
         cert_unit: u32,
         peer: std::net::SocketAddr,
         host: Arc<dyn UnitHost>,

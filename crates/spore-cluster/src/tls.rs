@@ -35,8 +35,29 @@ pub const ALPN_JOIN: &[u8] = b"spore-join/1";
 /// new ones are dropped.
 const MAX_HANDSHAKES: usize = 64;
 
+/// aws-lc with AES-128-GCM first (both sides are ours; it is the fastest of TLS 1.3's suites
+/// on CPUs with AES instructions).
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    use rustls::crypto::aws_lc_rs::cipher_suite as cs;
+    let mut p = rustls::crypto::aws_lc_rs::default_provider();
+    p.cipher_suites = vec![
+        cs::TLS13_AES_128_GCM_SHA256,
+        cs::TLS13_AES_256_GCM_SHA384,
+        cs::TLS13_CHACHA20_POLY1305_SHA256,
+    ];
+    Arc::new(p)
+}
+
+/// The connection under TLS: TCP with a read buffer (rustls reads 4 KiB at a time; the
+/// buffer turns that into one system call per 128 KiB of a large message).
+pub type Wire = tokio::io::BufReader<TcpStream>;
+
+/// Bytes the [`Wire`] reads at once.
+const WIRE_READ: usize = 128 * 1024;
+
+fn wire(tcp: TcpStream) -> Wire {
+    let _ = tcp.set_nodelay(true);
+    tokio::io::BufReader::with_capacity(WIRE_READ, tcp)
 }
 
 fn roots(ca: &CertificateDer<'static>) -> Result<Arc<RootCertStore>, PkiError> {
@@ -101,20 +122,47 @@ pub enum Incoming {
     /// A unit's link, its certificate verified.
     Link {
         /// The connection.
-        stream: tokio_rustls::server::TlsStream<TcpStream>,
+        stream: tokio_rustls::server::TlsStream<Wire>,
         /// The unit its certificate names.
         unit: u32,
     },
     /// A join (no certificate yet).
-    Join(tokio_rustls::server::TlsStream<TcpStream>),
+    Join(tokio_rustls::server::TlsStream<Wire>),
 }
+
+/// The control plane's server configs (links, joins) and when their certificate was made.
+struct ControlConfigs {
+    made: std::time::Instant,
+    link: Arc<ServerConfig>,
+    join: Arc<ServerConfig>,
+}
+
+impl ControlConfigs {
+    /// Configs with a fresh key and certificate for the control plane.
+    fn make(ca: &ClusterCa) -> Result<ControlConfigs, PkiError> {
+        let me = ca.control_identity()?;
+        let link = mutual_server(ca.cert(), &me)?;
+        let mut join = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_no_client_auth()
+            .with_single_cert(me.chain.clone(), me.key.clone_key())?;
+        join.alpn_protocols = vec![ALPN_JOIN.to_vec()];
+        Ok(ControlConfigs {
+            made: std::time::Instant::now(),
+            link,
+            join: Arc::new(join),
+        })
+    }
+}
+
+/// The control plane's certificate is made again after this long (it is valid for 30 days).
+const CONTROL_REISSUE: Duration = Duration::from_secs(7 * 86_400);
 
 /// The control plane's TLS: the cluster CA, its own certificate, and the join tokens.
 pub struct ControlTls {
     ca: ClusterCa,
     tokens: Tokens,
-    link: Arc<ServerConfig>,
-    join: Arc<ServerConfig>,
+    configs: std::sync::Mutex<ControlConfigs>,
     handshakes: Arc<Semaphore>,
 }
 
@@ -132,20 +180,27 @@ impl ControlTls {
         if made {
             tracing::info!(fingerprint = %ca.fingerprint_hex(), dir = %ca.dir().display(), "made the cluster CA");
         }
-        let me = ca.control_identity()?;
-        let link = mutual_server(ca.cert(), &me)?;
-        let mut join = ServerConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_no_client_auth()
-            .with_single_cert(me.chain.clone(), me.key.clone_key())?;
-        join.alpn_protocols = vec![ALPN_JOIN.to_vec()];
         Ok(ControlTls {
             tokens: Tokens::open(data_dir)?,
+            configs: std::sync::Mutex::new(ControlConfigs::make(&ca)?),
             ca,
-            link,
-            join: Arc::new(join),
             handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
         })
+    }
+
+    /// The configs of links and joins, with a new certificate once the last is a week old
+    /// (a control plane may run longer than its certificate's 30 days).
+    fn configs(&self) -> (Arc<ServerConfig>, Arc<ServerConfig>) {
+        let mut c = self.configs.lock().expect("configs lock");
+        if c.made.elapsed() > CONTROL_REISSUE {
+            match ControlConfigs::make(&self.ca) {
+                Ok(fresh) => *c = fresh,
+                Err(e) => {
+                    tracing::warn!(error = %crate::error_chain(&e), "renewing the control plane's certificate")
+                }
+            }
+        }
+        (c.link.clone(), c.join.clone())
     }
 
     /// The cluster CA.
@@ -156,7 +211,7 @@ impl ControlTls {
     /// The server config of links (a unit certificate required), for callers that run the
     /// handshake themselves.
     pub fn link_config(&self) -> Arc<ServerConfig> {
-        self.link.clone()
+        self.configs().0
     }
 
     /// Takes a connection through its handshake (within `timeout`): a unit's link or a join.
@@ -167,7 +222,8 @@ impl ControlTls {
             .try_acquire_owned()
             .map_err(|_| format!("{MAX_HANDSHAKES} handshakes already in progress"))?;
         let acceptor =
-            tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
+            tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), wire(tcp));
+        let (link, join_config) = self.configs();
         within(timeout, async {
             let start = acceptor.await?;
             let join = start
@@ -175,11 +231,9 @@ impl ControlTls {
                 .alpn()
                 .is_some_and(|mut a| a.any(|p| p == ALPN_JOIN));
             if join {
-                return Ok(Ok(Incoming::Join(
-                    start.into_stream(self.join.clone()).await?,
-                )));
+                return Ok(Ok(Incoming::Join(start.into_stream(join_config).await?)));
             }
-            let stream = start.into_stream(self.link.clone()).await?;
+            let stream = start.into_stream(link).await?;
             Ok::<_, std::io::Error>(match peer_unit(stream.get_ref().1) {
                 Ok(unit) => Ok(Incoming::Link { stream, unit }),
                 Err(e) => Err(e),
@@ -289,14 +343,13 @@ impl UnitTls {
         addr: &str,
         peer: Peer,
         timeout: Duration,
-    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, LinkError> {
+    ) -> Result<tokio_rustls::client::TlsStream<Wire>, LinkError> {
         let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| LinkError::Handshake(format!("connecting to {addr}: timed out")))?
             .map_err(|e| LinkError::Handshake(format!("connecting to {addr}: {e}")))?;
-        let _ = tcp.set_nodelay(true);
         let c = tokio_rustls::TlsConnector::from(self.client.clone());
-        within(timeout, c.connect(peer.name(), tcp))
+        within(timeout, c.connect(peer.name(), wire(tcp)))
             .await
             .map_err(|e| LinkError::Handshake(format!("{addr}: {e}")))
     }
@@ -307,14 +360,14 @@ impl UnitTls {
         &self,
         tcp: TcpStream,
         timeout: Duration,
-    ) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, u32), String> {
+    ) -> Result<(tokio_rustls::server::TlsStream<Wire>, u32), String> {
         let _slot = self
             .handshakes
             .clone()
             .try_acquire_owned()
             .map_err(|_| format!("{MAX_HANDSHAKES} handshakes already in progress"))?;
         let a = tokio_rustls::TlsAcceptor::from(self.server.clone());
-        let stream = within(timeout, a.accept(tcp)).await?;
+        let stream = within(timeout, a.accept(wire(tcp))).await?;
         let unit = peer_unit(stream.get_ref().1)?;
         Ok((stream, unit))
     }
@@ -348,7 +401,7 @@ pub async fn join(
         .map_err(|_| LinkError::Handshake(format!("connecting to {addr}: timed out")))?
         .map_err(|e| LinkError::Handshake(format!("connecting to {addr}: {e}")))?;
     let c = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tls = within(timeout, c.connect(Peer::Control.name(), tcp))
+    let tls = within(timeout, c.connect(Peer::Control.name(), wire(tcp)))
         .await
         .map_err(|e| LinkError::Handshake(format!("{addr}: {e}")))?;
     let req = JoinRequest {
@@ -612,5 +665,97 @@ mod tests {
         .unwrap();
         let e = join(shim.path(), &addr, &forged, 5, T).await.unwrap_err();
         assert!(e.to_string().contains("join refused: unknown"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod throughput {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// One-way throughput of plain TCP and of this TLS over loopback (run with --release
+    /// --ignored --nocapture).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore]
+    async fn tls_bulk_throughput() {
+        const N: usize = 256 << 20;
+        let cp = tempfile::tempdir().unwrap();
+        let tls = Arc::new(ControlTls::open(cp.path()).unwrap());
+        let (token, _) = tls
+            .tokens
+            .create(tls.ca().fingerprint(), Duration::from_secs(60), false, None)
+            .unwrap();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let t2 = tls.clone();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = l.accept().await.unwrap();
+                let tls = t2.clone();
+                tokio::spawn(async move {
+                    match tls.accept(s, Duration::from_secs(5)).await {
+                        Ok(Incoming::Join(stream)) => {
+                            let _ =
+                                spore_shim::join::serve(stream, Duration::from_secs(5), |req| {
+                                    let tls = tls.clone();
+                                    async move { tls.grant(&req).map(|(a, _)| a) }
+                                })
+                                .await;
+                        }
+                        Ok(Incoming::Link { mut stream, .. }) => {
+                            let mut buf = vec![0u8; 1 << 20];
+                            let mut n = 0;
+                            while n < N {
+                                n += stream.read(&mut buf).await.unwrap();
+                            }
+                            stream.write_all(b"k").await.unwrap();
+                            stream.flush().await.unwrap();
+                        }
+                        Err(e) => panic!("{e}"),
+                    }
+                });
+            }
+        });
+        let shim = tempfile::tempdir().unwrap();
+        let creds = join(shim.path(), &addr, &token, 5, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let unit = UnitTls::new(&creds).unwrap();
+        let mut s = unit
+            .dial(&addr, Peer::Control, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let chunk = vec![0x5au8; 256 * 1024];
+        let t = std::time::Instant::now();
+        for _ in 0..N / chunk.len() {
+            s.write_all(&chunk).await.unwrap();
+        }
+        s.flush().await.unwrap();
+        let mut k = [0u8; 1];
+        s.read_exact(&mut k).await.unwrap();
+        let secs = t.elapsed().as_secs_f64();
+        println!("TLS one way: {:.2} GB/s", N as f64 / secs / 1e9);
+
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut n = 0;
+            while n < N {
+                n += s.read(&mut buf).await.unwrap();
+            }
+            s.write_all(b"k").await.unwrap();
+        });
+        let mut s = TcpStream::connect(a).await.unwrap();
+        let t = std::time::Instant::now();
+        for _ in 0..N / chunk.len() {
+            s.write_all(&chunk).await.unwrap();
+        }
+        s.read_exact(&mut k).await.unwrap();
+        println!(
+            "TCP one way: {:.2} GB/s",
+            N as f64 / t.elapsed().as_secs_f64() / 1e9
+        );
     }
 }

@@ -135,11 +135,13 @@ impl Tokens {
     /// The token store of the control plane whose data dir is `data_dir`.
     pub fn open(data_dir: &Path) -> Result<Tokens, PkiError> {
         let dir = cluster_dir(data_dir)?.join("tokens");
-        std::fs::create_dir_all(&dir).map_err(|source| PkiError::Io {
-            what: "creating",
-            path: dir.clone(),
-            source,
-        })?;
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+            .create(&dir)
+            .map_err(|source| PkiError::Io {
+                what: "creating",
+                path: dir.clone(),
+                source,
+            })?;
         Ok(Tokens { dir })
     }
 

@@ -70,6 +70,8 @@ pub fn cluster(which: ClusterCommand) -> Result<ExitCode> {
             data_dir,
         } => {
             let d = dir(data_dir);
+            // A token pins the CA: there must be one (the tokens live beside it).
+            let ca = ClusterCa::load(&d)?;
             let tokens =
                 Tokens::open(&d).with_context(|| format!("the tokens in {}", d.display()))?;
             let now = std::time::SystemTime::now()
@@ -92,7 +94,6 @@ pub fn cluster(which: ClusterCommand) -> Result<ExitCode> {
                 }
                 eprintln!("revoked token {id} (certificates already issued with it stay valid)");
             } else {
-                let ca = ClusterCa::load(&d)?;
                 let (token, rec) = tokens.create(ca.fingerprint(), ttl, once, unit)?;
                 eprintln!(
                     "token {} for {}{}, valid {} s; give it to `spore shim --join` (or SPORE_JOIN_TOKEN)",

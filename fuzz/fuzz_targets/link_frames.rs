@@ -5,7 +5,7 @@
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use spore_shim::frame::{Assembler, FrameCodec};
-use spore_shim::proto::{Answer, Call, Hello};
+use spore_shim::proto::{Answer, Call, Hello, JoinAnswer, JoinRequest};
 use tokio_util::codec::Decoder;
 
 fuzz_target!(|data: &[u8]| {
@@ -29,7 +29,11 @@ fuzz_target!(|data: &[u8]| {
                     Err(_) => return,
                 },
                 Ok(Some(f)) => {
-                    let _ = serde_json::from_slice::<Hello>(&f.payload);
+                    if let Ok(h) = serde_json::from_slice::<Hello>(&f.payload) {
+                        let _ = h.unit.validate();
+                    }
+                    let _ = serde_json::from_slice::<JoinRequest>(&f.payload);
+                    let _ = serde_json::from_slice::<JoinAnswer>(&f.payload);
                 }
                 Ok(None) => break,
                 Err(_) => return,

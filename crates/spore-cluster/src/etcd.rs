@@ -14,8 +14,15 @@
 //! The client speaks etcd's v3 JSON gateway (`/v3/kv/put`, `/v3/lease/grant`, ... with base64
 //! keys), which etcd 3.4 serves on its client port. Written here rather than using the
 //! `etcd-client` crate, which needs `protoc` and a gRPC stack for the half-dozen calls used.
+//!
+//! Over `https://` endpoints it speaks TLS (rustls), trusting the CA of [`EtcdAuth::ca`] (or
+//! the system's roots) and presenting a client certificate if given (etcd's
+//! `--client-cert-auth`). With a user and password it authenticates
+//! (`/v3/auth/authenticate`) and sends the token it gets with every call, authenticating
+//! again when etcd says the token is no longer valid.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,17 +45,60 @@ pub struct EtcdError {
     pub message: String,
 }
 
+/// How the client proves itself to etcd and checks etcd's certificate.
+#[derive(Clone, Default)]
+pub struct EtcdAuth {
+    /// The CA certificate (PEM file) that etcd's server certificate chains to; without it,
+    /// the system's roots.
+    pub ca: Option<PathBuf>,
+    /// A client certificate (PEM file) for etcd's `--client-cert-auth`.
+    pub cert: Option<PathBuf>,
+    /// Its key (PEM file).
+    pub key: Option<PathBuf>,
+    /// An etcd user and its password.
+    pub user: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for EtcdAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdAuth")
+            .field("ca", &self.ca)
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .field("user", &self.user.as_ref().map(|(u, _)| u))
+            .finish()
+    }
+}
+
 /// A client of one or more etcd endpoints (tried in turn).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Etcd {
     endpoints: Vec<String>,
     prefix: String,
     http: reqwest::Client,
+    user: Option<(String, String)>,
+    /// The auth token, once authenticated.
+    token: Arc<tokio::sync::Mutex<Option<String>>>,
+}
+
+impl std::fmt::Debug for Etcd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Etcd")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.prefix)
+            .field("user", &self.user.as_ref().map(|(u, _)| u))
+            .finish()
+    }
 }
 
 impl Etcd {
     /// A client of `endpoints` (comma-separated URLs) for keys under `prefix`.
     pub fn new(endpoints: &str, prefix: &str) -> Result<Etcd, EtcdError> {
+        Etcd::with_auth(endpoints, prefix, EtcdAuth::default())
+    }
+
+    /// A client of `endpoints` for keys under `prefix`, with TLS and authentication.
+    pub fn with_auth(endpoints: &str, prefix: &str, auth: EtcdAuth) -> Result<Etcd, EtcdError> {
         let endpoints: Vec<String> = endpoints
             .split(',')
             .map(|e| e.trim().trim_end_matches('/').to_owned())
@@ -63,17 +113,42 @@ impl Etcd {
                 message: "give etcd endpoints as http://HOST:PORT[,http://HOST:PORT...]".into(),
             });
         }
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(3))
-            .build()
-            .map_err(|e| EtcdError {
-                endpoint: endpoints[0].clone(),
-                message: e.to_string(),
-            })?;
+        let fail = |message: String| EtcdError {
+            endpoint: endpoints[0].clone(),
+            message,
+        };
+        let read = |p: &PathBuf, what: &str| {
+            std::fs::read(p).map_err(|e| fail(format!("reading the {what} {}: {e}", p.display())))
+        };
+        let mut b = reqwest::Client::builder().timeout(Duration::from_secs(3));
+        if let Some(ca) = &auth.ca {
+            let c = reqwest::Certificate::from_pem(&read(ca, "CA certificate")?)
+                .map_err(|e| fail(format!("the CA certificate {}: {e}", ca.display())))?;
+            b = b.tls_certs_only([c]);
+        }
+        match (&auth.cert, &auth.key) {
+            (Some(cert), Some(key)) => {
+                let mut pem = read(cert, "client certificate")?;
+                pem.push(b'\n');
+                pem.extend(read(key, "client key")?);
+                let id = reqwest::Identity::from_pem(&pem)
+                    .map_err(|e| fail(format!("the client certificate and key: {e}")))?;
+                b = b.identity(id);
+            }
+            (None, None) => {}
+            _ => {
+                return Err(fail(
+                    "a client certificate needs its key, and a key its certificate".into(),
+                ))
+            }
+        }
+        let http = b.build().map_err(|e| fail(e.to_string()))?;
         Ok(Etcd {
             endpoints,
             prefix: prefix.trim_end_matches('/').to_owned(),
             http,
+            user: auth.user,
+            token: Arc::new(tokio::sync::Mutex::new(None)),
         })
     }
 
@@ -82,11 +157,57 @@ impl Etcd {
         format!("{}/{rest}", self.prefix)
     }
 
+    /// Authenticates as the configured user; returns the token.
+    async fn authenticate(&self) -> Result<Option<String>, EtcdError> {
+        let Some((name, password)) = &self.user else {
+            return Ok(None);
+        };
+        let v = self
+            .send(
+                "/v3/auth/authenticate",
+                &json!({ "name": name, "password": password }),
+                None,
+            )
+            .await?;
+        let token = v["token"].as_str().ok_or_else(|| EtcdError {
+            endpoint: self.endpoints[0].clone(),
+            message: "an authentication answer without a token".into(),
+        })?;
+        Ok(Some(token.to_owned()))
+    }
+
     async fn post(&self, path: &str, body: Value) -> Result<Value, EtcdError> {
+        if self.user.is_none() {
+            return self.send(path, &body, None).await;
+        }
+        let mut token = self.token.lock().await;
+        if token.is_none() {
+            *token = self.authenticate().await?;
+        }
+        match self.send(path, &body, token.as_deref()).await {
+            // etcd forgot the token (it expires when unused, and with a restart): once more.
+            Err(e) if e.message.contains("auth token") || e.message.contains(" 401 ") => {
+                *token = self.authenticate().await?;
+                self.send(path, &body, token.as_deref()).await
+            }
+            r => r,
+        }
+    }
+
+    async fn send(
+        &self,
+        path: &str,
+        body: &Value,
+        token: Option<&str>,
+    ) -> Result<Value, EtcdError> {
         let mut last = None;
         for ep in &self.endpoints {
             let url = format!("{ep}{path}");
-            let r = self.http.post(&url).json(&body).send().await;
+            let mut req = self.http.post(&url).json(body);
+            if let Some(t) = token {
+                req = req.header("Authorization", t);
+            }
+            let r = req.send().await;
             match r {
                 Ok(resp) => {
                     let status = resp.status();
@@ -102,7 +223,7 @@ impl Etcd {
                 Err(e) => {
                     last = Some(EtcdError {
                         endpoint: ep.clone(),
-                        message: format!("{path}: {e}"),
+                        message: format!("{path}: {}", crate::error_chain(&e)),
                     })
                 }
             }

@@ -23,6 +23,11 @@
 //! plane sends the package (the function's code directory, zipped) and calls again. Shims
 //! thus need no state of their own to follow redeploys, restarts or re-placements.
 //!
+//! **Security.** Every link is mutual TLS with certificates of the cluster's own CA
+//! ([`pki`], [`tls`]): a shim joins once with a token ([`tokens`]) that also pins the CA, and
+//! from then on presents its unit certificate; a greeting must claim the unit its certificate
+//! names, a unit that is up cannot be linked twice, and greetings are bounded.
+//!
 //! The wire format of links is `spore-shim`'s. This crate knows the registry (records and
 //! code) and nothing of instances or DAGs: what a unit runs locally it asks of a
 //! [`UnitHost`] (the unit's control plane), and DAG segments of a [`SegmentHost`] (the DAG
@@ -32,7 +37,10 @@
 mod calls;
 pub mod etcd;
 mod links;
+pub mod pki;
 mod shim;
+pub mod tls;
+pub mod tokens;
 pub mod units;
 
 use std::future::Future;
@@ -46,8 +54,21 @@ use spore_registry::{FunctionRecord, FunctionSpec};
 use spore_shim::proto::NodeTimes;
 use spore_shim::{Answer, Link, UnitLoad};
 
+pub use shim::ShimCredentials;
 pub use spore_shim::{LinkConfig, UnitInfo};
 pub use units::{InflightCount, Placement, UnitStatus, Units};
+
+/// An error and its causes on one line (`a: b: c`), for reasons sent to a peer or logged.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
 
 /// A boxed future, as the host traits return them.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -17,6 +17,7 @@ use spore_shim::{
 };
 
 use crate::calls::{accept_each, answer_message, parse_call, remote_to_control};
+use crate::tls::{ControlTls, Incoming};
 use crate::units::{EtcdView, UnitStatus};
 use crate::{SegmentEvent, UnitHost, Units};
 
@@ -178,79 +179,147 @@ impl Units {
         }
     }
 
-    /// Accepts shims' links on `listener` until the daemon stops (`host` says when it is
-    /// shutting down).
+    /// Accepts shims' links and joins on `listener` until the daemon stops (`host` says
+    /// when it is shutting down), over mutual TLS (`tls`); forgets units down for longer
+    /// than `unit_grace`.
     pub async fn serve_links(
         self: &Arc<Self>,
         host: Arc<dyn UnitHost>,
         listener: tokio::net::TcpListener,
+        tls: Arc<ControlTls>,
+        unit_grace: Duration,
     ) {
+        let units = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let tick = (unit_grace / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
+            loop {
+                tokio::time::sleep(tick).await;
+                let Some(units) = units.upgrade() else { return };
+                for id in units.forget_down(unit_grace) {
+                    tracing::info!(
+                        unit = id,
+                        grace_s = unit_grace.as_secs_f64(),
+                        "unit down longer than the grace period: forgotten"
+                    );
+                }
+            }
+        });
         accept_each(listener, "a unit link", |stream, peer| {
-            let (units, host) = (self.clone(), host.clone());
+            let (units, host, tls) = (self.clone(), host.clone(), tls.clone());
             async move {
-                let local_id = units.local.id;
-                let r = link::accept(
-                    stream,
-                    units.local.clone(),
-                    Role::Control,
-                    units.link_cfg.clone(),
-                    |hello| {
-                        if hello.role != Role::Shim {
-                            return Err(format!(
-                                "this is a control plane; it takes links from shims, not from a {:?}",
-                                hello.role
-                            ));
-                        }
-                        if hello.unit.id == local_id {
-                            return Err(format!(
-                                "unit {local_id} is the control plane's own; give the shim another --id"
-                            ));
-                        }
-                        if host.draining() {
-                            return Err("the control plane is shutting down".into());
-                        }
-                        Ok(Arc::new(UnitSide {
-                            units: units.clone(),
-                            id: hello.unit.id,
-                        }) as Arc<dyn Service>)
-                    },
-                )
-                .await;
-                let link = match r {
-                    Ok(l) => l,
+                let timeout = units.link_cfg.hello_timeout;
+                match tls.accept(stream, timeout).await {
                     Err(e) => {
-                        tracing::warn!(%peer, error = %e, "a unit's greeting failed");
-                        return;
+                        tracing::warn!(%peer, reason = %e, "a connection to the link port refused")
                     }
-                };
-                let id = link.peer().id;
-                tracing::info!(unit = id, %peer, arch = %link.peer().arch, cores = link.peer().cores, "unit up");
-                units.register(link.clone(), peer.to_string());
-                // The unit drops functions the control plane no longer has.
-                let names: Vec<String> = units
-                    .registry
-                    .list()
-                    .into_iter()
-                    .map(|r| r.manifest.name)
-                    .collect();
-                let l2 = link.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = l2
-                        .call(
-                            &Call::Sync { functions: names },
-                            Bytes::new(),
-                            DEPLOY_TIMEOUT,
-                        )
-                        .await
-                    {
-                        tracing::warn!(unit = id, error = %e, "syncing the unit's functions");
+                    Ok(Incoming::Join(s)) => units.serve_join(s, peer, &tls).await,
+                    Ok(Incoming::Link { stream, unit }) => {
+                        units.serve_unit(stream, unit, peer, host).await
                     }
-                });
-                let reason = link.closed().await;
-                units.link_closed(&link, &reason);
+                }
             }
         })
         .await
+    }
+
+    /// One join: a shim presents its token and gets its unit certificate.
+    async fn serve_join(
+        &self,
+        stream: tokio_rustls::server::TlsStream<crate::tls::Wire>,
+        peer: std::net::SocketAddr,
+        tls: &ControlTls,
+    ) {
+        let r = spore_shim::join::serve(stream, self.link_cfg.hello_timeout, |req| async move {
+            if let Some(why) = self.already_up(req.unit) {
+                return Err(why);
+            }
+            let (answer, token) = tls.grant(&req)?;
+            tracing::info!(unit = req.unit, %peer, token, "unit joined: certificate issued");
+            Ok(answer)
+        })
+        .await;
+        if let Err(e) = r {
+            tracing::warn!(%peer, reason = %e, "a join refused");
+        }
+    }
+
+    /// One unit's link, from the greeting to its close.
+    async fn serve_unit(
+        self: Arc<Self>,
+        stream: tokio_rustls::server::TlsStream<crate::tls::Wire>,
+        cert_unit: u32,
+        peer: std::net::SocketAddr,
+        host: Arc<dyn UnitHost>,
+    ) {
+        let local_id = self.local.id;
+        let units = self.clone();
+        let r = link::accept(
+            stream,
+            self.local.clone(),
+            Role::Control,
+            self.link_cfg.clone(),
+            |hello| {
+                if hello.role != Role::Shim {
+                    return Err(format!(
+                        "this is a control plane; it takes links from shims, not from a {:?}",
+                        hello.role
+                    ));
+                }
+                crate::tls::check_claim(hello.unit.id, cert_unit)?;
+                if hello.unit.id == local_id {
+                    return Err(format!(
+                        "unit {local_id} is the control plane's own; give the shim another --id"
+                    ));
+                }
+                if host.draining() {
+                    return Err("the control plane is shutting down".into());
+                }
+                if let Some(why) = units.already_up(hello.unit.id) {
+                    return Err(why);
+                }
+                Ok(Arc::new(UnitSide {
+                    units: units.clone(),
+                    id: hello.unit.id,
+                }) as Arc<dyn Service>)
+            },
+        )
+        .await;
+        let link = match r {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(%peer, unit = cert_unit, error = %e, "a unit's greeting refused");
+                return;
+            }
+        };
+        let id = link.peer().id;
+        if let Err(why) = self.register(link.clone(), peer.to_string()) {
+            tracing::warn!(unit = id, %peer, reason = %why, "a unit's link refused");
+            link.close(&why);
+            return;
+        }
+        tracing::info!(unit = id, %peer, arch = %link.peer().arch, cores = link.peer().cores, "unit up");
+        // The unit drops functions the control plane no longer has.
+        let names: Vec<String> = self
+            .registry
+            .list()
+            .into_iter()
+            .map(|r| r.manifest.name)
+            .collect();
+        let l2 = link.clone();
+        tokio::spawn(async move {
+            if let Err(e) = l2
+                .call(
+                    &Call::Sync { functions: names },
+                    Bytes::new(),
+                    DEPLOY_TIMEOUT,
+                )
+                .await
+            {
+                tracing::warn!(unit = id, error = %e, "syncing the unit's functions");
+            }
+        });
+        let reason = link.closed().await;
+        self.link_closed(&link, &reason);
     }
 
     /// Measures the link to unit `id`: `n` echo calls of `bytes` each way, one at a time;

@@ -1,9 +1,11 @@
-//! A shim's side: a unit's daemon dials the control plane, serves its calls (invoke, deploy,
-//! remove, sync, DAG segments) with the unit's own control plane, and takes neighbour links
-//! from other shims for DAG values.
+//! A shim's side: a unit's daemon joins the cluster (once, with a token), dials the control
+//! plane over mutual TLS, serves its calls (invoke, deploy, remove, sync, DAG segments) with
+//! the unit's own control plane, and takes and dials neighbour links (the same TLS) with
+//! other shims for DAG values.
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,15 +14,78 @@ use bytes::Bytes;
 use spore_core::{ControlError, InvokeOptions};
 use spore_registry::{FunctionSpec, SharedRegistry};
 use spore_shim::link;
-use spore_shim::{Answer, Call, LinkError, Message, RemoteError, RemoteErrorKind, Role, Service};
+use spore_shim::{
+    Answer, Call, Link, LinkError, Message, NoCalls, RemoteError, RemoteErrorKind, Role, Service,
+};
 
 use crate::calls::{accept_each, answer_message, control_to_remote, parse_call};
+use crate::pki::UnitCredentials;
+use crate::tls::{Peer, UnitTls};
+use crate::tokens::JoinToken;
 use crate::units::EtcdView;
 use crate::{SegmentHost, UnitHost, Units};
 
+/// What a shim needs to prove who it is: its data dir (where its certificate is, or goes)
+/// and, until it has joined, a join token.
+#[derive(Debug, Clone)]
+pub struct ShimCredentials {
+    /// The shim's data dir.
+    pub data_dir: PathBuf,
+    /// The token to join with, if the shim has no certificate for its unit yet (or should
+    /// get a new one: the token names another CA, or the certificate expires within 30 days).
+    pub token: Option<JoinToken>,
+}
+
+/// A stored certificate this close to its expiry is renewed by joining again (with a token).
+const RENEW_BEFORE: Duration = Duration::from_secs(30 * 86_400);
+
+impl ShimCredentials {
+    /// The stored credentials if they serve unit `unit` as they are; the error says what
+    /// to do when there are none and no token to join with.
+    pub fn usable(&self, unit: u32) -> Result<Option<UnitCredentials>, String> {
+        let stored = UnitCredentials::load(&self.data_dir).map_err(|e| crate::error_chain(&e))?;
+        let why_not = match &stored {
+            None => format!(
+                "no unit certificate in {}",
+                self.data_dir.join("cluster").display()
+            ),
+            Some(c) if c.unit != unit => format!(
+                "the certificate in {} is unit {}'s, not unit {unit}'s",
+                self.data_dir.join("cluster").display(),
+                c.unit
+            ),
+            Some(c) => {
+                let renew = c.not_after().is_none_or(|t| {
+                    t.duration_since(std::time::SystemTime::now())
+                        .map_or(true, |left| left < RENEW_BEFORE)
+                });
+                let other_ca = self
+                    .token
+                    .as_ref()
+                    .is_some_and(|t| t.ca_fingerprint != c.ca_fingerprint());
+                if !(renew || other_ca) {
+                    return Ok(stored);
+                }
+                if self.token.is_none() {
+                    tracing::warn!(unit, "the unit certificate expires within 30 days: give --join TOKEN to renew it");
+                    return Ok(stored);
+                }
+                return Ok(None);
+            }
+        };
+        match self.token {
+            Some(_) => Ok(None),
+            None => Err(format!(
+                "{why_not}: give --join TOKEN (`spore cluster token` on the control plane's host prints one)"
+            )),
+        }
+    }
+}
+
 impl Units {
-    /// Runs as a shim: takes neighbour links from other shims on `listener` and puts the DAG
-    /// values they send on this unit's segments.
+    /// Runs as a shim: takes neighbour links from other shims on `listener` (mutual TLS
+    /// with this unit's certificate) and puts the DAG values they send on this unit's
+    /// segments.
     pub async fn serve_neighbours(
         self: &Arc<Self>,
         host: Arc<dyn UnitHost>,
@@ -31,6 +96,17 @@ impl Units {
             let (units, host, segments) = (self.clone(), host.clone(), segments.clone());
             async move {
                 let local_id = units.local.id;
+                let Some(tls) = units.unit_tls() else {
+                    tracing::warn!(%peer, "a neighbour link before this unit joined the cluster: dropped");
+                    return;
+                };
+                let (stream, cert_unit) = match tls.accept(stream, units.link_cfg.hello_timeout).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(%peer, reason = %e, "a neighbour's connection refused");
+                        return;
+                    }
+                };
                 let r = link::accept(
                     stream,
                     units.local.clone(),
@@ -42,6 +118,7 @@ impl Units {
                                 "unit {local_id} takes neighbour links from other units' shims only"
                             ));
                         }
+                        crate::tls::check_claim(hello.unit.id, cert_unit)?;
                         Ok(Arc::new(ShimSide {
                             host: host.clone(),
                             registry: units.registry.clone(),
@@ -66,15 +143,83 @@ impl Units {
         .await
     }
 
-    /// Runs this daemon as a unit's shim: dials the control plane at `control` (`HOST:PORT`),
-    /// serves its calls, and dials again with backoff whenever the link drops, until
-    /// `stop` fires.
+    /// This shim's TLS, once it holds a unit certificate.
+    pub(crate) fn unit_tls(&self) -> Option<Arc<UnitTls>> {
+        self.unit_tls.lock().expect("unit tls lock").clone()
+    }
+
+    /// Dials unit `unit`'s shim at `addr` for a neighbour link (mutual TLS: the far side
+    /// must hold unit `unit`'s certificate).
+    pub async fn dial_neighbour(&self, unit: u32, addr: &str) -> Result<Link, LinkError> {
+        let tls = self.unit_tls().ok_or_else(|| {
+            LinkError::Handshake("this unit has not joined the cluster yet".into())
+        })?;
+        let s = tls
+            .dial(addr, Peer::Unit(unit), self.link_cfg.hello_timeout)
+            .await?;
+        let link = link::connect(
+            s,
+            self.local.clone(),
+            Role::Shim,
+            Arc::new(NoCalls),
+            self.link_cfg.clone(),
+        )
+        .await?;
+        if link.peer().id != unit {
+            link.close("not the unit dialed");
+            return Err(LinkError::Handshake(format!(
+                "{addr} is unit {}, not unit {unit}",
+                link.peer().id
+            )));
+        }
+        Ok(link)
+    }
+
+    /// This shim's TLS: from its stored certificate, or by joining the control plane at
+    /// `control` with the token first.
+    async fn ensure_tls(
+        &self,
+        creds: &ShimCredentials,
+        control: &str,
+    ) -> Result<Arc<UnitTls>, LinkError> {
+        if let Some(t) = self.unit_tls() {
+            return Ok(t);
+        }
+        let id = self.local.id;
+        let setup = |e: String| LinkError::Handshake(e);
+        let stored = creds.usable(id).map_err(setup)?;
+        let c = match (stored, &creds.token) {
+            (Some(c), _) => c,
+            (None, Some(token)) => {
+                let c = crate::tls::join(
+                    &creds.data_dir,
+                    control,
+                    token,
+                    id,
+                    self.link_cfg.hello_timeout,
+                )
+                .await?;
+                tracing::info!(unit = id, token = %token.id, control, "joined the cluster: unit certificate stored");
+                c
+            }
+            (None, None) => unreachable!("usable() refuses this"),
+        };
+        let tls = Arc::new(UnitTls::new(&c).map_err(|e| setup(crate::error_chain(&e)))?);
+        *self.unit_tls.lock().expect("unit tls lock") = Some(tls.clone());
+        Ok(tls)
+    }
+
+    /// Runs this daemon as a unit's shim: dials the control plane at `control` (`HOST:PORT`,
+    /// or where etcd says it is), joins the cluster first if it has no certificate yet,
+    /// serves the control plane's calls, and dials again with backoff whenever the link
+    /// drops, until `stop` fires.
     pub async fn run_shim(
         &self,
         host: Arc<dyn UnitHost>,
         segments: Arc<dyn SegmentHost>,
         control: Option<String>,
         etcd: Option<crate::etcd::Etcd>,
+        creds: ShimCredentials,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
         let units = self;
@@ -94,7 +239,7 @@ impl Units {
             });
         }
         let mut backoff = Duration::from_millis(100);
-        let mut announced_failure = false;
+        let mut last_failure = String::new();
         loop {
             if *stop.borrow() {
                 return;
@@ -109,10 +254,10 @@ impl Units {
                         ))
                     }
                 };
-                let s = tokio::net::TcpStream::connect(&control)
-                    .await
-                    .map_err(|e| LinkError::Handshake(format!("connecting to {control}: {e}")))?;
-                let _ = s.set_nodelay(true);
+                let tls = units.ensure_tls(&creds, &control).await?;
+                let s = tls
+                    .dial(&control, Peer::Control, units.link_cfg.hello_timeout)
+                    .await?;
                 let link = link::connect(
                     s,
                     units.local.clone(),
@@ -135,7 +280,7 @@ impl Units {
                 Ok(link) => {
                     tracing::info!(unit = units.local.id, peer = %link.peer().id, "registered with the control plane");
                     backoff = Duration::from_millis(100);
-                    announced_failure = false;
+                    last_failure.clear();
                     tokio::select! {
                         reason = link.closed() => {
                             tracing::warn!(%reason, "link to the control plane lost; dialing again");
@@ -151,9 +296,11 @@ impl Units {
                     }
                 }
                 Err(e) => {
-                    if !announced_failure {
-                        tracing::warn!(error = %e, "cannot reach the control plane; retrying");
-                        announced_failure = true;
+                    // Each new reason once (a refusal, then the control plane down, ...).
+                    let why = e.to_string();
+                    if why != last_failure {
+                        tracing::warn!(error = %why, "cannot link to the control plane; retrying");
+                        last_failure = why;
                     }
                 }
             }

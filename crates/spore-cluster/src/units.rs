@@ -101,6 +101,8 @@ pub struct Units {
     routes: Mutex<HashMap<String, tokio::sync::mpsc::UnboundedSender<SegmentEvent>>>,
     /// The functions (their code, for units that need it; pins, for the units' listing).
     pub(crate) registry: SharedRegistry,
+    /// A shim's TLS (its unit certificate), once it has one: for neighbour links.
+    pub(crate) unit_tls: Mutex<Option<Arc<crate::tls::UnitTls>>>,
 }
 
 /// What the control plane knows from etcd.
@@ -134,6 +136,7 @@ impl Units {
             etcd: Mutex::new(None),
             routes: Mutex::new(HashMap::new()),
             registry,
+            unit_tls: Mutex::new(None),
         }
     }
 
@@ -184,11 +187,21 @@ impl Units {
         self.entries.lock().expect("units lock")
     }
 
-    /// Records a unit that just greeted; a live link of the same unit is replaced (a shim
-    /// that restarted before its old link timed out).
-    pub(crate) fn register(&self, link: Link, peer: String) {
+    /// Why a new link for unit `id` is refused while the unit is up (its link open), if it is.
+    pub(crate) fn already_up(&self, id: u32) -> Option<String> {
+        up_reason(id, self.entries().get(&id)?)
+    }
+
+    /// Records a unit that just greeted; refused (with the reason) while another link of
+    /// the same unit is open: a restarted shim is let in once its old link has closed (at
+    /// once when its process died, after the heartbeat timeout if its host did).
+    pub(crate) fn register(&self, link: Link, peer: String) -> Result<(), String> {
         let id = link.peer().id;
-        let old = self.entries().insert(
+        let mut entries = self.entries();
+        if let Some(why) = entries.get(&id).and_then(|e| up_reason(id, e)) {
+            return Err(why);
+        }
+        entries.insert(
             id,
             Entry {
                 info: link.peer().clone(),
@@ -200,9 +213,20 @@ impl Units {
                 inflight: Arc::new(AtomicU32::new(0)),
             },
         );
-        if let Some(l) = old.and_then(|e| e.link) {
-            l.close(&format!("replaced by a new link from unit {id}"));
-        }
+        Ok(())
+    }
+
+    /// Forgets units down for longer than `grace`; returns their ids.
+    pub fn forget_down(&self, grace: std::time::Duration) -> Vec<u32> {
+        let mut gone = Vec::new();
+        self.entries().retain(|&id, e| {
+            let keep = e.link.is_some() || e.since.elapsed() <= grace;
+            if !keep {
+                gone.push(id);
+            }
+            keep
+        });
+        gone
     }
 
     /// A placement of `function` on `unit` from before a restart (kept while that unit is
@@ -234,7 +258,9 @@ impl Units {
             .retain(|_, u| *u != id);
     }
 
-    pub(crate) fn record_load(&self, id: u32, load: UnitLoad) {
+    pub(crate) fn record_load(&self, id: u32, mut load: UnitLoad) {
+        load.neighbours
+            .truncate(spore_shim::proto::limits::MAX_NEIGHBOURS);
         if let Some(e) = self.entries().get_mut(&id) {
             e.load = load;
         }
@@ -509,6 +535,16 @@ impl Units {
     pub fn local_guard(&self) -> InflightCount {
         InflightCount::new(self.local_inflight.clone())
     }
+}
+
+/// Why another link for unit `id` is refused, if its entry `e` has a link open.
+fn up_reason(id: u32, e: &Entry) -> Option<String> {
+    e.link.as_ref().filter(|l| l.close_reason().is_none())?;
+    Some(format!(
+        "unit {id} is already up (linked from {} for {:.0} s); a second link for it is refused",
+        e.peer,
+        e.since.elapsed().as_secs_f64()
+    ))
 }
 
 /// Counts one invocation in flight on a unit.

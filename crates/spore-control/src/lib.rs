@@ -602,11 +602,17 @@ impl Control {
         self.inner.units.join_etcd(client, link, stop).await
     }
 
-    /// Accepts shims' links on `listener` until the daemon stops.
-    pub async fn serve_links(&self, listener: tokio::net::TcpListener) {
+    /// Accepts shims' links and joins on `listener` (mutual TLS, `tls`) until the daemon
+    /// stops; forgets units down for longer than `unit_grace`.
+    pub async fn serve_links(
+        &self,
+        listener: tokio::net::TcpListener,
+        tls: std::sync::Arc<spore_cluster::tls::ControlTls>,
+        unit_grace: std::time::Duration,
+    ) {
         self.inner
             .units
-            .serve_links(hosts::unit_host(self), listener)
+            .serve_links(hosts::unit_host(self), listener, tls, unit_grace)
             .await
     }
 
@@ -641,6 +647,7 @@ impl Control {
         &self,
         control: Option<String>,
         etcd: Option<spore_cluster::etcd::Etcd>,
+        creds: spore_cluster::ShimCredentials,
         stop: tokio::sync::watch::Receiver<bool>,
     ) {
         self.inner
@@ -650,6 +657,7 @@ impl Control {
                 self.inner.dags.segment_host(),
                 control,
                 etcd,
+                creds,
                 stop,
             )
             .await

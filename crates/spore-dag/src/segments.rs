@@ -7,13 +7,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use spore_cluster::SegmentEvent as Event;
+use spore_cluster::{SegmentEvent as Event, Units};
 use spore_core::dag::DagSpec;
 use spore_core::ControlError;
 use spore_ipc::edge::Value;
-use spore_shim::link::LinkConfig;
 use spore_shim::proto::spread_edges;
-use spore_shim::{Answer, Call, Link, UnitInfo};
+use spore_shim::{Answer, Call, Link};
 
 use crate::spread::{graph, Reporter, Segment, CLOSE_TIMEOUT};
 use crate::Dags;
@@ -68,7 +67,7 @@ impl ShimSegments {
     /// The neighbour link to unit `unit` at `addr`: the one dialed before, or a new one.
     async fn neighbour(
         &self,
-        me: &(UnitInfo, LinkConfig),
+        units: &Units,
         unit: u32,
         addr: &str,
     ) -> Result<Link, spore_shim::LinkError> {
@@ -76,25 +75,7 @@ impl ShimSegments {
         if let Some(l) = known.filter(|l| l.close_reason().is_none()) {
             return Ok(l);
         }
-        let s = tokio::net::TcpStream::connect(addr).await.map_err(|e| {
-            spore_shim::LinkError::Handshake(format!("connecting to unit {unit} at {addr}: {e}"))
-        })?;
-        let _ = s.set_nodelay(true);
-        let link = spore_shim::link::connect(
-            s,
-            me.0.clone(),
-            spore_shim::Role::Shim,
-            Arc::new(spore_shim::NoCalls),
-            me.1.clone(),
-        )
-        .await?;
-        if link.peer().id != unit {
-            link.close("not the unit dialed");
-            return Err(spore_shim::LinkError::Handshake(format!(
-                "{addr} is unit {}, not unit {unit}",
-                link.peer().id
-            )));
-        }
+        let link = units.dial_neighbour(unit, addr).await?;
         tracing::info!(unit, %addr, "neighbour link up");
         self.dialed
             .lock()
@@ -103,7 +84,7 @@ impl ShimSegments {
         Ok(link)
     }
 
-    fn reporter(&self, key: &str, targets: Targets, me: (UnitInfo, LinkConfig)) -> Reporter {
+    fn reporter(&self, key: &str, targets: Targets, me: Arc<Units>) -> Reporter {
         let this = self.clone();
         let key = key.to_owned();
         let handle = tokio::runtime::Handle::current();
@@ -235,11 +216,7 @@ impl ShimSegments {
             units: units.clone(),
             neighbours: neighbours.into_iter().filter(|(u, _)| *u != me).collect(),
         };
-        let me_info = (
-            control.inner.units.local().clone(),
-            control.inner.units.link_cfg().clone(),
-        );
-        let report = self.reporter(&key, targets, me_info);
+        let report = self.reporter(&key, targets, control.inner.units.clone());
         match control
             .build_segment(&spec, &units, recs, &key, report)
             .await?

@@ -54,6 +54,11 @@ pub enum Kind {
     Pong = 7,
     /// The sender closes the link; the payload is the reason (UTF-8).
     GoAway = 8,
+    /// A shim asks to join the cluster (JSON [`crate::proto::JoinRequest`]); only on a join
+    /// connection, never on a link.
+    Join = 9,
+    /// The control plane's answer to a join (JSON [`crate::proto::JoinAnswer`]).
+    Joined = 10,
 }
 
 impl Kind {
@@ -67,6 +72,8 @@ impl Kind {
             6 => Kind::Ping,
             7 => Kind::Pong,
             8 => Kind::GoAway,
+            9 => Kind::Join,
+            10 => Kind::Joined,
             _ => return None,
         })
     }
@@ -223,7 +230,13 @@ pub fn parse_header(h: &[u8; HEADER_LEN]) -> Result<Header, FrameError> {
     }
     let link_level = matches!(
         kind,
-        Kind::Hello | Kind::HelloAck | Kind::Ping | Kind::Pong | Kind::GoAway
+        Kind::Hello
+            | Kind::HelloAck
+            | Kind::Ping
+            | Kind::Pong
+            | Kind::GoAway
+            | Kind::Join
+            | Kind::Joined
     );
     if link_level != (stream == 0) {
         return Err(bad(format!("stream {stream} is not valid for this kind")));

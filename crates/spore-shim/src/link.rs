@@ -42,7 +42,7 @@ use tokio_util::codec::FramedRead;
 
 use crate::frame::{self, flags, Assembler, Frame, FrameCodec, FrameError, Kind, Message};
 use crate::proto::{
-    negotiate, Answer, Call, Hello, HelloAck, RemoteError, RemoteErrorKind, Role, UnitInfo,
+    limits, negotiate, Answer, Call, Hello, HelloAck, RemoteError, RemoteErrorKind, Role, UnitInfo,
     VERSIONS,
 };
 
@@ -243,6 +243,14 @@ impl Shared {
             p.rest = Some(buf.freeze().slice(off..));
             drop(p);
             // Wake the task for the rest; a full queue wakes it anyway.
+            let _ = self.out.try_send(Out::Wake);
+        } else if !matches!(
+            Pin::new(w.get_mut()).poll_flush(&mut cx),
+            std::task::Poll::Ready(Ok(()))
+        ) {
+            // A TLS stream takes the bytes into its own buffer and may not have sent them
+            // all: the task flushes the rest (it flushes before it parks again).
+            drop(p);
             let _ = self.out.try_send(Out::Wake);
         }
         true
@@ -445,7 +453,7 @@ impl Link {
     }
 }
 
-async fn write_frame<W: AsyncWrite + Unpin>(
+pub(crate) async fn write_frame<W: AsyncWrite + Unpin>(
     w: &mut W,
     kind: Kind,
     stream: u32,
@@ -457,7 +465,7 @@ async fn write_frame<W: AsyncWrite + Unpin>(
     w.flush().await
 }
 
-async fn read_frame<R: AsyncRead + Unpin>(
+pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut FramedRead<R, FrameCodec>,
     timeout: Duration,
 ) -> Result<Frame, LinkError> {
@@ -511,6 +519,9 @@ where
     }
     let ack: HelloAck = serde_json::from_slice(&f.payload)
         .map_err(|e| LinkError::Handshake(format!("malformed greeting: {e}")))?;
+    ack.unit
+        .validate()
+        .map_err(|e| LinkError::Handshake(format!("the peer's greeting: {e}")))?;
     if ack.version < VERSIONS.0 || ack.version > VERSIONS.1 {
         return Err(LinkError::Handshake(format!(
             "the peer chose link version {}, this build speaks {}..={}",
@@ -539,8 +550,19 @@ where
         if f.kind != Kind::Hello {
             return Err(format!("expected a greeting, got a {:?} frame", f.kind));
         }
+        if f.payload.len() > limits::MAX_GREETING {
+            return Err(format!(
+                "a greeting of {} bytes (at most {})",
+                f.payload.len(),
+                limits::MAX_GREETING
+            ));
+        }
         let hello: Hello =
             serde_json::from_slice(&f.payload).map_err(|e| format!("malformed greeting: {e}"))?;
+        hello
+            .unit
+            .validate()
+            .map_err(|e| format!("greeting refused: {e}"))?;
         let version =
             negotiate(VERSIONS, (hello.min_version, hello.max_version)).ok_or_else(|| {
                 format!(
@@ -955,7 +977,7 @@ async fn read_loop<R: AsyncRead + Unpin + Send + 'static>(
                     String::from_utf8_lossy(&f.payload)
                 )
             }
-            Kind::Hello | Kind::HelloAck => {
+            Kind::Hello | Kind::HelloAck | Kind::Join | Kind::Joined => {
                 break format!("protocol error from unit {peer}: a second greeting")
             }
         }
@@ -1253,6 +1275,46 @@ mod tests {
                 .contains("refused: unit 4 is already registered"),
             "{e}"
         );
+    }
+
+    #[tokio::test]
+    async fn greetings_out_of_bounds_are_refused_before_admission() {
+        let (addr, _, mut accepted) = echo_server().await;
+        let refused = |payload: Vec<u8>| async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            write_frame(&mut s, Kind::Hello, 0, &payload).await.unwrap();
+            let mut r = FramedRead::new(s, FrameCodec);
+            let f = r.next().await.unwrap().unwrap();
+            assert_eq!(f.kind, Kind::GoAway);
+            String::from_utf8_lossy(&f.payload).into_owned()
+        };
+        let hello = |u: UnitInfo| {
+            serde_json::to_vec(&Hello {
+                min_version: 1,
+                max_version: 1,
+                role: Role::Shim,
+                unit: u,
+            })
+            .unwrap()
+        };
+        let mut big = unit(3);
+        big.hostname = "h".repeat(900_000);
+        let why = refused(hello(big)).await;
+        assert!(why.contains("a greeting of 900"), "{why}");
+        let mut far = unit(3);
+        far.id = 4_000_000_000;
+        let why = refused(hello(far)).await;
+        assert!(
+            why.contains("greeting refused: unit id 4000000000 is out of range"),
+            "{why}"
+        );
+        let mut huge = unit(3);
+        huge.memory_mb = 1 << 60;
+        let why = refused(hello(huge)).await;
+        assert!(why.contains("greeting refused: memory"), "{why}");
+        for _ in 0..3 {
+            assert!(accepted.recv().await.unwrap().is_err());
+        }
     }
 
     /// Greets `addr` by hand as unit `id`; returns the raw connection and the acceptor's link.

@@ -12,6 +12,29 @@ pub const VERSIONS: (u16, u16) = (1, 1);
 /// The id of the unit the control plane runs itself.
 pub const CONTROL_UNIT: u32 = 0;
 
+/// Bounds on what a unit may declare in its greeting: anything outside them is refused with
+/// the reason (a greeting is read before the unit is trusted with any work).
+pub mod limits {
+    /// Highest unit id (`spore shim --id` takes 1..=MAX_UNIT_ID).
+    pub const MAX_UNIT_ID: u32 = 65_535;
+    /// Largest greeting payload (JSON), bytes.
+    pub const MAX_GREETING: usize = 16 * 1024;
+    /// Longest `arch` and accelerator name.
+    pub const MAX_NAME: usize = 32;
+    /// Most accelerators.
+    pub const MAX_ACCELERATORS: usize = 16;
+    /// Longest host name (DNS's limit).
+    pub const MAX_HOSTNAME: usize = 253;
+    /// Longest version string.
+    pub const MAX_VERSION: usize = 64;
+    /// Most cores a unit may declare.
+    pub const MAX_CORES: u32 = 4096;
+    /// Most memory a unit may declare, MiB (64 TiB).
+    pub const MAX_MEMORY_MB: u64 = 64 << 20;
+    /// Most neighbour units a heartbeat may list.
+    pub const MAX_NEIGHBOURS: usize = 1024;
+}
+
 /// What a processing unit declares about itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UnitInfo {
@@ -62,6 +85,76 @@ impl UnitInfo {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             link: None,
         }
+    }
+
+    /// Checks what the unit declares against [`limits`]; the error says which field is out of
+    /// bounds.
+    pub fn validate(&self) -> Result<(), String> {
+        use limits::*;
+        let name_ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= MAX_NAME
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        };
+        let printable = |s: &str, max: usize| s.len() <= max && !s.chars().any(char::is_control);
+        if self.id > MAX_UNIT_ID {
+            return Err(format!(
+                "unit id {} is out of range (0..={MAX_UNIT_ID})",
+                self.id
+            ));
+        }
+        if !name_ok(&self.arch) {
+            return Err(format!(
+                "arch must be 1-{MAX_NAME} letters, digits, '_', '-' or '.' (got {} bytes)",
+                self.arch.len()
+            ));
+        }
+        if self.cores == 0 || self.cores > MAX_CORES {
+            return Err(format!(
+                "cores {} is out of range (1..={MAX_CORES})",
+                self.cores
+            ));
+        }
+        if self.memory_mb > MAX_MEMORY_MB {
+            return Err(format!(
+                "memory {} MiB is out of range (at most {MAX_MEMORY_MB})",
+                self.memory_mb
+            ));
+        }
+        if self.accelerators.len() > MAX_ACCELERATORS {
+            return Err(format!(
+                "{} accelerators (at most {MAX_ACCELERATORS})",
+                self.accelerators.len()
+            ));
+        }
+        if let Some(bad) = self.accelerators.iter().find(|a| !name_ok(a)) {
+            return Err(format!(
+                "an accelerator name must be 1-{MAX_NAME} letters, digits, '_', '-' or '.' (got {} bytes)",
+                bad.len()
+            ));
+        }
+        if !printable(&self.hostname, MAX_HOSTNAME) {
+            return Err(format!(
+                "the host name must be at most {MAX_HOSTNAME} printable characters (got {} bytes)",
+                self.hostname.len()
+            ));
+        }
+        if !printable(&self.version, MAX_VERSION) {
+            return Err(format!(
+                "the version must be at most {MAX_VERSION} printable characters (got {} bytes)",
+                self.version.len()
+            ));
+        }
+        if let Some(l) = &self.link {
+            if l.len() > 64 || l.parse::<std::net::SocketAddr>().is_err() {
+                return Err(format!(
+                    "the neighbour link address must be IP:PORT (got {} bytes)",
+                    l.len()
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Why this unit cannot run a function that needs `arch` and `accelerator`, if it cannot.
@@ -141,6 +234,35 @@ pub struct HelloAck {
     pub role: Role,
     /// The acceptor's unit.
     pub unit: UnitInfo,
+}
+
+/// A shim's request to join the cluster, sent once over a join connection (TLS, the control
+/// plane's certificate checked against the CA fingerprint in the token).
+#[derive(Clone, Serialize, Deserialize)]
+pub struct JoinRequest {
+    /// The unit the shim will be.
+    pub unit: u32,
+    /// The join token (`spore cluster token`).
+    pub token: String,
+    /// A certificate signing request (PEM) for the shim's own key: the key never leaves it.
+    pub csr: String,
+}
+
+impl std::fmt::Debug for JoinRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinRequest")
+            .field("unit", &self.unit)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The control plane's answer to a join: the unit's certificate and the cluster CA's.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JoinAnswer {
+    /// The unit's certificate (PEM), signed by the cluster CA, naming the unit.
+    pub cert: String,
+    /// The cluster CA's certificate (PEM).
+    pub ca: String,
 }
 
 /// The highest version both ranges hold.
@@ -466,6 +588,45 @@ mod tests {
         };
         assert_eq!(spec.nodes[0].unit, Some(1));
         assert_eq!(neighbours, [(2, "10.0.0.2:4000".to_owned())]);
+    }
+
+    #[test]
+    fn greetings_out_of_bounds_are_refused_with_the_field() {
+        let good = UnitInfo::detect(3, None, Some(vec!["gpu".into()]));
+        assert_eq!(good.validate(), Ok(()));
+        let check = |f: &dyn Fn(&mut UnitInfo), want: &str| {
+            let mut u = good.clone();
+            f(&mut u);
+            let e = u.validate().unwrap_err();
+            assert!(e.contains(want), "{e}");
+        };
+        check(
+            &|u| u.id = 4_000_000_000,
+            "unit id 4000000000 is out of range",
+        );
+        check(&|u| u.hostname = "h".repeat(900_000), "host name");
+        check(&|u| u.hostname = "a\nb".into(), "host name");
+        check(&|u| u.memory_mb = u64::MAX, "memory");
+        check(&|u| u.cores = 0, "cores 0");
+        check(&|u| u.cores = 1_000_000, "cores 1000000");
+        check(&|u| u.arch = String::new(), "arch");
+        check(&|u| u.arch = "x86 64".into(), "arch");
+        check(&|u| u.version = "v".repeat(65), "version");
+        check(
+            &|u| u.accelerators = vec!["gpu".into(); 17],
+            "17 accelerators",
+        );
+        check(
+            &|u| u.accelerators = vec!["g".repeat(33)],
+            "accelerator name",
+        );
+        check(
+            &|u| u.link = Some("somewhere".into()),
+            "neighbour link address",
+        );
+        let mut u = good.clone();
+        u.link = Some("10.0.0.2:4000".into());
+        assert_eq!(u.validate(), Ok(()));
     }
 
     #[test]

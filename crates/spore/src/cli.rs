@@ -42,6 +42,11 @@ pub(crate) enum Command {
     /// Run a processing unit's shim: it dials the control plane (`spore serve --link-listen`)
     /// at --control, registers as unit --id, and runs the functions placed there.
     Shim(ShimArgs),
+    /// The cluster's CA and join tokens (run on the control plane's host, with its data dir).
+    Cluster {
+        #[command(subcommand)]
+        which: ClusterCommand,
+    },
     /// List the processing units, their state, load and functions.
     Units,
     /// Deploy (create or update) a function from a folder with spore.toml and code.
@@ -175,6 +180,59 @@ pub(crate) enum KeysCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub(crate) enum ClusterCommand {
+    /// Make the cluster CA in the data dir (if it has none) and print its fingerprint. `spore
+    /// serve --link-listen` makes it too on its first start.
+    Init {
+        /// The control plane's data dir (default as `spore serve`).
+        #[arg(long, env = "SPORE_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
+    /// Print a join token for `spore shim --join` (it also pins the CA); or list or revoke
+    /// tokens.
+    Token {
+        /// How long the token works (s, m, h, d).
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        ttl: std::time::Duration,
+        /// The first join uses it up.
+        #[arg(long)]
+        once: bool,
+        /// Only this unit may join with it.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=65535))]
+        unit: Option<u32>,
+        /// List the tokens still valid (ids and expiries; secrets are not kept).
+        #[arg(long, conflicts_with_all = ["revoke", "once", "unit"])]
+        list: bool,
+        /// Revoke a token by its id (the second field of the token).
+        #[arg(long, value_name = "ID", conflicts_with_all = ["once", "unit"])]
+        revoke: Option<String>,
+        /// The control plane's data dir (default as `spore serve`).
+        #[arg(long, env = "SPORE_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+/// A duration: a number with `s`, `m`, `h` or `d` (seconds without).
+pub(crate) fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number and s, m, h or d (90s, 10m, 24h, 7d)"))?;
+    let per = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{s:?}: the unit is s, m, h or d")),
+    };
+    Ok(std::time::Duration::from_secs(n.saturating_mul(per)))
+}
+
+#[derive(Debug, Subcommand)]
 pub(crate) enum SnapshotCommand {
     /// List stored snapshots.
     Ls,
@@ -231,6 +289,17 @@ pub(crate) struct ShimArgs {
     /// plane in etcd (--etcd).
     #[arg(long, required_unless_present = "etcd")]
     pub(crate) control: Option<String>,
+    /// A join token (`spore cluster token` on the control plane's host): the first start
+    /// presents it once to get this unit's certificate (kept in <data-dir>/cluster), later
+    /// starts need only the certificate. The token pins the cluster CA: the shim talks to no
+    /// control plane of another CA, whatever address it was given or found in etcd.
+    #[arg(
+        long,
+        env = "SPORE_JOIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub(crate) join: Option<String>,
     /// The instruction set this unit declares (default: this host's).
     #[arg(long)]
     pub(crate) arch: Option<String>,
@@ -269,6 +338,42 @@ pub(crate) struct ServeArgs {
     /// Key prefix in etcd (one per cluster).
     #[arg(long, env = "SPORE_ETCD_PREFIX", default_value = "/spore")]
     pub(crate) etcd_prefix: String,
+    /// The CA certificate (PEM) etcd's server certificate chains to (https endpoints;
+    /// default: the system's roots).
+    #[arg(long, env = "SPORE_ETCD_CA", value_name = "FILE")]
+    pub(crate) etcd_ca: Option<PathBuf>,
+    /// A client certificate (PEM) for etcd's --client-cert-auth (with --etcd-key).
+    #[arg(
+        long,
+        env = "SPORE_ETCD_CERT",
+        value_name = "FILE",
+        requires = "etcd_key"
+    )]
+    pub(crate) etcd_cert: Option<PathBuf>,
+    /// The client certificate's key (PEM).
+    #[arg(
+        long,
+        env = "SPORE_ETCD_KEY",
+        value_name = "FILE",
+        requires = "etcd_cert"
+    )]
+    pub(crate) etcd_key: Option<PathBuf>,
+    /// An etcd user (etcd's auth); its password comes from SPORE_ETCD_PASSWORD or
+    /// --etcd-password-file, never from the command line.
+    #[arg(long, env = "SPORE_ETCD_USER", value_name = "NAME")]
+    pub(crate) etcd_user: Option<String>,
+    /// A file holding the etcd user's password (its first line).
+    #[arg(
+        long,
+        env = "SPORE_ETCD_PASSWORD_FILE",
+        value_name = "FILE",
+        requires = "etcd_user"
+    )]
+    pub(crate) etcd_password_file: Option<PathBuf>,
+    /// `spore serve --link-listen`: how long a unit may stay down before it is forgotten
+    /// (dropped from `spore units`; s, m, h, d).
+    #[arg(long, env = "SPORE_UNIT_GRACE", default_value = "10m", value_parser = parse_duration)]
+    pub(crate) unit_grace: std::time::Duration,
     /// Data dir (default /var/lib/spore as root, else ~/.local/share/spore; a shim's default
     /// is unit-N under it).
     #[arg(long, env = "SPORE_DATA_DIR")]

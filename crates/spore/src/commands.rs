@@ -10,7 +10,9 @@ use spore_bench::drivers::{self, RunOptions, SnapshotSelection};
 use spore_client::{read_manifest, Client};
 use spore_control::{Control, ControlConfig};
 
-use crate::cli::{BenchCommand, DagCommand, DemoArgs, ServeArgs, ShimArgs, SnapshotCommand};
+use crate::cli::{
+    BenchCommand, ClusterCommand, DagCommand, DemoArgs, ServeArgs, ShimArgs, SnapshotCommand,
+};
 use crate::out::{self, Table};
 
 use spore_client::default_data_dir;
@@ -23,7 +25,115 @@ pub fn shim(args: ShimArgs) -> Result<ExitCode> {
         many => Some(many.to_vec()),
     };
     let unit = spore_shim::UnitInfo::detect(args.id, args.arch.clone(), accelerators);
-    serve(args.serve, Some((unit, args.control)))
+    // The control plane refuses a greeting out of bounds: say so before starting.
+    unit.validate()
+        .map_err(|e| anyhow::anyhow!("unit {}: {e}", args.id))?;
+    let token = args
+        .join
+        .as_deref()
+        .map(str::parse::<spore_cluster::tokens::JoinToken>)
+        .transpose()
+        .context("--join")?;
+    serve(args.serve, Some((unit, args.control, token)))
+}
+
+/// `spore cluster init|token`.
+pub fn cluster(which: ClusterCommand) -> Result<ExitCode> {
+    use spore_cluster::pki::ClusterCa;
+    use spore_cluster::tokens::Tokens;
+    let dir = |d: Option<PathBuf>| d.unwrap_or_else(default_data_dir);
+    match which {
+        ClusterCommand::Init { data_dir } => {
+            let d = dir(data_dir);
+            let (ca, made) = ClusterCa::init(&d)
+                .with_context(|| format!("the cluster CA in {}", d.display()))?;
+            println!(
+                "{} the cluster CA in {} (sha256 {})",
+                if made { "made" } else { "found" },
+                ca.dir().display(),
+                ca.fingerprint_hex()
+            );
+        }
+        ClusterCommand::Token {
+            ttl,
+            once,
+            unit,
+            list,
+            revoke,
+            data_dir,
+        } => {
+            let d = dir(data_dir);
+            // A token pins the CA: there must be one (the tokens live beside it).
+            let ca = ClusterCa::load(&d)?;
+            let tokens =
+                Tokens::open(&d).with_context(|| format!("the tokens in {}", d.display()))?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |t| t.as_secs());
+            if list {
+                println!("{:<9} {:>12} {:<5} UNIT", "ID", "EXPIRES_IN", "ONCE");
+                for t in tokens.list()? {
+                    println!(
+                        "{:<9} {:>11}s {:<5} {}",
+                        t.id,
+                        t.expires.saturating_sub(now),
+                        t.once,
+                        t.unit.map_or("any".to_owned(), |u| u.to_string())
+                    );
+                }
+            } else if let Some(id) = revoke {
+                if !tokens.revoke(&id)? {
+                    bail!("no token {id} (it may have expired or been used up)");
+                }
+                eprintln!("revoked token {id} (certificates already issued with it stay valid)");
+            } else {
+                let (token, rec) = tokens.create(ca.fingerprint(), ttl, once, unit)?;
+                eprintln!(
+                    "token {} for {}{}, valid {} s; give it to `spore shim --join` (or SPORE_JOIN_TOKEN)",
+                    rec.id,
+                    unit.map_or("any unit".to_owned(), |u| format!("unit {u}")),
+                    if once { ", single use" } else { "" },
+                    ttl.as_secs()
+                );
+                println!("{token}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The etcd client of `--etcd` and its TLS and auth options.
+fn etcd_client(args: &ServeArgs) -> Result<Option<spore_cluster::etcd::Etcd>> {
+    let Some(endpoints) = args.etcd.as_deref() else {
+        return Ok(None);
+    };
+    let user = match &args.etcd_user {
+        None => None,
+        Some(u) => {
+            let password = match (&args.etcd_password_file, std::env::var("SPORE_ETCD_PASSWORD")) {
+                (Some(f), _) => std::fs::read_to_string(f)
+                    .with_context(|| format!("--etcd-password-file {}", f.display()))?
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned(),
+                (None, Ok(p)) => p,
+                (None, Err(_)) => bail!(
+                    "--etcd-user {u}: give the password in SPORE_ETCD_PASSWORD or --etcd-password-file"
+                ),
+            };
+            Some((u.clone(), password))
+        }
+    };
+    let auth = spore_cluster::etcd::EtcdAuth {
+        ca: args.etcd_ca.clone(),
+        cert: args.etcd_cert.clone(),
+        key: args.etcd_key.clone(),
+        user,
+    };
+    let client = spore_cluster::etcd::Etcd::with_auth(endpoints, &args.etcd_prefix, auth)
+        .context("--etcd")?;
+    Ok(Some(client))
 }
 
 /// `spore units`.
@@ -113,14 +223,18 @@ pub fn units(endpoint: &str) -> Result<ExitCode> {
 /// `spore serve`, or with `shim` (this unit, the control plane's link address) a shim.
 pub fn serve(
     args: ServeArgs,
-    shim: Option<(spore_shim::UnitInfo, Option<String>)>,
+    shim: Option<(
+        spore_shim::UnitInfo,
+        Option<String>,
+        Option<spore_cluster::tokens::JoinToken>,
+    )>,
 ) -> Result<ExitCode> {
     init_logging(&args.log_format);
     // A shim's --link-listen takes neighbour links from other shims; its address is part of
     // the unit's description, so it is bound before the unit greets anyone.
     let mut shim = shim;
     let neighbour_listener = match (&mut shim, &args.link_listen) {
-        (Some((unit, _)), Some(addr)) => {
+        (Some((unit, _, _)), Some(addr)) => {
             let l = std::net::TcpListener::bind(addr)
                 .with_context(|| format!("--link-listen {addr}"))?;
             l.set_nonblocking(true)?;
@@ -136,9 +250,31 @@ pub fn serve(
         _ => None,
     };
     let data_dir = args.data_dir.clone().unwrap_or_else(|| match &shim {
-        Some((u, _)) => default_data_dir().join(format!("unit-{}", u.id)),
+        Some((u, _, _)) => default_data_dir().join(format!("unit-{}", u.id)),
         None => default_data_dir(),
     });
+    // A shim needs its unit certificate, or a token to get one.
+    let shim = match shim {
+        Some((unit, control, token)) => {
+            let creds = spore_cluster::ShimCredentials {
+                data_dir: data_dir.clone(),
+                token,
+            };
+            if let Err(why) = creds.usable(unit.id) {
+                bail!("unit {} cannot join the cluster: {why}", unit.id);
+            }
+            Some((unit, control, creds))
+        }
+        None => None,
+    };
+    // The control plane's link port is mutual TLS with the cluster CA (made on first use).
+    let control_tls = match (&shim, &args.link_listen) {
+        (None, Some(_)) => Some(std::sync::Arc::new(
+            spore_cluster::tls::ControlTls::open(&data_dir)
+                .with_context(|| format!("the cluster CA in {}", data_dir.display()))?,
+        )),
+        _ => None,
+    };
     let listen = args.listen.clone().unwrap_or_else(|| {
         if shim.is_some() {
             "127.0.0.1:0"
@@ -156,7 +292,7 @@ pub fn serve(
     cfg.pids_max = args.pids_max;
     cfg.tmp_mb = args.tmp_mb;
     cfg.idle_memory_mb = args.idle_memory_mb;
-    cfg.unit = shim.as_ref().map(|(u, _)| u.clone());
+    cfg.unit = shim.as_ref().map(|(u, _, _)| u.clone());
     cfg.snapshot_mode = args
         .snapshot_mode
         .parse()
@@ -165,12 +301,7 @@ pub fn serve(
         .snapshot_codec
         .parse()
         .map_err(|e: String| anyhow::anyhow!("--snapshot-codec: {e}"))?;
-    let etcd = args
-        .etcd
-        .as_deref()
-        .map(|e| spore_cluster::etcd::Etcd::new(e, &args.etcd_prefix))
-        .transpose()
-        .context("--etcd")?;
+    let etcd = etcd_client(&args)?;
     if etcd.is_some() && shim.is_none() && args.link_listen.is_none() {
         bail!("--etcd announces the control plane's link address: give --link-listen too");
     }
@@ -221,20 +352,22 @@ pub fn serve(
             let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--link-listen {addr}"))?;
             let bound = l.local_addr()?.to_string();
             spore_registry::store::write_atomic(&link_file, bound.as_bytes()).context("writing the link endpoint file")?;
-            tracing::info!("accepting unit links on {bound}");
+            let tls = control_tls.clone().expect("a control plane with --link-listen has its TLS");
+            tracing::info!(ca = %tls.ca().fingerprint_hex(), "accepting unit links on {bound} (mutual TLS)");
             let c = control.clone();
-            tokio::spawn(async move { c.serve_links(l).await });
+            let grace = args.unit_grace;
+            tokio::spawn(async move { c.serve_links(l, tls, grace).await });
             if let (Some(client), None) = (&etcd, &shim) {
                 let c = control.clone();
                 let (client, stop) = (client.clone(), shim_stop_rx.clone());
                 tokio::spawn(async move { c.join_etcd(client, bound, stop).await });
             }
         }
-        let shim_task = shim.map(|(unit, addr)| {
+        let shim_task = shim.map(|(unit, addr, creds)| {
             tracing::info!(unit = unit.id, arch = %unit.arch, accelerators = ?unit.accelerators, control = ?addr, "running as a unit's shim");
             let c = control.clone();
             let stop = shim_stop_rx.clone();
-            tokio::spawn(async move { c.run_shim(addr, etcd, stop).await })
+            tokio::spawn(async move { c.run_shim(addr, etcd, creds, stop).await })
         });
         let endpoint = format!("http://{}", listener.local_addr()?);
         control.set_gateway_url(endpoint.clone());
@@ -695,7 +828,7 @@ pub fn logs(
 ) -> Result<ExitCode> {
     let since_ms = since
         .map(|s| {
-            let d = parse_duration(s).with_context(|| format!("--since {s}"))?;
+            let d = crate::cli::parse_duration(s).map_err(|e| anyhow::anyhow!("--since {e}"))?;
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)?
                 .as_millis() as u64;
@@ -730,25 +863,6 @@ fn print_log_event(e: &serde_json::Value) {
         "{ts}  {rid:<36}  {}",
         e["message"].as_str().unwrap_or_default()
     );
-}
-
-/// `30s`, `10m`, `2h`, `1d` (a bare number is seconds).
-fn parse_duration(s: &str) -> Result<Duration> {
-    let s = s.trim();
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map_or((s, "s"), |i| (&s[..i], &s[i..]));
-    let n: u64 = num
-        .parse()
-        .with_context(|| format!("{s:?} is not a duration like 30s, 10m, 2h or 1d"))?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86_400,
-        _ => bail!("{s:?}: the unit must be s, m, h or d"),
-    };
-    Ok(Duration::from_secs(secs))
 }
 
 /// `spore demo`.

@@ -55,6 +55,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => commands::serve(args, None),
         Command::Shim(args) => commands::shim(args),
+        Command::Cluster { which } => commands::cluster(which),
         Command::Units => commands::units(&cli.endpoint),
         Command::Deploy { dir } => commands::deploy(&cli.endpoint, &dir),
         Command::Invoke {

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use common::{can_sandbox, packages_dir, sample, Daemon, BIN};
+use common::{can_sandbox, packages_dir, sample, Daemon, Shim, BIN};
 use serde_json::{json, Value};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -102,23 +102,30 @@ impl Drop for NetNs {
     }
 }
 
-/// A `spore shim` running inside a namespace.
-struct Shim {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
 impl Shim {
-    fn start(ns: &NetNs, id: u32, control: &str, data: &Path, accelerators: &[&str]) -> Shim {
+    /// Unit `id` in `ns`, dialing `control` and joining with `token`.
+    fn start(
+        ns: &NetNs,
+        id: u32,
+        (control, token): (&str, &str),
+        data: &Path,
+        accelerators: &[&str],
+    ) -> Shim {
         let acc: Vec<String> = accelerators
             .iter()
             .map(|a| format!("--accelerator={a}"))
             .collect();
         let acc: Vec<&str> = acc.iter().map(String::as_str).collect();
-        Shim::start_with(ns, id, control, data, &acc)
+        Shim::start_with(ns, id, (control, token), data, &acc)
     }
 
-    fn start_with(ns: &NetNs, id: u32, control: &str, data: &Path, extra: &[&str]) -> Shim {
+    fn start_with(
+        ns: &NetNs,
+        id: u32,
+        (control, token): (&str, &str),
+        data: &Path,
+        extra: &[&str],
+    ) -> Shim {
         std::fs::create_dir_all(data).unwrap();
         let log = data.with_extension(format!("shim-log-{}", NEXT.fetch_add(1, Ordering::Relaxed)));
         let f = std::fs::File::create(&log).unwrap();
@@ -136,31 +143,21 @@ impl Shim {
         cmd.stdin(Stdio::null())
             .stdout(f.try_clone().unwrap())
             .stderr(f)
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", "info")
+            .env_remove("SPORE_JOIN_TOKEN");
+        if !token.is_empty() {
+            cmd.env("SPORE_JOIN_TOKEN", token);
+        }
         Shim {
             child: Some(cmd.spawn().unwrap()),
             log,
         }
     }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
-impl Drop for Shim {
-    fn drop(&mut self) {
-        if let Some(c) = self.child.take() {
-            common::terminate(c, Duration::from_secs(20));
-        }
-    }
+/// A join token of the control plane `d` (`spore cluster token`).
+fn token(d: &Daemon) -> String {
+    common::cluster(&["token"], &d.data)
 }
 
 /// The control plane, accepting links on the host end of `ns`.
@@ -283,7 +280,8 @@ fn functions_and_dags_run_on_the_units_they_are_placed_on() {
     let ns = NetNs::new();
     let (tmp, d, link) = control(&ns);
     assert!(link.starts_with(&ns.host_ip), "{link}");
-    let shim = Shim::start(&ns, 1, &link, &tmp.path().join("d1"), &["fpga"]);
+    let t = token(&d);
+    let shim = Shim::start(&ns, 1, (&link, &t), &tmp.path().join("d1"), &["fpga"]);
     let log = || shim.log_text();
     let u1 = wait_unit(&d, 1, "up", &log);
     assert_eq!(u1["accelerators"], json!(["fpga"]));
@@ -619,8 +617,9 @@ fn dag_edges_between_two_shims_take_their_neighbour_link() {
     let (tmp, d, link) = control(&ns);
     // Both shims in one namespace, each taking neighbour links on the namespace's address.
     let listen = format!("--link-listen={}:0", ns.ns_ip);
-    let shim1 = Shim::start_with(&ns, 1, &link, &tmp.path().join("d1"), &[&listen]);
-    let shim2 = Shim::start_with(&ns, 2, &link, &tmp.path().join("d2"), &[&listen]);
+    let t = token(&d);
+    let shim1 = Shim::start_with(&ns, 1, (&link, &t), &tmp.path().join("d1"), &[&listen]);
+    let shim2 = Shim::start_with(&ns, 2, (&link, &t), &tmp.path().join("d2"), &[&listen]);
     wait_unit(&d, 1, "up", &|| shim1.log_text());
     wait_unit(&d, 2, "up", &|| shim2.log_text());
     create(&d, &sample("dag/chain-step"), "step", json!({}));
@@ -681,17 +680,18 @@ fn a_unit_that_dies_mid_invocation_fails_it_clearly_and_work_moves_on() {
         .unwrap()
         .1
         .to_owned();
+    let t = token(&d);
     let mut shim1 = Shim::start(
         &ns1,
         1,
-        &format!("{}:{port}", ns1.host_ip),
+        (&format!("{}:{port}", ns1.host_ip), &t),
         &tmp.path().join("d1"),
         &["fpga"],
     );
     let shim2 = Shim::start(
         &ns2,
         2,
-        &format!("{}:{port}", ns2.host_ip),
+        (&format!("{}:{port}", ns2.host_ip), &t),
         &tmp.path().join("d2"),
         &["fpga"],
     );
@@ -772,10 +772,11 @@ fn a_unit_that_dies_mid_invocation_fails_it_clearly_and_work_moves_on() {
     assert_eq!(invoke(&d, "hello", json!({}), None).status, 200);
 
     // Unit 1 comes back on the same data dir and registers again.
+    // Its certificate is in the data dir: no token needed this time.
     let shim1b = Shim::start(
         &ns1,
         1,
-        &format!("{}:{port}", ns1.host_ip),
+        (&format!("{}:{port}", ns1.host_ip), ""),
         &tmp.path().join("d1"),
         &["fpga"],
     );
@@ -905,7 +906,9 @@ fn membership_in_etcd_survives_etcd_and_control_plane_restarts() {
     let d0 = tmp.path().join("d0");
     let d = Daemon::start_at(&d0, &args);
 
-    // The shim has no --control: it finds the control plane in etcd.
+    // The shim has no --control: it finds the control plane in etcd (and checks it holds
+    // the CA its token names).
+    let t = token(&d);
     let log = tmp.path().join("d1.shim-log");
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net=/run/netns/{}", ns.name))
@@ -919,6 +922,8 @@ fn membership_in_etcd_survives_etcd_and_control_plane_restarts() {
             &url,
             "--accelerator",
             "fpga",
+            "--join",
+            &t,
         ])
         .args(["--grace-s", "5", "--data-dir"])
         .arg(tmp.path().join("d1"))
@@ -1019,14 +1024,23 @@ fn membership_in_etcd_survives_etcd_and_control_plane_restarts() {
 }
 
 /// Reads one frame (header and payload) from a raw link connection.
-fn read_frame(s: &mut std::net::TcpStream) -> (u8, Vec<u8>) {
-    use std::io::Read;
+fn read_frame(s: &mut impl std::io::Read) -> (u8, Vec<u8>) {
     let mut h = [0u8; 12];
     s.read_exact(&mut h).unwrap();
     let len = u32::from_le_bytes(h[8..12].try_into().unwrap()) as usize;
     let mut p = vec![0u8; len];
     s.read_exact(&mut p).unwrap();
     (h[1], p)
+}
+
+/// Accepts one TLS connection as the control plane `tls` would (a unit certificate
+/// required).
+fn accept_tls(
+    l: &std::net::TcpListener,
+    tls: &spore_cluster::tls::ControlTls,
+) -> rustls::StreamOwned<rustls::ServerConnection, std::net::TcpStream> {
+    let (s, _) = l.accept().unwrap();
+    rustls::StreamOwned::new(rustls::ServerConnection::new(tls.link_config()).unwrap(), s)
 }
 
 #[test]
@@ -1036,13 +1050,24 @@ fn a_shim_survives_malformed_frames_from_its_control_plane() {
     if !can_sandbox(test) {
         return;
     }
-    // A fake control plane on loopback: greets the shim properly, then sends garbage.
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap().to_string();
     let tmp = tempfile::Builder::new()
         .prefix("spore-xpu-")
         .tempdir()
         .unwrap();
+    // A fake control plane on loopback, with a real cluster CA: unit 3's certificate is
+    // put in the shim's data dir as a join would, so the shim links at once.
+    let tls = spore_cluster::tls::ControlTls::open(&tmp.path().join("cp")).unwrap();
+    let (key, csr) = spore_cluster::pki::unit_key(3).unwrap();
+    let cert = tls.ca().sign_unit(3, &csr).unwrap();
+    spore_cluster::pki::UnitCredentials::store(
+        &tmp.path().join("d3"),
+        &key,
+        &cert,
+        tls.ca().cert_pem(),
+    )
+    .unwrap();
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
     let log = tmp.path().join("shim.log");
     let child = Command::new(BIN)
         .args(["shim", "--id", "3", "--control", &addr, "--data-dir"])
@@ -1051,13 +1076,15 @@ fn a_shim_survives_malformed_frames_from_its_control_plane() {
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .env("RUST_LOG", "info")
+        .env_remove("SPORE_JOIN_TOKEN")
         .spawn()
         .unwrap();
     let mut shim = Shim {
         child: Some(child),
         log,
     };
-    let (mut s, _) = l.accept().unwrap();
+    // Greets the shim properly, then sends garbage.
+    let mut s = accept_tls(&l, &tls);
     let (kind, hello) = read_frame(&mut s);
     assert_eq!(kind, 1, "the shim greets first");
     let hello: Value = serde_json::from_slice(&hello).unwrap();
@@ -1072,10 +1099,12 @@ fn a_shim_survives_malformed_frames_from_its_control_plane() {
     frame.extend_from_slice(&(ack.len() as u32).to_le_bytes());
     frame.extend_from_slice(&ack);
     s.write_all(&frame).unwrap();
+    s.flush().unwrap();
     // A request frame whose message claims 1 TiB.
     let mut bad = vec![0xA7, 3, 1, 0, 2, 0, 0, 0, 8, 0, 0, 0];
     bad.extend_from_slice(&(1u64 << 40).to_le_bytes());
     s.write_all(&bad).unwrap();
+    s.flush().unwrap();
     // The shim answers with a GoAway naming the problem (after any heartbeat it sent
     // first), and closes.
     let (kind, why) = loop {
@@ -1091,8 +1120,7 @@ fn a_shim_survives_malformed_frames_from_its_control_plane() {
         "{why}"
     );
     // It keeps running and dials again.
-    l.set_nonblocking(false).unwrap();
-    let (mut s2, _) = l.accept().unwrap();
+    let mut s2 = accept_tls(&l, &tls);
     let (kind, _) = read_frame(&mut s2);
     assert_eq!(kind, 1, "the shim greets again");
     assert!(

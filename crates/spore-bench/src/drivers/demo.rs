@@ -11,7 +11,7 @@ use spore_core::SandboxKind;
 
 use super::dag::{dag_hops, dag_run, deploy_dags};
 use super::setup::{deploy_on, deploy_samples, deploy_snapshotted, deploy_variant, Daemon};
-use super::shim::ShimProcess;
+use super::shim::{join_token, ShimProcess};
 use crate::summarize;
 
 /// Options of `spore demo`.
@@ -98,10 +98,12 @@ fn demo_units(
     };
     let link = std::fs::read_to_string(daemon.data_dir().join("run/link-endpoint"))
         .context("reading the daemon's link endpoint")?;
+    let token = join_token(daemon.data_dir())?;
     let shim = ShimProcess::spawn(
         None,
         1,
         link.trim(),
+        &token,
         &PathBuf::from(".spore").join("demo"),
         &[],
     )?;

@@ -12,13 +12,26 @@ use spore_client::Client;
 /// data dir removed once it exited), and its unit id.
 pub(crate) struct ShimProcess(Child, PathBuf, u32);
 
+/// A join token from the control plane whose data dir is `data_dir` (`spore cluster token`).
+pub(crate) fn join_token(data_dir: &Path) -> Result<String> {
+    let out = Command::new(std::env::current_exe()?)
+        .args(["cluster", "token", "--ttl", "1h", "--data-dir"])
+        .arg(data_dir)
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running spore cluster token")?;
+    ensure!(out.status.success(), "spore cluster token failed");
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
 impl ShimProcess {
-    /// Starts unit `id` dialing `control`, inside `netns` if given; its data dir and log go
-    /// under `parent`.
+    /// Starts unit `id` dialing `control` and joining with `token`, inside `netns` if given;
+    /// its data dir and log go under `parent`.
     pub(crate) fn spawn(
         netns: Option<&str>,
         id: u32,
         control: &str,
+        token: &str,
         parent: &Path,
         extra: &[String],
     ) -> Result<ShimProcess> {
@@ -41,6 +54,7 @@ impl ShimProcess {
             .arg("--data-dir")
             .arg(&data)
             .args(["--keep-alive-s", "600"])
+            .env("SPORE_JOIN_TOKEN", token)
             .args(extra);
         if let Some(p) = packages_dir() {
             cmd.arg("--packages-dir").arg(p);

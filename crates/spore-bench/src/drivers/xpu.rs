@@ -19,7 +19,7 @@ use spore_core::SandboxKind;
 use super::dag::{dag_hops, dag_run};
 use super::report::{host_meta, save_and_print};
 use super::setup::{deploy_on, deploy_variant};
-use super::shim::{packages_dir, ShimProcess};
+use super::shim::{join_token, packages_dir, ShimProcess};
 use super::RunOptions;
 use crate::Series;
 
@@ -233,8 +233,10 @@ pub fn run(opts: &RunOptions) -> Result<()> {
         .context("reading the control plane's link endpoint")?;
     // Units 1 and 2 share the namespace and take neighbour links from each other there.
     let neighbour = vec![format!("--link-listen={}:0", ns.ns_ip())];
-    let shim = ShimProcess::spawn(Some(&ns.name), 1, link.trim(), &parent, &neighbour)?;
-    let shim2 = ShimProcess::spawn(Some(&ns.name), 2, link.trim(), &parent, &neighbour)?;
+    // Links are mutual TLS: the shims join with a token of the daemon's cluster CA.
+    let token = join_token(daemon.data_dir())?;
+    let shim = ShimProcess::spawn(Some(&ns.name), 1, link.trim(), &token, &parent, &neighbour)?;
+    let shim2 = ShimProcess::spawn(Some(&ns.name), 2, link.trim(), &token, &parent, &neighbour)?;
     let creds = daemon.credentials()?;
     crate::cold_start::use_credentials(creds.clone());
     let client = Client::with_credentials(&daemon.endpoint, creds)?;

@@ -401,3 +401,49 @@ pub fn assert_no_leaks(data: &Path) {
         );
     }
 }
+
+/// A `spore shim` child and its log (stopped with SIGTERM on drop).
+pub struct Shim {
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Shim {
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Kills it at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Shim {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.take() {
+            terminate(c, Duration::from_secs(20));
+        }
+    }
+}
+
+/// Runs `spore cluster ARGS --data-dir DATA` (a control plane's CA and tokens); returns what
+/// it printed on stdout, trimmed.
+pub fn cluster(args: &[&str], data: &Path) -> String {
+    let out = Command::new(BIN)
+        .arg("cluster")
+        .args(args)
+        .arg("--data-dir")
+        .arg(data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "spore cluster {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}

@@ -144,6 +144,9 @@ pub(crate) enum Command {
         /// Open the URL with xdg-open.
         #[arg(long)]
         open: bool,
+        /// Print the URL alone (what `spore ui` prints anyway), without the note on stderr.
+        #[arg(long)]
+        print_url: bool,
     },
     /// Create, list and remove the daemon's access keys (requests are signed with AWS
     /// Signature Version 4; the daemon makes an admin key in <data-dir>/credentials).

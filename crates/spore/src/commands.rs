@@ -1005,7 +1005,7 @@ pub fn keys(endpoint: &str, which: crate::cli::KeysCommand) -> Result<ExitCode> 
 }
 
 /// `spore ui`.
-pub fn ui(endpoint: &str, open: bool) -> Result<ExitCode> {
+pub fn ui(endpoint: &str, open: bool, quiet: bool) -> Result<ExitCode> {
     let v = Client::new(endpoint)?.ui_login_url()?;
     let url = format!(
         "{}{}",
@@ -1013,6 +1013,9 @@ pub fn ui(endpoint: &str, open: bool) -> Result<ExitCode> {
         v["Path"].as_str().unwrap_or_default()
     );
     println!("{url}");
+    if quiet {
+        return Ok(ExitCode::SUCCESS);
+    }
     eprintln!(
         "one login, within {} s; the dashboard lives at {}/ui",
         v["ExpiresInSeconds"].as_u64().unwrap_or(0),

@@ -103,7 +103,7 @@ fn main() -> ExitCode {
             use_running_daemon,
         } => commands::bench(use_running_daemon.then_some(cli.endpoint.as_str()), which),
         Command::Keys { which } => commands::keys(&cli.endpoint, which),
-        Command::Ui { open } => commands::ui(&cli.endpoint, open),
+        Command::Ui { open, print_url } => commands::ui(&cli.endpoint, open, print_url),
         Command::SandboxInit => unreachable!("handled above"),
     };
     match result {

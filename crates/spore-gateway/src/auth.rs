@@ -115,7 +115,7 @@ pub(crate) async fn check(State(st): State<AppState>, req: Request, next: Next) 
         .headers
         .contains_key(axum::http::header::AUTHORIZATION)
     {
-        if let Some(key) = crate::ui::session_cookie(&parts.headers)
+        if let Some(key) = crate::sessions::session_cookie(&parts.headers)
             .and_then(|s| st.sessions.key_of(&s))
             .and_then(|name| store.read().expect("keys lock").get(&name).cloned())
         {

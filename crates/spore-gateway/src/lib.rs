@@ -29,6 +29,7 @@
 pub mod auth;
 mod dag;
 mod lambda;
+pub mod sessions;
 pub mod ui;
 
 use std::future::Future;
@@ -50,7 +51,7 @@ struct AppState {
     control: Control,
     metrics: Option<PrometheusHandle>,
     auth: Auth,
-    sessions: std::sync::Arc<ui::Sessions>,
+    sessions: std::sync::Arc<sessions::Sessions>,
 }
 
 /// Installs the process-wide Prometheus recorder. Returns `None` if one is installed already.
@@ -162,7 +163,7 @@ pub fn router(control: Control, metrics: Option<PrometheusHandle>, auth: Auth) -
         control,
         metrics,
         auth,
-        sessions: std::sync::Arc::new(ui::Sessions::default()),
+        sessions: std::sync::Arc::new(sessions::Sessions::default()),
     };
     Router::new()
         .route(
@@ -236,7 +237,7 @@ pub fn metrics_router(control: Control, metrics: Option<PrometheusHandle>) -> Ro
             control,
             metrics,
             auth: Auth::None,
-            sessions: std::sync::Arc::new(ui::Sessions::default()),
+            sessions: std::sync::Arc::new(sessions::Sessions::default()),
         })
 }
 

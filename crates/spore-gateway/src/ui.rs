@@ -10,8 +10,6 @@
 //! no other site's page can add without the daemon's consent (it gives none).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -20,80 +18,11 @@ use axum::Form;
 use serde::Deserialize;
 
 use crate::auth::Auth;
+use crate::sessions::{session_cookie, COOKIE, LOGIN_URL_TTL, SESSION_TTL};
 use crate::AppState;
 
 const PAGE: &str = include_str!("../ui/index.html");
 const LOGIN: &str = include_str!("../ui/login.html");
-/// The session cookie's name.
-pub const COOKIE: &str = "spore_session";
-const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
-const LOGIN_URL_TTL: Duration = Duration::from_secs(300);
-
-/// Dashboard sessions and one-time login tokens (in memory: a restart logs everyone out).
-#[derive(Debug, Default)]
-pub struct Sessions {
-    /// Session token -> (key name, expiry).
-    sessions: Mutex<HashMap<String, (String, Instant)>>,
-    /// One-time login token -> (key name, expiry).
-    once: Mutex<HashMap<String, (String, Instant)>>,
-}
-
-fn token() -> String {
-    format!(
-        "{}{}",
-        uuid::Uuid::new_v4().simple(),
-        uuid::Uuid::new_v4().simple()
-    )
-}
-
-impl Sessions {
-    fn start(&self, key: &str) -> String {
-        let t = token();
-        let mut s = self.sessions.lock().expect("sessions lock");
-        let now = Instant::now();
-        s.retain(|_, (_, exp)| *exp > now);
-        s.insert(t.clone(), (key.to_owned(), now + SESSION_TTL));
-        t
-    }
-
-    /// The key name of a live session.
-    pub fn key_of(&self, session: &str) -> Option<String> {
-        let s = self.sessions.lock().expect("sessions lock");
-        s.get(session)
-            .filter(|(_, exp)| *exp > Instant::now())
-            .map(|(k, _)| k.clone())
-    }
-
-    fn end(&self, session: &str) {
-        self.sessions.lock().expect("sessions lock").remove(session);
-    }
-
-    fn one_time(&self, key: &str) -> String {
-        let t = token();
-        let mut o = self.once.lock().expect("login tokens lock");
-        let now = Instant::now();
-        o.retain(|_, (_, exp)| *exp > now);
-        o.insert(t.clone(), (key.to_owned(), now + LOGIN_URL_TTL));
-        t
-    }
-
-    fn redeem(&self, t: &str) -> Option<String> {
-        let (key, exp) = self.once.lock().expect("login tokens lock").remove(t)?;
-        (exp > Instant::now()).then_some(key)
-    }
-}
-
-/// The session token in a request's cookies.
-pub fn session_cookie(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|c| c.trim().split_once('='))
-        .find(|(k, _)| *k == COOKIE)
-        .map(|(_, v)| v.to_owned())
-}
 
 fn with_session(to: &str, session: &str) -> Response {
     let mut r = Redirect::to(to).into_response();
@@ -310,27 +239,4 @@ pub(crate) async fn status(State(st): State<AppState>) -> Response {
         "version": env!("CARGO_PKG_VERSION"),
     }))
     .into_response()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn one_time_tokens_work_once_and_sessions_are_found_by_cookie() {
-        let s = Sessions::default();
-        let t = s.one_time("admin");
-        assert_eq!(s.redeem(&t).as_deref(), Some("admin"));
-        assert!(s.redeem(&t).is_none(), "a login URL works once");
-        let session = s.start("admin");
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::COOKIE,
-            HeaderValue::from_str(&format!("a=b; {COOKIE}={session}; c=d")).unwrap(),
-        );
-        assert_eq!(session_cookie(&h).as_deref(), Some(session.as_str()));
-        assert_eq!(s.key_of(&session).as_deref(), Some("admin"));
-        s.end(&session);
-        assert!(s.key_of(&session).is_none());
-    }
 }

@@ -6,6 +6,7 @@
 mod cli;
 mod commands;
 mod config;
+mod inspect;
 mod out;
 
 use std::process::ExitCode;
@@ -56,7 +57,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => commands::serve(args, None),
         Command::Shim(args) => commands::shim(args),
         Command::Cluster { which } => commands::cluster(which),
-        Command::Units => commands::units(&cli.endpoint),
+        Command::Units => inspect::units(&cli.endpoint),
         Command::Deploy { dir } => commands::deploy(&cli.endpoint, &dir),
         Command::Invoke {
             name,
@@ -72,11 +73,11 @@ fn main() -> ExitCode {
             log,
             verbose,
         ),
-        Command::Ls => commands::ls(&cli.endpoint),
-        Command::Ps => commands::ps(&cli.endpoint),
-        Command::Describe { name } => commands::describe(&cli.endpoint, &name),
-        Command::Completions { shell } => commands::completions(shell),
-        Command::Rm { name } => commands::rm(&cli.endpoint, &name),
+        Command::Ls => inspect::ls(&cli.endpoint),
+        Command::Ps => inspect::ps(&cli.endpoint),
+        Command::Describe { name } => inspect::describe(&cli.endpoint, &name),
+        Command::Completions { shell } => inspect::completions(shell),
+        Command::Rm { name } => inspect::rm(&cli.endpoint, &name),
         Command::Evict { name } => commands::evict(&cli.endpoint, &name),
         Command::Logs {
             name,
@@ -84,7 +85,7 @@ fn main() -> ExitCode {
             follow,
             since,
             request_id,
-        } => commands::logs(
+        } => inspect::logs(
             &cli.endpoint,
             &name,
             lines,
@@ -102,8 +103,8 @@ fn main() -> ExitCode {
             which,
             use_running_daemon,
         } => commands::bench(use_running_daemon.then_some(cli.endpoint.as_str()), which),
-        Command::Keys { which } => commands::keys(&cli.endpoint, which),
-        Command::Ui { open, print_url } => commands::ui(&cli.endpoint, open, print_url),
+        Command::Keys { which } => inspect::keys(&cli.endpoint, which),
+        Command::Ui { open, print_url } => inspect::ui(&cli.endpoint, open, print_url),
         Command::SandboxInit => unreachable!("handled above"),
     };
     match result {

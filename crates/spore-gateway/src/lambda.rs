@@ -153,6 +153,136 @@ fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> ApiResult<T> {
         .map_err(|e| ApiError::invalid(format!("Malformed request body: {e}")))
 }
 
+/// Parameters a call may carry, with the values Spore can honour when they are not its own:
+/// `None` accepts any value, `Some(check)` only values `check` accepts (a default, or what
+/// the host can do). Anything else is refused by name, never dropped.
+type Allowed = &'static [(&'static str, Option<fn(&serde_json::Value) -> bool>)];
+
+fn is_empty_or_default(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::Null => true,
+        serde_json::Value::Array(a) => a.is_empty(),
+        serde_json::Value::Object(o) => o.values().all(is_empty_or_default),
+        serde_json::Value::Bool(b) => !b,
+        serde_json::Value::String(s) => s.is_empty(),
+        serde_json::Value::Number(_) => false,
+    }
+}
+
+fn this_arch(v: &serde_json::Value) -> bool {
+    let host = match std::env::consts::ARCH {
+        "aarch64" => "arm64",
+        a => a,
+    };
+    v.as_array()
+        .is_some_and(|a| a.len() == 1 && a[0].as_str() == Some(host))
+}
+
+const CREATE_KEYS: Allowed = &[
+    ("FunctionName", None),
+    ("Runtime", None),
+    ("Handler", None),
+    ("Code", None),
+    ("Description", None),
+    ("Timeout", None),
+    ("MemorySize", None),
+    ("Environment", None),
+    ("Tags", None),
+    ("PackageType", None),
+    // Spore has no IAM: a role is accepted and not used.
+    ("Role", None),
+    ("Publish", Some(|v| v.as_bool() != Some(true))),
+    ("Architectures", Some(this_arch)),
+    ("Layers", Some(is_empty_or_default)),
+    (
+        "TracingConfig",
+        Some(|v| v["Mode"].as_str().is_none_or(|m| m == "PassThrough")),
+    ),
+    (
+        "EphemeralStorage",
+        Some(|v| v["Size"].as_i64().is_none_or(|s| s == 512)),
+    ),
+    (
+        "SnapStart",
+        Some(|v| v["ApplyOn"].as_str().is_none_or(|m| m == "None")),
+    ),
+    ("VpcConfig", Some(is_empty_or_default)),
+    ("DeadLetterConfig", Some(is_empty_or_default)),
+    ("KMSKeyArn", Some(is_empty_or_default)),
+    ("FileSystemConfigs", Some(is_empty_or_default)),
+    ("ImageConfig", Some(is_empty_or_default)),
+    ("CodeSigningConfigArn", Some(is_empty_or_default)),
+    (
+        "LoggingConfig",
+        Some(|v| v["LogFormat"].as_str().is_none_or(|f| f == "Text")),
+    ),
+];
+
+const UPDATE_CONFIG_KEYS: Allowed = &[
+    ("Runtime", None),
+    ("Handler", None),
+    ("Description", None),
+    ("Timeout", None),
+    ("MemorySize", None),
+    ("Environment", None),
+    ("Role", None),
+    ("RevisionId", Some(is_empty_or_default)),
+    ("Layers", Some(is_empty_or_default)),
+    (
+        "TracingConfig",
+        Some(|v| v["Mode"].as_str().is_none_or(|m| m == "PassThrough")),
+    ),
+    (
+        "EphemeralStorage",
+        Some(|v| v["Size"].as_i64().is_none_or(|s| s == 512)),
+    ),
+    (
+        "SnapStart",
+        Some(|v| v["ApplyOn"].as_str().is_none_or(|m| m == "None")),
+    ),
+    ("VpcConfig", Some(is_empty_or_default)),
+    ("DeadLetterConfig", Some(is_empty_or_default)),
+    ("KMSKeyArn", Some(is_empty_or_default)),
+    ("FileSystemConfigs", Some(is_empty_or_default)),
+    ("ImageConfig", Some(is_empty_or_default)),
+    (
+        "LoggingConfig",
+        Some(|v| v["LogFormat"].as_str().is_none_or(|f| f == "Text")),
+    ),
+];
+
+const UPDATE_CODE_KEYS: Allowed = &[
+    ("ZipFile", None),
+    ("Publish", Some(|v| v.as_bool() != Some(true))),
+    ("DryRun", Some(|v| v.as_bool() != Some(true))),
+    ("Architectures", Some(this_arch)),
+    ("RevisionId", Some(is_empty_or_default)),
+];
+
+/// Refuses, by name, a parameter Spore does not know or cannot honour with the value given.
+fn refuse_unsupported(body: &[u8], allowed: Allowed) -> ApiResult<()> {
+    let Ok(serde_json::Value::Object(map)) = serde_json::from_slice::<serde_json::Value>(body)
+    else {
+        return Ok(()); // the typed parse reports what is wrong
+    };
+    for (key, value) in &map {
+        match allowed.iter().find(|(k, _)| k == key) {
+            None => {
+                return Err(ApiError::invalid(format!(
+                    "{key} is not a parameter Spore knows for this operation; it was not applied"
+                )))
+            }
+            Some((_, Some(ok))) if !ok(value) => {
+                return Err(ApiError::invalid(format!(
+                    "{key} = {value} is not supported by Spore (it would be ignored); leave it out or use its default"
+                )))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 fn decode_zip(b64: Option<&str>) -> ApiResult<Vec<u8>> {
     let b64 = b64.ok_or_else(|| {
         ApiError::invalid("Code.ZipFile is required: Spore takes code as a base64 zip")
@@ -234,6 +364,7 @@ pub(crate) async fn create_function(
     body: Bytes,
 ) -> ApiResult<Response> {
     let req: CreateFunctionIn = parse_json(&body)?;
+    refuse_unsupported(&body, CREATE_KEYS)?;
     if req.package_type.as_deref().is_some_and(|p| p != "Zip") || req.code.image_uri.is_some() {
         return Err(ApiError::invalid("Only PackageType Zip is supported"));
     }
@@ -329,11 +460,54 @@ pub(crate) async fn list_functions(State(st): State<AppState>) -> ApiResult<Resp
     Ok(axum::Json(serde_json::json!({ "Functions": functions })).into_response())
 }
 
+/// `?Qualifier=` of the calls that take one.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct QualifierQuery {
+    #[serde(rename = "Qualifier")]
+    qualifier: Option<String>,
+}
+
+/// The function a reference names (a name, `name:qualifier`, a partial or a full ARN, and a
+/// `Qualifier` parameter). Spore has one version of each function, `$LATEST`: any other
+/// version or alias does not exist, and is answered as not found rather than served by
+/// `$LATEST` (or, for a delete, rather than deleting the function).
+pub(crate) fn resolve(reference: &str, qualifier: Option<&str>) -> ApiResult<String> {
+    let parts: Vec<&str> = reference.split(':').collect();
+    let (name, in_ref) = match parts.iter().position(|p| *p == "function") {
+        Some(i) if i + 1 < parts.len() => (parts[i + 1], parts.get(i + 2).copied()),
+        _ => match parts.as_slice() {
+            [name, q] => (*name, Some(*q)),
+            _ => (reference, None),
+        },
+    };
+    let wanted = match (in_ref, qualifier) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(ApiError::invalid(format!(
+                "The derived qualifier from the function name {a:?} does not match the specified qualifier {b:?}"
+            )))
+        }
+        (a, b) => a.or(b),
+    };
+    match wanted {
+        None | Some("$LATEST") => Ok(name.to_owned()),
+        Some(q) => Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            kind: "ResourceNotFoundException",
+            message: format!(
+                "Function not found: {name}:{q} (Spore keeps one version of each function, $LATEST; published versions and aliases are not supported yet)"
+            ),
+        }),
+    }
+}
+
 pub(crate) async fn get_function(
     State(st): State<AppState>,
     Path(name): Path<String>,
+    Query(q): Query<QualifierQuery>,
 ) -> ApiResult<Response> {
-    let rec = st.control.get_function(function_name_from_ref(&name))?;
+    let rec = st
+        .control
+        .get_function(&resolve(&name, q.qualifier.as_deref())?)?;
     let (idle, total) = st.control.instance_counts(&rec.manifest.name);
     Ok(axum::Json(serde_json::json!({
         "Configuration": configuration(&rec),
@@ -351,17 +525,26 @@ pub(crate) async fn get_function(
 pub(crate) async fn get_configuration(
     State(st): State<AppState>,
     Path(name): Path<String>,
+    Query(q): Query<QualifierQuery>,
 ) -> ApiResult<Response> {
-    let rec = st.control.get_function(function_name_from_ref(&name))?;
+    let rec = st
+        .control
+        .get_function(&resolve(&name, q.qualifier.as_deref())?)?;
     Ok(axum::Json(configuration(&rec)).into_response())
 }
 
 pub(crate) async fn delete_function(
     State(st): State<AppState>,
     Path(name): Path<String>,
+    Query(q): Query<QualifierQuery>,
 ) -> ApiResult<Response> {
+    if q.qualifier.as_deref() == Some("$LATEST") {
+        return Err(ApiError::invalid(
+            "$LATEST cannot be deleted by qualifier: delete the function without one",
+        ));
+    }
     let control = st.control.clone();
-    let name = function_name_from_ref(&name).to_owned();
+    let name = resolve(&name, q.qualifier.as_deref())?;
     tokio::task::spawn_blocking(move || control.delete_function(&name))
         .await
         .map_err(|e| ControlError::Internal(e.to_string()))??;
@@ -374,6 +557,7 @@ pub(crate) async fn update_code(
     body: Bytes,
 ) -> ApiResult<Response> {
     let req: UpdateCodeIn = parse_json(&body)?;
+    refuse_unsupported(&body, UPDATE_CODE_KEYS)?;
     let zip = decode_zip(req.zip_file.as_deref())?;
     let control = st.control.clone();
     let name = function_name_from_ref(&name).to_owned();
@@ -390,6 +574,7 @@ pub(crate) async fn update_configuration(
     body: Bytes,
 ) -> ApiResult<Response> {
     let req: UpdateConfigIn = parse_json(&body)?;
+    refuse_unsupported(&body, UPDATE_CONFIG_KEYS)?;
     let rec = st.control.get_function(function_name_from_ref(&name))?;
     let mut m = rec.manifest.clone();
     if let Some(r) = req.runtime {
@@ -428,10 +613,11 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 pub(crate) async fn invoke(
     State(st): State<AppState>,
     Path(name): Path<String>,
+    Query(q): Query<QualifierQuery>,
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let name = function_name_from_ref(&name).to_owned();
+    let name = resolve(&name, q.qualifier.as_deref())?;
     let kind = header(&headers, "x-amz-invocation-type").unwrap_or("RequestResponse");
     let tail = match header(&headers, "x-amz-log-type").unwrap_or("None") {
         "Tail" => true,

@@ -218,10 +218,16 @@ fn spawn_in(
         wait_for_go: false,
         daemon_pid: Some(std::process::id()),
     };
-    if rec.manifest.snapshot {
-        // A runtime is snapshotted single-threaded: keep numerical libraries from starting
-        // thread pools at import (unless the function sets these itself).
-        for key in ["OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"] {
+    if rec.manifest.snapshot || is_template {
+        // A runtime is snapshotted, and a cfork template forks, single-threaded: keep
+        // numerical libraries from starting thread pools at import (unless the function sets
+        // these itself).
+        for key in [
+            "OPENBLAS_NUM_THREADS",
+            "OMP_NUM_THREADS",
+            "MKL_NUM_THREADS",
+            "NUMEXPR_NUM_THREADS",
+        ] {
             if !spec.env.iter().any(|(k, _)| k == key) {
                 spec.env.push((key.into(), "1".into()));
             }

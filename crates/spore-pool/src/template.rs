@@ -30,6 +30,8 @@ use crate::sandbox::{
     ColdStart, InstanceEnv, Launch, StartError,
 };
 
+/// What a template says when it refuses to fork because it has several threads.
+const THREADED_TEMPLATE: &str = "forking a multi-threaded process is unsafe";
 /// Ids mapped into each template's user namespace.
 const IDS_PER_TEMPLATE: u32 = 65_536;
 /// First host id of template user namespaces (above any ordinary account).
@@ -400,6 +402,14 @@ impl Template {
             Err(why) => {
                 self.shared.children.lock().expect("children").remove(&id);
                 destroy_cgroup(cgroup).await;
+                if why.contains(THREADED_TEMPLATE) {
+                    // The function's code (a library it imports) started threads: its error,
+                    // not the platform's.
+                    return Err(StartError::Init(spore_core::FunctionError::platform(
+                        "Runtime.InitError",
+                        why,
+                    )));
+                }
                 let reason = if self.is_alive() {
                     why
                 } else {

@@ -136,6 +136,18 @@ def _threads():
     return os.stat("/proc/self/task").st_nlink - 2
 
 
+def _thread_names():
+    """What the extra threads are: Python threads by name, the others counted as native
+    (started by a C library, which names them after the process)."""
+    import threading
+    py = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+    native = max(0, _threads() - 1 - len(py))
+    names = ["Python thread %r" % n for n in py]
+    if native:
+        names.append("%d native (a C library's pool)" % native)
+    return names
+
+
 def _recv_fds(sock):
     """Reads a frame's 8-byte prefix with the descriptors sent along with it."""
     fds = array.array("i")
@@ -307,7 +319,12 @@ def template(fd, handler, import_ms, serve, send, recv_rest):
                 for f in fds:
                     os.close(f)
                 send(fd, {"type": "fork_error", "id": req["id"],
-                          "error": "the template has %d threads; forking it is unsafe (set OPENBLAS_NUM_THREADS=1 and similar)" % threads})
+                          "error": "the function's template has %d threads after importing its code (%s): "
+                                   "forking a multi-threaded process is unsafe. A library started them at import; "
+                                   "Spore sets OPENBLAS_NUM_THREADS, OMP_NUM_THREADS, MKL_NUM_THREADS and "
+                                   "NUMEXPR_NUM_THREADS to 1 unless the function sets them: do not set them higher, "
+                                   "start threads in the handler, or use sandbox = \"container\""
+                                   % (threads, ", ".join(_thread_names()) or "unnamed")})
                 continue
             sets = int(req.get("cgroups", 0))
             child_cg, own_cg = fds[1:1 + sets], fds[1 + sets:1 + 2 * sets]

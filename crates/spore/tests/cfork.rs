@@ -271,3 +271,30 @@ fn the_python_child_set_up_works_where_the_native_one_is_unavailable() {
     );
     assert!(!log.contains("child set-up: native"), "{log}");
 }
+
+#[test]
+fn threaded_libraries_just_work_and_a_threaded_template_is_the_functions_error() {
+    if !can_sandbox("threaded_libraries_just_work_and_a_threaded_template_is_the_functions_error") {
+        return;
+    }
+    let mut d = Daemon::start();
+    // numpy in a cfork function with no thread settings of its own.
+    if common::packages_dir().is_some() {
+        d.deploy(&fixture("numpyfork"));
+        let (err, _, v) = d.invoke("numpyfork", json!({}));
+        assert!(!err, "{v}");
+        assert_eq!(v["openblas"], "1");
+        assert_eq!(v["trace"], 1240.0);
+    } else {
+        eprintln!("SKIP the numpy part: no packages dir with numpy (scripts/setup.sh)");
+    }
+    // A function whose import starts a thread: a function error naming the thread.
+    d.deploy(&fixture("threads"));
+    let r = d.invoke_raw("threads", b"{}", &[]);
+    assert_eq!(r.status(), 200, "a function error, not a platform one");
+    let v: serde_json::Value = r.json().unwrap();
+    assert_eq!(v["errorType"], "Runtime.InitError", "{v}");
+    let msg = v["errorMessage"].as_str().unwrap();
+    assert!(msg.contains("poller") && msg.contains("2 threads"), "{msg}");
+    d.stop();
+}

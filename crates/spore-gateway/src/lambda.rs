@@ -178,95 +178,81 @@ fn this_arch(v: &serde_json::Value) -> bool {
         .is_some_and(|a| a.len() == 1 && a[0].as_str() == Some(host))
 }
 
-const CREATE_KEYS: Allowed = &[
-    ("FunctionName", None),
+/// Parameters of create and update that Spore accepts only with their defaults (what deploy
+/// tools send when nothing is set).
+const DEFAULTS_ONLY: Allowed = &[
+    ("Layers", Some(is_empty_or_default)),
+    (
+        "TracingConfig",
+        Some(|v| v["Mode"].as_str().is_none_or(|m| m == "PassThrough")),
+    ),
+    (
+        "EphemeralStorage",
+        Some(|v| v["Size"].as_i64().is_none_or(|s| s == 512)),
+    ),
+    (
+        "SnapStart",
+        Some(|v| v["ApplyOn"].as_str().is_none_or(|m| m == "None")),
+    ),
+    ("VpcConfig", Some(is_empty_or_default)),
+    ("DeadLetterConfig", Some(is_empty_or_default)),
+    ("KMSKeyArn", Some(is_empty_or_default)),
+    ("FileSystemConfigs", Some(is_empty_or_default)),
+    ("ImageConfig", Some(is_empty_or_default)),
+    (
+        "LoggingConfig",
+        Some(|v| v["LogFormat"].as_str().is_none_or(|f| f == "Text")),
+    ),
+];
+
+/// The configuration both create and update take.
+const CONFIG_KEYS: Allowed = &[
     ("Runtime", None),
     ("Handler", None),
-    ("Code", None),
     ("Description", None),
     ("Timeout", None),
     ("MemorySize", None),
     ("Environment", None),
-    ("Tags", None),
-    ("PackageType", None),
     // Spore has no IAM: a role is accepted and not used.
     ("Role", None),
-    ("Publish", Some(|v| v.as_bool() != Some(true))),
-    ("Architectures", Some(this_arch)),
-    ("Layers", Some(is_empty_or_default)),
-    (
-        "TracingConfig",
-        Some(|v| v["Mode"].as_str().is_none_or(|m| m == "PassThrough")),
-    ),
-    (
-        "EphemeralStorage",
-        Some(|v| v["Size"].as_i64().is_none_or(|s| s == 512)),
-    ),
-    (
-        "SnapStart",
-        Some(|v| v["ApplyOn"].as_str().is_none_or(|m| m == "None")),
-    ),
-    ("VpcConfig", Some(is_empty_or_default)),
-    ("DeadLetterConfig", Some(is_empty_or_default)),
-    ("KMSKeyArn", Some(is_empty_or_default)),
-    ("FileSystemConfigs", Some(is_empty_or_default)),
-    ("ImageConfig", Some(is_empty_or_default)),
-    ("CodeSigningConfigArn", Some(is_empty_or_default)),
-    (
-        "LoggingConfig",
-        Some(|v| v["LogFormat"].as_str().is_none_or(|f| f == "Text")),
-    ),
 ];
 
-const UPDATE_CONFIG_KEYS: Allowed = &[
-    ("Runtime", None),
-    ("Handler", None),
-    ("Description", None),
-    ("Timeout", None),
-    ("MemorySize", None),
-    ("Environment", None),
-    ("Role", None),
-    ("RevisionId", Some(is_empty_or_default)),
-    ("Layers", Some(is_empty_or_default)),
-    (
-        "TracingConfig",
-        Some(|v| v["Mode"].as_str().is_none_or(|m| m == "PassThrough")),
-    ),
-    (
-        "EphemeralStorage",
-        Some(|v| v["Size"].as_i64().is_none_or(|s| s == 512)),
-    ),
-    (
-        "SnapStart",
-        Some(|v| v["ApplyOn"].as_str().is_none_or(|m| m == "None")),
-    ),
-    ("VpcConfig", Some(is_empty_or_default)),
-    ("DeadLetterConfig", Some(is_empty_or_default)),
-    ("KMSKeyArn", Some(is_empty_or_default)),
-    ("FileSystemConfigs", Some(is_empty_or_default)),
-    ("ImageConfig", Some(is_empty_or_default)),
-    (
-        "LoggingConfig",
-        Some(|v| v["LogFormat"].as_str().is_none_or(|f| f == "Text")),
-    ),
+const CREATE_KEYS: &[Allowed] = &[
+    CONFIG_KEYS,
+    DEFAULTS_ONLY,
+    &[
+        ("FunctionName", None),
+        ("Code", None),
+        ("Tags", None),
+        ("PackageType", None),
+        ("Publish", Some(|v| v.as_bool() != Some(true))),
+        ("Architectures", Some(this_arch)),
+        ("CodeSigningConfigArn", Some(is_empty_or_default)),
+    ],
 ];
 
-const UPDATE_CODE_KEYS: Allowed = &[
+const UPDATE_CONFIG_KEYS: &[Allowed] = &[
+    CONFIG_KEYS,
+    DEFAULTS_ONLY,
+    &[("RevisionId", Some(is_empty_or_default))],
+];
+
+const UPDATE_CODE_KEYS: &[Allowed] = &[&[
     ("ZipFile", None),
     ("Publish", Some(|v| v.as_bool() != Some(true))),
     ("DryRun", Some(|v| v.as_bool() != Some(true))),
     ("Architectures", Some(this_arch)),
     ("RevisionId", Some(is_empty_or_default)),
-];
+]];
 
 /// Refuses, by name, a parameter Spore does not know or cannot honour with the value given.
-fn refuse_unsupported(body: &[u8], allowed: Allowed) -> ApiResult<()> {
+fn refuse_unsupported(body: &[u8], allowed: &[Allowed]) -> ApiResult<()> {
     let Ok(serde_json::Value::Object(map)) = serde_json::from_slice::<serde_json::Value>(body)
     else {
         return Ok(()); // the typed parse reports what is wrong
     };
     for (key, value) in &map {
-        match allowed.iter().find(|(k, _)| k == key) {
+        match allowed.iter().flat_map(|a| a.iter()).find(|(k, _)| k == key) {
             None => {
                 return Err(ApiError::invalid(format!(
                     "{key} is not a parameter Spore knows for this operation; it was not applied"

@@ -5,15 +5,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use common::{can_sandbox, fixture, sample, Daemon};
+use common::{can_sandbox, error_type, fixture, sample, Daemon};
 use serde_json::{json, Value};
-
-fn error_type(r: &reqwest::blocking::Response) -> String {
-    r.headers()
-        .get("x-amzn-errortype")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default()
-}
 
 #[test]
 fn deploy_invoke_cold_then_warm_with_lambda_headers() {

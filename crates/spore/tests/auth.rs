@@ -10,16 +10,9 @@ use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
-use common::{can_sandbox, fixture, repo_root, Daemon, BIN};
+use common::{can_sandbox, error_type, fixture, repo_root, Daemon, BIN};
 use serde_json::json;
 use spore_auth::Credentials;
-
-fn error_type(r: &reqwest::blocking::Response) -> String {
-    r.headers()
-        .get("x-amzn-errortype")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default()
-}
 
 /// A raw (unsigning) HTTP client.
 fn raw() -> reqwest::blocking::Client {

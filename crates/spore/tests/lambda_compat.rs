@@ -4,17 +4,8 @@
 
 mod common;
 
-use std::process::Command;
-
-use common::{can_sandbox, fixture, repo_root, Daemon};
+use common::{can_sandbox, error_type, fixture, Daemon};
 use serde_json::json;
-
-fn error_type(r: &reqwest::blocking::Response) -> String {
-    r.headers()
-        .get("x-amzn-errortype")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default()
-}
 
 #[test]
 fn unknown_qualifiers_are_not_found_and_never_delete() {
@@ -135,28 +126,16 @@ print("boto3 qualifiers OK")
 
 #[test]
 fn boto3_qualified_delete_keeps_the_function() {
-    let test_python = repo_root().join("target/test-python");
-    if !test_python.join("boto3").is_dir() {
-        eprintln!("SKIP boto3_qualified_delete_keeps_the_function: boto3 not installed (scripts/setup.sh)");
-        return;
-    }
     if !can_sandbox("boto3_qualified_delete_keeps_the_function") {
         return;
     }
     let mut d = Daemon::start();
     d.deploy(&fixture("echo"));
-    let out = Command::new("/usr/bin/python3")
-        .arg("-c")
-        .arg(BOTO3)
-        .arg(&d.endpoint)
-        .env("PYTHONPATH", &test_python)
-        .env("AWS_SHARED_CREDENTIALS_FILE", d.data.join("credentials"))
-        .env("AWS_CONFIG_FILE", "/dev/null")
-        .env_remove("AWS_ACCESS_KEY_ID")
-        .env_remove("AWS_SECRET_ACCESS_KEY")
-        .env_remove("AWS_PROFILE")
-        .output()
-        .unwrap();
+    let Some(out) = common::boto3("boto3_qualified_delete_keeps_the_function", &d, BOTO3, &[])
+    else {
+        d.stop();
+        return;
+    };
     assert!(
         out.status.success() && String::from_utf8_lossy(&out.stdout).contains("qualifiers OK"),
         "{}{}",

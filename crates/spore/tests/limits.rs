@@ -8,15 +8,8 @@ use std::io::{Read, Write};
 use std::process::Command;
 
 use base64::Engine as _;
-use common::{can_sandbox, fixture, Daemon};
+use common::{can_sandbox, error_type, fixture, Daemon};
 use serde_json::{json, Value};
-
-fn error_type(r: &reqwest::blocking::Response) -> String {
-    r.headers()
-        .get("x-amzn-errortype")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default()
-}
 
 fn create(d: &Daemon, name: &str, zip: &[u8], env: Value) -> reqwest::blocking::Response {
     d.http

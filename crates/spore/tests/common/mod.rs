@@ -31,6 +31,48 @@ pub fn can_sandbox(test: &str) -> bool {
     false
 }
 
+/// The Lambda error type of a response (`x-amzn-ErrorType`), empty if none.
+pub fn error_type(r: &reqwest::blocking::Response) -> String {
+    r.headers()
+        .get("x-amzn-errortype")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default()
+}
+
+/// Runs a boto3 script with `args` against daemon `d`'s endpoint, signing with the key in its
+/// data dir as the AWS tools read it (`AWS_SHARED_CREDENTIALS_FILE`). None: boto3 is not
+/// installed (a failure with `SPORE_REQUIRE_ROOT=1`, which the set-up satisfies).
+pub fn boto3(test: &str, d: &Daemon, script: &str, args: &[&str]) -> Option<std::process::Output> {
+    let test_python = std::env::var_os("SPORE_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/test-python"));
+    if !test_python.join("boto3").is_dir() {
+        assert_ne!(
+            std::env::var("SPORE_REQUIRE_ROOT").as_deref(),
+            Ok("1"),
+            "boto3 is not installed in {}; run scripts/setup.sh",
+            test_python.display()
+        );
+        eprintln!("SKIP {test}: boto3 not installed (run scripts/setup.sh)");
+        return None;
+    }
+    Some(
+        Command::new("/usr/bin/python3")
+            .arg("-c")
+            .arg(script)
+            .arg(&d.endpoint)
+            .args(args)
+            .env("PYTHONPATH", &test_python)
+            .env("AWS_SHARED_CREDENTIALS_FILE", d.data.join("credentials"))
+            .env("AWS_CONFIG_FILE", "/dev/null")
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env_remove("AWS_PROFILE")
+            .output()
+            .unwrap(),
+    )
+}
+
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../..")

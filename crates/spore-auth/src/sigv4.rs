@@ -202,6 +202,17 @@ pub fn sign_http(
         .collect()
 }
 
+/// The access key id an `Authorization` header claims (None: not a SigV4 header), read
+/// without checking anything else: lets a server refuse an unknown key before it reads the
+/// request's body.
+pub fn access_key_of(authorization: &str) -> Option<&str> {
+    let rest = authorization.strip_prefix(ALGORITHM)?;
+    let credential = rest
+        .split(',')
+        .find_map(|p| p.trim().strip_prefix("Credential="))?;
+    credential.split('/').next().filter(|k| !k.is_empty())
+}
+
 /// Checks a request's signature: `secret_of` gives the secret of an access key id (None:
 /// no such key). The date must be within [`MAX_SKEW`] of `now`.
 pub fn verify(

@@ -46,9 +46,23 @@ pub struct Caller {
     pub key: String,
 }
 
-fn refused(kind: &'static str, message: String) -> Response {
+/// A 403 in Lambda's shape, logged (method, path, why) for the operator's audit trail.
+fn refused(parts: &axum::http::request::Parts, kind: &'static str, message: String) -> Response {
+    tracing::info!(method = %parts.method, path = %parts.uri.path(), refusal = kind, "request refused: {message}");
     ApiError::new(StatusCode::FORBIDDEN, kind, message).into_response()
 }
+
+fn too_large(limit: usize) -> Response {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "RequestEntityTooLargeException",
+        format!("Request must be smaller than {limit} bytes for the operation"),
+    )
+    .into_response()
+}
+
+/// Largest body a dashboard page takes (its login form).
+const UI_MAX_BODY: usize = 64 * 1024;
 
 /// What `method` on `path` does, for the key's permissions.
 fn action(method: &axum::http::Method, path: &str) -> Action {
@@ -73,48 +87,45 @@ pub(crate) async fn check(State(st): State<AppState>, req: Request, next: Next) 
     if req.uri().path() == "/healthz" {
         return next.run(req).await;
     }
-    // The body is read here for its hash; an oversize one is refused in Lambda's shape
-    // (with or without authentication), before any of it is kept.
-    let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "RequestEntityTooLargeException",
-            format!("Request must be smaller than {MAX_BODY} bytes for the operation"),
-        )
-        .into_response()
-    };
+    // An oversize body is refused in Lambda's shape (with or without authentication), from
+    // its declared length, before any of it is read.
     let declared = req
         .headers()
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > MAX_BODY as u64) {
-        return too_large();
+        return too_large(MAX_BODY);
     }
     let (parts, body) = req.into_parts();
-    let Ok(bytes) = to_bytes(body, MAX_BODY).await else {
-        return too_large();
-    };
     let store = match &st.auth {
         Auth::None => {
+            let Ok(bytes) = to_bytes(body, MAX_BODY).await else {
+                return too_large(MAX_BODY);
+            };
             return next
                 .run(Request::from_parts(parts, Body::from(bytes)))
-                .await
+                .await;
         }
         Auth::Keys(store) => store.clone(),
     };
-    // The dashboard's pages check their own session.
+    // The dashboard's pages check their own session; what they take is a login form.
     let path = parts.uri.path();
     if path == "/ui" || path.starts_with("/ui/") {
+        let Ok(bytes) = to_bytes(body, UI_MAX_BODY).await else {
+            return too_large(UI_MAX_BODY);
+        };
         return next
             .run(Request::from_parts(parts, Body::from(bytes)))
             .await;
     }
-    // The dashboard's calls: a session cookie in place of a signature.
-    if !parts
+    let authorizations = parts
         .headers
-        .contains_key(axum::http::header::AUTHORIZATION)
-    {
+        .get_all(axum::http::header::AUTHORIZATION)
+        .iter()
+        .count();
+    // The dashboard's calls: a session cookie in place of a signature.
+    if authorizations == 0 {
         if let Some(key) = crate::sessions::session_cookie(&parts.headers)
             .and_then(|s| st.sessions.key_of(&s))
             .and_then(|name| store.read().expect("keys lock").get(&name).cloned())
@@ -129,13 +140,58 @@ pub(crate) async fn check(State(st): State<AppState>, req: Request, next: Next) 
                 .is_some_and(|v| v.as_bytes() == b"1");
             if !reads && !marked {
                 return refused(
+                    &parts,
                     "AccessDeniedException",
                     "a request authenticated by the dashboard's cookie that changes anything must carry X-Spore-UI: 1".into(),
                 );
             }
+            let Ok(bytes) = to_bytes(body, MAX_BODY).await else {
+                return too_large(MAX_BODY);
+            };
             return authorized(key, parts, bytes, next).await;
         }
     }
+    // Who signed, from the headers alone: an unsigned request or an unknown key is refused
+    // before its body is read (a stranger cannot make the daemon hold 72 MiB a connection).
+    if authorizations > 1 {
+        return refused(
+            &parts,
+            "InvalidSignatureException",
+            "the request has more than one Authorization header".into(),
+        );
+    }
+    let claimed = parts
+        .headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(spore_auth::sigv4::access_key_of);
+    match claimed {
+        None if authorizations == 0 => {
+            return refused(
+                &parts,
+                "UnrecognizedClientException",
+                SignatureError::Missing.to_string(),
+            )
+        }
+        None => {
+            return refused(
+                &parts,
+                "InvalidSignatureException",
+                "Authorization header: not an AWS Signature Version 4 (AWS4-HMAC-SHA256 Credential=KEY/DATE/REGION/lambda/aws4_request, SignedHeaders=..., Signature=...)".into(),
+            )
+        }
+        Some(id) if store.read().expect("keys lock").by_access_key(id).is_none() => {
+            return refused(
+                &parts,
+                "UnrecognizedClientException",
+                SignatureError::UnknownKey.to_string(),
+            )
+        }
+        _ => {}
+    }
+    let Ok(bytes) = to_bytes(body, MAX_BODY).await else {
+        return too_large(MAX_BODY);
+    };
     let mut headers: Vec<(String, String)> = parts
         .headers
         .iter()
@@ -166,19 +222,26 @@ pub(crate) async fn check(State(st): State<AppState>, req: Request, next: Next) 
             |id| store.by_access_key(id).map(|k| k.secret_access_key.clone()),
             SystemTime::now(),
         )
-        .map(|v| {
-            store
+        .and_then(|v| {
+            // Spore's API is Lambda's: a signature for another service is not for it.
+            if v.service != "lambda" {
+                return Err(SignatureError::Malformed(format!(
+                    "the request is signed for service {:?}; Spore's API is \"lambda\"",
+                    v.service
+                )));
+            }
+            Ok(store
                 .by_access_key(&v.access_key_id)
                 .cloned()
-                .expect("the key verified")
+                .expect("the key verified"))
         })
     };
     let key = match key {
         Ok(k) => k,
         Err(e @ (SignatureError::Missing | SignatureError::UnknownKey)) => {
-            return refused("UnrecognizedClientException", e.to_string())
+            return refused(&parts, "UnrecognizedClientException", e.to_string())
         }
-        Err(e) => return refused("InvalidSignatureException", e.to_string()),
+        Err(e) => return refused(&parts, "InvalidSignatureException", e.to_string()),
     };
     authorized(key, parts, bytes, next).await
 }
@@ -202,6 +265,7 @@ async fn authorized(
             None => "invoke functions".to_owned(),
         };
         return refused(
+            &parts,
             "AccessDeniedException",
             format!(
                 "User: access key {:?} is not authorized to {what}: it may only {scope}",

@@ -41,7 +41,18 @@ fn login_page(error: Option<&str>, status: StatusCode) -> Response {
     let msg = error.map_or_else(String::new, |e| {
         format!("<p class=\"error\">{}</p>", html_escape(e))
     });
-    (status, Html(LOGIN.replace("<!--ERROR-->", &msg))).into_response()
+    with_csp((status, Html(LOGIN.replace("<!--ERROR-->", &msg))).into_response())
+}
+
+/// The page loads nothing from elsewhere and may not be framed (no clickjacking).
+fn with_csp(mut r: Response) -> Response {
+    r.headers_mut().insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
+        ),
+    );
+    r
 }
 
 fn html_escape(s: &str) -> String {
@@ -52,15 +63,7 @@ fn html_escape(s: &str) -> String {
 }
 
 fn page() -> Response {
-    let mut r = Html(PAGE).into_response();
-    // The page loads nothing from elsewhere and may not be framed.
-    r.headers_mut().insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(
-            "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
-        ),
-    );
-    r
+    with_csp(Html(PAGE).into_response())
 }
 
 /// `GET /ui`: the dashboard, or the login page.

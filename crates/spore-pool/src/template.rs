@@ -526,7 +526,11 @@ async fn read_reports(
             }
             Ok(Some((other, _))) => tracing::warn!("cfork template sent an unexpected {other:?}"),
             Ok(None) => {
-                tracing::warn!("cfork template {id} closed its control socket");
+                if shared.stopped.load(Ordering::Acquire) {
+                    tracing::debug!("cfork template {id} closed its control socket");
+                } else {
+                    tracing::warn!("cfork template {id} closed its control socket");
+                }
                 break;
             }
             Err(e) => {

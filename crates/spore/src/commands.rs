@@ -426,18 +426,21 @@ pub fn invoke(
 /// A function's error as people read it: type and message, then the traceback's lines.
 fn print_function_error(name: &str, body: &[u8]) {
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
-        eprintln!("{name} failed: {}", String::from_utf8_lossy(body));
+        eprintln!(
+            "{name} failed: {}",
+            out::printable(&String::from_utf8_lossy(body))
+        );
         return;
     };
     eprintln!(
         "{name} failed: {}: {}",
-        v["errorType"].as_str().unwrap_or("Error"),
-        v["errorMessage"].as_str().unwrap_or("")
+        out::printable(v["errorType"].as_str().unwrap_or("Error")),
+        out::printable(v["errorMessage"].as_str().unwrap_or(""))
     );
     let trace = v["stackTrace"].as_array().or_else(|| v["trace"].as_array());
     for line in trace.into_iter().flatten() {
         for l in line.as_str().unwrap_or_default().lines() {
-            eprintln!("  {l}");
+            eprintln!("  {}", out::printable(l));
         }
     }
 }

@@ -178,8 +178,9 @@ fn print_log_event(e: &serde_json::Value) {
     let ts = spore_registry::store::lambda_timestamp(t);
     let rid = e["requestId"].as_str().unwrap_or("-");
     println!(
-        "{ts}  {rid:<36}  {}",
-        e["message"].as_str().unwrap_or_default()
+        "{ts}  {}  {}",
+        out::printable(&format!("{rid:<36}")),
+        out::printable(e["message"].as_str().unwrap_or_default())
     );
 }
 
@@ -433,7 +434,10 @@ pub fn describe(endpoint: &str, name: &str) -> Result<ExitCode> {
     if !logs.is_empty() {
         println!("Last log lines:");
         for e in &logs {
-            println!("  {}", e["message"].as_str().unwrap_or_default());
+            println!(
+                "  {}",
+                out::printable(e["message"].as_str().unwrap_or_default())
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

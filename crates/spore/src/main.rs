@@ -114,6 +114,14 @@ fn main() -> ExitCode {
             for cause in e.chain().skip(1) {
                 eprintln!("  caused by: {cause}");
             }
+            let unrecognized = e.chain().any(|c| {
+                c.downcast_ref::<spore_client::ClientError>().is_some_and(|c| {
+                    matches!(c, spore_client::ClientError::Api { kind, .. } if kind == "UnrecognizedClientException")
+                })
+            });
+            if unrecognized {
+                eprintln!("hint: the daemon does not know this client's key (or it sent none): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, pass --profile NAME, or run as a user who can read the daemon's <data-dir>/credentials (SPORE_DATA_DIR); `spore keys create` makes keys");
+            }
             if e.chain().any(|c| {
                 c.downcast_ref::<spore_client::ClientError>()
                     .is_some_and(spore_client::ClientError::is_unreachable)

@@ -23,6 +23,21 @@ pub(crate) fn print_json(v: &serde_json::Value) {
     );
 }
 
+/// `s` safe for a terminal: control characters (escape sequences, carriage returns, bells:
+/// what function output could use to rewrite the operator's screen) shown as `\xNN`;
+/// tabs are kept.
+pub(crate) fn printable(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() && c != '\t' {
+            out.push_str(&format!("\\x{:02x}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// A table printed with each column as wide as its widest cell.
 pub(crate) struct Table {
     header: Vec<String>,
@@ -102,6 +117,11 @@ impl Table {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_are_shown_not_sent() {
+        assert_eq!(printable("a\x1b]0;t\x07b\tc\r"), "a\\x1b]0;t\\x07b\tc\\x0d");
+    }
 
     #[test]
     fn columns_align_whatever_the_cells() {

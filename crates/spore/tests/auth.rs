@@ -337,3 +337,64 @@ fn auth_none_is_for_loopback_only_and_metrics_can_have_their_own_address() {
     assert_eq!(r.status(), 404, "the metrics address serves metrics only");
     d.stop();
 }
+
+#[test]
+fn strangers_are_refused_from_their_headers_before_any_body_is_read() {
+    use std::io::{Read, Write};
+    if !can_sandbox("strangers_are_refused_from_their_headers_before_any_body_is_read") {
+        return;
+    }
+    let mut d = Daemon::start();
+    let addr = d.endpoint.trim_start_matches("http://").to_owned();
+    let good = admin(&d);
+    for auth in [
+        None,
+        Some("AWS4-HMAC-SHA256 Credential=SPKUNKNOWN0000000000/20261206/us-east-1/lambda/aws4_request, SignedHeaders=host, Signature=00".to_owned()),
+        Some("Basic dXNlcjpwYXNz".to_owned()),
+    ] {
+        // A 10 MB body announced, none sent: the answer must come from the headers alone.
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        let extra = auth.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
+        write!(
+            s,
+            "POST /2015-03-31/functions/x/invocations HTTP/1.1\r\nHost: {addr}\r\n{extra}Content-Length: 10000000\r\n\r\n"
+        )
+        .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).unwrap_or(0);
+        let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert!(head.starts_with("HTTP/1.1 403"), "{extra:?}: {head:?}");
+    }
+    // Two Authorization headers, and a signature for another service, are refused.
+    let list = d.url("/2015-03-31/functions");
+    let host = addr.clone();
+    let headers = vec![("host".to_string(), host)];
+    let parts = spore_auth::RequestParts {
+        method: "GET",
+        path: "/2015-03-31/functions",
+        query: "",
+        headers: &headers,
+        body: b"",
+    };
+    let mut req = raw().get(&list);
+    for (k, v) in spore_auth::sigv4::sign(&parts, &good, "us-east-1", "s3", SystemTime::now()) {
+        req = req.header(k, v);
+    }
+    assert_eq!(
+        error_type(&req.send().unwrap()),
+        "InvalidSignatureException"
+    );
+    let signed = spore_auth::sigv4::sign(&parts, &good, "us-east-1", "lambda", SystemTime::now());
+    let mut req = raw().get(&list);
+    for (k, v) in &signed {
+        req = req.header(k.as_str(), v.as_str());
+    }
+    let r = req.header("authorization", "garbage").send().unwrap();
+    assert_eq!(error_type(&r), "InvalidSignatureException");
+    assert!(
+        d.log_text().contains("request refused"),
+        "refusals are logged"
+    );
+    d.stop();
+}

@@ -71,14 +71,17 @@ pub fn zip_function_dir(dir: &Path) -> Result<Vec<u8>, FunctionDirError> {
 impl Client {
     /// Deploys the code in the folder `dir` under the manifest `m` (which may differ from the
     /// folder's own: another name, sandbox or unit).
-    pub fn deploy_dir(&self, dir: &Path, m: &FunctionManifest) -> Result<(), FunctionDirError> {
+    pub fn deploy_dir(
+        &self,
+        dir: &Path,
+        m: &FunctionManifest,
+    ) -> Result<serde_json::Value, FunctionDirError> {
         let zip = zip_function_dir(dir)?;
         self.deploy(m, &zip)
             .map_err(|source| FunctionDirError::Deploy {
                 name: m.name.clone(),
                 source,
-            })?;
-        Ok(())
+            })
     }
 }
 

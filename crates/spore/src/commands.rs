@@ -372,7 +372,11 @@ async fn shutdown_signal() -> &'static str {
 pub fn deploy(endpoint: &str, dir: &Path) -> Result<ExitCode> {
     let client = Client::new(endpoint)?;
     let m = read_manifest(dir)?;
-    client.deploy_dir(dir, &m)?;
+    let conf = client.deploy_dir(dir, &m)?;
+    if out::json() {
+        out::print_json(&conf);
+        return Ok(ExitCode::SUCCESS);
+    }
     println!(
         "deployed {} ({}, handler {}, {} MB, {} s timeout, sandbox {})",
         m.name, m.runtime, m.handler, m.memory_mb, m.timeout_s, m.sandbox
@@ -448,6 +452,10 @@ fn print_function_error(name: &str, body: &[u8]) {
 /// `spore evict NAME`.
 pub fn evict(endpoint: &str, name: &str) -> Result<ExitCode> {
     let v = Client::new(endpoint)?.evict(name)?;
+    if out::json() {
+        out::print_json(&v);
+        return Ok(ExitCode::SUCCESS);
+    }
     let template = if v["Template"].as_bool() == Some(true) {
         " and its cfork template"
     } else {

@@ -238,6 +238,12 @@ pub fn ui(endpoint: &str, open: bool, quiet: bool) -> Result<ExitCode> {
         endpoint.trim_end_matches('/'),
         v["Path"].as_str().unwrap_or_default()
     );
+    if out::json() {
+        out::print_json(
+            &serde_json::json!({ "Url": url, "ExpiresInSeconds": v["ExpiresInSeconds"] }),
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     println!("{url}");
     if quiet {
         return Ok(ExitCode::SUCCESS);

@@ -110,6 +110,24 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
+            if out::json() {
+                // Programs reading -o json get the error as JSON too (kind, status, message
+                // of the daemon's answer when there was one).
+                let api = e
+                    .chain()
+                    .find_map(|c| c.downcast_ref::<spore_client::ClientError>());
+                let v = match api {
+                    Some(spore_client::ClientError::Api {
+                        kind,
+                        status,
+                        message,
+                    }) => {
+                        serde_json::json!({ "error": { "type": kind, "status": status.as_u16(), "message": message } })
+                    }
+                    _ => serde_json::json!({ "error": { "message": format!("{e:#}") } }),
+                };
+                println!("{v}");
+            }
             eprintln!("error: {e}");
             for cause in e.chain().skip(1) {
                 eprintln!("  caused by: {cause}");

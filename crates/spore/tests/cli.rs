@@ -23,8 +23,12 @@ fn json_output_ps_describe_and_readable_errors() {
         assert!(!d.invoke(f, json!({})).0);
     }
     // Every command that prints data prints JSON with -o json.
+    let echo = fixture("echo");
     for args in [
-        &["ls"][..],
+        &["deploy", echo.to_str().unwrap()][..],
+        &["evict", "echo"],
+        &["ui"],
+        &["ls"],
         &["units"],
         &["ps"],
         &["describe", "echo"],
@@ -47,6 +51,13 @@ fn json_output_ps_describe_and_readable_errors() {
             String::from_utf8_lossy(&out.stdout)
         );
     }
+    // The deploy and evict above stopped echo's instance: start one again for ps.
+    assert!(!d.invoke("echo", json!({})).0);
+    // A daemon's error comes as JSON too.
+    let out = d.cli(&["-o", "json", "rm", "nope"]);
+    assert!(!out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["error"]["type"], "ResourceNotFoundException", "{v}");
     let out = d.cli(&["-o", "json", "logs", "echo"]);
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let v: Value = serde_json::from_str(line).unwrap();

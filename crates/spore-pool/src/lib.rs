@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use spore_core::{ControlError, MemoryMode, StartKind};
 use spore_registry::{FunctionRecord, SharedRegistry};
+use spore_sandbox::cgroup::Cgroup;
 use tokio::sync::Notify;
 
 pub use host::cgroup_parent_name;
@@ -111,16 +112,55 @@ pub struct ProcessInfo {
 }
 
 impl ProcessInfo {
-    fn of(function: &str, i: &Instance, state: &'static str) -> ProcessInfo {
+    /// An idle instance; its pids and memory are read now.
+    fn idle(function: &str, i: &Instance) -> ProcessInfo {
+        ProcessInfo {
+            state: "idle",
+            memory_bytes: i.memory_bytes(),
+            ..ProcessInfo::instance(function, &i.id, i.started, i.created, i.cgroup.as_ref())
+        }
+    }
+
+    /// A busy instance; its pids are read now.
+    fn instance(
+        function: &str,
+        id: &str,
+        start: StartKind,
+        created: Instant,
+        cgroup: Option<&Cgroup>,
+    ) -> ProcessInfo {
         ProcessInfo {
             kind: "instance",
             function: function.to_owned(),
+            id: id.to_owned(),
+            pids: cgroup.map(Cgroup::pids).unwrap_or_default(),
+            start: start.as_str(),
+            state: "busy",
+            age_s: created.elapsed().as_secs_f64(),
+            memory_bytes: None,
+        }
+    }
+}
+
+/// An instance handed out by [`Pools::checkout`] and not back yet: what `processes` needs to
+/// show it. Nothing is read from its cgroup until someone asks, so checkout stays free of
+/// file I/O.
+struct Busy {
+    function: String,
+    id: String,
+    start: StartKind,
+    created: Instant,
+    cgroup: Option<Cgroup>,
+}
+
+impl Busy {
+    fn of(function: &str, i: &Instance) -> Busy {
+        Busy {
+            function: function.to_owned(),
             id: i.id.clone(),
-            pids: i.pids(),
-            start: i.started.as_str(),
-            state,
-            age_s: i.created.elapsed().as_secs_f64(),
-            memory_bytes: (state == "idle").then(|| i.memory_bytes()).flatten(),
+            start: i.started,
+            created: i.created,
+            cgroup: i.cgroup.clone(),
         }
     }
 }
@@ -208,7 +248,7 @@ struct Inner {
     template_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     reclaim: OnceLock<Reclaim>,
     /// Instances handed out and not back yet, by id.
-    busy: Mutex<HashMap<String, ProcessInfo>>,
+    busy: Mutex<HashMap<String, Busy>>,
 }
 
 /// Every function's instances, templates, spares and snapshots on this unit. Cheap to clone.
@@ -288,15 +328,12 @@ impl Pools {
     /// Drops a deleted function's log, files included.
     pub fn remove_log(&self, name: &str) {
         let ring = self.inner.logs.lock().expect("logs lock").remove(name);
-        ring.unwrap_or_else(|| self.log_detached(name))
-            .remove_files();
-    }
-
-    /// The function's log without keeping it in the table.
-    fn log_detached(&self, name: &str) -> Arc<LogRing> {
-        let ring = self.log(name);
-        self.inner.logs.lock().expect("logs lock").remove(name);
-        ring
+        match (ring, &self.inner.cfg.logs_dir) {
+            (Some(ring), _) => ring.remove_files(),
+            // Never read since start-up: only its files are left.
+            (None, Some(dir)) => logs::remove_files_at(&dir.join(format!("{name}.jsonl"))),
+            (None, None) => {}
+        }
     }
 
     /// The most instances `rec` may run at once.
@@ -373,12 +410,12 @@ impl Pools {
             },
         };
         if let Ok(l) = &lease {
-            let info = ProcessInfo::of(name, &l.instance, "busy");
+            let busy = Busy::of(name, &l.instance);
             self.inner
                 .busy
                 .lock()
                 .expect("busy lock")
-                .insert(l.instance.id.clone(), info);
+                .insert(l.instance.id.clone(), busy);
         }
         Ok(lease)
     }
@@ -409,11 +446,14 @@ impl Pools {
             .lock()
             .expect("busy lock")
             .values()
-            .cloned()
+            .map(|b| {
+                let cgroup = b.cgroup.as_ref();
+                ProcessInfo::instance(&b.function, &b.id, b.start, b.created, cgroup)
+            })
             .collect();
         for (name, pool) in self.pools_snapshot() {
             let st = pool.state.lock().expect("pool lock");
-            out.extend(st.idle.iter().map(|i| ProcessInfo::of(&name, i, "idle")));
+            out.extend(st.idle.iter().map(|i| ProcessInfo::idle(&name, i)));
         }
         let templates = self.template_list();
         for (name, t) in templates {

@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -227,10 +227,15 @@ impl LogRing {
         st.file = None;
         st.lines.clear();
         if let Some(p) = &self.path {
-            let _ = std::fs::remove_file(p);
-            let _ = std::fs::remove_file(p.with_extension("jsonl.1"));
+            remove_files_at(p);
         }
     }
+}
+
+/// Deletes the log at `path` and its rotated half, whichever exist.
+pub(crate) fn remove_files_at(path: &Path) {
+    let _ = std::fs::remove_file(path);
+    let _ = std::fs::remove_file(path.with_extension("jsonl.1"));
 }
 
 fn open_append(path: &PathBuf) -> Option<(File, u64)> {

@@ -143,8 +143,9 @@ impl Layout {
     }
 }
 
-/// One sandbox's cgroup (a directory per v1 controller, or one v2 directory).
-#[derive(Debug)]
+/// One sandbox's cgroup (a directory per v1 controller, or one v2 directory). A handle: a
+/// clone names the same group (nothing is removed when one is dropped).
+#[derive(Debug, Clone)]
 pub struct Cgroup {
     layout: Layout,
     dirs: Vec<PathBuf>,

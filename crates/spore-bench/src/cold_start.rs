@@ -216,6 +216,11 @@ pub const CONTAINER: &str = "container cold (request to response)";
 pub const CFORK: &str = "cfork (request to response)";
 /// Series name of the floor.
 pub const FLOOR: &str = "python3 -c pass (floor)";
+/// Series name of the fork part of the cfork floor.
+pub const FORK_FLOOR: &str = "fork of a warm python + reply over a pipe";
+/// Series name of the cfork floor: a fork's floor plus a warm call's (no design can start a
+/// forked instance and answer through the gateway faster).
+pub const CFORK_FLOOR: &str = "floor: fork + pipe reply + warm call";
 
 /// Runs the benchmark.
 pub fn run(cfg: &ColdStartConfig, progress: &dyn Fn(&str)) -> Result<ColdStartResult, BenchError> {
@@ -319,6 +324,18 @@ pub fn run(cfg: &ColdStartConfig, progress: &dyn Fn(&str)) -> Result<ColdStartRe
         cfg.n,
         cfg.max_per_series,
     )?;
+    if cfg.cfork_function.is_some() {
+        progress(&format!(
+            "floor: {} x fork of a warm {} + reply over a pipe",
+            cfg.n, cfg.python
+        ));
+        let fork = crate::floor::fork_reply(&cfg.python, cfg.n)?;
+        series.push(crate::floor::composite(CFORK_FLOOR, &[&fork, &warm]));
+        series.push(Series {
+            name: FORK_FLOOR.into(),
+            samples_ms: fork,
+        });
+    }
     series.push(Series {
         name: "warm (request to response)".into(),
         samples_ms: warm,

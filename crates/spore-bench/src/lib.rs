@@ -9,14 +9,17 @@
 //! (see there why).
 #![forbid(unsafe_code)]
 
+pub mod burst;
 pub mod cold_start;
 pub mod density;
 pub mod drivers;
+pub mod floor;
 pub mod functionbench;
 pub mod ipc;
 pub mod memory_restore;
 pub mod plot;
 pub mod snapshot;
+pub mod throughput;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -111,13 +114,31 @@ fn fmt_ms(ms: f64) -> String {
 /// A Markdown table of the series with each p50 as a ratio to the `baseline` series' p50
 /// (`baseline / series` when the series is faster, shown as `N.Nx faster`; else `slower`).
 pub fn table(series: &[Series], baseline: &str) -> String {
-    let base = series
-        .iter()
-        .find(|s| s.name == baseline)
-        .map(|s| summarize(&s.samples_ms).p50);
+    table_with_floor(series, baseline, None)
+}
+
+/// [`table`] with one more column when `floor` names a series: each p50 and p99 as a multiple
+/// of the floor's p50 (`1.0x` is the floor itself; what no design can beat on this machine).
+pub fn table_with_floor(series: &[Series], baseline: &str, floor: Option<&str>) -> String {
+    let p50_of = |name: &str| {
+        series
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| summarize(&s.samples_ms).p50)
+    };
+    let base = p50_of(baseline);
+    let floor_p50 = floor.and_then(p50_of).filter(|f| *f > 0.0);
     let mut out = String::from("| series | n | p50 | p99 | mean | vs ");
     out.push_str(baseline);
-    out.push_str(" (p50) |\n|---|---:|---:|---:|---:|---:|\n");
+    out.push_str(" (p50) |");
+    if floor_p50.is_some() {
+        out.push_str(" x floor (p50 / p99) |");
+    }
+    out.push_str("\n|---|---:|---:|---:|---:|---:|");
+    if floor_p50.is_some() {
+        out.push_str("---:|");
+    }
+    out.push('\n');
     for s in series {
         let sum = summarize(&s.samples_ms);
         let ratio = match base {
@@ -126,7 +147,7 @@ pub fn table(series: &[Series], baseline: &str) -> String {
             Some(b) if b > 0.0 => format!("{:.1}x slower", sum.p50 / b),
             _ => "-".to_owned(),
         };
-        let _ = writeln!(
+        let _ = write!(
             out,
             "| {} | {} | {} | {} | {} | {} |",
             s.name,
@@ -136,6 +157,14 @@ pub fn table(series: &[Series], baseline: &str) -> String {
             fmt_ms(sum.mean),
             ratio
         );
+        if let Some(f) = floor_p50 {
+            if floor == Some(s.name.as_str()) {
+                out.push_str(" floor |");
+            } else {
+                let _ = write!(out, " {:.2}x / {:.2}x |", sum.p50 / f, sum.p99 / f);
+            }
+        }
+        out.push('\n');
     }
     out
 }
@@ -227,6 +256,15 @@ mod tests {
         );
         assert!(t.contains("4.0x slower"));
         assert!(t.contains("| base | 5 | 10.00 ms | 10.00 ms | 10.00 ms | baseline |"));
+        let t = table_with_floor(&series, "base", Some("fast"));
+        assert!(t.contains("x floor"), "{t}");
+        assert!(
+            t.contains(
+                "| slow | 5 | 40.00 ms | 40.00 ms | 40.00 ms | 4.0x slower | 20.00x / 20.00x |"
+            ),
+            "{t}"
+        );
+        assert!(t.contains("5.0x faster | floor |"), "{t}");
     }
 
     #[test]

@@ -570,6 +570,35 @@ pub(crate) enum BenchCommand {
         #[arg(long, default_value = "functions")]
         functions: PathBuf,
     },
+    /// Simultaneous first requests to a cfork function (each on a fresh instance), against
+    /// the CPUs' floor: N forks spread over every core.
+    Burst {
+        /// Requests per burst, comma-separated.
+        #[arg(long, default_value = "16,64,256")]
+        sizes: String,
+        /// Where results go.
+        #[arg(long, default_value = "bench-results")]
+        out: PathBuf,
+        /// Folder of sample functions (hello is deployed from here).
+        #[arg(long, default_value = "functions")]
+        functions: PathBuf,
+    },
+    /// Warm invocations at fixed numbers of concurrent clients (req/s, latency), against the
+    /// floor: the same clients on the gateway's /healthz.
+    Throughput {
+        /// Concurrent clients per level, comma-separated.
+        #[arg(long, default_value = "1,8,32")]
+        clients: String,
+        /// Measured seconds per level (after a second of warm-up).
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Where results go.
+        #[arg(long, default_value = "bench-results")]
+        out: PathBuf,
+        /// Folder of sample functions (hello is deployed from here).
+        #[arg(long, default_value = "functions")]
+        functions: PathBuf,
+    },
     /// Memory per idle instance (cfork, with containers as the baseline).
     Density {
         /// Idle cfork instances to start.
@@ -597,7 +626,9 @@ impl BenchCommand {
             | BenchCommand::Xpu { functions, .. }
             | BenchCommand::MemoryRestore { functions, .. }
             | BenchCommand::SnapshotColdStart { functions, .. }
-            | BenchCommand::Density { functions, .. } => Some(functions),
+            | BenchCommand::Density { functions, .. }
+            | BenchCommand::Burst { functions, .. }
+            | BenchCommand::Throughput { functions, .. } => Some(functions),
             BenchCommand::Ipc { .. } => None,
         };
         if let Some(f) = f {

@@ -774,6 +774,32 @@ pub fn bench(endpoint: Option<&str>, which: BenchCommand) -> Result<ExitCode> {
             out,
             functions,
         } => bench::density(endpoint, &RunOptions { n, out, functions }, container_n),
+        BenchCommand::Burst {
+            sizes,
+            out,
+            functions,
+        } => drivers::load::burst(
+            endpoint,
+            &drivers::load::BurstOptions {
+                sizes,
+                out,
+                functions,
+            },
+        ),
+        BenchCommand::Throughput {
+            clients,
+            seconds,
+            out,
+            functions,
+        } => drivers::load::throughput(
+            endpoint,
+            &drivers::load::ThroughputOptions {
+                levels: clients,
+                seconds,
+                out,
+                functions,
+            },
+        ),
     }?;
     Ok(ExitCode::SUCCESS)
 }

@@ -49,11 +49,11 @@ pub fn cold_start(endpoint: Option<&str>, opts: &RunOptions, sandbox: &str) -> R
         max_per_series: Duration::from_secs(300),
     };
     let res = crate::cold_start::run(&cfg, &|msg| eprintln!("   {msg}"))?;
-    let baseline = match sandbox {
-        SandboxKind::Cfork => crate::cold_start::CONTAINER,
-        SandboxKind::Container => crate::cold_start::FLOOR,
+    let (baseline, floor) = match sandbox {
+        SandboxKind::Cfork => (crate::cold_start::CONTAINER, crate::cold_start::CFORK_FLOOR),
+        SandboxKind::Container => (crate::cold_start::FLOOR, crate::cold_start::FLOOR),
     };
-    let mut table = crate::table(&res.series, baseline);
+    let mut table = crate::table_with_floor(&res.series, baseline, Some(floor));
     if !res.breakdown.is_empty() {
         table.push_str("\nWhere a cfork start goes (p50 per step; the steps add up to the daemon's request-to-ready time):\n\n| step | p50 | p99 | what |\n|---|---:|---:|---|\n");
         for s in &res.breakdown {

@@ -61,6 +61,9 @@ pub(crate) fn dag_hops(v: &serde_json::Value, node: Option<&str>) -> Vec<f64> {
         .collect()
 }
 
+/// Series name of the floor under a 1 KiB DAG hop.
+const HOP_FLOOR: &str = "floor: wake an idle thread + json encode/decode 1 KiB";
+
 /// `spore bench dag`.
 pub fn run(endpoint: Option<&str>, opts: &RunOptions) -> Result<()> {
     let (n, out, functions) = (opts.n, &opts.out, &opts.functions);
@@ -88,7 +91,14 @@ pub fn run(endpoint: Option<&str>, opts: &RunOptions) -> Result<()> {
             samples_ms: s,
         });
     }
-    let mut table = crate::table(&series, "http hop, 1 KiB");
+    // The floor under a 1 KiB hop: waking the sleeping consumer, plus the runtime's own
+    // encode (producer) and decode (consumer) of the value, measured here in the same run.
+    eprintln!("   floor: {n} x (wake an idle thread + json encode and decode of 1 KiB)");
+    let samples = series[0].samples_ms.len().max(n);
+    let wake = crate::floor::idle_wakeups(samples)?;
+    let codec = crate::floor::json_codec(spore_runtime::PYTHON_INTERPRETER, samples, 1000)?;
+    series.push(crate::floor::composite(HOP_FLOOR, &[&wake, &codec]));
+    let mut table = crate::table_with_floor(&series, "http hop, 1 KiB", Some(HOP_FLOOR));
     // 2. Payload sweep, shm only, with memcpy of the same size in this process.
     eprintln!("   payload sweep: 1 KiB .. 64 MiB, producer to consumer");
     table.push_str("\nPayload hop (median of the runs; hop = producer's handler returns -> consumer's handler starts with the payload in hand):\n\n| size | mode | runs | hop | GB/s | memcpy | GB/s | hop / memcpy bandwidth |\n|---:|---|---:|---:|---:|---:|---:|---:|\n");
@@ -195,7 +205,7 @@ pub fn run(endpoint: Option<&str>, opts: &RunOptions) -> Result<()> {
     let (hop, e2e): (Vec<Series>, Vec<Series>) = series
         .iter()
         .cloned()
-        .partition(|s| s.name.contains(" hop"));
+        .partition(|s| s.name.contains(" hop") || s.name.starts_with("floor"));
     let png = out.join("dag").join("dag-e2e.png");
     save_and_print(
         out,

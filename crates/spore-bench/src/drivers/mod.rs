@@ -16,6 +16,7 @@ use std::path::PathBuf;
 pub mod bench;
 pub mod dag;
 pub mod demo;
+pub mod load;
 pub mod xpu;
 
 mod report;

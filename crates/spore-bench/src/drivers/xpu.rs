@@ -88,36 +88,6 @@ impl Drop for NetNs {
     }
 }
 
-/// Wake-up latency of an idle thread, ms: `n` times, after 1 ms of quiet, one byte goes on
-/// a socketpair whose other end a thread is blocked reading; the sample is from the write to
-/// that thread running. Each hop whose receiver sleeps pays at least this once.
-fn idle_wakeups(n: usize) -> Result<Vec<f64>> {
-    use std::io::{Read, Write};
-    let (mut tx, mut rx) = std::os::unix::net::UnixStream::pair()?;
-    let (done_tx, done_rx) = std::sync::mpsc::channel::<Instant>();
-    let reader = std::thread::spawn(move || {
-        let mut b = [0u8; 1];
-        while rx.read_exact(&mut b).is_ok() {
-            if done_tx.send(Instant::now()).is_err() {
-                return;
-            }
-        }
-    });
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        std::thread::sleep(Duration::from_millis(1));
-        let t0 = Instant::now();
-        tx.write_all(&[1])?;
-        let woke = done_rx
-            .recv_timeout(Duration::from_secs(5))
-            .context("the reader thread did not wake")?;
-        out.push(woke.duration_since(t0).as_secs_f64() * 1000.0);
-    }
-    drop(tx);
-    let _ = reader.join();
-    Ok(out)
-}
-
 /// TCP echo round trips over the veth: a server thread inside the namespace (setns on that
 /// thread only), the client here. Per size, the median round trip (ms) of `size` bytes each
 /// way, twice: streamed (the server sends back each piece as it arrives, overlapping both
@@ -334,7 +304,7 @@ pub fn run(opts: &RunOptions) -> Result<()> {
     // idle thread, measured in the same run.
     series.push(Series {
         name: "floor: wake an idle thread (one byte on a socketpair)".into(),
-        samples_ms: idle_wakeups(n)?,
+        samples_ms: crate::floor::idle_wakeups(n)?,
     });
     table.push_str(
         "\nDAG hop, 1 KiB (producer's handler returns -> consumer's handler starts), and the wake-up of an idle thread (after 1 ms of quiet: one byte written -> the reader blocked on it runs):\n\n",

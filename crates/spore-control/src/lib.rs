@@ -10,6 +10,9 @@
 
 mod hosts;
 mod invoke;
+mod versions;
+
+pub use versions::AliasSpec;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -74,6 +77,10 @@ pub struct ControlConfig {
     pub unit: Option<spore_shim::UnitInfo>,
     /// Settings of links to other units.
     pub link: spore_shim::LinkConfig,
+    /// The region named in ARNs.
+    pub region: String,
+    /// The account id named in ARNs.
+    pub account_id: String,
 }
 
 impl ControlConfig {
@@ -94,9 +101,16 @@ impl ControlConfig {
             idle_memory_mb: None,
             unit: None,
             link: spore_shim::LinkConfig::default(),
+            region: DEFAULT_REGION.to_owned(),
+            account_id: DEFAULT_ACCOUNT_ID.to_owned(),
         }
     }
 }
+
+/// The region ARNs name unless configured (`spore serve --region`).
+pub const DEFAULT_REGION: &str = "local";
+/// The account id ARNs name unless configured (`spore serve --account-id`).
+pub const DEFAULT_ACCOUNT_ID: &str = "000000000000";
 
 /// One finished invocation, as the dashboard lists it.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -129,6 +143,8 @@ struct Inner {
     pools: Pools,
     units: Arc<Units>,
     dags: Dags,
+    region: String,
+    account_id: String,
     _lock: DataDirLock,
 }
 
@@ -216,11 +232,36 @@ impl Control {
                 pools,
                 units,
                 dags,
+                region: cfg.region.clone(),
+                account_id: cfg.account_id.clone(),
                 _lock: lock,
             }),
         };
         control.inner.dags.set_invoker(hosts::invoker(&control));
         Ok((control, warnings))
+    }
+
+    /// The region ARNs name.
+    pub fn region(&self) -> &str {
+        &self.inner.region
+    }
+
+    /// The account id ARNs name.
+    pub fn account_id(&self) -> &str {
+        &self.inner.account_id
+    }
+
+    /// The ARN of function `name` (with `:qualifier` if `qualifier` is given).
+    pub fn function_arn(&self, name: &str, qualifier: Option<&str>) -> String {
+        let mut arn = format!(
+            "arn:aws:lambda:{}:{}:function:{name}",
+            self.inner.region, self.inner.account_id
+        );
+        if let Some(q) = qualifier {
+            arn.push(':');
+            arn.push_str(q);
+        }
+        arn
     }
 
     /// Checks a function's configuration.
@@ -265,6 +306,8 @@ impl Control {
             code_size,
             last_modified_ms: 0,
             revision: 0,
+            version: None,
+            lambda: spec.lambda,
         })?;
         drop(reg);
         self.inner.pools.retire(&name);
@@ -299,6 +342,7 @@ impl Control {
             .ok_or_else(|| ControlError::NotFound(name.clone()))?;
         rec.manifest = spec.manifest;
         rec.description = spec.description;
+        rec.lambda = spec.lambda;
         let rec = reg.put(rec)?;
         drop(reg);
         self.inner.pools.retire(&name);
@@ -309,6 +353,7 @@ impl Control {
 
     /// Deletes a function; its instances stop (busy ones when their invocation ends).
     pub fn delete_function(&self, name: &str) -> Result<FunctionRecord, ControlError> {
+        let versions = self.version_keys(name);
         let rec = self
             .inner
             .registry
@@ -317,6 +362,10 @@ impl Control {
             .ok_or_else(|| ControlError::NotFound(name.into()))?;
         self.inner.pools.retire(name);
         self.inner.pools.snapshots().remove(name);
+        for key in &versions {
+            self.inner.pools.retire(key);
+            self.inner.pools.snapshots().remove(key);
+        }
         self.inner.pools.remove_log(name);
         self.inner.units.remove_on_units(name);
         tracing::info!(function = %name, "function deleted");

@@ -228,9 +228,6 @@ for _ in range(3):
     assert (executed, body["code"], body["version"]) == ("1", "old", "1"), body
     starts.append(r["ResponseMetadata"]["HTTPHeaders"]["x-spore-start"])
 assert starts[1:] == ["warm", "warm"], starts
-g = lam.get_function(FunctionName="fk", Qualifier="1")
-assert g["Spore"]["Template"]["Pids"], g["Spore"]
-latest = lam.get_function(FunctionName="fk")
 assert call("fk")[1]["code"] == "new"
 print("starts", starts)
 print("cfork OK")
@@ -408,6 +405,22 @@ fn a_published_version_has_its_own_cfork_template() {
     if let Some(out) = run(test, &d, CFORK, &[]) {
         assert!(out.contains("cfork OK"), "{out}");
         eprintln!("{}", out.lines().find(|l| l.starts_with("starts")).unwrap());
+        // Version 1 and $LATEST each have a template of their own.
+        let pids = |path: &str| {
+            let g = d.get_json(path);
+            let p = g["Spore"]["Template"]["Pids"].clone();
+            assert!(p.as_array().is_some_and(|a| !a.is_empty()), "{path}: {g}");
+            p
+        };
+        let v1 = pids("/2015-03-31/functions/fk?Qualifier=1");
+        let latest = pids("/2015-03-31/functions/fk");
+        assert_ne!(v1, latest);
+        // A fork of the version's template runs the version's code.
+        let r = d.invoke_raw("fk:1", b"{}", &[("X-Spore-Cold", "fork")]);
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-spore-start"], "fork");
+        let body: serde_json::Value = r.json().unwrap();
+        assert_eq!(body["code"], "old", "{body}");
     }
     d.stop();
 }
@@ -553,5 +566,79 @@ fn the_aws_cli_publishes_aliases_invokes_and_deletes_versions() {
     assert_eq!(all["Versions"].as_array().unwrap().len(), 2, "{all}");
     let g = aws_json(&d, &["get-function", "--function-name", "cli"]);
     assert_eq!(g["Configuration"]["Version"], "$LATEST");
+    d.stop();
+}
+
+#[test]
+fn an_invoke_only_key_invokes_versions_but_cannot_publish_or_alias() {
+    let test = "an_invoke_only_key_invokes_versions_but_cannot_publish_or_alias";
+    if !can_sandbox(test) {
+        return;
+    }
+    let mut d = Daemon::start();
+    d.deploy(&common::fixture("echo"));
+    let r = d
+        .http
+        .post(d.url("/2015-03-31/functions/echo/versions"))
+        .body("{}")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let r = d
+        .http
+        .post(d.url("/2015-03-31/functions/echo/aliases"))
+        .body(r#"{"Name": "live", "FunctionVersion": "1"}"#)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let out = d.cli(&[
+        "keys",
+        "create",
+        "ci",
+        "--invoke-only",
+        "--functions",
+        "echo",
+    ]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let creds = spore_auth::credentials::parse_profile(&text, "ci").expect(&text);
+    let ci = spore_client::Http::new(Duration::from_secs(60), Some(creds)).unwrap();
+    // It invokes the function's versions and aliases.
+    for path in [
+        "/2015-03-31/functions/echo:1/invocations",
+        "/2015-03-31/functions/echo:live/invocations",
+        "/2015-03-31/functions/echo/invocations?Qualifier=1",
+    ] {
+        let r = ci.post(d.url(path)).body("{}").send().unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert_eq!(r.headers()["x-amz-executed-version"], "1", "{path}");
+    }
+    // Nothing else: publishing, aliases, deleting a version, another function's version.
+    for (method, path) in [
+        ("POST", "/2015-03-31/functions/echo/versions"),
+        ("GET", "/2015-03-31/functions/echo/versions"),
+        ("POST", "/2015-03-31/functions/echo/aliases"),
+        ("PUT", "/2015-03-31/functions/echo/aliases/live"),
+        ("DELETE", "/2015-03-31/functions/echo/aliases/live"),
+        ("DELETE", "/2015-03-31/functions/echo?Qualifier=1"),
+        ("POST", "/2015-03-31/functions/echo2:1/invocations"),
+    ] {
+        let url = d.url(path);
+        let req = match method {
+            "POST" => ci.post(url),
+            "GET" => ci.get(url),
+            "PUT" => ci.put(url),
+            _ => ci.delete(url),
+        };
+        let r = req.body("{}").send().unwrap();
+        assert_eq!(r.status(), 403, "{method} {path}");
+        assert_eq!(common::error_type(&r), "AccessDeniedException");
+    }
+    let r = d
+        .http
+        .get(d.url("/2015-03-31/functions/echo/aliases/live"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200, "the alias is still there");
     d.stop();
 }

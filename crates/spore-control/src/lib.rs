@@ -10,8 +10,10 @@
 
 mod hosts;
 mod invoke;
+mod provisioned;
 mod versions;
 
+pub use provisioned::ProvisionedStatus;
 pub use versions::AliasSpec;
 
 use std::path::PathBuf;
@@ -145,6 +147,8 @@ struct Inner {
     dags: Dags,
     region: String,
     account_id: String,
+    /// One provisioned-concurrency pass at a time.
+    keeper: tokio::sync::Mutex<()>,
     _lock: DataDirLock,
 }
 
@@ -234,6 +238,7 @@ impl Control {
                 dags,
                 region: cfg.region.clone(),
                 account_id: cfg.account_id.clone(),
+                keeper: tokio::sync::Mutex::new(()),
                 _lock: lock,
             }),
         };
@@ -551,8 +556,20 @@ impl Control {
         self.inner.pools.prewarm(rec);
     }
 
-    /// Stops instances idle for longer than the keep-alive; runs until the process ends.
+    /// Stops instances idle for longer than the keep-alive, and keeps provisioned
+    /// concurrency's instances started; runs until the process ends.
     pub fn spawn_reaper(&self) {
+        let keeper = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                if keeper.inner.work.is_draining() {
+                    return;
+                }
+                keeper.keep_provisioned().await;
+            }
+        });
         let this = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(this.inner.pools.reap_interval());

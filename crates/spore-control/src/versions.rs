@@ -215,6 +215,7 @@ impl Control {
                 )));
             }
             v.versions.remove(&n);
+            v.provisioned.remove(version);
             reg.put_versions(name, v)?;
             format!("{name}:{n}")
         };
@@ -337,6 +338,7 @@ impl Control {
         v.aliases
             .remove(alias)
             .ok_or_else(|| not_found(name, alias))?;
+        v.provisioned.remove(alias);
         reg.put_versions(name, v)?;
         Ok(())
     }

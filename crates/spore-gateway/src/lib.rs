@@ -194,6 +194,12 @@ pub fn router(control: Control, metrics: Option<PrometheusHandle>, auth: Auth) -
             post(versions::create_alias).get(versions::list_aliases),
         )
         .route(
+            "/2019-09-30/functions/{name}/provisioned-concurrency",
+            get(versions::get_provisioned)
+                .put(versions::put_provisioned)
+                .delete(versions::delete_provisioned),
+        )
+        .route(
             &format!("{api}/{{name}}/aliases/{{alias}}"),
             get(versions::get_alias)
                 .put(versions::update_alias)

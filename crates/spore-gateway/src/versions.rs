@@ -303,6 +303,142 @@ pub(crate) async fn list_aliases(
     Ok(axum::Json(out).into_response())
 }
 
+/// `?Qualifier=` and `?List=ALL` of the provisioned-concurrency calls.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct ProvisionedQuery {
+    #[serde(rename = "Qualifier")]
+    qualifier: Option<String>,
+    #[serde(rename = "List")]
+    list: Option<String>,
+    #[serde(rename = "MaxItems")]
+    max_items: Option<String>,
+    #[serde(rename = "Marker")]
+    marker: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+struct ProvisionedIn {
+    provisioned_concurrent_executions: i64,
+}
+
+fn provisioned_json(
+    st: &AppState,
+    function: &str,
+    p: &spore_control::ProvisionedStatus,
+) -> serde_json::Value {
+    serde_json::json!({
+        "FunctionArn": st.control.function_arn(function, Some(&p.qualifier)),
+        "RequestedProvisionedConcurrentExecutions": p.requested,
+        "AvailableProvisionedConcurrentExecutions": p.available,
+        "AllocatedProvisionedConcurrentExecutions": p.available,
+        "Status": p.status,
+        "LastModified": spore_registry::store::lambda_timestamp(p.last_modified_ms),
+    })
+}
+
+fn config_not_found(name: &str, qualifier: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "ProvisionedConcurrencyConfigNotFoundException",
+        format!("No Provisioned Concurrency Config found for this function: {name}:{qualifier}"),
+    )
+}
+
+/// The function and qualifier a provisioned-concurrency call names (a qualifier is required).
+fn qualified(reference: &str, q: &ProvisionedQuery) -> ApiResult<(String, String)> {
+    match split_ref(reference, q.qualifier.as_deref())? {
+        (name, Some(q)) => Ok((name, q)),
+        (_, None) => Err(ApiError::invalid(
+            "Qualifier is required: provisioned concurrency is set on a published version or an alias",
+        )),
+    }
+}
+
+/// `PUT /2019-09-30/functions/{name}/provisioned-concurrency?Qualifier=Q`:
+/// `PutProvisionedConcurrencyConfig` (202; `IN_PROGRESS` until the instances are started).
+pub(crate) async fn put_provisioned(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<ProvisionedQuery>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let req: ProvisionedIn = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::invalid(format!(
+            "Malformed request body (or a parameter Spore does not know): {e}"
+        ))
+    })?;
+    let (name, qualifier) = qualified(&name, &q)?;
+    let n = u32::try_from(req.provisioned_concurrent_executions).map_err(|_| {
+        ApiError::invalid(format!(
+            "ProvisionedConcurrentExecutions {} must be at least 1",
+            req.provisioned_concurrent_executions
+        ))
+    })?;
+    let p = st.control.put_provisioned(&name, &qualifier, n)?;
+    let mut out = provisioned_json(&st, &name, &p);
+    if let Some(o) = out.as_object_mut() {
+        o.remove("FunctionArn");
+    }
+    Ok((StatusCode::ACCEPTED, axum::Json(out)).into_response())
+}
+
+/// `GET /2019-09-30/functions/{name}/provisioned-concurrency?Qualifier=Q` (or `?List=ALL`):
+/// `GetProvisionedConcurrencyConfig` / `ListProvisionedConcurrencyConfigs`.
+pub(crate) async fn get_provisioned(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<ProvisionedQuery>,
+) -> ApiResult<Response> {
+    match q.list.as_deref() {
+        Some("ALL") => {
+            let name = function(&name)?;
+            let all = st.control.list_provisioned(&name)?;
+            let (page, next) = paginate(all, q.marker.as_deref(), q.max_items.as_deref(), |p| {
+                p.qualifier.clone()
+            })?;
+            let configs: Vec<_> = page
+                .iter()
+                .map(|p| provisioned_json(&st, &name, p))
+                .collect();
+            let mut out = serde_json::json!({ "ProvisionedConcurrencyConfigs": configs });
+            if let Some(m) = next {
+                out["NextMarker"] = m.into();
+            }
+            Ok(axum::Json(out).into_response())
+        }
+        Some(other) => Err(ApiError::invalid(format!("List {other:?} must be ALL"))),
+        None => {
+            let (name, qualifier) = qualified(&name, &q)?;
+            let p = st
+                .control
+                .get_provisioned(&name, &qualifier)?
+                .ok_or_else(|| config_not_found(&name, &qualifier))?;
+            let mut out = provisioned_json(&st, &name, &p);
+            if let Some(o) = out.as_object_mut() {
+                o.remove("FunctionArn");
+            }
+            Ok(axum::Json(out).into_response())
+        }
+    }
+}
+
+/// `DELETE /2019-09-30/functions/{name}/provisioned-concurrency?Qualifier=Q`:
+/// `DeleteProvisionedConcurrencyConfig` (204).
+pub(crate) async fn delete_provisioned(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<ProvisionedQuery>,
+) -> ApiResult<Response> {
+    let (name, qualifier) = qualified(&name, &q)?;
+    let control = st.control.clone();
+    let (n, qq) = (name.clone(), qualifier.clone());
+    if !blocking(move || control.delete_provisioned(&n, &qq)).await? {
+        return Err(config_not_found(&name, &qualifier));
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

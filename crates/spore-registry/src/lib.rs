@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use spore_core::{error_chain, ControlError, FunctionManifest};
 
 pub use registry::{FunctionRecord, LambdaSettings, Registry, RegistryError};
-pub use versions::{Alias, Versions};
+pub use versions::{Alias, Provisioned, Versions};
 
 /// A function's configuration as given by a create or update call.
 #[derive(Debug, Clone)]

@@ -188,6 +188,18 @@ impl Registry {
         self.versions.get(name).cloned().unwrap_or_default()
     }
 
+    /// Every provisioned-concurrency setting: (function, qualifier, instances).
+    pub fn provisioned(&self) -> Vec<(String, String, u32)> {
+        self.versions
+            .iter()
+            .flat_map(|(f, v)| {
+                v.provisioned
+                    .iter()
+                    .map(move |(q, p)| (f.clone(), q.clone(), p.requested))
+            })
+            .collect()
+    }
+
     /// Replaces the versions and aliases of `name` (a function that exists), on disk
     /// atomically first; drops code directories no record references any more.
     pub fn put_versions(&mut self, name: &str, v: Versions) -> Result<(), RegistryError> {

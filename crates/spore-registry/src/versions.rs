@@ -39,6 +39,18 @@ pub struct Versions {
     pub versions: BTreeMap<u64, FunctionRecord>,
     /// Aliases, by name.
     pub aliases: BTreeMap<String, Alias>,
+    /// Provisioned concurrency, by qualifier (a version number or an alias).
+    #[serde(default)]
+    pub provisioned: BTreeMap<String, Provisioned>,
+}
+
+/// A provisioned-concurrency setting: instances kept started for a version or alias.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Provisioned {
+    /// How many instances to keep.
+    pub requested: u32,
+    /// When it was set, ms since the epoch.
+    pub last_modified_ms: u64,
 }
 
 impl Versions {

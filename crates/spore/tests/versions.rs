@@ -241,6 +241,63 @@ lam.create_alias(FunctionName="ver", Name="after", FunctionVersion="2")
 print("persist OK")
 "#;
 
+const PROVISIONED: &str = r#"
+lam.create_function(FunctionName="pc", Runtime="python3.11", Role="arn:aws:iam::1:role/r",
+                    Handler="main.handler", Code={"ZipFile": code("pc")})
+lam.publish_version(FunctionName="pc")
+lam.create_alias(FunctionName="pc", Name="live", FunctionVersion="1")
+# Never $LATEST, and a qualifier that does not exist is not found.
+refused(lam.put_provisioned_concurrency_config, "InvalidParameterValueException", FunctionName="pc",
+        Qualifier="$LATEST", ProvisionedConcurrentExecutions=1)
+refused(lam.put_provisioned_concurrency_config, "ResourceNotFoundException", FunctionName="pc",
+        Qualifier="5", ProvisionedConcurrentExecutions=1)
+refused(lam.put_provisioned_concurrency_config, "InvalidParameterValueException", FunctionName="pc",
+        Qualifier="1", ProvisionedConcurrentExecutions=1000)
+refused(lam.get_provisioned_concurrency_config, "ProvisionedConcurrencyConfigNotFoundException",
+        FunctionName="pc", Qualifier="1")
+t0 = time.time()
+p = lam.put_provisioned_concurrency_config(FunctionName="pc", Qualifier="live", ProvisionedConcurrentExecutions=2)
+assert p["RequestedProvisionedConcurrentExecutions"] == 2 and p["Status"] in ("IN_PROGRESS", "READY"), p
+while True:
+    g = lam.get_provisioned_concurrency_config(FunctionName="pc", Qualifier="live")
+    if g["Status"] == "READY":
+        break
+    assert time.time() < t0 + 60, g
+    time.sleep(0.05)
+print("ready_ms", round((time.time() - t0) * 1000))
+assert g["AvailableProvisionedConcurrentExecutions"] == 2, g
+configs = lam.list_provisioned_concurrency_configs(FunctionName="pc")["ProvisionedConcurrencyConfigs"]
+assert [c["FunctionArn"].rsplit(":", 1)[1] for c in configs] == ["live"], configs
+for _ in range(3):
+    executed, body, r = call("pc", "live")
+    assert executed == "1" and r["ResponseMetadata"]["HTTPHeaders"]["x-spore-start"] == "warm", r
+lam.delete_provisioned_concurrency_config(FunctionName="pc", Qualifier="live")
+refused(lam.get_provisioned_concurrency_config, "ProvisionedConcurrencyConfigNotFoundException",
+        FunctionName="pc", Qualifier="live")
+print("provisioned OK")
+"#;
+
+#[test]
+fn provisioned_concurrency_keeps_instances_of_a_version_warm() {
+    let test = "provisioned_concurrency_keeps_instances_of_a_version_warm";
+    if !can_sandbox(test) {
+        return;
+    }
+    let mut d = Daemon::start();
+    if let Some(out) = run(test, &d, PROVISIONED, &[]) {
+        assert!(out.contains("provisioned OK"), "{out}");
+        eprintln!(
+            "{}",
+            out.lines().find(|l| l.starts_with("ready_ms")).unwrap()
+        );
+        let g = d.get_json("/2015-03-31/functions/pc?Qualifier=1");
+        assert_eq!(g["Spore"]["Instances"]["Total"], 2, "{g}");
+        let latest = d.get_json("/2015-03-31/functions/pc");
+        assert_eq!(latest["Spore"]["Instances"]["Total"], 0, "{latest}");
+    }
+    d.stop();
+}
+
 fn run(test: &str, d: &Daemon, script: &str, args: &[&str]) -> Option<String> {
     let out = common::boto3(test, d, &format!("{PRELUDE}\n{script}"), args)?;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();

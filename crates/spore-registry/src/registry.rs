@@ -372,4 +372,50 @@ mod tests {
         assert!(!data.path().join("functions/f1").exists());
         assert!(reg2.remove("f1").unwrap().is_none());
     }
+
+    #[test]
+    fn versions_keep_their_code_persist_and_go_with_the_function() {
+        let data = tempfile::tempdir().unwrap();
+        let (mut reg, _) = Registry::open(data.path()).unwrap();
+        let v1 = reg
+            .put(record(
+                "f",
+                &reg,
+                &zip_with("def handler(e, c): return 1\n"),
+            ))
+            .unwrap();
+        let mut published = v1.clone();
+        published.version = Some(1);
+        let mut v = Versions {
+            last: 1,
+            ..Versions::default()
+        };
+        v.versions.insert(1, published.clone());
+        reg.put_versions("f", v.clone()).unwrap();
+        assert_eq!(published.key(), "f:1");
+        assert_eq!(reg.get("f:1"), Some(&published));
+        assert_eq!(reg.get("f:2"), None);
+        assert_eq!(reg.get("f:x"), None);
+        // $LATEST's new code does not prune the code version 1 runs.
+        let v2 = reg
+            .put(record(
+                "f",
+                &reg,
+                &zip_with("def handler(e, c): return 2\n"),
+            ))
+            .unwrap();
+        assert!(reg.code_dir(&published).join("main.py").exists());
+        assert!(reg.code_dir(&v2).join("main.py").exists());
+        let (reg2, warn) = Registry::open(data.path()).unwrap();
+        assert!(warn.is_empty(), "{warn:?}");
+        assert_eq!(reg2.versions("f"), v);
+        assert_eq!(reg2.get("f:1"), Some(&published));
+        // Without the version, its code goes at the next change.
+        let mut reg2 = reg2;
+        reg2.put_versions("f", Versions::default()).unwrap();
+        assert!(!reg2.code_dir(&published).exists());
+        reg2.remove("f").unwrap();
+        assert_eq!(reg2.versions("f"), Versions::default());
+        assert!(!data.path().join("functions/f").exists());
+    }
 }

@@ -298,6 +298,64 @@ fn provisioned_concurrency_keeps_instances_of_a_version_warm() {
     d.stop();
 }
 
+const SNAPSHOT: &str = r#"
+lam.create_function(FunctionName="snap", Runtime="python3.11", Role="arn:aws:iam::1:role/r",
+                    Handler="main.handler", Code={"ZipFile": code("old")}, Tags={"spore:snapshot": "true"},
+                    Publish=True)
+assert call("snap", "1")[1]["code"] == "old"
+lam.update_function_code(FunctionName="snap", ZipFile=code("new"))
+assert call("snap")[1]["code"] == "new"
+print("snapshot OK")
+"#;
+
+#[test]
+fn a_published_version_keeps_its_own_snapshot() {
+    let test = "a_published_version_keeps_its_own_snapshot";
+    if !can_sandbox(test) {
+        return;
+    }
+    let mut d = Daemon::start();
+    if let Some(out) = run(test, &d, SNAPSHOT, &[]) {
+        assert!(out.contains("snapshot OK"), "{out}");
+        // Version 1 and $LATEST have a snapshot each; $LATEST's change left version 1's alone.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let snaps = d.get_json("/spore/v1/snapshots");
+            let names: Vec<String> = snaps["Snapshots"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["function"].as_str().unwrap().to_owned())
+                .collect();
+            if names.contains(&"snap:1".to_owned()) && names.contains(&"snap".to_owned()) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{snaps}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // A restore of version 1 runs version 1's code.
+        let r = d.invoke_raw("snap:1", b"{}", &[("X-Spore-Cold", "restore")]);
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-spore-start"], "restore");
+        assert_eq!(r.headers()["x-amz-executed-version"], "1");
+        let body: serde_json::Value = r.json().unwrap();
+        assert_eq!(
+            (&body["code"], &body["version"]),
+            (&"old".into(), &"1".into())
+        );
+        // Deleting the version deletes its snapshot.
+        let r = d
+            .http
+            .delete(d.url("/2015-03-31/functions/snap?Qualifier=1"))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 204);
+        let snaps = d.get_json("/spore/v1/snapshots");
+        assert!(!snaps.to_string().contains("snap:1"), "{snaps}");
+    }
+    d.stop();
+}
+
 fn run(test: &str, d: &Daemon, script: &str, args: &[&str]) -> Option<String> {
     let out = common::boto3(test, d, &format!("{PRELUDE}\n{script}"), args)?;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();

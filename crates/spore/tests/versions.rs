@@ -506,6 +506,12 @@ fn configuration_echo_ephemeral_storage_region_and_pagination() {
     };
     if let Some(out) = run(test, &d, CONFIG, &[host]) {
         assert!(out.contains("config OK"), "{out}");
+        // `spore ls` follows ListFunctions' pages.
+        let out = d.cli(&["ls"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        for name in ["page0", "page1", "page2", "tmpfs"] {
+            assert!(text.contains(name), "{name}: {text}");
+        }
     }
     d.stop();
 }

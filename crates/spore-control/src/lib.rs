@@ -322,11 +322,23 @@ impl Control {
 
     /// Replaces a function's code.
     pub fn update_code(&self, name: &str, zip: &[u8]) -> Result<FunctionRecord, ControlError> {
+        self.update_code_if(name, zip, None)
+    }
+
+    /// Replaces a function's code if its `RevisionId` is `revision_id` (when given; checked
+    /// under the registry's lock, else `PreconditionFailed`).
+    pub fn update_code_if(
+        &self,
+        name: &str,
+        zip: &[u8],
+        revision_id: Option<&str>,
+    ) -> Result<FunctionRecord, ControlError> {
         let mut reg = self.inner.registry.lock();
         let mut rec = reg
             .get(name)
             .cloned()
             .ok_or_else(|| ControlError::NotFound(name.into()))?;
+        versions::check_revision(&rec, revision_id)?;
         let (b64, hex, size) = reg.install_code(name, zip)?;
         (rec.code_sha256, rec.code_hex, rec.code_size) = (b64, hex, size);
         let rec = reg.put(rec)?;
@@ -338,6 +350,16 @@ impl Control {
 
     /// Replaces a function's configuration (the name cannot change).
     pub fn update_config(&self, spec: FunctionSpec) -> Result<FunctionRecord, ControlError> {
+        self.update_config_if(spec, None)
+    }
+
+    /// Replaces a function's configuration if its `RevisionId` is `revision_id` (when given;
+    /// checked under the registry's lock, else `PreconditionFailed`).
+    pub fn update_config_if(
+        &self,
+        spec: FunctionSpec,
+        revision_id: Option<&str>,
+    ) -> Result<FunctionRecord, ControlError> {
         Self::check_spec(&spec)?;
         let name = spec.manifest.name.clone();
         let mut reg = self.inner.registry.lock();
@@ -345,6 +367,7 @@ impl Control {
             .get(&name)
             .cloned()
             .ok_or_else(|| ControlError::NotFound(name.clone()))?;
+        versions::check_revision(&rec, revision_id)?;
         rec.manifest = spec.manifest;
         rec.description = spec.description;
         rec.lambda = spec.lambda;

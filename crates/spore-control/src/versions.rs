@@ -363,7 +363,10 @@ impl Control {
 }
 
 /// `PreconditionFailed` unless `revision_id` (if given) is `rec`'s.
-fn check_revision(rec: &FunctionRecord, revision_id: Option<&str>) -> Result<(), ControlError> {
+pub(crate) fn check_revision(
+    rec: &FunctionRecord,
+    revision_id: Option<&str>,
+) -> Result<(), ControlError> {
     match revision_id.filter(|r| !r.is_empty()) {
         Some(rid) if rid != rec.revision_id() => Err(ControlError::PreconditionFailed(format!(
             "RevisionId {rid} is not the function's current one ({}): it changed since it was read",

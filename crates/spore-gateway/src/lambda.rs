@@ -742,9 +742,11 @@ pub(crate) async fn update_code(
         return Ok(axum::Json(c).into_response());
     }
     let control = st.control.clone();
-    let rec = tokio::task::spawn_blocking(move || control.update_code(&name, &zip))
-        .await
-        .map_err(|e| ControlError::Internal(e.to_string()))??;
+    let rid = req.revision_id.clone();
+    let rec =
+        tokio::task::spawn_blocking(move || control.update_code_if(&name, &zip, rid.as_deref()))
+            .await
+            .map_err(|e| ControlError::Internal(e.to_string()))??;
     st.control.prewarm(&rec.manifest.name);
     let rec = if req.publish {
         crate::versions::publish_after(&st, &rec.manifest.name)?
@@ -796,7 +798,8 @@ pub(crate) async fn update_configuration(
         lambda,
     };
     let control = st.control.clone();
-    let rec = tokio::task::spawn_blocking(move || control.update_config(spec))
+    let rid = req.revision_id.clone();
+    let rec = tokio::task::spawn_blocking(move || control.update_config_if(spec, rid.as_deref()))
         .await
         .map_err(|e| ControlError::Internal(e.to_string()))??;
     st.control.prewarm(&rec.manifest.name);

@@ -41,10 +41,22 @@ impl Control {
         payload: bytes::Bytes,
         opts: InvokeOptions,
     ) -> Result<Invocation, ControlError> {
+        self.invoke_as(name, payload, opts, uuid::Uuid::new_v4().to_string())
+            .await
+    }
+
+    /// [`Control::invoke`] under request id `request_id`.
+    async fn invoke_as(
+        &self,
+        name: &str,
+        payload: bytes::Bytes,
+        opts: InvokeOptions,
+        request_id: String,
+    ) -> Result<Invocation, ControlError> {
         Self::check_payload(&payload, false)?;
         let (me, name) = (self.clone(), name.to_owned());
         tokio::spawn(async move {
-            let inv = me.invoke_attached(&name, payload, opts).await;
+            let inv = me.invoke_attached(&name, payload, opts, request_id).await;
             if let Ok(i) = &inv {
                 me.remember(&name, i);
             }
@@ -59,6 +71,7 @@ impl Control {
         name: &str,
         payload: bytes::Bytes,
         opts: InvokeOptions,
+        request_id: String,
     ) -> Result<Invocation, ControlError> {
         let _work = self.inner.work.begin();
         if self.inner.work.is_draining() {
@@ -86,9 +99,10 @@ impl Control {
         };
         let t0 = Instant::now();
         let t0_ns = spore_pool::monotonic_ns();
-        let request_id = uuid::Uuid::new_v4().to_string();
         let timeout = Duration::from_secs(u64::from(rec.manifest.timeout_s));
-        let log = pools.log(name);
+        // Every version of a function logs to the function's log (`name` may be `name:N`).
+        let log = pools.log(&rec.manifest.name);
+        let version = rec.version_name();
         let checkout = Checkout {
             force_cold: opts.force_cold,
             cold_path: opts.cold_path,
@@ -112,6 +126,7 @@ impl Control {
                 let total_ms = t0.elapsed().as_secs_f64() * 1000.0;
                 let block = report_block(
                     &request_id,
+                    &version,
                     "",
                     total_ms,
                     rec.manifest.memory_mb,
@@ -165,6 +180,7 @@ impl Control {
         pools.checkin(&rec, inst, reusable);
         let block = report_block(
             &request_id,
+            &version,
             &logs,
             handler_ms,
             rec.manifest.memory_mb,
@@ -193,9 +209,10 @@ impl Control {
     }
 
     /// Queues an asynchronous (`Event`) invocation; its outcome goes to the function's log.
+    /// Returns its request id, the one the function runs and logs with.
     pub fn invoke_async(&self, name: &str, payload: Vec<u8>) -> Result<String, ControlError> {
         Self::check_payload(&payload, true)?;
-        self.get_function(name)?;
+        let log_name = self.get_function(name)?.manifest.name;
         if self.inner.work.is_draining() {
             return Err(ControlError::Unavailable(
                 "the daemon is shutting down".into(),
@@ -204,14 +221,15 @@ impl Control {
         let this = self.clone();
         let name = name.to_owned();
         let id = uuid::Uuid::new_v4().to_string();
+        let request_id = id.clone();
         tokio::spawn(async move {
             if let Err(e) = this
-                .invoke(&name, payload.into(), InvokeOptions::default())
+                .invoke_as(&name, payload.into(), InvokeOptions::default(), request_id)
                 .await
             {
                 this.inner
                     .pools
-                    .log(&name)
+                    .log(&log_name)
                     .push_text(&format!("asynchronous invocation failed: {e}"));
             }
         });
@@ -227,8 +245,10 @@ fn record_metrics(name: &str, start: StartKind, total_ms: f64, error: Option<&Fu
     metrics::histogram!("spore_invocation_duration_seconds", "function" => name.to_owned(), "start" => start.as_str()).record(total_ms / 1000.0);
 }
 
+#[allow(clippy::too_many_arguments)]
 fn report_block(
     request_id: &str,
+    version: &str,
     logs: &str,
     duration_ms: f64,
     memory_mb: u32,
@@ -236,7 +256,7 @@ fn report_block(
     init_ms: Option<f64>,
     error: Option<&FunctionError>,
 ) -> String {
-    let mut s = format!("START RequestId: {request_id} Version: $LATEST\n");
+    let mut s = format!("START RequestId: {request_id} Version: {version}\n");
     s.push_str(logs);
     if !logs.is_empty() && !logs.ends_with('\n') {
         s.push('\n');
@@ -282,8 +302,17 @@ mod tests {
     #[test]
     fn report_block_shape() {
         let err = FunctionError::platform("Sandbox.Timedout", "Task timed out after 1.00 seconds");
-        let b = report_block("r1", "hello", 12.3, 128, Some(20), Some(40.0), Some(&err));
-        assert!(b.starts_with("START RequestId: r1"));
+        let b = report_block(
+            "r1",
+            "3",
+            "hello",
+            12.3,
+            128,
+            Some(20),
+            Some(40.0),
+            Some(&err),
+        );
+        assert!(b.starts_with("START RequestId: r1 Version: 3\n"));
         assert!(b.contains("hello\n[ERROR] Sandbox.Timedout"));
         assert!(b.contains("Init Duration: 40.00 ms"));
         assert!(b.contains("Max Memory Used: 20 MB"));

@@ -10,6 +10,11 @@
 
 mod hosts;
 mod invoke;
+mod provisioned;
+mod versions;
+
+pub use provisioned::ProvisionedStatus;
+pub use versions::AliasSpec;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -74,6 +79,10 @@ pub struct ControlConfig {
     pub unit: Option<spore_shim::UnitInfo>,
     /// Settings of links to other units.
     pub link: spore_shim::LinkConfig,
+    /// The region named in ARNs.
+    pub region: String,
+    /// The account id named in ARNs.
+    pub account_id: String,
 }
 
 impl ControlConfig {
@@ -94,9 +103,16 @@ impl ControlConfig {
             idle_memory_mb: None,
             unit: None,
             link: spore_shim::LinkConfig::default(),
+            region: DEFAULT_REGION.to_owned(),
+            account_id: DEFAULT_ACCOUNT_ID.to_owned(),
         }
     }
 }
+
+/// The region ARNs name unless configured (`spore serve --region`).
+pub const DEFAULT_REGION: &str = "local";
+/// The account id ARNs name unless configured (`spore serve --account-id`).
+pub const DEFAULT_ACCOUNT_ID: &str = "000000000000";
 
 /// One finished invocation, as the dashboard lists it.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -129,6 +145,10 @@ struct Inner {
     pools: Pools,
     units: Arc<Units>,
     dags: Dags,
+    region: String,
+    account_id: String,
+    /// One provisioned-concurrency pass at a time.
+    keeper: tokio::sync::Mutex<()>,
     _lock: DataDirLock,
 }
 
@@ -216,11 +236,37 @@ impl Control {
                 pools,
                 units,
                 dags,
+                region: cfg.region.clone(),
+                account_id: cfg.account_id.clone(),
+                keeper: tokio::sync::Mutex::new(()),
                 _lock: lock,
             }),
         };
         control.inner.dags.set_invoker(hosts::invoker(&control));
         Ok((control, warnings))
+    }
+
+    /// The region ARNs name.
+    pub fn region(&self) -> &str {
+        &self.inner.region
+    }
+
+    /// The account id ARNs name.
+    pub fn account_id(&self) -> &str {
+        &self.inner.account_id
+    }
+
+    /// The ARN of function `name` (with `:qualifier` if `qualifier` is given).
+    pub fn function_arn(&self, name: &str, qualifier: Option<&str>) -> String {
+        let mut arn = format!(
+            "arn:aws:lambda:{}:{}:function:{name}",
+            self.inner.region, self.inner.account_id
+        );
+        if let Some(q) = qualifier {
+            arn.push(':');
+            arn.push_str(q);
+        }
+        arn
     }
 
     /// Checks a function's configuration.
@@ -265,6 +311,8 @@ impl Control {
             code_size,
             last_modified_ms: 0,
             revision: 0,
+            version: None,
+            lambda: spec.lambda,
         })?;
         drop(reg);
         self.inner.pools.retire(&name);
@@ -274,11 +322,23 @@ impl Control {
 
     /// Replaces a function's code.
     pub fn update_code(&self, name: &str, zip: &[u8]) -> Result<FunctionRecord, ControlError> {
+        self.update_code_if(name, zip, None)
+    }
+
+    /// Replaces a function's code if its `RevisionId` is `revision_id` (when given; checked
+    /// under the registry's lock, else `PreconditionFailed`).
+    pub fn update_code_if(
+        &self,
+        name: &str,
+        zip: &[u8],
+        revision_id: Option<&str>,
+    ) -> Result<FunctionRecord, ControlError> {
         let mut reg = self.inner.registry.lock();
         let mut rec = reg
             .get(name)
             .cloned()
             .ok_or_else(|| ControlError::NotFound(name.into()))?;
+        versions::check_revision(&rec, revision_id)?;
         let (b64, hex, size) = reg.install_code(name, zip)?;
         (rec.code_sha256, rec.code_hex, rec.code_size) = (b64, hex, size);
         let rec = reg.put(rec)?;
@@ -290,6 +350,16 @@ impl Control {
 
     /// Replaces a function's configuration (the name cannot change).
     pub fn update_config(&self, spec: FunctionSpec) -> Result<FunctionRecord, ControlError> {
+        self.update_config_if(spec, None)
+    }
+
+    /// Replaces a function's configuration if its `RevisionId` is `revision_id` (when given;
+    /// checked under the registry's lock, else `PreconditionFailed`).
+    pub fn update_config_if(
+        &self,
+        spec: FunctionSpec,
+        revision_id: Option<&str>,
+    ) -> Result<FunctionRecord, ControlError> {
         Self::check_spec(&spec)?;
         let name = spec.manifest.name.clone();
         let mut reg = self.inner.registry.lock();
@@ -297,8 +367,10 @@ impl Control {
             .get(&name)
             .cloned()
             .ok_or_else(|| ControlError::NotFound(name.clone()))?;
+        versions::check_revision(&rec, revision_id)?;
         rec.manifest = spec.manifest;
         rec.description = spec.description;
+        rec.lambda = spec.lambda;
         let rec = reg.put(rec)?;
         drop(reg);
         self.inner.pools.retire(&name);
@@ -309,6 +381,7 @@ impl Control {
 
     /// Deletes a function; its instances stop (busy ones when their invocation ends).
     pub fn delete_function(&self, name: &str) -> Result<FunctionRecord, ControlError> {
+        let versions = self.version_keys(name);
         let rec = self
             .inner
             .registry
@@ -317,6 +390,10 @@ impl Control {
             .ok_or_else(|| ControlError::NotFound(name.into()))?;
         self.inner.pools.retire(name);
         self.inner.pools.snapshots().remove(name);
+        for key in &versions {
+            self.inner.pools.retire(key);
+            self.inner.pools.snapshots().remove(key);
+        }
         self.inner.pools.remove_log(name);
         self.inner.units.remove_on_units(name);
         tracing::info!(function = %name, "function deleted");
@@ -502,8 +579,20 @@ impl Control {
         self.inner.pools.prewarm(rec);
     }
 
-    /// Stops instances idle for longer than the keep-alive; runs until the process ends.
+    /// Stops instances idle for longer than the keep-alive, and keeps provisioned
+    /// concurrency's instances started; runs until the process ends.
     pub fn spawn_reaper(&self) {
+        let keeper = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                if keeper.inner.work.is_draining() {
+                    return;
+                }
+                keeper.keep_provisioned().await;
+            }
+        });
         let this = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(this.inner.pools.reap_interval());

@@ -39,6 +39,12 @@ pub enum ControlError {
     /// A platform failure.
     #[error("{0}")]
     Internal(String),
+    /// The request conflicts with the resource's state (a version an alias points to).
+    #[error("{0}")]
+    ResourceConflict(String),
+    /// A precondition the caller gave (`RevisionId`, `CodeSha256`) does not hold.
+    #[error("{0}")]
+    PreconditionFailed(String),
 }
 
 /// Options of one invocation.

@@ -70,8 +70,10 @@ fn action(method: &axum::http::Method, path: &str) -> Action {
     if method == axum::http::Method::POST {
         if let ["2015-03-31", "functions", name, "invocations"] = segs.as_slice() {
             let decoded = spore_auth::sigv4::percent_decode(name);
+            // `name:qualifier` invokes a version or alias of `name`.
+            let function = spore_core::function_name_from_ref(&decoded);
             return Action::Invoke {
-                function: spore_core::function_name_from_ref(&decoded).to_owned(),
+                function: function.split(':').next().unwrap_or(function).to_owned(),
             };
         }
         if let ["dags", _, "invocations"] = segs.as_slice() {

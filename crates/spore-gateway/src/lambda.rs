@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use spore_control::{Control, ControlError, FunctionSpec, InvokeOptions};
 use spore_core::StartKind;
 use spore_core::{function_name_from_ref, FunctionManifest, SandboxKind};
-use spore_registry::FunctionRecord;
+use spore_registry::{FunctionRecord, LambdaSettings};
 
 use crate::AppState;
 
@@ -74,6 +74,11 @@ impl From<ControlError> for ApiError {
             E::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, "TooManyRequestsException"),
             E::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "ServiceException"),
             E::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "ServiceException"),
+            E::ResourceConflict(_) => (StatusCode::CONFLICT, "ResourceConflictException"),
+            E::PreconditionFailed(_) => (
+                StatusCode::PRECONDITION_FAILED,
+                "PreconditionFailedException",
+            ),
         };
         ApiError {
             status,
@@ -129,6 +134,17 @@ struct CreateFunctionIn {
     #[serde(default)]
     tags: BTreeMap<String, String>,
     package_type: Option<String>,
+    role: Option<String>,
+    architectures: Option<Vec<String>>,
+    ephemeral_storage: Option<EphemeralStorageIo>,
+    #[serde(default)]
+    publish: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct EphemeralStorageIo {
+    size: i64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -140,12 +156,23 @@ struct UpdateConfigIn {
     timeout: Option<i64>,
     memory_size: Option<i64>,
     environment: Option<EnvironmentIo>,
+    role: Option<String>,
+    ephemeral_storage: Option<EphemeralStorageIo>,
+    revision_id: Option<String>,
+    #[serde(default)]
+    publish: bool,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct UpdateCodeIn {
     zip_file: Option<String>,
+    #[serde(default)]
+    publish: bool,
+    #[serde(default)]
+    dry_run: bool,
+    revision_id: Option<String>,
+    architectures: Option<Vec<String>>,
 }
 
 fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> ApiResult<T> {
@@ -169,13 +196,47 @@ fn is_empty_or_default(v: &serde_json::Value) -> bool {
     }
 }
 
-fn this_arch(v: &serde_json::Value) -> bool {
-    let host = match std::env::consts::ARCH {
-        "aarch64" => "arm64",
-        a => a,
+/// The host's architecture as Lambda names it (`x86_64`, `arm64`).
+fn host_arch() -> String {
+    std::env::consts::ARCH.replace("aarch64", "arm64")
+}
+
+/// Checks `Architectures` (one of Lambda's two, that this unit or another one runs) and
+/// returns the instruction set the function must then be placed on (None: the host's).
+fn check_architectures(control: &Control, given: &[String]) -> ApiResult<Option<String>> {
+    let [arch] = given else {
+        return Err(ApiError::invalid(format!(
+            "Architectures must name exactly one architecture, not {given:?}"
+        )));
     };
-    v.as_array()
-        .is_some_and(|a| a.len() == 1 && a[0].as_str() == Some(host))
+    let isa = match arch.as_str() {
+        "x86_64" => "x86_64",
+        "arm64" => "aarch64",
+        other => {
+            return Err(ApiError::invalid(format!(
+                "Architectures {other:?} must be x86_64 or arm64"
+            )))
+        }
+    };
+    if *arch == host_arch() {
+        return Ok(None);
+    }
+    if control
+        .unit_statuses()
+        .iter()
+        .any(|u| u.info.arch == isa && u.state == "up")
+    {
+        return Ok(Some(isa.to_owned()));
+    }
+    Err(ApiError::invalid(format!(
+        "Architectures {arch} is not supported here: this host is {} and no processing unit of          that architecture is up",
+        host_arch()
+    )))
+}
+
+/// Checks `EphemeralStorage.Size` (Lambda's 512..=10240 MB): the size of the sandbox's `/tmp`.
+fn check_ephemeral(e: &EphemeralStorageIo) -> ApiResult<u32> {
+    range_i64("EphemeralStorage.Size", e.size, 512..=10240)
 }
 
 /// Parameters of create and update that Spore accepts only with their defaults (what deploy
@@ -185,10 +246,6 @@ const DEFAULTS_ONLY: Allowed = &[
     (
         "TracingConfig",
         Some(|v| v["Mode"].as_str().is_none_or(|m| m == "PassThrough")),
-    ),
-    (
-        "EphemeralStorage",
-        Some(|v| v["Size"].as_i64().is_none_or(|s| s == 512)),
     ),
     (
         "SnapStart",
@@ -213,8 +270,12 @@ const CONFIG_KEYS: Allowed = &[
     ("Timeout", None),
     ("MemorySize", None),
     ("Environment", None),
-    // Spore has no IAM: a role is accepted and not used.
+    // Spore has no IAM: a role is stored and echoed, not used.
     ("Role", None),
+    // The sandbox's /tmp size (checked against Lambda's range).
+    ("EphemeralStorage", None),
+    // Publishes a version after the change.
+    ("Publish", None),
 ];
 
 const CREATE_KEYS: &[Allowed] = &[
@@ -225,24 +286,19 @@ const CREATE_KEYS: &[Allowed] = &[
         ("Code", None),
         ("Tags", None),
         ("PackageType", None),
-        ("Publish", Some(|v| v.as_bool() != Some(true))),
-        ("Architectures", Some(this_arch)),
+        ("Architectures", None),
         ("CodeSigningConfigArn", Some(is_empty_or_default)),
     ],
 ];
 
-const UPDATE_CONFIG_KEYS: &[Allowed] = &[
-    CONFIG_KEYS,
-    DEFAULTS_ONLY,
-    &[("RevisionId", Some(is_empty_or_default))],
-];
+const UPDATE_CONFIG_KEYS: &[Allowed] = &[CONFIG_KEYS, DEFAULTS_ONLY, &[("RevisionId", None)]];
 
 const UPDATE_CODE_KEYS: &[Allowed] = &[&[
     ("ZipFile", None),
-    ("Publish", Some(|v| v.as_bool() != Some(true))),
-    ("DryRun", Some(|v| v.as_bool() != Some(true))),
-    ("Architectures", Some(this_arch)),
-    ("RevisionId", Some(is_empty_or_default)),
+    ("Publish", None),
+    ("DryRun", None),
+    ("Architectures", None),
+    ("RevisionId", None),
 ]];
 
 /// Refuses, by name, a parameter Spore does not know or cannot honour with the value given.
@@ -290,13 +346,24 @@ fn range_i64(name: &str, v: i64, range: std::ops::RangeInclusive<u32>) -> ApiRes
         })
 }
 
-fn configuration(rec: &FunctionRecord) -> serde_json::Value {
+pub(crate) fn configuration(control: &Control, rec: &FunctionRecord) -> serde_json::Value {
     let m = &rec.manifest;
-    serde_json::json!({
+    let version = rec.version.map(|v| v.to_string());
+    let role = rec
+        .lambda
+        .role
+        .clone()
+        .unwrap_or_else(|| format!("arn:aws:iam::{}:role/spore", control.account_id()));
+    let architectures = rec
+        .lambda
+        .architectures
+        .clone()
+        .unwrap_or_else(|| vec![host_arch()]);
+    let mut c = serde_json::json!({
         "FunctionName": m.name,
-        "FunctionArn": format!("arn:aws:lambda:local:000000000000:function:{}", m.name),
+        "FunctionArn": control.function_arn(&m.name, version.as_deref()),
         "Runtime": m.runtime.as_str(),
-        "Role": "arn:aws:iam::000000000000:role/spore",
+        "Role": role,
         "Handler": m.handler,
         "CodeSize": rec.code_size,
         "Description": rec.description,
@@ -304,16 +371,20 @@ fn configuration(rec: &FunctionRecord) -> serde_json::Value {
         "MemorySize": m.memory_mb,
         "LastModified": spore_registry::store::lambda_timestamp(rec.last_modified_ms),
         "CodeSha256": rec.code_sha256,
-        "Version": "$LATEST",
+        "Version": rec.version_name(),
         "Environment": { "Variables": m.environment },
         "State": "Active",
         "LastUpdateStatus": "Successful",
         "PackageType": "Zip",
-        "Architectures": [std::env::consts::ARCH.replace("aarch64", "arm64")],
-        "RevisionId": format!("{}-{}", rec.code_hex.get(..12).unwrap_or_default(), rec.revision),
+        "Architectures": architectures,
+        "RevisionId": rec.revision_id(),
         // Not Lambda's: the SDKs ignore unknown keys; `spore ls` shows it.
         "SporeSandbox": m.sandbox.as_str(),
-    })
+    });
+    if let Some(mb) = rec.lambda.ephemeral_mb {
+        c["EphemeralStorage"] = serde_json::json!({ "Size": mb });
+    }
+    c
 }
 
 fn tags(rec: &FunctionRecord) -> BTreeMap<String, String> {
@@ -360,6 +431,17 @@ pub(crate) async fn create_function(
         ));
     }
     let zip = decode_zip(req.code.zip_file.as_deref())?;
+    let arch = req
+        .architectures
+        .as_deref()
+        .map(|a| check_architectures(&st.control, a))
+        .transpose()?
+        .flatten();
+    let ephemeral_mb = req
+        .ephemeral_storage
+        .as_ref()
+        .map(check_ephemeral)
+        .transpose()?;
     let runtime = req
         .runtime
         .ok_or_else(|| ApiError::invalid("Runtime is required"))?;
@@ -422,28 +504,90 @@ pub(crate) async fn create_function(
         warmup_event: req.tags.get(TAG_WARMUP_EVENT).cloned(),
         unit,
         accelerator: req.tags.get(TAG_ACCELERATOR).cloned(),
-        arch: req.tags.get(TAG_ARCH).cloned(),
+        arch: arch.or_else(|| req.tags.get(TAG_ARCH).cloned()),
     };
     let spec = FunctionSpec {
         manifest,
         description: req.description.unwrap_or_default(),
+        lambda: LambdaSettings {
+            role: req.role,
+            architectures: req.architectures,
+            ephemeral_mb,
+        },
     };
     let control = st.control.clone();
     let rec = tokio::task::spawn_blocking(move || control.create_function(spec, &zip))
         .await
         .map_err(|e| ControlError::Internal(e.to_string()))??;
     st.control.prewarm(&rec.manifest.name);
-    Ok((StatusCode::CREATED, axum::Json(configuration(&rec))).into_response())
+    let rec = if req.publish {
+        crate::versions::publish_after(&st, &rec.manifest.name)?
+    } else {
+        rec
+    };
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(configuration(&st.control, &rec)),
+    )
+        .into_response())
 }
 
-pub(crate) async fn list_functions(State(st): State<AppState>) -> ApiResult<Response> {
-    let functions: Vec<_> = st
-        .control
-        .list_functions()
-        .iter()
-        .map(configuration)
-        .collect();
-    Ok(axum::Json(serde_json::json!({ "Functions": functions })).into_response())
+/// `ListFunctions`' query: `MaxItems`, `Marker`, `FunctionVersion=ALL`.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct ListFunctionsQuery {
+    #[serde(rename = "MaxItems")]
+    max_items: Option<String>,
+    #[serde(rename = "Marker")]
+    marker: Option<String>,
+    #[serde(rename = "FunctionVersion")]
+    function_version: Option<String>,
+    #[serde(rename = "MasterRegion")]
+    master_region: Option<String>,
+}
+
+pub(crate) async fn list_functions(
+    State(st): State<AppState>,
+    Query(q): Query<ListFunctionsQuery>,
+) -> ApiResult<Response> {
+    if q.master_region.is_some() {
+        return Err(ApiError::invalid(
+            "MasterRegion is not supported: Spore has no Lambda@Edge replicas",
+        ));
+    }
+    let all = match q.function_version.as_deref() {
+        None => false,
+        Some("ALL") => true,
+        Some(other) => {
+            return Err(ApiError::invalid(format!(
+                "FunctionVersion {other:?} must be ALL"
+            )))
+        }
+    };
+    let mut recs = Vec::new();
+    for rec in st.control.list_functions() {
+        let name = rec.manifest.name.clone();
+        recs.push(rec);
+        if all {
+            // A function deleted meanwhile has no versions to list.
+            recs.extend(
+                st.control
+                    .list_versions(&name)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .skip(1),
+            );
+        }
+    }
+    let (page, next) =
+        crate::versions::paginate(recs, q.marker.as_deref(), q.max_items.as_deref(), |r| {
+            r.key()
+        })?;
+    let functions: Vec<_> = page.iter().map(|r| configuration(&st.control, r)).collect();
+    let mut out = serde_json::json!({ "Functions": functions });
+    if let Some(m) = next {
+        out["NextMarker"] = m.into();
+    }
+    Ok(axum::Json(out).into_response())
 }
 
 /// `?Qualifier=` of the calls that take one.
@@ -453,11 +597,12 @@ pub(crate) struct QualifierQuery {
     qualifier: Option<String>,
 }
 
-/// The function a reference names (a name, `name:qualifier`, a partial or a full ARN, and a
-/// `Qualifier` parameter). Spore has one version of each function, `$LATEST`: any other
-/// version or alias does not exist, and is answered as not found rather than served by
-/// `$LATEST` (or, for a delete, rather than deleting the function).
-pub(crate) fn resolve(reference: &str, qualifier: Option<&str>) -> ApiResult<String> {
+/// The function and qualifier a reference names (a name, `name:qualifier`, a partial or a
+/// full ARN, and a `Qualifier` parameter; the two qualifiers must agree).
+pub(crate) fn split_ref(
+    reference: &str,
+    qualifier: Option<&str>,
+) -> ApiResult<(String, Option<String>)> {
     let parts: Vec<&str> = reference.split(':').collect();
     let (name, in_ref) = match parts.iter().position(|p| *p == "function") {
         Some(i) if i + 1 < parts.len() => (parts[i + 1], parts.get(i + 2).copied()),
@@ -474,16 +619,20 @@ pub(crate) fn resolve(reference: &str, qualifier: Option<&str>) -> ApiResult<Str
         }
         (a, b) => a.or(b),
     };
-    match wanted {
-        None | Some("$LATEST") => Ok(name.to_owned()),
-        Some(q) => Err(ApiError {
-            status: StatusCode::NOT_FOUND,
-            kind: "ResourceNotFoundException",
-            message: format!(
-                "Function not found: {name}:{q} (Spore keeps one version of each function, $LATEST; published versions and aliases are not supported yet)"
-            ),
-        }),
-    }
+    Ok((name.to_owned(), wanted.map(str::to_owned)))
+}
+
+/// The record a reference names: `$LATEST`, a published version, or an alias's version
+/// (`pick`: chosen by the alias's routing weights, for an invocation). A version or alias
+/// that does not exist is not found, never served by `$LATEST`.
+pub(crate) fn resolve(
+    control: &Control,
+    reference: &str,
+    qualifier: Option<&str>,
+    pick: bool,
+) -> ApiResult<FunctionRecord> {
+    let (name, q) = split_ref(reference, qualifier)?;
+    Ok(control.resolve_qualifier(&name, q.as_deref(), pick)?)
 }
 
 pub(crate) async fn get_function(
@@ -491,18 +640,17 @@ pub(crate) async fn get_function(
     Path(name): Path<String>,
     Query(q): Query<QualifierQuery>,
 ) -> ApiResult<Response> {
-    let rec = st
-        .control
-        .get_function(&resolve(&name, q.qualifier.as_deref())?)?;
-    let (idle, total) = st.control.instance_counts(&rec.manifest.name);
+    let rec = resolve(&st.control, &name, q.qualifier.as_deref(), false)?;
+    let key = rec.key();
+    let (idle, total) = st.control.instance_counts(&key);
     Ok(axum::Json(serde_json::json!({
-        "Configuration": configuration(&rec),
+        "Configuration": configuration(&st.control, &rec),
         "Code": { "RepositoryType": "Spore", "Location": "" },
         "Tags": tags(&rec),
         "Spore": {
-            "Instances": { "Idle": idle, "Total": total, "IdlePids": st.control.instance_pids(&rec.manifest.name) },
-            "Template": st.control.template_pids(&rec.manifest.name).map(|pids| serde_json::json!({ "Pids": pids })),
-            "Spare": st.control.spare_pids(&rec.manifest.name).map(|pids| serde_json::json!({ "Pids": pids })),
+            "Instances": { "Idle": idle, "Total": total, "IdlePids": st.control.instance_pids(&key) },
+            "Template": st.control.template_pids(&key).map(|pids| serde_json::json!({ "Pids": pids })),
+            "Spare": st.control.spare_pids(&key).map(|pids| serde_json::json!({ "Pids": pids })),
         },
     }))
     .into_response())
@@ -513,10 +661,8 @@ pub(crate) async fn get_configuration(
     Path(name): Path<String>,
     Query(q): Query<QualifierQuery>,
 ) -> ApiResult<Response> {
-    let rec = st
-        .control
-        .get_function(&resolve(&name, q.qualifier.as_deref())?)?;
-    Ok(axum::Json(configuration(&rec)).into_response())
+    let rec = resolve(&st.control, &name, q.qualifier.as_deref(), false)?;
+    Ok(axum::Json(configuration(&st.control, &rec)).into_response())
 }
 
 pub(crate) async fn delete_function(
@@ -524,16 +670,33 @@ pub(crate) async fn delete_function(
     Path(name): Path<String>,
     Query(q): Query<QualifierQuery>,
 ) -> ApiResult<Response> {
-    if q.qualifier.as_deref() == Some("$LATEST") {
-        return Err(ApiError::invalid(
-            "$LATEST cannot be deleted by qualifier: delete the function without one",
-        ));
-    }
+    let (name, qualifier) = split_ref(&name, q.qualifier.as_deref())?;
     let control = st.control.clone();
-    let name = resolve(&name, q.qualifier.as_deref())?;
-    tokio::task::spawn_blocking(move || control.delete_function(&name))
-        .await
-        .map_err(|e| ControlError::Internal(e.to_string()))??;
+    match qualifier.as_deref() {
+        None => {
+            tokio::task::spawn_blocking(move || control.delete_function(&name))
+                .await
+                .map_err(|e| ControlError::Internal(e.to_string()))??;
+        }
+        Some("$LATEST") => {
+            return Err(ApiError::invalid(
+                "$LATEST cannot be deleted by qualifier: delete the function without one",
+            ))
+        }
+        Some(v) if v.parse::<u64>().is_ok() => {
+            let v = v.to_owned();
+            tokio::task::spawn_blocking(move || control.delete_version(&name, &v))
+                .await
+                .map_err(|e| ControlError::Internal(e.to_string()))??;
+        }
+        Some(alias) => {
+            // An alias is deleted with DeleteAlias; the function must exist to say so.
+            st.control.get_alias(&name, alias)?;
+            return Err(ApiError::invalid(format!(
+                "{alias} is an alias: delete it with DeleteAlias, or delete a version by its number"
+            )));
+        }
+    }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -544,14 +707,53 @@ pub(crate) async fn update_code(
 ) -> ApiResult<Response> {
     let req: UpdateCodeIn = parse_json(&body)?;
     refuse_unsupported(&body, UPDATE_CODE_KEYS)?;
+    let name = unqualified(&name)?;
+    let current = st.control.get_function(&name)?;
+    if let Some(a) = &req.architectures {
+        let isa = check_architectures(&st.control, a)?;
+        let now = current
+            .lambda
+            .architectures
+            .clone()
+            .unwrap_or_else(|| vec![host_arch()]);
+        if *a != now || isa.is_some() && isa != current.manifest.arch {
+            return Err(ApiError::invalid(format!(
+                "Architectures {a:?} differs from the function's {now:?}: Spore changes a \
+                 function's architecture with UpdateFunctionConfiguration's placement tags, not \
+                 with its code"
+            )));
+        }
+    }
+    st.control
+        .check_revision(&name, req.revision_id.as_deref())?;
     let zip = decode_zip(req.zip_file.as_deref())?;
+    if req.dry_run {
+        if req.publish {
+            return Err(ApiError::invalid(
+                "DryRun and Publish cannot both be true: a dry run changes nothing",
+            ));
+        }
+        // Checked as a deploy would check it; nothing is stored.
+        spore_registry::code::check(&zip).map_err(|e| ApiError::invalid(e.to_string()))?;
+        let (sha, _) = spore_registry::code::digest(&zip);
+        let mut c = configuration(&st.control, &current);
+        c["CodeSha256"] = sha.into();
+        c["CodeSize"] = zip.len().into();
+        return Ok(axum::Json(c).into_response());
+    }
     let control = st.control.clone();
-    let name = function_name_from_ref(&name).to_owned();
-    let rec = tokio::task::spawn_blocking(move || control.update_code(&name, &zip))
-        .await
-        .map_err(|e| ControlError::Internal(e.to_string()))??;
+    let rid = req.revision_id.clone();
+    let rec =
+        tokio::task::spawn_blocking(move || control.update_code_if(&name, &zip, rid.as_deref()))
+            .await
+            .map_err(|e| ControlError::Internal(e.to_string()))??;
     st.control.prewarm(&rec.manifest.name);
-    Ok(axum::Json(configuration(&rec)).into_response())
+    let rec = if req.publish {
+        crate::versions::publish_after(&st, &rec.manifest.name)?
+    } else {
+        rec
+    };
+    Ok(axum::Json(configuration(&st.control, &rec)).into_response())
 }
 
 pub(crate) async fn update_configuration(
@@ -561,7 +763,17 @@ pub(crate) async fn update_configuration(
 ) -> ApiResult<Response> {
     let req: UpdateConfigIn = parse_json(&body)?;
     refuse_unsupported(&body, UPDATE_CONFIG_KEYS)?;
-    let rec = st.control.get_function(function_name_from_ref(&name))?;
+    let name = unqualified(&name)?;
+    let rec = st.control.get_function(&name)?;
+    st.control
+        .check_revision(&name, req.revision_id.as_deref())?;
+    let mut lambda = rec.lambda.clone();
+    if let Some(e) = &req.ephemeral_storage {
+        lambda.ephemeral_mb = Some(check_ephemeral(e)?);
+    }
+    if let Some(r) = req.role {
+        lambda.role = Some(r);
+    }
     let mut m = rec.manifest.clone();
     if let Some(r) = req.runtime {
         m.runtime = r
@@ -583,13 +795,32 @@ pub(crate) async fn update_configuration(
     let spec = FunctionSpec {
         manifest: m,
         description: req.description.unwrap_or(rec.description),
+        lambda,
     };
     let control = st.control.clone();
-    let rec = tokio::task::spawn_blocking(move || control.update_config(spec))
+    let rid = req.revision_id.clone();
+    let rec = tokio::task::spawn_blocking(move || control.update_config_if(spec, rid.as_deref()))
         .await
         .map_err(|e| ControlError::Internal(e.to_string()))??;
     st.control.prewarm(&rec.manifest.name);
-    Ok(axum::Json(configuration(&rec)).into_response())
+    let rec = if req.publish {
+        crate::versions::publish_after(&st, &rec.manifest.name)?
+    } else {
+        rec
+    };
+    Ok(axum::Json(configuration(&st.control, &rec)).into_response())
+}
+
+/// The function an update names: its name or ARN, without a qualifier (an update always
+/// changes `$LATEST`; a published version never changes).
+fn unqualified(reference: &str) -> ApiResult<String> {
+    match split_ref(reference, None)? {
+        (name, None) => Ok(name),
+        (name, Some(q)) => Err(ApiError::invalid(format!(
+            "{name}:{q}: only $LATEST can be changed, and it is named without a qualifier \
+             (published versions never change)"
+        ))),
+    }
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -603,7 +834,8 @@ pub(crate) async fn invoke(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let name = resolve(&name, q.qualifier.as_deref())?;
+    let rec = resolve(&st.control, &name, q.qualifier.as_deref(), true)?;
+    let (name, version) = (rec.key(), rec.version_name());
     let kind = header(&headers, "x-amz-invocation-type").unwrap_or("RequestResponse");
     let tail = match header(&headers, "x-amz-log-type").unwrap_or("None") {
         "Tail" => true,
@@ -635,15 +867,23 @@ pub(crate) async fn invoke(
         .transpose()?;
     match kind {
         "DryRun" => {
-            st.control.get_function(&name)?;
             Control::check_payload(&body, false)?;
-            Ok(StatusCode::NO_CONTENT.into_response())
+            let mut resp = StatusCode::NO_CONTENT.into_response();
+            if let Ok(v) = HeaderValue::from_str(&version) {
+                resp.headers_mut().insert("x-amz-executed-version", v);
+            }
+            Ok(resp)
         }
         "Event" => {
             let id = st.control.invoke_async(&name, body.to_vec())?;
             let mut resp = StatusCode::ACCEPTED.into_response();
-            if let Ok(v) = HeaderValue::from_str(&id) {
-                resp.headers_mut().insert("x-amzn-RequestId", v);
+            for (k, v) in [
+                ("x-amzn-RequestId", &id),
+                ("x-amz-executed-version", &version),
+            ] {
+                if let Ok(v) = HeaderValue::from_str(v) {
+                    resp.headers_mut().insert(k, v);
+                }
             }
             Ok(resp)
         }
@@ -668,10 +908,9 @@ pub(crate) async fn invoke(
             let mut resp = (StatusCode::OK, body).into_response();
             let h = resp.headers_mut();
             h.insert("content-type", HeaderValue::from_static("application/json"));
-            h.insert(
-                "x-amz-executed-version",
-                HeaderValue::from_static("$LATEST"),
-            );
+            if let Ok(v) = HeaderValue::from_str(&version) {
+                h.insert("x-amz-executed-version", v);
+            }
             if failed {
                 h.insert(
                     "x-amz-function-error",

@@ -31,6 +31,7 @@ mod dag;
 mod lambda;
 pub mod sessions;
 pub mod ui;
+mod versions;
 
 use std::future::Future;
 
@@ -184,6 +185,26 @@ pub fn router(control: Control, metrics: Option<PrometheusHandle>, auth: Auth) -
             axum::routing::put(lambda::update_code),
         )
         .route(&format!("{api}/{{name}}/invocations"), post(lambda::invoke))
+        .route(
+            &format!("{api}/{{name}}/versions"),
+            post(versions::publish_version).get(versions::list_versions),
+        )
+        .route(
+            &format!("{api}/{{name}}/aliases"),
+            post(versions::create_alias).get(versions::list_aliases),
+        )
+        .route(
+            "/2019-09-30/functions/{name}/provisioned-concurrency",
+            get(versions::get_provisioned)
+                .put(versions::put_provisioned)
+                .delete(versions::delete_provisioned),
+        )
+        .route(
+            &format!("{api}/{{name}}/aliases/{{alias}}"),
+            get(versions::get_alias)
+                .put(versions::update_alias)
+                .delete(versions::delete_alias),
+        )
         .route("/spore/v1/functions/{name}/logs", get(lambda::logs))
         .route(
             "/spore/v1/functions/{name}/logs/stream",

@@ -33,7 +33,7 @@ impl Pools {
                 // A container's runtime reads its first frame only once ready: the caller
                 // sends it.
                 let code_dir = self.inner.registry.code_dir(rec);
-                let (name, snaps) = (&rec.manifest.name, &self.inner.snapshots);
+                let (name, snaps) = (&rec.key(), &self.inner.snapshots);
                 let restore = match path {
                     Some(StartKind::Restore) => true,
                     Some(_) => false,
@@ -103,7 +103,7 @@ impl Pools {
     fn init_how(&self, rec: &FunctionRecord) -> ColdStart {
         rec.manifest
             .snapshot
-            .then(|| self.inner.snapshots.begin(&rec.manifest.name, rec.revision))
+            .then(|| self.inner.snapshots.begin(&rec.key(), rec.revision))
             .flatten()
             .map_or(ColdStart::Init, ColdStart::InitAndSnapshot)
     }
@@ -141,7 +141,7 @@ impl Pools {
                 .await;
         }
         if forked.is_err() && !template.is_alive() {
-            self.drop_template(&rec.manifest.name, &template);
+            self.drop_template(&rec.key(), &template);
         }
         let mut inst = forked?;
         if started {
@@ -180,7 +180,7 @@ impl Pools {
         init_timeout: Duration,
         fresh: Option<bool>,
     ) -> Result<(Arc<Template>, bool), StartError> {
-        let name = &rec.manifest.name;
+        let name = &rec.key();
         let lock = self
             .inner
             .template_locks
@@ -337,7 +337,7 @@ impl Pools {
         log: &Arc<LogRing>,
         image: &std::path::Path,
     ) {
-        let name = rec.manifest.name.clone();
+        let name = rec.key();
         if self.inner.work.is_draining()
             || self
                 .inner

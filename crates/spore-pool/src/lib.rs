@@ -382,7 +382,7 @@ impl Pools {
         how: Checkout,
     ) -> Result<Result<Lease, StartError>, ControlError> {
         let env = self.env()?;
-        let name = &rec.manifest.name;
+        let name = &rec.key();
         let pool = self.pool(name);
         let max = self.max_instances(rec);
         let deadline = how.deadline.unwrap_or_else(|| {
@@ -398,7 +398,10 @@ impl Pools {
                 instance: *inst,
                 start: StartKind::Warm,
             }),
-            Slot::Cold => match self.start_fresh(&env, rec, self.log(name), &how).await {
+            Slot::Cold => match self
+                .start_fresh(&env, rec, self.log(&rec.manifest.name), &how)
+                .await
+            {
                 Ok((mut instance, start)) => {
                     instance.started = start;
                     Ok(Lease { instance, start })
@@ -424,7 +427,7 @@ impl Pools {
     /// the function's current revision, else stopped.
     pub fn checkin(&self, rec: &FunctionRecord, inst: Instance, reusable: bool) {
         self.inner.busy.lock().expect("busy lock").remove(&inst.id);
-        let name = &rec.manifest.name;
+        let name = &rec.key();
         let pool = self.pool(name);
         let max = self.max_instances(rec);
         let current = self.inner.registry.revision(name);

@@ -189,9 +189,11 @@ fn spawn_in(
     } = launch;
     let is_template = template.is_some();
     let m = &rec.manifest;
+    let version = rec.version_name();
     let launch = RuntimeLaunch {
         runtime: m.runtime,
         function_name: &m.name,
+        function_version: &version,
         handler: &m.handler,
         memory_mb: m.memory_mb,
         user_env: &m.environment,
@@ -203,7 +205,7 @@ fn spawn_in(
         binds: vec![],
         symlinks: vec![],
         files: vec![],
-        tmp_size_mb: env.tmp_mb,
+        tmp_size_mb: rec.lambda.ephemeral_mb.unwrap_or(env.tmp_mb),
         uid,
         gid: uid,
         argv: launch.argv(),

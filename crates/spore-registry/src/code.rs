@@ -109,6 +109,51 @@ pub fn unpack(zip: &[u8], dest: &Path) -> Result<u64, CodeError> {
     Ok(total)
 }
 
+/// Checks `zip` as [`unpack`] would (readable, safe paths, no duplicates, within the limits,
+/// every entry's data intact) without writing anything: a dry run. Returns the unpacked size.
+pub fn check(zip: &[u8]) -> Result<u64, CodeError> {
+    let mut archive = zip::ZipArchive::new(io::Cursor::new(zip)).map_err(CodeError::BadZip)?;
+    if let Some(n) = central_directory_entries(zip) {
+        if n > archive.len() as u64 {
+            return Err(CodeError::Duplicate(format!(
+                "{n} entries under {} distinct paths",
+                archive.len()
+            )));
+        }
+    }
+    if archive.len() > MAX_ENTRIES {
+        return Err(CodeError::TooLarge(format!(
+            "{} entries, at most {MAX_ENTRIES}",
+            archive.len()
+        )));
+    }
+    let mut total: u64 = 0;
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..archive.len() {
+        let mut entry = archive.by_index(i).map_err(CodeError::BadZip)?;
+        let raw_name = entry.name().to_owned();
+        if entry.is_symlink() {
+            return Err(CodeError::UnsafeEntry(raw_name));
+        }
+        let rel = entry
+            .enclosed_name()
+            .ok_or_else(|| CodeError::UnsafeEntry(raw_name.clone()))?;
+        let key = rel.to_string_lossy().trim_end_matches('/').to_owned();
+        if !seen.insert(key.clone()) {
+            return Err(CodeError::Duplicate(format!("{key:?} twice")));
+        }
+        let budget = MAX_UNPACKED - total;
+        total += io::copy(&mut (&mut entry).take(budget + 1), &mut io::sink())?;
+        if total > MAX_UNPACKED {
+            return Err(CodeError::TooLarge(format!(
+                "more than {} MiB unpacked",
+                MAX_UNPACKED >> 20
+            )));
+        }
+    }
+    Ok(total)
+}
+
 /// The number of entries the archive's end-of-central-directory record declares (None: no
 /// such record, or a ZIP64 archive that defers the count). Read by hand: no crate exposes it
 /// (the zip crate folds entries of one name into one).
@@ -216,6 +261,15 @@ mod tests {
             assert!(matches!(err, CodeError::UnsafeEntry(_)), "{bad}: {err}");
         }
         let err = unpack(b"not a zip at all", &out.path().join("g")).unwrap_err();
+        assert!(matches!(
+            check(b"not a zip at all"),
+            Err(CodeError::BadZip(_))
+        ));
+        assert!(matches!(
+            check(&zip_of(&[("../evil.py", b"x")])),
+            Err(CodeError::UnsafeEntry(_))
+        ));
+        assert_eq!(check(&zip_of(&[("ok.py", b"abc")])).unwrap(), 3);
         assert!(matches!(err, CodeError::BadZip(_)));
         assert!(err.to_string().contains("unzip"));
     }

@@ -11,13 +11,15 @@
 pub mod code;
 pub mod registry;
 pub mod store;
+pub mod versions;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use spore_core::{error_chain, ControlError, FunctionManifest};
 
-pub use registry::{FunctionRecord, Registry, RegistryError};
+pub use registry::{FunctionRecord, LambdaSettings, Registry, RegistryError};
+pub use versions::{Alias, Provisioned, Versions};
 
 /// A function's configuration as given by a create or update call.
 #[derive(Debug, Clone)]
@@ -26,6 +28,8 @@ pub struct FunctionSpec {
     pub manifest: FunctionManifest,
     /// Description.
     pub description: String,
+    /// Lambda settings stored and echoed as given.
+    pub lambda: LambdaSettings,
 }
 
 impl From<RegistryError> for ControlError {

@@ -12,6 +12,7 @@ use spore_core::FunctionManifest;
 
 use crate::code;
 use crate::store::{now_unix_ms, write_atomic};
+use crate::versions::{Versions, VERSIONS_FILE};
 
 /// A deployed function.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -31,6 +32,60 @@ pub struct FunctionRecord {
     pub last_modified_ms: u64,
     /// Bumped on every change of code or configuration.
     pub revision: u64,
+    /// The published version this record is (None: `$LATEST`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// Lambda settings Spore stores and echoes as given.
+    #[serde(default)]
+    pub lambda: LambdaSettings,
+}
+
+/// Lambda settings kept as the caller gave them (echoed back by the API).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LambdaSettings {
+    /// The execution role's ARN (Spore has no IAM: stored and echoed, not used).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// The architectures given (None: not given; the host's is reported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub architectures: Option<Vec<String>>,
+    /// `EphemeralStorage.Size`: the sandbox's `/tmp` size, MiB (None: the daemon's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ephemeral_mb: Option<u32>,
+}
+
+impl FunctionRecord {
+    /// The key of this record's pools, templates and snapshots: the function's name for
+    /// `$LATEST`, `name:N` for published version N (names cannot hold `:`).
+    pub fn key(&self) -> String {
+        match self.version {
+            None => self.manifest.name.clone(),
+            Some(v) => format!("{}:{v}", self.manifest.name),
+        }
+    }
+
+    /// Lambda's `RevisionId` of this record: changes with every change of code or
+    /// configuration.
+    pub fn revision_id(&self) -> String {
+        format!(
+            "{}-{}",
+            self.code_hex.get(..12).unwrap_or_default(),
+            self.revision
+        )
+    }
+
+    /// Whether `other` has the same code and configuration (what publishing compares).
+    pub fn same_code_and_config(&self, other: &FunctionRecord) -> bool {
+        self.code_sha256 == other.code_sha256
+            && self.manifest == other.manifest
+            && self.lambda == other.lambda
+    }
+
+    /// The version as Lambda names it: `$LATEST` or the number.
+    pub fn version_name(&self) -> String {
+        self.version
+            .map_or_else(|| "$LATEST".to_owned(), |v| v.to_string())
+    }
 }
 
 /// Errors of the registry.
@@ -62,6 +117,8 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> RegistryError + '_ {
 pub struct Registry {
     dir: PathBuf,
     functions: BTreeMap<String, FunctionRecord>,
+    /// Published versions and aliases, by function.
+    versions: BTreeMap<String, Versions>,
 }
 
 impl Registry {
@@ -71,6 +128,7 @@ impl Registry {
         let dir = data_dir.join("functions");
         fs::create_dir_all(&dir).map_err(io_at(&dir))?;
         let mut functions = BTreeMap::new();
+        let mut versions = BTreeMap::new();
         let mut warnings = Vec::new();
         for entry in fs::read_dir(&dir).map_err(io_at(&dir))?.flatten() {
             let path = entry.path().join("function.json");
@@ -84,6 +142,16 @@ impl Registry {
             });
             match loaded {
                 Ok(rec) if entry.file_name().to_str() == Some(rec.manifest.name.as_str()) => {
+                    match Versions::load(&entry.path()) {
+                        Ok(Some(v)) => {
+                            versions.insert(rec.manifest.name.clone(), v);
+                        }
+                        Ok(None) => {}
+                        Err(e) => warnings.push(format!(
+                            "{}: versions unreadable ({e}); the function has none",
+                            entry.path().display()
+                        )),
+                    }
                     functions.insert(rec.manifest.name.clone(), rec);
                 }
                 Ok(rec) => warnings.push(format!(
@@ -94,12 +162,55 @@ impl Registry {
                 Err(e) => warnings.push(format!("{}: unreadable ({e}); skipped", path.display())),
             }
         }
-        Ok((Registry { dir, functions }, warnings))
+        Ok((
+            Registry {
+                dir,
+                functions,
+                versions,
+            },
+            warnings,
+        ))
     }
 
-    /// The record of `name`.
+    /// The record of `name`, or of a published version by its key `name:N`.
     pub fn get(&self, name: &str) -> Option<&FunctionRecord> {
-        self.functions.get(name)
+        match name.split_once(':') {
+            None => self.functions.get(name),
+            Some((f, v)) => {
+                let v: u64 = v.parse().ok()?;
+                self.versions.get(f)?.versions.get(&v)
+            }
+        }
+    }
+
+    /// The published versions and aliases of `name` (empty if it has none).
+    pub fn versions(&self, name: &str) -> Versions {
+        self.versions.get(name).cloned().unwrap_or_default()
+    }
+
+    /// Every provisioned-concurrency setting: (function, qualifier, instances).
+    pub fn provisioned(&self) -> Vec<(String, String, u32)> {
+        self.versions
+            .iter()
+            .flat_map(|(f, v)| {
+                v.provisioned
+                    .iter()
+                    .map(move |(q, p)| (f.clone(), q.clone(), p.requested))
+            })
+            .collect()
+    }
+
+    /// Replaces the versions and aliases of `name` (a function that exists), on disk
+    /// atomically first; drops code directories no record references any more.
+    pub fn put_versions(&mut self, name: &str, v: Versions) -> Result<(), RegistryError> {
+        let path = self.dir.join(name).join(VERSIONS_FILE);
+        let bytes = serde_json::to_vec_pretty(&v).expect("versions serialize");
+        write_atomic(&path, &bytes).map_err(io_at(&path))?;
+        self.versions.insert(name.to_owned(), v);
+        if let Some(rec) = self.functions.get(name).cloned() {
+            self.prune_code(&rec);
+        }
+        Ok(())
     }
 
     /// All records, by name.
@@ -146,6 +257,7 @@ impl Registry {
     /// Stores a record (new or changed), bumping its revision and timestamp, and drops code
     /// directories no longer referenced.
     pub fn put(&mut self, mut rec: FunctionRecord) -> Result<FunctionRecord, RegistryError> {
+        rec.version = None;
         rec.revision = self
             .functions
             .get(&rec.manifest.name)
@@ -164,9 +276,14 @@ impl Registry {
 
     fn prune_code(&self, rec: &FunctionRecord) {
         let code_root = self.dir.join(&rec.manifest.name).join("code");
+        // Published versions keep the code they were published with.
+        let mut keep: Vec<&str> = vec![rec.code_hex.as_str()];
+        if let Some(v) = self.versions.get(&rec.manifest.name) {
+            keep.extend(v.versions.values().map(|r| r.code_hex.as_str()));
+        }
         if let Ok(entries) = fs::read_dir(&code_root) {
             for e in entries.flatten() {
-                if e.file_name().to_str() != Some(rec.code_hex.as_str()) {
+                if !e.file_name().to_str().is_some_and(|n| keep.contains(&n)) {
                     let _ = fs::remove_dir_all(e.path());
                 }
             }
@@ -178,6 +295,7 @@ impl Registry {
         let Some(rec) = self.functions.remove(name) else {
             return Ok(None);
         };
+        self.versions.remove(name);
         let fdir = self.dir.join(name);
         // Drop the record first so that a crash midway leaves no half-function behind.
         let record = fdir.join("function.json");
@@ -204,6 +322,8 @@ mod tests {
             code_size: size,
             last_modified_ms: 0,
             revision: 0,
+            version: None,
+            lambda: LambdaSettings::default(),
         }
     }
 
@@ -251,5 +371,51 @@ mod tests {
         assert!(reg2.remove("f1").unwrap().is_some());
         assert!(!data.path().join("functions/f1").exists());
         assert!(reg2.remove("f1").unwrap().is_none());
+    }
+
+    #[test]
+    fn versions_keep_their_code_persist_and_go_with_the_function() {
+        let data = tempfile::tempdir().unwrap();
+        let (mut reg, _) = Registry::open(data.path()).unwrap();
+        let v1 = reg
+            .put(record(
+                "f",
+                &reg,
+                &zip_with("def handler(e, c): return 1\n"),
+            ))
+            .unwrap();
+        let mut published = v1.clone();
+        published.version = Some(1);
+        let mut v = Versions {
+            last: 1,
+            ..Versions::default()
+        };
+        v.versions.insert(1, published.clone());
+        reg.put_versions("f", v.clone()).unwrap();
+        assert_eq!(published.key(), "f:1");
+        assert_eq!(reg.get("f:1"), Some(&published));
+        assert_eq!(reg.get("f:2"), None);
+        assert_eq!(reg.get("f:x"), None);
+        // $LATEST's new code does not prune the code version 1 runs.
+        let v2 = reg
+            .put(record(
+                "f",
+                &reg,
+                &zip_with("def handler(e, c): return 2\n"),
+            ))
+            .unwrap();
+        assert!(reg.code_dir(&published).join("main.py").exists());
+        assert!(reg.code_dir(&v2).join("main.py").exists());
+        let (reg2, warn) = Registry::open(data.path()).unwrap();
+        assert!(warn.is_empty(), "{warn:?}");
+        assert_eq!(reg2.versions("f"), v);
+        assert_eq!(reg2.get("f:1"), Some(&published));
+        // Without the version, its code goes at the next change.
+        let mut reg2 = reg2;
+        reg2.put_versions("f", Versions::default()).unwrap();
+        assert!(!reg2.code_dir(&published).exists());
+        reg2.remove("f").unwrap();
+        assert_eq!(reg2.versions("f"), Versions::default());
+        assert!(!data.path().join("functions/f").exists());
     }
 }

@@ -66,6 +66,8 @@ pub struct RuntimeLaunch<'a> {
     pub runtime: spore_core::Runtime,
     /// Function name (for the context object).
     pub function_name: &'a str,
+    /// The version running: `$LATEST` or a published version's number.
+    pub function_version: &'a str,
     /// `module.function`.
     pub handler: &'a str,
     /// Memory limit, MiB (for the context object and heap sizing).
@@ -109,7 +111,10 @@ impl RuntimeLaunch<'_> {
             ("TMPDIR", "/tmp".to_owned()),
             ("LAMBDA_TASK_ROOT", TASK_ROOT.to_owned()),
             ("AWS_LAMBDA_FUNCTION_NAME", self.function_name.to_owned()),
-            ("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST".to_owned()),
+            (
+                "AWS_LAMBDA_FUNCTION_VERSION",
+                self.function_version.to_owned(),
+            ),
             (
                 "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
                 self.memory_mb.to_string(),
@@ -147,6 +152,7 @@ mod tests {
         let launch = RuntimeLaunch {
             runtime: spore_core::Runtime::Python3,
             function_name: "f",
+            function_version: "$LATEST",
             handler: "main.handler",
             memory_mb: 128,
             user_env: &user,

@@ -216,6 +216,25 @@ pub(crate) enum ClusterCommand {
 }
 
 /// A duration: a number with `s`, `m`, `h` or `d` (seconds without).
+/// `--region`: an AWS-shaped region name (`eu-west-1`, `local`).
+pub(crate) fn parse_region(s: &str) -> Result<String, String> {
+    let ok = (1..=32).contains(&s.len())
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    ok.then(|| s.to_owned()).ok_or_else(|| {
+        format!("region {s:?} must be 1 to 32 lower-case letters, digits and inner '-'")
+    })
+}
+
+/// `--account-id`: twelve digits, as AWS account ids are.
+pub(crate) fn parse_account_id(s: &str) -> Result<String, String> {
+    (s.len() == 12 && s.chars().all(|c| c.is_ascii_digit()))
+        .then(|| s.to_owned())
+        .ok_or_else(|| format!("account id {s:?} must be 12 digits"))
+}
+
 pub(crate) fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let s = s.trim();
     let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
@@ -399,6 +418,12 @@ pub(crate) struct ServeArgs {
     /// Size of each instance's /tmp, MiB.
     #[arg(long, env = "SPORE_TMP_MB", default_value_t = 64)]
     pub(crate) tmp_mb: u32,
+    /// The region named in every ARN the API returns (lower-case letters, digits, '-').
+    #[arg(long, env = "SPORE_REGION", default_value = spore_control::DEFAULT_REGION, value_parser = parse_region)]
+    pub(crate) region: String,
+    /// The account id named in every ARN the API returns (12 digits).
+    #[arg(long, env = "SPORE_ACCOUNT_ID", default_value = spore_control::DEFAULT_ACCOUNT_ID, value_parser = parse_account_id)]
+    pub(crate) account_id: String,
     /// Most memory idle instances may hold together, MiB: over it, idle instances are
     /// stopped (those restorable from a snapshot first, then the longest idle).
     #[arg(long, env = "SPORE_IDLE_MEMORY_MB")]

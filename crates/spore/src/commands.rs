@@ -207,6 +207,8 @@ pub fn serve(
     cfg.cpu_millis = args.cpu_millis;
     cfg.pids_max = args.pids_max;
     cfg.tmp_mb = args.tmp_mb;
+    cfg.region = args.region.clone();
+    cfg.account_id = args.account_id.clone();
     cfg.idle_memory_mb = args.idle_memory_mb;
     cfg.unit = shim.as_ref().map(|(u, _, _)| u.clone());
     cfg.snapshot_mode = args

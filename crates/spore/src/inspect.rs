@@ -94,12 +94,26 @@ pub fn units(endpoint: &str) -> Result<ExitCode> {
 
 /// `spore ls`.
 pub fn ls(endpoint: &str) -> Result<ExitCode> {
-    let list = Client::new(endpoint)?.get_json("/2015-03-31/functions")?;
+    let client = Client::new(endpoint)?;
+    // ListFunctions pages (function names need no escaping in a marker); bounded in count.
+    let mut functions = Vec::new();
+    let mut marker: Option<String> = None;
+    for _ in 0..10_000 {
+        let path = match &marker {
+            None => "/2015-03-31/functions?MaxItems=10000".to_owned(),
+            Some(m) => format!("/2015-03-31/functions?MaxItems=10000&Marker={m}"),
+        };
+        let page = client.get_json(&path)?;
+        functions.extend(page["Functions"].as_array().cloned().unwrap_or_default());
+        marker = page["NextMarker"].as_str().map(str::to_owned);
+        if marker.is_none() {
+            break;
+        }
+    }
     if out::json() {
-        out::print_json(&list);
+        out::print_json(&serde_json::json!({ "Functions": functions }));
         return Ok(ExitCode::SUCCESS);
     }
-    let functions = list["Functions"].as_array().cloned().unwrap_or_default();
     let mut t = Table::new(&[
         "NAME",
         "RUNTIME",

@@ -1,6 +1,6 @@
 //! What Spore cannot honour of the Lambda API is refused by name, never dropped: qualifiers
-//! that name a version or alias it does not have (a qualified delete must not delete the
-//! function), and create or update parameters it would ignore.
+//! that name a version or alias the function does not have (a qualified delete must not
+//! delete the function), and create or update parameters it would ignore.
 
 mod common;
 
@@ -87,11 +87,13 @@ fn parameters_spore_cannot_honour_are_refused_by_name() {
             "Layers",
             json!({"Layers": ["arn:aws:lambda:us-east-1:1:layer:x:1"]}),
         ),
-        ("Architectures", json!({"Architectures": ["arm64"]})),
-        ("Publish", json!({"Publish": true})),
+        (
+            "Architectures",
+            json!({"Architectures": [if cfg!(target_arch = "aarch64") { "x86_64" } else { "arm64" }]}),
+        ),
         (
             "EphemeralStorage",
-            json!({"EphemeralStorage": {"Size": 4096}}),
+            json!({"EphemeralStorage": {"Size": 20480}}),
         ),
         ("NoSuchParameter", json!({"NoSuchParameter": 1})),
     ] {

@@ -506,6 +506,7 @@ async fn serve(
             let spec = FunctionSpec {
                 manifest: manifest.clone(),
                 description,
+                layers: None,
             };
             let h = host.clone();
             // Concurrent first calls may each bring the package: one installs it at a time,

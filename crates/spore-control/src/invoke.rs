@@ -192,7 +192,8 @@ impl Control {
         })
     }
 
-    /// Queues an asynchronous (`Event`) invocation; its outcome goes to the function's log.
+    /// Queues an asynchronous (`Event`) invocation; its outcome goes to the function's log
+    /// and its destination (see `run_event`).
     pub fn invoke_async(&self, name: &str, payload: Vec<u8>) -> Result<String, ControlError> {
         Self::check_payload(&payload, true)?;
         self.get_function(name)?;
@@ -204,17 +205,9 @@ impl Control {
         let this = self.clone();
         let name = name.to_owned();
         let id = uuid::Uuid::new_v4().to_string();
-        tokio::spawn(async move {
-            if let Err(e) = this
-                .invoke(&name, payload.into(), InvokeOptions::default())
-                .await
-            {
-                this.inner
-                    .pools
-                    .log(&name)
-                    .push_text(&format!("asynchronous invocation failed: {e}"));
-            }
-        });
+        let request_id = id.clone();
+        // Retries and destinations as the function's event-invoke configuration says.
+        tokio::spawn(async move { this.run_event(name, payload, request_id).await });
         Ok(id)
     }
 }

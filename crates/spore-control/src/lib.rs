@@ -8,6 +8,7 @@
 //! in-flight work and removes every sandbox and cgroup it made.
 #![forbid(unsafe_code)]
 
+pub mod extras;
 mod hosts;
 mod invoke;
 
@@ -257,7 +258,7 @@ impl Control {
             return Err(ControlError::Conflict(name));
         }
         let (code_sha256, code_hex, code_size) = reg.install_code(&name, zip)?;
-        let rec = reg.put(FunctionRecord {
+        let rec = FunctionRecord {
             manifest: spec.manifest,
             description: spec.description,
             code_sha256,
@@ -265,7 +266,14 @@ impl Control {
             code_size,
             last_modified_ms: 0,
             revision: 0,
-        })?;
+            layers: spec.layers.unwrap_or_default(),
+            extras: Default::default(),
+        };
+        if let Err(e) = extras::check_size(&reg, &rec) {
+            reg.discard_code(&name);
+            return Err(e);
+        }
+        let rec = reg.put(rec)?;
         drop(reg);
         self.inner.pools.retire(&name);
         tracing::info!(function = %name, runtime = %rec.manifest.runtime, sandbox = %rec.manifest.sandbox.as_str(), code = %rec.code_hex, "function created");
@@ -281,6 +289,7 @@ impl Control {
             .ok_or_else(|| ControlError::NotFound(name.into()))?;
         let (b64, hex, size) = reg.install_code(name, zip)?;
         (rec.code_sha256, rec.code_hex, rec.code_size) = (b64, hex, size);
+        extras::check_size(&reg, &rec)?;
         let rec = reg.put(rec)?;
         drop(reg);
         self.inner.pools.retire(name);
@@ -299,6 +308,10 @@ impl Control {
             .ok_or_else(|| ControlError::NotFound(name.clone()))?;
         rec.manifest = spec.manifest;
         rec.description = spec.description;
+        if let Some(l) = spec.layers {
+            rec.layers = l;
+        }
+        extras::check_size(&reg, &rec)?;
         let rec = reg.put(rec)?;
         drop(reg);
         self.inner.pools.retire(&name);

@@ -129,6 +129,7 @@ struct CreateFunctionIn {
     #[serde(default)]
     tags: BTreeMap<String, String>,
     package_type: Option<String>,
+    layers: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -140,6 +141,7 @@ struct UpdateConfigIn {
     timeout: Option<i64>,
     memory_size: Option<i64>,
     environment: Option<EnvironmentIo>,
+    layers: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -148,7 +150,7 @@ struct UpdateCodeIn {
     zip_file: Option<String>,
 }
 
-fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> ApiResult<T> {
+pub(crate) fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> ApiResult<T> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::invalid(format!("Malformed request body: {e}")))
 }
@@ -181,7 +183,6 @@ fn this_arch(v: &serde_json::Value) -> bool {
 /// Parameters of create and update that Spore accepts only with their defaults (what deploy
 /// tools send when nothing is set).
 const DEFAULTS_ONLY: Allowed = &[
-    ("Layers", Some(is_empty_or_default)),
     (
         "TracingConfig",
         Some(|v| v["Mode"].as_str().is_none_or(|m| m == "PassThrough")),
@@ -213,6 +214,7 @@ const CONFIG_KEYS: Allowed = &[
     ("Timeout", None),
     ("MemorySize", None),
     ("Environment", None),
+    ("Layers", None),
     // Spore has no IAM: a role is accepted and not used.
     ("Role", None),
 ];
@@ -269,7 +271,7 @@ fn refuse_unsupported(body: &[u8], allowed: &[Allowed]) -> ApiResult<()> {
     Ok(())
 }
 
-fn decode_zip(b64: Option<&str>) -> ApiResult<Vec<u8>> {
+pub(crate) fn decode_zip(b64: Option<&str>) -> ApiResult<Vec<u8>> {
     let b64 = b64.ok_or_else(|| {
         ApiError::invalid("Code.ZipFile is required: Spore takes code as a base64 zip")
     })?;
@@ -313,7 +315,15 @@ fn configuration(rec: &FunctionRecord) -> serde_json::Value {
         "RevisionId": format!("{}-{}", rec.code_hex.get(..12).unwrap_or_default(), rec.revision),
         // Not Lambda's: the SDKs ignore unknown keys; `spore ls` shows it.
         "SporeSandbox": m.sandbox.as_str(),
+        "Layers": rec.layers.iter().map(|l| serde_json::json!({ "Arn": l.arn, "CodeSize": l.code_size })).collect::<Vec<_>>(),
     })
+}
+
+/// Spore's settings as tags, and the user's tags.
+pub(crate) fn all_tags(rec: &FunctionRecord) -> BTreeMap<String, String> {
+    let mut t = tags(rec);
+    t.extend(rec.extras.tags.clone());
+    t
 }
 
 fn tags(rec: &FunctionRecord) -> BTreeMap<String, String> {
@@ -351,6 +361,14 @@ pub(crate) async fn create_function(
 ) -> ApiResult<Response> {
     let req: CreateFunctionIn = parse_json(&body)?;
     refuse_unsupported(&body, CREATE_KEYS)?;
+    crate::settings::check_tags(&req.tags, true)?;
+    let user_tags = crate::settings::user_tags(&req.tags);
+    crate::settings::check_tag_count(user_tags.len())?;
+    let layers = req
+        .layers
+        .as_deref()
+        .map(|l| st.control.resolve_layers(l))
+        .transpose()?;
     if req.package_type.as_deref().is_some_and(|p| p != "Zip") || req.code.image_uri.is_some() {
         return Err(ApiError::invalid("Only PackageType Zip is supported"));
     }
@@ -427,11 +445,21 @@ pub(crate) async fn create_function(
     let spec = FunctionSpec {
         manifest,
         description: req.description.unwrap_or_default(),
+        layers,
     };
     let control = st.control.clone();
     let rec = tokio::task::spawn_blocking(move || control.create_function(spec, &zip))
         .await
         .map_err(|e| ControlError::Internal(e.to_string()))??;
+    let rec = if user_tags.is_empty() {
+        rec
+    } else {
+        st.control.update_extras(&rec.manifest.name, |e| {
+            e.tags = user_tags;
+            Ok(())
+        })?;
+        st.control.get_function(&rec.manifest.name)?
+    };
     st.control.prewarm(&rec.manifest.name);
     Ok((StatusCode::CREATED, axum::Json(configuration(&rec))).into_response())
 }
@@ -450,7 +478,7 @@ pub(crate) async fn list_functions(State(st): State<AppState>) -> ApiResult<Resp
 #[derive(Debug, Default, Deserialize)]
 pub(crate) struct QualifierQuery {
     #[serde(rename = "Qualifier")]
-    qualifier: Option<String>,
+    pub(crate) qualifier: Option<String>,
 }
 
 /// The function a reference names (a name, `name:qualifier`, a partial or a full ARN, and a
@@ -498,7 +526,8 @@ pub(crate) async fn get_function(
     Ok(axum::Json(serde_json::json!({
         "Configuration": configuration(&rec),
         "Code": { "RepositoryType": "Spore", "Location": "" },
-        "Tags": tags(&rec),
+        "Tags": all_tags(&rec),
+        "Concurrency": crate::settings::concurrency_json(&rec),
         "Spore": {
             "Instances": { "Idle": idle, "Total": total, "IdlePids": st.control.instance_pids(&rec.manifest.name) },
             "Template": st.control.template_pids(&rec.manifest.name).map(|pids| serde_json::json!({ "Pids": pids })),
@@ -583,6 +612,11 @@ pub(crate) async fn update_configuration(
     let spec = FunctionSpec {
         manifest: m,
         description: req.description.unwrap_or(rec.description),
+        layers: req
+            .layers
+            .as_deref()
+            .map(|l| st.control.resolve_layers(l))
+            .transpose()?,
     };
     let control = st.control.clone();
     let rec = tokio::task::spawn_blocking(move || control.update_config(spec))
@@ -648,6 +682,9 @@ pub(crate) async fn invoke(
             Ok(resp)
         }
         "RequestResponse" => {
+            if st.control.is_throttled(&name) {
+                return Err(crate::settings::throttled());
+            }
             let inv = st
                 .control
                 .invoke(

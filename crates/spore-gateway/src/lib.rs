@@ -29,7 +29,9 @@
 pub mod auth;
 mod dag;
 mod lambda;
+mod layers;
 pub mod sessions;
+mod settings;
 pub mod ui;
 
 use std::future::Future;
@@ -184,6 +186,7 @@ pub fn router(control: Control, metrics: Option<PrometheusHandle>, auth: Auth) -
             axum::routing::put(lambda::update_code),
         )
         .route(&format!("{api}/{{name}}/invocations"), post(lambda::invoke))
+        .merge(extras_routes())
         .route("/spore/v1/functions/{name}/logs", get(lambda::logs))
         .route(
             "/spore/v1/functions/{name}/logs/stream",
@@ -224,6 +227,95 @@ pub fn router(control: Control, metrics: Option<PrometheusHandle>, auth: Auth) -
         ))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
+}
+
+/// Layers, tags, policies, concurrency, event-invoke configurations, account settings and
+/// the operations Spore refuses by name (`layers.rs`, `settings.rs`).
+fn extras_routes() -> Router<AppState> {
+    use axum::routing::{delete, put};
+    use settings as s;
+    let f = "functions/{name}";
+    Router::new()
+        .route("/2018-10-31/layers", get(layers::list_layers))
+        .route(
+            "/2018-10-31/layers/{layer}/versions",
+            post(layers::publish).get(layers::list_versions),
+        )
+        .route(
+            "/2018-10-31/layers/{layer}/versions/{version}",
+            get(layers::get_version).delete(layers::delete_version),
+        )
+        .route(
+            "/2018-10-31/layers/{layer}/versions/{version}/policy",
+            post(s::refused("AddLayerVersionPermission")),
+        )
+        .route(
+            "/2017-03-31/tags/{arn}",
+            post(s::tag_resource)
+                .get(s::list_tags)
+                .delete(s::untag_resource),
+        )
+        .route(
+            &format!("/2015-03-31/{f}/policy"),
+            post(s::add_permission).get(s::get_policy),
+        )
+        .route(
+            &format!("/2015-03-31/{f}/policy/{{sid}}"),
+            delete(s::remove_permission),
+        )
+        .route(
+            &format!("/2017-10-31/{f}/concurrency"),
+            put(s::put_concurrency).delete(s::delete_concurrency),
+        )
+        .route(
+            &format!("/2019-09-30/{f}/concurrency"),
+            get(s::get_concurrency),
+        )
+        .route(
+            &format!("/2019-09-25/{f}/event-invoke-config"),
+            put(s::put_event_config)
+                .post(s::update_event_config)
+                .get(s::get_event_config)
+                .delete(s::delete_event_config),
+        )
+        .route(
+            &format!("/2019-09-25/{f}/event-invoke-config/list"),
+            get(s::list_event_configs),
+        )
+        .route("/2016-08-19/account-settings", get(s::account_settings))
+        .route("/2016-08-19/account-settings/", get(s::account_settings))
+        .route(
+            &format!("/2020-06-30/{f}/code-signing-config"),
+            get(s::code_signing_config).put(s::refused("PutFunctionCodeSigningConfig")),
+        )
+        .route(
+            &format!("/2021-07-20/{f}/runtime-management-config"),
+            get(s::runtime_management_config).put(s::refused("PutRuntimeManagementConfig")),
+        )
+        .route(
+            "/2015-03-31/event-source-mappings",
+            get(s::list_event_source_mappings).post(s::refused("CreateEventSourceMapping")),
+        )
+        .route(
+            "/2015-03-31/event-source-mappings/",
+            get(s::list_event_source_mappings).post(s::refused("CreateEventSourceMapping")),
+        )
+        .route(
+            &format!("/2021-10-31/{f}/urls"),
+            get(s::list_function_url_configs),
+        )
+        .route(
+            &format!("/2021-10-31/{f}/url"),
+            post(s::refused("CreateFunctionUrlConfig")).put(s::refused("UpdateFunctionUrlConfig")),
+        )
+        .route(
+            &format!("/2021-11-15/{f}/response-streaming-invocations"),
+            post(s::refused("InvokeWithResponseStream")),
+        )
+        .route(
+            &format!("/2019-09-30/{f}/provisioned-concurrency"),
+            get(s::provisioned_concurrency).put(s::refused("PutProvisionedConcurrencyConfig")),
+        )
 }
 
 /// A router of `/metrics` and `/healthz` alone, without authentication (`spore serve

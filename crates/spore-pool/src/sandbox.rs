@@ -46,6 +46,8 @@ pub struct InstanceEnv {
     pub tmp_mb: u32,
     /// First uid of the range sandboxes run as (each instance gets its own).
     pub uid_base: u32,
+    /// Directory of the unpacked layers, by content digest (`<data-dir>/layers/content`).
+    pub layer_content: PathBuf,
     seq: AtomicU64,
 }
 
@@ -70,6 +72,7 @@ impl InstanceEnv {
             pids_max: 64,
             tmp_mb: 64,
             uid_base: 200_000,
+            layer_content: PathBuf::new(),
             seq: AtomicU64::new(1),
         }
     }
@@ -217,7 +220,15 @@ fn spawn_in(
         restore_mode: None,
         wait_for_go: false,
         daemon_pid: Some(std::process::id()),
+        opt_layers: rec
+            .layers
+            .iter()
+            .map(|l| env.layer_content.join(&l.code_hex))
+            .collect(),
     };
+    if !spec.opt_layers.is_empty() {
+        layer_paths(&mut spec.env);
+    }
     if rec.manifest.snapshot || is_template {
         // A runtime is snapshotted, and a cfork template forks, single-threaded: keep
         // numerical libraries from starting thread pools at import (unless the function sets
@@ -308,6 +319,51 @@ fn spawn_in(
         stderr_tail,
         go,
     })
+}
+
+/// Where Lambda's runtimes look in `/opt` for what layers bring: Python packages in
+/// `/opt/python` and `/opt/python/lib/python3.N/site-packages` (after the function's own
+/// code), Node modules in `/opt/nodejs/node_modules`, programs in `/opt/bin`, libraries in
+/// `/opt/lib`.
+fn layer_paths(env: &mut Vec<(String, String)>) {
+    static PYTHON: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let python = PYTHON.get_or_init(|| {
+        let target = std::fs::read_link(spore_runtime::PYTHON_INTERPRETER).ok()?;
+        let name = target.file_name()?.to_str()?.to_owned();
+        let minor = name.strip_prefix("python3.")?;
+        minor.parse::<u32>().ok().map(|_| name)
+    });
+    let mut py = vec!["/opt/python".to_owned()];
+    if let Some(p) = python {
+        py.push(format!("/opt/python/lib/{p}/site-packages"));
+    }
+    let py = py.join(":");
+    let mut set = |key: &str, f: &dyn Fn(Option<&str>) -> String| match env
+        .iter_mut()
+        .find(|(k, _)| k == key)
+    {
+        Some((_, v)) => *v = f(Some(v)),
+        None => env.push((key.to_owned(), f(None))),
+    };
+    set("PYTHONPATH", &|v| match v {
+        // After the function's code, before Spore's shared packages.
+        Some(v) => match v.split_once(':') {
+            Some((task, rest)) => format!("{task}:{py}:{rest}"),
+            None => format!("{v}:{py}"),
+        },
+        None => py.clone(),
+    });
+    set("NODE_PATH", &|v| match v {
+        Some(v) => format!("{v}:/opt/nodejs/node_modules"),
+        None => "/opt/nodejs/node_modules".to_owned(),
+    });
+    set("PATH", &|v| {
+        format!("{}:/opt/bin", v.unwrap_or("/usr/local/bin:/usr/bin:/bin"))
+    });
+    set("LD_LIBRARY_PATH", &|v| match v {
+        Some(v) if !v.is_empty() => format!("{v}:/opt/lib"),
+        _ => "/opt/lib".to_owned(),
+    });
 }
 
 /// The first frame a starting runtime sends after its checkpoint, if it offers one: a

@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 use spore_core::FunctionManifest;
 
 use crate::code;
+use crate::extras::FunctionExtras;
+use crate::layers::{FunctionLayer, LayerStore};
 use crate::store::{now_unix_ms, write_atomic};
 
 /// A deployed function.
@@ -31,6 +33,13 @@ pub struct FunctionRecord {
     pub last_modified_ms: u64,
     /// Bumped on every change of code or configuration.
     pub revision: u64,
+    /// Layers mounted under `/opt`, in order (later ones override earlier files).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<FunctionLayer>,
+    /// Tags, policy, reserved concurrency, event-invoke configuration (changing them makes
+    /// no new revision).
+    #[serde(default)]
+    pub extras: FunctionExtras,
 }
 
 /// Errors of the registry.
@@ -50,7 +59,7 @@ pub enum RegistryError {
     },
 }
 
-fn io_at(path: &Path) -> impl FnOnce(io::Error) -> RegistryError + '_ {
+pub(crate) fn io_at(path: &Path) -> impl FnOnce(io::Error) -> RegistryError + '_ {
     move |source| RegistryError::Io {
         path: path.to_owned(),
         source,
@@ -62,6 +71,8 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> RegistryError + '_ {
 pub struct Registry {
     dir: PathBuf,
     functions: BTreeMap<String, FunctionRecord>,
+    /// Published layers.
+    pub layers: LayerStore,
 }
 
 impl Registry {
@@ -94,7 +105,16 @@ impl Registry {
                 Err(e) => warnings.push(format!("{}: unreadable ({e}); skipped", path.display())),
             }
         }
-        Ok((Registry { dir, functions }, warnings))
+        let (layers, layer_warnings) = LayerStore::open(data_dir)?;
+        warnings.extend(layer_warnings);
+        Ok((
+            Registry {
+                dir,
+                functions,
+                layers,
+            },
+            warnings,
+        ))
     }
 
     /// The record of `name`.
@@ -159,7 +179,58 @@ impl Registry {
         self.functions
             .insert(rec.manifest.name.clone(), rec.clone());
         self.prune_code(&rec);
+        self.prune_layers();
         Ok(rec)
+    }
+
+    /// Changes what `name`'s record carries besides code and configuration (tags, policy,
+    /// concurrency, event-invoke configuration) without a new revision: its instances,
+    /// template and snapshots stay valid. `change` may refuse (nothing is written then).
+    pub fn update_extras<T, E: From<RegistryError>>(
+        &mut self,
+        name: &str,
+        change: impl FnOnce(&mut FunctionExtras) -> Result<T, E>,
+    ) -> Option<Result<T, E>> {
+        let rec = self.functions.get(name)?;
+        let mut extras = rec.extras.clone();
+        let out = match change(&mut extras) {
+            Ok(out) => out,
+            Err(e) => return Some(Err(e)),
+        };
+        let mut rec = rec.clone();
+        rec.extras = extras;
+        let path = self.dir.join(name).join("function.json");
+        let bytes = serde_json::to_vec_pretty(&rec).expect("records serialize");
+        if let Err(e) = write_atomic(&path, &bytes) {
+            return Some(Err(io_at(&path)(e).into()));
+        }
+        self.functions.insert(name.to_owned(), rec);
+        Some(Ok(out))
+    }
+
+    /// Removes the code a refused create installed for `name` (a function that does not
+    /// exist: a deployed function's code stays).
+    pub fn discard_code(&self, name: &str) {
+        if !self.functions.contains_key(name) {
+            let _ = fs::remove_dir_all(self.dir.join(name));
+        }
+    }
+
+    /// Drops layer content that no layer version and no function references any more.
+    pub fn prune_layers(&self) {
+        self.layers.prune(
+            self.functions
+                .values()
+                .flat_map(|r| r.layers.iter().map(|l| l.code_hex.as_str())),
+        );
+    }
+
+    /// Host directories of `rec`'s layers, in order.
+    pub fn layer_dirs(&self, rec: &FunctionRecord) -> Vec<PathBuf> {
+        rec.layers
+            .iter()
+            .map(|l| self.layers.content_dir(&l.code_hex))
+            .collect()
     }
 
     fn prune_code(&self, rec: &FunctionRecord) {
@@ -183,6 +254,7 @@ impl Registry {
         let record = fdir.join("function.json");
         fs::remove_file(&record).map_err(io_at(&record))?;
         fs::remove_dir_all(&fdir).map_err(io_at(&fdir))?;
+        self.prune_layers();
         Ok(Some(rec))
     }
 }
@@ -204,6 +276,8 @@ mod tests {
             code_size: size,
             last_modified_ms: 0,
             revision: 0,
+            layers: Vec::new(),
+            extras: FunctionExtras::default(),
         }
     }
 

@@ -89,7 +89,7 @@ pub struct FunctionLayer {
 #[derive(Debug, thiserror::Error)]
 pub enum LayerError {
     /// No such layer version.
-    #[error("Layer version {0} does not exist")]
+    #[error("Layers: layer version {0} does not exist")]
     NotFound(String),
     /// A name, ARN or limit is not respected.
     #[error("{0}")]

@@ -269,5 +269,63 @@ fn concurrency_destinations_tags_policies_and_refusals_through_boto3() {
             .unwrap();
         assert_eq!(r.status(), 403, "{method} {path}");
     }
+    // An invoke-only key may invoke ex-ok, and none of the new operations on it.
+    let out = d.cli(&[
+        "keys",
+        "create",
+        "inv",
+        "--invoke-only",
+        "--functions",
+        "ex-*",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let creds = spore_auth::credentials::parse_profile(&text, "inv").expect(&text);
+    let inv = spore_client::Http::new(Duration::from_secs(60), Some(creds)).unwrap();
+    let r = inv
+        .post(d.url("/2015-03-31/functions/ex-ok/invocations"))
+        .body("{}")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    for (method, path, body) in [
+        (
+            "POST",
+            "/2017-03-31/tags/arn:aws:lambda:local:000000000000:function:ex-ok",
+            r#"{"Tags": {"a": "b"}}"#,
+        ),
+        (
+            "PUT",
+            "/2017-10-31/functions/ex-ok/concurrency",
+            r#"{"ReservedConcurrentExecutions": 0}"#,
+        ),
+        (
+            "POST",
+            "/2015-03-31/functions/ex-ok/policy",
+            r#"{"StatementId": "x", "Action": "lambda:InvokeFunction", "Principal": "*"}"#,
+        ),
+        (
+            "PUT",
+            "/2019-09-25/functions/ex-ok/event-invoke-config",
+            r#"{"MaximumRetryAttempts": 0}"#,
+        ),
+        ("DELETE", "/2018-10-31/layers/x/versions/1", ""),
+        ("GET", "/2016-08-19/account-settings/", ""),
+    ] {
+        let url = d.url(path);
+        let req = match method {
+            "POST" => inv.post(url),
+            "PUT" => inv.put(url),
+            "DELETE" => inv.delete(url),
+            _ => inv.get(url),
+        };
+        let r = req.body(body).send().unwrap();
+        assert_eq!(r.status(), 403, "{method} {path}");
+        assert_eq!(common::error_type(&r), "AccessDeniedException");
+    }
+    assert!(d
+        .get_json("/2017-03-31/tags/arn:aws:lambda:local:000000000000:function:ex-ok")["Tags"]
+        .get("a")
+        .is_none());
     d.stop();
 }

@@ -525,3 +525,33 @@ pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
     let msg = protocol::decode_header(&header).map_err(std::io::Error::other)?;
     Ok(Some((msg, body)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_paths_follow_the_code_and_precede_spores_packages() {
+        let mut env = vec![
+            (
+                "PYTHONPATH".to_owned(),
+                "/var/task:/opt/spore/python".to_owned(),
+            ),
+            ("NODE_PATH".to_owned(), "/var/task/node_modules".to_owned()),
+            ("PATH".to_owned(), "/usr/bin:/bin".to_owned()),
+        ];
+        layer_paths(&mut env);
+        let get = |k: &str| env.iter().find(|(key, _)| key == k).unwrap().1.clone();
+        let py = get("PYTHONPATH");
+        assert!(
+            py.starts_with("/var/task:/opt/python:") && py.ends_with(":/opt/spore/python"),
+            "{py}"
+        );
+        assert_eq!(
+            get("NODE_PATH"),
+            "/var/task/node_modules:/opt/nodejs/node_modules"
+        );
+        assert_eq!(get("PATH"), "/usr/bin:/bin:/opt/bin");
+        assert_eq!(get("LD_LIBRARY_PATH"), "/opt/lib");
+    }
+}

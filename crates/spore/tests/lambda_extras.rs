@@ -278,7 +278,11 @@ fn concurrency_destinations_tags_policies_and_refusals_through_boto3() {
         "--functions",
         "ex-*",
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     let creds = spore_auth::credentials::parse_profile(&text, "inv").expect(&text);
     let inv = spore_client::Http::new(Duration::from_secs(60), Some(creds)).unwrap();
@@ -323,9 +327,10 @@ fn concurrency_destinations_tags_policies_and_refusals_through_boto3() {
         assert_eq!(r.status(), 403, "{method} {path}");
         assert_eq!(common::error_type(&r), "AccessDeniedException");
     }
-    assert!(d
-        .get_json("/2017-03-31/tags/arn:aws:lambda:local:000000000000:function:ex-ok")["Tags"]
-        .get("a")
-        .is_none());
+    assert!(
+        d.get_json("/2017-03-31/tags/arn:aws:lambda:local:000000000000:function:ex-ok")["Tags"]
+            .get("a")
+            .is_none()
+    );
     d.stop();
 }

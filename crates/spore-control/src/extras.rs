@@ -33,8 +33,7 @@ pub(crate) fn check_size(reg: &Registry, rec: &FunctionRecord) -> Result<(), Con
     let total = code + rec.layers.iter().map(|l| l.unzipped_size).sum::<u64>();
     if total > MAX_UNPACKED {
         return Err(ControlError::InvalidParameter(format!(
-            "Function code combined with layers exceeds the maximum allowed size of {} bytes (unzipped: {total} bytes)",
-            MAX_UNPACKED
+            "Function code combined with layers exceeds the maximum allowed size of {MAX_UNPACKED} bytes (unzipped: {total} bytes)"
         )));
     }
     Ok(())

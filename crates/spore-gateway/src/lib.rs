@@ -10,6 +10,8 @@
 //! | GET, PUT | `/2015-03-31/functions/{name}/configuration` | Get/UpdateFunctionConfiguration |
 //! | PUT | `/2015-03-31/functions/{name}/code` | UpdateFunctionCode |
 //! | POST | `/2015-03-31/functions/{name}/invocations` | Invoke |
+//! | (several) | `/2018-10-31/layers/...` | layers (`layers`) |
+//! | (several) | tags, policy, concurrency, event-invoke-config, account-settings, ... | the operations around a function, and those refused by name (`settings`) |
 //! | GET | `/spore/v1/functions/{name}/logs?lines=N&since_ms=T&request_id=R` | (Spore) recent log lines |
 //! | GET | `/spore/v1/functions/{name}/logs/stream` | (Spore) new log lines, as server-sent events |
 //! | GET | `/spore/v1/snapshots` | (Spore) stored runtime snapshots |

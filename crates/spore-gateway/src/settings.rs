@@ -701,7 +701,7 @@ pub(crate) async fn provisioned_concurrency(
     Query(q): Query<BTreeMap<String, String>>,
 ) -> ApiResult<Response> {
     st.control.get_function(&resolve(&name, None)?)?;
-    if q.get("List").is_some() {
+    if q.contains_key("List") {
         return Ok(
             axum::Json(serde_json::json!({ "ProvisionedConcurrencyConfigs": [] })).into_response(),
         );

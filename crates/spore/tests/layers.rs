@@ -100,6 +100,7 @@ lam = boto3.client("lambda", endpoint_url=sys.argv[1], region_name="local",
 base = "arn:aws:lambda:local:000000000000:layer:"
 conf = lam.update_function_configuration(FunctionName="lay-container", Layers=[base + "over:1", base + "base:1"])
 assert [l["Arn"] for l in conf["Layers"]] == [base + "over:1", base + "base:1"], conf
+lam.update_function_configuration(FunctionName="lay-snap", Layers=[base + "over:1", base + "base:1"])
 # Deleting a version a function uses: the function keeps its copy.
 lam.delete_layer_version(LayerName="base", VersionNumber=1)
 lam.delete_layer_version(LayerName="over", VersionNumber=1)
@@ -153,6 +154,14 @@ fn layers_are_mounted_in_order_for_container_cfork_and_restored_functions() {
     // for a fresh instance.
     let (start, v) = d.invoke_start("lay-container", "init", &json!({}), &[]);
     assert_eq!(start, "cold");
+    expect(&v, "A");
+    // The snapshot taken with the old layers is not restored: the next start imports again
+    // (and snapshots), the one after restores the new snapshot.
+    let (start, v) = d.invoke_start("lay-snap", "restore", &json!({}), &[]);
+    assert_eq!(start, "cold");
+    expect(&v, "A");
+    let (start, v) = d.invoke_start("lay-snap", "restore", &json!({}), &[]);
+    assert_eq!(start, "restore");
     expect(&v, "A");
     d.stop();
 }

@@ -1,7 +1,7 @@
 //! Lambda layers: versions of zip packages published once and mounted read-only under `/opt`
 //! in the sandboxes of the functions that name them.
 //!
-//! Persisted under `<data-dir>/layers/`: `<name>/layer.json` (every version of one layer and
+//! Persisted under `<data-dir>/layers/`: `by-name/<name>/layer.json` (every version of one layer and
 //! the next version number, written atomically; numbers are never reused, as Lambda's) and
 //! `content/<sha256-hex>/` (the unpacked package, shared by every version and function with
 //! that content). Content stays while a layer version or a function references it: deleting
@@ -175,9 +175,11 @@ impl LayerStore {
         let dir = data_dir.join("layers");
         let content = dir.join("content");
         fs::create_dir_all(&content).map_err(io_at(&content))?;
+        let by_name = dir.join("by-name");
+        fs::create_dir_all(&by_name).map_err(io_at(&by_name))?;
         let mut layers = BTreeMap::new();
         let mut warnings = Vec::new();
-        for entry in fs::read_dir(&dir).map_err(io_at(&dir))?.flatten() {
+        for entry in fs::read_dir(&by_name).map_err(io_at(&by_name))?.flatten() {
             let path = entry.path().join("layer.json");
             if !path.exists() {
                 continue;
@@ -250,7 +252,7 @@ impl LayerStore {
     }
 
     fn save(&self, name: &str, file: &LayerFile) -> Result<(), RegistryError> {
-        let ldir = self.dir.join(name);
+        let ldir = self.dir.join("by-name").join(name);
         fs::create_dir_all(&ldir).map_err(io_at(&ldir))?;
         let path = ldir.join("layer.json");
         let bytes = serde_json::to_vec_pretty(file).expect("layers serialize");

@@ -165,3 +165,49 @@ fn layers_are_mounted_in_order_for_container_cfork_and_restored_functions() {
     expect(&v, "A");
     d.stop();
 }
+
+const TOO_LARGE: &str = r#"
+import io, sys, zipfile, boto3, botocore
+lam = boto3.client("lambda", endpoint_url=sys.argv[1], region_name="local",
+                   config=botocore.config.Config(retries={"max_attempts": 1}))
+def zipped(path, size):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr(path, b"\0" * size)
+        z.writestr("main.py", "def handler(e, c):\n    return 1\n")
+    return buf.getvalue()
+mib = 1 << 20
+big = lam.publish_layer_version(LayerName="big", Content={"ZipFile": zipped("python/big.bin", 130 * mib)})
+try:
+    lam.create_function(FunctionName="toolarge", Runtime="python3.11", Role="r", Handler="main.handler",
+                        Code={"ZipFile": zipped("big.bin", 130 * mib)}, Layers=[big["LayerVersionArn"]])
+    raise SystemExit("expected InvalidParameterValueException")
+except lam.exceptions.InvalidParameterValueException as e:
+    assert "combined with layers" in str(e), e
+# Nothing of the refused function is left; with small code the layer fits.
+names = [f["FunctionName"] for f in lam.list_functions()["Functions"]]
+assert "toolarge" not in names, names
+lam.create_function(FunctionName="fits", Runtime="python3.11", Role="r", Handler="main.handler",
+                    Code={"ZipFile": zipped("small.bin", 1)}, Layers=[big["LayerVersionArn"]])
+print("ok")
+"#;
+
+#[test]
+fn code_and_layers_over_250_mib_unzipped_are_refused() {
+    let test = "code_and_layers_over_250_mib_unzipped_are_refused";
+    if !can_sandbox(test) {
+        return;
+    }
+    let mut d = Daemon::start();
+    let Some(out) = boto3(test, &d, TOO_LARGE, &[]) else {
+        return;
+    };
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!d.data.join("functions/toolarge").exists());
+    d.stop();
+}

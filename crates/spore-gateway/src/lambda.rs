@@ -31,6 +31,17 @@ pub const TAG_ACCELERATOR: &str = "spore:accelerator";
 /// Tag naming the instruction set a function needs.
 pub const TAG_ARCH: &str = "spore:arch";
 
+/// Every `spore:` tag CreateFunction reads.
+pub(crate) const SPORE_TAGS: &[&str] = &[
+    TAG_SANDBOX,
+    TAG_MAX_INSTANCES,
+    TAG_SNAPSHOT,
+    TAG_WARMUP_EVENT,
+    TAG_UNIT,
+    TAG_ACCELERATOR,
+    TAG_ARCH,
+];
+
 /// An API error in Lambda's shape: status, `x-amzn-ErrorType`, `{"Type", "message"}`.
 #[derive(Debug)]
 pub struct ApiError {
@@ -523,18 +534,21 @@ pub(crate) async fn get_function(
         .control
         .get_function(&resolve(&name, q.qualifier.as_deref())?)?;
     let (idle, total) = st.control.instance_counts(&rec.manifest.name);
-    Ok(axum::Json(serde_json::json!({
+    let mut out = serde_json::json!({
         "Configuration": configuration(&rec),
         "Code": { "RepositoryType": "Spore", "Location": "" },
         "Tags": all_tags(&rec),
-        "Concurrency": crate::settings::concurrency_json(&rec),
         "Spore": {
             "Instances": { "Idle": idle, "Total": total, "IdlePids": st.control.instance_pids(&rec.manifest.name) },
             "Template": st.control.template_pids(&rec.manifest.name).map(|pids| serde_json::json!({ "Pids": pids })),
             "Spare": st.control.spare_pids(&rec.manifest.name).map(|pids| serde_json::json!({ "Pids": pids })),
         },
-    }))
-    .into_response())
+    });
+    // Lambda shows `Concurrency` only for a function with reserved concurrency.
+    if spore_control::extras::reserved_concurrency(&rec).is_some() {
+        out["Concurrency"] = crate::settings::concurrency_json(&rec);
+    }
+    Ok(axum::Json(out).into_response())
 }
 
 pub(crate) async fn get_configuration(

@@ -54,10 +54,18 @@ pub(crate) fn check_tags(tags: &BTreeMap<String, String>, spore_allowed: bool) -
                 "Tag key {k:?}: the aws: prefix is reserved for AWS use"
             )));
         }
-        if !spore_allowed && k.starts_with("spore:") {
-            return Err(ApiError::invalid(format!(
-                "Tag key {k:?}: spore: tags are Spore settings, given at CreateFunction only"
-            )));
+        if k.starts_with("spore:") {
+            if !spore_allowed {
+                return Err(ApiError::invalid(format!(
+                    "Tag key {k:?}: spore: tags are Spore settings, given at CreateFunction only"
+                )));
+            }
+            if !crate::lambda::SPORE_TAGS.contains(&k.as_str()) {
+                return Err(ApiError::invalid(format!(
+                    "Tag key {k:?} is not a Spore setting (known: {})",
+                    crate::lambda::SPORE_TAGS.join(", ")
+                )));
+            }
         }
     }
     Ok(())

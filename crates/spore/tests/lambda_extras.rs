@@ -60,6 +60,8 @@ expect("InvalidParameterValueException", lam.put_function_concurrency, FunctionN
        ReservedConcurrentExecutions=limit["ConcurrentExecutions"] + 1)
 lam.delete_function_concurrency(FunctionName="ex-ok")
 assert "ReservedConcurrentExecutions" not in lam.get_function_concurrency(FunctionName="ex-ok")
+assert "Concurrency" not in lam.get_function(FunctionName="ex-ok")
+expect("InvalidParameterValueException", create, "ex-badtag", OK, Tags={"spore:nosuch": "1"})
 assert lam.get_account_settings()["AccountLimit"]["UnreservedConcurrentExecutions"] == limit["ConcurrentExecutions"]
 
 # Event invoke configs.

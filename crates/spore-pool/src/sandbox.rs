@@ -354,8 +354,8 @@ fn layer_paths(env: &mut Vec<(String, String)>) {
         None => py.clone(),
     });
     set("NODE_PATH", &|v| match v {
-        Some(v) => format!("{v}:/opt/nodejs/node_modules"),
-        None => "/opt/nodejs/node_modules".to_owned(),
+        Some(v) => format!("{v}:/opt/nodejs/node20/node_modules:/opt/nodejs/node_modules"),
+        None => "/opt/nodejs/node20/node_modules:/opt/nodejs/node_modules".to_owned(),
     });
     set("PATH", &|v| {
         format!("{}:/opt/bin", v.unwrap_or("/usr/local/bin:/usr/bin:/bin"))

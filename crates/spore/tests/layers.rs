@@ -211,3 +211,47 @@ fn code_and_layers_over_250_mib_unzipped_are_refused() {
     assert!(!d.data.join("functions/toolarge").exists());
     d.stop();
 }
+
+const NODE: &str = r#"
+import io, json, sys, zipfile, boto3, botocore
+lam = boto3.client("lambda", endpoint_url=sys.argv[1], region_name="local",
+                   config=botocore.config.Config(retries={"max_attempts": 1}))
+def zipped(files):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for p, t in files.items():
+            z.writestr(p, t)
+    return buf.getvalue()
+layer = lam.publish_layer_version(LayerName="nodelib", CompatibleRuntimes=["nodejs20.x"], Content={"ZipFile": zipped(
+    {"nodejs/node_modules/greet/index.js": "module.exports = (n) => 'hello ' + n;\n"})})
+lam.create_function(FunctionName="node-layer", Runtime="nodejs20.x", Role="r", Handler="index.handler",
+                    Layers=[layer["LayerVersionArn"]], Code={"ZipFile": zipped({"index.js":
+                    "const greet = require('greet');\nexports.handler = async (e) => ({ msg: greet(e.name) });\n"})})
+r = lam.invoke(FunctionName="node-layer", Payload=json.dumps({"name": "layer"}))
+body = json.loads(r["Payload"].read())
+assert "FunctionError" not in r and body == {"msg": "hello layer"}, body
+print("ok")
+"#;
+
+#[test]
+fn a_node_function_requires_a_module_from_its_layer() {
+    let test = "a_node_function_requires_a_module_from_its_layer";
+    if !can_sandbox(test) {
+        return;
+    }
+    if !std::path::Path::new(spore_runtime::NODE_INTERPRETER).exists() {
+        eprintln!("SKIP {test}: Node.js is not installed");
+        return;
+    }
+    let mut d = Daemon::start();
+    let Some(out) = boto3(test, &d, NODE, &[]) else {
+        return;
+    };
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    d.stop();
+}

@@ -549,7 +549,7 @@ mod tests {
         );
         assert_eq!(
             get("NODE_PATH"),
-            "/var/task/node_modules:/opt/nodejs/node_modules"
+            "/var/task/node_modules:/opt/nodejs/node20/node_modules:/opt/nodejs/node_modules"
         );
         assert_eq!(get("PATH"), "/usr/bin:/bin:/opt/bin");
         assert_eq!(get("LD_LIBRARY_PATH"), "/opt/lib");

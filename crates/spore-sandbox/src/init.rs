@@ -450,11 +450,20 @@ fn mount_opt_layers(spec: &SandboxSpec, root: &Path) -> Result<(), InitError> {
         lower.push(s.to_owned());
     }
     let data = format!("lowerdir={}", lower.join(":"));
+    let mut flags = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    // As the binds keep their source's noexec: layers on a noexec file system stay so.
+    if spec
+        .opt_layers
+        .iter()
+        .any(|d| statvfs(d.as_path()).is_ok_and(|st| st.flags().contains(FsFlags::ST_NOEXEC)))
+    {
+        flags |= MsFlags::MS_NOEXEC;
+    }
     mount(
         Some("overlay"),
         &opt,
         Some("overlay"),
-        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        flags,
         Some(data.as_str()),
     )
     .step(mount_err("the layers (overlay)", &opt))

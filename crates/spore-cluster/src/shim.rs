@@ -507,6 +507,7 @@ async fn serve(
                 manifest: manifest.clone(),
                 description,
                 lambda: Default::default(),
+                layers: None,
             };
             let h = host.clone();
             // Concurrent first calls may each bring the package: one installs it at a time,

@@ -390,7 +390,7 @@ impl Units {
             }
             if let Some(p) = entries
                 .get(&u)
-                .filter(|e| e.info.lacks(arch, acc).is_none())
+                .filter(|e| e.info.lacks(arch, acc).is_none() && rec.layers.is_empty())
                 .and_then(|e| remote(u, e))
             {
                 return Ok(p);
@@ -413,6 +413,11 @@ impl Units {
             }
             if let Some(why) = e.info.lacks(arch, acc) {
                 lacking.push(why);
+                continue;
+            }
+            // Layers are not sent to other units: a function with layers runs here.
+            if !rec.layers.is_empty() {
+                lacking.push(format!("unit {id} does not have the function's layers"));
                 continue;
             }
             // A unit that reported less free memory than one instance needs is passed over
@@ -469,6 +474,12 @@ impl Units {
                 )));
             }
             return Ok(Placement::Local);
+        }
+        if !rec.layers.is_empty() {
+            return Err(ControlError::InvalidParameter(format!(
+                "function {name} uses layers, which are not sent to other processing units: it can run on unit {} only",
+                self.local.id
+            )));
         }
         let e = entries.get(&u).ok_or_else(|| {
             ControlError::Unavailable(format!(
@@ -583,6 +594,8 @@ mod tests {
             revision: 1,
             version: None,
             lambda: Default::default(),
+            layers: Vec::new(),
+            extras: Default::default(),
         }
     }
 
@@ -624,6 +637,18 @@ mod tests {
             e.contains("no unit can run function f (it needs arch aarch64 and accelerator gpu): unit 0 is x86_64, not aarch64"),
             "{e}"
         );
+        // A function with layers runs here only (layers are not sent to other units).
+        let mut layered = rec("");
+        layered.layers.push(spore_registry::layers::FunctionLayer {
+            arn: "arn:aws:lambda:local:000000000000:layer:l:1".into(),
+            code_hex: "00".into(),
+            code_size: 1,
+            unzipped_size: 1,
+        });
+        assert!(matches!(u.place(&layered), Ok(Placement::Local)));
+        layered.manifest.unit = Some(5);
+        let e = err(u.place(&layered));
+        assert!(e.contains("uses layers"), "{e}");
         // Placed functions are listed on their unit.
         assert_eq!(u.statuses()[0].functions, ["f"]);
         u.unplace("f");

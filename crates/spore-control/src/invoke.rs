@@ -46,7 +46,7 @@ impl Control {
     }
 
     /// [`Control::invoke`] under request id `request_id`.
-    async fn invoke_as(
+    pub(crate) async fn invoke_as(
         &self,
         name: &str,
         payload: bytes::Bytes,
@@ -208,11 +208,12 @@ impl Control {
         })
     }
 
-    /// Queues an asynchronous (`Event`) invocation; its outcome goes to the function's log.
-    /// Returns its request id, the one the function runs and logs with.
+    /// Queues an asynchronous (`Event`) invocation; its outcome goes to the function's log
+    /// and its destination (see `run_event`). Returns its request id, the one the function
+    /// runs and logs with (every retry keeps it, as on Lambda).
     pub fn invoke_async(&self, name: &str, payload: Vec<u8>) -> Result<String, ControlError> {
         Self::check_payload(&payload, true)?;
-        let log_name = self.get_function(name)?.manifest.name;
+        self.get_function(name)?;
         if self.inner.work.is_draining() {
             return Err(ControlError::Unavailable(
                 "the daemon is shutting down".into(),
@@ -222,17 +223,8 @@ impl Control {
         let name = name.to_owned();
         let id = uuid::Uuid::new_v4().to_string();
         let request_id = id.clone();
-        tokio::spawn(async move {
-            if let Err(e) = this
-                .invoke_as(&name, payload.into(), InvokeOptions::default(), request_id)
-                .await
-            {
-                this.inner
-                    .pools
-                    .log(&log_name)
-                    .push_text(&format!("asynchronous invocation failed: {e}"));
-            }
-        });
+        // Retries and destinations as the function's event-invoke configuration says.
+        tokio::spawn(async move { this.run_event(name, payload, request_id).await });
         Ok(id)
     }
 }

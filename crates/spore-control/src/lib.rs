@@ -8,6 +8,7 @@
 //! in-flight work and removes every sandbox and cgroup it made.
 #![forbid(unsafe_code)]
 
+pub mod extras;
 mod hosts;
 mod invoke;
 mod provisioned;
@@ -162,6 +163,8 @@ impl Control {
     /// Opens the data dir and prepares the host. Sandboxes being unsupported here (not root,
     /// no cgroups) is not fatal: the registry works and invocations fail with the reason.
     pub fn open(cfg: ControlConfig) -> Result<(Control, Vec<String>), ControlError> {
+        // Layer ARNs name the same region and account as function ARNs.
+        spore_registry::layers::set_arn_prefix(&cfg.region, &cfg.account_id);
         let io = |what: &str, e: std::io::Error| ControlError::Internal(format!("{what}: {e}"));
         std::fs::create_dir_all(&cfg.data_dir).map_err(|e| io("creating the data dir", e))?;
         // Records, keys, snapshots and code are the daemon's: no other local user lists or
@@ -303,7 +306,7 @@ impl Control {
             return Err(ControlError::Conflict(name));
         }
         let (code_sha256, code_hex, code_size) = reg.install_code(&name, zip)?;
-        let rec = reg.put(FunctionRecord {
+        let rec = FunctionRecord {
             manifest: spec.manifest,
             description: spec.description,
             code_sha256,
@@ -313,7 +316,14 @@ impl Control {
             revision: 0,
             version: None,
             lambda: spec.lambda,
-        })?;
+            layers: spec.layers.unwrap_or_default(),
+            extras: Default::default(),
+        };
+        if let Err(e) = extras::check_size(&reg, &rec) {
+            reg.discard_code(&name);
+            return Err(e);
+        }
+        let rec = reg.put(rec)?;
         drop(reg);
         self.inner.pools.retire(&name);
         tracing::info!(function = %name, runtime = %rec.manifest.runtime, sandbox = %rec.manifest.sandbox.as_str(), code = %rec.code_hex, "function created");
@@ -341,6 +351,7 @@ impl Control {
         versions::check_revision(&rec, revision_id)?;
         let (b64, hex, size) = reg.install_code(name, zip)?;
         (rec.code_sha256, rec.code_hex, rec.code_size) = (b64, hex, size);
+        extras::check_size(&reg, &rec)?;
         let rec = reg.put(rec)?;
         drop(reg);
         self.inner.pools.retire(name);
@@ -371,6 +382,10 @@ impl Control {
         rec.manifest = spec.manifest;
         rec.description = spec.description;
         rec.lambda = spec.lambda;
+        if let Some(l) = spec.layers {
+            rec.layers = l;
+        }
+        extras::check_size(&reg, &rec)?;
         let rec = reg.put(rec)?;
         drop(reg);
         self.inner.pools.retire(&name);

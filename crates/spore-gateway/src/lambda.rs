@@ -31,6 +31,17 @@ pub const TAG_ACCELERATOR: &str = "spore:accelerator";
 /// Tag naming the instruction set a function needs.
 pub const TAG_ARCH: &str = "spore:arch";
 
+/// Every `spore:` tag CreateFunction reads.
+pub(crate) const SPORE_TAGS: &[&str] = &[
+    TAG_SANDBOX,
+    TAG_MAX_INSTANCES,
+    TAG_SNAPSHOT,
+    TAG_WARMUP_EVENT,
+    TAG_UNIT,
+    TAG_ACCELERATOR,
+    TAG_ARCH,
+];
+
 /// An API error in Lambda's shape: status, `x-amzn-ErrorType`, `{"Type", "message"}`.
 #[derive(Debug)]
 pub struct ApiError {
@@ -139,6 +150,7 @@ struct CreateFunctionIn {
     ephemeral_storage: Option<EphemeralStorageIo>,
     #[serde(default)]
     publish: bool,
+    layers: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -161,6 +173,7 @@ struct UpdateConfigIn {
     revision_id: Option<String>,
     #[serde(default)]
     publish: bool,
+    layers: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -175,7 +188,7 @@ struct UpdateCodeIn {
     architectures: Option<Vec<String>>,
 }
 
-fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> ApiResult<T> {
+pub(crate) fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> ApiResult<T> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::invalid(format!("Malformed request body: {e}")))
 }
@@ -242,7 +255,6 @@ fn check_ephemeral(e: &EphemeralStorageIo) -> ApiResult<u32> {
 /// Parameters of create and update that Spore accepts only with their defaults (what deploy
 /// tools send when nothing is set).
 const DEFAULTS_ONLY: Allowed = &[
-    ("Layers", Some(is_empty_or_default)),
     (
         "TracingConfig",
         Some(|v| v["Mode"].as_str().is_none_or(|m| m == "PassThrough")),
@@ -270,6 +282,7 @@ const CONFIG_KEYS: Allowed = &[
     ("Timeout", None),
     ("MemorySize", None),
     ("Environment", None),
+    ("Layers", None),
     // Spore has no IAM: a role is stored and echoed, not used.
     ("Role", None),
     // The sandbox's /tmp size (checked against Lambda's range).
@@ -325,7 +338,7 @@ fn refuse_unsupported(body: &[u8], allowed: &[Allowed]) -> ApiResult<()> {
     Ok(())
 }
 
-fn decode_zip(b64: Option<&str>) -> ApiResult<Vec<u8>> {
+pub(crate) fn decode_zip(b64: Option<&str>) -> ApiResult<Vec<u8>> {
     let b64 = b64.ok_or_else(|| {
         ApiError::invalid("Code.ZipFile is required: Spore takes code as a base64 zip")
     })?;
@@ -380,11 +393,19 @@ pub(crate) fn configuration(control: &Control, rec: &FunctionRecord) -> serde_js
         "RevisionId": rec.revision_id(),
         // Not Lambda's: the SDKs ignore unknown keys; `spore ls` shows it.
         "SporeSandbox": m.sandbox.as_str(),
+        "Layers": rec.layers.iter().map(|l| serde_json::json!({ "Arn": l.arn, "CodeSize": l.code_size })).collect::<Vec<_>>(),
     });
     if let Some(mb) = rec.lambda.ephemeral_mb {
         c["EphemeralStorage"] = serde_json::json!({ "Size": mb });
     }
     c
+}
+
+/// Spore's settings as tags, and the user's tags.
+pub(crate) fn all_tags(rec: &FunctionRecord) -> BTreeMap<String, String> {
+    let mut t = tags(rec);
+    t.extend(rec.extras.tags.clone());
+    t
 }
 
 fn tags(rec: &FunctionRecord) -> BTreeMap<String, String> {
@@ -422,6 +443,14 @@ pub(crate) async fn create_function(
 ) -> ApiResult<Response> {
     let req: CreateFunctionIn = parse_json(&body)?;
     refuse_unsupported(&body, CREATE_KEYS)?;
+    crate::settings::check_tags(&req.tags, true)?;
+    let user_tags = crate::settings::user_tags(&req.tags);
+    crate::settings::check_tag_count(user_tags.len())?;
+    let layers = req
+        .layers
+        .as_deref()
+        .map(|l| st.control.resolve_layers(l))
+        .transpose()?;
     if req.package_type.as_deref().is_some_and(|p| p != "Zip") || req.code.image_uri.is_some() {
         return Err(ApiError::invalid("Only PackageType Zip is supported"));
     }
@@ -514,11 +543,21 @@ pub(crate) async fn create_function(
             architectures: req.architectures,
             ephemeral_mb,
         },
+        layers,
     };
     let control = st.control.clone();
     let rec = tokio::task::spawn_blocking(move || control.create_function(spec, &zip))
         .await
         .map_err(|e| ControlError::Internal(e.to_string()))??;
+    let rec = if user_tags.is_empty() {
+        rec
+    } else {
+        st.control.update_extras(&rec.manifest.name, |e| {
+            e.tags = user_tags;
+            Ok(())
+        })?;
+        st.control.get_function(&rec.manifest.name)?
+    };
     st.control.prewarm(&rec.manifest.name);
     let rec = if req.publish {
         crate::versions::publish_after(&st, &rec.manifest.name)?
@@ -594,7 +633,7 @@ pub(crate) async fn list_functions(
 #[derive(Debug, Default, Deserialize)]
 pub(crate) struct QualifierQuery {
     #[serde(rename = "Qualifier")]
-    qualifier: Option<String>,
+    pub(crate) qualifier: Option<String>,
 }
 
 /// The function and qualifier a reference names (a name, `name:qualifier`, a partial or a
@@ -643,17 +682,21 @@ pub(crate) async fn get_function(
     let rec = resolve(&st.control, &name, q.qualifier.as_deref(), false)?;
     let key = rec.key();
     let (idle, total) = st.control.instance_counts(&key);
-    Ok(axum::Json(serde_json::json!({
+    let mut out = serde_json::json!({
         "Configuration": configuration(&st.control, &rec),
         "Code": { "RepositoryType": "Spore", "Location": "" },
-        "Tags": tags(&rec),
+        "Tags": all_tags(&rec),
         "Spore": {
             "Instances": { "Idle": idle, "Total": total, "IdlePids": st.control.instance_pids(&key) },
             "Template": st.control.template_pids(&key).map(|pids| serde_json::json!({ "Pids": pids })),
             "Spare": st.control.spare_pids(&key).map(|pids| serde_json::json!({ "Pids": pids })),
         },
-    }))
-    .into_response())
+    });
+    // Lambda shows `Concurrency` only for a function with reserved concurrency.
+    if spore_control::extras::reserved_concurrency(&rec).is_some() {
+        out["Concurrency"] = crate::settings::concurrency_json(&rec);
+    }
+    Ok(axum::Json(out).into_response())
 }
 
 pub(crate) async fn get_configuration(
@@ -796,6 +839,11 @@ pub(crate) async fn update_configuration(
         manifest: m,
         description: req.description.unwrap_or(rec.description),
         lambda,
+        layers: req
+            .layers
+            .as_deref()
+            .map(|l| st.control.resolve_layers(l))
+            .transpose()?,
     };
     let control = st.control.clone();
     let rid = req.revision_id.clone();
@@ -888,6 +936,9 @@ pub(crate) async fn invoke(
             Ok(resp)
         }
         "RequestResponse" => {
+            if st.control.is_throttled(&name) {
+                return Err(crate::settings::throttled());
+            }
             let inv = st
                 .control
                 .invoke(

@@ -10,6 +10,8 @@
 //! | GET, PUT | `/2015-03-31/functions/{name}/configuration` | Get/UpdateFunctionConfiguration |
 //! | PUT | `/2015-03-31/functions/{name}/code` | UpdateFunctionCode |
 //! | POST | `/2015-03-31/functions/{name}/invocations` | Invoke |
+//! | (several) | `/2018-10-31/layers/...` | layers (`layers`) |
+//! | (several) | tags, policy, concurrency, event-invoke-config, account-settings, ... | the operations around a function, and those refused by name (`settings`) |
 //! | GET | `/spore/v1/functions/{name}/logs?lines=N&since_ms=T&request_id=R` | (Spore) recent log lines |
 //! | GET | `/spore/v1/functions/{name}/logs/stream` | (Spore) new log lines, as server-sent events |
 //! | GET | `/spore/v1/snapshots` | (Spore) stored runtime snapshots |
@@ -29,7 +31,9 @@
 pub mod auth;
 mod dag;
 mod lambda;
+mod layers;
 pub mod sessions;
+mod settings;
 pub mod ui;
 mod versions;
 
@@ -205,6 +209,7 @@ pub fn router(control: Control, metrics: Option<PrometheusHandle>, auth: Auth) -
                 .put(versions::update_alias)
                 .delete(versions::delete_alias),
         )
+        .merge(extras_routes())
         .route("/spore/v1/functions/{name}/logs", get(lambda::logs))
         .route(
             "/spore/v1/functions/{name}/logs/stream",
@@ -245,6 +250,91 @@ pub fn router(control: Control, metrics: Option<PrometheusHandle>, auth: Auth) -
         ))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
+}
+
+/// Layers, tags, policies, concurrency, event-invoke configurations, account settings and
+/// the operations Spore refuses by name (`layers.rs`, `settings.rs`).
+fn extras_routes() -> Router<AppState> {
+    use axum::routing::{delete, put};
+    use settings as s;
+    let f = "functions/{name}";
+    Router::new()
+        .route("/2018-10-31/layers", get(layers::list_layers))
+        .route(
+            "/2018-10-31/layers/{layer}/versions",
+            post(layers::publish).get(layers::list_versions),
+        )
+        .route(
+            "/2018-10-31/layers/{layer}/versions/{version}",
+            get(layers::get_version).delete(layers::delete_version),
+        )
+        .route(
+            "/2018-10-31/layers/{layer}/versions/{version}/policy",
+            post(s::refused("AddLayerVersionPermission")),
+        )
+        .route(
+            "/2017-03-31/tags/{arn}",
+            post(s::tag_resource)
+                .get(s::list_tags)
+                .delete(s::untag_resource),
+        )
+        .route(
+            &format!("/2015-03-31/{f}/policy"),
+            post(s::add_permission).get(s::get_policy),
+        )
+        .route(
+            &format!("/2015-03-31/{f}/policy/{{sid}}"),
+            delete(s::remove_permission),
+        )
+        .route(
+            &format!("/2017-10-31/{f}/concurrency"),
+            put(s::put_concurrency).delete(s::delete_concurrency),
+        )
+        .route(
+            &format!("/2019-09-30/{f}/concurrency"),
+            get(s::get_concurrency),
+        )
+        .route(
+            &format!("/2019-09-25/{f}/event-invoke-config"),
+            put(s::put_event_config)
+                .post(s::update_event_config)
+                .get(s::get_event_config)
+                .delete(s::delete_event_config),
+        )
+        .route(
+            &format!("/2019-09-25/{f}/event-invoke-config/list"),
+            get(s::list_event_configs),
+        )
+        .route("/2016-08-19/account-settings", get(s::account_settings))
+        .route("/2016-08-19/account-settings/", get(s::account_settings))
+        .route(
+            &format!("/2020-06-30/{f}/code-signing-config"),
+            get(s::code_signing_config).put(s::refused("PutFunctionCodeSigningConfig")),
+        )
+        .route(
+            &format!("/2021-07-20/{f}/runtime-management-config"),
+            get(s::runtime_management_config).put(s::refused("PutRuntimeManagementConfig")),
+        )
+        .route(
+            "/2015-03-31/event-source-mappings",
+            get(s::list_event_source_mappings).post(s::refused("CreateEventSourceMapping")),
+        )
+        .route(
+            "/2015-03-31/event-source-mappings/",
+            get(s::list_event_source_mappings).post(s::refused("CreateEventSourceMapping")),
+        )
+        .route(
+            &format!("/2021-10-31/{f}/urls"),
+            get(s::list_function_url_configs),
+        )
+        .route(
+            &format!("/2021-10-31/{f}/url"),
+            post(s::refused("CreateFunctionUrlConfig")).put(s::refused("UpdateFunctionUrlConfig")),
+        )
+        .route(
+            &format!("/2021-11-15/{f}/response-streaming-invocations"),
+            post(s::refused("InvokeWithResponseStream")),
+        )
 }
 
 /// A router of `/metrics` and `/healthz` alone, without authentication (`spore serve

@@ -46,6 +46,8 @@ pub struct InstanceEnv {
     pub tmp_mb: u32,
     /// First uid of the range sandboxes run as (each instance gets its own).
     pub uid_base: u32,
+    /// Directory of the unpacked layers, by content digest (`<data-dir>/layers/content`).
+    pub layer_content: PathBuf,
     seq: AtomicU64,
 }
 
@@ -70,6 +72,7 @@ impl InstanceEnv {
             pids_max: 64,
             tmp_mb: 64,
             uid_base: 200_000,
+            layer_content: PathBuf::new(),
             seq: AtomicU64::new(1),
         }
     }
@@ -219,7 +222,15 @@ fn spawn_in(
         restore_mode: None,
         wait_for_go: false,
         daemon_pid: Some(std::process::id()),
+        opt_layers: rec
+            .layers
+            .iter()
+            .map(|l| env.layer_content.join(&l.code_hex))
+            .collect(),
     };
+    if !spec.opt_layers.is_empty() {
+        layer_paths(&mut spec.env);
+    }
     if rec.manifest.snapshot || is_template {
         // A runtime is snapshotted, and a cfork template forks, single-threaded: keep
         // numerical libraries from starting thread pools at import (unless the function sets
@@ -310,6 +321,51 @@ fn spawn_in(
         stderr_tail,
         go,
     })
+}
+
+/// Where Lambda's runtimes look in `/opt` for what layers bring: Python packages in
+/// `/opt/python` and `/opt/python/lib/python3.N/site-packages` (after the function's own
+/// code), Node modules in `/opt/nodejs/node_modules`, programs in `/opt/bin`, libraries in
+/// `/opt/lib`.
+fn layer_paths(env: &mut Vec<(String, String)>) {
+    static PYTHON: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let python = PYTHON.get_or_init(|| {
+        let target = std::fs::read_link(spore_runtime::PYTHON_INTERPRETER).ok()?;
+        let name = target.file_name()?.to_str()?.to_owned();
+        let minor = name.strip_prefix("python3.")?;
+        minor.parse::<u32>().ok().map(|_| name)
+    });
+    let mut py = vec!["/opt/python".to_owned()];
+    if let Some(p) = python {
+        py.push(format!("/opt/python/lib/{p}/site-packages"));
+    }
+    let py = py.join(":");
+    let mut set = |key: &str, f: &dyn Fn(Option<&str>) -> String| match env
+        .iter_mut()
+        .find(|(k, _)| k == key)
+    {
+        Some((_, v)) => *v = f(Some(v)),
+        None => env.push((key.to_owned(), f(None))),
+    };
+    set("PYTHONPATH", &|v| match v {
+        // After the function's code, before Spore's shared packages.
+        Some(v) => match v.split_once(':') {
+            Some((task, rest)) => format!("{task}:{py}:{rest}"),
+            None => format!("{v}:{py}"),
+        },
+        None => py.clone(),
+    });
+    set("NODE_PATH", &|v| match v {
+        Some(v) => format!("{v}:/opt/nodejs/node20/node_modules:/opt/nodejs/node_modules"),
+        None => "/opt/nodejs/node20/node_modules:/opt/nodejs/node_modules".to_owned(),
+    });
+    set("PATH", &|v| {
+        format!("{}:/opt/bin", v.unwrap_or("/usr/local/bin:/usr/bin:/bin"))
+    });
+    set("LD_LIBRARY_PATH", &|v| match v {
+        Some(v) if !v.is_empty() => format!("{v}:/opt/lib"),
+        _ => "/opt/lib".to_owned(),
+    });
 }
 
 /// The first frame a starting runtime sends after its checkpoint, if it offers one: a
@@ -470,4 +526,34 @@ pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
     sock.read_exact(&mut body).await?;
     let msg = protocol::decode_header(&header).map_err(std::io::Error::other)?;
     Ok(Some((msg, body)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_paths_follow_the_code_and_precede_spores_packages() {
+        let mut env = vec![
+            (
+                "PYTHONPATH".to_owned(),
+                "/var/task:/opt/spore/python".to_owned(),
+            ),
+            ("NODE_PATH".to_owned(), "/var/task/node_modules".to_owned()),
+            ("PATH".to_owned(), "/usr/bin:/bin".to_owned()),
+        ];
+        layer_paths(&mut env);
+        let get = |k: &str| env.iter().find(|(key, _)| key == k).unwrap().1.clone();
+        let py = get("PYTHONPATH");
+        assert!(
+            py.starts_with("/var/task:/opt/python:") && py.ends_with(":/opt/spore/python"),
+            "{py}"
+        );
+        assert_eq!(
+            get("NODE_PATH"),
+            "/var/task/node_modules:/opt/nodejs/node20/node_modules:/opt/nodejs/node_modules"
+        );
+        assert_eq!(get("PATH"), "/usr/bin:/bin:/opt/bin");
+        assert_eq!(get("LD_LIBRARY_PATH"), "/opt/lib");
+    }
 }

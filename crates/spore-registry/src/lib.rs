@@ -9,6 +9,8 @@
 #![forbid(unsafe_code)]
 
 pub mod code;
+pub mod extras;
+pub mod layers;
 pub mod registry;
 pub mod store;
 pub mod versions;
@@ -30,6 +32,8 @@ pub struct FunctionSpec {
     pub description: String,
     /// Lambda settings stored and echoed as given.
     pub lambda: LambdaSettings,
+    /// Layers, resolved (None: keep what the function has; a create gets none).
+    pub layers: Option<Vec<layers::FunctionLayer>>,
 }
 
 impl From<RegistryError> for ControlError {
@@ -37,6 +41,17 @@ impl From<RegistryError> for ControlError {
         match e {
             RegistryError::Code(c) => ControlError::InvalidParameter(c.to_string()),
             other => ControlError::Internal(error_chain(&other)),
+        }
+    }
+}
+
+impl From<layers::LayerError> for ControlError {
+    fn from(e: layers::LayerError) -> Self {
+        match e {
+            // What a function's `Layers` name must exist (Lambda answers 400 here too).
+            layers::LayerError::NotFound(_) => ControlError::InvalidParameter(e.to_string()),
+            layers::LayerError::Invalid(m) => ControlError::InvalidParameter(m),
+            layers::LayerError::Registry(r) => r.into(),
         }
     }
 }
@@ -72,6 +87,11 @@ impl SharedRegistry {
     /// The revision `name` has now (None: deleted).
     pub fn revision(&self, name: &str) -> Option<u64> {
         self.lock().get(name).map(|r| r.revision)
+    }
+
+    /// Where `rec`'s layers are unpacked, in order.
+    pub fn layer_dirs(&self, rec: &FunctionRecord) -> Vec<PathBuf> {
+        self.lock().layer_dirs(rec)
     }
 
     /// Where `rec`'s code is unpacked.

@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 use spore_core::FunctionManifest;
 
 use crate::code;
+use crate::extras::FunctionExtras;
+use crate::layers::{FunctionLayer, LayerStore};
 use crate::store::{now_unix_ms, write_atomic};
 use crate::versions::{Versions, VERSIONS_FILE};
 
@@ -38,6 +40,13 @@ pub struct FunctionRecord {
     /// Lambda settings Spore stores and echoes as given.
     #[serde(default)]
     pub lambda: LambdaSettings,
+    /// Layers mounted under `/opt`, in order (later ones override earlier files).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<FunctionLayer>,
+    /// Tags, policy, reserved concurrency, event-invoke configuration (changing them makes
+    /// no new revision).
+    #[serde(default)]
+    pub extras: FunctionExtras,
 }
 
 /// Lambda settings kept as the caller gave them (echoed back by the API).
@@ -79,6 +88,7 @@ impl FunctionRecord {
         self.code_sha256 == other.code_sha256
             && self.manifest == other.manifest
             && self.lambda == other.lambda
+            && self.layers == other.layers
     }
 
     /// The version as Lambda names it: `$LATEST` or the number.
@@ -105,7 +115,7 @@ pub enum RegistryError {
     },
 }
 
-fn io_at(path: &Path) -> impl FnOnce(io::Error) -> RegistryError + '_ {
+pub(crate) fn io_at(path: &Path) -> impl FnOnce(io::Error) -> RegistryError + '_ {
     move |source| RegistryError::Io {
         path: path.to_owned(),
         source,
@@ -119,6 +129,8 @@ pub struct Registry {
     functions: BTreeMap<String, FunctionRecord>,
     /// Published versions and aliases, by function.
     versions: BTreeMap<String, Versions>,
+    /// Published layers.
+    pub layers: LayerStore,
 }
 
 impl Registry {
@@ -162,11 +174,14 @@ impl Registry {
                 Err(e) => warnings.push(format!("{}: unreadable ({e}); skipped", path.display())),
             }
         }
+        let (layers, layer_warnings) = LayerStore::open(data_dir)?;
+        warnings.extend(layer_warnings);
         Ok((
             Registry {
                 dir,
                 functions,
                 versions,
+                layers,
             },
             warnings,
         ))
@@ -271,7 +286,58 @@ impl Registry {
         self.functions
             .insert(rec.manifest.name.clone(), rec.clone());
         self.prune_code(&rec);
+        self.prune_layers();
         Ok(rec)
+    }
+
+    /// Changes what `name`'s record carries besides code and configuration (tags, policy,
+    /// concurrency, event-invoke configuration) without a new revision: its instances,
+    /// template and snapshots stay valid. `change` may refuse (nothing is written then).
+    pub fn update_extras<T, E: From<RegistryError>>(
+        &mut self,
+        name: &str,
+        change: impl FnOnce(&mut FunctionExtras) -> Result<T, E>,
+    ) -> Option<Result<T, E>> {
+        let rec = self.functions.get(name)?;
+        let mut extras = rec.extras.clone();
+        let out = match change(&mut extras) {
+            Ok(out) => out,
+            Err(e) => return Some(Err(e)),
+        };
+        let mut rec = rec.clone();
+        rec.extras = extras;
+        let path = self.dir.join(name).join("function.json");
+        let bytes = serde_json::to_vec_pretty(&rec).expect("records serialize");
+        if let Err(e) = write_atomic(&path, &bytes) {
+            return Some(Err(io_at(&path)(e).into()));
+        }
+        self.functions.insert(name.to_owned(), rec);
+        Some(Ok(out))
+    }
+
+    /// Removes the code a refused create installed for `name` (a function that does not
+    /// exist: a deployed function's code stays).
+    pub fn discard_code(&self, name: &str) {
+        if !self.functions.contains_key(name) {
+            let _ = fs::remove_dir_all(self.dir.join(name));
+        }
+    }
+
+    /// Drops layer content that no layer version and no function references any more.
+    pub fn prune_layers(&self) {
+        self.layers.prune(
+            self.functions
+                .values()
+                .flat_map(|r| r.layers.iter().map(|l| l.code_hex.as_str())),
+        );
+    }
+
+    /// Host directories of `rec`'s layers, in order.
+    pub fn layer_dirs(&self, rec: &FunctionRecord) -> Vec<PathBuf> {
+        rec.layers
+            .iter()
+            .map(|l| self.layers.content_dir(&l.code_hex))
+            .collect()
     }
 
     fn prune_code(&self, rec: &FunctionRecord) {
@@ -301,6 +367,7 @@ impl Registry {
         let record = fdir.join("function.json");
         fs::remove_file(&record).map_err(io_at(&record))?;
         fs::remove_dir_all(&fdir).map_err(io_at(&fdir))?;
+        self.prune_layers();
         Ok(Some(rec))
     }
 }
@@ -324,6 +391,8 @@ mod tests {
             revision: 0,
             version: None,
             lambda: LambdaSettings::default(),
+            layers: Vec::new(),
+            extras: FunctionExtras::default(),
         }
     }
 

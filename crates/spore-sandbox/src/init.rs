@@ -420,6 +420,55 @@ fn mount_err(what: &str, target: &Path) -> impl FnOnce() -> String {
     move || msg
 }
 
+/// Merges `spec.opt_layers` read-only at `/opt`: an overlay whose lowest layer is the root
+/// tmpfs's own `/opt`, holding the mount points of the binds under `/opt` (the overlay is
+/// read-only, so they could not be made after).
+fn mount_opt_layers(spec: &SandboxSpec, root: &Path) -> Result<(), InitError> {
+    let opt = inside(root, "/opt");
+    fs::create_dir_all(&opt).step(|| "mkdir /opt".into())?;
+    for bind in &spec.binds {
+        if !bind.target.starts_with("/opt/") {
+            continue;
+        }
+        let target = inside(root, &bind.target);
+        if bind.source.is_dir() {
+            fs::create_dir_all(&target).step(|| format!("mkdir {}", target.display()))?;
+        } else {
+            if let Some(parent) = target.parent() {
+                fs::create_dir_all(parent).step(|| format!("mkdir {}", parent.display()))?;
+            }
+            fs::write(&target, b"").step(|| format!("creating {}", target.display()))?;
+        }
+    }
+    let mut lower = Vec::with_capacity(spec.opt_layers.len() + 1);
+    for dir in spec.opt_layers.iter().rev().chain(std::iter::once(&opt)) {
+        let s = dir.to_str().unwrap_or(",");
+        if s.contains([',', ':', '\\']) {
+            return Err(std::io::Error::other("',', ':' or '\\' in the path"))
+                .step(|| format!("layer directory {}", dir.display()));
+        }
+        lower.push(s.to_owned());
+    }
+    let data = format!("lowerdir={}", lower.join(":"));
+    let mut flags = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    // As the binds keep their source's noexec: layers on a noexec file system stay so.
+    if spec
+        .opt_layers
+        .iter()
+        .any(|d| statvfs(d.as_path()).is_ok_and(|st| st.flags().contains(FsFlags::ST_NOEXEC)))
+    {
+        flags |= MsFlags::MS_NOEXEC;
+    }
+    mount(
+        Some("overlay"),
+        &opt,
+        Some("overlay"),
+        flags,
+        Some(data.as_str()),
+    )
+    .step(mount_err("the layers (overlay)", &opt))
+}
+
 fn build_rootfs(spec: &SandboxSpec) -> Result<(), InitError> {
     let none = None::<&str>;
     unshare(CloneFlags::CLONE_NEWNS).step(|| "unsharing the mount namespace".into())?;
@@ -435,6 +484,9 @@ fn build_rootfs(spec: &SandboxSpec) -> Result<(), InitError> {
         Some("size=1m,mode=0755"),
     )
     .step(mount_err("the root tmpfs", root))?;
+    if !spec.opt_layers.is_empty() {
+        mount_opt_layers(spec, root)?;
+    }
 
     for bind in &spec.binds {
         let target = inside(root, &bind.target);

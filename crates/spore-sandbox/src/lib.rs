@@ -132,6 +132,11 @@ pub struct SandboxSpec {
     /// init kills the sandbox and exits too, so that no sandbox outlives its daemon.
     #[serde(default)]
     pub daemon_pid: Option<u32>,
+    /// Read-only directories merged at `/opt` (an overlay, lowest first: a later directory's
+    /// files hide an earlier one's of the same path, as Lambda's layers), mounted before
+    /// `binds`, so that binds under `/opt` land on top. Empty: no `/opt` overlay.
+    #[serde(default)]
+    pub opt_layers: Vec<PathBuf>,
 }
 
 /// A user-namespace id mapping: ids `0..count` inside are `host_base..host_base+count` outside.
@@ -258,6 +263,7 @@ mod tests {
             restore_mode: None,
             wait_for_go: false,
             daemon_pid: Some(1),
+            opt_layers: vec![],
         }
     }
 

@@ -265,6 +265,19 @@ impl Client {
 
     /// Creates or updates a function from a manifest and a zip.
     pub fn deploy(&self, m: &spore_core::FunctionManifest, zip: &[u8]) -> Result<Value> {
+        self.deploy_with(m, zip, true)
+    }
+
+    /// As [`Client::deploy`]; `build` false skips the dependency build (the package vendors
+    /// its packages). The answer may say the function's dependencies are being built
+    /// ([`Client::wait_for_build`]).
+    pub fn deploy_with(
+        &self,
+        m: &spore_core::FunctionManifest,
+        zip: &[u8],
+        build: bool,
+    ) -> Result<Value> {
+        let build = if build { "build" } else { "skip" };
         let b64 = base64::engine::general_purpose::STANDARD.encode(zip);
         let mut tags = serde_json::Map::new();
         tags.insert("spore:sandbox".into(), m.sandbox.as_str().into());
@@ -294,6 +307,7 @@ impl Client {
         let resp = self.send(
             self.http
                 .post(self.url("/2015-03-31/functions"))
+                .header("x-spore-build", build)
                 .json(&create),
         )?;
         if resp.status() != reqwest::StatusCode::CONFLICT {
@@ -313,9 +327,47 @@ impl Client {
         )?;
         let code = serde_json::json!({ "ZipFile": b64 });
         json(
-            Self::check(self.send(self.http.put(self.url(&format!("{base}/code"))).json(&code))?)?,
+            Self::check(
+                self.send(
+                    self.http
+                        .put(self.url(&format!("{base}/code")))
+                        .header("x-spore-build", build)
+                        .json(&code),
+                )?,
+            )?,
             "malformed UpdateFunctionCode answer",
         )
+    }
+
+    /// Waits (at most `limit`) while `name`'s dependency build runs, calling `on_line` with
+    /// each new line of its output; returns the function's last configuration (check
+    /// `State` and `LastUpdateStatus`).
+    pub fn wait_for_build(
+        &self,
+        name: &str,
+        limit: std::time::Duration,
+        mut on_line: impl FnMut(&str),
+    ) -> Result<Value> {
+        let deadline = std::time::Instant::now() + limit;
+        let mut seen: u64 = 0;
+        loop {
+            let conf = self.get_json(&format!("/2015-03-31/functions/{name}/configuration"))?;
+            if let Some(b) = conf.get("SporeBuild") {
+                let dropped = b["Dropped"].as_u64().unwrap_or(0);
+                let lines = b["Lines"].as_array().cloned().unwrap_or_default();
+                for (i, l) in lines.iter().enumerate() {
+                    if dropped + i as u64 >= seen {
+                        on_line(l.as_str().unwrap_or_default());
+                    }
+                }
+                seen = seen.max(dropped + lines.len() as u64);
+            }
+            let busy = conf["State"] == "Pending" || conf["LastUpdateStatus"] == "InProgress";
+            if !busy || std::time::Instant::now() >= deadline {
+                return Ok(conf);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
     }
 
     /// `GET /spore/v1/units`.

@@ -76,8 +76,18 @@ impl Client {
         dir: &Path,
         m: &FunctionManifest,
     ) -> Result<serde_json::Value, FunctionDirError> {
+        self.deploy_dir_with(dir, m, true)
+    }
+
+    /// As [`Client::deploy_dir`]; `build` false skips the dependency build.
+    pub fn deploy_dir_with(
+        &self,
+        dir: &Path,
+        m: &FunctionManifest,
+        build: bool,
+    ) -> Result<serde_json::Value, FunctionDirError> {
         let zip = zip_function_dir(dir)?;
-        self.deploy(m, &zip)
+        self.deploy_with(m, &zip, build)
             .map_err(|source| FunctionDirError::Deploy {
                 name: m.name.clone(),
                 source,

@@ -581,6 +581,8 @@ mod tests {
             code_size: 0,
             last_modified_ms: 0,
             revision: 1,
+            deps: None,
+            build: None,
         }
     }
 

@@ -8,6 +8,7 @@
 //! in-flight work and removes every sandbox and cgroup it made.
 #![forbid(unsafe_code)]
 
+mod deps;
 mod hosts;
 mod invoke;
 
@@ -22,7 +23,9 @@ use spore_pool::{PoolConfig, Pools, SnapshotInfo, Snapshots, Work};
 use spore_registry::store::DataDirLock;
 use spore_registry::{FunctionRecord, Registry, SharedRegistry};
 
+pub use deps::DepsMode;
 pub use spore_core::{ControlError, Invocation, InvokeOptions};
+pub use spore_pool::build::BuildLimits;
 pub use spore_pool::cgroup_parent_name;
 pub use spore_registry::FunctionSpec;
 
@@ -74,6 +77,11 @@ pub struct ControlConfig {
     pub unit: Option<spore_shim::UnitInfo>,
     /// Settings of links to other units.
     pub link: spore_shim::LinkConfig,
+    /// Offline package index (wheels, an npm cache under `npm/`) for dependency builds;
+    /// None: builds reach the network (a stopgap: the host's network namespace).
+    pub build_index_dir: Option<PathBuf>,
+    /// Limits of one dependency build.
+    pub build_limits: BuildLimits,
 }
 
 impl ControlConfig {
@@ -94,6 +102,8 @@ impl ControlConfig {
             idle_memory_mb: None,
             unit: None,
             link: spore_shim::LinkConfig::default(),
+            build_index_dir: None,
+            build_limits: BuildLimits::default(),
         }
     }
 }
@@ -129,6 +139,7 @@ struct Inner {
     pools: Pools,
     units: Arc<Units>,
     dags: Dags,
+    builds: deps::Builds,
     _lock: DataDirLock,
 }
 
@@ -216,10 +227,12 @@ impl Control {
                 pools,
                 units,
                 dags,
+                builds: deps::Builds::new(cfg.build_index_dir.clone(), cfg.build_limits),
                 _lock: lock,
             }),
         };
         control.inner.dags.set_invoker(hosts::invoker(&control));
+        control.check_layers();
         Ok((control, warnings))
     }
 
@@ -244,20 +257,42 @@ impl Control {
         Ok(())
     }
 
-    /// Creates a function from a zip package.
+    /// Creates a function from a zip package (building its dependencies).
     pub fn create_function(
         &self,
         spec: FunctionSpec,
         zip: &[u8],
     ) -> Result<FunctionRecord, ControlError> {
+        self.create_function_with(spec, zip, DepsMode::Build)
+    }
+
+    /// Creates a function from a zip package. With requirement files whose layer is not
+    /// built yet, the function is returned `Pending` and the build runs in the background.
+    pub fn create_function_with(
+        &self,
+        spec: FunctionSpec,
+        zip: &[u8],
+        deps: DepsMode,
+    ) -> Result<FunctionRecord, ControlError> {
         Self::check_spec(&spec)?;
-        let mut reg = self.inner.registry.lock();
+        let reg = self.inner.registry.lock();
         let name = spec.manifest.name.clone();
         if reg.get(&name).is_some() {
             return Err(ControlError::Conflict(name));
         }
         let (code_sha256, code_hex, code_size) = reg.install_code(&name, zip)?;
-        let rec = reg.put(FunctionRecord {
+        let code_dir = reg.dir_of_code(&name, &code_hex);
+        drop(reg);
+        let plan = self.plan_deps(&code_dir, spec.manifest.runtime, deps);
+        let mut reg = self.inner.registry.lock();
+        let plan = match plan {
+            Ok(plan) => plan,
+            Err(e) => {
+                reg.discard_code(&name);
+                return Err(e);
+            }
+        };
+        let mut rec = reg.put(FunctionRecord {
             manifest: spec.manifest,
             description: spec.description,
             code_sha256,
@@ -265,22 +300,67 @@ impl Control {
             code_size,
             last_modified_ms: 0,
             revision: 0,
+            deps: plan.as_ref().map(|(req, _)| req.key()),
+            build: None,
         })?;
+        let pending = match plan {
+            Some((req, true)) => {
+                let (b, status) = self.new_build(&name, req, code_dir, None);
+                reg.set_build(&name, Some(status.clone()));
+                rec.build = Some(status);
+                Some(b)
+            }
+            _ => None,
+        };
         drop(reg);
+        if let Some(b) = pending {
+            self.start_build(b)?;
+        }
         self.inner.pools.retire(&name);
         tracing::info!(function = %name, runtime = %rec.manifest.runtime, sandbox = %rec.manifest.sandbox.as_str(), code = %rec.code_hex, "function created");
         Ok(rec)
     }
 
-    /// Replaces a function's code.
+    /// Replaces a function's code (building its dependencies).
     pub fn update_code(&self, name: &str, zip: &[u8]) -> Result<FunctionRecord, ControlError> {
-        let mut reg = self.inner.registry.lock();
+        self.update_code_with(name, zip, DepsMode::Build)
+    }
+
+    /// Replaces a function's code. With requirement files whose layer is not built yet, the
+    /// function keeps its current code (`LastUpdateStatus: InProgress`) until the build
+    /// succeeds, and is returned at once.
+    pub fn update_code_with(
+        &self,
+        name: &str,
+        zip: &[u8],
+        deps: DepsMode,
+    ) -> Result<FunctionRecord, ControlError> {
+        let reg = self.inner.registry.lock();
         let mut rec = reg
             .get(name)
             .cloned()
             .ok_or_else(|| ControlError::NotFound(name.into()))?;
         let (b64, hex, size) = reg.install_code(name, zip)?;
+        let code_dir = reg.dir_of_code(name, &hex);
+        drop(reg);
+        let plan = self.plan_deps(&code_dir, rec.manifest.runtime, deps)?;
+        let mut reg = self.inner.registry.lock();
+        if let Some((req, true)) = plan {
+            let mut next = rec.clone();
+            (next.code_sha256, next.code_hex, next.code_size) = (b64, hex, size);
+            let (b, status) = self.new_build(name, req, code_dir, Some((zip.to_vec(), next)));
+            if !reg.set_build(name, Some(status.clone())) {
+                return Err(ControlError::NotFound(name.into()));
+            }
+            drop(reg);
+            rec.build = Some(status);
+            self.start_build(b)?;
+            tracing::info!(function = %name, "function code update waits for its dependency build");
+            return Ok(rec);
+        }
         (rec.code_sha256, rec.code_hex, rec.code_size) = (b64, hex, size);
+        rec.deps = plan.map(|(req, _)| req.key());
+        rec.build = None;
         let rec = reg.put(rec)?;
         drop(reg);
         self.inner.pools.retire(name);
@@ -491,6 +571,9 @@ impl Control {
         let Ok(rec) = self.get_function(name) else {
             return;
         };
+        if rec.build.as_ref().is_some_and(|b| b.creating) {
+            return; // its dependencies are not built yet
+        }
         // A function pinned to another unit is forked there, never here.
         if rec
             .manifest

@@ -292,7 +292,7 @@ fn range_i64(name: &str, v: i64, range: std::ops::RangeInclusive<u32>) -> ApiRes
 
 fn configuration(rec: &FunctionRecord) -> serde_json::Value {
     let m = &rec.manifest;
-    serde_json::json!({
+    let mut config = serde_json::json!({
         "FunctionName": m.name,
         "FunctionArn": format!("arn:aws:lambda:local:000000000000:function:{}", m.name),
         "Runtime": m.runtime.as_str(),
@@ -313,7 +313,9 @@ fn configuration(rec: &FunctionRecord) -> serde_json::Value {
         "RevisionId": format!("{}-{}", rec.code_hex.get(..12).unwrap_or_default(), rec.revision),
         // Not Lambda's: the SDKs ignore unknown keys; `spore ls` shows it.
         "SporeSandbox": m.sandbox.as_str(),
-    })
+    });
+    crate::deps::set_state(&mut config, rec);
+    config
 }
 
 fn tags(rec: &FunctionRecord) -> BTreeMap<String, String> {
@@ -347,8 +349,10 @@ fn tags(rec: &FunctionRecord) -> BTreeMap<String, String> {
 
 pub(crate) async fn create_function(
     State(st): State<AppState>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
+    let deps = crate::deps::deps_mode(&headers)?;
     let req: CreateFunctionIn = parse_json(&body)?;
     refuse_unsupported(&body, CREATE_KEYS)?;
     if req.package_type.as_deref().is_some_and(|p| p != "Zip") || req.code.image_uri.is_some() {
@@ -429,7 +433,7 @@ pub(crate) async fn create_function(
         description: req.description.unwrap_or_default(),
     };
     let control = st.control.clone();
-    let rec = tokio::task::spawn_blocking(move || control.create_function(spec, &zip))
+    let rec = tokio::task::spawn_blocking(move || control.create_function_with(spec, &zip, deps))
         .await
         .map_err(|e| ControlError::Internal(e.to_string()))??;
     st.control.prewarm(&rec.manifest.name);
@@ -540,14 +544,16 @@ pub(crate) async fn delete_function(
 pub(crate) async fn update_code(
     State(st): State<AppState>,
     Path(name): Path<String>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
+    let deps = crate::deps::deps_mode(&headers)?;
     let req: UpdateCodeIn = parse_json(&body)?;
     refuse_unsupported(&body, UPDATE_CODE_KEYS)?;
     let zip = decode_zip(req.zip_file.as_deref())?;
     let control = st.control.clone();
     let name = function_name_from_ref(&name).to_owned();
-    let rec = tokio::task::spawn_blocking(move || control.update_code(&name, &zip))
+    let rec = tokio::task::spawn_blocking(move || control.update_code_with(&name, &zip, deps))
         .await
         .map_err(|e| ControlError::Internal(e.to_string()))??;
     st.control.prewarm(&rec.manifest.name);
@@ -633,6 +639,7 @@ pub(crate) async fn invoke(
                 .map_err(|e| ApiError::invalid(format!("X-Spore-Restore-Mode: {e}")))
         })
         .transpose()?;
+    crate::deps::refuse_unless_active(&st.control, &name)?;
     match kind {
         "DryRun" => {
             st.control.get_function(&name)?;

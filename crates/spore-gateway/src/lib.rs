@@ -28,6 +28,7 @@
 
 pub mod auth;
 mod dag;
+mod deps;
 mod lambda;
 pub mod sessions;
 pub mod ui;

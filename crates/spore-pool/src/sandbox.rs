@@ -46,6 +46,8 @@ pub struct InstanceEnv {
     pub tmp_mb: u32,
     /// First uid of the range sandboxes run as (each instance gets its own).
     pub uid_base: u32,
+    /// Where dependency layers live (`<data-dir>/deps`); None: functions have none here.
+    pub deps_root: Option<PathBuf>,
     seq: AtomicU64,
 }
 
@@ -70,6 +72,7 @@ impl InstanceEnv {
             pids_max: 64,
             tmp_mb: 64,
             uid_base: 200_000,
+            deps_root: None,
             seq: AtomicU64::new(1),
         }
     }
@@ -217,6 +220,7 @@ fn spawn_in(
         restore_mode: None,
         wait_for_go: false,
         daemon_pid: Some(std::process::id()),
+        host_network: false,
     };
     if rec.manifest.snapshot || is_template {
         // A runtime is snapshotted, and a cfork template forks, single-threaded: keep
@@ -263,6 +267,7 @@ fn spawn_in(
             read_only: true,
         });
     }
+    bind_read_only_dirs(&mut spec, &layer_dirs(env, rec)?);
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(platform("socketpair"))?;
     let mut go = None;
     if spec.restore.is_some() {
@@ -308,6 +313,36 @@ fn spawn_in(
         stderr_tail,
         go,
     })
+}
+
+/// The read-only directories a function's sandboxes get beside its code, `(host directory,
+/// path inside)`: its dependency layer, if it has one (which must be built).
+fn layer_dirs(
+    env: &InstanceEnv,
+    rec: &FunctionRecord,
+) -> Result<Vec<(PathBuf, String)>, StartError> {
+    let mut dirs = Vec::new();
+    if let (Some(key), Some(root)) = (&rec.deps, &env.deps_root) {
+        let dir = root.join(key);
+        if !dir.is_dir() {
+            return Err(StartError::Platform(format!(
+                "the function's dependency layer {key} is not built (deploy it again)"
+            )));
+        }
+        dirs.push((dir, spore_runtime::DEPS_ROOT.to_owned()));
+    }
+    Ok(dirs)
+}
+
+/// Binds each `(host directory, path inside)` read-only into the sandbox, in order.
+pub(crate) fn bind_read_only_dirs(spec: &mut SandboxSpec, dirs: &[(PathBuf, String)]) {
+    for (source, target) in dirs {
+        spec.binds.push(BindMount {
+            source: source.clone(),
+            target: target.clone(),
+            read_only: true,
+        });
+    }
 }
 
 /// The first frame a starting runtime sends after its checkpoint, if it offers one: a

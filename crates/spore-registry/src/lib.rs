@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod code;
+pub mod deps;
 pub mod registry;
 pub mod store;
 
@@ -17,7 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use spore_core::{error_chain, ControlError, FunctionManifest};
 
-pub use registry::{FunctionRecord, Registry, RegistryError};
+pub use registry::{BuildStatus, FunctionRecord, Registry, RegistryError};
 
 /// A function's configuration as given by a create or update call.
 #[derive(Debug, Clone)]
@@ -68,6 +69,12 @@ impl SharedRegistry {
     /// The revision `name` has now (None: deleted).
     pub fn revision(&self, name: &str) -> Option<u64> {
         self.lock().get(name).map(|r| r.revision)
+    }
+
+    /// Where `rec`'s dependency layer is (None: it has none).
+    pub fn deps_dir(&self, rec: &FunctionRecord) -> Option<PathBuf> {
+        let key = rec.deps.as_deref()?;
+        Some(self.lock().deps_dir(key))
     }
 
     /// Where `rec`'s code is unpacked.

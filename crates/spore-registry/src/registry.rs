@@ -31,6 +31,45 @@ pub struct FunctionRecord {
     pub last_modified_ms: u64,
     /// Bumped on every change of code or configuration.
     pub revision: u64,
+    /// Content address of the dependency layer built from the code's requirement files
+    /// (`<data-dir>/deps/<key>`; None: the function has none). Part of the record, so a
+    /// change of layer is a new revision: templates and snapshots of the old one go.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deps: Option<String>,
+    /// A dependency build of this function in progress or failed (in memory only: a
+    /// restarted daemon has none).
+    #[serde(skip)]
+    pub build: Option<BuildStatus>,
+}
+
+/// Where a function's latest dependency build stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildStatus {
+    /// Which build (a later deploy's build replaces an earlier one's status).
+    pub id: u64,
+    /// The build belongs to the function's creation (Lambda's `State: Pending`), not to an
+    /// update of a function that keeps serving (`LastUpdateStatus: InProgress`).
+    pub creating: bool,
+    /// None while it runs; the reason when it failed.
+    pub failed: Option<String>,
+    /// The build's output lines so far (pip's or npm's), the last [`BUILD_LINES`].
+    pub lines: Vec<String>,
+    /// Lines dropped from the front of `lines`.
+    pub dropped: u64,
+}
+
+/// Most output lines a [`BuildStatus`] keeps.
+pub const BUILD_LINES: usize = 400;
+
+impl BuildStatus {
+    /// Adds an output line, dropping the oldest beyond [`BUILD_LINES`].
+    pub fn push_line(&mut self, line: String) {
+        if self.lines.len() >= BUILD_LINES {
+            self.lines.remove(0);
+            self.dropped += 1;
+        }
+        self.lines.push(line);
+    }
 }
 
 /// Errors of the registry.
@@ -115,6 +154,18 @@ impl Registry {
             .join(&rec.code_hex)
     }
 
+    /// Host directory of `name`'s code package `hex`.
+    pub fn dir_of_code(&self, name: &str, hex: &str) -> PathBuf {
+        self.dir.join(name).join("code").join(hex)
+    }
+
+    /// Removes what a refused create left of `name` (nothing if it is deployed).
+    pub fn discard_code(&self, name: &str) {
+        if !self.functions.contains_key(name) {
+            let _ = fs::remove_dir_all(self.dir.join(name));
+        }
+    }
+
     /// Unpacks a code package for `name` (a no-op if that exact package is there already).
     /// Returns `(sha256 base64, hex, zip size)`.
     pub fn install_code(
@@ -173,6 +224,23 @@ impl Registry {
         }
     }
 
+    /// Sets (or clears) the in-memory build status of `name`; false if there is no such
+    /// function.
+    pub fn set_build(&mut self, name: &str, build: Option<BuildStatus>) -> bool {
+        match self.functions.get_mut(name) {
+            Some(rec) => {
+                rec.build = build;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Host directory of a dependency layer.
+    pub fn deps_dir(&self, key: &str) -> PathBuf {
+        crate::deps::layers_root(self.dir.parent().unwrap_or(&self.dir)).join(key)
+    }
+
     /// Removes `name` and its code. Returns the record, if it existed.
     pub fn remove(&mut self, name: &str) -> Result<Option<FunctionRecord>, RegistryError> {
         let Some(rec) = self.functions.remove(name) else {
@@ -204,6 +272,8 @@ mod tests {
             code_size: size,
             last_modified_ms: 0,
             revision: 0,
+            deps: None,
+            build: None,
         }
     }
 

@@ -132,6 +132,11 @@ pub struct SandboxSpec {
     /// init kills the sandbox and exits too, so that no sandbox outlives its daemon.
     #[serde(default)]
     pub daemon_pid: Option<u32>,
+    /// Stay in the host's network namespace instead of a new one with loopback only. Only
+    /// a dependency build without an offline index asks for it, as a stopgap until builds
+    /// get egress networking of their own; function sandboxes never do.
+    #[serde(default)]
+    pub host_network: bool,
 }
 
 /// A user-namespace id mapping: ids `0..count` inside are `host_base..host_base+count` outside.
@@ -258,6 +263,7 @@ mod tests {
             restore_mode: None,
             wait_for_go: false,
             daemon_pid: Some(1),
+            host_network: false,
         }
     }
 

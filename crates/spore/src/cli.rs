@@ -53,6 +53,10 @@ pub(crate) enum Command {
     Deploy {
         /// Folder holding spore.toml.
         dir: PathBuf,
+        /// Do not build dependencies from requirements.txt or package.json (the folder
+        /// vendors its packages).
+        #[arg(long)]
+        no_build: bool,
     },
     /// Invoke a function and print its result.
     Invoke {
@@ -384,6 +388,11 @@ pub(crate) struct ServeArgs {
     /// Shared Python packages, bound read-only into sandboxes (default <data-dir>/packages).
     #[arg(long, env = "SPORE_PACKAGES_DIR")]
     pub(crate) packages_dir: Option<PathBuf>,
+    /// Offline package index for dependency builds: wheels for pip (`--no-index
+    /// --find-links`) and an npm cache in its `npm/` folder (`npm ci --offline`), bound
+    /// read-only into build sandboxes. Without it builds use the host's network.
+    #[arg(long, env = "SPORE_BUILD_INDEX_DIR")]
+    pub(crate) build_index_dir: Option<PathBuf>,
     /// Default most instances per function.
     #[arg(long, env = "SPORE_MAX_INSTANCES", default_value_t = 8)]
     pub(crate) max_instances: u32,

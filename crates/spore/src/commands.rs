@@ -202,6 +202,7 @@ pub fn serve(
     let exe = std::env::current_exe().context("locating the spore binary")?;
     let mut cfg = ControlConfig::new(data_dir.clone(), exe);
     cfg.packages_dir = args.packages_dir.clone();
+    cfg.build_index_dir = args.build_index_dir.clone();
     cfg.max_instances = args.max_instances;
     cfg.keep_alive = Duration::from_secs(args.keep_alive_s);
     cfg.cpu_millis = args.cpu_millis;
@@ -369,10 +370,32 @@ async fn shutdown_signal() -> &'static str {
 }
 
 /// `spore deploy DIR`.
-pub fn deploy(endpoint: &str, dir: &Path) -> Result<ExitCode> {
+pub fn deploy(endpoint: &str, dir: &Path, build: bool) -> Result<ExitCode> {
     let client = Client::new(endpoint)?;
     let m = read_manifest(dir)?;
-    let conf = client.deploy_dir(dir, &m)?;
+    let mut conf = client.deploy_dir_with(dir, &m, build)?;
+    if conf["State"] == "Pending" || conf["LastUpdateStatus"] == "InProgress" {
+        if !out::json() {
+            eprintln!("building the dependencies of {}", m.name);
+        }
+        conf = client.wait_for_build(&m.name, Duration::from_secs(900), |line| {
+            if !out::json() {
+                eprintln!("  | {}", out::printable(line));
+            }
+        })?;
+    }
+    if conf["State"] == "Failed" || conf["LastUpdateStatus"] == "Failed" {
+        let why = conf["LastUpdateStatusReason"]
+            .as_str()
+            .or(conf["StateReason"].as_str())
+            .unwrap_or("unknown");
+        let previous = if conf["State"] == "Failed" {
+            ""
+        } else {
+            " (the previous revision keeps serving)"
+        };
+        anyhow::bail!("deploying {}: {}{previous}", m.name, out::printable(why));
+    }
     if out::json() {
         out::print_json(&conf);
         return Ok(ExitCode::SUCCESS);

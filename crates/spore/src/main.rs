@@ -58,7 +58,7 @@ fn main() -> ExitCode {
         Command::Shim(args) => commands::shim(args),
         Command::Cluster { which } => commands::cluster(which),
         Command::Units => inspect::units(&cli.endpoint),
-        Command::Deploy { dir } => commands::deploy(&cli.endpoint, &dir),
+        Command::Deploy { dir, no_build } => commands::deploy(&cli.endpoint, &dir, !no_build),
         Command::Invoke {
             name,
             payload,

@@ -1,0 +1,93 @@
+//! Lambda's function states for dependency builds: what `GetFunction` says of a function
+//! whose build runs or failed, the refusal to invoke a function that is not `Active`, and
+//! Spore's `X-Spore-Build` header on create and code updates.
+
+use axum::http::{HeaderMap, StatusCode};
+use spore_control::{Control, DepsMode};
+use spore_registry::FunctionRecord;
+
+use crate::lambda::ApiError;
+
+/// Header with which a create or code update skips the dependency build (`skip`: the
+/// package vendors its packages; `spore deploy --no-build`).
+pub(crate) const BUILD_HEADER: &str = "x-spore-build";
+
+/// How a create or code update treats requirement files, from [`BUILD_HEADER`].
+pub(crate) fn deps_mode(headers: &HeaderMap) -> Result<DepsMode, ApiError> {
+    match headers.get(BUILD_HEADER).map(|v| v.to_str().unwrap_or("?")) {
+        None | Some("build") => Ok(DepsMode::Build),
+        Some("skip") => Ok(DepsMode::Skip),
+        Some(other) => Err(ApiError::invalid(format!(
+            "X-Spore-Build {other:?} must be build or skip"
+        ))),
+    }
+}
+
+/// Sets Lambda's state fields of `config` from `rec`'s dependency build, and Spore's
+/// `SporeBuild` (the build's output, which `spore deploy` streams).
+pub(crate) fn set_state(config: &mut serde_json::Value, rec: &FunctionRecord) {
+    let Some(b) = &rec.build else {
+        return;
+    };
+    let obj = config
+        .as_object_mut()
+        .expect("a configuration is an object");
+    let mut set = |k: &str, v: serde_json::Value| {
+        obj.insert(k.to_owned(), v);
+    };
+    match (b.creating, &b.failed) {
+        (true, None) => {
+            set("State", "Pending".into());
+            set(
+                "StateReason",
+                "The function's dependencies are being built".into(),
+            );
+            set("StateReasonCode", "Creating".into());
+            set("LastUpdateStatus", "InProgress".into());
+        }
+        (true, Some(why)) => {
+            set("State", "Failed".into());
+            set("StateReason", why.clone().into());
+            set("StateReasonCode", "InvalidConfiguration".into());
+            set("LastUpdateStatus", "Failed".into());
+            set("LastUpdateStatusReason", why.clone().into());
+            set("LastUpdateStatusReasonCode", "InvalidConfiguration".into());
+        }
+        (false, None) => {
+            set("LastUpdateStatus", "InProgress".into());
+            set(
+                "LastUpdateStatusReason",
+                "The function's new dependencies are being built".into(),
+            );
+            set("LastUpdateStatusReasonCode", "Creating".into());
+        }
+        (false, Some(why)) => {
+            set("LastUpdateStatus", "Failed".into());
+            set("LastUpdateStatusReason", why.clone().into());
+            set("LastUpdateStatusReasonCode", "InvalidConfiguration".into());
+        }
+    }
+    set(
+        "SporeBuild",
+        serde_json::json!({ "Lines": b.lines, "Dropped": b.dropped }),
+    );
+}
+
+/// Lambda's refusal to invoke a function that is `Pending` or `Failed`.
+pub(crate) fn refuse_unless_active(control: &Control, name: &str) -> Result<(), ApiError> {
+    let Ok(rec) = control.get_function(name) else {
+        return Ok(()); // the invocation reports the missing function
+    };
+    let state = match &rec.build {
+        Some(b) if b.creating && b.failed.is_none() => "Pending",
+        Some(b) if b.creating => "Failed",
+        _ => return Ok(()),
+    };
+    Err(ApiError::new(
+        StatusCode::CONFLICT,
+        "ResourceConflictException",
+        format!(
+            "The operation cannot be performed at this time. The function is currently in the following state: {state}"
+        ),
+    ))
+}

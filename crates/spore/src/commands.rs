@@ -394,7 +394,8 @@ pub fn deploy(endpoint: &str, dir: &Path, build: bool) -> Result<ExitCode> {
         } else {
             " (the previous revision keeps serving)"
         };
-        anyhow::bail!("deploying {}: {}{previous}", m.name, out::printable(why));
+        let why: Vec<String> = why.lines().map(out::printable).collect();
+        anyhow::bail!("deploying {}: {}{previous}", m.name, why.join("\n"));
     }
     if out::json() {
         out::print_json(&conf);

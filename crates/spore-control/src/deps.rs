@@ -106,6 +106,7 @@ impl Control {
             id,
             creating: update.is_none(),
             failed: None,
+            done: false,
             lines: Vec::new(),
             dropped: 0,
         };
@@ -158,7 +159,11 @@ impl Control {
                 }
                 match b.update {
                     None => {
-                        reg.set_build(name, None);
+                        let mut status = cur.build.clone();
+                        if let Some(s) = &mut status {
+                            s.done = true;
+                        }
+                        reg.set_build(name, status);
                     }
                     Some((zip, mut rec)) => {
                         // The staged code may have been pruned by a configuration change.
@@ -167,7 +172,10 @@ impl Control {
                             rec.manifest = cur.manifest.clone();
                             rec.description = cur.description.clone();
                             rec.deps = Some(key.clone());
-                            rec.build = None;
+                            rec.build = cur.build.clone().map(|mut s| {
+                                s.done = true;
+                                s
+                            });
                             reg.put(rec)
                         });
                         if let Err(e) = stored {
@@ -265,6 +273,7 @@ impl Control {
                     failed: Some(
                         "The dependency layer is missing (the daemon stopped during its build): deploy the function again".into(),
                     ),
+                    done: false,
                     lines: Vec::new(),
                     dropped: 0,
                 }),

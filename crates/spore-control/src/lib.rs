@@ -571,7 +571,7 @@ impl Control {
         let Ok(rec) = self.get_function(name) else {
             return;
         };
-        if rec.build.as_ref().is_some_and(|b| b.creating) {
+        if rec.build.as_ref().is_some_and(|b| b.creating && !b.done) {
             return; // its dependencies are not built yet
         }
         // A function pinned to another unit is forked there, never here.

@@ -36,6 +36,7 @@ pub(crate) fn set_state(config: &mut serde_json::Value, rec: &FunctionRecord) {
         obj.insert(k.to_owned(), v);
     };
     match (b.creating, &b.failed) {
+        _ if b.done => {}
         (true, None) => {
             set("State", "Pending".into());
             set(
@@ -79,8 +80,9 @@ pub(crate) fn refuse_unless_active(control: &Control, name: &str) -> Result<(), 
         return Ok(()); // the invocation reports the missing function
     };
     let state = match &rec.build {
-        Some(b) if b.creating && b.failed.is_none() => "Pending",
-        Some(b) if b.creating => "Failed",
+        Some(b) if b.done || !b.creating => return Ok(()),
+        Some(b) if b.failed.is_none() => "Pending",
+        Some(_) => "Failed",
         _ => return Ok(()),
     };
     Err(ApiError::new(

@@ -52,6 +52,8 @@ pub struct BuildStatus {
     pub creating: bool,
     /// None while it runs; the reason when it failed.
     pub failed: Option<String>,
+    /// It succeeded (its output stays readable until the next deploy).
+    pub done: bool,
     /// The build's output lines so far (pip's or npm's), the last [`BUILD_LINES`].
     pub lines: Vec<String>,
     /// Lines dropped from the front of `lines`.

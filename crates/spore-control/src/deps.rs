@@ -70,6 +70,19 @@ pub(crate) struct PendingBuild {
 }
 
 impl Control {
+    /// Refuses a package without the warm-up event file its manifest names.
+    pub(crate) fn check_warmup_event(
+        m: &spore_core::FunctionManifest,
+        code_dir: &std::path::Path,
+    ) -> Result<(), ControlError> {
+        match &m.warmup_event {
+            Some(w) if !code_dir.join(w).is_file() => Err(ControlError::InvalidParameter(format!(
+                "warmup_event {w:?}: the code package has no such file (the path is relative to the function's folder)"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// The layer key of the package in `code_dir` for `runtime`, and whether it must be
     /// built (None: nothing to build, or `mode` skips it).
     pub(crate) fn plan_deps(

@@ -280,10 +280,13 @@ impl Control {
         if reg.get(&name).is_some() {
             return Err(ControlError::Conflict(name));
         }
-        let (code_sha256, code_hex, code_size) = reg.install_code(&name, zip)?;
+        let (code_sha256, code_hex, code_size) = reg
+            .install_code(&name, zip)
+            .inspect_err(|e| tracing::warn!(function = %name, "code package refused: {e}"))?;
         let code_dir = reg.dir_of_code(&name, &code_hex);
         drop(reg);
-        let plan = self.plan_deps(&code_dir, spec.manifest.runtime, deps);
+        let plan = Self::check_warmup_event(&spec.manifest, &code_dir)
+            .and_then(|()| self.plan_deps(&code_dir, spec.manifest.runtime, deps));
         let mut reg = self.inner.registry.lock();
         let plan = match plan {
             Ok(plan) => plan,
@@ -340,9 +343,12 @@ impl Control {
             .get(name)
             .cloned()
             .ok_or_else(|| ControlError::NotFound(name.into()))?;
-        let (b64, hex, size) = reg.install_code(name, zip)?;
+        let (b64, hex, size) = reg
+            .install_code(name, zip)
+            .inspect_err(|e| tracing::warn!(function = %name, "code package refused: {e}"))?;
         let code_dir = reg.dir_of_code(name, &hex);
         drop(reg);
+        Self::check_warmup_event(&rec.manifest, &code_dir)?;
         let plan = self.plan_deps(&code_dir, rec.manifest.runtime, deps)?;
         let mut reg = self.inner.registry.lock();
         if let Some((req, true)) = plan {

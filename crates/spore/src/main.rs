@@ -39,7 +39,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse_from(argv);
     if !matches!(
         cli.command,
-        Command::Serve(_) | Command::Shim(_) | Command::Demo(_) | Command::Bench { .. }
+        Command::Serve(_)
+            | Command::Shim(_)
+            | Command::Demo(_)
+            | Command::Bench { .. }
+            // A deploy writes a large body to a socket the daemon may close early (it
+            // refuses an oversized request from its head): that must be an error that
+            // says so, not a silent death by SIGPIPE.
+            | Command::Deploy { .. }
     ) {
         // A client command whose output goes to a closed pipe (`spore snapshot inspect f |
         // head`) ends quietly, as other command-line tools do, instead of panicking.

@@ -389,13 +389,25 @@ impl Client {
 
     /// Deletes a function.
     pub fn delete(&self, name: &str) -> Result<()> {
-        Self::check(
+        self.delete_with(name, false).map(drop)
+    }
+
+    /// Deletes a function; `force` deletes one that DAGs use too. Returns the DAGs the
+    /// delete left broken.
+    pub fn delete_with(&self, name: &str, force: bool) -> Result<Vec<String>> {
+        let resp = Self::check(
             self.send(
                 self.http
-                    .delete(self.url(&format!("/2015-03-31/functions/{name}"))),
+                    .delete(self.url(&format!("/2015-03-31/functions/{name}")))
+                    .header("x-spore-force", if force { "true" } else { "false" }),
             )?,
         )?;
-        Ok(())
+        Ok(resp
+            .headers()
+            .get("x-spore-broken-dags")
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(',').map(str::to_owned).collect())
+            .unwrap_or_default())
     }
 
     /// Invokes a function synchronously.

@@ -44,7 +44,7 @@ pub(crate) fn remote_to_control(e: RemoteError, unit: u32) -> ControlError {
 pub(crate) fn control_to_remote(e: ControlError) -> RemoteError {
     let kind = match &e {
         ControlError::NotFound(_) => RemoteErrorKind::NotFound,
-        ControlError::Conflict(_) | ControlError::InvalidParameter(_) => {
+        ControlError::Conflict(_) | ControlError::InUse(_) | ControlError::InvalidParameter(_) => {
             RemoteErrorKind::InvalidParameter
         }
         ControlError::InvalidRequestContent(_) => RemoteErrorKind::InvalidRequestContent,

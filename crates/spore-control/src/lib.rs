@@ -394,7 +394,36 @@ impl Control {
     }
 
     /// Deletes a function; its instances stop (busy ones when their invocation ends).
+    /// Refused while a DAG uses it.
     pub fn delete_function(&self, name: &str) -> Result<FunctionRecord, ControlError> {
+        self.delete_function_with(name, false).map(|(rec, _)| rec)
+    }
+
+    /// Deletes a function. A function that DAGs use is refused with their names unless
+    /// `force`, which deletes it anyway and returns the DAGs it leaves broken (they stay
+    /// deployed; their invocations fail until the function is deployed again).
+    pub fn delete_function_with(
+        &self,
+        name: &str,
+        force: bool,
+    ) -> Result<(FunctionRecord, Vec<String>), ControlError> {
+        let users: Vec<String> = self
+            .inner
+            .dags
+            .list_dags()
+            .into_iter()
+            .filter(|d| d.nodes.iter().any(|n| n.function == name))
+            .map(|d| d.name)
+            .collect();
+        if !users.is_empty() && !force && self.inner.registry.get(name).is_ok() {
+            tracing::warn!(function = %name, dags = ?users, "delete refused: DAGs use the function");
+            return Err(ControlError::InUse(format!(
+                "Function {name} is used by DAG {}: delete {} first, or force the delete (spore rm --force), which leaves {} broken",
+                users.join(", "),
+                if users.len() == 1 { "it" } else { "them" },
+                if users.len() == 1 { "it" } else { "them" },
+            )));
+        }
         let rec = self
             .inner
             .registry
@@ -405,8 +434,12 @@ impl Control {
         self.inner.pools.snapshots().remove(name);
         self.inner.pools.remove_log(name);
         self.inner.units.remove_on_units(name);
-        tracing::info!(function = %name, "function deleted");
-        Ok(rec)
+        if users.is_empty() {
+            tracing::info!(function = %name, "function deleted");
+        } else {
+            tracing::warn!(function = %name, broken_dags = ?users, "function deleted; DAGs that use it are broken");
+        }
+        Ok((rec, users))
     }
 
     /// Every stored snapshot.

@@ -93,3 +93,32 @@ pub(crate) fn refuse_unless_active(control: &Control, name: &str) -> Result<(), 
         ),
     ))
 }
+
+/// Header with which a delete removes a function that DAGs use (`true`); the answer's
+/// [`BROKEN_DAGS_HEADER`] names the DAGs that no longer run.
+pub(crate) const FORCE_HEADER: &str = "x-spore-force";
+/// Header of a forced delete's answer: the DAGs that used the function, comma-separated.
+pub(crate) const BROKEN_DAGS_HEADER: &str = "x-spore-broken-dags";
+
+/// Whether a delete is forced, from [`FORCE_HEADER`].
+pub(crate) fn force(headers: &HeaderMap) -> Result<bool, ApiError> {
+    match headers.get(FORCE_HEADER).map(|v| v.to_str().unwrap_or("?")) {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(other) => Err(ApiError::invalid(format!(
+            "X-Spore-Force {other:?} must be true or false"
+        ))),
+    }
+}
+
+/// The answer to a delete: 204, naming the DAGs it broke.
+pub(crate) fn deleted(broken: &[String]) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let mut resp = StatusCode::NO_CONTENT.into_response();
+    if let Ok(v) = axum::http::HeaderValue::from_str(&broken.join(",")) {
+        if !broken.is_empty() {
+            resp.headers_mut().insert(BROKEN_DAGS_HEADER, v);
+        }
+    }
+    resp
+}

@@ -63,7 +63,7 @@ impl From<ControlError> for ApiError {
         use ControlError as E;
         let (status, kind) = match &e {
             E::NotFound(_) => (StatusCode::NOT_FOUND, "ResourceNotFoundException"),
-            E::Conflict(_) => (StatusCode::CONFLICT, "ResourceConflictException"),
+            E::Conflict(_) | E::InUse(_) => (StatusCode::CONFLICT, "ResourceConflictException"),
             E::InvalidParameter(_) => (StatusCode::BAD_REQUEST, "InvalidParameterValueException"),
             E::InvalidRequestContent(_) => {
                 (StatusCode::BAD_REQUEST, "InvalidRequestContentException")
@@ -527,6 +527,7 @@ pub(crate) async fn delete_function(
     State(st): State<AppState>,
     Path(name): Path<String>,
     Query(q): Query<QualifierQuery>,
+    headers: HeaderMap,
 ) -> ApiResult<Response> {
     if q.qualifier.as_deref() == Some("$LATEST") {
         return Err(ApiError::invalid(
@@ -535,10 +536,12 @@ pub(crate) async fn delete_function(
     }
     let control = st.control.clone();
     let name = resolve(&name, q.qualifier.as_deref())?;
-    tokio::task::spawn_blocking(move || control.delete_function(&name))
-        .await
-        .map_err(|e| ControlError::Internal(e.to_string()))??;
-    Ok(StatusCode::NO_CONTENT.into_response())
+    let force = crate::deps::force(&headers)?;
+    let (_, broken) =
+        tokio::task::spawn_blocking(move || control.delete_function_with(&name, force))
+            .await
+            .map_err(|e| ControlError::Internal(e.to_string()))??;
+    Ok(crate::deps::deleted(&broken))
 }
 
 pub(crate) async fn update_code(

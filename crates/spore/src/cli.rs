@@ -92,10 +92,14 @@ pub(crate) enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
-    /// Delete a function.
+    /// Delete a function (refused while a DAG uses it, unless --force).
     Rm {
         /// Function name.
         name: String,
+        /// Delete it even though DAGs use it: they stay deployed and fail until the function
+        /// is deployed again (their names are printed).
+        #[arg(long)]
+        force: bool,
     },
     /// Print a function's recent log lines.
     Logs {

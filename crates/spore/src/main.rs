@@ -84,7 +84,7 @@ fn main() -> ExitCode {
         Command::Ps => inspect::ps(&cli.endpoint),
         Command::Describe { name } => inspect::describe(&cli.endpoint, &name),
         Command::Completions { shell } => inspect::completions(shell),
-        Command::Rm { name } => inspect::rm(&cli.endpoint, &name),
+        Command::Rm { name, force } => inspect::rm(&cli.endpoint, &name, force),
         Command::Evict { name } => commands::evict(&cli.endpoint, &name),
         Command::Logs {
             name,

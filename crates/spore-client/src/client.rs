@@ -265,7 +265,7 @@ impl Client {
 
     /// Creates or updates a function from a manifest and a zip.
     pub fn deploy(&self, m: &spore_core::FunctionManifest, zip: &[u8]) -> Result<Value> {
-        self.deploy_with(m, zip, true)
+        self.deploy_with(m, zip, true, None)
     }
 
     /// As [`Client::deploy`]; `build` false skips the dependency build (the package vendors
@@ -276,8 +276,13 @@ impl Client {
         m: &spore_core::FunctionManifest,
         zip: &[u8],
         build: bool,
+        progress: Option<crate::signed::Progress>,
     ) -> Result<Value> {
         let build = if build { "build" } else { "skip" };
+        let with_progress = |req: crate::signed::RequestBuilder| match &progress {
+            Some(p) => req.upload_progress(p.clone()),
+            None => req,
+        };
         let b64 = base64::engine::general_purpose::STANDARD.encode(zip);
         let mut tags = serde_json::Map::new();
         tags.insert("spore:sandbox".into(), m.sandbox.as_str().into());
@@ -304,12 +309,12 @@ impl Client {
             "MemorySize": m.memory_mb, "Timeout": m.timeout_s, "Code": { "ZipFile": b64 },
             "Environment": { "Variables": m.environment }, "Tags": tags,
         });
-        let resp = self.send(
+        let resp = self.send(with_progress(
             self.http
                 .post(self.url("/2015-03-31/functions"))
                 .header("x-spore-build", build)
                 .json(&create),
-        )?;
+        ))?;
         if resp.status() != reqwest::StatusCode::CONFLICT {
             return json(Self::check(resp)?, "malformed CreateFunction answer");
         }
@@ -328,12 +333,12 @@ impl Client {
         let code = serde_json::json!({ "ZipFile": b64 });
         json(
             Self::check(
-                self.send(
+                self.send(with_progress(
                     self.http
                         .put(self.url(&format!("{base}/code")))
                         .header("x-spore-build", build)
                         .json(&code),
-                )?,
+                ))?,
             )?,
             "malformed UpdateFunctionCode answer",
         )

@@ -122,18 +122,20 @@ impl Client {
         dir: &Path,
         m: &FunctionManifest,
     ) -> Result<serde_json::Value, FunctionDirError> {
-        self.deploy_dir_with(dir, m, true)
+        self.deploy_dir_with(dir, m, true, None)
     }
 
-    /// As [`Client::deploy_dir`]; `build` false skips the dependency build.
+    /// As [`Client::deploy_dir`]; `build` false skips the dependency build, `progress`
+    /// hears how far the upload got.
     pub fn deploy_dir_with(
         &self,
         dir: &Path,
         m: &FunctionManifest,
         build: bool,
+        progress: Option<crate::signed::Progress>,
     ) -> Result<serde_json::Value, FunctionDirError> {
         let zip = zip_function_dir(dir)?;
-        self.deploy_with(m, &zip, build)
+        self.deploy_with(m, &zip, build, progress)
             .map_err(|source| FunctionDirError::Deploy {
                 name: m.name.clone(),
                 source,

@@ -373,7 +373,23 @@ async fn shutdown_signal() -> &'static str {
 pub fn deploy(endpoint: &str, dir: &Path, build: bool) -> Result<ExitCode> {
     let client = Client::new(endpoint)?;
     let m = read_manifest(dir)?;
-    let mut conf = client.deploy_dir_with(dir, &m, build)?;
+    // A progress bar for the upload (drawn only on a terminal).
+    let bar =
+        indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("uploading {bytes}/{total_bytes} {wide_bar} {eta}")
+            .expect("a valid template"),
+    );
+    let hook = {
+        let bar = bar.clone();
+        std::sync::Arc::new(move |sent: u64, total: u64| {
+            bar.set_length(total);
+            bar.set_position(sent);
+        })
+    };
+    let deployed = client.deploy_dir_with(dir, &m, build, (!out::json()).then_some(hook));
+    bar.finish_and_clear();
+    let mut conf = deployed?;
     if conf["State"] == "Pending" || conf["LastUpdateStatus"] == "InProgress" {
         if !out::json() {
             eprintln!("building the dependencies of {}", m.name);

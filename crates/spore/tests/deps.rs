@@ -400,3 +400,55 @@ fn the_build_runs_as_an_unprivileged_uid_in_its_own_namespaces() {
     );
     assert!(layers(&d).is_empty(), "a failed build leaves no layer");
 }
+
+/// cfork templates and snapshots start with the layer, and a new layer (other requirements)
+/// replaces them: the layer is part of what makes them valid.
+#[test]
+fn cfork_templates_and_snapshots_carry_the_layer_and_a_new_layer_replaces_them() {
+    let Some((d, tmp)) = daemon("cfork_templates_and_snapshots_carry_the_layer") else {
+        return;
+    };
+    let handler = "import six\ntry:\n    import markupsafe\n    MS = markupsafe.__version__\nexcept ImportError:\n    MS = None\ndef handler(e, c):\n    return {'six': six.__version__, 'markupsafe': MS}\n";
+    for (name, extra) in [
+        ("deps-fork", "sandbox = \"cfork\"\n"),
+        ("deps-snap", "snapshot = true\n"),
+    ] {
+        let f = tmp.path().join(name);
+        std::fs::create_dir_all(&f).unwrap();
+        std::fs::write(
+            f.join("spore.toml"),
+            format!("name = \"{name}\"\nhandler = \"main.handler\"\n{extra}"),
+        )
+        .unwrap();
+        std::fs::write(f.join("main.py"), handler).unwrap();
+        std::fs::write(f.join("requirements.txt"), "six==1.17.0\n").unwrap();
+        let (ok, _, err, _) = deploy(&d, &f);
+        assert!(ok, "{err}");
+        let how = if name == "deps-fork" {
+            "fork"
+        } else {
+            "restore"
+        };
+        // The first start makes the template or the snapshot; the next is served by it.
+        let _ = d.invoke_start(name, "init", &json!({}), &[]);
+        let (start, body) = d.invoke_start(name, how, &json!({}), &[]);
+        assert_eq!(start, how, "{name}");
+        assert_eq!(body, json!({"six": "1.17.0", "markupsafe": null}), "{name}");
+        // Other requirements: a new layer, a new revision, and a template or snapshot of it.
+        std::fs::write(
+            f.join("requirements.txt"),
+            "six==1.17.0\nMarkupSafe==3.0.2\n",
+        )
+        .unwrap();
+        let (ok, _, err, _) = deploy(&d, &f);
+        assert!(ok, "{err}");
+        let _ = d.invoke_start(name, "init", &json!({}), &[]);
+        let (start, body) = d.invoke_start(name, how, &json!({}), &[]);
+        assert_eq!(start, how, "{name}");
+        assert_eq!(
+            body,
+            json!({"six": "1.17.0", "markupsafe": "3.0.2"}),
+            "{name}"
+        );
+    }
+}

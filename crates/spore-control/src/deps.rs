@@ -159,6 +159,13 @@ impl Control {
         let key = b.req.key();
         let started = std::time::Instant::now();
         tracing::info!(function = %b.name, layer = %key, "dependency build started");
+        // The key's lock, held until the record names the layer: [`Control::prune_layers`]
+        // leaves a locked key's layer alone.
+        let lock = {
+            let mut keys = self.inner.builds.keys.lock().expect("build keys");
+            keys.entry(key.clone()).or_default().clone()
+        };
+        let _held = lock.lock_owned().await;
         let result = self.build_layer(&b, &key).await;
         let name = b.name.as_str();
         match result {
@@ -201,6 +208,7 @@ impl Control {
                 }
                 drop(reg);
                 self.inner.pools.retire(name);
+                self.prune_layers();
                 tracing::info!(function = %name, layer = %key, built, ms = started.elapsed().as_millis() as u64, "dependency build finished");
                 self.prewarm(name);
             }
@@ -211,13 +219,9 @@ impl Control {
         }
     }
 
-    /// Builds the layer `key` unless it exists; Ok(true) if this call built it.
+    /// Builds the layer `key` unless it exists (the caller holds the key's lock); Ok(true)
+    /// if this call built it.
     async fn build_layer(&self, b: &PendingBuild, key: &str) -> Result<bool, String> {
-        let lock = {
-            let mut keys = self.inner.builds.keys.lock().expect("build keys");
-            keys.entry(key.to_owned()).or_default().clone()
-        };
-        let _held = lock.lock().await;
         let final_dir = self.inner.registry.lock().deps_dir(key);
         if final_dir.is_dir() {
             return Ok(false);
@@ -268,9 +272,56 @@ impl Control {
         Ok(true)
     }
 
+    /// Removes the layers no function uses (and no build holds). Under the registry's lock,
+    /// so that a deploy that found a layer and names it in its record cannot lose it between
+    /// the two; the removal itself happens after a rename, outside the lock.
+    pub(crate) fn prune_layers(&self) {
+        let reg = self.inner.registry.lock();
+        let root = reg.deps_dir("x");
+        let Some(root) = root.parent() else {
+            return;
+        };
+        let Ok(entries) = std::fs::read_dir(root) else {
+            return;
+        };
+        let used: std::collections::HashSet<String> =
+            reg.list().filter_map(|r| r.deps.clone()).collect();
+        let keys = self.inner.builds.keys.lock().expect("build keys");
+        let mut doomed = Vec::new();
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let busy = keys.get(&name).is_some_and(|m| m.try_lock().is_err());
+            if name.starts_with('.') || used.contains(&name) || busy {
+                continue;
+            }
+            let trash = root.join(format!(".trash-{}", uuid::Uuid::new_v4()));
+            if std::fs::rename(e.path(), &trash).is_ok() {
+                doomed.push((name, trash));
+            }
+        }
+        drop(keys);
+        drop(reg);
+        for (name, trash) in doomed {
+            match std::fs::remove_dir_all(&trash) {
+                Ok(()) => tracing::info!(layer = %name, "unused dependency layer removed"),
+                Err(e) => tracing::warn!(layer = %name, "removing an unused dependency layer: {e}"),
+            }
+        }
+    }
+
     /// Marks functions whose layer is missing at start (a build cut short by a restart) as
     /// failed, with the reason.
     pub(crate) fn check_layers(&self) {
+        // Staging and trash directories of a daemon that stopped midway.
+        let root = self.inner.registry.lock().deps_dir("x");
+        if let Some(Ok(entries)) = root.parent().map(std::fs::read_dir) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with('.') {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        self.prune_layers();
         let mut reg = self.inner.registry.lock();
         let missing: Vec<String> = reg
             .list()

@@ -295,6 +295,11 @@ impl Control {
                 return Err(e);
             }
         };
+        // A layer found before the lock may have been pruned since (the prune runs under it).
+        let plan = plan.map(|(req, build)| {
+            let build = build || !reg.deps_dir(&req.key()).is_dir();
+            (req, build)
+        });
         let mut rec = reg.put(FunctionRecord {
             manifest: spec.manifest,
             description: spec.description,
@@ -351,6 +356,10 @@ impl Control {
         Self::check_warmup_event(&rec.manifest, &code_dir)?;
         let plan = self.plan_deps(&code_dir, rec.manifest.runtime, deps)?;
         let mut reg = self.inner.registry.lock();
+        let plan = plan.map(|(req, build)| {
+            let build = build || !reg.deps_dir(&req.key()).is_dir();
+            (req, build)
+        });
         if let Some((req, true)) = plan {
             let mut next = rec.clone();
             (next.code_sha256, next.code_hex, next.code_size) = (b64, hex, size);
@@ -369,6 +378,7 @@ impl Control {
         rec.build = None;
         let rec = reg.put(rec)?;
         drop(reg);
+        self.prune_layers();
         self.inner.pools.retire(name);
         tracing::info!(function = %name, revision = rec.revision, code = %rec.code_hex, "function code updated");
         Ok(rec)
@@ -434,6 +444,7 @@ impl Control {
         self.inner.pools.snapshots().remove(name);
         self.inner.pools.remove_log(name);
         self.inner.units.remove_on_units(name);
+        self.prune_layers();
         if users.is_empty() {
             tracing::info!(function = %name, "function deleted");
         } else {

@@ -143,6 +143,11 @@ fn python_requirements_build_once_and_are_shared() {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(layer.join("six.py")).unwrap();
     assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o644));
+    // A layer goes when no function uses it any more.
+    assert!(d.cli(&["rm", "deps-a"]).status.success());
+    assert_eq!(layers(&d), one, "deps-b still uses it");
+    assert!(d.cli(&["rm", "deps-b"]).status.success());
+    assert!(layers(&d).is_empty(), "{:?}", layers(&d));
     eprintln!(
         "deploy with a dependency build: {:.0} ms; same requirements, another function: {:.0} ms; redeploy: {:.0} ms",
         first.as_secs_f64() * 1e3,

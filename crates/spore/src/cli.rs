@@ -397,6 +397,12 @@ pub(crate) struct ServeArgs {
     /// read-only into build sandboxes. Without it builds use the host's network.
     #[arg(long, env = "SPORE_BUILD_INDEX_DIR")]
     pub(crate) build_index_dir: Option<PathBuf>,
+    /// Longest a dependency build may run, seconds.
+    #[arg(long, env = "SPORE_BUILD_TIMEOUT_S", default_value_t = 300)]
+    pub(crate) build_timeout_s: u64,
+    /// Largest installed dependency layer, MiB.
+    #[arg(long, env = "SPORE_BUILD_MAX_MB", default_value_t = 250)]
+    pub(crate) build_max_mb: u32,
     /// Default most instances per function.
     #[arg(long, env = "SPORE_MAX_INSTANCES", default_value_t = 8)]
     pub(crate) max_instances: u32,

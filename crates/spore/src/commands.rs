@@ -203,6 +203,8 @@ pub fn serve(
     let mut cfg = ControlConfig::new(data_dir.clone(), exe);
     cfg.packages_dir = args.packages_dir.clone();
     cfg.build_index_dir = args.build_index_dir.clone();
+    cfg.build_limits.timeout = Duration::from_secs(args.build_timeout_s.max(1));
+    cfg.build_limits.max_output_mb = args.build_max_mb.max(1);
     cfg.max_instances = args.max_instances;
     cfg.keep_alive = Duration::from_secs(args.keep_alive_s);
     cfg.cpu_millis = args.cpu_millis;

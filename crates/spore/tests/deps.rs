@@ -457,3 +457,56 @@ fn cfork_templates_and_snapshots_carry_the_layer_and_a_new_layer_replaces_them()
         );
     }
 }
+
+/// A build that runs past its time limit is stopped, and the function says why.
+#[test]
+fn a_build_past_its_time_limit_is_stopped_with_the_reason() {
+    if !can_sandbox("a_build_past_its_time_limit_is_stopped") {
+        return;
+    }
+    let Some(index) = build_index("a_build_past_its_time_limit_is_stopped") else {
+        return;
+    };
+    let tmp = tempfile::Builder::new()
+        .prefix("spore-deps-")
+        .tempdir()
+        .unwrap();
+    let mut d = Daemon::start_at(
+        &tmp.path().join("data"),
+        &[
+            "--build-index-dir",
+            index.to_str().unwrap(),
+            "--build-timeout-s",
+            "2",
+        ],
+    );
+    let f = tmp.path().join("slow");
+    python_function(&f, "deps-slow", "/var/task/slow\n", "s");
+    std::fs::create_dir_all(f.join("slow")).unwrap();
+    std::fs::write(
+        f.join("slow/pyproject.toml"),
+        "[build-system]\nrequires = []\nbuild-backend = \"backend\"\nbackend-path = [\".\"]\n\n[project]\nname = \"slow\"\nversion = \"1\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        f.join("slow/backend.py"),
+        "import time\ndef get_requires_for_build_wheel(*a, **k):\n    time.sleep(600)\n",
+    )
+    .unwrap();
+    let t = Instant::now();
+    let (ok, _, err, _) = deploy(&d, &f);
+    assert!(!ok);
+    assert!(
+        t.elapsed() < Duration::from_secs(60),
+        "stopped at its limit"
+    );
+    assert!(
+        err.contains("The dependency build ran past its limit of 2 s and was stopped"),
+        "{err}"
+    );
+    let conf = d.get_json("/2015-03-31/functions/deps-slow/configuration");
+    assert_eq!(conf["State"], "Failed", "{conf}");
+    assert!(layers(&d).is_empty());
+    // Nothing of the killed build is left: cgroups, mounts, processes.
+    d.stop();
+}

@@ -76,6 +76,9 @@ fn refused_creates_say_why_and_leave_nothing_behind() {
             "a refused create of {name} left its directory"
         );
     }
+    // The daemon logs the refused packages.
+    let log = d.log_text();
+    assert!(log.contains("code package refused") && log.contains("dups"), "{log}");
     d.stop();
 }
 
@@ -107,6 +110,11 @@ fn oversize_requests_and_results_get_lambdas_errors() {
         "{answer}"
     );
     assert!(answer.contains("\"message\""), "{answer}");
+    assert!(
+        d.log_text()
+            .contains("request refused: its body is over the limit"),
+        "the daemon logs the refusal"
+    );
     // Results over 6 MB and over what any reply frame may carry.
     d.deploy(&fixture("bigresult"));
     for mb in [7, 100] {

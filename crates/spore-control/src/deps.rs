@@ -70,6 +70,33 @@ pub(crate) struct PendingBuild {
 }
 
 impl Control {
+    /// Lambda's refusal to invoke a function that is `Pending` (its dependencies are being
+    /// built) or `Failed` (their build failed): DAG hops and relayed calls get it too.
+    /// [`Control::refuse_unless_active`] for `name` (a missing function passes: the call
+    /// that follows reports it).
+    pub fn check_active(&self, name: &str) -> Result<(), ControlError> {
+        match self.get_function(name) {
+            Ok(rec) => Self::refuse_unless_active(&rec),
+            Err(_) => Ok(()),
+        }
+    }
+
+    pub(crate) fn refuse_unless_active(rec: &FunctionRecord) -> Result<(), ControlError> {
+        let state = match &rec.build {
+            Some(b) if b.creating && !b.done => {
+                if b.failed.is_none() {
+                    "Pending"
+                } else {
+                    "Failed"
+                }
+            }
+            _ => return Ok(()),
+        };
+        Err(ControlError::InUse(format!(
+            "The operation cannot be performed at this time. The function is currently in the following state: {state}"
+        )))
+    }
+
     /// Refuses a package without the warm-up event file its manifest names.
     pub(crate) fn check_warmup_event(
         m: &spore_core::FunctionManifest,

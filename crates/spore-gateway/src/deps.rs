@@ -1,9 +1,9 @@
-//! Lambda's function states for dependency builds: what `GetFunction` says of a function
-//! whose build runs or failed, the refusal to invoke a function that is not `Active`, and
-//! Spore's `X-Spore-Build` header on create and code updates.
+//! Lambda's function states for dependency builds (what `GetFunction` says of a function
+//! whose build runs or failed), Spore's `X-Spore-Build` header on create and code updates,
+//! and `X-Spore-Force` on deletes.
 
 use axum::http::{HeaderMap, StatusCode};
-use spore_control::{Control, DepsMode};
+use spore_control::DepsMode;
 use spore_registry::FunctionRecord;
 
 use crate::lambda::ApiError;
@@ -72,26 +72,6 @@ pub(crate) fn set_state(config: &mut serde_json::Value, rec: &FunctionRecord) {
         "SporeBuild",
         serde_json::json!({ "Lines": b.lines, "Dropped": b.dropped }),
     );
-}
-
-/// Lambda's refusal to invoke a function that is `Pending` or `Failed`.
-pub(crate) fn refuse_unless_active(control: &Control, name: &str) -> Result<(), ApiError> {
-    let Ok(rec) = control.get_function(name) else {
-        return Ok(()); // the invocation reports the missing function
-    };
-    let state = match &rec.build {
-        Some(b) if b.done || !b.creating => return Ok(()),
-        Some(b) if b.failed.is_none() => "Pending",
-        Some(_) => "Failed",
-        _ => return Ok(()),
-    };
-    Err(ApiError::new(
-        StatusCode::CONFLICT,
-        "ResourceConflictException",
-        format!(
-            "The operation cannot be performed at this time. The function is currently in the following state: {state}"
-        ),
-    ))
 }
 
 /// Header with which a delete removes a function that DAGs use (`true`); the answer's

@@ -642,7 +642,7 @@ pub(crate) async fn invoke(
                 .map_err(|e| ApiError::invalid(format!("X-Spore-Restore-Mode: {e}")))
         })
         .transpose()?;
-    crate::deps::refuse_unless_active(&st.control, &name)?;
+    st.control.check_active(&name)?;
     match kind {
         "DryRun" => {
             st.control.get_function(&name)?;

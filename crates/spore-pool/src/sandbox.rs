@@ -326,7 +326,7 @@ fn layer_dirs(
         let dir = root.join(key);
         if !dir.is_dir() {
             return Err(StartError::Platform(format!(
-                "the function's dependency layer {key} is not built (deploy it again)"
+                "the function's dependency layer {key} is not built (its build is running or failed: see the function's State)"
             )));
         }
         dirs.push((dir, spore_runtime::DEPS_ROOT.to_owned()));

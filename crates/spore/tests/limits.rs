@@ -78,7 +78,10 @@ fn refused_creates_say_why_and_leave_nothing_behind() {
     }
     // The daemon logs the refused packages.
     let log = d.log_text();
-    assert!(log.contains("code package refused") && log.contains("dups"), "{log}");
+    assert!(
+        log.contains("code package refused") && log.contains("dups"),
+        "{log}"
+    );
     d.stop();
 }
 

@@ -147,7 +147,7 @@ impl Control {
             creating: update.is_none(),
             failed: None,
             done: false,
-            lines: Vec::new(),
+            lines: Default::default(),
             dropped: 0,
         };
         (
@@ -173,13 +173,11 @@ impl Control {
     }
 
     fn with_status(&self, name: &str, id: u64, f: impl FnOnce(&mut BuildStatus)) {
-        let mut reg = self.inner.registry.lock();
-        if let Some(mut st) = reg.get(name).and_then(|r| r.build.clone()) {
+        self.inner.registry.lock().update_build(name, |st| {
             if st.id == id {
-                f(&mut st);
-                reg.set_build(name, Some(st));
+                f(st);
             }
-        }
+        });
     }
 
     async fn build(self, b: PendingBuild) {
@@ -365,7 +363,7 @@ impl Control {
                         "The dependency layer is missing (the daemon stopped during its build): deploy the function again".into(),
                     ),
                     done: false,
-                    lines: Vec::new(),
+                    lines: Default::default(),
                     dropped: 0,
                 }),
             );

@@ -70,7 +70,7 @@ pub(crate) fn set_state(config: &mut serde_json::Value, rec: &FunctionRecord) {
     }
     set(
         "SporeBuild",
-        serde_json::json!({ "Lines": b.lines, "Dropped": b.dropped }),
+        serde_json::json!({ "Lines": b.lines.as_slice(), "Dropped": b.dropped }),
     );
 }
 

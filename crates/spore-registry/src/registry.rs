@@ -54,8 +54,9 @@ pub struct BuildStatus {
     pub failed: Option<String>,
     /// It succeeded (its output stays readable until the next deploy).
     pub done: bool,
-    /// The build's output lines so far (pip's or npm's), the last [`BUILD_LINES`].
-    pub lines: Vec<String>,
+    /// The build's output lines so far (pip's or npm's), the last [`BUILD_LINES`] (shared:
+    /// records are cloned on every invocation).
+    pub lines: std::sync::Arc<Vec<String>>,
     /// Lines dropped from the front of `lines`.
     pub dropped: u64,
 }
@@ -66,11 +67,12 @@ pub const BUILD_LINES: usize = 400;
 impl BuildStatus {
     /// Adds an output line, dropping the oldest beyond [`BUILD_LINES`].
     pub fn push_line(&mut self, line: String) {
-        if self.lines.len() >= BUILD_LINES {
-            self.lines.remove(0);
+        let lines = std::sync::Arc::make_mut(&mut self.lines);
+        if lines.len() >= BUILD_LINES {
+            lines.remove(0);
             self.dropped += 1;
         }
-        self.lines.push(line);
+        lines.push(line);
     }
 }
 
@@ -235,6 +237,13 @@ impl Registry {
                 true
             }
             None => false,
+        }
+    }
+
+    /// Changes the in-memory build status of `name` in place, if it has one.
+    pub fn update_build(&mut self, name: &str, f: impl FnOnce(&mut BuildStatus)) {
+        if let Some(b) = self.functions.get_mut(name).and_then(|r| r.build.as_mut()) {
+            f(b);
         }
     }
 

@@ -240,7 +240,8 @@ async fn run_in(
     match network {
         BuildNetwork::OfflineIndex(index) => dirs.push((index.clone(), INDEX_ROOT.to_owned())),
         BuildNetwork::HostStopgap => {
-            for f in ["/etc/resolv.conf", "/etc/hosts", "/etc/nsswitch.conf"] {
+            // (/etc/hosts is generated for every sandbox.)
+            for f in ["/etc/resolv.conf", "/etc/nsswitch.conf", "/etc/gai.conf"] {
                 if Path::new(f).exists() {
                     dirs.push((f.into(), f.to_owned()));
                 }

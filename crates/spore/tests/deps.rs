@@ -510,3 +510,49 @@ fn a_build_past_its_time_limit_is_stopped_with_the_reason() {
     // Nothing of the killed build is left: cgroups, mounts, processes.
     d.stop();
 }
+
+/// Without an offline index a build shares only the host's network namespace (the stopgap
+/// until builds get egress networking: this test changes with it). The probe needs no
+/// network: its requirement is a folder inside the function.
+#[test]
+fn without_an_index_the_build_shares_only_the_hosts_network() {
+    if !can_sandbox("without_an_index_the_build_shares_only_the_hosts_network") {
+        return;
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix("spore-deps-")
+        .tempdir()
+        .unwrap();
+    let d = Daemon::start_at(&tmp.path().join("data"), &[]);
+    let f = tmp.path().join("probe");
+    python_function(&f, "deps-probe-net", "/var/task/probe\n", "p");
+    std::fs::create_dir_all(f.join("probe")).unwrap();
+    std::fs::write(
+        f.join("probe/pyproject.toml"),
+        "[build-system]\nrequires = []\nbuild-backend = \"backend\"\nbackend-path = [\".\"]\n\n[project]\nname = \"probe\"\nversion = \"1\"\n",
+    )
+    .unwrap();
+    std::fs::write(f.join("probe/backend.py"), PROBE_BACKEND).unwrap();
+    let (ok, _, err, _) = deploy(&d, &f);
+    assert!(!ok, "the probe fails the build on purpose");
+    let line = err
+        .lines()
+        .find_map(|l| l.split_once("PROBE ").map(|(_, p)| p.to_owned()))
+        .unwrap_or_else(|| panic!("no probe output: {err}"));
+    let field = |k: &str| {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
+            .unwrap()
+            .to_owned()
+    };
+    let host = |ns: &str| {
+        std::fs::read_link(format!("/proc/self/ns/{ns}"))
+            .unwrap()
+            .to_string_lossy()
+            .into_owned()
+    };
+    assert_eq!(field("net"), host("net"), "{line}");
+    assert_ne!(field("pid"), host("pid"), "{line}");
+    assert_ne!(field("mnt"), host("mnt"), "{line}");
+    assert!(field("uid").parse::<u32>().unwrap() >= 200_000, "{line}");
+}

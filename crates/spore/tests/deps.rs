@@ -556,3 +556,55 @@ fn without_an_index_the_build_shares_only_the_hosts_network() {
     assert_ne!(field("mnt"), host("mnt"), "{line}");
     assert!(field("uid").parse::<u32>().unwrap() >= 200_000, "{line}");
 }
+
+/// Only a key that may manage functions may start a build or force a delete: an invoke-only
+/// key is refused before either header is read.
+#[test]
+fn an_invoke_only_key_can_neither_build_nor_force_a_delete() {
+    let Some((d, tmp)) = daemon("an_invoke_only_key_can_neither_build_nor_force_a_delete") else {
+        return;
+    };
+    let f = tmp.path().join("mine");
+    python_function(&f, "deps-mine", "six==1.17.0\n", "m");
+    let (ok, _, err, _) = deploy(&d, &f);
+    assert!(ok, "{err}");
+    let out = d.cli(&[
+        "keys",
+        "create",
+        "ci",
+        "--invoke-only",
+        "--functions",
+        "deps-*",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let creds = spore_auth::credentials::parse_profile(&text, "ci").expect(&text);
+    let ci = spore_client::Http::new(Duration::from_secs(60), Some(creds)).unwrap();
+    let zip = spore_registry::code::zip_dir(&f).unwrap();
+    use base64::Engine as _;
+    let r = ci
+        .put(d.url("/2015-03-31/functions/deps-mine/code"))
+        .header("x-spore-build", "build")
+        .json(&json!({"ZipFile": base64::engine::general_purpose::STANDARD.encode(&zip)}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(common::error_type(&r), "AccessDeniedException");
+    let r = ci
+        .delete(d.url("/2015-03-31/functions/deps-mine"))
+        .header("x-spore-force", "true")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // It may still invoke.
+    let r = ci
+        .post(d.url("/2015-03-31/functions/deps-mine/invocations"))
+        .body("{}")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}

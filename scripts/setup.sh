@@ -49,4 +49,22 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     --root-user-action=ignore --target "$test_dir" -r "$test_req"
   echo "$want" >"$stamp"
 fi
-echo "setup: ready (packages: $pkg_dir, test packages: $test_dir)"
+# An offline package index for dependency builds in the tests (`spore serve
+# --build-index-dir`): wheels of a pure-Python package and of one with a compiled extension
+# for the host's /usr/bin/python3, and an npm cache with two small packages.
+index_dir=${SPORE_BUILD_INDEX_DIR:-$PWD/target/build-index}
+stamp="$index_dir/.stamp"
+want="v1 six==1.17.0 MarkupSafe==3.0.2 semver@7.6.3 ms@2.1.3 $(/usr/bin/python3 -c 'import sys; print(sys.version_info[:2])')"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup: preparing the offline build index in $index_dir"
+  rm -rf "$index_dir"
+  mkdir -p "$index_dir/npm"
+  /usr/bin/python3 -m pip download --quiet --disable-pip-version-check --only-binary=:all: \
+    -d "$index_dir" six==1.17.0 MarkupSafe==3.0.2
+  if command -v npm >/dev/null; then
+    npm cache add --cache "$index_dir/npm" semver@7.6.3 ms@2.1.3 >/dev/null
+  fi
+  chmod -R a+rX "$index_dir"
+  echo "$want" >"$stamp"
+fi
+echo "setup: ready (packages: $pkg_dir, test packages: $test_dir, build index: $index_dir)"

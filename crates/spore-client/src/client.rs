@@ -265,6 +265,24 @@ impl Client {
 
     /// Creates or updates a function from a manifest and a zip.
     pub fn deploy(&self, m: &spore_core::FunctionManifest, zip: &[u8]) -> Result<Value> {
+        self.deploy_with(m, zip, true, None)
+    }
+
+    /// As [`Client::deploy`]; `build` false skips the dependency build (the package vendors
+    /// its packages). The answer may say the function's dependencies are being built
+    /// ([`Client::wait_for_build`]).
+    pub fn deploy_with(
+        &self,
+        m: &spore_core::FunctionManifest,
+        zip: &[u8],
+        build: bool,
+        progress: Option<crate::signed::Progress>,
+    ) -> Result<Value> {
+        let build = if build { "build" } else { "skip" };
+        let with_progress = |req: crate::signed::RequestBuilder| match &progress {
+            Some(p) => req.upload_progress(p.clone()),
+            None => req,
+        };
         let b64 = base64::engine::general_purpose::STANDARD.encode(zip);
         let mut tags = serde_json::Map::new();
         tags.insert("spore:sandbox".into(), m.sandbox.as_str().into());
@@ -291,11 +309,12 @@ impl Client {
             "MemorySize": m.memory_mb, "Timeout": m.timeout_s, "Code": { "ZipFile": b64 },
             "Environment": { "Variables": m.environment }, "Tags": tags,
         });
-        let resp = self.send(
+        let resp = self.send(with_progress(
             self.http
                 .post(self.url("/2015-03-31/functions"))
+                .header("x-spore-build", build)
                 .json(&create),
-        )?;
+        ))?;
         if resp.status() != reqwest::StatusCode::CONFLICT {
             return json(Self::check(resp)?, "malformed CreateFunction answer");
         }
@@ -313,9 +332,47 @@ impl Client {
         )?;
         let code = serde_json::json!({ "ZipFile": b64 });
         json(
-            Self::check(self.send(self.http.put(self.url(&format!("{base}/code"))).json(&code))?)?,
+            Self::check(
+                self.send(with_progress(
+                    self.http
+                        .put(self.url(&format!("{base}/code")))
+                        .header("x-spore-build", build)
+                        .json(&code),
+                ))?,
+            )?,
             "malformed UpdateFunctionCode answer",
         )
+    }
+
+    /// Waits (at most `limit`) while `name`'s dependency build runs, calling `on_line` with
+    /// each new line of its output; returns the function's last configuration (check
+    /// `State` and `LastUpdateStatus`).
+    pub fn wait_for_build(
+        &self,
+        name: &str,
+        limit: std::time::Duration,
+        mut on_line: impl FnMut(&str),
+    ) -> Result<Value> {
+        let deadline = std::time::Instant::now() + limit;
+        let mut seen: u64 = 0;
+        loop {
+            let conf = self.get_json(&format!("/2015-03-31/functions/{name}/configuration"))?;
+            if let Some(b) = conf.get("SporeBuild") {
+                let dropped = b["Dropped"].as_u64().unwrap_or(0);
+                let lines = b["Lines"].as_array().cloned().unwrap_or_default();
+                for (i, l) in lines.iter().enumerate() {
+                    if dropped + i as u64 >= seen {
+                        on_line(l.as_str().unwrap_or_default());
+                    }
+                }
+                seen = seen.max(dropped + lines.len() as u64);
+            }
+            let busy = conf["State"] == "Pending" || conf["LastUpdateStatus"] == "InProgress";
+            if !busy || std::time::Instant::now() >= deadline {
+                return Ok(conf);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
     }
 
     /// `GET /spore/v1/units`.
@@ -337,13 +394,25 @@ impl Client {
 
     /// Deletes a function.
     pub fn delete(&self, name: &str) -> Result<()> {
-        Self::check(
+        self.delete_with(name, false).map(drop)
+    }
+
+    /// Deletes a function; `force` deletes one that DAGs use too. Returns the DAGs the
+    /// delete left broken.
+    pub fn delete_with(&self, name: &str, force: bool) -> Result<Vec<String>> {
+        let resp = Self::check(
             self.send(
                 self.http
-                    .delete(self.url(&format!("/2015-03-31/functions/{name}"))),
+                    .delete(self.url(&format!("/2015-03-31/functions/{name}")))
+                    .header("x-spore-force", if force { "true" } else { "false" }),
             )?,
         )?;
-        Ok(())
+        Ok(resp
+            .headers()
+            .get("x-spore-broken-dags")
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(',').map(str::to_owned).collect())
+            .unwrap_or_default())
     }
 
     /// Invokes a function synchronously.

@@ -38,6 +38,14 @@ pub enum FunctionDirError {
         #[source]
         source: std::io::Error,
     },
+    /// The folder is larger than a deploy may be (checked before anything is sent).
+    #[error("{} is too large to deploy: {what}", dir.display())]
+    TooLarge {
+        /// The function folder.
+        dir: PathBuf,
+        /// Which limit, and by how much.
+        what: String,
+    },
     /// The daemon refused the function or could not be reached.
     #[error("deploying {name}")]
     Deploy {
@@ -59,13 +67,51 @@ pub fn read_manifest(dir: &Path) -> Result<FunctionManifest, FunctionDirError> {
     FunctionManifest::from_toml(&text).map_err(|source| FunctionDirError::Manifest { path, source })
 }
 
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
+}
+
 /// Zips the function folder `dir`: the code a deploy uploads. Every deploy from a folder
-/// packages it here.
+/// packages it here, after checking the daemon's limits (file count and unpacked size
+/// before zipping, the zip's size after), so that an oversized folder is refused here with
+/// the limit named rather than by the daemon halfway through the upload.
 pub fn zip_function_dir(dir: &Path) -> Result<Vec<u8>, FunctionDirError> {
-    spore_registry::code::zip_dir(dir).map_err(|source| FunctionDirError::Package {
+    use spore_registry::code::{function_files, zip_dir, MAX_ENTRIES, MAX_UNPACKED, MAX_ZIP};
+    let package = |source| FunctionDirError::Package {
         dir: dir.to_owned(),
         source,
-    })
+    };
+    let too_large = |what: String| FunctionDirError::TooLarge {
+        dir: dir.to_owned(),
+        what,
+    };
+    let files = function_files(dir).map_err(package)?;
+    if files.len() > MAX_ENTRIES {
+        return Err(too_large(format!(
+            "more than {MAX_ENTRIES} files, the most a function's code may hold"
+        )));
+    }
+    let mut unpacked = 0u64;
+    for (path, _) in &files {
+        unpacked += std::fs::metadata(path).map_err(package)?.len();
+    }
+    if unpacked > MAX_UNPACKED {
+        return Err(too_large(format!(
+            "its files take {}, more than the {} a function's code may take unpacked (put large packages in requirements.txt, or in the daemon's --packages-dir)",
+            mib(unpacked),
+            mib(MAX_UNPACKED)
+        )));
+    }
+    let zip = zip_dir(dir).map_err(package)?;
+    if zip.len() as u64 > MAX_ZIP {
+        return Err(too_large(format!(
+            "it zips to {}, more than the {} a deploy can carry (the API takes requests of at most {} MiB, the zip base64-encoded; Lambda's limit for a direct upload is 50 MB)",
+            mib(zip.len() as u64),
+            mib(MAX_ZIP),
+            spore_registry::code::MAX_REQUEST >> 20
+        )));
+    }
+    Ok(zip)
 }
 
 impl Client {
@@ -76,8 +122,20 @@ impl Client {
         dir: &Path,
         m: &FunctionManifest,
     ) -> Result<serde_json::Value, FunctionDirError> {
+        self.deploy_dir_with(dir, m, true, None)
+    }
+
+    /// As [`Client::deploy_dir`]; `build` false skips the dependency build, `progress`
+    /// hears how far the upload got.
+    pub fn deploy_dir_with(
+        &self,
+        dir: &Path,
+        m: &FunctionManifest,
+        build: bool,
+        progress: Option<crate::signed::Progress>,
+    ) -> Result<serde_json::Value, FunctionDirError> {
         let zip = zip_function_dir(dir)?;
-        self.deploy(m, &zip)
+        self.deploy_with(m, &zip, build, progress)
             .map_err(|source| FunctionDirError::Deploy {
                 name: m.name.clone(),
                 source,

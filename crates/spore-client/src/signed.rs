@@ -124,6 +124,7 @@ impl Http {
         RequestBuilder {
             inner: b,
             http: self.clone(),
+            progress: None,
         }
     }
 
@@ -148,11 +149,38 @@ impl Http {
     }
 }
 
+/// Called while a request's body is sent, with (bytes sent, total bytes).
+pub type Progress = std::sync::Arc<dyn Fn(u64, u64) + Send + Sync>;
+
+struct ProgressHook(Progress);
+
+impl std::fmt::Debug for ProgressHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProgressHook")
+    }
+}
+
+/// A body read from memory that reports how far the sending got.
+struct ProgressReader {
+    cur: std::io::Cursor<Vec<u8>>,
+    total: u64,
+    hook: Progress,
+}
+
+impl std::io::Read for ProgressReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.cur.read(buf)?;
+        (self.hook)(self.cur.position(), self.total);
+        Ok(n)
+    }
+}
+
 /// A request being built; signed when sent.
 #[derive(Debug)]
 pub struct RequestBuilder {
     inner: reqwest::blocking::RequestBuilder,
     http: Http,
+    progress: Option<ProgressHook>,
 }
 
 impl RequestBuilder {
@@ -188,11 +216,20 @@ impl RequestBuilder {
         }
     }
 
+    /// Reports the sending of the body (set in memory) to `hook`.
+    pub fn upload_progress(self, hook: Progress) -> RequestBuilder {
+        RequestBuilder {
+            progress: Some(ProgressHook(hook)),
+            ..self
+        }
+    }
+
     /// A copy (None when the body cannot be copied, a stream).
     pub fn try_clone(&self) -> Option<RequestBuilder> {
         Some(RequestBuilder {
             inner: self.inner.try_clone()?,
             http: self.http.clone(),
+            progress: self.progress.as_ref().map(|p| ProgressHook(p.0.clone())),
         })
     }
 
@@ -205,6 +242,18 @@ impl RequestBuilder {
         };
         if let Some(c) = self.http.creds.as_ref().or(found.as_ref()) {
             sign(&mut req, c);
+        }
+        // Signed over the bytes; then sent from a reader that reports its progress.
+        if let Some(ProgressHook(hook)) = self.progress {
+            if let Some(bytes) = req.body().and_then(|b| b.as_bytes()).map(<[u8]>::to_vec) {
+                let total = bytes.len() as u64;
+                let reader = ProgressReader {
+                    cur: std::io::Cursor::new(bytes),
+                    total,
+                    hook,
+                };
+                *req.body_mut() = Some(reqwest::blocking::Body::sized(reader, total));
+            }
         }
         self.http.inner.execute(req)
     }

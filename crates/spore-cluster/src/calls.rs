@@ -45,6 +45,7 @@ pub(crate) fn control_to_remote(e: ControlError) -> RemoteError {
     let kind = match &e {
         ControlError::NotFound(_) => RemoteErrorKind::NotFound,
         ControlError::Conflict(_)
+        | ControlError::InUse(_)
         | ControlError::InvalidParameter(_)
         | ControlError::ResourceConflict(_)
         | ControlError::PreconditionFailed(_) => RemoteErrorKind::InvalidParameter,

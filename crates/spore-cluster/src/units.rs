@@ -596,6 +596,8 @@ mod tests {
             lambda: Default::default(),
             layers: Vec::new(),
             extras: Default::default(),
+            deps: None,
+            build: None,
         }
     }
 

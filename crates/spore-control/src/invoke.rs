@@ -82,6 +82,7 @@ impl Control {
         let pools = &self.inner.pools;
         pools.env()?;
         let rec = self.get_function(name)?;
+        Self::refuse_unless_active(&rec)?;
         let _counted = match self.inner.units.place_node(&rec, opts.unit)? {
             Placement::Local => self.inner.units.local_guard(),
             Placement::Remote {

@@ -8,6 +8,7 @@
 //! in-flight work and removes every sandbox and cgroup it made.
 #![forbid(unsafe_code)]
 
+mod deps;
 pub mod extras;
 mod hosts;
 mod invoke;
@@ -28,7 +29,9 @@ use spore_pool::{PoolConfig, Pools, SnapshotInfo, Snapshots, Work};
 use spore_registry::store::DataDirLock;
 use spore_registry::{FunctionRecord, Registry, SharedRegistry};
 
+pub use deps::DepsMode;
 pub use spore_core::{ControlError, Invocation, InvokeOptions};
+pub use spore_pool::build::BuildLimits;
 pub use spore_pool::cgroup_parent_name;
 pub use spore_registry::FunctionSpec;
 
@@ -84,6 +87,11 @@ pub struct ControlConfig {
     pub region: String,
     /// The account id named in ARNs.
     pub account_id: String,
+    /// Offline package index (wheels, an npm cache under `npm/`) for dependency builds;
+    /// None: builds reach the network (a stopgap: the host's network namespace).
+    pub build_index_dir: Option<PathBuf>,
+    /// Limits of one dependency build.
+    pub build_limits: BuildLimits,
 }
 
 impl ControlConfig {
@@ -106,6 +114,8 @@ impl ControlConfig {
             link: spore_shim::LinkConfig::default(),
             region: DEFAULT_REGION.to_owned(),
             account_id: DEFAULT_ACCOUNT_ID.to_owned(),
+            build_index_dir: None,
+            build_limits: BuildLimits::default(),
         }
     }
 }
@@ -150,6 +160,7 @@ struct Inner {
     account_id: String,
     /// One provisioned-concurrency pass at a time.
     keeper: tokio::sync::Mutex<()>,
+    builds: deps::Builds,
     _lock: DataDirLock,
 }
 
@@ -242,10 +253,12 @@ impl Control {
                 region: cfg.region.clone(),
                 account_id: cfg.account_id.clone(),
                 keeper: tokio::sync::Mutex::new(()),
+                builds: deps::Builds::new(cfg.build_index_dir.clone(), cfg.build_limits),
                 _lock: lock,
             }),
         };
         control.inner.dags.set_invoker(hosts::invoker(&control));
+        control.check_layers();
         Ok((control, warnings))
     }
 
@@ -293,19 +306,49 @@ impl Control {
         Ok(())
     }
 
-    /// Creates a function from a zip package.
+    /// Creates a function from a zip package (building its dependencies).
     pub fn create_function(
         &self,
         spec: FunctionSpec,
         zip: &[u8],
     ) -> Result<FunctionRecord, ControlError> {
+        self.create_function_with(spec, zip, DepsMode::Build)
+    }
+
+    /// Creates a function from a zip package. With requirement files whose layer is not
+    /// built yet, the function is returned `Pending` and the build runs in the background.
+    pub fn create_function_with(
+        &self,
+        spec: FunctionSpec,
+        zip: &[u8],
+        deps: DepsMode,
+    ) -> Result<FunctionRecord, ControlError> {
         Self::check_spec(&spec)?;
-        let mut reg = self.inner.registry.lock();
+        let reg = self.inner.registry.lock();
         let name = spec.manifest.name.clone();
         if reg.get(&name).is_some() {
             return Err(ControlError::Conflict(name));
         }
-        let (code_sha256, code_hex, code_size) = reg.install_code(&name, zip)?;
+        let (code_sha256, code_hex, code_size) = reg
+            .install_code(&name, zip)
+            .inspect_err(|e| tracing::warn!(function = %name, "code package refused: {e}"))?;
+        let code_dir = reg.dir_of_code(&name, &code_hex);
+        drop(reg);
+        let plan = Self::check_warmup_event(&spec.manifest, &code_dir)
+            .and_then(|()| self.plan_deps(&code_dir, spec.manifest.runtime, deps));
+        let mut reg = self.inner.registry.lock();
+        let plan = match plan {
+            Ok(plan) => plan,
+            Err(e) => {
+                reg.discard_code(&name);
+                return Err(e);
+            }
+        };
+        // A layer found before the lock may have been pruned since (the prune runs under it).
+        let plan = plan.map(|(req, build)| {
+            let build = build || !reg.deps_dir(&req.key()).is_dir();
+            (req, build)
+        });
         let rec = FunctionRecord {
             manifest: spec.manifest,
             description: spec.description,
@@ -318,42 +361,103 @@ impl Control {
             lambda: spec.lambda,
             layers: spec.layers.unwrap_or_default(),
             extras: Default::default(),
+            deps: plan.as_ref().map(|(req, _)| req.key()),
+            build: None,
         };
         if let Err(e) = extras::check_size(&reg, &rec) {
             reg.discard_code(&name);
             return Err(e);
         }
-        let rec = reg.put(rec)?;
+        let mut rec = reg.put(rec)?;
+        let pending = match plan {
+            Some((req, true)) => {
+                let (b, status) = self.new_build(&name, req, code_dir, None);
+                reg.set_build(&name, Some(status.clone()));
+                rec.build = Some(status);
+                Some(b)
+            }
+            _ => None,
+        };
         drop(reg);
+        if let Some(b) = pending {
+            self.start_build(b)?;
+        }
         self.inner.pools.retire(&name);
         tracing::info!(function = %name, runtime = %rec.manifest.runtime, sandbox = %rec.manifest.sandbox.as_str(), code = %rec.code_hex, "function created");
         Ok(rec)
     }
 
-    /// Replaces a function's code.
+    /// Replaces a function's code (building its dependencies).
     pub fn update_code(&self, name: &str, zip: &[u8]) -> Result<FunctionRecord, ControlError> {
-        self.update_code_if(name, zip, None)
+        self.update_code_with(name, zip, DepsMode::Build, None)
     }
 
     /// Replaces a function's code if its `RevisionId` is `revision_id` (when given; checked
-    /// under the registry's lock, else `PreconditionFailed`).
+    /// under the registry's lock, else `PreconditionFailed`), building its dependencies.
     pub fn update_code_if(
         &self,
         name: &str,
         zip: &[u8],
         revision_id: Option<&str>,
     ) -> Result<FunctionRecord, ControlError> {
-        let mut reg = self.inner.registry.lock();
+        self.update_code_with(name, zip, DepsMode::Build, revision_id)
+    }
+
+    /// Replaces a function's code if its `RevisionId` is `revision_id` (when given). With
+    /// requirement files whose layer is not built yet, the function keeps its current code
+    /// (`LastUpdateStatus: InProgress`) until the build succeeds, and is returned at once.
+    pub fn update_code_with(
+        &self,
+        name: &str,
+        zip: &[u8],
+        deps: DepsMode,
+        revision_id: Option<&str>,
+    ) -> Result<FunctionRecord, ControlError> {
+        let reg = self.inner.registry.lock();
         let mut rec = reg
             .get(name)
             .cloned()
             .ok_or_else(|| ControlError::NotFound(name.into()))?;
         versions::check_revision(&rec, revision_id)?;
-        let (b64, hex, size) = reg.install_code(name, zip)?;
+        let (b64, hex, size) = reg
+            .install_code(name, zip)
+            .inspect_err(|e| tracing::warn!(function = %name, "code package refused: {e}"))?;
+        let code_dir = reg.dir_of_code(name, &hex);
+        drop(reg);
+        Self::check_warmup_event(&rec.manifest, &code_dir)?;
+        let plan = self.plan_deps(&code_dir, rec.manifest.runtime, deps)?;
+        let mut reg = self.inner.registry.lock();
+        // The record may have changed while the lock was released: check again.
+        rec = reg
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ControlError::NotFound(name.into()))?;
+        versions::check_revision(&rec, revision_id)?;
+        let plan = plan.map(|(req, build)| {
+            let build = build || !reg.deps_dir(&req.key()).is_dir();
+            (req, build)
+        });
+        if let Some((req, true)) = plan {
+            let mut next = rec.clone();
+            (next.code_sha256, next.code_hex, next.code_size) = (b64, hex, size);
+            extras::check_size(&reg, &next)?;
+            let (b, status) = self.new_build(name, req, code_dir, Some((zip.to_vec(), next)));
+            if !reg.set_build(name, Some(status.clone())) {
+                return Err(ControlError::NotFound(name.into()));
+            }
+            drop(reg);
+            rec.build = Some(status);
+            self.start_build(b)?;
+            tracing::info!(function = %name, "function code update waits for its dependency build");
+            return Ok(rec);
+        }
         (rec.code_sha256, rec.code_hex, rec.code_size) = (b64, hex, size);
         extras::check_size(&reg, &rec)?;
+        rec.deps = plan.map(|(req, _)| req.key());
+        rec.build = None;
         let rec = reg.put(rec)?;
         drop(reg);
+        self.prune_layers();
         self.inner.pools.retire(name);
         tracing::info!(function = %name, revision = rec.revision, code = %rec.code_hex, "function code updated");
         Ok(rec)
@@ -395,7 +499,36 @@ impl Control {
     }
 
     /// Deletes a function; its instances stop (busy ones when their invocation ends).
+    /// Refused while a DAG uses it.
     pub fn delete_function(&self, name: &str) -> Result<FunctionRecord, ControlError> {
+        self.delete_function_with(name, false).map(|(rec, _)| rec)
+    }
+
+    /// Deletes a function. A function that DAGs use is refused with their names unless
+    /// `force`, which deletes it anyway and returns the DAGs it leaves broken (they stay
+    /// deployed; their invocations fail until the function is deployed again).
+    pub fn delete_function_with(
+        &self,
+        name: &str,
+        force: bool,
+    ) -> Result<(FunctionRecord, Vec<String>), ControlError> {
+        let users: Vec<String> = self
+            .inner
+            .dags
+            .list_dags()
+            .into_iter()
+            .filter(|d| d.nodes.iter().any(|n| n.function == name))
+            .map(|d| d.name)
+            .collect();
+        if !users.is_empty() && !force && self.inner.registry.get(name).is_ok() {
+            tracing::warn!(function = %name, dags = ?users, "delete refused: DAGs use the function");
+            return Err(ControlError::InUse(format!(
+                "Function {name} is used by DAG {}: delete {} first, or force the delete (spore rm --force), which leaves {} broken",
+                users.join(", "),
+                if users.len() == 1 { "it" } else { "them" },
+                if users.len() == 1 { "it" } else { "them" },
+            )));
+        }
         let versions = self.version_keys(name);
         let rec = self
             .inner
@@ -411,8 +544,13 @@ impl Control {
         }
         self.inner.pools.remove_log(name);
         self.inner.units.remove_on_units(name);
-        tracing::info!(function = %name, "function deleted");
-        Ok(rec)
+        self.prune_layers();
+        if users.is_empty() {
+            tracing::info!(function = %name, "function deleted");
+        } else {
+            tracing::warn!(function = %name, broken_dags = ?users, "function deleted; DAGs that use it are broken");
+        }
+        Ok((rec, users))
     }
 
     /// Every stored snapshot.
@@ -583,6 +721,9 @@ impl Control {
         let Ok(rec) = self.get_function(name) else {
             return;
         };
+        if rec.build.as_ref().is_some_and(|b| b.creating && !b.done) {
+            return; // its dependencies are not built yet
+        }
         // A function pinned to another unit is forked there, never here.
         if rec
             .manifest

@@ -14,6 +14,10 @@ pub enum ControlError {
     /// The function exists already.
     #[error("Function already exist: {0}")]
     Conflict(String),
+    /// The resource is in use (a function a DAG runs) or in a state that forbids the
+    /// operation (Lambda's `ResourceConflictException`).
+    #[error("{0}")]
+    InUse(String),
     /// A parameter is invalid.
     #[error("{0}")]
     InvalidParameter(String),

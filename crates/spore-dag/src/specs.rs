@@ -14,7 +14,20 @@ impl Dags {
     pub fn put_dag(&self, spec: DagSpec) -> Result<DagSpec, ControlError> {
         spec.validate()
             .map_err(|e| ControlError::InvalidParameter(e.to_string()))?;
-        Plan::new(self, spec.clone())?;
+        let plan = Plan::new(self, spec.clone())?;
+        if spec.transport == spore_core::dag::Transport::Shm {
+            for (n, rec) in plan.recs.iter().enumerate() {
+                if rec.manifest.runtime != spore_core::Runtime::Python3 {
+                    return Err(ControlError::InvalidParameter(format!(
+                        "DAG {:?}: node {:?} runs function {:?} ({}); the shm transport serves Python functions only (its nodes share memory rings through a Python module): deploy the DAG with transport = \"http\"",
+                        spec.name,
+                        plan.id(n),
+                        rec.manifest.name,
+                        rec.manifest.runtime
+                    )));
+                }
+            }
+        }
         let path = self.dag_path(&spec.name);
         let io =
             |e: std::io::Error| ControlError::Internal(format!("storing DAG {:?}: {e}", spec.name));

@@ -53,6 +53,10 @@ fn refused(parts: &axum::http::request::Parts, kind: &'static str, message: Stri
 }
 
 fn too_large(limit: usize) -> Response {
+    tracing::warn!(
+        refusal = "RequestEntityTooLargeException",
+        "request refused: its body is over the limit of {limit} bytes"
+    );
     ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
         "RequestEntityTooLargeException",

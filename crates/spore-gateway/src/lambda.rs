@@ -74,7 +74,7 @@ impl From<ControlError> for ApiError {
         use ControlError as E;
         let (status, kind) = match &e {
             E::NotFound(_) => (StatusCode::NOT_FOUND, "ResourceNotFoundException"),
-            E::Conflict(_) => (StatusCode::CONFLICT, "ResourceConflictException"),
+            E::Conflict(_) | E::InUse(_) => (StatusCode::CONFLICT, "ResourceConflictException"),
             E::InvalidParameter(_) => (StatusCode::BAD_REQUEST, "InvalidParameterValueException"),
             E::InvalidRequestContent(_) => {
                 (StatusCode::BAD_REQUEST, "InvalidRequestContentException")
@@ -398,6 +398,7 @@ pub(crate) fn configuration(control: &Control, rec: &FunctionRecord) -> serde_js
     if let Some(mb) = rec.lambda.ephemeral_mb {
         c["EphemeralStorage"] = serde_json::json!({ "Size": mb });
     }
+    crate::deps::set_state(&mut c, rec);
     c
 }
 
@@ -439,8 +440,10 @@ fn tags(rec: &FunctionRecord) -> BTreeMap<String, String> {
 
 pub(crate) async fn create_function(
     State(st): State<AppState>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
+    let deps = crate::deps::deps_mode(&headers)?;
     let req: CreateFunctionIn = parse_json(&body)?;
     refuse_unsupported(&body, CREATE_KEYS)?;
     crate::settings::check_tags(&req.tags, true)?;
@@ -546,7 +549,7 @@ pub(crate) async fn create_function(
         layers,
     };
     let control = st.control.clone();
-    let rec = tokio::task::spawn_blocking(move || control.create_function(spec, &zip))
+    let rec = tokio::task::spawn_blocking(move || control.create_function_with(spec, &zip, deps))
         .await
         .map_err(|e| ControlError::Internal(e.to_string()))??;
     let rec = if user_tags.is_empty() {
@@ -712,14 +715,18 @@ pub(crate) async fn delete_function(
     State(st): State<AppState>,
     Path(name): Path<String>,
     Query(q): Query<QualifierQuery>,
+    headers: HeaderMap,
 ) -> ApiResult<Response> {
     let (name, qualifier) = split_ref(&name, q.qualifier.as_deref())?;
     let control = st.control.clone();
     match qualifier.as_deref() {
         None => {
-            tokio::task::spawn_blocking(move || control.delete_function(&name))
-                .await
-                .map_err(|e| ControlError::Internal(e.to_string()))??;
+            let force = crate::deps::force(&headers)?;
+            let (_, broken) =
+                tokio::task::spawn_blocking(move || control.delete_function_with(&name, force))
+                    .await
+                    .map_err(|e| ControlError::Internal(e.to_string()))??;
+            return Ok(crate::deps::deleted(&broken));
         }
         Some("$LATEST") => {
             return Err(ApiError::invalid(
@@ -746,8 +753,10 @@ pub(crate) async fn delete_function(
 pub(crate) async fn update_code(
     State(st): State<AppState>,
     Path(name): Path<String>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
+    let deps = crate::deps::deps_mode(&headers)?;
     let req: UpdateCodeIn = parse_json(&body)?;
     refuse_unsupported(&body, UPDATE_CODE_KEYS)?;
     let name = unqualified(&name)?;
@@ -786,10 +795,11 @@ pub(crate) async fn update_code(
     }
     let control = st.control.clone();
     let rid = req.revision_id.clone();
-    let rec =
-        tokio::task::spawn_blocking(move || control.update_code_if(&name, &zip, rid.as_deref()))
-            .await
-            .map_err(|e| ControlError::Internal(e.to_string()))??;
+    let rec = tokio::task::spawn_blocking(move || {
+        control.update_code_with(&name, &zip, deps, rid.as_deref())
+    })
+    .await
+    .map_err(|e| ControlError::Internal(e.to_string()))??;
     st.control.prewarm(&rec.manifest.name);
     let rec = if req.publish {
         crate::versions::publish_after(&st, &rec.manifest.name)?
@@ -913,6 +923,7 @@ pub(crate) async fn invoke(
                 .map_err(|e| ApiError::invalid(format!("X-Spore-Restore-Mode: {e}")))
         })
         .transpose()?;
+    st.control.check_active(&name)?;
     match kind {
         "DryRun" => {
             Control::check_payload(&body, false)?;

@@ -30,6 +30,7 @@
 
 pub mod auth;
 mod dag;
+mod deps;
 mod lambda;
 mod layers;
 pub mod sessions;
@@ -48,8 +49,8 @@ use spore_control::Control;
 pub use auth::Auth;
 pub use lambda::ApiError;
 
-/// Largest request body (a 50 MB zip, base64-encoded, plus JSON).
-pub const MAX_BODY: usize = 72 * 1024 * 1024;
+/// Largest request body (a zip of about 54 MiB, base64-encoded, plus JSON).
+pub const MAX_BODY: usize = spore_registry::code::MAX_REQUEST;
 
 #[derive(Clone)]
 struct AppState {

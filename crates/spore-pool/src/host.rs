@@ -162,6 +162,7 @@ pub fn prepare(cfg: &HostConfig, warnings: &mut Vec<String>) -> Result<Host, Con
             env.pids_max = cfg.pids_max;
             env.tmp_mb = cfg.tmp_mb;
             env.layer_content = cfg.data_dir.join("layers").join("content");
+            env.deps_root = Some(spore_registry::deps::layers_root(&cfg.data_dir));
             Arc::new(env)
         })
         .map_err(|e| error_chain(&e));

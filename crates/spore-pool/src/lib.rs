@@ -14,6 +14,7 @@
 //! frees instances it holds in idle pipelines through the hook [`Pools::set_reclaim`].
 #![forbid(unsafe_code)]
 
+pub mod build;
 pub mod host;
 pub mod instance;
 mod ladder;

@@ -48,6 +48,8 @@ pub struct InstanceEnv {
     pub uid_base: u32,
     /// Directory of the unpacked layers, by content digest (`<data-dir>/layers/content`).
     pub layer_content: PathBuf,
+    /// Where dependency layers live (`<data-dir>/deps`); None: functions have none here.
+    pub deps_root: Option<PathBuf>,
     seq: AtomicU64,
 }
 
@@ -73,6 +75,7 @@ impl InstanceEnv {
             tmp_mb: 64,
             uid_base: 200_000,
             layer_content: PathBuf::new(),
+            deps_root: None,
             seq: AtomicU64::new(1),
         }
     }
@@ -227,6 +230,7 @@ fn spawn_in(
             .iter()
             .map(|l| env.layer_content.join(&l.code_hex))
             .collect(),
+        host_network: false,
     };
     if !spec.opt_layers.is_empty() {
         layer_paths(&mut spec.env);
@@ -276,6 +280,7 @@ fn spawn_in(
             read_only: true,
         });
     }
+    bind_read_only_dirs(&mut spec, &layer_dirs(env, rec)?);
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(platform("socketpair"))?;
     let mut go = None;
     if spec.restore.is_some() {
@@ -366,6 +371,36 @@ fn layer_paths(env: &mut Vec<(String, String)>) {
         Some(v) if !v.is_empty() => format!("{v}:/opt/lib"),
         _ => "/opt/lib".to_owned(),
     });
+}
+
+/// The read-only directories a function's sandboxes get beside its code, `(host directory,
+/// path inside)`: its dependency layer, if it has one (which must be built).
+fn layer_dirs(
+    env: &InstanceEnv,
+    rec: &FunctionRecord,
+) -> Result<Vec<(PathBuf, String)>, StartError> {
+    let mut dirs = Vec::new();
+    if let (Some(key), Some(root)) = (&rec.deps, &env.deps_root) {
+        let dir = root.join(key);
+        if !dir.is_dir() {
+            return Err(StartError::Platform(format!(
+                "the function's dependency layer {key} is not built (its build is running or failed: see the function's State)"
+            )));
+        }
+        dirs.push((dir, spore_runtime::DEPS_ROOT.to_owned()));
+    }
+    Ok(dirs)
+}
+
+/// Binds each `(host directory, path inside)` read-only into the sandbox, in order.
+pub(crate) fn bind_read_only_dirs(spec: &mut SandboxSpec, dirs: &[(PathBuf, String)]) {
+    for (source, target) in dirs {
+        spec.binds.push(BindMount {
+            source: source.clone(),
+            target: target.clone(),
+            read_only: true,
+        });
+    }
 }
 
 /// The first frame a starting runtime sends after its checkpoint, if it offers one: a

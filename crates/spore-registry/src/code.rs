@@ -12,6 +12,12 @@ use sha2::{Digest, Sha256};
 pub const MAX_ENTRIES: usize = 20_000;
 /// Largest unpacked size of one package (Lambda's 250 MB).
 pub const MAX_UNPACKED: u64 = 250 * 1024 * 1024;
+/// Largest API request body the daemon reads (a create or code update carries the zip
+/// base64-encoded in JSON).
+pub const MAX_REQUEST: usize = 72 * 1024 * 1024;
+/// Largest zip a create or code update can carry: what fits in [`MAX_REQUEST`] once
+/// base64-encoded (4 bytes for 3), less 64 KiB for the rest of the JSON.
+pub const MAX_ZIP: u64 = ((MAX_REQUEST as u64 - 64 * 1024) / 4) * 3;
 
 /// Errors in a code package.
 #[derive(Debug, thiserror::Error)]
@@ -170,39 +176,81 @@ fn central_directory_entries(zip: &[u8]) -> Option<u64> {
     (total != u16::MAX).then_some(u64::from(total))
 }
 
-/// Zips a directory (for the CLI's `deploy` and for tests): every regular file under `dir`,
-/// skipping `__pycache__`, `.git` and other hidden entries.
-pub fn zip_dir(dir: &Path) -> io::Result<Vec<u8>> {
-    use std::io::Write;
-    let mut buf = io::Cursor::new(Vec::new());
-    {
-        let mut w = zip::ZipWriter::new(&mut buf);
-        let mut stack = vec![dir.to_owned()];
-        let mut files = Vec::new();
-        while let Some(d) = stack.pop() {
-            for e in fs::read_dir(&d)? {
-                let e = e?;
-                let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with('.') || name == "__pycache__" {
-                    continue;
+/// The files a function folder packages, `(path on disk, path in the package)`, sorted:
+/// every regular file under `dir`, skipping `__pycache__`, `.git` and other hidden entries.
+/// A symlink is followed when what it points to is inside `dir` (a directory it points to
+/// is packaged under the link's name; one pointing to the folder or a parent is skipped);
+/// one pointing outside is refused with its name. Stops after `MAX_ENTRIES + 1` files.
+pub fn function_files(dir: &Path) -> io::Result<Vec<(std::path::PathBuf, String)>> {
+    let root = dir.canonicalize()?;
+    let mut stack = vec![dir.to_owned()];
+    let mut files = Vec::new();
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d)? {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || name == "__pycache__" {
+                continue;
+            }
+            let path = e.path();
+            let rel = path
+                .strip_prefix(dir)
+                .map_err(io::Error::other)?
+                .to_string_lossy()
+                .into_owned();
+            let mut ft = e.file_type()?;
+            if ft.is_symlink() {
+                let target = path.canonicalize().map_err(|err| {
+                    io::Error::new(
+                        err.kind(),
+                        format!("symlink {rel} points to nothing that can be read ({err})"),
+                    )
+                })?;
+                if !target.starts_with(&root) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!(
+                            "symlink {rel} points outside the function folder (to {}): copy what it points to into the folder",
+                            target.display()
+                        ),
+                    ));
                 }
-                let ft = e.file_type()?;
-                if ft.is_dir() {
-                    stack.push(e.path());
-                } else if ft.is_file() {
-                    files.push(e.path());
+                ft = fs::metadata(&target)?.file_type();
+                let parent = d.canonicalize()?;
+                if ft.is_dir() && parent.starts_with(&target) {
+                    continue; // a link to the folder or one of its parents: a loop
+                }
+            }
+            if ft.is_dir() {
+                stack.push(path);
+            } else if ft.is_file() {
+                files.push((path, rel));
+                if files.len() > MAX_ENTRIES {
+                    // Enough to refuse the folder; links between directories could make
+                    // the walk long.
+                    return Ok(files);
                 }
             }
         }
-        files.sort();
-        for f in files {
-            let rel = f.strip_prefix(dir).map_err(io::Error::other)?;
+    }
+    files.sort_by(|a, b| a.1.cmp(&b.1));
+    Ok(files)
+}
+
+/// Zips a directory (for the CLI's `deploy` and for tests): the files [`function_files`]
+/// lists.
+pub fn zip_dir(dir: &Path) -> io::Result<Vec<u8>> {
+    use std::io::Write;
+    let files = function_files(dir)?;
+    let mut buf = io::Cursor::new(Vec::new());
+    {
+        let mut w = zip::ZipWriter::new(&mut buf);
+        for (f, rel) in files {
             let mode = fs::metadata(&f)?.permissions().mode();
             let opts = zip::write::SimpleFileOptions::default()
                 .compression_method(zip::CompressionMethod::Deflated)
                 .unix_permissions(mode & 0o777);
-            w.start_file(rel.to_string_lossy(), opts)
-                .map_err(io::Error::other)?;
+            w.start_file(rel, opts).map_err(io::Error::other)?;
             w.write_all(&fs::read(&f)?)?;
         }
         w.finish().map_err(io::Error::other)?;
@@ -225,6 +273,42 @@ mod tests {
         }
         w.finish().unwrap();
         buf.into_inner()
+    }
+
+    #[test]
+    fn symlinks_inside_the_folder_are_followed_and_outside_refused_by_name() {
+        let src = tempfile::tempdir().unwrap();
+        let dir = src.path().join("f");
+        fs::create_dir_all(dir.join("lib")).unwrap();
+        fs::write(dir.join("lib/util.py"), "u = 1\n").unwrap();
+        fs::write(dir.join("main.py"), "m = 1\n").unwrap();
+        std::os::unix::fs::symlink("main.py", dir.join("alias.py")).unwrap();
+        std::os::unix::fs::symlink("lib", dir.join("lib2")).unwrap();
+        std::os::unix::fs::symlink(".", dir.join("loop")).unwrap();
+        let names: Vec<String> = function_files(&dir)
+            .unwrap()
+            .into_iter()
+            .map(|f| f.1)
+            .collect();
+        assert_eq!(
+            names,
+            ["alias.py", "lib/util.py", "lib2/util.py", "main.py"],
+            "lib2 is followed, loop (the folder itself) is not"
+        );
+        let out = tempfile::tempdir().unwrap();
+        unpack(&zip_dir(&dir).unwrap(), &out.path().join("c")).unwrap();
+        assert_eq!(
+            fs::read_to_string(out.path().join("c/alias.py")).unwrap(),
+            "m = 1\n"
+        );
+        fs::write(src.path().join("secret"), "s").unwrap();
+        std::os::unix::fs::symlink("../secret", dir.join("leak")).unwrap();
+        let e = zip_dir(&dir).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("symlink leak points outside the function folder"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod code;
+pub mod deps;
 pub mod extras;
 pub mod layers;
 pub mod registry;
@@ -20,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use spore_core::{error_chain, ControlError, FunctionManifest};
 
-pub use registry::{FunctionRecord, LambdaSettings, Registry, RegistryError};
+pub use registry::{BuildStatus, FunctionRecord, LambdaSettings, Registry, RegistryError};
 pub use versions::{Alias, Provisioned, Versions};
 
 /// A function's configuration as given by a create or update call.
@@ -92,6 +93,12 @@ impl SharedRegistry {
     /// Where `rec`'s layers are unpacked, in order.
     pub fn layer_dirs(&self, rec: &FunctionRecord) -> Vec<PathBuf> {
         self.lock().layer_dirs(rec)
+    }
+
+    /// Where `rec`'s dependency layer is (None: it has none).
+    pub fn deps_dir(&self, rec: &FunctionRecord) -> Option<PathBuf> {
+        let key = rec.deps.as_deref()?;
+        Some(self.lock().deps_dir(key))
     }
 
     /// Where `rec`'s code is unpacked.

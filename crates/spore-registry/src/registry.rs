@@ -47,6 +47,15 @@ pub struct FunctionRecord {
     /// no new revision).
     #[serde(default)]
     pub extras: FunctionExtras,
+    /// Content address of the dependency layer built from the code's requirement files
+    /// (`<data-dir>/deps/<key>`; None: the function has none). Part of the record, so a
+    /// change of layer is a new revision: templates and snapshots of the old one go.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deps: Option<String>,
+    /// A dependency build of this function in progress or failed (in memory only: a
+    /// restarted daemon has none).
+    #[serde(skip)]
+    pub build: Option<BuildStatus>,
 }
 
 /// Lambda settings kept as the caller gave them (echoed back by the API).
@@ -89,12 +98,47 @@ impl FunctionRecord {
             && self.manifest == other.manifest
             && self.lambda == other.lambda
             && self.layers == other.layers
+            && self.deps == other.deps
     }
 
     /// The version as Lambda names it: `$LATEST` or the number.
     pub fn version_name(&self) -> String {
         self.version
             .map_or_else(|| "$LATEST".to_owned(), |v| v.to_string())
+    }
+}
+
+/// Where a function's latest dependency build stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildStatus {
+    /// Which build (a later deploy's build replaces an earlier one's status).
+    pub id: u64,
+    /// The build belongs to the function's creation (Lambda's `State: Pending`), not to an
+    /// update of a function that keeps serving (`LastUpdateStatus: InProgress`).
+    pub creating: bool,
+    /// None while it runs; the reason when it failed.
+    pub failed: Option<String>,
+    /// It succeeded (its output stays readable until the next deploy).
+    pub done: bool,
+    /// The build's output lines so far (pip's or npm's), the last [`BUILD_LINES`] (shared:
+    /// records are cloned on every invocation).
+    pub lines: std::sync::Arc<Vec<String>>,
+    /// Lines dropped from the front of `lines`.
+    pub dropped: u64,
+}
+
+/// Most output lines a [`BuildStatus`] keeps.
+pub const BUILD_LINES: usize = 400;
+
+impl BuildStatus {
+    /// Adds an output line, dropping the oldest beyond [`BUILD_LINES`].
+    pub fn push_line(&mut self, line: String) {
+        let lines = std::sync::Arc::make_mut(&mut self.lines);
+        if lines.len() >= BUILD_LINES {
+            lines.remove(0);
+            self.dropped += 1;
+        }
+        lines.push(line);
     }
 }
 
@@ -241,6 +285,18 @@ impl Registry {
             .join(&rec.code_hex)
     }
 
+    /// Host directory of `name`'s code package `hex`.
+    pub fn dir_of_code(&self, name: &str, hex: &str) -> PathBuf {
+        self.dir.join(name).join("code").join(hex)
+    }
+
+    /// Removes what a refused create left of `name` (nothing if it is deployed).
+    pub fn discard_code(&self, name: &str) {
+        if !self.functions.contains_key(name) {
+            let _ = fs::remove_dir_all(self.dir.join(name));
+        }
+    }
+
     /// Unpacks a code package for `name` (a no-op if that exact package is there already).
     /// Returns `(sha256 base64, hex, zip size)`.
     pub fn install_code(
@@ -315,14 +371,6 @@ impl Registry {
         Some(Ok(out))
     }
 
-    /// Removes the code a refused create installed for `name` (a function that does not
-    /// exist: a deployed function's code stays).
-    pub fn discard_code(&self, name: &str) {
-        if !self.functions.contains_key(name) {
-            let _ = fs::remove_dir_all(self.dir.join(name));
-        }
-    }
-
     /// Drops layer content that no layer version and no function references any more.
     pub fn prune_layers(&self) {
         self.layers.prune(
@@ -354,6 +402,30 @@ impl Registry {
                 }
             }
         }
+    }
+
+    /// Sets (or clears) the in-memory build status of `name`; false if there is no such
+    /// function.
+    pub fn set_build(&mut self, name: &str, build: Option<BuildStatus>) -> bool {
+        match self.functions.get_mut(name) {
+            Some(rec) => {
+                rec.build = build;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Changes the in-memory build status of `name` in place, if it has one.
+    pub fn update_build(&mut self, name: &str, f: impl FnOnce(&mut BuildStatus)) {
+        if let Some(b) = self.functions.get_mut(name).and_then(|r| r.build.as_mut()) {
+            f(b);
+        }
+    }
+
+    /// Host directory of a dependency layer.
+    pub fn deps_dir(&self, key: &str) -> PathBuf {
+        crate::deps::layers_root(self.dir.parent().unwrap_or(&self.dir)).join(key)
     }
 
     /// Removes `name` and its code. Returns the record, if it existed.
@@ -393,6 +465,8 @@ mod tests {
             lambda: LambdaSettings::default(),
             layers: Vec::new(),
             extras: FunctionExtras::default(),
+            deps: None,
+            build: None,
         }
     }
 

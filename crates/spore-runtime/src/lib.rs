@@ -46,6 +46,10 @@ pub const PYTHON_BOOTSTRAP_PATH: &str = "/opt/spore/runtime/bootstrap.py";
 pub const TASK_ROOT: &str = "/var/task";
 /// Where the shared, read-only Python packages directory appears inside the sandbox.
 pub const PACKAGES_ROOT: &str = "/opt/spore/python";
+/// Where a function's dependency layer (built from its `requirements.txt` or `package.json`
+/// at deploy) appears inside the sandbox: on `PYTHONPATH` and `NODE_PATH` after the
+/// function's own folder.
+pub const DEPS_ROOT: &str = "/opt/spore/deps";
 /// The interpreter used inside sandboxes: the distribution's Python, whose start-up does not
 /// pay for a user site or `.pth` imports (see FACTS.md: 15 ms vs 61 ms for pyenv's).
 pub const PYTHON_INTERPRETER: &str = "/usr/bin/python3";
@@ -127,11 +131,17 @@ impl RuntimeLaunch<'_> {
                 if let Some(w) = self.warmup_event {
                     reserved.push(("SPORE_WARMUP_EVENT", format!("{TASK_ROOT}/{w}")));
                 }
-                reserved.push(("PYTHONPATH", format!("{TASK_ROOT}:{PACKAGES_ROOT}")));
+                reserved.push((
+                    "PYTHONPATH",
+                    format!("{TASK_ROOT}:{DEPS_ROOT}:{PACKAGES_ROOT}"),
+                ));
                 reserved.push(("PYTHONDONTWRITEBYTECODE", "1".to_owned()));
             }
             spore_core::Runtime::Node20 => {
-                reserved.push(("NODE_PATH", format!("{TASK_ROOT}/node_modules")));
+                reserved.push((
+                    "NODE_PATH",
+                    format!("{TASK_ROOT}/node_modules:{DEPS_ROOT}/node_modules"),
+                ));
             }
         }
         env.retain(|(k, _)| !reserved.iter().any(|(r, _)| r == k));

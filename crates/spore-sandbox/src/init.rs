@@ -77,10 +77,10 @@ fn init_main() -> Result<i32, InitError> {
     setsid().step(|| "setsid".into())?;
     // The mount namespace is pid 1's alone (it unshares it itself): pivot_root moves the root
     // of every process in a namespace, and this parent must keep the host's /proc.
-    let mut flags = CloneFlags::CLONE_NEWPID
-        | CloneFlags::CLONE_NEWNET
-        | CloneFlags::CLONE_NEWIPC
-        | CloneFlags::CLONE_NEWUTS;
+    let mut flags = CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
+    if !spec.host_network {
+        flags |= CloneFlags::CLONE_NEWNET;
+    }
     if spec.user_namespace.is_none() {
         // A cfork template's children move themselves into cgroups outside the template's,
         // which a cgroup namespace rooted at the template's group would hide.
@@ -300,7 +300,9 @@ fn child_main(
         None => None,
     };
     sethostname(&spec.id).step(|| "setting the hostname".into())?;
-    loopback_up()?;
+    if !spec.host_network {
+        loopback_up()?;
+    }
     let nofile = spec.max_open_files;
     setrlimit(Resource::RLIMIT_NOFILE, nofile, nofile).step(|| "setting RLIMIT_NOFILE".into())?;
     setrlimit(Resource::RLIMIT_CORE, 0, 0).step(|| "setting RLIMIT_CORE".into())?;

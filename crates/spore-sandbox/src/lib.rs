@@ -137,6 +137,11 @@ pub struct SandboxSpec {
     /// `binds`, so that binds under `/opt` land on top. Empty: no `/opt` overlay.
     #[serde(default)]
     pub opt_layers: Vec<PathBuf>,
+    /// Stay in the host's network namespace instead of a new one with loopback only. Only
+    /// a dependency build without an offline index asks for it, as a stopgap until builds
+    /// get egress networking of their own; function sandboxes never do.
+    #[serde(default)]
+    pub host_network: bool,
 }
 
 /// A user-namespace id mapping: ids `0..count` inside are `host_base..host_base+count` outside.
@@ -264,6 +269,7 @@ mod tests {
             wait_for_go: false,
             daemon_pid: Some(1),
             opt_layers: vec![],
+            host_network: false,
         }
     }
 

@@ -53,6 +53,10 @@ pub(crate) enum Command {
     Deploy {
         /// Folder holding spore.toml.
         dir: PathBuf,
+        /// Do not build dependencies from requirements.txt or package.json (the folder
+        /// vendors its packages).
+        #[arg(long)]
+        no_build: bool,
     },
     /// Invoke a function and print its result.
     Invoke {
@@ -88,10 +92,14 @@ pub(crate) enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
-    /// Delete a function.
+    /// Delete a function (refused while a DAG uses it, unless --force).
     Rm {
         /// Function name.
         name: String,
+        /// Delete it even though DAGs use it: they stay deployed and fail until the function
+        /// is deployed again (their names are printed).
+        #[arg(long)]
+        force: bool,
     },
     /// Print a function's recent log lines.
     Logs {
@@ -403,6 +411,17 @@ pub(crate) struct ServeArgs {
     /// Shared Python packages, bound read-only into sandboxes (default <data-dir>/packages).
     #[arg(long, env = "SPORE_PACKAGES_DIR")]
     pub(crate) packages_dir: Option<PathBuf>,
+    /// Offline package index for dependency builds: wheels for pip (`--no-index
+    /// --find-links`) and an npm cache in its `npm/` folder (`npm ci --offline`), bound
+    /// read-only into build sandboxes. Without it builds use the host's network.
+    #[arg(long, env = "SPORE_BUILD_INDEX_DIR")]
+    pub(crate) build_index_dir: Option<PathBuf>,
+    /// Longest a dependency build may run, seconds.
+    #[arg(long, env = "SPORE_BUILD_TIMEOUT_S", default_value_t = 300)]
+    pub(crate) build_timeout_s: u64,
+    /// Largest installed dependency layer, MiB.
+    #[arg(long, env = "SPORE_BUILD_MAX_MB", default_value_t = 250)]
+    pub(crate) build_max_mb: u32,
     /// Default most instances per function.
     #[arg(long, env = "SPORE_MAX_INSTANCES", default_value_t = 8)]
     pub(crate) max_instances: u32,

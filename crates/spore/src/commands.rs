@@ -202,6 +202,9 @@ pub fn serve(
     let exe = std::env::current_exe().context("locating the spore binary")?;
     let mut cfg = ControlConfig::new(data_dir.clone(), exe);
     cfg.packages_dir = args.packages_dir.clone();
+    cfg.build_index_dir = args.build_index_dir.clone();
+    cfg.build_limits.timeout = Duration::from_secs(args.build_timeout_s.max(1));
+    cfg.build_limits.max_output_mb = args.build_max_mb.max(1);
     cfg.max_instances = args.max_instances;
     cfg.keep_alive = Duration::from_secs(args.keep_alive_s);
     cfg.cpu_millis = args.cpu_millis;
@@ -371,10 +374,49 @@ async fn shutdown_signal() -> &'static str {
 }
 
 /// `spore deploy DIR`.
-pub fn deploy(endpoint: &str, dir: &Path) -> Result<ExitCode> {
+pub fn deploy(endpoint: &str, dir: &Path, build: bool) -> Result<ExitCode> {
     let client = Client::new(endpoint)?;
     let m = read_manifest(dir)?;
-    let conf = client.deploy_dir(dir, &m)?;
+    // A progress bar for the upload (drawn only on a terminal).
+    let bar =
+        indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("uploading {bytes}/{total_bytes} {wide_bar} {eta}")
+            .expect("a valid template"),
+    );
+    let hook = {
+        let bar = bar.clone();
+        std::sync::Arc::new(move |sent: u64, total: u64| {
+            bar.set_length(total);
+            bar.set_position(sent);
+        })
+    };
+    let deployed = client.deploy_dir_with(dir, &m, build, (!out::json()).then_some(hook));
+    bar.finish_and_clear();
+    let mut conf = deployed?;
+    if conf["State"] == "Pending" || conf["LastUpdateStatus"] == "InProgress" {
+        if !out::json() {
+            eprintln!("building the dependencies of {}", m.name);
+        }
+        conf = client.wait_for_build(&m.name, Duration::from_secs(900), |line| {
+            if !out::json() {
+                eprintln!("  | {}", out::printable(line));
+            }
+        })?;
+    }
+    if conf["State"] == "Failed" || conf["LastUpdateStatus"] == "Failed" {
+        let why = conf["LastUpdateStatusReason"]
+            .as_str()
+            .or(conf["StateReason"].as_str())
+            .unwrap_or("unknown");
+        let previous = if conf["State"] == "Failed" {
+            ""
+        } else {
+            " (the previous revision keeps serving)"
+        };
+        let why: Vec<String> = why.lines().map(out::printable).collect();
+        anyhow::bail!("deploying {}: {}{previous}", m.name, why.join("\n"));
+    }
     if out::json() {
         out::print_json(&conf);
         return Ok(ExitCode::SUCCESS);

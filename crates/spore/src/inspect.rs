@@ -143,9 +143,15 @@ pub fn ls(endpoint: &str) -> Result<ExitCode> {
 }
 
 /// `spore rm NAME`.
-pub fn rm(endpoint: &str, name: &str) -> Result<ExitCode> {
-    Client::new(endpoint)?.delete(name)?;
+pub fn rm(endpoint: &str, name: &str, force: bool) -> Result<ExitCode> {
+    let broken = Client::new(endpoint)?.delete_with(name, force)?;
     println!("deleted {name}");
+    if !broken.is_empty() {
+        eprintln!(
+            "warning: DAGs that use {name} are now broken (their invocations fail until {name} is deployed again): {}",
+            crate::out::printable(&broken.join(", "))
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -39,7 +39,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse_from(argv);
     if !matches!(
         cli.command,
-        Command::Serve(_) | Command::Shim(_) | Command::Demo(_) | Command::Bench { .. }
+        Command::Serve(_)
+            | Command::Shim(_)
+            | Command::Demo(_)
+            | Command::Bench { .. }
+            // A deploy writes a large body to a socket the daemon may close early (it
+            // refuses an oversized request from its head): that must be an error that
+            // says so, not a silent death by SIGPIPE.
+            | Command::Deploy { .. }
     ) {
         // A client command whose output goes to a closed pipe (`spore snapshot inspect f |
         // head`) ends quietly, as other command-line tools do, instead of panicking.
@@ -58,7 +65,7 @@ fn main() -> ExitCode {
         Command::Shim(args) => commands::shim(args),
         Command::Cluster { which } => commands::cluster(which),
         Command::Units => inspect::units(&cli.endpoint),
-        Command::Deploy { dir } => commands::deploy(&cli.endpoint, &dir),
+        Command::Deploy { dir, no_build } => commands::deploy(&cli.endpoint, &dir, !no_build),
         Command::Invoke {
             name,
             payload,
@@ -77,7 +84,7 @@ fn main() -> ExitCode {
         Command::Ps => inspect::ps(&cli.endpoint),
         Command::Describe { name } => inspect::describe(&cli.endpoint, &name),
         Command::Completions { shell } => inspect::completions(shell),
-        Command::Rm { name } => inspect::rm(&cli.endpoint, &name),
+        Command::Rm { name, force } => inspect::rm(&cli.endpoint, &name, force),
         Command::Evict { name } => commands::evict(&cli.endpoint, &name),
         Command::Logs {
             name,

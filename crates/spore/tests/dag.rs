@@ -408,3 +408,65 @@ after = ["step"]
     remove_and_expect_nothing_open(&d, &["stamped"]);
     d.stop();
 }
+
+#[test]
+fn node_functions_on_shm_and_deletes_of_functions_in_use_are_refused() {
+    if !can_sandbox("node_functions_on_shm_and_deletes_of_functions_in_use_are_refused") {
+        return;
+    }
+    let mut d = Daemon::start();
+    d.deploy(&repo_root().join("functions/dag/chain-step"));
+    d.deploy(&common::fixture("node-echo"));
+    // A Node function cannot be a node of an shm DAG: refused at deploy with the reason.
+    let spec = "name = \"mixed\"\n[[nodes]]\nid = \"a\"\nfunction = \"chain-step\"\n[[nodes]]\nid = \"b\"\nfunction = \"node-echo\"\nafter = [\"a\"]\n";
+    let r = put_dag(&d, spec);
+    assert_eq!(r.status(), 400);
+    let msg = r.json::<Value>().unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        msg.contains("node \"b\" runs function \"node-echo\" (node20); the shm transport serves Python functions only"),
+        "{msg}"
+    );
+    let r = put_dag(&d, &format!("transport = \"http\"\n{spec}"));
+    assert_eq!(r.status(), 201, "{}", r.text().unwrap());
+    // Deleting a function a DAG uses is refused with the DAG's name...
+    let out = d.cli(&["rm", "node-echo"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("Function node-echo is used by DAG mixed"),
+        "{err}"
+    );
+    let r = d
+        .http
+        .delete(d.url("/2015-03-31/functions/chain-step"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    assert_eq!(common::error_type(&r), "ResourceConflictException");
+    assert!(d
+        .log_text()
+        .contains("delete refused: DAGs use the function"));
+    // ... unless forced, which says which DAGs are now broken (they stay deployed).
+    let out = d.cli(&["rm", "--force", "node-echo"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("DAGs that use node-echo are now broken") && err.contains("mixed"),
+        "{err}"
+    );
+    let r = d
+        .http
+        .get(d.url("/2015-03-31/functions/node-echo"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(
+        d.get_json("/dags")["Dags"][0]["name"],
+        "mixed",
+        "the DAG stays"
+    );
+    d.stop();
+}

@@ -76,6 +76,12 @@ fn refused_creates_say_why_and_leave_nothing_behind() {
             "a refused create of {name} left its directory"
         );
     }
+    // The daemon logs the refused packages.
+    let log = d.log_text();
+    assert!(
+        log.contains("code package refused") && log.contains("dups"),
+        "{log}"
+    );
     d.stop();
 }
 
@@ -107,6 +113,11 @@ fn oversize_requests_and_results_get_lambdas_errors() {
         "{answer}"
     );
     assert!(answer.contains("\"message\""), "{answer}");
+    assert!(
+        d.log_text()
+            .contains("request refused: its body is over the limit"),
+        "the daemon logs the refusal"
+    );
     // Results over 6 MB and over what any reply frame may carry.
     d.deploy(&fixture("bigresult"));
     for mb in [7, 100] {
@@ -122,4 +133,139 @@ fn oversize_requests_and_results_get_lambdas_errors() {
     let (err, _, v) = d.invoke("bigresult", json!({"mb": 0}));
     assert!(!err && v == json!(""), "{v}");
     d.stop();
+}
+
+fn folder(root: &std::path::Path, name: &str) -> std::path::PathBuf {
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("spore.toml"),
+        format!("name = \"{name}\"\nhandler = \"main.handler\"\n"),
+    )
+    .unwrap();
+    std::fs::write(dir.join("main.py"), "def handler(e, c):\n    return e\n").unwrap();
+    dir
+}
+
+/// `spore deploy` of a folder over the limits fails before sending anything, names the limit,
+/// and never dies silently (the daemon never hears of it).
+#[test]
+fn oversized_folders_are_refused_by_the_cli_before_upload() {
+    if !can_sandbox("oversized_folders_are_refused_by_the_cli_before_upload") {
+        return;
+    }
+    let d = Daemon::start();
+    let tmp = tempfile::tempdir().unwrap();
+    // 60 MB that do not compress: over what a request can carry.
+    let big = folder(tmp.path(), "big60");
+    let mut data = vec![0u8; 60 << 20];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for chunk in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    std::fs::write(big.join("blob.bin"), &data).unwrap();
+    let out = d.cli(&["deploy", big.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("is too large to deploy: it zips to 60.0 MiB"),
+        "{err}"
+    );
+    assert!(err.contains("a deploy can carry"), "{err}");
+    // 300 MB unpacked (a sparse file: the size is what counts).
+    let huge = folder(tmp.path(), "huge300");
+    std::fs::File::create(huge.join("big.bin"))
+        .unwrap()
+        .set_len(300 << 20)
+        .unwrap();
+    let out = d.cli(&["deploy", huge.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(
+            "its files take 300.0 MiB, more than the 250.0 MiB a function's code may take unpacked"
+        ),
+        "{err}"
+    );
+    let log = d.log_text();
+    assert!(
+        !log.contains("big60") && !log.contains("huge300"),
+        "nothing was sent: {log}"
+    );
+}
+
+/// A symlink out of the function folder is refused by name; one inside is followed.
+#[test]
+fn symlinks_out_of_a_function_folder_are_refused_by_name() {
+    if !can_sandbox("symlinks_out_of_a_function_folder_are_refused_by_name") {
+        return;
+    }
+    let d = Daemon::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let f = folder(tmp.path(), "linky");
+    std::fs::write(
+        f.join("real.py"),
+        "def handler(e, c):\n    return {'via': 'link'}\n",
+    )
+    .unwrap();
+    std::fs::remove_file(f.join("main.py")).unwrap();
+    std::os::unix::fs::symlink("real.py", f.join("main.py")).unwrap();
+    let out = d.cli(&["deploy", f.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (is_err, _, body) = d.invoke("linky", json!({}));
+    assert!(!is_err && body == json!({"via": "link"}), "{body}");
+    std::fs::write(tmp.path().join("outside.txt"), "secret").unwrap();
+    std::os::unix::fs::symlink("../outside.txt", f.join("data.txt")).unwrap();
+    let out = d.cli(&["deploy", f.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("symlink data.txt points outside the function folder"),
+        "{err}"
+    );
+}
+
+/// A manifest naming a warm-up event file the package lacks is refused at deploy with the
+/// path, and the daemon logs the refusal of a package.
+#[test]
+fn a_missing_warmup_event_file_is_refused_at_deploy() {
+    if !can_sandbox("a_missing_warmup_event_file_is_refused_at_deploy") {
+        return;
+    }
+    let d = Daemon::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let f = folder(tmp.path(), "warmless");
+    std::fs::write(
+        f.join("spore.toml"),
+        "name = \"warmless\"\nhandler = \"main.handler\"\nsnapshot = true\nwarmup_event = \"events/warm.json\"\n",
+    )
+    .unwrap();
+    let out = d.cli(&["deploy", f.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("warmup_event \"events/warm.json\": the code package has no such file"),
+        "{err}"
+    );
+    let r = d
+        .http
+        .get(d.url("/2015-03-31/functions/warmless"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 404, "a refused create leaves nothing behind");
+    std::fs::create_dir_all(f.join("events")).unwrap();
+    std::fs::write(f.join("events/warm.json"), "{}").unwrap();
+    let out = d.cli(&["deploy", f.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

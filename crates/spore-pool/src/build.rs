@@ -1,0 +1,381 @@
+//! Building a function's dependency layer: `pip install --target` or `npm ci` run by the
+//! function's own interpreter inside a build sandbox, isolated as a function is (namespaces,
+//! a cgroup with memory and pid limits, an unprivileged uid, seccomp), with a time limit and
+//! a size-capped scratch space that bounds the output.
+//!
+//! The sandbox sees the function's code read-only at `/var/task`, the offline index (if the
+//! daemon has one) read-only at [`INDEX_ROOT`], and the empty output directory writable at
+//! [`OUT_ROOT`]. The package manager installs into the sandbox's `/tmp` (a tmpfs of
+//! [`BuildLimits::max_output_mb`] plus room for its scratch files: a larger result fails with
+//! "No space left on device"), and the result is copied out when it succeeded.
+
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use spore_core::{error_chain, Runtime};
+use spore_sandbox::cgroup::{Cgroup, Limits};
+use spore_sandbox::{BindMount, SandboxSpec};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+
+use crate::sandbox::InstanceEnv;
+
+/// Where the offline index appears inside a build sandbox.
+pub const INDEX_ROOT: &str = "/opt/spore/index";
+/// Where the output directory appears inside a build sandbox.
+pub const OUT_ROOT: &str = "/opt/spore/build";
+
+/// How a build reaches packages: the one place that decides a build sandbox's network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BuildNetwork {
+    /// No network at all: packages come only from this directory of wheels (`pip
+    /// --no-index --find-links`) and npm cache (`<dir>/npm`, `npm ci --offline`), bound
+    /// read-only.
+    OfflineIndex(PathBuf),
+    /// The host's network namespace (the sandbox keeps every other namespace).
+    // TODO(egress): a stopgap until sandboxes get egress networking of their own (veth,
+    // bridge, NAT): then a build gets that instead of the host's namespace.
+    HostStopgap,
+}
+
+/// Limits of one build.
+#[derive(Debug, Clone, Copy)]
+pub struct BuildLimits {
+    /// Wall-clock limit.
+    pub timeout: Duration,
+    /// Largest installed result, MiB.
+    pub max_output_mb: u32,
+    /// Memory of the build's cgroup, MiB (it holds the size-capped scratch space too).
+    pub memory_mb: u32,
+    /// Process (and thread) limit.
+    pub pids_max: u32,
+}
+
+impl Default for BuildLimits {
+    fn default() -> Self {
+        BuildLimits {
+            timeout: Duration::from_secs(300),
+            max_output_mb: 250,
+            memory_mb: 1536,
+            pids_max: 256,
+        }
+    }
+}
+
+/// Why a build failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The platform failed (cgroup, spawn): not the requirements' fault.
+    #[error("Could not start the dependency build: {0}")]
+    Platform(String),
+    /// The package manager failed; its last lines say why.
+    #[error("{tool} failed (exit status {status}):\n{tail}")]
+    Failed {
+        /// `pip` or `npm`.
+        tool: &'static str,
+        /// Its exit status (or 128 + signal).
+        status: i32,
+        /// The last lines of its output.
+        tail: String,
+    },
+    /// The build ran past its time limit and was killed.
+    #[error("The dependency build ran past its limit of {0} s and was stopped")]
+    TimedOut(u64),
+    /// The build ran out of memory.
+    #[error("The dependency build ran out of memory (limit {0} MiB) and was stopped")]
+    OutOfMemory(u32),
+}
+
+/// The command a build runs (through `/bin/sh -c`) for `runtime`.
+fn script(runtime: Runtime, network: &BuildNetwork) -> (&'static str, String) {
+    let offline = matches!(network, BuildNetwork::OfflineIndex(_));
+    match runtime {
+        Runtime::Python3 => {
+            let index = if offline {
+                format!(" --no-index --find-links {INDEX_ROOT}")
+            } else {
+                String::new()
+            };
+            (
+                "pip",
+                format!(
+                    "{} -m pip install --disable-pip-version-check --no-input --no-cache-dir \
+                     --progress-bar off --no-warn-script-location --target /tmp/out \
+                     -r {}/requirements.txt{index} && cp -R /tmp/out/. {OUT_ROOT}/",
+                    spore_runtime::PYTHON_INTERPRETER,
+                    spore_runtime::TASK_ROOT,
+                ),
+            )
+        }
+        Runtime::Node20 => {
+            let cache = if offline {
+                // npm writes to its cache even offline: work on a copy.
+                format!("cp -R {INDEX_ROOT}/npm /tmp/npm-cache && ")
+            } else {
+                String::new()
+            };
+            let flags = if offline { " --offline" } else { "" };
+            (
+                "npm",
+                format!(
+                    "{cache}mkdir -p /tmp/out && cd /tmp/out && \
+                     for f in package.json package-lock.json npm-shrinkwrap.json; do \
+                     if [ -f {task}/$f ]; then cp {task}/$f .; fi; done && \
+                     npm ci --omit=dev --no-audit --no-fund --ignore-scripts --cache /tmp/npm-cache{flags} && \
+                     cp -R node_modules {OUT_ROOT}/",
+                    task = spore_runtime::TASK_ROOT,
+                ),
+            )
+        }
+    }
+}
+
+/// Builds the dependencies of the code in `code_dir` for `runtime` into `out_dir` (an empty
+/// directory the caller made), calling `on_line` with each line of the package manager's
+/// output. The output is owned by root and readable by all when this returns `Ok`.
+pub async fn build_layer(
+    env: &InstanceEnv,
+    runtime: Runtime,
+    code_dir: &Path,
+    out_dir: &Path,
+    network: &BuildNetwork,
+    limits: BuildLimits,
+    mut on_line: impl FnMut(String) + Send,
+) -> Result<(), BuildError> {
+    let platform =
+        |what: &str, e: &dyn std::fmt::Display| BuildError::Platform(format!("{what}: {e}"));
+    let seq = env.next_seq();
+    let id = format!("build-{seq}");
+    let uid = env.uid_base + (seq % 100_000) as u32;
+    std::os::unix::fs::chown(out_dir, Some(uid), Some(uid))
+        .map_err(|e| platform("preparing the output directory", &e))?;
+    let cg_limits = Limits {
+        memory_bytes: u64::from(limits.memory_mb) << 20,
+        cpu_millis: env.cpu_millis,
+        pids_max: limits.pids_max,
+    };
+    let (layout, parent, name) = (env.layout.clone(), env.cgroup_parent.clone(), id.clone());
+    let cgroup =
+        tokio::task::spawn_blocking(move || Cgroup::create(&layout, &parent, &name, cg_limits))
+            .await
+            .map_err(|e| platform("cgroup task", &e))?
+            .map_err(|e| BuildError::Platform(error_chain(&e)))?;
+    let result = run_in(
+        env,
+        runtime,
+        code_dir,
+        out_dir,
+        network,
+        limits,
+        &id,
+        uid,
+        &cgroup,
+        &mut on_line,
+    )
+    .await;
+    let oom = cgroup.oom_killed();
+    crate::sandbox::destroy_cgroup(cgroup).await;
+    match result {
+        Err(BuildError::Failed { .. }) if oom => Err(BuildError::OutOfMemory(limits.memory_mb)),
+        Ok(()) => {
+            let out = out_dir.to_owned();
+            tokio::task::spawn_blocking(move || seal(&out))
+                .await
+                .map_err(|e| platform("sealing task", &e))?
+                .map_err(|e| platform("sealing the layer", &e))
+        }
+        other => other,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_in(
+    env: &InstanceEnv,
+    runtime: Runtime,
+    code_dir: &Path,
+    out_dir: &Path,
+    network: &BuildNetwork,
+    limits: BuildLimits,
+    id: &str,
+    uid: u32,
+    cgroup: &Cgroup,
+    on_line: &mut (impl FnMut(String) + Send),
+) -> Result<(), BuildError> {
+    let platform =
+        |what: &str, e: &dyn std::fmt::Display| BuildError::Platform(format!("{what}: {e}"));
+    let (tool, script) = script(runtime, network);
+    let mut spec = SandboxSpec {
+        id: id.to_owned(),
+        rootfs: env.rootfs.clone(),
+        binds: vec![],
+        symlinks: vec![],
+        files: vec![],
+        // The installed result and the package manager's scratch files.
+        tmp_size_mb: limits.max_output_mb + 256,
+        uid,
+        gid: uid,
+        argv: vec!["/bin/sh".into(), "-c".into(), script],
+        env: vec![
+            ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
+            ("HOME".into(), "/tmp".into()),
+            ("TMPDIR".into(), "/tmp".into()),
+            ("LANG".into(), "C.UTF-8".into()),
+            ("PYTHONDONTWRITEBYTECODE".into(), "1".into()),
+            ("npm_config_update_notifier".into(), "false".into()),
+        ],
+        cwd: "/tmp".into(),
+        cgroup_join: cgroup.self_attach_files(),
+        max_open_files: 4096,
+        control_fd: 0,
+        user_namespace: None,
+        restore: None,
+        restore_mode: None,
+        wait_for_go: false,
+        daemon_pid: Some(std::process::id()),
+        host_network: matches!(network, BuildNetwork::HostStopgap),
+        opt_layers: Vec::new(),
+    };
+    spore_sandbox::host_runtime_rootfs(&mut spec);
+    let mut dirs = vec![(code_dir.to_owned(), spore_runtime::TASK_ROOT.to_owned())];
+    match network {
+        BuildNetwork::OfflineIndex(index) => dirs.push((index.clone(), INDEX_ROOT.to_owned())),
+        BuildNetwork::HostStopgap => {
+            // (/etc/hosts is generated for every sandbox.)
+            for f in ["/etc/resolv.conf", "/etc/nsswitch.conf", "/etc/gai.conf"] {
+                if Path::new(f).exists() {
+                    dirs.push((f.into(), f.to_owned()));
+                }
+            }
+        }
+    }
+    crate::sandbox::bind_read_only_dirs(&mut spec, &dirs);
+    spec.binds.push(BindMount {
+        source: out_dir.to_owned(),
+        target: OUT_ROOT.into(),
+        read_only: false,
+    });
+    let devnull = std::fs::File::open("/dev/null").map_err(|e| platform("/dev/null", &e))?;
+    let mut cmd = spore_sandbox::command(&env.exe, &spec)
+        .map_err(|e| BuildError::Platform(error_chain(&e)))?;
+    cmd.stdin(Stdio::from(OwnedFd::from(devnull)))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut cmd = tokio::process::Command::from(cmd);
+    cmd.kill_on_drop(true);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| platform(&format!("spawning {}", env.exe.display()), &e))?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(256);
+    if let Some(out) = child.stdout.take() {
+        tokio::spawn(lines_into(out, tx.clone()));
+    }
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(lines_into(err, tx));
+    }
+    let mut tail = std::collections::VecDeque::new();
+    let deadline = tokio::time::Instant::now() + limits.timeout;
+    // Output until both pipes close (the sandbox exited, or the deadline).
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(line)) => {
+                if tail.len() == 20 {
+                    tail.pop_front();
+                }
+                tail.push_back(line.clone());
+                on_line(line);
+            }
+            Ok(None) => break,
+            Err(_) => {
+                let _ = child.start_kill();
+                let _ = cgroup.kill_all();
+                let _ = child.wait().await;
+                return Err(BuildError::TimedOut(limits.timeout.as_secs()));
+            }
+        }
+    }
+    let status = match tokio::time::timeout_at(deadline, child.wait()).await {
+        Ok(s) => s.map_err(|e| platform("waiting for the build", &e))?,
+        Err(_) => {
+            let _ = child.start_kill();
+            let _ = cgroup.kill_all();
+            return Err(BuildError::TimedOut(limits.timeout.as_secs()));
+        }
+    };
+    if status.success() {
+        return Ok(());
+    }
+    use std::os::unix::process::ExitStatusExt;
+    let code = status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+    if code == spore_sandbox::SETUP_FAILED_EXIT {
+        return Err(BuildError::Platform(format!(
+            "the build sandbox could not be set up: {}",
+            tail.into_iter().collect::<Vec<_>>().join("\n")
+        )));
+    }
+    Err(BuildError::Failed {
+        tool,
+        status: code,
+        tail: tail.into_iter().collect::<Vec<_>>().join("\n"),
+    })
+}
+
+async fn lines_into<R: AsyncRead + Unpin>(r: R, tx: tokio::sync::mpsc::Sender<String>) {
+    let mut lines = BufReader::new(r).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if tx.send(line).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// Gives the layer to root, readable by all and writable by none but root: the build's uid
+/// (which a later sandbox may get) keeps nothing in it.
+fn seal(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        std::os::unix::fs::lchown(&d, Some(0), Some(0))?;
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755))?;
+        for e in std::fs::read_dir(&d)? {
+            let e = e?;
+            let path = e.path();
+            let ft = e.file_type()?;
+            if ft.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            std::os::unix::fs::lchown(&path, Some(0), Some(0))?;
+            if ft.is_file() {
+                let mode = std::fs::metadata(&path)?.permissions().mode();
+                let exec = if mode & 0o111 != 0 { 0o755 } else { 0o644 };
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(exec))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offline_builds_never_name_an_index_on_the_network() {
+        let off = BuildNetwork::OfflineIndex("/idx".into());
+        let (tool, py) = script(Runtime::Python3, &off);
+        assert_eq!(tool, "pip");
+        assert!(
+            py.contains("--no-index --find-links /opt/spore/index"),
+            "{py}"
+        );
+        assert!(py.contains("--target /tmp/out"), "{py}");
+        let (tool, js) = script(Runtime::Node20, &off);
+        assert_eq!(tool, "npm");
+        assert!(js.contains("npm ci") && js.contains("--offline"), "{js}");
+        let (_, online) = script(Runtime::Python3, &BuildNetwork::HostStopgap);
+        assert!(!online.contains("--no-index"), "{online}");
+    }
+}

@@ -74,6 +74,10 @@ pub struct ControlConfig {
     pub unit: Option<spore_shim::UnitInfo>,
     /// Settings of links to other units.
     pub link: spore_shim::LinkConfig,
+    /// Network access of functions whose manifest does not say (egress, as on Lambda).
+    pub default_network: spore_core::Network,
+    /// Subnet of egress sandboxes (None: a free /21 of 10.214.0.0/16).
+    pub egress_subnet: Option<spore_pool::EgressSubnet>,
 }
 
 impl ControlConfig {
@@ -94,6 +98,8 @@ impl ControlConfig {
             idle_memory_mb: None,
             unit: None,
             link: spore_shim::LinkConfig::default(),
+            default_network: spore_core::Network::Egress,
+            egress_subnet: None,
         }
     }
 }
@@ -160,6 +166,8 @@ impl Control {
                 cpu_millis: cfg.cpu_millis,
                 pids_max: cfg.pids_max,
                 tmp_mb: cfg.tmp_mb,
+                default_network: cfg.default_network,
+                egress_subnet: cfg.egress_subnet,
             },
             &mut warnings,
         )?;

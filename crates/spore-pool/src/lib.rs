@@ -37,6 +37,7 @@ use tokio::sync::Notify;
 pub use host::cgroup_parent_name;
 pub use instance::{monotonic_ns, Instance, InvokeFailure, Reply};
 pub use sandbox::{InstanceEnv, StartError};
+pub use spore_sandbox::egress::{attach as attach_egress, Egress, Lease as EgressLease, Subnet as EgressSubnet};
 pub use snapshots::{SnapshotInfo, Snapshots};
 pub use work::{Work, WorkGuard};
 

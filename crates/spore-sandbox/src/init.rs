@@ -124,6 +124,12 @@ fn init_main() -> Result<i32, InitError> {
             }
         }
     };
+    if let Some(lease) = &spec.egress {
+        // The network namespace comes first, so that the init (still in the host's) can give
+        // it a veth pair before anything runs in it.
+        give_egress(lease)?;
+        flags.remove(CloneFlags::CLONE_NEWNET);
+    }
     unshare(flags).step(|| "unsharing namespaces".into())?;
     // Pipes for the user-namespace handshake: the child says "unshared", the parent writes
     // its id maps (which needs CAP_SETUID in this, the parent, namespace) and says "go".
@@ -169,6 +175,23 @@ fn init_main() -> Result<i32, InitError> {
             }
         }
     }
+}
+
+/// Moves this process into a new network namespace with egress through `lease`: the veth
+/// pair is made from the host's namespace (`ip` runs there), naming the new one through this
+/// process's descriptor of it.
+fn give_egress(lease: &crate::egress::Lease) -> Result<(), InitError> {
+    use std::os::fd::AsRawFd;
+    let host = fs::File::open("/proc/self/ns/net").step(|| "opening the host's network namespace".into())?;
+    unshare(CloneFlags::CLONE_NEWNET).step(|| "unsharing the network namespace".into())?;
+    let own = fs::File::open("/proc/self/ns/net").step(|| "opening the sandbox's network namespace".into())?;
+    nix::sched::setns(&host, CloneFlags::CLONE_NEWNET)
+        .step(|| "returning to the host's network namespace".into())?;
+    let path = format!("/proc/{}/fd/{}", std::process::id(), own.as_raw_fd());
+    let attached = crate::egress::attach(lease, &path).step(|| "giving the sandbox network egress".into());
+    nix::sched::setns(&own, CloneFlags::CLONE_NEWNET)
+        .step(|| "entering the sandbox's network namespace".into())?;
+    attached
 }
 
 /// Returns when the sandbox's pid 1 (`child`) has exited (not yet reaped), or once it has

@@ -21,6 +21,7 @@
 //! Linux only. Needs root (or `CAP_SYS_ADMIN`); [`preflight`] says what is missing.
 
 pub mod cgroup;
+pub mod egress;
 mod init;
 pub mod seccomp;
 
@@ -132,6 +133,10 @@ pub struct SandboxSpec {
     /// init kills the sandbox and exits too, so that no sandbox outlives its daemon.
     #[serde(default)]
     pub daemon_pid: Option<u32>,
+    /// Network egress: the init gives the sandbox's network namespace a veth pair into the
+    /// daemon's bridge with this address ([`egress::attach`]). None: loopback only.
+    #[serde(default)]
+    pub egress: Option<egress::Lease>,
 }
 
 /// A user-namespace id mapping: ids `0..count` inside are `host_base..host_base+count` outside.

@@ -356,8 +356,11 @@ fn network_tag(
 ) -> Result<Option<spore_core::manifest::Network>, ApiError> {
     tags.get(TAG_NETWORK)
         .map(|v| {
-            v.parse()
-                .map_err(|_| ApiError::invalid(format!("tag {TAG_NETWORK} must be \"egress\" or \"none\", not {v:?}")))
+            v.parse().map_err(|_| {
+                ApiError::invalid(format!(
+                    "tag {TAG_NETWORK} must be \"egress\" or \"none\", not {v:?}"
+                ))
+            })
         })
         .transpose()
 }

@@ -199,7 +199,9 @@ pub fn prepare(cfg: &HostConfig, warnings: &mut Vec<String>) -> Result<Host, Con
                 }
                 Err(e) => {
                     let why = error_chain(&e);
-                    warnings.push(format!("functions with network \"egress\" cannot start: {why}"));
+                    warnings.push(format!(
+                        "functions with network \"egress\" cannot start: {why}"
+                    ));
                     env.egress = Err(why);
                 }
             }

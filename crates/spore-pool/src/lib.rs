@@ -37,8 +37,10 @@ use tokio::sync::Notify;
 pub use host::cgroup_parent_name;
 pub use instance::{monotonic_ns, Instance, InvokeFailure, Reply};
 pub use sandbox::{InstanceEnv, StartError};
-pub use spore_sandbox::egress::{attach as attach_egress, Egress, Lease as EgressLease, Subnet as EgressSubnet};
 pub use snapshots::{SnapshotInfo, Snapshots};
+pub use spore_sandbox::egress::{
+    attach as attach_egress, Egress, Lease as EgressLease, Subnet as EgressSubnet,
+};
 pub use work::{Work, WorkGuard};
 
 use crate::logs::LogRing;

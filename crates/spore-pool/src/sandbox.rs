@@ -268,11 +268,15 @@ fn spawn_in(
     let egress = env.network_of(m) == Network::Egress;
     if egress {
         let e = env.egress_for(&m.name)?;
-        spec.files.push(("/etc/resolv.conf".into(), e.resolv_conf()));
+        spec.files
+            .push(("/etc/resolv.conf".into(), e.resolv_conf()));
         if !is_template {
             // A template's own namespace keeps loopback only; its children get egress-ready
             // namespaces the daemon equips (`Template::equip_netns`).
-            spec.egress = Some(e.lease().map_err(|e| StartError::Platform(error_chain(&e)))?);
+            spec.egress = Some(
+                e.lease()
+                    .map_err(|e| StartError::Platform(error_chain(&e)))?,
+            );
         }
     }
     if let Some((mapping, extra_env)) = template {

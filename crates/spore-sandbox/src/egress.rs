@@ -114,9 +114,7 @@ impl std::str::FromStr for Subnet {
             return Err(bad("host bits are set"));
         }
         if !addr.is_private() {
-            return Err(bad(
-                "not a private range (10/8, 172.16/12 or 192.168/16)",
-            ));
+            return Err(bad("not a private range (10/8, 172.16/12 or 192.168/16)"));
         }
         Ok(Subnet { addr, prefix })
     }
@@ -248,9 +246,7 @@ impl Egress {
     /// [`Egress::enable_forwarding`]. Returns it with warnings for the operator.
     pub fn setup(tag: &str, subnet: Option<Subnet>) -> Result<(Egress, Vec<String>), EgressError> {
         if tag.is_empty() || tag.len() > 5 || !tag.chars().all(|c| c.is_ascii_hexdigit()) {
-            return Err(EgressError::Invalid(format!(
-                "tag {tag:?}: 1-5 hex digits"
-            )));
+            return Err(EgressError::Invalid(format!("tag {tag:?}: 1-5 hex digits")));
         }
         let bridge = format!("spb{tag}");
         let table = format!("spore_{tag}");
@@ -361,7 +357,10 @@ impl Egress {
             return Ok(());
         }
         let path = "/proc/sys/net/ipv4/ip_forward";
-        if std::fs::read_to_string(path).map(|s| s.trim() == "1").unwrap_or(false) {
+        if std::fs::read_to_string(path)
+            .map(|s| s.trim() == "1")
+            .unwrap_or(false)
+        {
             *on = true;
             return Ok(());
         }
@@ -518,7 +517,13 @@ mod tests {
         assert!(!a.overlaps(&c));
         assert_eq!(b.nth(1), Ipv4Addr::new(10, 214, 8, 1));
         assert_eq!(b.sandbox_slots(), 2045);
-        for bad in ["10.214.0.1/16", "8.8.8.0/24", "10.0.0.0/4", "10.0.0.0", "x/8"] {
+        for bad in [
+            "10.214.0.1/16",
+            "8.8.8.0/24",
+            "10.0.0.0/4",
+            "10.0.0.0",
+            "x/8",
+        ] {
             assert!(bad.parse::<Subnet>().is_err(), "{bad}");
         }
     }

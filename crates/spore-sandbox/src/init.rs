@@ -182,13 +182,16 @@ fn init_main() -> Result<i32, InitError> {
 /// process's descriptor of it.
 fn give_egress(lease: &crate::egress::Lease) -> Result<(), InitError> {
     use std::os::fd::AsRawFd;
-    let host = fs::File::open("/proc/self/ns/net").step(|| "opening the host's network namespace".into())?;
+    let host = fs::File::open("/proc/self/ns/net")
+        .step(|| "opening the host's network namespace".into())?;
     unshare(CloneFlags::CLONE_NEWNET).step(|| "unsharing the network namespace".into())?;
-    let own = fs::File::open("/proc/self/ns/net").step(|| "opening the sandbox's network namespace".into())?;
+    let own = fs::File::open("/proc/self/ns/net")
+        .step(|| "opening the sandbox's network namespace".into())?;
     nix::sched::setns(&host, CloneFlags::CLONE_NEWNET)
         .step(|| "returning to the host's network namespace".into())?;
     let path = format!("/proc/{}/fd/{}", std::process::id(), own.as_raw_fd());
-    let attached = crate::egress::attach(lease, &path).step(|| "giving the sandbox network egress".into());
+    let attached =
+        crate::egress::attach(lease, &path).step(|| "giving the sandbox network egress".into());
     nix::sched::setns(&own, CloneFlags::CLONE_NEWNET)
         .step(|| "entering the sandbox's network namespace".into())?;
     attached

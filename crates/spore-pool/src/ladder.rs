@@ -147,7 +147,8 @@ impl Pools {
         if started {
             // This call waited for the template's build: say so in the breakdown too.
             inst.init_ms += template.init_ms;
-            inst.breakdown.insert(0, ("template".to_owned(), template.init_ms));
+            inst.breakdown
+                .insert(0, ("template".to_owned(), template.init_ms));
             let kind = if template.restored {
                 StartKind::Restore
             } else {

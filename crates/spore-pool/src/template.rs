@@ -110,6 +110,8 @@ pub struct Template {
     own_pids: Vec<i32>,
     /// Whether its children get egress (from the pooled namespaces the daemon equips).
     egress: bool,
+    /// The runtime's resident memory once ready, which every child maps.
+    shared_bytes: u64,
 }
 
 impl Template {
@@ -237,6 +239,19 @@ impl Template {
         if let Some((_, ms)) = breakdown.first() {
             tracing::info!(function = %m.name, "cfork template snapshot: {ms:.1} ms");
         }
+        // The runtime's resident set (VmRSS) once ready: what a child shares with it.
+        let shared_bytes = helper
+            .id()
+            .and_then(|init| descendant(init, 2))
+            .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/statm")).ok())
+            .and_then(|t| t.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .map_or(0, |pages| {
+                let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+                    .ok()
+                    .flatten()
+                    .unwrap_or(4096);
+                pages * page as u64
+            });
         let egress = env.network_of(m) == spore_core::Network::Egress;
         let equip = match (egress, &env.egress, helper.id()) {
             (true, Ok(e), Some(init)) => Some(Equip {
@@ -261,6 +276,7 @@ impl Template {
             spares: Mutex::new(Vec::new()),
             own_pids,
             egress,
+            shared_bytes,
         }))
     }
 
@@ -389,6 +405,7 @@ impl Template {
             .lock()
             .expect("children")
             .insert(id.clone(), state.clone());
+        let waited = Instant::now();
         let netns = if self.egress {
             match self.take_netns().await {
                 Ok(fd) => Some(fd),
@@ -401,6 +418,8 @@ impl Template {
         } else {
             None
         };
+        // Time spent waiting for an egress-ready namespace (none were equipped yet).
+        let netns_wait_ms = waited.elapsed().as_secs_f64() * 1000.0;
         let frame = protocol::encode(
             &ToRuntime::Fork {
                 cgroups: sets,
@@ -439,7 +458,13 @@ impl Template {
                     id,
                     revision: rec.revision,
                     init_ms: t0.elapsed().as_secs_f64() * 1000.0,
-                    breakdown: breakdown(sent_ns, &phases, ready_ns),
+                    breakdown: {
+                        let mut b = breakdown(sent_ns, &phases, ready_ns);
+                        if netns_wait_ms >= 0.05 {
+                            b.insert(0, ("netns_wait".to_owned(), netns_wait_ms));
+                        }
+                        b
+                    },
                     last_used: Instant::now(),
                     created: Instant::now(),
                     started: spore_core::StartKind::Cold,
@@ -449,6 +474,7 @@ impl Template {
                     memory_mb: m.memory_mb,
                     stderr_tail: Arc::default(),
                     invoke_sent: pipelined.is_some(),
+                    shared_bytes: self.shared_bytes,
                     helpers: 0,
                 })
             }

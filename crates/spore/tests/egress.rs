@@ -95,11 +95,14 @@ fn ip(args: &[&str]) {
 
 impl Internet {
     fn new() -> Internet {
+        // Unique per test process and per test in it (they run in parallel).
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let pid = std::process::id();
-        let name = format!("spore-inet-{pid}");
-        let host_if = format!("sih{}", pid % 1_000_000);
-        let octet = pid % 63 * 4;
-        let third = (pid / 63) % 250;
+        let name = format!("spore-inet-{pid}-{k}");
+        let host_if = format!("sih{}x{k}", pid % 1_000_000);
+        let octet = (pid + k) % 63 * 4;
+        let third = (pid / 63 + k) % 250;
         let (host_ip, ns_ip) = (
             format!("10.215.{third}.{}", octet + 1),
             format!("10.215.{third}.{}", octet + 2),

@@ -278,8 +278,7 @@ impl Egress {
                     .find(|s| !routes.iter().any(|r| r.overlaps(s)))
                     .ok_or_else(|| {
                         EgressError::Invalid(format!(
-                            "every /{DEFAULT_PREFIX} of {}/{} overlaps a host route; set --egress-subnet",
-                            base, len
+                            "every /{DEFAULT_PREFIX} of {base}/{len} overlaps a host route; set --egress-subnet"
                         ))
                     })?
             }
@@ -452,10 +451,10 @@ fn remove_leftovers(tag: &str, table: &str) -> usize {
     if let Ok(dir) = std::fs::read_dir("/sys/class/net") {
         for e in dir.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name == bridge || name.starts_with(&veth) {
-                if run("ip", &["link", "del", &name], None).is_ok() {
-                    n += 1;
-                }
+            if (name == bridge || name.starts_with(&veth))
+                && run("ip", &["link", "del", &name], None).is_ok()
+            {
+                n += 1;
             }
         }
     }

@@ -263,6 +263,7 @@ mod tests {
             restore_mode: None,
             wait_for_go: false,
             daemon_pid: Some(1),
+            egress: None,
         }
     }
 

@@ -522,3 +522,22 @@ GREETING = "hi"
         }
     }
 }
+
+#[cfg(test)]
+mod network_tests {
+    use super::*;
+
+    #[test]
+    fn network_key_is_egress_none_or_the_default() {
+        let base = "name = \"a\"\nhandler = \"m.f\"\n";
+        assert_eq!(FunctionManifest::from_toml(base).unwrap().network, None);
+        for (v, want) in [("egress", Network::Egress), ("none", Network::None)] {
+            let m = FunctionManifest::from_toml(&format!("{base}network = \"{v}\"")).unwrap();
+            assert_eq!(m.network, Some(want));
+        }
+        let err = FunctionManifest::from_toml(&format!("{base}network = \"vpc\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`network`") && err.contains("vpc"), "{err}");
+    }
+}

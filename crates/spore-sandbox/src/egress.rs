@@ -251,7 +251,7 @@ impl Egress {
         let bridge = format!("spb{tag}");
         let table = format!("spore_{tag}");
         let mut warnings = Vec::new();
-        let swept = remove_leftovers(tag, &table);
+        let swept = remove_leftovers(tag, &table) + remove_orphans();
         if swept > 0 {
             warnings.push(format!(
                 "removed the network egress set-up a previous daemon left ({swept} interfaces)"
@@ -312,10 +312,14 @@ impl Egress {
     fn create(&self) -> Result<(), EgressError> {
         let gw = format!("{}/{}", self.gateway(), self.subnet.prefix);
         let br = &self.bridge;
+        // The alias names the daemon, so that a later daemon can remove the set-up of one
+        // that died without removing it (`remove_orphans`).
         let batch = format!(
             "link add {br} type bridge\n\
+             link set {br} alias {ALIAS_PREFIX}{pid}\n\
              addr add {gw} dev {br}\n\
-             link set {br} up\n"
+             link set {br} up\n",
+            pid = std::process::id()
         );
         run("ip", &["-batch", "-"], Some(&batch))?;
         let subnet = self.subnet;
@@ -440,6 +444,33 @@ impl Egress {
     pub fn teardown(&self) {
         remove_leftovers(&self.tag, &self.table);
     }
+}
+
+/// What a bridge's alias starts with, followed by its daemon's pid.
+const ALIAS_PREFIX: &str = "spore-daemon-";
+
+/// Removes the egress set-up (bridge, veths, table) of every daemon on this host that exited
+/// without removing it (killed), whatever its data dir: found by the bridges' aliases, whose
+/// pid is no longer a process. Returns how many interfaces went.
+fn remove_orphans() -> usize {
+    let Ok(dir) = std::fs::read_dir("/sys/class/net") else {
+        return 0;
+    };
+    let mut n = 0;
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(tag) = name.strip_prefix("spb") else {
+            continue;
+        };
+        let alias = std::fs::read_to_string(e.path().join("ifalias")).unwrap_or_default();
+        let Some(pid) = alias.trim().strip_prefix(ALIAS_PREFIX) else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+            n += remove_leftovers(tag, &format!("spore_{tag}"));
+        }
+    }
+    n
 }
 
 /// Removes the table and the interfaces named after `tag`; returns how many interfaces went.

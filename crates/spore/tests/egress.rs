@@ -229,11 +229,17 @@ fn probe_dir(name: &str, extra: &str) -> tempfile::TempDir {
 fn call(d: &Daemon, name: &str, how: Option<&str>, event: &Value) -> (String, Value) {
     let headers: Vec<(&str, &str)> = how.map(|h| ("X-Spore-Cold", h)).into_iter().collect();
     let r = d.invoke_raw(name, event.to_string().as_bytes(), &headers);
-    assert_eq!(r.status(), 200, "invoke {name}");
-    assert!(
-        r.headers().get("x-amz-function-error").is_none(),
-        "{name} failed"
+    let (status, failed) = (
+        r.status(),
+        r.headers().get("x-amz-function-error").is_some(),
     );
+    if status != 200 || failed {
+        panic!(
+            "invoke {name}: {status}: {}\n{}",
+            r.text().unwrap_or_default(),
+            d.log_text()
+        );
+    }
     let start = r
         .headers()
         .get("x-spore-start")

@@ -298,3 +298,43 @@ fn threaded_libraries_just_work_and_a_threaded_template_is_the_functions_error()
     assert!(msg.contains("poller") && msg.contains("2 threads"), "{msg}");
     d.stop();
 }
+
+#[test]
+fn a_call_that_waits_for_the_template_build_says_so() {
+    if !can_sandbox("a_call_that_waits_for_the_template_build_says_so") {
+        return;
+    }
+    let mut d = Daemon::start();
+    // The create starts the template in the background; the call right behind it waits for
+    // that build (or makes it), which takes far longer than a fork.
+    d.deploy_cfork(&fixture("echo"), "echofork");
+    let r = d.invoke_raw("echofork", b"{}", &[]);
+    assert_eq!(r.status(), 200);
+    let h = |k: &str| {
+        r.headers()
+            .get(k)
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default()
+    };
+    assert_eq!(h("x-spore-start"), "cold", "{:?}", r.headers());
+    let breakdown = h("x-spore-breakdown");
+    let template_ms: f64 = breakdown
+        .split(',')
+        .find_map(|s| s.strip_prefix("template="))
+        .unwrap_or_else(|| panic!("no template step: {breakdown}"))
+        .parse()
+        .unwrap();
+    let init_ms: f64 = h("x-spore-init-ms").parse().unwrap();
+    assert!(
+        template_ms > 0.0 && init_ms >= template_ms,
+        "{breakdown} init {init_ms}"
+    );
+    // The next fresh instance is a plain fork.
+    let r = d.invoke_raw("echofork", b"{}", &[("X-Spore-Cold", "1")]);
+    assert_eq!(r.headers()["x-spore-start"], "fork");
+    assert!(!r.headers()["x-spore-breakdown"]
+        .to_str()
+        .unwrap()
+        .contains("template="));
+    d.stop();
+}

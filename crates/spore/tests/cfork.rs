@@ -285,14 +285,30 @@ fn threaded_libraries_just_work_and_a_threaded_template_is_the_functions_error()
         assert!(!err, "{v}");
         assert_eq!(v["openblas"], "1");
         assert_eq!(v["trace"], 1240.0);
+        // Max Memory Used counts the template's pages the child maps (numpy's included),
+        // not only the few the child copied.
+        use base64::Engine;
+        let r = d.invoke_raw("numpyfork", b"{}", &[("X-Amz-Log-Type", "Tail")]);
+        let tail = base64::engine::general_purpose::STANDARD
+            .decode(r.headers()["x-amz-log-result"].as_bytes())
+            .unwrap();
+        let tail = String::from_utf8_lossy(&tail);
+        let used: u64 = tail
+            .split("Max Memory Used: ")
+            .nth(1)
+            .and_then(|t| t.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no Max Memory Used: {tail}"));
+        assert!(used >= 20, "a numpy fork reports {used} MB: {tail}");
     } else {
         eprintln!("SKIP the numpy part: no packages dir with numpy (scripts/setup.sh)");
     }
     // A function whose import starts a thread: a function error naming the thread.
     d.deploy(&fixture("threads"));
     let r = d.invoke_raw("threads", b"{}", &[]);
-    assert_eq!(r.status(), 200, "a function error, not a platform one");
+    let status = r.status();
     let v: serde_json::Value = r.json().unwrap();
+    assert_eq!(status, 200, "a function error, not a platform one: {v}");
     assert_eq!(v["errorType"], "Runtime.InitError", "{v}");
     let msg = v["errorMessage"].as_str().unwrap();
     assert!(msg.contains("poller") && msg.contains("2 threads"), "{msg}");

@@ -359,6 +359,8 @@ pub fn step_meaning(step: &str) -> &'static str {
         "privileges" => "drop to an unprivileged uid, install the seccomp filter",
         "ready" => "fds closed, RNG reseeded, ready frame sent",
         "response" => "daemon reads the child's ready frame",
+        "netns_wait" => "(egress) daemon waits for a pooled net ns to be equipped with a veth",
+        "template" => "the call waited for the function's cfork template to be built",
         _ => "",
     }
 }

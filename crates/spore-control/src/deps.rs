@@ -32,7 +32,7 @@ pub enum DepsMode {
 /// deploys with the same requirements build once.
 #[derive(Debug, Default)]
 pub(crate) struct Builds {
-    /// Offline package index bound into build sandboxes (None: the stopgap network).
+    /// Offline package index bound into build sandboxes (None: the build reaches the registries through network egress).
     pub index_dir: Option<PathBuf>,
     /// Limits of one build.
     pub limits: BuildLimits,
@@ -53,8 +53,7 @@ impl Builds {
     fn network(&self) -> BuildNetwork {
         match &self.index_dir {
             Some(dir) => BuildNetwork::OfflineIndex(dir.clone()),
-            // TODO(egress): builds get egress networking instead of the host's namespace.
-            None => BuildNetwork::HostStopgap,
+            None => BuildNetwork::Egress,
         }
     }
 }

@@ -88,10 +88,14 @@ pub struct ControlConfig {
     /// The account id named in ARNs.
     pub account_id: String,
     /// Offline package index (wheels, an npm cache under `npm/`) for dependency builds;
-    /// None: builds reach the network (a stopgap: the host's network namespace).
+    /// None: builds reach the registries through network egress.
     pub build_index_dir: Option<PathBuf>,
     /// Limits of one dependency build.
     pub build_limits: BuildLimits,
+    /// Network access of functions whose manifest does not say (egress, as on Lambda).
+    pub default_network: spore_core::Network,
+    /// Subnet of egress sandboxes (None: a free /21 of 10.214.0.0/16).
+    pub egress_subnet: Option<spore_pool::EgressSubnet>,
 }
 
 impl ControlConfig {
@@ -116,6 +120,8 @@ impl ControlConfig {
             account_id: DEFAULT_ACCOUNT_ID.to_owned(),
             build_index_dir: None,
             build_limits: BuildLimits::default(),
+            default_network: spore_core::Network::Egress,
+            egress_subnet: None,
         }
     }
 }
@@ -194,6 +200,8 @@ impl Control {
                 cpu_millis: cfg.cpu_millis,
                 pids_max: cfg.pids_max,
                 tmp_mb: cfg.tmp_mb,
+                default_network: cfg.default_network,
+                egress_subnet: cfg.egress_subnet,
             },
             &mut warnings,
         )?;

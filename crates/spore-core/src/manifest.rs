@@ -110,6 +110,48 @@ impl FromStr for SandboxKind {
     }
 }
 
+/// What a function's sandboxes may reach over the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Network {
+    /// Outbound connections to the internet (NAT through the host), never to the host
+    /// itself, link-local or metadata addresses, or other sandboxes; as on Lambda.
+    Egress,
+    /// Loopback only.
+    None,
+}
+
+impl Network {
+    /// The name used in manifests, tags and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Network::Egress => "egress",
+            Network::None => "none",
+        }
+    }
+}
+
+impl fmt::Display for Network {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Network {
+    type Err = ManifestError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "egress" => Ok(Network::Egress),
+            "none" => Ok(Network::None),
+            _ => Err(ManifestError::Invalid {
+                key: "network",
+                reason: format!("unknown network setting {s:?}; use \"egress\" or \"none\""),
+            }),
+        }
+    }
+}
+
 /// Smallest and largest memory limits, in MiB.
 pub const MEMORY_MB_RANGE: std::ops::RangeInclusive<u32> = 32..=10240;
 /// Smallest and largest timeouts, in seconds (Lambda's 900 s maximum).
@@ -155,6 +197,9 @@ pub struct FunctionManifest {
     /// An instruction set the function needs (`x86_64`, `aarch64`, ...).
     #[serde(default)]
     pub arch: Option<String>,
+    /// Network access of its sandboxes (None: the daemon's `--default-network`).
+    #[serde(default)]
+    pub network: Option<Network>,
 }
 
 /// The manifest as written, before checking (every key but `name` and `handler` optional).
@@ -185,6 +230,8 @@ struct RawManifest {
     accelerator: Option<String>,
     #[serde(default)]
     arch: Option<String>,
+    #[serde(default)]
+    network: Option<String>,
 }
 
 fn default_runtime() -> String {
@@ -221,6 +268,7 @@ impl FunctionManifest {
                 .transpose()?,
             accelerator: raw.accelerator,
             arch: raw.arch,
+            network: raw.network.as_deref().map(str::parse).transpose()?,
         };
         manifest.validate()?;
         Ok(manifest)
@@ -472,5 +520,24 @@ GREETING = "hi"
         for bad in ["main", ".f", "m.", "1m.f", "m.f-g", "../x.f"] {
             assert!(validate_handler(bad).is_err(), "{bad}");
         }
+    }
+}
+
+#[cfg(test)]
+mod network_tests {
+    use super::*;
+
+    #[test]
+    fn network_key_is_egress_none_or_the_default() {
+        let base = "name = \"a\"\nhandler = \"m.f\"\n";
+        assert_eq!(FunctionManifest::from_toml(base).unwrap().network, None);
+        for (v, want) in [("egress", Network::Egress), ("none", Network::None)] {
+            let m = FunctionManifest::from_toml(&format!("{base}network = \"{v}\"")).unwrap();
+            assert_eq!(m.network, Some(want));
+        }
+        let err = FunctionManifest::from_toml(&format!("{base}network = \"vpc\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`network`") && err.contains("vpc"), "{err}");
     }
 }

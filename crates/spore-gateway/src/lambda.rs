@@ -30,6 +30,8 @@ pub const TAG_UNIT: &str = "spore:unit";
 pub const TAG_ACCELERATOR: &str = "spore:accelerator";
 /// Tag naming the instruction set a function needs.
 pub const TAG_ARCH: &str = "spore:arch";
+/// Tag setting a function's network access (`egress` or `none`).
+pub const TAG_NETWORK: &str = "spore:network";
 
 /// Every `spore:` tag CreateFunction reads.
 pub(crate) const SPORE_TAGS: &[&str] = &[
@@ -40,6 +42,7 @@ pub(crate) const SPORE_TAGS: &[&str] = &[
     TAG_UNIT,
     TAG_ACCELERATOR,
     TAG_ARCH,
+    TAG_NETWORK,
 ];
 
 /// An API error in Lambda's shape: status, `x-amzn-ErrorType`, `{"Type", "message"}`.
@@ -435,7 +438,25 @@ fn tags(rec: &FunctionRecord) -> BTreeMap<String, String> {
             t.insert(k.to_owned(), v.clone());
         }
     }
+    if let Some(n) = rec.manifest.network {
+        t.insert(TAG_NETWORK.to_owned(), n.as_str().to_owned());
+    }
     t
+}
+
+/// The `spore:network` tag, if given: `egress` or `none`.
+fn network_tag(
+    tags: &BTreeMap<String, String>,
+) -> Result<Option<spore_core::manifest::Network>, ApiError> {
+    tags.get(TAG_NETWORK)
+        .map(|v| {
+            v.parse().map_err(|_| {
+                ApiError::invalid(format!(
+                    "tag {TAG_NETWORK} must be \"egress\" or \"none\", not {v:?}"
+                ))
+            })
+        })
+        .transpose()
 }
 
 pub(crate) async fn create_function(
@@ -537,6 +558,7 @@ pub(crate) async fn create_function(
         unit,
         accelerator: req.tags.get(TAG_ACCELERATOR).cloned(),
         arch: arch.or_else(|| req.tags.get(TAG_ARCH).cloned()),
+        network: network_tag(&req.tags)?,
     };
     let spec = FunctionSpec {
         manifest,

@@ -33,10 +33,10 @@ pub enum BuildNetwork {
     /// --no-index --find-links`) and npm cache (`<dir>/npm`, `npm ci --offline`), bound
     /// read-only.
     OfflineIndex(PathBuf),
-    /// The host's network namespace (the sandbox keeps every other namespace).
-    // TODO(egress): a stopgap until sandboxes get egress networking of their own (veth,
-    // bridge, NAT): then a build gets that instead of the host's namespace.
-    HostStopgap,
+    /// Network egress, as an egress function has (a veth into the daemon's bridge, NAT, the
+    /// host's resolvers; never the host itself, link-local addresses or other sandboxes):
+    /// pip and npm reach their registries.
+    Egress,
 }
 
 /// Limits of one build.
@@ -233,20 +233,26 @@ async fn run_in(
         restore_mode: None,
         wait_for_go: false,
         daemon_pid: Some(std::process::id()),
-        host_network: matches!(network, BuildNetwork::HostStopgap),
         opt_layers: Vec::new(),
+        egress: None,
     };
     spore_sandbox::host_runtime_rootfs(&mut spec);
     let mut dirs = vec![(code_dir.to_owned(), spore_runtime::TASK_ROOT.to_owned())];
     match network {
         BuildNetwork::OfflineIndex(index) => dirs.push((index.clone(), INDEX_ROOT.to_owned())),
-        BuildNetwork::HostStopgap => {
-            // (/etc/hosts is generated for every sandbox.)
-            for f in ["/etc/resolv.conf", "/etc/nsswitch.conf", "/etc/gai.conf"] {
-                if Path::new(f).exists() {
-                    dirs.push((f.into(), f.to_owned()));
-                }
-            }
+        BuildNetwork::Egress => {
+            let egress = env.egress.as_ref().map_err(|why| {
+                BuildError::Platform(format!(
+                    "a dependency build needs network egress, which this daemon cannot give ({why}); give spore serve --build-index-dir, or vendor the packages and deploy with --no-build"
+                ))
+            })?;
+            spec.files
+                .push(("/etc/resolv.conf".into(), egress.resolv_conf()));
+            spec.egress = Some(
+                egress
+                    .lease()
+                    .map_err(|e| BuildError::Platform(error_chain(&e)))?,
+            );
         }
     }
     crate::sandbox::bind_read_only_dirs(&mut spec, &dirs);
@@ -375,7 +381,7 @@ mod tests {
         let (tool, js) = script(Runtime::Node20, &off);
         assert_eq!(tool, "npm");
         assert!(js.contains("npm ci") && js.contains("--offline"), "{js}");
-        let (_, online) = script(Runtime::Python3, &BuildNetwork::HostStopgap);
+        let (_, online) = script(Runtime::Python3, &BuildNetwork::Egress);
         assert!(!online.contains("--no-index"), "{online}");
     }
 }

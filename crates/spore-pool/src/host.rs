@@ -26,6 +26,10 @@ pub struct HostConfig {
     pub pids_max: u32,
     /// `/tmp` size cap per instance, MiB.
     pub tmp_mb: u32,
+    /// Network access of functions whose manifest does not say.
+    pub default_network: spore_core::Network,
+    /// Subnet of egress sandboxes (None: a free /21 of 10.214.0.0/16).
+    pub egress_subnet: Option<spore_sandbox::egress::Subnet>,
 }
 
 /// The host, prepared.
@@ -163,9 +167,50 @@ pub fn prepare(cfg: &HostConfig, warnings: &mut Vec<String>) -> Result<Host, Con
             env.tmp_mb = cfg.tmp_mb;
             env.layer_content = cfg.data_dir.join("layers").join("content");
             env.deps_root = Some(spore_registry::deps::layers_root(&cfg.data_dir));
-            Arc::new(env)
+            env.default_network = cfg.default_network;
+            env
         })
         .map_err(|e| error_chain(&e));
+    let env = match env {
+        Ok(mut env) => {
+            // The tag names the bridge, the veths and the table after the data dir, as the
+            // cgroup parent does: daemons on other data dirs keep theirs.
+            let tag = env.cgroup_parent["spore-".len()..]
+                .get(..5)
+                .unwrap_or("0")
+                .to_owned();
+            match spore_sandbox::egress::Egress::setup(&tag, cfg.egress_subnet) {
+                Ok((egress, more)) => {
+                    warnings.extend(more);
+                    if cfg.default_network == spore_core::Network::Egress {
+                        // With egress the default, forwarding is needed from the start.
+                        egress.enable_forwarding().map_err(|e| {
+                            ControlError::Unavailable(format!(
+                                "network egress: {}",
+                                error_chain(&e)
+                            ))
+                        })?;
+                    }
+                    env.egress = Ok(Arc::new(egress));
+                }
+                Err(e) if cfg.default_network == spore_core::Network::Egress => {
+                    return Err(ControlError::Unavailable(format!(
+                        "network egress is the default (--default-network egress) but cannot be set up: {}; install iproute2 and nftables, or start with --default-network none",
+                        error_chain(&e)
+                    )));
+                }
+                Err(e) => {
+                    let why = error_chain(&e);
+                    warnings.push(format!(
+                        "functions with network \"egress\" cannot start: {why}"
+                    ));
+                    env.egress = Err(why);
+                }
+            }
+            Ok(Arc::new(env))
+        }
+        Err(e) => Err(e),
+    };
     if let Err(why) = &env {
         warnings.push(format!("invocations are disabled: {why}"));
     }

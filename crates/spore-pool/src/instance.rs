@@ -174,6 +174,9 @@ pub struct Instance {
     /// Spore helper processes in the instance's cgroup besides its init (a lazy restore's
     /// fault server).
     pub(crate) helpers: usize,
+    /// (A cfork child) the template's resident memory, which the child maps and can read
+    /// without it being charged to its own cgroup: counted in [`Instance::memory_peak_mb`].
+    pub(crate) shared_bytes: u64,
 }
 
 impl Instance {
@@ -267,6 +270,7 @@ impl Instance {
             memory_mb: m.memory_mb,
             stderr_tail: spawned.stderr_tail,
             invoke_sent: false,
+            shared_bytes: 0,
             helpers,
         };
         Ok((inst, spawned.go))
@@ -533,12 +537,14 @@ impl Instance {
         self.cgroup.as_ref().and_then(Cgroup::memory_current)
     }
 
-    /// Peak memory use of the sandbox, MiB.
+    /// Peak memory use of the sandbox, MiB: its cgroup's peak, plus (a cfork child) the
+    /// template's resident memory it shares, since the function's code touches those pages
+    /// as its own (an upper bound: pages the child copied on write count in both).
     pub fn memory_peak_mb(&self) -> Option<u64> {
         self.cgroup
             .as_ref()?
             .memory_peak()
-            .map(|b| b.div_ceil(1 << 20))
+            .map(|b| (b + self.shared_bytes).div_ceil(1 << 20))
     }
 
     fn oom_killed(&self) -> bool {

@@ -144,8 +144,11 @@ impl Pools {
             self.drop_template(&rec.key(), &template);
         }
         let mut inst = forked?;
-        if started {
-            inst.init_ms += template.init_ms;
+        if let Some(spent) = started {
+            // This call waited for the template's build: count it and say so in the
+            // breakdown, and report the start as the template's (cold or restore).
+            inst.init_ms += spent;
+            inst.breakdown.insert(0, ("template".to_owned(), spent));
             let kind = if template.restored {
                 StartKind::Restore
             } else {
@@ -171,7 +174,8 @@ impl Pools {
     /// The live template of `rec`, started if there is none (or it died, or is stale):
     /// restored from the function's snapshot if it has one, else imported (and snapshotted,
     /// for a `snapshot = true` function). `fresh` = Some(restore?) replaces a live template
-    /// with a new one started that way. Returns whether it was started now.
+    /// with a new one started that way. Returns with it how long this call spent on the
+    /// template's build (its whole start, or the part it waited for another task's), if any.
     async fn template_for(
         &self,
         env: &Arc<InstanceEnv>,
@@ -179,7 +183,7 @@ impl Pools {
         log: Arc<LogRing>,
         init_timeout: Duration,
         fresh: Option<bool>,
-    ) -> Result<(Arc<Template>, bool), StartError> {
+    ) -> Result<(Arc<Template>, Option<f64>), StartError> {
         let name = &rec.key();
         let lock = self
             .inner
@@ -189,7 +193,11 @@ impl Pools {
             .entry(name.clone())
             .or_default()
             .clone();
+        let waiting = std::time::Instant::now();
         let _creating = lock.lock().await;
+        // Over a millisecond: another task (a prewarm, a concurrent call) was building the
+        // template, and this call waited for it.
+        let waited_ms = waiting.elapsed().as_secs_f64() * 1000.0;
         let existing = self
             .inner
             .templates
@@ -199,7 +207,7 @@ impl Pools {
             .cloned();
         if let Some(t) = existing {
             if t.is_alive() && t.revision == rec.revision && fresh.is_none() {
-                return Ok((t, false));
+                return Ok((t, (waited_ms > 1.0).then_some(waited_ms)));
             }
             self.drop_template(name, &t);
         }
@@ -261,7 +269,8 @@ impl Pools {
             .lock()
             .expect("templates lock")
             .insert(name.clone(), template.clone());
-        Ok((template, true))
+        let spent = template.init_ms;
+        Ok((template, Some(spent)))
     }
 
     /// Stops least recently used templates until at most `keep` remain.

@@ -39,6 +39,9 @@ pub use host::cgroup_parent_name;
 pub use instance::{monotonic_ns, Instance, InvokeFailure, Reply};
 pub use sandbox::{InstanceEnv, StartError};
 pub use snapshots::{SnapshotInfo, Snapshots};
+pub use spore_sandbox::egress::{
+    attach as attach_egress, Egress, Lease as EgressLease, Subnet as EgressSubnet,
+};
 pub use work::{Work, WorkGuard};
 
 use crate::logs::LogRing;

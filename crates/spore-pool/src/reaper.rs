@@ -239,6 +239,10 @@ impl Pools {
             if let Ok(Err(e)) = res {
                 tracing::warn!("removing this daemon's cgroups: {}", error_chain(&e));
             }
+            if let Ok(egress) = env.egress.clone() {
+                // The sandboxes are gone: the bridge, the veths left and the table go too.
+                let _ = tokio::task::spawn_blocking(move || egress.teardown()).await;
+            }
         }
     }
 }

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use spore_core::{error_chain, FunctionError};
+use spore_core::{error_chain, FunctionError, Network};
 use spore_registry::FunctionRecord;
 use spore_runtime::protocol::{self, FramePrefix, FromRuntime, ToRuntime, PREFIX_LEN};
 use spore_runtime::RuntimeLaunch;
@@ -50,6 +50,10 @@ pub struct InstanceEnv {
     pub layer_content: PathBuf,
     /// Where dependency layers live (`<data-dir>/deps`); None: functions have none here.
     pub deps_root: Option<PathBuf>,
+    /// Network access of functions whose manifest does not say.
+    pub default_network: Network,
+    /// This daemon's egress (bridge, table, addresses), or why there is none.
+    pub egress: Result<Arc<spore_sandbox::egress::Egress>, String>,
     seq: AtomicU64,
 }
 
@@ -76,8 +80,27 @@ impl InstanceEnv {
             uid_base: 200_000,
             layer_content: PathBuf::new(),
             deps_root: None,
+            default_network: Network::None,
+            egress: Err("network egress is not set up".into()),
             seq: AtomicU64::new(1),
         }
+    }
+
+    /// The network setting that applies to `m`.
+    pub fn network_of(&self, m: &spore_core::FunctionManifest) -> Network {
+        m.network.unwrap_or(self.default_network)
+    }
+
+    /// The egress of this daemon, for a function that needs it.
+    pub fn egress_for(
+        &self,
+        function: &str,
+    ) -> Result<&Arc<spore_sandbox::egress::Egress>, StartError> {
+        self.egress.as_ref().map_err(|why| {
+            StartError::Platform(format!(
+                "function {function} has network \"egress\", which this daemon cannot give: {why}"
+            ))
+        })
     }
 
     /// A number unique within this daemon (instance ids, uids).
@@ -230,7 +253,7 @@ fn spawn_in(
             .iter()
             .map(|l| env.layer_content.join(&l.code_hex))
             .collect(),
-        host_network: false,
+        egress: None,
     };
     if !spec.opt_layers.is_empty() {
         layer_paths(&mut spec.env);
@@ -258,9 +281,26 @@ fn spawn_in(
             spec.restore_mode = Some(mode.as_str().to_owned());
         }
     }
+    let egress = env.network_of(m) == Network::Egress;
+    if egress {
+        let e = env.egress_for(&m.name)?;
+        spec.files
+            .push(("/etc/resolv.conf".into(), e.resolv_conf()));
+        if !is_template {
+            // A template's own namespace keeps loopback only; its children get egress-ready
+            // namespaces the daemon equips (`Template::equip_netns`).
+            spec.egress = Some(
+                e.lease()
+                    .map_err(|e| StartError::Platform(error_chain(&e)))?,
+            );
+        }
+    }
     if let Some((mapping, extra_env)) = template {
         spec.user_namespace = Some(mapping);
         spec.env.extend(extra_env);
+        if egress {
+            spec.env.push(("SPORE_CFORK_EGRESS".into(), "1".into()));
+        }
     }
     spore_sandbox::host_runtime_rootfs(&mut spec);
     spec.binds.push(BindMount {

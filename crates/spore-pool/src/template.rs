@@ -54,7 +54,36 @@ struct Shared {
     /// Set when the daemon stops the template (eviction, redeploy), as opposed to its dying.
     stopped: AtomicBool,
     children: Mutex<HashMap<String, Arc<ChildState>>>,
+    /// (Egress functions) the template's descriptors of pooled network namespaces the daemon
+    /// has given egress, ready for a fork.
+    netns: Mutex<Vec<i32>>,
+    /// Woken when one is added to `netns` (or the template dies).
+    netns_added: tokio::sync::Notify,
 }
+
+/// What equipping a template's pooled network namespaces with egress needs.
+struct Equip {
+    egress: Arc<spore_sandbox::egress::Egress>,
+    /// The sandbox's outer init: the runtime is its grandchild.
+    init: u32,
+}
+
+/// The host pid of the process `depth` generations below `init` (each the first child).
+fn descendant(init: u32, depth: u32) -> Option<u32> {
+    let mut pid = init;
+    for _ in 0..depth {
+        pid = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .ok()?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()?;
+    }
+    Some(pid)
+}
+
+/// How long an egress fork waits for an egress-ready namespace before it fails.
+const NETNS_WAIT: Duration = Duration::from_secs(10);
 
 /// A live template.
 #[derive(Debug)]
@@ -79,6 +108,10 @@ pub struct Template {
     /// The template's own processes: they pass through each child's cgroup at fork, and
     /// must never be killed or counted with it.
     own_pids: Vec<i32>,
+    /// Whether its children get egress (from the pooled namespaces the daemon equips).
+    egress: bool,
+    /// The runtime's resident memory once ready, which every child maps.
+    shared_bytes: u64,
 }
 
 impl Template {
@@ -206,7 +239,28 @@ impl Template {
         if let Some((_, ms)) = breakdown.first() {
             tracing::info!(function = %m.name, "cfork template snapshot: {ms:.1} ms");
         }
-        tokio::spawn(read_reports(reader, shared.clone(), id.clone()));
+        // The runtime's resident set (VmRSS) once ready: what a child shares with it.
+        let shared_bytes = helper
+            .id()
+            .and_then(|init| descendant(init, 2))
+            .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/statm")).ok())
+            .and_then(|t| t.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .map_or(0, |pages| {
+                let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+                    .ok()
+                    .flatten()
+                    .unwrap_or(4096);
+                pages * page as u64
+            });
+        let egress = env.network_of(m) == spore_core::Network::Egress;
+        let equip = match (egress, &env.egress, helper.id()) {
+            (true, Ok(e), Some(init)) => Some(Equip {
+                egress: e.clone(),
+                init,
+            }),
+            _ => None,
+        };
+        tokio::spawn(read_reports(reader, shared.clone(), id.clone(), equip));
         Ok(Arc::new(Template {
             id,
             revision: rec.revision,
@@ -221,6 +275,8 @@ impl Template {
             memory_mb: m.memory_mb,
             spares: Mutex::new(Vec::new()),
             own_pids,
+            egress,
+            shared_bytes,
         }))
     }
 
@@ -349,12 +405,28 @@ impl Template {
             .lock()
             .expect("children")
             .insert(id.clone(), state.clone());
+        let waited = Instant::now();
+        let netns = if self.egress {
+            match self.take_netns().await {
+                Ok(fd) => Some(fd),
+                Err(why) => {
+                    self.shared.children.lock().expect("children").remove(&id);
+                    destroy_cgroup(cgroup).await;
+                    return Err(StartError::Platform(why));
+                }
+            }
+        } else {
+            None
+        };
+        // Time spent waiting for an egress-ready namespace (none were equipped yet).
+        let netns_wait_ms = waited.elapsed().as_secs_f64() * 1000.0;
         let frame = protocol::encode(
             &ToRuntime::Fork {
                 cgroups: sets,
                 id: id.clone(),
                 uid: CHILD_UID_BASE + (seq % 60_000) as u32,
                 tmp_mb: env.tmp_mb,
+                netns,
             },
             b"",
         );
@@ -386,7 +458,13 @@ impl Template {
                     id,
                     revision: rec.revision,
                     init_ms: t0.elapsed().as_secs_f64() * 1000.0,
-                    breakdown: breakdown(sent_ns, &phases, ready_ns),
+                    breakdown: {
+                        let mut b = breakdown(sent_ns, &phases, ready_ns);
+                        if netns_wait_ms >= 0.05 {
+                            b.insert(0, ("netns_wait".to_owned(), netns_wait_ms));
+                        }
+                        b
+                    },
                     last_used: Instant::now(),
                     created: Instant::now(),
                     started: spore_core::StartKind::Cold,
@@ -396,6 +474,7 @@ impl Template {
                     memory_mb: m.memory_mb,
                     stderr_tail: Arc::default(),
                     invoke_sent: pipelined.is_some(),
+                    shared_bytes: self.shared_bytes,
                     helpers: 0,
                 })
             }
@@ -416,6 +495,26 @@ impl Template {
                     format!("the cfork template died during the fork ({why}); it is recreated for the next invocation")
                 };
                 Err(StartError::Platform(reason))
+            }
+        }
+    }
+
+    /// An egress-ready pooled network namespace (the template's descriptor), waiting up to
+    /// [`NETNS_WAIT`] for the daemon to finish equipping one.
+    async fn take_netns(&self) -> Result<i32, String> {
+        let deadline = tokio::time::Instant::now() + NETNS_WAIT;
+        loop {
+            let added = self.shared.netns_added.notified();
+            if let Some(fd) = self.shared.netns.lock().expect("netns").pop() {
+                return Ok(fd);
+            }
+            if !self.is_alive() {
+                return Err("the cfork template is gone".into());
+            }
+            if tokio::time::timeout_at(deadline, added).await.is_err() {
+                return Err(format!(
+                    "no network namespace with egress was ready within {NETNS_WAIT:?} (see the daemon's log)"
+                ));
             }
         }
     }
@@ -507,9 +606,42 @@ async fn read_reports(
     mut reader: tokio::net::unix::OwnedReadHalf,
     shared: Arc<Shared>,
     id: String,
+    equip: Option<Equip>,
 ) {
+    let equip = equip.map(Arc::new);
     loop {
         match read_frame(&mut reader).await {
+            Ok(Some((FromRuntime::Netns { fd }, _))) => {
+                let Some(equip) = equip.clone() else {
+                    tracing::warn!(
+                        "cfork template {id} offered a network namespace nobody asked for"
+                    );
+                    continue;
+                };
+                let (shared, id) = (shared.clone(), id.clone());
+                // Off the reader: a veth pair and its addresses take a few milliseconds.
+                tokio::task::spawn_blocking(move || {
+                    let done = descendant(equip.init, 2)
+                        .ok_or_else(|| "the template's runtime process is gone".to_owned())
+                        .and_then(|runtime| {
+                            let lease = equip.egress.lease().map_err(|e| error_chain(&e))?;
+                            spore_sandbox::egress::attach(
+                                &lease,
+                                &format!("/proc/{runtime}/fd/{fd}"),
+                            )
+                            .map_err(|e| error_chain(&e))
+                        });
+                    match done {
+                        Ok(()) => {
+                            shared.netns.lock().expect("netns").push(fd);
+                            shared.netns_added.notify_waiters();
+                        }
+                        Err(e) => tracing::warn!(
+                            "cfork template {id}: giving a pooled network namespace egress: {e}"
+                        ),
+                    }
+                });
+            }
             Ok(Some((FromRuntime::Exit { id, code }, _))) => {
                 let state = shared.children.lock().expect("children").remove(&id);
                 if let Some(s) = state {
@@ -540,6 +672,7 @@ async fn read_reports(
         }
     }
     shared.alive.store(false, Ordering::Release);
+    shared.netns_added.notify_waiters();
     let children: Vec<Arc<ChildState>> = shared
         .children
         .lock()

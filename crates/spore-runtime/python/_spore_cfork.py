@@ -178,11 +178,22 @@ class _NetnsPool:
     more than half a millisecond. Each is used once. The template makes them by entering a
     new namespace itself and returning to its own."""
 
-    def __init__(self, target):
+    def __init__(self, target, egress=False):
         self.target = target
         self.fds = []
         self.paused_until = 0.0
         self.own = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        # Egress: each new namespace is announced to the daemon, which gives it a veth pair
+        # and an address, then names it in a fork request. Before `ready`, announcements wait.
+        self.egress = egress
+        self.announce = None
+        self.unannounced = []
+
+    def start_announcing(self, announce):
+        self.announce = announce
+        for fd in self.unannounced:
+            announce(fd)
+        self.unannounced = []
 
     def wanted(self):
         return len(self.fds) < self.target and time.monotonic() >= self.paused_until
@@ -198,12 +209,27 @@ class _NetnsPool:
             return
         try:
             _loopback_up()
-            self.fds.append(os.open("/proc/self/ns/net", os.O_RDONLY))
+            fd = os.open("/proc/self/ns/net", os.O_RDONLY)
+            self.fds.append(fd)
+            if self.egress:
+                if self.announce is None:
+                    self.unannounced.append(fd)
+                else:
+                    self.announce(fd)
         finally:
             # Failing this, the template would fork every later child into this namespace.
             _check(_libc.setns(self.own, CLONE_NEWNET), "setns back to the template's network namespace")
 
-    def take(self):
+    def take(self, fd=None):
+        """A namespace: the one the daemon named (egress), else any (None when empty)."""
+        if fd is not None:
+            if fd not in self.fds:
+                raise KeyError(fd)
+            self.fds.remove(fd)
+            return fd
+        if self.egress:
+            # Never hand out a namespace the daemon did not equip: the child would have no egress.
+            raise KeyError(None)
         return self.fds.pop() if self.fds else None
 
 
@@ -279,7 +305,8 @@ def template(fd, handler, import_ms, serve, send, recv_rest):
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     children = {}
-    netns = _NetnsPool(int(os.environ.get("SPORE_CFORK_NETNS_POOL", "4")))
+    netns = _NetnsPool(int(os.environ.get("SPORE_CFORK_NETNS_POOL", "4")),
+                       egress=os.environ.get("SPORE_CFORK_EGRESS") == "1")
     # One namespace for the first child, which usually follows at once; the loop below makes
     # the rest while idle.
     netns.refill_one()
@@ -288,6 +315,7 @@ def template(fd, handler, import_ms, serve, send, recv_rest):
     gc.collect()
     gc.freeze()
     send(fd, {"type": "ready", "import_ms": import_ms})
+    netns.start_announcing(lambda n: send(fd, {"type": "netns", "fd": n}))
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     poller.register(wake_r, select.POLLIN)
@@ -330,7 +358,14 @@ def template(fd, handler, import_ms, serve, send, recv_rest):
                 continue
             sets = int(req.get("cgroups", 0))
             child_cg, own_cg = fds[1:1 + sets], fds[1 + sets:1 + 2 * sets]
-            netns_fd = netns.take()
+            try:
+                netns_fd = netns.take(req.get("netns"))
+            except KeyError:
+                for f in fds:
+                    os.close(f)
+                send(fd, {"type": "fork_error", "id": req["id"],
+                          "error": "the template holds no network namespace %r for this fork" % (req.get("netns"),)})
+                continue
             if native is not None:
                 setup, keep = _prepare_native(req, fds, netns_fd, programs)
             t_fork = time.monotonic_ns()

@@ -99,6 +99,10 @@ pub enum ToRuntime {
         uid: u32,
         /// Size cap of the child's `/tmp`, MiB.
         tmp_mb: u32,
+        /// The template's descriptor of a pooled network namespace the daemon gave egress
+        /// (announced with [`FromRuntime::Netns`]); None: one of the template's own.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        netns: Option<i32>,
     },
     /// (To a runtime restored from a snapshot, before anything else) the environment of the
     /// sandbox it now runs in. A restored process has the environment of the one that was
@@ -142,6 +146,12 @@ pub enum FromRuntime {
         id: String,
         /// Exit status, or 128 + signal.
         code: i32,
+    },
+    /// (From a cfork template of an egress function) a new pooled network namespace, open
+    /// in the template as descriptor `fd`, waiting for the daemon to give it egress.
+    Netns {
+        /// The template's descriptor of it.
+        fd: i32,
     },
     /// (From a cfork template) a fork request failed before a child existed.
     ForkError {

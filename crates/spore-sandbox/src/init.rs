@@ -77,10 +77,10 @@ fn init_main() -> Result<i32, InitError> {
     setsid().step(|| "setsid".into())?;
     // The mount namespace is pid 1's alone (it unshares it itself): pivot_root moves the root
     // of every process in a namespace, and this parent must keep the host's /proc.
-    let mut flags = CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
-    if !spec.host_network {
-        flags |= CloneFlags::CLONE_NEWNET;
-    }
+    let mut flags = CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWNET;
     if spec.user_namespace.is_none() {
         // A cfork template's children move themselves into cgroups outside the template's,
         // which a cgroup namespace rooted at the template's group would hide.
@@ -124,6 +124,12 @@ fn init_main() -> Result<i32, InitError> {
             }
         }
     };
+    if let Some(lease) = &spec.egress {
+        // The network namespace comes first, so that the init (still in the host's) can give
+        // it a veth pair before anything runs in it.
+        give_egress(lease)?;
+        flags.remove(CloneFlags::CLONE_NEWNET);
+    }
     unshare(flags).step(|| "unsharing namespaces".into())?;
     // Pipes for the user-namespace handshake: the child says "unshared", the parent writes
     // its id maps (which needs CAP_SETUID in this, the parent, namespace) and says "go".
@@ -169,6 +175,26 @@ fn init_main() -> Result<i32, InitError> {
             }
         }
     }
+}
+
+/// Moves this process into a new network namespace with egress through `lease`: the veth
+/// pair is made from the host's namespace (`ip` runs there), naming the new one through this
+/// process's descriptor of it.
+fn give_egress(lease: &crate::egress::Lease) -> Result<(), InitError> {
+    use std::os::fd::AsRawFd;
+    let host = fs::File::open("/proc/self/ns/net")
+        .step(|| "opening the host's network namespace".into())?;
+    unshare(CloneFlags::CLONE_NEWNET).step(|| "unsharing the network namespace".into())?;
+    let own = fs::File::open("/proc/self/ns/net")
+        .step(|| "opening the sandbox's network namespace".into())?;
+    nix::sched::setns(&host, CloneFlags::CLONE_NEWNET)
+        .step(|| "returning to the host's network namespace".into())?;
+    let path = format!("/proc/{}/fd/{}", std::process::id(), own.as_raw_fd());
+    let attached =
+        crate::egress::attach(lease, &path).step(|| "giving the sandbox network egress".into());
+    nix::sched::setns(&own, CloneFlags::CLONE_NEWNET)
+        .step(|| "entering the sandbox's network namespace".into())?;
+    attached
 }
 
 /// Returns when the sandbox's pid 1 (`child`) has exited (not yet reaped), or once it has
@@ -300,9 +326,7 @@ fn child_main(
         None => None,
     };
     sethostname(&spec.id).step(|| "setting the hostname".into())?;
-    if !spec.host_network {
-        loopback_up()?;
-    }
+    loopback_up()?;
     let nofile = spec.max_open_files;
     setrlimit(Resource::RLIMIT_NOFILE, nofile, nofile).step(|| "setting RLIMIT_NOFILE".into())?;
     setrlimit(Resource::RLIMIT_CORE, 0, 0).step(|| "setting RLIMIT_CORE".into())?;

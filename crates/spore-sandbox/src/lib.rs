@@ -21,6 +21,7 @@
 //! Linux only. Needs root (or `CAP_SYS_ADMIN`); [`preflight`] says what is missing.
 
 pub mod cgroup;
+pub mod egress;
 mod init;
 pub mod seccomp;
 
@@ -137,11 +138,10 @@ pub struct SandboxSpec {
     /// `binds`, so that binds under `/opt` land on top. Empty: no `/opt` overlay.
     #[serde(default)]
     pub opt_layers: Vec<PathBuf>,
-    /// Stay in the host's network namespace instead of a new one with loopback only. Only
-    /// a dependency build without an offline index asks for it, as a stopgap until builds
-    /// get egress networking of their own; function sandboxes never do.
+    /// Network egress: the init gives the sandbox's network namespace a veth pair into the
+    /// daemon's bridge with this address ([`egress::attach`]). None: loopback only.
     #[serde(default)]
-    pub host_network: bool,
+    pub egress: Option<egress::Lease>,
 }
 
 /// A user-namespace id mapping: ids `0..count` inside are `host_base..host_base+count` outside.
@@ -269,7 +269,7 @@ mod tests {
             wait_for_go: false,
             daemon_pid: Some(1),
             opt_layers: vec![],
-            host_network: false,
+            egress: None,
         }
     }
 

@@ -454,6 +454,15 @@ pub(crate) struct ServeArgs {
     /// How snapshot images store pages: raw, lz4, zstd-N.
     #[arg(long, env = "SPORE_SNAPSHOT_CODEC", default_value = "raw")]
     pub(crate) snapshot_codec: String,
+    /// Network access of functions whose manifest does not set `network`: `egress`
+    /// (outbound connections through NAT, never to the host, link-local addresses or other
+    /// sandboxes; as on Lambda) or `none` (loopback only).
+    #[arg(long, env = "SPORE_DEFAULT_NETWORK", default_value = "egress", value_parser = ["egress", "none"])]
+    pub(crate) default_network: String,
+    /// Private IPv4 subnet egress sandboxes get addresses from (refused if it overlaps a host
+    /// route); default: the first free /21 of 10.214.0.0/16.
+    #[arg(long, env = "SPORE_EGRESS_SUBNET")]
+    pub(crate) egress_subnet: Option<String>,
     /// Seconds to let in-flight invocations finish on shutdown.
     #[arg(long, env = "SPORE_GRACE_S", default_value_t = 30)]
     pub(crate) grace_s: u64,

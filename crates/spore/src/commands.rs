@@ -213,6 +213,16 @@ pub fn serve(
     cfg.region = args.region.clone();
     cfg.account_id = args.account_id.clone();
     cfg.idle_memory_mb = args.idle_memory_mb;
+    cfg.default_network = args
+        .default_network
+        .parse()
+        .map_err(|e: spore_core::ManifestError| anyhow::anyhow!("--default-network: {e}"))?;
+    cfg.egress_subnet = args
+        .egress_subnet
+        .as_deref()
+        .map(str::parse::<spore_sandbox::egress::Subnet>)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--egress-subnet: {e}"))?;
     cfg.unit = shim.as_ref().map(|(u, _, _)| u.clone());
     cfg.snapshot_mode = args
         .snapshot_mode

@@ -285,16 +285,72 @@ fn threaded_libraries_just_work_and_a_threaded_template_is_the_functions_error()
         assert!(!err, "{v}");
         assert_eq!(v["openblas"], "1");
         assert_eq!(v["trace"], 1240.0);
+        // Max Memory Used counts the template's pages the child maps (numpy's included),
+        // not only the few the child copied.
+        use base64::Engine;
+        let r = d.invoke_raw("numpyfork", b"{}", &[("X-Amz-Log-Type", "Tail")]);
+        let tail = base64::engine::general_purpose::STANDARD
+            .decode(r.headers()["x-amz-log-result"].as_bytes())
+            .unwrap();
+        let tail = String::from_utf8_lossy(&tail);
+        let used: u64 = tail
+            .split("Max Memory Used: ")
+            .nth(1)
+            .and_then(|t| t.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no Max Memory Used: {tail}"));
+        assert!(used >= 20, "a numpy fork reports {used} MB: {tail}");
     } else {
         eprintln!("SKIP the numpy part: no packages dir with numpy (scripts/setup.sh)");
     }
     // A function whose import starts a thread: a function error naming the thread.
     d.deploy(&fixture("threads"));
     let r = d.invoke_raw("threads", b"{}", &[]);
-    assert_eq!(r.status(), 200, "a function error, not a platform one");
+    let status = r.status();
     let v: serde_json::Value = r.json().unwrap();
+    assert_eq!(status, 200, "a function error, not a platform one: {v}");
     assert_eq!(v["errorType"], "Runtime.InitError", "{v}");
     let msg = v["errorMessage"].as_str().unwrap();
     assert!(msg.contains("poller") && msg.contains("2 threads"), "{msg}");
+    d.stop();
+}
+
+#[test]
+fn a_call_that_waits_for_the_template_build_says_so() {
+    if !can_sandbox("a_call_that_waits_for_the_template_build_says_so") {
+        return;
+    }
+    let mut d = Daemon::start();
+    // The create starts the template in the background; the call right behind it waits for
+    // that build (or makes it), which takes far longer than a fork.
+    d.deploy_cfork(&fixture("echo"), "echofork");
+    let r = d.invoke_raw("echofork", b"{}", &[]);
+    assert_eq!(r.status(), 200);
+    let h = |k: &str| {
+        r.headers()
+            .get(k)
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default()
+    };
+    assert_eq!(h("x-spore-start"), "cold", "{:?}", r.headers());
+    let breakdown = h("x-spore-breakdown");
+    let template_ms: f64 = breakdown
+        .split(',')
+        .find_map(|s| s.strip_prefix("template="))
+        .unwrap_or_else(|| panic!("no template step: {breakdown}"))
+        .parse()
+        .unwrap();
+    let init_ms: f64 = h("x-spore-init-ms").parse().unwrap();
+    assert!(
+        template_ms > 0.0 && init_ms >= template_ms,
+        "{breakdown} init {init_ms}"
+    );
+    // The next fresh instance is a plain fork.
+    let r = d.invoke_raw("echofork", b"{}", &[("X-Spore-Cold", "1")]);
+    assert_eq!(r.headers()["x-spore-start"], "fork");
+    assert!(!r.headers()["x-spore-breakdown"]
+        .to_str()
+        .unwrap()
+        .contains("template="));
     d.stop();
 }

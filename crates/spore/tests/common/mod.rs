@@ -277,6 +277,9 @@ impl Daemon {
         if let Some(w) = &m.warmup_event {
             body["Tags"]["spore:warmup_event"] = w.clone().into();
         }
+        if let Some(n) = m.network {
+            body["Tags"]["spore:network"] = n.as_str().into();
+        }
         self.http
             .post(self.url("/2015-03-31/functions"))
             .json(&body)

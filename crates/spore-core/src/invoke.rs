@@ -37,8 +37,10 @@ impl fmt::Display for StartKind {
     }
 }
 
-/// A function error in Lambda's shape (`errorMessage`, `errorType`, `stackTrace`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A function error in Lambda's shape (`errorMessage`, `errorType`, `requestId`,
+/// `stackTrace`; Node.js functions' errors carry `trace` instead of `stackTrace`, as Lambda's
+/// Node.js runtime writes them).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct FunctionError {
     /// Human-readable message.
     #[serde(rename = "errorMessage")]
@@ -49,6 +51,31 @@ pub struct FunctionError {
     /// Formatted traceback lines, innermost last.
     #[serde(rename = "stackTrace", default)]
     pub stack_trace: Vec<String>,
+    /// The invocation's request id (errors a runtime reports from a handler).
+    #[serde(rename = "requestId", default)]
+    pub request_id: Option<String>,
+    /// (Node.js) the error's stack, its first line the error itself; written instead of
+    /// `stackTrace` when set.
+    #[serde(default)]
+    pub trace: Vec<String>,
+}
+
+impl Serialize for FunctionError {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("errorMessage", &self.message)?;
+        m.serialize_entry("errorType", &self.error_type)?;
+        if let Some(r) = &self.request_id {
+            m.serialize_entry("requestId", r)?;
+        }
+        if self.trace.is_empty() {
+            m.serialize_entry("stackTrace", &self.stack_trace)?;
+        } else {
+            m.serialize_entry("trace", &self.trace)?;
+        }
+        m.end()
+    }
 }
 
 impl FunctionError {
@@ -58,6 +85,8 @@ impl FunctionError {
             message: message.into(),
             error_type: error_type.to_owned(),
             stack_trace: Vec::new(),
+            request_id: None,
+            trace: Vec::new(),
         }
     }
 }
@@ -65,6 +94,39 @@ impl FunctionError {
 impl fmt::Display for FunctionError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.error_type, self.message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_json_is_lambdas() {
+        let mut e = FunctionError::platform("ValueError", "bad");
+        e.request_id = Some("r1".into());
+        e.stack_trace = vec!["  File \"/var/task/main.py\", line 2, in handler\n".into()];
+        let v = serde_json::to_value(&e).unwrap();
+        assert_eq!(v["requestId"], "r1");
+        assert_eq!(v["stackTrace"].as_array().unwrap().len(), 1);
+        assert_eq!(serde_json::from_value::<FunctionError>(v).unwrap(), e);
+        // Node.js: `trace`, no `stackTrace`; no request id when there is none.
+        let mut n = FunctionError::platform("Error", "boom");
+        n.trace = vec![
+            "Error: boom".into(),
+            "    at handler (/var/task/index.js:1:1)".into(),
+        ];
+        let v = serde_json::to_value(&n).unwrap();
+        assert!(
+            v.get("stackTrace").is_none() && v.get("requestId").is_none(),
+            "{v}"
+        );
+        assert_eq!(v["trace"][0], "Error: boom");
+        // Older records (no request id, no trace) still load.
+        let old: FunctionError =
+            serde_json::from_str(r#"{"errorMessage":"m","errorType":"T","stackTrace":[]}"#)
+                .unwrap();
+        assert_eq!(old, FunctionError::platform("T", "m"));
     }
 }
 

@@ -92,6 +92,8 @@ impl NodeFailure {
                 self.node, self.function, self.error.message
             ),
             stack_trace: self.error.stack_trace.clone(),
+            request_id: self.error.request_id.clone(),
+            trace: self.error.trace.clone(),
         }
     }
 }

@@ -596,6 +596,26 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
+/// Decodes `X-Amz-Client-Context` (base64 of a JSON object with `client`, `custom`, `env`),
+/// refusing what Lambda refuses with `InvalidRequestContentException`.
+fn client_context(b64: &str) -> Result<serde_json::Value, ControlError> {
+    let bad = |why: &str| {
+        ControlError::InvalidRequestContent(format!(
+            "Client context must be base64-encoded JSON: {why}"
+        ))
+    };
+    if b64.len() > 3583 {
+        // Lambda's limit.
+        return Err(bad("larger than 3583 bytes"));
+    }
+    let raw = B64.decode(b64.trim()).map_err(|_| bad("not base64"))?;
+    let v: serde_json::Value = serde_json::from_slice(&raw).map_err(|_| bad("not JSON"))?;
+    if !v.is_object() {
+        return Err(bad("not a JSON object"));
+    }
+    Ok(v)
+}
+
 pub(crate) async fn invoke(
     State(st): State<AppState>,
     Path(name): Path<String>,
@@ -633,6 +653,9 @@ pub(crate) async fn invoke(
                 .map_err(|e| ApiError::invalid(format!("X-Spore-Restore-Mode: {e}")))
         })
         .transpose()?;
+    let client_context = header(&headers, "x-amz-client-context")
+        .map(client_context)
+        .transpose()?;
     match kind {
         "DryRun" => {
             st.control.get_function(&name)?;
@@ -658,6 +681,7 @@ pub(crate) async fn invoke(
                         cold_path,
                         restore_mode,
                         unit: None,
+                        client_context,
                     },
                 )
                 .await?;

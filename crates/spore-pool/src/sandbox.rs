@@ -46,6 +46,8 @@ pub struct InstanceEnv {
     pub tmp_mb: u32,
     /// First uid of the range sandboxes run as (each instance gets its own).
     pub uid_base: u32,
+    /// The region functions see (`AWS_REGION`, `AWS_DEFAULT_REGION`, their ARN).
+    pub region: String,
     seq: AtomicU64,
 }
 
@@ -70,6 +72,7 @@ impl InstanceEnv {
             pids_max: 64,
             tmp_mb: 64,
             uid_base: 200_000,
+            region: spore_runtime::DEFAULT_REGION.to_owned(),
             seq: AtomicU64::new(1),
         }
     }
@@ -189,6 +192,11 @@ fn spawn_in(
     } = launch;
     let is_template = template.is_some();
     let m = &rec.manifest;
+    let log_stream = spore_runtime::log_stream_name(
+        spore_registry::store::now_unix_ms(),
+        "$LATEST",
+        random_u128(),
+    );
     let launch = RuntimeLaunch {
         runtime: m.runtime,
         function_name: &m.name,
@@ -196,6 +204,10 @@ fn spawn_in(
         memory_mb: m.memory_mb,
         user_env: &m.environment,
         warmup_event: m.warmup_event.as_deref(),
+        region: &env.region,
+        function_version: "$LATEST",
+        initialization_type: spore_runtime::ON_DEMAND,
+        log_stream_name: &log_stream,
     };
     let mut spec = SandboxSpec {
         id: id.to_owned(),
@@ -387,6 +399,18 @@ pub(crate) async fn destroy_cgroup(cg: Cgroup) {
         Ok(Err(e)) => tracing::warn!("removing a sandbox cgroup: {}", error_chain(&e)),
         Err(e) => tracing::warn!("cgroup removal task: {e}"),
     }
+}
+
+/// 128 random bits (from the standard library's randomly keyed hasher: enough to tell log
+/// streams apart, not a secret).
+fn random_u128() -> u128 {
+    use std::hash::{BuildHasher, Hasher};
+    let word = || {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(std::process::id().into());
+        h.finish()
+    };
+    (u128::from(word()) << 64) | u128::from(word())
 }
 
 /// Copies a sandbox's output into the function's log; keeps the last stderr lines in `tail`

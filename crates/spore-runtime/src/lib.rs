@@ -49,6 +49,8 @@ pub const PACKAGES_ROOT: &str = "/opt/spore/python";
 /// The interpreter used inside sandboxes: the distribution's Python, whose start-up does not
 /// pay for a user site or `.pth` imports (see FACTS.md: 15 ms vs 61 ms for pyenv's).
 pub const PYTHON_INTERPRETER: &str = "/usr/bin/python3";
+/// Where the runtime's own files appear inside the sandbox (Lambda's `LAMBDA_RUNTIME_DIR`).
+pub const RUNTIME_DIR: &str = "/opt/spore/runtime";
 /// The file descriptor the runtime finds its control socket on.
 pub const CONTROL_FD: i32 = 3;
 
@@ -74,6 +76,72 @@ pub struct RuntimeLaunch<'a> {
     pub user_env: &'a std::collections::BTreeMap<String, String>,
     /// The warm-up event file, relative to the code directory (Python).
     pub warmup_event: Option<&'a str>,
+    /// The region the function sees (`AWS_REGION`, `AWS_DEFAULT_REGION`, its ARN).
+    pub region: &'a str,
+    /// The version the function runs as (`AWS_LAMBDA_FUNCTION_VERSION`; `$LATEST`).
+    pub function_version: &'a str,
+    /// How the instance was started (`AWS_LAMBDA_INITIALIZATION_TYPE`): `on-demand`, or
+    /// `provisioned-concurrency` for instances started ahead of invocations.
+    pub initialization_type: &'a str,
+    /// The instance's log stream (`AWS_LAMBDA_LOG_STREAM_NAME`, `context.log_stream_name`):
+    /// see [`log_stream_name`].
+    pub log_stream_name: &'a str,
+}
+
+/// The default region functions see when the daemon sets none.
+pub const DEFAULT_REGION: &str = "us-east-1";
+/// `AWS_LAMBDA_INITIALIZATION_TYPE` of an instance started for an invocation.
+pub const ON_DEMAND: &str = "on-demand";
+
+/// A log stream name of Lambda's shape, `YYYY/MM/DD/[version]<32 hex>`, for an instance
+/// started at `unix_ms` (UTC); `random` gives the 128 bits that tell instances apart.
+pub fn log_stream_name(unix_ms: u64, version: &str, random: u128) -> String {
+    let (y, m, d) = civil_from_days((unix_ms / 86_400_000) as i64);
+    format!("{y:04}/{m:02}/{d:02}/[{version}]{random:032x}")
+}
+
+/// The proleptic Gregorian date of a day count since 1970-01-01 (Howard Hinnant's
+/// algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// The minor version of the host's default `python3` (`/usr/bin/python3` links to
+/// `python3.N`), read once; None if it cannot be told.
+pub fn host_python_minor() -> Option<u32> {
+    static MINOR: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *MINOR.get_or_init(|| {
+        let target = std::fs::read_link(PYTHON_INTERPRETER).ok()?;
+        let name = target.file_name()?.to_str()?;
+        name.strip_prefix("python3.")?.parse().ok()
+    })
+}
+
+/// The major version of the host's `node`, asked once (`node --version`); None if there is
+/// no Node.js.
+pub fn host_node_major() -> Option<u32> {
+    static MAJOR: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *MAJOR.get_or_init(|| {
+        let out = std::process::Command::new(NODE_INTERPRETER)
+            .arg("--version")
+            .output()
+            .ok()?;
+        let text = String::from_utf8(out.stdout).ok()?;
+        text.trim()
+            .strip_prefix('v')?
+            .split('.')
+            .next()?
+            .parse()
+            .ok()
+    })
 }
 
 impl RuntimeLaunch<'_> {
@@ -94,6 +162,20 @@ impl RuntimeLaunch<'_> {
         }
     }
 
+    /// `AWS_EXECUTION_ENV`: `AWS_Lambda_python3.N` / `AWS_Lambda_nodejsN.x` after the
+    /// interpreter the function runs on.
+    pub fn execution_env(&self) -> String {
+        match self.runtime {
+            spore_core::Runtime::Python3 => match host_python_minor() {
+                Some(n) => format!("AWS_Lambda_python3.{n}"),
+                None => "AWS_Lambda_python3".to_owned(),
+            },
+            spore_core::Runtime::Node20 => {
+                format!("AWS_Lambda_nodejs{}.x", host_node_major().unwrap_or(20))
+            }
+        }
+    }
+
     /// The environment of the runtime process: the user's variables first, then Spore's and
     /// Lambda's reserved ones, which win.
     pub fn env(&self) -> Vec<(String, String)> {
@@ -107,9 +189,33 @@ impl RuntimeLaunch<'_> {
             ("HOME", "/tmp".to_owned()),
             ("LANG", "C.UTF-8".to_owned()),
             ("TMPDIR", "/tmp".to_owned()),
+            ("TZ", ":UTC".to_owned()),
             ("LAMBDA_TASK_ROOT", TASK_ROOT.to_owned()),
+            ("LAMBDA_RUNTIME_DIR", RUNTIME_DIR.to_owned()),
+            (
+                "LD_LIBRARY_PATH",
+                format!("/opt/lib:{TASK_ROOT}:{TASK_ROOT}/lib:/lib:/usr/lib"),
+            ),
+            ("AWS_REGION", self.region.to_owned()),
+            ("AWS_DEFAULT_REGION", self.region.to_owned()),
+            ("AWS_EXECUTION_ENV", self.execution_env()),
+            (
+                "AWS_LAMBDA_INITIALIZATION_TYPE",
+                self.initialization_type.to_owned(),
+            ),
+            (
+                "AWS_LAMBDA_LOG_GROUP_NAME",
+                format!("/aws/lambda/{}", self.function_name),
+            ),
+            (
+                "AWS_LAMBDA_LOG_STREAM_NAME",
+                self.log_stream_name.to_owned(),
+            ),
             ("AWS_LAMBDA_FUNCTION_NAME", self.function_name.to_owned()),
-            ("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST".to_owned()),
+            (
+                "AWS_LAMBDA_FUNCTION_VERSION",
+                self.function_version.to_owned(),
+            ),
             (
                 "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
                 self.memory_mb.to_string(),
@@ -151,6 +257,10 @@ mod tests {
             memory_mb: 128,
             user_env: &user,
             warmup_event: Some("event.json"),
+            region: "eu-west-3",
+            function_version: "$LATEST",
+            initialization_type: ON_DEMAND,
+            log_stream_name: "2026/01/02/[$LATEST]00000000000000000000000000000001",
         };
         let env = launch.env();
         let get = |k: &str| {
@@ -163,6 +273,13 @@ mod tests {
         assert_eq!(get("MINE"), vec!["1"]);
         assert_eq!(get("_HANDLER"), vec!["main.handler"]);
         assert_eq!(get("SPORE_WARMUP_EVENT"), vec!["/var/task/event.json"]);
+        assert_eq!(get("AWS_REGION"), vec!["eu-west-3"]);
+        assert_eq!(get("AWS_DEFAULT_REGION"), vec!["eu-west-3"]);
+        assert_eq!(get("AWS_LAMBDA_LOG_GROUP_NAME"), vec!["/aws/lambda/f"]);
+        assert_eq!(get("AWS_LAMBDA_INITIALIZATION_TYPE"), vec!["on-demand"]);
+        assert_eq!(get("TZ"), vec![":UTC"]);
+        assert!(get("LD_LIBRARY_PATH")[0].starts_with("/opt/lib:"));
+        assert!(get("AWS_EXECUTION_ENV")[0].starts_with("AWS_Lambda_python3"));
         let node = RuntimeLaunch {
             runtime: spore_core::Runtime::Node20,
             ..launch
@@ -170,5 +287,18 @@ mod tests {
         assert!(node.argv()[0].ends_with("node"));
         assert!(node.argv().iter().any(|a| a == "--max-old-space-size=112"));
         assert!(node.env().iter().any(|(k, _)| k == "NODE_PATH"));
+        assert!(node
+            .env()
+            .iter()
+            .any(|(k, v)| k == "AWS_EXECUTION_ENV" && v.starts_with("AWS_Lambda_nodejs")));
+    }
+
+    #[test]
+    fn log_stream_has_lambdas_shape() {
+        // 2026-12-06 is day 20_793 since the epoch.
+        let name = log_stream_name(20_793 * 86_400_000 + 5_000, "$LATEST", 0xab);
+        assert_eq!(name, "2026/12/06/[$LATEST]000000000000000000000000000000ab");
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(-1), (1969, 12, 31));
     }
 }

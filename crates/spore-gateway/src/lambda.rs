@@ -295,7 +295,7 @@ fn configuration(rec: &FunctionRecord) -> serde_json::Value {
     serde_json::json!({
         "FunctionName": m.name,
         "FunctionArn": format!("arn:aws:lambda:local:000000000000:function:{}", m.name),
-        "Runtime": m.runtime.as_str(),
+        "Runtime": m.runtime_str(),
         "Role": "arn:aws:iam::000000000000:role/spore",
         "Handler": m.handler,
         "CodeSize": rec.code_size,
@@ -404,6 +404,7 @@ pub(crate) async fn create_function(
         runtime: runtime
             .parse()
             .map_err(|e: spore_core::ManifestError| ApiError::invalid(e.to_string()))?,
+        runtime_name: Some(runtime.clone()),
         handler,
         memory_mb: range_i64(
             "MemorySize",
@@ -567,6 +568,7 @@ pub(crate) async fn update_configuration(
         m.runtime = r
             .parse()
             .map_err(|e: spore_core::ManifestError| ApiError::invalid(e.to_string()))?;
+        m.runtime_name = Some(r);
     }
     if let Some(h) = req.handler {
         m.handler = h;

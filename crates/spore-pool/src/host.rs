@@ -108,6 +108,8 @@ pub fn prepare(cfg: &HostConfig, warnings: &mut Vec<String>) -> Result<Host, Con
     // (another Spore build) would resume that other code, so it is not restored.
     let mut build = crc32fast::Hasher::new();
     build.update(env!("CARGO_PKG_VERSION").as_bytes());
+    // A snapshot holds its interpreter's memory too: another python3 (or node) never resumes it.
+    build.update(spore_runtime::interpreters_identity().as_bytes());
     for (name, bytes, mode) in runtime_files {
         build.update(name.as_bytes());
         build.update(bytes);

@@ -199,6 +199,7 @@ fn spawn_in(
     );
     let launch = RuntimeLaunch {
         runtime: m.runtime,
+        version: m.runtime_version(),
         function_name: &m.name,
         handler: &m.handler,
         memory_mb: m.memory_mb,

@@ -61,11 +61,130 @@ pub const NODE_BOOTSTRAP_FILE: &str = "bootstrap.js";
 /// The Node.js interpreter used inside sandboxes.
 pub const NODE_INTERPRETER: &str = "/usr/bin/node";
 
+/// The interpreters this host has for `runtime`: (the name a function gives, the
+/// interpreter's path), e.g. `("python3.11", "/usr/bin/python3.11")`, `("nodejs20.x",
+/// "/usr/bin/node")`. Python: every `/usr/bin/python3.N`; Node.js: `/usr/bin/node` and
+/// `/usr/local/bin/node`, by their major version.
+pub fn installed(runtime: spore_core::Runtime) -> Vec<(String, std::path::PathBuf)> {
+    let mut found = Vec::new();
+    match runtime {
+        spore_core::Runtime::Python3 => {
+            if let Ok(dir) = std::fs::read_dir("/usr/bin") {
+                for entry in dir.flatten() {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    let minor = name
+                        .strip_prefix("python3.")
+                        .and_then(|m| m.parse::<u32>().ok());
+                    if let Some(minor) = minor {
+                        found.push((format!("python3.{minor}"), entry.path()));
+                    }
+                }
+            }
+        }
+        spore_core::Runtime::Node20 => {
+            for path in [NODE_INTERPRETER, "/usr/local/bin/node"] {
+                if let Some(major) = node_major(std::path::Path::new(path)) {
+                    let name = format!("nodejs{major}.x");
+                    if !found.iter().any(|(n, _)| *n == name) {
+                        found.push((name, path.into()));
+                    }
+                }
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+/// Every runtime name this host can run, for messages (`python3`, `python3.11`, `nodejs20.x`).
+pub fn installed_names() -> Vec<String> {
+    let mut names = Vec::new();
+    if std::path::Path::new(PYTHON_INTERPRETER).exists() {
+        names.push("python3".to_owned());
+    }
+    for kind in [spore_core::Runtime::Python3, spore_core::Runtime::Node20] {
+        names.extend(installed(kind).into_iter().map(|(n, _)| n));
+    }
+    names
+}
+
+/// The interpreter that runs a function whose runtime is `runtime` at `version` (None: the
+/// host's default `python3`, or `node`), or why there is none.
+pub fn interpreter(
+    runtime: spore_core::Runtime,
+    version: Option<u32>,
+) -> Result<std::path::PathBuf, String> {
+    let (name, default) = match (runtime, version) {
+        (spore_core::Runtime::Python3, None) => ("python3".to_owned(), PYTHON_INTERPRETER),
+        (spore_core::Runtime::Python3, Some(m)) => (format!("python3.{m}"), ""),
+        (spore_core::Runtime::Node20, None) => ("node".to_owned(), NODE_INTERPRETER),
+        (spore_core::Runtime::Node20, Some(m)) => (format!("nodejs{m}.x"), ""),
+    };
+    if !default.is_empty() && std::path::Path::new(default).exists() {
+        return Ok(default.into());
+    }
+    if let Some((_, path)) = installed(runtime).into_iter().find(|(n, _)| *n == name) {
+        return Ok(path);
+    }
+    Err(format!(
+        "runtime {name} is not installed on this host; installed: {}",
+        installed_names().join(", ")
+    ))
+}
+
+/// The major version of the `node` at `path` (`node --version`), asked once per path.
+fn node_major(path: &std::path::Path) -> Option<u32> {
+    static SEEN: std::sync::Mutex<Vec<(std::path::PathBuf, Option<u32>)>> =
+        std::sync::Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().ok()?;
+    if let Some((_, m)) = seen.iter().find(|(p, _)| p == path) {
+        return *m;
+    }
+    let major = (|| {
+        let out = std::process::Command::new(path)
+            .arg("--version")
+            .output()
+            .ok()?;
+        let text = String::from_utf8(out.stdout).ok()?;
+        text.trim()
+            .strip_prefix('v')?
+            .split('.')
+            .next()?
+            .parse()
+            .ok()
+    })();
+    seen.push((path.to_owned(), major));
+    major
+}
+
+/// What identifies the host's interpreters (their resolved paths, sizes and modification
+/// times): a snapshot holds one interpreter's memory, so an image taken under another (an
+/// upgraded python3, say) must not be restored.
+pub fn interpreters_identity() -> String {
+    let mut text = String::new();
+    let mut paths: Vec<std::path::PathBuf> = vec![PYTHON_INTERPRETER.into()];
+    for kind in [spore_core::Runtime::Python3, spore_core::Runtime::Node20] {
+        paths.extend(installed(kind).into_iter().map(|(_, p)| p));
+    }
+    for p in paths {
+        let real = std::fs::canonicalize(&p).unwrap_or(p);
+        let meta = std::fs::metadata(&real).ok();
+        let (len, mtime) = meta.map_or((0, 0), |m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.len(), m.mtime())
+        });
+        text.push_str(&format!("{}:{len}:{mtime};", real.display()));
+    }
+    text
+}
+
 /// What a runtime needs to know at start.
 #[derive(Debug, Clone)]
 pub struct RuntimeLaunch<'a> {
     /// The language runtime.
     pub runtime: spore_core::Runtime,
+    /// The interpreter version the function's runtime names (None: the host's default).
+    pub version: Option<u32>,
     /// Function name (for the context object).
     pub function_name: &'a str,
     /// `module.function`.
@@ -150,12 +269,22 @@ impl RuntimeLaunch<'_> {
         match self.runtime {
             // -S: no site module (no dist-packages scan, no .pth imports); packages come from
             // PYTHONPATH. -B: never write .pyc into the read-only code directory.
-            spore_core::Runtime::Python3 => [PYTHON_INTERPRETER, "-S", "-B", PYTHON_BOOTSTRAP_PATH]
-                .map(String::from)
-                .to_vec(),
+            spore_core::Runtime::Python3 => {
+                let python = interpreter(self.runtime, self.version)
+                    .unwrap_or_else(|_| PYTHON_INTERPRETER.into());
+                vec![
+                    python.to_string_lossy().into_owned(),
+                    "-S".into(),
+                    "-B".into(),
+                    PYTHON_BOOTSTRAP_PATH.into(),
+                ]
+            }
             // The V8 heap gets most of the memory limit, as Lambda does.
             spore_core::Runtime::Node20 => vec![
-                NODE_INTERPRETER.to_owned(),
+                interpreter(self.runtime, self.version)
+                    .unwrap_or_else(|_| NODE_INTERPRETER.into())
+                    .to_string_lossy()
+                    .into_owned(),
                 format!("--max-old-space-size={}", (self.memory_mb * 7 / 8).max(16)),
                 format!("/opt/spore/runtime/{NODE_BOOTSTRAP_FILE}"),
             ],
@@ -166,13 +295,14 @@ impl RuntimeLaunch<'_> {
     /// interpreter the function runs on.
     pub fn execution_env(&self) -> String {
         match self.runtime {
-            spore_core::Runtime::Python3 => match host_python_minor() {
+            spore_core::Runtime::Python3 => match self.version.or_else(host_python_minor) {
                 Some(n) => format!("AWS_Lambda_python3.{n}"),
                 None => "AWS_Lambda_python3".to_owned(),
             },
-            spore_core::Runtime::Node20 => {
-                format!("AWS_Lambda_nodejs{}.x", host_node_major().unwrap_or(20))
-            }
+            spore_core::Runtime::Node20 => format!(
+                "AWS_Lambda_nodejs{}.x",
+                self.version.or_else(host_node_major).unwrap_or(20)
+            ),
         }
     }
 
@@ -252,6 +382,7 @@ mod tests {
         user.insert("MINE".to_owned(), "1".to_owned());
         let launch = RuntimeLaunch {
             runtime: spore_core::Runtime::Python3,
+            version: None,
             function_name: "f",
             handler: "main.handler",
             memory_mb: 128,
@@ -291,6 +422,43 @@ mod tests {
             .env()
             .iter()
             .any(|(k, v)| k == "AWS_EXECUTION_ENV" && v.starts_with("AWS_Lambda_nodejs")));
+    }
+
+    #[test]
+    fn interpreters_follow_the_runtime_name() {
+        let py = interpreter(spore_core::Runtime::Python3, None).unwrap();
+        assert_eq!(py, std::path::PathBuf::from(PYTHON_INTERPRETER));
+        let minor = host_python_minor().expect("the host's python3 is python3.N");
+        let exact = interpreter(spore_core::Runtime::Python3, Some(minor)).unwrap();
+        assert_eq!(
+            exact,
+            std::path::PathBuf::from(format!("/usr/bin/python3.{minor}"))
+        );
+        let e = interpreter(spore_core::Runtime::Python3, Some(99)).unwrap_err();
+        assert!(
+            e.contains("python3.99") && e.contains(&format!("python3.{minor}")),
+            "{e}"
+        );
+        let e = interpreter(spore_core::Runtime::Node20, Some(999)).unwrap_err();
+        assert!(e.contains("nodejs999.x is not installed"), "{e}");
+        let launch = RuntimeLaunch {
+            runtime: spore_core::Runtime::Python3,
+            version: Some(minor),
+            function_name: "f",
+            handler: "m.h",
+            memory_mb: 128,
+            user_env: &Default::default(),
+            warmup_event: None,
+            region: DEFAULT_REGION,
+            function_version: "$LATEST",
+            initialization_type: ON_DEMAND,
+            log_stream_name: "s",
+        };
+        assert_eq!(launch.argv()[0], format!("/usr/bin/python3.{minor}"));
+        assert_eq!(
+            launch.execution_env(),
+            format!("AWS_Lambda_python3.{minor}")
+        );
     }
 
     #[test]

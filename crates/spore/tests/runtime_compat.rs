@@ -431,3 +431,77 @@ fn node_runtime_is_lambdas() {
     assert!(tail.contains("\tINFO\tbefore the timeout"), "{tail}");
     d.stop();
 }
+
+#[test]
+fn runtime_versions_are_honest() {
+    if !can_sandbox("runtime_versions_are_honest") {
+        return;
+    }
+    let mut d = Daemon::start();
+    let minor = std::fs::read_link("/usr/bin/python3")
+        .unwrap()
+        .to_string_lossy()
+        .trim_start_matches("python3.")
+        .to_owned();
+    let exact = format!("python3.{minor}");
+    let create = |name: &str, runtime: &str, dir: &str, handler: &str| {
+        let zip = spore_registry::code::zip_dir(&fixture(dir)).unwrap();
+        d.http
+            .post(d.url("/2015-03-31/functions"))
+            .json(
+                &json!({"FunctionName": name, "Runtime": runtime, "Handler": handler,
+                          "Timeout": 5, "Code": {"ZipFile": B64.encode(zip)}}),
+            )
+            .send()
+            .unwrap()
+    };
+    // Installed versions run on their own interpreter and are echoed as given.
+    for (name, runtime, dir, handler) in [
+        ("py-exact", exact.as_str(), "pycompat", "main.handler"),
+        ("py-default", "python3", "pycompat", "main.handler"),
+        ("node-named", "nodejs20.x", "nodecompat", "index.handler"),
+    ] {
+        let r = create(name, runtime, dir, handler);
+        assert_eq!(r.status(), 201, "{runtime}: {}", r.text().unwrap());
+        let v: Value = r.json().unwrap();
+        assert_eq!(v["Runtime"], runtime);
+        let got = d.get_json(&format!("/2015-03-31/functions/{name}/configuration"));
+        assert_eq!(got["Runtime"], runtime);
+    }
+    let (_, _, _, body, _) = invoke_tail(&d, "py-exact", json!({"action": "env"}), &[]);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["python"], exact.trim_start_matches("python"));
+    assert_eq!(v["env"]["AWS_EXECUTION_ENV"], format!("AWS_Lambda_{exact}"));
+    let (_, _, _, body, _) = invoke_tail(&d, "node-named", json!({"action": "env"}), &[]);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["execEnv"], "AWS_Lambda_nodejs20.x");
+    // What is not installed is refused by name, listing what is.
+    for (runtime, dir, handler) in [
+        ("python3.8", "pycompat", "main.handler"),
+        ("python3.99", "pycompat", "main.handler"),
+        ("nodejs16.x", "nodecompat", "index.handler"),
+    ] {
+        let r = create("missing", runtime, dir, handler);
+        assert_eq!(r.status(), 400, "{runtime}");
+        assert_eq!(error_type(&r), "InvalidParameterValueException");
+        let text = r.text().unwrap();
+        assert!(text.contains(runtime) && text.contains(&exact), "{text}");
+    }
+    // The CLI refuses it too, with the same words.
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture("pycompat").join("main.py"),
+        tmp.path().join("main.py"),
+    )
+    .unwrap();
+    std::fs::write(
+        tmp.path().join("spore.toml"),
+        "name = \"cli-missing\"\nruntime = \"python3.8\"\nhandler = \"main.handler\"\n",
+    )
+    .unwrap();
+    let out = d.cli(&["deploy", tmp.path().to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("python3.8 is not installed"), "{err}");
+    d.stop();
+}

@@ -12,7 +12,7 @@ pub mod invoke;
 pub mod manifest;
 
 pub use control::{error_chain, ControlError, Invocation, InvokeOptions};
-pub use invoke::{FunctionError, MemoryMode, StartKind};
+pub use invoke::{ErrorExtra, FunctionError, MemoryMode, StartKind};
 pub use manifest::{runtime_version, FunctionManifest, ManifestError, Runtime, SandboxKind};
 
 /// Largest synchronous invocation payload, request or response, in bytes (Lambda's 6 MB).

@@ -557,7 +557,8 @@ def _serve(fd, handler):
                  "error_logged": error is not None,
                  "handler_start_ns": _marks["handler_start_ns"], "handler_end_ns": _marks["handler_end_ns"]}
         reply.update(report)
-        _send(fd, reply, payload)
+        with stream.lock:  # not between the frames of a thread that still prints
+            _send(fd, reply, payload)
 
 
 def _exit_status(exc):

@@ -505,3 +505,35 @@ fn runtime_versions_are_honest() {
     assert!(err.contains("python3.8 is not installed"), "{err}");
     d.stop();
 }
+
+#[test]
+fn aws_lambda_log_level_sets_the_root_level() {
+    if !can_sandbox("aws_lambda_log_level_sets_the_root_level") {
+        return;
+    }
+    let mut d = Daemon::start();
+    d.deploy(&fixture("pylevel"));
+    let (failed, _, id, _, tail) = invoke_tail(&d, "pylevel", json!({}), &[]);
+    assert!(!failed, "{tail}");
+    assert!(has_line(&tail, "DEBUG", &id, "a debug line"), "{tail}");
+    assert!(has_line(&tail, "INFO", &id, "an info line"), "{tail}");
+    // Without it the root stays at WARNING, as in Lambda: nothing of these.
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture("pylevel").join("main.py"),
+        tmp.path().join("main.py"),
+    )
+    .unwrap();
+    std::fs::write(
+        tmp.path().join("spore.toml"),
+        "name = \"pylevel-default\"\nruntime = \"python3\"\nhandler = \"main.handler\"\n",
+    )
+    .unwrap();
+    d.deploy(tmp.path());
+    let (_, _, _, _, tail) = invoke_tail(&d, "pylevel-default", json!({}), &[]);
+    assert!(
+        !tail.contains("a debug line") && !tail.contains("an info line"),
+        "{tail}"
+    );
+    d.stop();
+}

@@ -305,7 +305,7 @@ impl Client {
             tags.insert("spore:arch".into(), a.clone().into());
         }
         let create = serde_json::json!({
-            "FunctionName": m.name, "Runtime": m.runtime.as_str(), "Handler": m.handler,
+            "FunctionName": m.name, "Runtime": m.runtime_str(), "Handler": m.handler,
             "MemorySize": m.memory_mb, "Timeout": m.timeout_s, "Code": { "ZipFile": b64 },
             "Environment": { "Variables": m.environment }, "Tags": tags,
         });
@@ -320,7 +320,7 @@ impl Client {
         }
         let base = format!("/2015-03-31/functions/{}", m.name);
         let config = serde_json::json!({
-            "Runtime": m.runtime.as_str(), "Handler": m.handler, "MemorySize": m.memory_mb,
+            "Runtime": m.runtime_str(), "Handler": m.handler, "MemorySize": m.memory_mb,
             "Timeout": m.timeout_s, "Environment": { "Variables": m.environment },
         });
         Self::check(

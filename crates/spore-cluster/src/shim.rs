@@ -476,6 +476,8 @@ async fn serve(
                         cold_path,
                         restore_mode,
                         unit: None,
+                        // Not carried to other units yet.
+                        client_context: None,
                     },
                 )
                 .await

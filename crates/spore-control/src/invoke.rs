@@ -113,6 +113,7 @@ impl Control {
                 request_id: request_id.clone(),
                 payload: payload.clone(),
                 timeout_s: rec.manifest.timeout_s,
+                client_context: opts.client_context.clone(),
             }),
             deadline: Some(t0 + timeout),
         };
@@ -134,6 +135,7 @@ impl Control {
                     None,
                     Some(total_ms),
                     Some(&err),
+                    false,
                 );
                 log.push_invocation(&request_id, &block);
                 record_metrics(name, StartKind::Cold, total_ms, Some(&err));
@@ -155,13 +157,21 @@ impl Control {
         let fresh = start != StartKind::Warm;
         let init_ms = if fresh { inst.init_ms } else { 0.0 };
         let breakdown = std::mem::take(&mut inst.breakdown);
+        // What the instance printed at init goes before its first START line, as in Lambda.
+        let init_logs = std::mem::take(&mut inst.init_logs);
         let result = inst
-            .invoke(&request_id, &payload, rec.manifest.timeout_s)
+            .invoke(
+                &request_id,
+                &payload,
+                rec.manifest.timeout_s,
+                opts.client_context.as_ref(),
+            )
             .await;
         let total_ms = t0.elapsed().as_secs_f64() * 1000.0;
         let peak = inst.memory_peak_mb();
         let mut to_handler_ms = None;
         let mut handler_ns = (0, 0);
+        let mut error_logged = false;
         let (outcome, logs, handler_ms, reusable) = match result {
             Ok(reply) => {
                 let reusable = !inst.has_strays();
@@ -169,13 +179,19 @@ impl Control {
                 if reply.handler_start_ns > t0_ns {
                     to_handler_ms = Some((reply.handler_start_ns - t0_ns) as f64 / 1e6);
                 }
+                error_logged = reply.error_logged;
                 (reply.outcome, reply.logs, reply.handler_ms, reusable)
             }
             Err(failure) => {
                 // Timeouts, OOM kills and crashes concern the operator too.
-                let e = failure.to_function_error();
+                let mut e = failure.to_function_error();
+                if matches!(failure, spore_pool::InvokeFailure::Exited { .. }) {
+                    // Lambda's words for a runtime that exited mid-invocation.
+                    e.message = format!("RequestId: {request_id} Error: {}", e.message);
+                }
                 tracing::info!(function = %name, request_id = %request_id, error = %e.error_type, "{}", e.message);
-                (Err(e), String::new(), total_ms - init_ms, false)
+                // What it printed before the timeout or the crash is kept.
+                (Err(e), inst.take_logs(), total_ms - init_ms, false)
             }
         };
         pools.checkin(&rec, inst, reusable);
@@ -188,8 +204,23 @@ impl Control {
             peak,
             fresh.then_some(init_ms),
             outcome.as_ref().err(),
+            error_logged,
         );
+        if !init_logs.is_empty() {
+            log.push_text(&init_logs);
+        }
         log.push_invocation(&request_id, &block);
+        // The tail (`LogType=Tail`) of a fresh instance's first invocation shows its init
+        // output too.
+        let block = if init_logs.is_empty() {
+            block
+        } else {
+            let mut with_init = init_logs;
+            if !with_init.ends_with('\n') {
+                with_init.push('\n');
+            }
+            with_init + &block
+        };
         record_metrics(name, start, total_ms, outcome.as_ref().err());
         if fresh {
             metrics::histogram!("spore_init_duration_seconds", "function" => name.to_owned(), "start" => start.as_str())
@@ -238,6 +269,7 @@ fn record_metrics(name: &str, start: StartKind, total_ms: f64, error: Option<&Fu
     metrics::histogram!("spore_invocation_duration_seconds", "function" => name.to_owned(), "start" => start.as_str()).record(total_ms / 1000.0);
 }
 
+/// The invocation's log block. `error_logged`: the runtime wrote the error's entry itself.
 #[allow(clippy::too_many_arguments)]
 fn report_block(
     request_id: &str,
@@ -248,13 +280,14 @@ fn report_block(
     peak_mb: Option<u64>,
     init_ms: Option<f64>,
     error: Option<&FunctionError>,
+    error_logged: bool,
 ) -> String {
     let mut s = format!("START RequestId: {request_id} Version: {version}\n");
     s.push_str(logs);
     if !logs.is_empty() && !logs.ends_with('\n') {
         s.push('\n');
     }
-    if let Some(e) = error {
+    if let Some(e) = error.filter(|_| !error_logged) {
         s.push_str(&format!("[ERROR] {}: {}\n", e.error_type, e.message));
     }
     s.push_str(&format!("END RequestId: {request_id}\n"));
@@ -304,10 +337,24 @@ mod tests {
             Some(20),
             Some(40.0),
             Some(&err),
+            false,
         );
         assert!(b.starts_with("START RequestId: r1 Version: 3\n"));
         assert!(b.contains("hello\n[ERROR] Sandbox.Timedout"));
         assert!(b.contains("Init Duration: 40.00 ms"));
         assert!(b.contains("Max Memory Used: 20 MB"));
+        // A runtime that logged its error itself gets no second line.
+        let b = report_block(
+            "r1",
+            "$LATEST",
+            "[ERROR] X: y\n",
+            1.0,
+            128,
+            None,
+            None,
+            Some(&err),
+            true,
+        );
+        assert_eq!(b.matches("[ERROR]").count(), 1, "{b}");
     }
 }

@@ -202,6 +202,7 @@ impl Control {
                 tmp_mb: cfg.tmp_mb,
                 default_network: cfg.default_network,
                 egress_subnet: cfg.egress_subnet,
+                region: cfg.region.clone(),
             },
             &mut warnings,
         )?;
@@ -298,6 +299,10 @@ impl Control {
         spec.manifest
             .validate()
             .map_err(|e| ControlError::InvalidParameter(e.to_string()))?;
+        // The interpreter the runtime names must be on this host (never another one run
+        // silently in its place).
+        spore_runtime::interpreter(spec.manifest.runtime, spec.manifest.runtime_version())
+            .map_err(ControlError::InvalidParameter)?;
         if spec.manifest.runtime == spore_core::Runtime::Node20 {
             if spec.manifest.sandbox == SandboxKind::Cfork {
                 return Err(ControlError::InvalidParameter(

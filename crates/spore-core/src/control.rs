@@ -52,7 +52,7 @@ pub enum ControlError {
 }
 
 /// Options of one invocation.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct InvokeOptions {
     /// Serve from a fresh instance, bypassing the warm pool.
     pub force_cold: bool,
@@ -64,6 +64,9 @@ pub struct InvokeOptions {
     /// Run on this processing unit rather than where the function is placed (a DAG node's
     /// `unit`).
     pub unit: Option<u32>,
+    /// The caller's client context (`X-Amz-Client-Context`, decoded: a JSON object with
+    /// `client`, `custom` and `env`), given to the handler as `context.client_context`.
+    pub client_context: Option<serde_json::Value>,
 }
 
 /// The outcome of one invocation.

@@ -12,8 +12,10 @@ pub mod invoke;
 pub mod manifest;
 
 pub use control::{error_chain, ControlError, Invocation, InvokeOptions};
-pub use invoke::{FunctionError, MemoryMode, StartKind};
-pub use manifest::{FunctionManifest, ManifestError, Network, Runtime, SandboxKind};
+pub use invoke::{ErrorExtra, FunctionError, MemoryMode, StartKind};
+pub use manifest::{
+    runtime_version, FunctionManifest, ManifestError, Network, Runtime, SandboxKind,
+};
 
 /// Largest synchronous invocation payload, request or response, in bytes (Lambda's 6 MB).
 pub const MAX_SYNC_PAYLOAD: usize = 6 * 1024 * 1024;

@@ -28,7 +28,8 @@ pub enum ManifestError {
 pub enum Runtime {
     /// The host's CPython 3 (`/usr/bin/python3`).
     Python3,
-    /// Node.js 20 (`/usr/bin/node`), in container sandboxes only.
+    /// Node.js (the host's `node`; the version is in the manifest's `runtime_name`), in
+    /// container sandboxes only. (Named for the one version older records knew.)
     Node20,
 }
 
@@ -51,21 +52,41 @@ impl fmt::Display for Runtime {
 impl FromStr for Runtime {
     type Err = ManifestError;
 
-    /// Accepts `python3`, `python3.N` (Lambda's names), `node20` and `nodejs20.x`.
+    /// Accepts `python3`, `python3.N` (Lambda's names), `nodeN` and `nodejsN.x`: the kind
+    /// of runtime (which version is installed is the daemon's to check).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let minor_ok = |m: &str| !m.is_empty() && m.bytes().all(|b| b.is_ascii_digit());
-        match s {
-            "python3" => Ok(Runtime::Python3),
-            _ if s.strip_prefix("python3.").is_some_and(minor_ok) => Ok(Runtime::Python3),
-            "node20" | "nodejs20.x" => Ok(Runtime::Node20),
-            _ => Err(ManifestError::Invalid {
+        match runtime_version(s) {
+            Some((kind, _)) => Ok(kind),
+            None => Err(ManifestError::Invalid {
                 key: "runtime",
                 reason: format!(
-                    "unknown runtime {s:?}; use \"python3\" (or \"python3.N\") or \"node20\""
+                    "unknown runtime {s:?}; use \"python3\" (or \"python3.N\") or \"nodejsN.x\""
                 ),
             }),
         }
     }
+}
+
+/// The kind and version a runtime name asks for: `python3` (None: the host's default
+/// python3), `python3.N` (N), `nodeN` / `nodejsN.x` (N); None if it is no runtime name.
+pub fn runtime_version(name: &str) -> Option<(Runtime, Option<u32>)> {
+    let number = |m: &str| {
+        (!m.is_empty() && m.len() <= 4 && m.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| m.parse().ok())
+            .flatten()
+    };
+    if name == "python3" {
+        return Some((Runtime::Python3, None));
+    }
+    if let Some(minor) = name.strip_prefix("python3.").and_then(number) {
+        return Some((Runtime::Python3, Some(minor)));
+    }
+    let major = name
+        .strip_prefix("nodejs")
+        .and_then(|r| r.strip_suffix(".x"))
+        .or_else(|| name.strip_prefix("node"))
+        .and_then(number)?;
+    Some((Runtime::Node20, Some(major)))
 }
 
 /// How instances of a function are sandboxed.
@@ -162,8 +183,13 @@ pub const TIMEOUT_S_RANGE: std::ops::RangeInclusive<u32> = 1..=900;
 pub struct FunctionManifest {
     /// Function name, unique per daemon.
     pub name: String,
-    /// Language runtime.
+    /// Language runtime (its kind).
     pub runtime: Runtime,
+    /// The runtime's name as given (`python3`, `python3.11`, `nodejs20.x`, `node20`): it
+    /// picks the interpreter and is what the API reports. None in records written before it
+    /// was kept (then the kind's name, and the host's default interpreter).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_name: Option<String>,
     /// `module.function` (the module may be a path such as `pkg/mod`).
     pub handler: String,
     /// Memory limit of one instance, MiB.
@@ -251,6 +277,7 @@ impl FunctionManifest {
         let manifest = FunctionManifest {
             name: raw.name,
             runtime: raw.runtime.parse()?,
+            runtime_name: Some(raw.runtime),
             handler: raw.handler,
             memory_mb: in_range("memory_mb", raw.memory_mb, &MEMORY_MB_RANGE)?,
             timeout_s: in_range("timeout_s", raw.timeout_s, &TIMEOUT_S_RANGE)?,
@@ -274,8 +301,29 @@ impl FunctionManifest {
         Ok(manifest)
     }
 
+    /// The runtime's name as given (or, for older records, the kind's).
+    pub fn runtime_str(&self) -> &str {
+        self.runtime_name
+            .as_deref()
+            .unwrap_or_else(|| self.runtime.as_str())
+    }
+
+    /// The interpreter version the runtime's name asks for (Python's minor, Node's major);
+    /// None: the host's default.
+    pub fn runtime_version(&self) -> Option<u32> {
+        runtime_version(self.runtime_str()).and_then(|(_, v)| v)
+    }
+
     /// Checks the invariants of every field (used for manifests built from API requests too).
     pub fn validate(&self) -> Result<(), ManifestError> {
+        if let Some(name) = &self.runtime_name {
+            if runtime_version(name).map(|(kind, _)| kind) != Some(self.runtime) {
+                return Err(ManifestError::Invalid {
+                    key: "runtime",
+                    reason: format!("{name:?} is not a {} runtime", self.runtime),
+                });
+            }
+        }
         crate::validate_function_name(&self.name)?;
         validate_handler(&self.handler)?;
         in_range("memory_mb", i64::from(self.memory_mb), &MEMORY_MB_RANGE)?;
@@ -439,6 +487,8 @@ GREETING = "hi"
         )
         .unwrap();
         assert_eq!(m.runtime, Runtime::Python3);
+        assert_eq!(m.runtime_str(), "python3.11");
+        assert_eq!(m.runtime_version(), Some(11));
         assert_eq!(m.memory_mb, 256);
         assert_eq!(m.sandbox, SandboxKind::Cfork);
         assert_eq!(m.environment["GREETING"], "hi");
@@ -510,6 +560,42 @@ GREETING = "hi"
             FunctionManifest::from_toml("not toml ["),
             Err(ManifestError::Parse(_))
         ));
+    }
+
+    #[test]
+    fn runtime_names_keep_their_version() {
+        assert_eq!(runtime_version("python3"), Some((Runtime::Python3, None)));
+        assert_eq!(
+            runtime_version("python3.9"),
+            Some((Runtime::Python3, Some(9)))
+        );
+        assert_eq!(
+            runtime_version("nodejs22.x"),
+            Some((Runtime::Node20, Some(22)))
+        );
+        assert_eq!(runtime_version("node20"), Some((Runtime::Node20, Some(20))));
+        for bad in [
+            "python",
+            "python3.",
+            "python3.x",
+            "nodejs",
+            "nodejs20",
+            "node",
+            "java21",
+        ] {
+            assert_eq!(runtime_version(bad), None, "{bad}");
+        }
+        // Records written before the name was kept load, and report the kind's name.
+        let old = r#"{"name":"f","runtime":"node20","handler":"index.h","memory_mb":128,
+            "timeout_s":3,"sandbox":"container","environment":{},"max_instances":null}"#;
+        let m: FunctionManifest = serde_json::from_str(old).unwrap();
+        assert_eq!((m.runtime, m.runtime_str()), (Runtime::Node20, "node20"));
+        let m: FunctionManifest = serde_json::from_str(&old.replace("node20", "python3")).unwrap();
+        assert_eq!((m.runtime_str(), m.runtime_version()), ("python3", None));
+        // A name of another kind than the record's is refused.
+        let mut m = FunctionManifest::from_toml("name = \"a\"\nhandler = \"m.f\"\n").unwrap();
+        m.runtime_name = Some("nodejs20.x".into());
+        assert!(m.validate().unwrap_err().to_string().contains("runtime"));
     }
 
     #[test]

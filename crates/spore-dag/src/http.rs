@@ -277,9 +277,8 @@ async fn http_hop(
         let e: LambdaError = serde_json::from_slice(&body)
             .map_err(|_| platform(format!("unreadable error from {url}")))?;
         return Err(FunctionError {
-            message: e.message,
-            error_type: e.error_type,
             stack_trace: e.stack_trace,
+            ..FunctionError::platform(&e.error_type, e.message)
         });
     }
     if !status.is_success() {

@@ -92,6 +92,7 @@ impl NodeFailure {
                 self.node, self.function, self.error.message
             ),
             stack_trace: self.error.stack_trace.clone(),
+            extra: self.error.extra.clone(),
         }
     }
 }
@@ -280,6 +281,8 @@ impl Plan {
     }
 
     /// The number of instances of `n`, from its predecessor's result if it runs `each`.
+    // A failure (128 bytes with its FunctionError) is rare and ends the run: not worth a box.
+    #[allow(clippy::result_large_err)]
     fn count(&self, n: usize, done: &[Option<Done>]) -> Result<usize, NodeFailure> {
         if !self.each(n) {
             return Ok(1);

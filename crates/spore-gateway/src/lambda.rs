@@ -378,7 +378,7 @@ pub(crate) fn configuration(control: &Control, rec: &FunctionRecord) -> serde_js
     let mut c = serde_json::json!({
         "FunctionName": m.name,
         "FunctionArn": control.function_arn(&m.name, version.as_deref()),
-        "Runtime": m.runtime.as_str(),
+        "Runtime": m.runtime_str(),
         "Role": role,
         "Handler": m.handler,
         "CodeSize": rec.code_size,
@@ -539,6 +539,7 @@ pub(crate) async fn create_function(
         runtime: runtime
             .parse()
             .map_err(|e: spore_core::ManifestError| ApiError::invalid(e.to_string()))?,
+        runtime_name: Some(runtime.clone()),
         handler,
         memory_mb: range_i64(
             "MemorySize",
@@ -854,6 +855,7 @@ pub(crate) async fn update_configuration(
         m.runtime = r
             .parse()
             .map_err(|e: spore_core::ManifestError| ApiError::invalid(e.to_string()))?;
+        m.runtime_name = Some(r);
     }
     if let Some(h) = req.handler {
         m.handler = h;
@@ -907,6 +909,26 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
+/// Decodes `X-Amz-Client-Context` (base64 of a JSON object with `client`, `custom`, `env`),
+/// refusing what Lambda refuses with `InvalidRequestContentException`.
+fn client_context(b64: &str) -> Result<serde_json::Value, ControlError> {
+    let bad = |why: &str| {
+        ControlError::InvalidRequestContent(format!(
+            "Client context must be base64-encoded JSON: {why}"
+        ))
+    };
+    if b64.len() > 3583 {
+        // Lambda's limit.
+        return Err(bad("larger than 3583 bytes"));
+    }
+    let raw = B64.decode(b64.trim()).map_err(|_| bad("not base64"))?;
+    let v: serde_json::Value = serde_json::from_slice(&raw).map_err(|_| bad("not JSON"))?;
+    if !v.is_object() {
+        return Err(bad("not a JSON object"));
+    }
+    Ok(v)
+}
+
 pub(crate) async fn invoke(
     State(st): State<AppState>,
     Path(name): Path<String>,
@@ -946,6 +968,9 @@ pub(crate) async fn invoke(
         })
         .transpose()?;
     st.control.check_active(&name)?;
+    let client_context = header(&headers, "x-amz-client-context")
+        .map(client_context)
+        .transpose()?;
     match kind {
         "DryRun" => {
             Control::check_payload(&body, false)?;
@@ -982,6 +1007,7 @@ pub(crate) async fn invoke(
                         cold_path,
                         restore_mode,
                         unit: None,
+                        client_context,
                     },
                 )
                 .await?;

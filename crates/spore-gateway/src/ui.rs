@@ -211,7 +211,7 @@ pub(crate) async fn status(State(st): State<AppState>) -> Response {
             let name = r.manifest.name.clone();
             serde_json::json!({
                 "name": name,
-                "runtime": r.manifest.runtime.as_str(),
+                "runtime": r.manifest.runtime_str(),
                 "sandbox": r.manifest.sandbox.as_str(),
                 "memoryMb": r.manifest.memory_mb,
                 "timeoutS": r.manifest.timeout_s,

@@ -30,6 +30,8 @@ pub struct HostConfig {
     pub default_network: spore_core::Network,
     /// Subnet of egress sandboxes (None: a free /21 of 10.214.0.0/16).
     pub egress_subnet: Option<spore_sandbox::egress::Subnet>,
+    /// The region functions see (`AWS_REGION`): the one the daemon's ARNs name.
+    pub region: String,
 }
 
 /// The host, prepared.
@@ -112,6 +114,8 @@ pub fn prepare(cfg: &HostConfig, warnings: &mut Vec<String>) -> Result<Host, Con
     // (another Spore build) would resume that other code, so it is not restored.
     let mut build = crc32fast::Hasher::new();
     build.update(env!("CARGO_PKG_VERSION").as_bytes());
+    // A snapshot holds its interpreter's memory too: another python3 (or node) never resumes it.
+    build.update(spore_runtime::interpreters_identity().as_bytes());
     for (name, bytes, mode) in runtime_files {
         build.update(name.as_bytes());
         build.update(bytes);
@@ -168,6 +172,7 @@ pub fn prepare(cfg: &HostConfig, warnings: &mut Vec<String>) -> Result<Host, Con
             env.layer_content = cfg.data_dir.join("layers").join("content");
             env.deps_root = Some(spore_registry::deps::layers_root(&cfg.data_dir));
             env.default_network = cfg.default_network;
+            env.region = cfg.region.clone();
             env
         })
         .map_err(|e| error_chain(&e));

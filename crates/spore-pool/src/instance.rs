@@ -86,6 +86,8 @@ pub struct Reply {
     pub handler_ms: f64,
     /// What the handler printed.
     pub logs: String,
+    /// The runtime logged the error itself (no `[ERROR]` line to add).
+    pub error_logged: bool,
     /// `CLOCK_MONOTONIC` nanoseconds when the handler was called (0: unknown).
     pub handler_start_ns: u64,
     /// `CLOCK_MONOTONIC` nanoseconds when the handler returned (0: unknown).
@@ -95,16 +97,37 @@ pub struct Reply {
 }
 
 /// The frame of one invocation.
-pub(crate) fn invoke_frame(request_id: &str, payload: &[u8], timeout_s: u32) -> Vec<u8> {
+pub(crate) fn invoke_frame(
+    request_id: &str,
+    payload: &[u8],
+    timeout_s: u32,
+    client_context: Option<&serde_json::Value>,
+) -> Vec<u8> {
     let deadline_ms = now_unix_ms() + u64::from(timeout_s) * 1000;
     protocol::encode(
         &ToRuntime::Invoke {
             request_id: request_id.to_owned(),
             deadline_ms,
             dag: None,
+            client_context: client_context.cloned(),
         },
         payload,
     )
+}
+
+/// Most of an invocation's output kept (the last part).
+const MAX_LOGS: usize = 64 * 1024;
+
+/// Appends `more` to `logs`, keeping the last [`MAX_LOGS`] bytes (cut at a character).
+fn append_logs(logs: &mut String, more: &str) {
+    logs.push_str(more);
+    if logs.len() > 2 * MAX_LOGS {
+        let mut at = logs.len() - MAX_LOGS;
+        while !logs.is_char_boundary(at) {
+            at += 1;
+        }
+        logs.drain(..at);
+    }
 }
 
 /// `CLOCK_MONOTONIC` now, in nanoseconds (the clock the runtimes stamp their steps with).
@@ -171,6 +194,12 @@ pub struct Instance {
     pub(crate) stderr_tail: Arc<Mutex<VecDeque<String>>>,
     /// The first invocation's frame was sent already (pipelined behind a fork request).
     pub(crate) invoke_sent: bool,
+    /// What the runtime printed while it imported the handler (taken by the first
+    /// invocation's report).
+    pub init_logs: String,
+    /// What the current invocation printed so far (streamed `logs` frames): kept when it
+    /// times out or the runtime dies.
+    pub(crate) streamed: String,
     /// Spore helper processes in the instance's cgroup besides its init (a lazy restore's
     /// fault server).
     pub(crate) helpers: usize,
@@ -271,6 +300,8 @@ impl Instance {
             stderr_tail: spawned.stderr_tail,
             invoke_sent: false,
             shared_bytes: 0,
+            init_logs: String::new(),
+            streamed: String::new(),
             helpers,
         };
         Ok((inst, spawned.go))
@@ -303,8 +334,9 @@ impl Instance {
         .await;
         let mut collision = false;
         let failure = match first {
-            Ok(Ok(Some((FromRuntime::Ready { .. }, _)))) => {
+            Ok(Ok(Some((FromRuntime::Ready { logs, .. }, _)))) => {
                 self.init_ms = t0.elapsed().as_secs_f64() * 1000.0;
+                self.init_logs = logs;
                 return Ok(self);
             }
             Ok(Ok(Some((FromRuntime::InitError { error }, _)))) => StartError::Init(error),
@@ -348,9 +380,10 @@ impl Instance {
         request_id: &str,
         payload: &[u8],
         timeout_s: u32,
+        client_context: Option<&serde_json::Value>,
     ) -> Result<Reply, InvokeFailure> {
         let frame = (!std::mem::take(&mut self.invoke_sent))
-            .then(|| invoke_frame(request_id, payload, timeout_s));
+            .then(|| invoke_frame(request_id, payload, timeout_s, client_context));
         let timeout = Duration::from_secs(u64::from(timeout_s));
         self.exchange(
             frame,
@@ -382,6 +415,7 @@ impl Instance {
                 request_id: request_id.to_owned(),
                 deadline_ms,
                 dag: Some(wiring),
+                client_context: None,
             },
             body,
         );
@@ -405,6 +439,7 @@ impl Instance {
         timeout_s: u32,
         limit: usize,
     ) -> Result<Reply, InvokeFailure> {
+        self.streamed.clear();
         let exchange = async {
             if let Some(frame) = &frame {
                 self.sock.write_all(frame).await?;
@@ -412,7 +447,14 @@ impl Instance {
             if let Some(fds) = fds {
                 send_fds(&self.sock, &fds).await?;
             }
-            read_frame(&mut self.sock).await
+            loop {
+                match read_frame(&mut self.sock).await {
+                    Ok(Some((FromRuntime::Logs { logs }, _))) => {
+                        append_logs(&mut self.streamed, &logs)
+                    }
+                    other => return other,
+                }
+            }
         };
         let reply = match tokio::time::timeout(timeout, exchange).await {
             Err(_) => return Err(InvokeFailure::Timeout { seconds: timeout_s }),
@@ -438,6 +480,7 @@ impl Instance {
                 request_id: request_id.to_owned(),
                 deadline_ms: 0,
                 dag: Some(wiring),
+                client_context: None,
             },
             &[],
         );
@@ -469,6 +512,7 @@ impl Instance {
                     error,
                     duration_ms,
                     logs,
+                    error_logged,
                     handler_start_ns,
                     handler_end_ns,
                     dag,
@@ -490,7 +534,12 @@ impl Instance {
                     None => Ok(body),
                 },
                 handler_ms: duration_ms,
-                logs,
+                logs: {
+                    let mut all = std::mem::take(&mut self.streamed);
+                    append_logs(&mut all, &logs);
+                    all
+                },
+                error_logged,
             }),
             Ok(Some((other, _))) => Err(InvokeFailure::Exited {
                 detail: format!("protocol violation: unexpected {other:?}"),
@@ -512,6 +561,11 @@ impl Instance {
                 }
             }
         }
+    }
+
+    /// What the current (failed) invocation printed before it failed.
+    pub fn take_logs(&mut self) -> String {
+        std::mem::take(&mut self.streamed)
     }
 
     /// Whether processes other than the runtime (and the init outside it) are left in the

@@ -88,10 +88,14 @@ impl Pools {
                 Ok((inst, StartKind::Cold))
             }
             SandboxKind::Cfork => {
-                let first = how
-                    .first_invoke
-                    .as_ref()
-                    .map(|f| invoke_frame(&f.request_id, &f.payload, f.timeout_s));
+                let first = how.first_invoke.as_ref().map(|f| {
+                    invoke_frame(
+                        &f.request_id,
+                        &f.payload,
+                        f.timeout_s,
+                        f.client_context.as_ref(),
+                    )
+                });
                 self.fork_instance(env, rec, log, init_timeout, first, path)
                     .await
             }

@@ -92,6 +92,8 @@ pub struct FirstInvoke {
     pub payload: bytes::Bytes,
     /// The function's timeout, s.
     pub timeout_s: u32,
+    /// The caller's client context (decoded `X-Amz-Client-Context`).
+    pub client_context: Option<serde_json::Value>,
 }
 
 /// One process the pools run, as `spore ps` lists it.

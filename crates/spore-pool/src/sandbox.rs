@@ -54,6 +54,8 @@ pub struct InstanceEnv {
     pub default_network: Network,
     /// This daemon's egress (bridge, table, addresses), or why there is none.
     pub egress: Result<Arc<spore_sandbox::egress::Egress>, String>,
+    /// The region functions see (`AWS_REGION`, `AWS_DEFAULT_REGION`, their ARN).
+    pub region: String,
     seq: AtomicU64,
 }
 
@@ -82,6 +84,7 @@ impl InstanceEnv {
             deps_root: None,
             default_network: Network::None,
             egress: Err("network egress is not set up".into()),
+            region: spore_runtime::DEFAULT_REGION.to_owned(),
             seq: AtomicU64::new(1),
         }
     }
@@ -219,14 +222,23 @@ fn spawn_in(
     let is_template = template.is_some();
     let m = &rec.manifest;
     let version = rec.version_name();
+    let log_stream = spore_runtime::log_stream_name(
+        spore_registry::store::now_unix_ms(),
+        &version,
+        random_u128(),
+    );
     let launch = RuntimeLaunch {
         runtime: m.runtime,
+        version: m.runtime_version(),
         function_name: &m.name,
         function_version: &version,
         handler: &m.handler,
         memory_mb: m.memory_mb,
         user_env: &m.environment,
         warmup_event: m.warmup_event.as_deref(),
+        region: &env.region,
+        initialization_type: spore_runtime::ON_DEMAND,
+        log_stream_name: &log_stream,
     };
     let mut spec = SandboxSpec {
         id: id.to_owned(),
@@ -520,6 +532,18 @@ pub(crate) async fn destroy_cgroup(cg: Cgroup) {
         Ok(Err(e)) => tracing::warn!("removing a sandbox cgroup: {}", error_chain(&e)),
         Err(e) => tracing::warn!("cgroup removal task: {e}"),
     }
+}
+
+/// 128 random bits (from the standard library's randomly keyed hasher: enough to tell log
+/// streams apart, not a secret).
+fn random_u128() -> u128 {
+    use std::hash::{BuildHasher, Hasher};
+    let word = || {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(std::process::id().into());
+        h.finish()
+    };
+    (u128::from(word()) << 64) | u128::from(word())
 }
 
 /// Copies a sandbox's output into the function's log; keeps the last stderr lines in `tail`

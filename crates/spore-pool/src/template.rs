@@ -178,7 +178,8 @@ impl Template {
             spare: false,
         };
         let restored = matches!(how, ColdStart::Restore(..));
-        let (cgroup, mut spawned) = spawn_sandbox(env, rec, launch, log, memory_mb, 2).await?;
+        let (cgroup, mut spawned) =
+            spawn_sandbox(env, rec, launch, log.clone(), memory_mb, 2).await?;
         let deadline = tokio::time::Instant::now() + init_timeout;
         let mut breakdown = Vec::new();
         // The runtime is the only child of the template's pid-namespace init, itself the only
@@ -196,7 +197,13 @@ impl Template {
         let (reader, writer) = spawned.sock.into_split();
         let mut helper = spawned.child;
         let failure = match first {
-            Ok(Ok(Some((FromRuntime::Ready { .. }, _)))) => None,
+            Ok(Ok(Some((FromRuntime::Ready { logs, .. }, _)))) => {
+                // The template's import output: once, before its first child's START.
+                if !logs.is_empty() {
+                    log.push_text(&logs);
+                }
+                None
+            }
             Ok(Ok(Some((FromRuntime::InitError { error }, _)))) => Some(StartError::Init(error)),
             Ok(Ok(Some((other, _)))) => Some(StartError::Platform(format!(
                 "template sent {other:?} before ready"
@@ -475,6 +482,8 @@ impl Template {
                     stderr_tail: Arc::default(),
                     invoke_sent: pipelined.is_some(),
                     shared_bytes: self.shared_bytes,
+                    init_logs: String::new(),
+                    streamed: String::new(),
                     helpers: 0,
                 })
             }

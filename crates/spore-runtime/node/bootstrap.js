@@ -60,13 +60,39 @@ function send(header, body = Buffer.alloc(0)) {
   }
 }
 
+// Lambda's error JSON for Node.js: `trace` holds the stack, without the runtime's frames.
 function errorOf(err, type, message) {
-  const e = err instanceof Error ? err : new Error(String(err));
+  if (!(err instanceof Error)) {
+    // A thrown string or object: Lambda names its type after `typeof`.
+    return {
+      errorType: type || typeof err,
+      errorMessage: message !== undefined ? message : String(err),
+      trace: [],
+    };
+  }
+  const trace = (err.stack || '').split('\n').filter((l) => !/^\s+at /.test(l) || (!l.includes(__filename) && !l.includes('node:internal') && !l.includes('at new Promise (<anonymous>)')));
   return {
-    errorType: type || e.name || 'Error',
-    errorMessage: message !== undefined ? message : e.message,
-    stackTrace: (e.stack || '').split('\n').slice(1).map((l) => l.trim()).filter(Boolean),
+    errorType: type || err.name || 'Error',
+    errorMessage: message !== undefined ? message : err.message,
+    trace,
   };
+}
+
+// The invocation being served (its request id prefixes console lines, as Lambda's).
+let requestId = 'undefined';
+const util = require('util');
+
+// console.* as Lambda's Node.js runtime writes them: `<ISO time>\t<request id>\t<LEVEL>\t<text>`.
+function patchConsole() {
+  const levels = { log: 'INFO', info: 'INFO', warn: 'WARN', error: 'ERROR', debug: 'DEBUG', trace: 'TRACE' };
+  for (const [name, level] of Object.entries(levels)) {
+    console[name] = (...args) => {
+      let text = util.format(...args);
+      if (name === 'trace') text += '\n' + new Error().stack.split('\n').slice(2).join('\n');
+      const out = level === 'ERROR' || level === 'WARN' || level === 'TRACE' ? process.stderr : process.stdout;
+      out.write(`${new Date().toISOString()}\t${requestId}\t${level}\t${text}\n`);
+    };
+  }
 }
 
 async function loadHandler(spec) {
@@ -94,7 +120,7 @@ async function loadHandler(spec) {
     }
   } catch (err) {
     if (err.code === 'MODULE_NOT_FOUND' || err.code === 'ERR_MODULE_NOT_FOUND') {
-      throw { init: errorOf(err, 'Runtime.ImportModuleError', `Error: Cannot find module '${modulePath}': ${err.message}`) };
+      throw { init: errorOf(err, 'Runtime.ImportModuleError', `Error: Cannot find module '${modulePath}'`) };
     }
     if (err instanceof SyntaxError) {
       throw { init: errorOf(err, 'Runtime.UserCodeSyntaxError') };
@@ -103,75 +129,131 @@ async function loadHandler(spec) {
   }
   const handler = mod[fnName] || (mod.default && mod.default[fnName]);
   if (typeof handler !== 'function') {
-    throw { init: { errorType: 'Runtime.HandlerNotFound', errorMessage: `${spec} is undefined or not exported`, stackTrace: [] } };
+    throw { init: { errorType: 'Runtime.HandlerNotFound', errorMessage: `${spec} is undefined or not exported`, trace: [] } };
   }
   return handler;
 }
 
-function context(requestId, deadlineMs) {
-  const name = process.env.AWS_LAMBDA_FUNCTION_NAME || '';
+function context(id, deadlineMs, clientContext, settle) {
+  const env = process.env;
+  const name = env.AWS_LAMBDA_FUNCTION_NAME || '';
   return {
     functionName: name,
-    functionVersion: process.env.AWS_LAMBDA_FUNCTION_VERSION || '$LATEST',
-    memoryLimitInMB: process.env.AWS_LAMBDA_FUNCTION_MEMORY_SIZE || '0',
-    awsRequestId: requestId,
-    invokedFunctionArn: `arn:aws:lambda:local:000000000000:function:${name}`,
-    logGroupName: `/aws/lambda/${name}`,
-    logStreamName: 'spore',
+    functionVersion: env.AWS_LAMBDA_FUNCTION_VERSION || '$LATEST',
+    memoryLimitInMB: env.AWS_LAMBDA_FUNCTION_MEMORY_SIZE || '0',
+    awsRequestId: id,
+    invokedFunctionArn: `arn:aws:lambda:${env.AWS_REGION || 'us-east-1'}:000000000000:function:${name}`,
+    logGroupName: env.AWS_LAMBDA_LOG_GROUP_NAME || `/aws/lambda/${name}`,
+    logStreamName: env.AWS_LAMBDA_LOG_STREAM_NAME || '',
+    identity: undefined,
+    clientContext: clientContext || undefined,
     callbackWaitsForEmptyEventLoop: true,
     getRemainingTimeInMillis: () => Math.max(0, Math.floor(deadlineMs - Date.now())),
+    // The legacy completion methods (Lambda keeps them): the first settlement wins.
+    succeed: (result) => settle(null, result),
+    fail: (err) => settle(err === undefined || err === null ? new Error('handled') : err),
+    done: (err, result) => settle(err, result),
   };
 }
 
-function call(handler, event, ctx) {
-  if (handler.length >= 3) {
-    return new Promise((resolve, reject) => {
-      const ret = handler(event, ctx, (err, value) => (err ? reject(err) : resolve(value)));
-      if (ret && typeof ret.then === 'function') ret.then(resolve, reject);
-    });
-  }
-  return Promise.resolve().then(() => handler(event, ctx));
+let whenIdle = null;
+process.on('beforeExit', () => {
+  const f = whenIdle;
+  whenIdle = null;
+  if (f) f();
+});
+
+// Runs the handler: async, callback style, or finishing through context.succeed/fail/done.
+function call(handler, event, header) {
+  return new Promise((resolve, reject) => {
+    let settled = false;
+    const settle = (err, value) => {
+      if (settled) return;
+      settled = true;
+      if (err !== null && err !== undefined) reject(err);
+      else resolve(value);
+    };
+    const ctx = context(header.request_id, header.deadline_ms, header.client_context, settle);
+    try {
+      const ret = handler.length >= 3 ? handler(event, ctx, settle) : handler(event, ctx);
+      if (ret && typeof ret.then === 'function') ret.then((v) => settle(null, v), (e) => settle(e === undefined || e === null ? new Error(String(e)) : e));
+      else if (handler.length < 3 && ret !== undefined) settle(null, ret);
+      // A plain handler that returned nothing may still finish through context.succeed()
+      // later; with nothing left to run, it returned null (Lambda waits for the empty loop).
+      else if (handler.length < 3) whenIdle = () => settle(null, null);
+    } catch (err) {
+      settle(err);
+    }
+  });
 }
 
 async function main() {
   const t0 = process.hrtime.bigint();
+  const out = process.stdout.write.bind(process.stdout);
+  const errw = process.stderr.write.bind(process.stderr);
+  patchConsole();
+  // What init prints goes to the function's log before the first START line (with `ready`).
+  let initLogs = '';
+  const initCapture = (chunk) => {
+    initLogs += typeof chunk === 'string' ? chunk : Buffer.from(chunk).toString('utf8');
+    if (initLogs.length > 4 * MAX_LOG) initLogs = initLogs.slice(-MAX_LOG);
+    return true;
+  };
+  process.stdout.write = initCapture;
+  process.stderr.write = initCapture;
   let handler;
   try {
     handler = await loadHandler(process.env._HANDLER || '');
   } catch (err) {
+    process.stdout.write = out;
+    process.stderr.write = errw;
+    if (initLogs) errw(initLogs);
     send({ type: 'init_error', error: err.init || errorOf(err) });
     return 1;
   }
-  send({ type: 'ready', import_ms: Number(process.hrtime.bigint() - t0) / 1e6 });
-  const out = process.stdout.write.bind(process.stdout);
-  const errw = process.stderr.write.bind(process.stderr);
+  process.stdout.write = out;
+  process.stderr.write = errw;
+  send({ type: 'ready', import_ms: Number(process.hrtime.bigint() - t0) / 1e6, logs: initLogs.slice(-MAX_LOG) });
+  // Each write goes to the daemon as it happens, so that output before a timeout is kept.
+  const stream = (chunk) => {
+    const text = typeof chunk === 'string' ? chunk : Buffer.from(chunk).toString('utf8');
+    if (text) send({ type: 'logs', logs: text });
+    return true;
+  };
   for (;;) {
     const frame = recv();
     if (frame === null) return 0;
-    let logs = '';
-    const capture = (chunk) => {
-      logs += typeof chunk === 'string' ? chunk : Buffer.from(chunk).toString('utf8');
-      if (logs.length > 4 * MAX_LOG) logs = logs.slice(-MAX_LOG);
-      return true;
-    };
-    process.stdout.write = capture;
-    process.stderr.write = capture;
+    requestId = frame.header.request_id;
+    process.stdout.write = stream;
+    process.stderr.write = stream;
     const start = process.hrtime.bigint();
     let error = null;
     let payload = Buffer.alloc(0);
     try {
       const event = frame.body.length ? JSON.parse(frame.body.toString('utf8')) : {};
-      const result = await call(handler, event, context(frame.header.request_id, frame.header.deadline_ms));
-      const text = JSON.stringify(result === undefined ? null : result);
-      payload = Buffer.from(text, 'utf8');
+      const result = await call(handler, event, frame.header);
+      whenIdle = null;
+      let text;
+      try {
+        text = JSON.stringify(result === undefined ? null : result);
+      } catch (err) {
+        // A circular structure or a BigInt: Lambda's marshal error, not the raw TypeError.
+        error = { errorType: 'Runtime.MarshalError', errorMessage: 'Unable to stringify response body', trace: [] };
+      }
+      if (!error) payload = Buffer.from(text === undefined ? 'null' : text, 'utf8');
     } catch (err) {
       error = errorOf(err);
-    } finally {
-      process.stdout.write = out;
-      process.stderr.write = errw;
     }
+    if (error) {
+      // Lambda's Node.js runtime logs the error it returns as one entry.
+      const logged = { errorType: error.errorType, errorMessage: error.errorMessage, stack: error.trace };
+      stream(`${new Date().toISOString()}\t${requestId}\tERROR\tInvoke Error \t${JSON.stringify(logged)}\n`);
+    }
+    process.stdout.write = out;
+    process.stderr.write = errw;
     const ms = Number(process.hrtime.bigint() - start) / 1e6;
-    send({ type: 'result', error, duration_ms: ms, logs: logs.slice(-MAX_LOG) }, payload);
+    send({ type: 'result', error, duration_ms: ms, logs: '', error_logged: error !== null }, payload);
+    requestId = 'undefined';
   }
 }
 

@@ -293,7 +293,7 @@ def _child(req, inst_fd, cgroup_fds, netns_fd, programs, template_sock, serve, s
     return _finish_child(phases, serve, send, handler)
 
 
-def template(fd, handler, import_ms, serve, send, recv_rest):
+def template(fd, handler, import_ms, serve, send, recv_rest, init_logs=""):
     programs = _programs()
     native = _native_lib()
     if not native:
@@ -314,7 +314,7 @@ def template(fd, handler, import_ms, serve, send, recv_rest):
     # then never touch (and copy) the template's objects.
     gc.collect()
     gc.freeze()
-    send(fd, {"type": "ready", "import_ms": import_ms})
+    send(fd, {"type": "ready", "import_ms": import_ms, "logs": init_logs})
     netns.start_announcing(lambda n: send(fd, {"type": "netns", "fd": n}))
     poller = select.poll()
     poller.register(fd, select.POLLIN)

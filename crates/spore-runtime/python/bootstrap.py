@@ -17,6 +17,9 @@ import time
 _PREFIX = struct.Struct("<II")
 _MAX_LOG = 64 * 1024
 
+# The invocation being served (its request id goes on every `logging` record, as Lambda's).
+_state = {"request_id": ""}
+
 
 def _read_exact(fd, n):
     buf = bytearray(n)
@@ -49,19 +52,193 @@ def _send(fd, header, body=b""):
         view = view[os.write(fd, view):]
 
 
-def _error(exc, error_type=None, message=None):
+def _error(exc, error_type=None, message=None, trace=True):
+    """An exception as Lambda's error JSON: `stackTrace` holds the user's frames, one
+    `File ..., line N, in f` entry each (awslambdaric's shape)."""
     import traceback
 
     # Lambda shows only the user's frames: drop the runtime's own from the top.
     tb = exc.__traceback__
     while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
         tb = tb.tb_next
-    tb = traceback.format_exception(type(exc), exc, tb)
-    return {
+    error = {
         "errorMessage": message if message is not None else str(exc),
         "errorType": error_type or type(exc).__name__,
-        "stackTrace": [line.rstrip("\n") for line in tb],
+        "stackTrace": traceback.format_list(traceback.extract_tb(tb)) if trace else [],
     }
+    if _state["request_id"]:
+        error["requestId"] = _state["request_id"]
+    return error
+
+
+def _error_entry(error):
+    """Lambda's log entry for a handler's error: `[ERROR] Type: message`, then the
+    traceback, as one multi-line entry."""
+    lines = ["[ERROR] %s: %s" % (error["errorType"], error["errorMessage"])]
+    if error.get("stackTrace"):
+        lines.append("Traceback (most recent call last):")
+        for frame in error["stackTrace"]:
+            lines.extend(frame.splitlines())
+    return "\n".join(lines) + "\n"
+
+
+class _Stream(io.TextIOBase):
+    """What a handler prints: each write goes to the daemon as it happens (a `logs` frame),
+    so that what was printed before a timeout or a crash is kept, as Lambda streams it.
+    Writes from a process the handler forked are dropped (they must not touch the control
+    socket); writes from threads are serialised."""
+
+    def __init__(self, fd, main_pid):
+        import _thread
+
+        self.fd = fd
+        self.main_pid = main_pid
+        self.lock = _thread.allocate_lock()
+        self.pending = []
+
+    def writable(self):
+        return True
+
+    def write(self, s):
+        """Line-buffered: a frame per completed line (or `flush()`), not per piece."""
+        if not isinstance(s, str):
+            raise TypeError("write() argument must be str, not %s" % type(s).__name__)
+        if s and os.getpid() == self.main_pid:
+            with self.lock:
+                self.pending.append(s)
+                if "\n" in s:
+                    self._send_pending()
+        return len(s)
+
+    def flush(self):
+        if self.pending and os.getpid() == self.main_pid:
+            with self.lock:
+                self._send_pending()
+
+    def _send_pending(self):
+        text = "".join(self.pending)
+        self.pending = []
+        if text:
+            _send(self.fd, {"type": "logs", "logs": text})
+
+
+def _install_logging(logging):
+    """Lambda's handler on the root logger: `[LEVEL]\t<time>Z\t<request id>\t<message>`,
+    written to the current sys.stdout (the invocation's stream, or init's capture). With a
+    handler on the root, `logging.info()` no longer installs one of its own bound to the
+    stream of the invocation that called it first."""
+
+    class _RequestId(logging.Filter):
+        def filter(self, record):
+            record.aws_request_id = _state["request_id"]
+            return True
+
+    class _Handler(logging.Handler):
+        def emit(self, record):
+            try:
+                sys.stdout.write(self.format(record) + "\n")
+            except Exception:  # noqa: BLE001 - logging's own policy
+                self.handleError(record)
+
+    fmt = logging.Formatter(
+        "[%(levelname)s]\t%(asctime)s.%(msecs)03dZ\t%(aws_request_id)s\t%(message)s",
+        "%Y-%m-%dT%H:%M:%S")
+    fmt.converter = time.gmtime
+    handler = _Handler()
+    handler.setFormatter(fmt)
+    handler.addFilter(_RequestId())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    level = os.environ.get("AWS_LAMBDA_LOG_LEVEL", "").upper()
+    if level:
+        try:
+            root.setLevel(level)
+        except ValueError:
+            os.write(2, ("spore: AWS_LAMBDA_LOG_LEVEL=%s is not a logging level; ignored\n" % level).encode())
+
+
+class _LoggingLoader:
+    """Wraps the loader of `logging` so that Lambda's handler is installed as it is imported
+    (importing it up front would cost every cold start ~10 ms)."""
+
+    def __init__(self, loader):
+        self._loader = loader
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        _install_logging(module)
+
+
+class _LoggingHook:
+    """A meta-path finder that only changes how `logging` is loaded."""
+
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name != "logging":
+            return None
+        sys.meta_path.remove(_LoggingHook)
+        for finder in sys.meta_path:
+            spec = finder.find_spec(name, path, target) if hasattr(finder, "find_spec") else None
+            if spec is not None:
+                if spec.loader is not None:
+                    spec.loader = _LoggingLoader(spec.loader)
+                return spec
+        return None
+
+
+def _hook_logging():
+    if "logging" in sys.modules:
+        _install_logging(sys.modules["logging"])
+    else:
+        sys.meta_path.insert(0, _LoggingHook)
+
+
+def _new_log_stream():
+    """A log stream name of Lambda's shape, `YYYY/MM/DD/[version]<32 hex>`, for an instance
+    that was forked from a template (each instance has its own)."""
+    version = os.environ.get("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+    os.environ["AWS_LAMBDA_LOG_STREAM_NAME"] = "%s[%s]%s" % (
+        time.strftime("%Y/%m/%d/", time.gmtime()), version, os.urandom(16).hex())
+    LambdaContext._static = None
+
+
+class CognitoIdentity:
+    """`context.identity` (set only by the AWS Mobile SDK; None here, as in Lambda)."""
+
+    __slots__ = ("cognito_identity_id", "cognito_identity_pool_id")
+
+    def __init__(self):
+        self.cognito_identity_id = None
+        self.cognito_identity_pool_id = None
+
+
+class Client:
+    """`context.client_context.client`."""
+
+    __slots__ = ("installation_id", "app_title", "app_version_name", "app_version_code",
+                 "app_package_name")
+
+    def __init__(self, fields):
+        for k in self.__slots__:
+            setattr(self, k, fields.get(k))
+
+
+class ClientContext:
+    """`context.client_context`: what the caller sent in `X-Amz-Client-Context`."""
+
+    __slots__ = ("client", "custom", "env")
+
+    def __init__(self, fields):
+        client = fields.get("client")
+        self.client = Client(client) if isinstance(client, dict) else None
+        self.custom = fields.get("custom")
+        self.env = fields.get("env")
 
 
 class LambdaContext:
@@ -69,20 +246,24 @@ class LambdaContext:
 
     _static = None
 
-    def __init__(self, request_id, deadline_ms):
+    def __init__(self, request_id, deadline_ms, client_context=None):
         # The function's attributes do not change: read the environment once.
         if LambdaContext._static is None:
-            name = os.environ.get("AWS_LAMBDA_FUNCTION_NAME", "")
+            env = os.environ
+            name = env.get("AWS_LAMBDA_FUNCTION_NAME", "")
             LambdaContext._static = {
                 "function_name": name,
-                "function_version": os.environ.get("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST"),
-                "memory_limit_in_mb": int(os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "0")),
-                "invoked_function_arn": "arn:aws:lambda:local:000000000000:function:" + name,
-                "log_group_name": "/aws/lambda/" + name,
-                "log_stream_name": "spore",
+                "function_version": env.get("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST"),
+                "memory_limit_in_mb": int(env.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "0")),
+                "invoked_function_arn": "arn:aws:lambda:%s:000000000000:function:%s" % (
+                    env.get("AWS_REGION", "us-east-1"), name),
+                "log_group_name": env.get("AWS_LAMBDA_LOG_GROUP_NAME", "/aws/lambda/" + name),
+                "log_stream_name": env.get("AWS_LAMBDA_LOG_STREAM_NAME", ""),
             }
         self.__dict__.update(LambdaContext._static)
         self.aws_request_id = request_id
+        self.identity = CognitoIdentity()
+        self.client_context = ClientContext(client_context) if isinstance(client_context, dict) else None
         self._deadline_ms = deadline_ms
 
     def get_remaining_time_in_millis(self):
@@ -152,7 +333,8 @@ _marks = {"handler_start_ns": 0, "handler_end_ns": 0}
 def _call(handler, header, event, encode):
     """Runs the handler on `event` (timing it) and encodes its result with `encode`;
     returns (payload, error)."""
-    context = LambdaContext(header["request_id"], header["deadline_ms"])
+    _state["request_id"] = header["request_id"]
+    context = LambdaContext(header["request_id"], header["deadline_ms"], header.get("client_context"))
     _marks["handler_start_ns"] = time.monotonic_ns()
     result = handler(event, context)
     _marks["handler_end_ns"] = time.monotonic_ns()
@@ -160,12 +342,39 @@ def _call(handler, header, event, encode):
         return encode(result), None
     except (TypeError, ValueError) as exc:
         return b"", _error(exc, "Runtime.MarshalError",
-                           "Unable to marshal response: %s" % exc)
+                           "Unable to marshal response: %s" % exc, trace=False)
+
+
+# Decimal results are numbers (awslambdaric's serializer writes their exact text): the
+# encoder writes a marked string for each, replaced by the number's text afterwards.
+_DECIMAL_MARK = "\x00spore-decimal-%s:" % os.urandom(4).hex()
+_decimal_re = None
+
+
+def _json_default(obj):
+    decimal = sys.modules.get("decimal")
+    if decimal is not None and isinstance(obj, decimal.Decimal):
+        if obj.is_nan():
+            return float("nan")
+        return _DECIMAL_MARK + str(obj)
+    raise TypeError("Object of type %s is not JSON serializable" % type(obj).__name__)
+
+
+def _to_json(result):
+    text = json.dumps(result, default=_json_default, ensure_ascii=False)
+    if "\\u0000spore-decimal-" in text:
+        global _decimal_re
+        if _decimal_re is None:
+            import re
+
+            _decimal_re = re.compile('"%s([^"]*)"' % re.escape(json.dumps(_DECIMAL_MARK)[1:-1]))
+        text = _decimal_re.sub(lambda m: m.group(1), text)
+    return text.encode()
 
 
 def _invoke(handler, header, body):
     event = json.loads(body) if body else {}
-    return _call(handler, header, event, lambda r: json.dumps(r).encode())
+    return _call(handler, header, event, _to_json)
 
 
 def _invoke_dag(handler, header, body, fds, report):
@@ -188,11 +397,22 @@ def _invoke_dag(handler, header, body, fds, report):
 def main():
     fd = int(os.environ.get("SPORE_CONTROL_FD", "3"))
     t0 = time.perf_counter()
+    _hook_logging()
+    # What init prints goes to the function's log before the first invocation's START line
+    # (with `ready`), as Lambda shows it.
+    real_out, real_err = sys.stdout, sys.stderr
+    init_out = sys.stdout = sys.stderr = _Capture()
     try:
         handler = _import_handler(os.environ["_HANDLER"])
     except _InitError as exc:
+        sys.stdout, sys.stderr = real_out, real_err
+        if init_out.size:
+            os.write(2, init_out.text().encode("utf-8", "replace"))
         _send(fd, {"type": "init_error", "error": exc.error})
         return 1
+    finally:
+        sys.stdout, sys.stderr = real_out, real_err
+    init_logs = init_out.text()
     warmup = os.environ.get("SPORE_WARMUP_EVENT")
     if warmup:
         _warm_up(handler, warmup)
@@ -206,15 +426,24 @@ def main():
     # pipes), so that the image holds no descriptor beyond the control socket.
     if os.environ.get("SPORE_CHECKPOINT") == "1" and _checkpoint(fd):
         import_ms = 0.0  # a restored copy imported nothing
+        init_logs = ""  # and printed nothing: its init was the snapshotted one's
     if template:
         try:
-            return _spore_cfork.template(fd, handler, import_ms, _serve, _send, _recv_rest)
+            return _spore_cfork.template(fd, handler, import_ms, _serve_child, _send, _recv_rest,
+                                         init_logs)
         except BaseException:
             import traceback
 
             os.write(2, ("spore cfork template failed:\n" + traceback.format_exc()).encode())
             raise
-    _send(fd, {"type": "ready", "import_ms": import_ms})
+    _send(fd, {"type": "ready", "import_ms": import_ms, "logs": init_logs})
+    return _serve(fd, handler)
+
+
+def _serve_child(fd, handler):
+    """Serves a child forked from a cfork template: an instance of its own, with its own
+    log stream."""
+    _new_log_stream()
     return _serve(fd, handler)
 
 
@@ -236,6 +465,7 @@ def _warm_up(handler, path):
     finally:
         sys.stdout, sys.stderr = real_out, real_err
         _marks["handler_start_ns"] = _marks["handler_end_ns"] = 0
+        _state["request_id"] = ""
     if error is not None:
         os.write(2, ("spore: warm-up event %s failed (%s); starting without it\n" % (path, error)).encode())
     else:
@@ -271,6 +501,7 @@ def _checkpoint(fd):
             raise SystemExit("spore: a restored runtime expected its environment, got %r" % (header,))
         os.environ.clear()
         os.environ.update(header["vars"])
+        LambdaContext._static = None  # the warm-up read the snapshotted instance's
         # Every copy of the snapshot starts from the same generator states.
         random.seed()
         nprand = sys.modules.get("numpy.random")
@@ -293,6 +524,7 @@ def _recv_rest(fd, prefix):
 def _serve(fd, handler):
     """Serves invocations on fd until the daemon closes it."""
     main_pid = os.getpid()
+    stream = _Stream(fd, main_pid)
     while True:
         header, body = _recv(fd)
         if header is None:
@@ -309,30 +541,58 @@ def _serve(fd, handler):
         _marks["handler_start_ns"] = _marks["handler_end_ns"] = 0
         start = time.perf_counter()
         if fds is None:
-            out, error, capture = _captured(main_pid, lambda: _invoke(handler, header, body))
+            out, error = _captured(main_pid, stream, lambda: _invoke(handler, header, body))
         else:
-            out, error, capture = _captured(
-                main_pid, lambda: _invoke_dag(handler, header, body, fds, report))
+            out, error = _captured(
+                main_pid, stream, lambda: _invoke_dag(handler, header, body, fds, report))
         payload = b""
         if error is None:
             payload, error = out
+        if error is not None:
+            stream.write(_error_entry(error))
+        stream.flush()
+        _state["request_id"] = ""
         duration = (time.perf_counter() - start) * 1000.0
-        reply = {"type": "result", "error": error, "duration_ms": duration, "logs": capture.text(),
+        reply = {"type": "result", "error": error, "duration_ms": duration, "logs": "",
+                 "error_logged": error is not None,
                  "handler_start_ns": _marks["handler_start_ns"], "handler_end_ns": _marks["handler_end_ns"]}
         reply.update(report)
-        _send(fd, reply, payload)
+        with stream.lock:  # not between the frames of a thread that still prints
+            _send(fd, reply, payload)
 
 
-def _captured(main_pid, run):
-    """Runs `run()` with stdout and stderr captured; returns (its value, what it raised as a
-    Lambda error, the capture). A process the handler forked never gets back from here into
-    the runtime loop: it must not answer on the control socket."""
+def _exit_status(exc):
+    """The status `sys.exit(code)` asks for, as the interpreter would exit with it."""
+    code = exc.code
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    try:
+        sys.stderr.write(str(code) + "\n")
+    except Exception:  # noqa: BLE001 - exiting anyway
+        pass
+    return 1
+
+
+def _captured(main_pid, out, run):
+    """Runs `run()` with stdout and stderr going to `out`; returns (its value, what it raised
+    as a Lambda error). A process the handler forked never gets back from here into the
+    runtime loop: it must not answer on the control socket. `sys.exit()` in a handler ends
+    the runtime, as in Lambda (the daemon reports `Runtime.ExitError` and discards the
+    instance)."""
     real_out, real_err = sys.stdout, sys.stderr
-    capture = _Capture()
-    sys.stdout = sys.stderr = capture
+    sys.stdout = sys.stderr = out
     value = error = None
     try:
         value = run()
+    except SystemExit as exc:
+        if os.getpid() != main_pid:
+            os._exit(_exit_status(exc))
+        status = _exit_status(exc)
+        sys.stdout, sys.stderr = real_out, real_err
+        out.flush()
+        os._exit(status)
     except BaseException as exc:  # noqa: BLE001 - report everything the handler raises
         if os.getpid() != main_pid:
             os._exit(1)
@@ -341,7 +601,7 @@ def _captured(main_pid, run):
         sys.stdout, sys.stderr = real_out, real_err
     if os.getpid() != main_pid:
         os._exit(0)
-    return value, error, capture
+    return value, error
 
 
 def _serve_pipeline(fd, handler, header, fds, main_pid):
@@ -366,7 +626,8 @@ def _serve_pipeline(fd, handler, header, fds, main_pid):
     try:
         pipe = spore_dag.Pipeline(header["dag"], fds)
         while error is None:
-            marshal_error, error, capture = _captured(main_pid, run)
+            capture = _Capture()
+            marshal_error, error = _captured(main_pid, capture, run)
             error = error or marshal_error
             logs = capture.text()
             if error is None and logs:

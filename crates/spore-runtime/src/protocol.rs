@@ -84,6 +84,10 @@ pub enum ToRuntime {
         /// the result goes. Its descriptors follow the frame, attached to one extra byte.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         dag: Option<DagWiring>,
+        /// The caller's client context (`X-Amz-Client-Context`, decoded: an object with
+        /// `client`, `custom`, `env`), for the context's `client_context`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client_context: Option<serde_json::Value>,
     },
     /// (To a cfork template) fork a child into a sandbox of its own. The frame carries file
     /// descriptors (`SCM_RIGHTS`): the child's control socket first, then `cgroups` files
@@ -127,6 +131,10 @@ pub enum FromRuntime {
         /// `unshare`, `mounts`, `net`, `privileges` (uid and seccomp), `ready`.
         #[serde(default)]
         phases: Vec<(String, u64)>,
+        /// What the runtime printed while it imported the handler (Lambda shows it before
+        /// the first invocation's START line).
+        #[serde(default)]
+        logs: String,
     },
     /// The runtime waits inside `spore_checkpoint` (native/checkpoint.rs) for the daemon to
     /// copy it into a snapshot; the daemon answers with one raw status byte (0 = taken), not
@@ -160,7 +168,8 @@ pub enum FromRuntime {
         /// Why.
         error: String,
     },
-    /// (A pipeline node) what a handler printed during one invocation.
+    /// What a handler printed: during a plain invocation, as it prints (so that output before
+    /// a timeout or a crash is kept); from a pipeline node, one invocation's output.
     Logs {
         /// The text.
         logs: String,
@@ -171,8 +180,12 @@ pub enum FromRuntime {
         error: Option<FunctionError>,
         /// Handler run time, ms.
         duration_ms: f64,
-        /// What the handler printed to stdout/stderr.
+        /// What the handler printed to stdout/stderr (and did not send as `logs` frames).
         logs: String,
+        /// The runtime wrote the error's log entry itself (Lambda's `[ERROR] ...` with the
+        /// traceback), so the daemon adds none.
+        #[serde(default)]
+        error_logged: bool,
         /// `CLOCK_MONOTONIC` nanoseconds just before the handler was called (0: unknown).
         #[serde(default)]
         handler_start_ns: u64,
@@ -330,7 +343,8 @@ mod tests {
             m,
             FromRuntime::Ready {
                 import_ms: 1.5,
-                phases: vec![]
+                phases: vec![],
+                logs: String::new(),
             }
         );
         let m: FromRuntime =
@@ -354,7 +368,7 @@ mod tests {
     proptest! {
         #[test]
         fn invoke_round_trips(id in "[a-z0-9-]{0,40}", deadline in any::<u64>(), body in proptest::collection::vec(any::<u8>(), 0..512)) {
-            let msg = ToRuntime::Invoke { request_id: id, deadline_ms: deadline, dag: None };
+            let msg = ToRuntime::Invoke { request_id: id, deadline_ms: deadline, dag: None, client_context: None };
             let frame = encode(&msg, &body);
             let (prefix, header, rest) = split(&frame);
             prop_assert_eq!(prefix.body_len as usize, body.len());
@@ -365,9 +379,10 @@ mod tests {
         #[test]
         fn result_round_trips(logs in ".{0,200}", etype in "[A-Za-z.]{1,20}", msg in ".{0,100}", ms in 0.0f64..1e6, t in any::<u64>()) {
             let m = FromRuntime::Result {
-                error: Some(FunctionError { message: msg, error_type: etype, stack_trace: vec!["x".into()] }),
+                error: Some(FunctionError { stack_trace: vec!["x".into()], ..FunctionError::platform(&etype, msg) }),
                 duration_ms: ms,
                 logs,
+                error_logged: false,
                 handler_start_ns: t,
                 handler_end_ns: t,
                 dag: None,

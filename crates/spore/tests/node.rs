@@ -52,7 +52,7 @@ fn node_functions_run_in_containers() {
     assert_eq!(v["errorType"], "TypeError");
     assert_eq!(v["errorMessage"], "asked to fail");
     assert!(
-        v["stackTrace"]
+        v["trace"]
             .as_array()
             .unwrap()
             .iter()

@@ -261,7 +261,7 @@ impl Daemon {
         let sandbox = sandbox.unwrap_or(m.sandbox.as_str());
         let zip = spore_registry::code::zip_dir(dir).unwrap();
         let body = json!({
-            "FunctionName": m.name, "Runtime": m.runtime.as_str(), "Handler": m.handler,
+            "FunctionName": m.name, "Runtime": m.runtime_str(), "Handler": m.handler,
             "MemorySize": m.memory_mb, "Timeout": m.timeout_s,
             "Environment": { "Variables": m.environment },
             "Code": { "ZipFile": base64::engine::general_purpose::STANDARD.encode(zip) },

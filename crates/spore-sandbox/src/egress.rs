@@ -453,17 +453,12 @@ const ALIAS_PREFIX: &str = "spore-daemon-";
 /// without removing it (killed), whatever its data dir: found by the bridges' aliases, whose
 /// pid is no longer a process. Returns how many interfaces went.
 fn remove_orphans() -> usize {
-    let Ok(dir) = std::fs::read_dir("/sys/class/net") else {
-        return 0;
-    };
     let mut n = 0;
-    for e in dir.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
+    for (name, alias) in links() {
         let Some(tag) = name.strip_prefix("spb") else {
             continue;
         };
-        let alias = std::fs::read_to_string(e.path().join("ifalias")).unwrap_or_default();
-        let Some(pid) = alias.trim().strip_prefix(ALIAS_PREFIX) else {
+        let Some(pid) = alias.as_deref().and_then(|a| a.strip_prefix(ALIAS_PREFIX)) else {
             continue;
         };
         if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
@@ -473,20 +468,42 @@ fn remove_orphans() -> usize {
     n
 }
 
+/// The network interfaces of this process's network namespace, with their aliases, as `ip
+/// -o link show` lists them (`/sys/class/net` shows the namespace sysfs was mounted in, which
+/// is not this one for a daemon started in another namespace with `nsenter`).
+fn links() -> Vec<(String, Option<String>)> {
+    let Ok(out) = Command::new(tool("ip"))
+        .args(["-o", "link", "show"])
+        .output()
+    else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            // `7: spb1a2b3: <BROADCAST,...> ... \    alias spore-daemon-42`
+            let name = line.split(": ").nth(1)?;
+            let name = name.split('@').next()?.to_owned();
+            let alias = line
+                .split("alias ")
+                .nth(1)
+                .map(|a| a.split_whitespace().next().unwrap_or_default().to_owned());
+            Some((name, alias))
+        })
+        .collect()
+}
+
 /// Removes the table and the interfaces named after `tag`; returns how many interfaces went.
 fn remove_leftovers(tag: &str, table: &str) -> usize {
     let _ = run("nft", &["delete", "table", "inet", table], None);
     let mut n = 0;
     let bridge = format!("spb{tag}");
     let veth = format!("spv{tag}");
-    if let Ok(dir) = std::fs::read_dir("/sys/class/net") {
-        for e in dir.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if (name == bridge || name.starts_with(&veth))
-                && run("ip", &["link", "del", &name], None).is_ok()
-            {
-                n += 1;
-            }
+    for (name, _) in links() {
+        if (name == bridge || name.starts_with(&veth))
+            && run("ip", &["link", "del", &name], None).is_ok()
+        {
+            n += 1;
         }
     }
     n

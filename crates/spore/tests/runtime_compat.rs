@@ -143,7 +143,7 @@ fn python_checks(d: &Daemon, name: &str, cfork: bool) {
     );
     assert_eq!(
         v["arn"],
-        format!("arn:aws:lambda:us-east-1:000000000000:function:{name}")
+        format!("arn:aws:lambda:local:000000000000:function:{name}")
     );
     assert_eq!(v["identity"], json!([null, null]));
     // Another instance has another stream.
@@ -237,7 +237,7 @@ fn python_checks(d: &Daemon, name: &str, cfork: bool) {
     // The exited instance is gone; the next call is served by another one.
     let (_, _, _, body, _) = invoke_tail(d, name, json!({"action": "env"}), &[]);
     let after: Value = serde_json::from_str(&body).unwrap();
-    assert!(after["env"]["AWS_REGION"] == "us-east-1");
+    assert!(after["env"]["AWS_REGION"] == "local");
 
     // Output before a timeout is kept in the tail and the log.
     let (failed, _, id, body, tail) = invoke_tail(d, name, json!({"action": "sleep"}), &[]);

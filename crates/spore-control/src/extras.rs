@@ -283,10 +283,21 @@ impl Control {
         }
     }
 
+    /// Most invocations in one chain of destinations (an invocation, the destination that
+    /// gets its record, that destination's destination, ...): Lambda's recursive-loop
+    /// detection stops such a chain after about 16.
+    pub const MAX_DESTINATION_DEPTH: u32 = 16;
+
     /// Runs an asynchronous invocation: tries, retries with back-off as the function's
     /// event-invoke configuration says (within its maximum event age), then sends the
     /// outcome to its destination, if it has one.
-    pub(crate) async fn run_event(&self, name: String, payload: Vec<u8>, request_id: String) {
+    pub(crate) async fn run_event(
+        &self,
+        name: String,
+        payload: Vec<u8>,
+        request_id: String,
+        depth: u32,
+    ) {
         let received = Instant::now();
         let received_ms = spore_registry::store::now_unix_ms();
         let cfg = match self.get_function(&name) {
@@ -372,8 +383,18 @@ impl Control {
             record["responseContext"] = ctx;
             record["responsePayload"] = body;
         }
+        if depth + 1 >= Self::MAX_DESTINATION_DEPTH {
+            // Functions that name each other as destinations would call each other forever:
+            // the chain stops here, as Lambda's recursive-loop detection stops it.
+            tracing::warn!(function = %name, destination = %dest_name, request_id = %request_id, max = Self::MAX_DESTINATION_DEPTH, "destination chain stopped (a loop of destinations?)");
+            self.inner.pools.log(&name).push_text(&format!(
+                "asynchronous invocation {request_id}: not sent to destination {dest_arn}: the chain of destinations reached {} invocations (functions that name each other as destinations loop; Spore stops them, as Lambda does)",
+                Self::MAX_DESTINATION_DEPTH
+            ));
+            return;
+        }
         let bytes = serde_json::to_vec(&record).expect("records serialize");
-        if let Err(e) = self.invoke_async(&dest_name, bytes) {
+        if let Err(e) = self.invoke_async_at(&dest_name, bytes, depth + 1) {
             self.inner.pools.log(&name).push_text(&format!(
                 "asynchronous invocation {request_id}: destination {dest_arn} refused the record: {e}"
             ));

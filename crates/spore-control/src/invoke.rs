@@ -244,6 +244,17 @@ impl Control {
     /// and its destination (see `run_event`). Returns its request id, the one the function
     /// runs and logs with (every retry keeps it, as on Lambda).
     pub fn invoke_async(&self, name: &str, payload: Vec<u8>) -> Result<String, ControlError> {
+        self.invoke_async_at(name, payload, 0)
+    }
+
+    /// [`Control::invoke_async`] for an invocation `depth` destinations down a chain (0: a
+    /// caller's; a destination's record is one more than the invocation it reports).
+    pub(crate) fn invoke_async_at(
+        &self,
+        name: &str,
+        payload: Vec<u8>,
+        depth: u32,
+    ) -> Result<String, ControlError> {
         Self::check_payload(&payload, true)?;
         self.get_function(name)?;
         if self.inner.work.is_draining() {
@@ -256,7 +267,7 @@ impl Control {
         let id = uuid::Uuid::new_v4().to_string();
         let request_id = id.clone();
         // Retries and destinations as the function's event-invoke configuration says.
-        tokio::spawn(async move { this.run_event(name, payload, request_id).await });
+        tokio::spawn(async move { this.run_event(name, payload, request_id, depth).await });
         Ok(id)
     }
 }

@@ -252,6 +252,9 @@ pub(crate) async fn check(State(st): State<AppState>, req: Request, next: Next) 
     authorized(key, parts, bytes, next).await
 }
 
+/// Request headers that steer how Spore starts instances, refused to invoke-only keys.
+const OPERATOR_HEADERS: &[&str] = &["x-spore-cold", "x-spore-restore-mode"];
+
 /// Checks that `key` may do what the request does, then hands it on.
 async fn authorized(
     key: Key,
@@ -278,6 +281,24 @@ async fn authorized(
                 key.name
             ),
         );
+    }
+    // Start-path controls are the operator's: an invoke-only key that could force fresh
+    // sandboxes or template rebuilds on every call would turn each invocation into a far
+    // costlier one.
+    if key.invoke_only {
+        if let Some(h) = OPERATOR_HEADERS
+            .iter()
+            .find(|h| parts.headers.contains_key(**h))
+        {
+            return refused(
+                &parts,
+                "AccessDeniedException",
+                format!(
+                    "User: access key {:?} may only invoke: the {h} header (a start-path control) needs a key that may manage functions",
+                    key.name
+                ),
+            );
+        }
     }
     parts.extensions.insert(Caller { key: key.name });
     next.run(Request::from_parts(parts, Body::from(bytes)))

@@ -202,6 +202,17 @@ fn invoke_only_keys_invoke_what_they_name_and_nothing_else() {
             .unwrap(),
     );
     assert!(msg.contains("\\\"ci\\\"") || msg.contains("ci"), "{msg}");
+    // It may not steer how instances start (each call a fresh sandbox or a template rebuild).
+    for (h, v) in [("X-Spore-Cold", "init"), ("X-Spore-Restore-Mode", "lazy")] {
+        let msg = denied(
+            ci.post(d.url("/2015-03-31/functions/echo/invocations"))
+                .header(h, v)
+                .body("{}")
+                .send()
+                .unwrap(),
+        );
+        assert!(msg.contains(&h.to_ascii_lowercase()), "{msg}");
+    }
     denied(
         ci.get(d.url("/2015-03-31/functions/echo/configuration"))
             .send()

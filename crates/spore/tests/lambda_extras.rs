@@ -334,3 +334,68 @@ fn concurrency_destinations_tags_policies_and_refusals_through_boto3() {
     );
     d.stop();
 }
+
+const LOOP: &str = r##"
+import io, sys, zipfile
+import boto3, botocore
+
+lam = boto3.client("lambda", endpoint_url=sys.argv[1], region_name="local",
+                   config=botocore.config.Config(retries={"max_attempts": 1}))
+buf = io.BytesIO()
+with zipfile.ZipFile(buf, "w") as z:
+    z.writestr("main.py", "def handler(event, context):\n    print('HOP')\n    return 1\n")
+arns = {}
+for name in ["loop-a", "loop-b"]:
+    arns[name] = lam.create_function(FunctionName=name, Runtime="python3.11", Role="arn:aws:iam::1:role/r",
+                                     Handler="main.handler", Code={"ZipFile": buf.getvalue()})["FunctionArn"]
+for name, other in [("loop-a", "loop-b"), ("loop-b", "loop-a")]:
+    lam.put_function_event_invoke_config(FunctionName=name,
+                                         DestinationConfig={"OnSuccess": {"Destination": arns[other]}})
+assert lam.invoke(FunctionName="loop-a", InvocationType="Event", Payload=b"{}")["StatusCode"] == 202
+print("ok")
+"##;
+
+/// Two functions that name each other as destinations stop after a bounded chain (as
+/// Lambda's recursive-loop detection stops them), and the log says why.
+#[test]
+fn a_loop_of_destinations_stops() {
+    let test = "a_loop_of_destinations_stops";
+    if !can_sandbox(test) {
+        return;
+    }
+    let mut d = Daemon::start();
+    let Some(out) = boto3(test, &d, LOOP, &[]) else {
+        return;
+    };
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let hops = |d: &Daemon| {
+        ["loop-a", "loop-b"]
+            .iter()
+            .map(|f| log_lines(d, f).iter().filter(|l| l.contains("HOP")).count())
+            .sum::<usize>()
+    };
+    // Wait until the count has not moved for 3 s (at most 60 s).
+    let start = Instant::now();
+    let (mut last, mut still) = (usize::MAX, Instant::now());
+    while start.elapsed() < Duration::from_secs(60) {
+        let n = hops(&d);
+        if n != last {
+            (last, still) = (n, Instant::now());
+        } else if still.elapsed() > Duration::from_secs(3) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(last, 16, "{}", d.log_text());
+    let stopped = ["loop-a", "loop-b"]
+        .iter()
+        .flat_map(|f| log_lines(&d, f))
+        .any(|l| l.contains("chain of destinations reached 16"));
+    assert!(stopped, "no log line says why the chain stopped");
+    d.stop();
+}

@@ -1028,9 +1028,13 @@ pub(crate) async fn invoke(
                 );
             }
             if tail {
-                let log = inv.log.as_bytes();
-                let cut = &log[log.len().saturating_sub(4096)..];
-                if let Ok(v) = HeaderValue::from_str(&B64.encode(cut)) {
+                // The last 4 KB, from a character's start: clients decode it as UTF-8.
+                let log = inv.log.as_str();
+                let mut from = log.len().saturating_sub(4096);
+                while !log.is_char_boundary(from) {
+                    from += 1;
+                }
+                if let Ok(v) = HeaderValue::from_str(&B64.encode(&log[from..])) {
                     h.insert("x-amz-log-result", v);
                 }
             }

@@ -217,7 +217,11 @@ async function main() {
   // Each write goes to the daemon as it happens, so that output before a timeout is kept.
   const stream = (chunk) => {
     const text = typeof chunk === 'string' ? chunk : Buffer.from(chunk).toString('utf8');
-    if (text) send({ type: 'logs', logs: text });
+    // Frames of at most MAX_LOG characters: a frame's header must stay under the protocol's
+    // 1 MiB, however much one write holds.
+    for (let i = 0; i < text.length; i += MAX_LOG) {
+      send({ type: 'logs', logs: text.slice(i, i + MAX_LOG) });
+    }
     return true;
   };
   for (;;) {

@@ -16,6 +16,8 @@ import time
 
 _PREFIX = struct.Struct("<II")
 _MAX_LOG = 64 * 1024
+# Most characters of output in one `logs` frame (12 bytes each at worst once JSON-escaped).
+_LOG_FRAME = 64 * 1024
 
 # The invocation being served (its request id goes on every `logging` record, as Lambda's).
 _state = {"request_id": ""}
@@ -95,6 +97,7 @@ class _Stream(io.TextIOBase):
         self.main_pid = main_pid
         self.lock = _thread.allocate_lock()
         self.pending = []
+        self.size = 0
 
     def writable(self):
         return True
@@ -106,7 +109,9 @@ class _Stream(io.TextIOBase):
         if s and os.getpid() == self.main_pid:
             with self.lock:
                 self.pending.append(s)
-                if "\n" in s:
+                self.size += len(s)
+                # A long line without its end is sent in pieces, never held whole.
+                if "\n" in s or self.size >= _LOG_FRAME:
                     self._send_pending()
         return len(s)
 
@@ -117,9 +122,11 @@ class _Stream(io.TextIOBase):
 
     def _send_pending(self):
         text = "".join(self.pending)
-        self.pending = []
-        if text:
-            _send(self.fd, {"type": "logs", "logs": text})
+        self.pending, self.size = [], 0
+        # Frames of at most _LOG_FRAME characters: a frame's header (JSON, escapes included)
+        # must stay under the protocol's 1 MiB, however much one print writes.
+        for i in range(0, len(text), _LOG_FRAME):
+            _send(self.fd, {"type": "logs", "logs": text[i:i + _LOG_FRAME]})
 
 
 def _install_logging(logging):

@@ -206,6 +206,22 @@ fn python_checks(d: &Daemon, name: &str, cfork: bool) {
     assert!(tail.contains("raise ValueError"), "{tail}");
     assert_eq!(tail.matches("[ERROR]").count(), 1, "{tail}");
 
+    // One huge print: the instance survives and the end of the output is in the tail.
+    let (failed, _, _, body, tail) = invoke_tail(d, name, json!({"action": "bigprint"}), &[]);
+    assert!(!failed, "{body}");
+    assert!(
+        tail.contains("after the big print"),
+        "{}",
+        tail.chars().rev().take(200).collect::<String>()
+    );
+    let pid: Value = serde_json::from_str(&body).unwrap();
+    let (_, start, _, again, _) = invoke_tail(d, name, json!({"action": "bigprint"}), &[]);
+    assert_eq!(start, "warm", "the instance was kept");
+    assert_eq!(
+        serde_json::from_str::<Value>(&again).unwrap()["pid"],
+        pid["pid"]
+    );
+
     // Marshalling: Decimal is a number; a set is Lambda's marshal error.
     let (failed, _, _, body, _) = invoke_tail(d, name, json!({"action": "decimal"}), &[]);
     assert!(!failed, "{body}");

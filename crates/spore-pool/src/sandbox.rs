@@ -416,13 +416,18 @@ fn layer_paths(env: &mut Vec<(String, String)>) {
         Some(v) => format!("{v}:/opt/nodejs/node20/node_modules:/opt/nodejs/node_modules"),
         None => "/opt/nodejs/node20/node_modules:/opt/nodejs/node_modules".to_owned(),
     });
+    // Each directory once (the runtime may name it already: `LD_LIBRARY_PATH` starts with
+    // `/opt/lib`, as Lambda's).
+    let append = |v: Option<&str>, dir: &str, default: &str| match v {
+        Some(v) if v.split(':').any(|d| d == dir) => v.to_owned(),
+        Some(v) if !v.is_empty() => format!("{v}:{dir}"),
+        _ if default.is_empty() => dir.to_owned(),
+        _ => format!("{default}:{dir}"),
+    };
     set("PATH", &|v| {
-        format!("{}:/opt/bin", v.unwrap_or("/usr/local/bin:/usr/bin:/bin"))
+        append(v, "/opt/bin", "/usr/local/bin:/usr/bin:/bin")
     });
-    set("LD_LIBRARY_PATH", &|v| match v {
-        Some(v) if !v.is_empty() => format!("{v}:/opt/lib"),
-        _ => "/opt/lib".to_owned(),
-    });
+    set("LD_LIBRARY_PATH", &|v| append(v, "/opt/lib", ""));
 }
 
 /// The read-only directories a function's sandboxes get beside its code, `(host directory,
@@ -654,5 +659,13 @@ mod tests {
         );
         assert_eq!(get("PATH"), "/usr/bin:/bin:/opt/bin");
         assert_eq!(get("LD_LIBRARY_PATH"), "/opt/lib");
+        // A directory the runtime names already is not named twice.
+        let mut env = vec![(
+            "LD_LIBRARY_PATH".to_owned(),
+            "/opt/lib:/var/task/lib".to_owned(),
+        )];
+        layer_paths(&mut env);
+        let ld = env.iter().find(|(k, _)| k == "LD_LIBRARY_PATH").unwrap();
+        assert_eq!(ld.1, "/opt/lib:/var/task/lib");
     }
 }

@@ -433,7 +433,12 @@ pub fn deploy(endpoint: &str, dir: &Path, build: bool) -> Result<ExitCode> {
     }
     println!(
         "deployed {} ({}, handler {}, {} MB, {} s timeout, sandbox {})",
-        m.name, m.runtime, m.handler, m.memory_mb, m.timeout_s, m.sandbox
+        m.name,
+        m.runtime_str(),
+        m.handler,
+        m.memory_mb,
+        m.timeout_s,
+        m.sandbox
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -5,7 +5,6 @@
 //! (`X-Spore-Breakdown`).
 
 use spore_client::Http;
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::{BenchError, Series};
@@ -296,18 +295,19 @@ pub fn run(cfg: &ColdStartConfig, progress: &dyn Fn(&str)) -> Result<ColdStartRe
             name: "cfork (daemon: request to child ready)".into(),
             samples_ms: forks.iter().map(|s| s.init_ms).collect(),
         });
-        let mut steps: BTreeMap<usize, (String, Vec<f64>)> = BTreeMap::new();
+        // By step name, in the order steps first appear: a start that had an extra step
+        // (waiting for a template or a network namespace) must not shift the others.
+        let mut steps: Vec<(String, Vec<f64>)> = Vec::new();
         for s in &forks {
-            for (i, (name, ms)) in s.breakdown.iter().enumerate() {
-                steps
-                    .entry(i)
-                    .or_insert_with(|| (name.clone(), Vec::new()))
-                    .1
-                    .push(*ms);
+            for (name, ms) in &s.breakdown {
+                match steps.iter_mut().find(|(n, _)| n == name) {
+                    Some((_, v)) => v.push(*ms),
+                    None => steps.push((name.clone(), vec![*ms])),
+                }
             }
         }
         breakdown = steps
-            .into_values()
+            .into_iter()
             .map(|(name, samples_ms)| Series { name, samples_ms })
             .collect();
     }

@@ -251,20 +251,7 @@ pub fn host_python_minor() -> Option<u32> {
 /// The major version of the host's `node`, asked once (`node --version`); None if there is
 /// no Node.js.
 pub fn host_node_major() -> Option<u32> {
-    static MAJOR: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
-    *MAJOR.get_or_init(|| {
-        let out = std::process::Command::new(NODE_INTERPRETER)
-            .arg("--version")
-            .output()
-            .ok()?;
-        let text = String::from_utf8(out.stdout).ok()?;
-        text.trim()
-            .strip_prefix('v')?
-            .split('.')
-            .next()?
-            .parse()
-            .ok()
-    })
+    node_major(std::path::Path::new(NODE_INTERPRETER))
 }
 
 impl RuntimeLaunch<'_> {

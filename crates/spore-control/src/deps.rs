@@ -58,6 +58,22 @@ impl Builds {
     }
 }
 
+/// The exact interpreter a build for `runtime` at `version` runs (`python3.11`, `node20`):
+/// the host's default resolved to its version, so that a function naming that version and
+/// one naming none share a layer, and functions on different interpreters never do.
+pub(crate) fn interpreter_name(runtime: spore_core::Runtime, version: Option<u32>) -> String {
+    match runtime {
+        spore_core::Runtime::Python3 => match version.or_else(spore_runtime::host_python_minor) {
+            Some(minor) => format!("python3.{minor}"),
+            None => "python3".into(),
+        },
+        spore_core::Runtime::Node20 => match version.or_else(spore_runtime::host_node_major) {
+            Some(major) => format!("node{major}"),
+            None => "node".into(),
+        },
+    }
+}
+
 /// A build to start once the registry's lock is released.
 pub(crate) struct PendingBuild {
     name: String,
@@ -114,17 +130,23 @@ impl Control {
     pub(crate) fn plan_deps(
         &self,
         code_dir: &std::path::Path,
-        runtime: spore_core::Runtime,
+        manifest: &spore_core::FunctionManifest,
+        code_hex: &str,
         mode: DepsMode,
     ) -> Result<Option<(Requirements, bool)>, ControlError> {
         if mode == DepsMode::Skip {
             return Ok(None);
         }
+        let runtime = manifest.runtime;
         let Some(req) = deps::detect(code_dir, runtime)
             .map_err(|e| ControlError::InvalidParameter(error_chain(&e)))?
         else {
             return Ok(None);
         };
+        let version = manifest.runtime_version();
+        let req = req
+            .on_interpreter(interpreter_name(runtime, version), version)
+            .with_code(code_hex);
         let built = self.inner.registry.lock().deps_dir(&req.key()).is_dir();
         Ok(Some((req, !built)))
     }
@@ -257,9 +279,13 @@ impl Control {
             .map_err(|e| format!("creating {}: {e}", staging.display()))?;
         let (name, id) = (b.name.clone(), b.id);
         let this = self.clone();
+        let interpreter = spore_runtime::interpreter(b.req.runtime, b.req.version)
+            .map_err(|e| format!("Dependency build failed: {e}"))?;
         let result = spore_pool::build::build_layer(
             &env,
             b.req.runtime,
+            &interpreter,
+            b.req.local,
             &b.code_dir,
             &staging,
             &self.inner.builds.network(),

@@ -348,7 +348,7 @@ impl Control {
         let code_dir = reg.dir_of_code(&name, &code_hex);
         drop(reg);
         let plan = Self::check_warmup_event(&spec.manifest, &code_dir)
-            .and_then(|()| self.plan_deps(&code_dir, spec.manifest.runtime, deps));
+            .and_then(|()| self.plan_deps(&code_dir, &spec.manifest, &code_hex, deps));
         let mut reg = self.inner.registry.lock();
         let plan = match plan {
             Ok(plan) => plan,
@@ -438,7 +438,7 @@ impl Control {
         let code_dir = reg.dir_of_code(name, &hex);
         drop(reg);
         Self::check_warmup_event(&rec.manifest, &code_dir)?;
-        let plan = self.plan_deps(&code_dir, rec.manifest.runtime, deps)?;
+        let plan = self.plan_deps(&code_dir, &rec.manifest, &hex, deps)?;
         let mut reg = self.inner.registry.lock();
         // The record may have changed while the lock was released: check again.
         rec = reg

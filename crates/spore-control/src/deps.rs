@@ -367,7 +367,7 @@ impl Control {
         if let Some(Ok(entries)) = root.parent().map(std::fs::read_dir) {
             for e in entries.flatten() {
                 if e.file_name().to_string_lossy().starts_with('.') {
-                    let _ = std::fs::remove_dir_all(e.path());
+                    let _ = spore_pool::build::remove_leftover(&e.path());
                 }
             }
         }
@@ -391,6 +391,33 @@ impl Control {
                     lines: Default::default(),
                     dropped: 0,
                 }),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spore_core::Runtime;
+
+    #[test]
+    fn layers_are_keyed_by_the_exact_interpreter() {
+        assert_eq!(interpreter_name(Runtime::Python3, Some(12)), "python3.12");
+        assert_eq!(interpreter_name(Runtime::Python3, Some(11)), "python3.11");
+        assert_eq!(interpreter_name(Runtime::Node20, Some(22)), "node22");
+        // The host's default resolves to its version: `python3` and `python3.N` of the same
+        // interpreter share a layer.
+        if let Some(minor) = spore_runtime::host_python_minor() {
+            assert_eq!(
+                interpreter_name(Runtime::Python3, None),
+                format!("python3.{minor}")
+            );
+        }
+        if let Some(major) = spore_runtime::host_node_major() {
+            assert_eq!(
+                interpreter_name(Runtime::Node20, None),
+                format!("node{major}")
             );
         }
     }

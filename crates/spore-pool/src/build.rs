@@ -227,6 +227,16 @@ impl Drop for Scratch {
     }
 }
 
+/// Removes what a build cut short by a daemon's stop left at `path` in the layers' root
+/// (its staging directory, or its output tmpfs: unmounted first).
+pub fn remove_leftover(path: &Path) -> std::io::Result<()> {
+    if path.to_string_lossy().ends_with(".tmpfs") {
+        // Not mounted (EINVAL) is fine: the directory is removed below.
+        let _ = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH);
+    }
+    std::fs::remove_dir_all(path)
+}
+
 /// Builds the dependencies of the code in `code_dir` for `runtime` with `interpreter` into
 /// `out_dir` (an empty directory the caller made, on disk), calling `on_line` with each line
 /// of the package manager's output; `local`: the requirements name the code's own files.

@@ -812,3 +812,38 @@ fn local_packages_get_their_own_layers_and_build_in_a_writable_copy() {
     assert_eq!(after.len(), 2, "the old layer of a went: {after:?}");
     assert_ne!(after, before);
 }
+
+/// The layer is keyed by the exact interpreter: a function naming the host's default
+/// `python3` and one naming that interpreter's version (`python3.N`) share it, and a
+/// redeploy that switches between the two builds nothing.
+#[test]
+fn the_default_python_and_its_named_version_share_a_layer() {
+    let Some((d, tmp)) = daemon("the_default_python_and_its_named_version_share_a_layer") else {
+        return;
+    };
+    let Some(minor) = spore_runtime::host_python_minor() else {
+        eprintln!("SKIP: the host's python3 is not a python3.N link");
+        return;
+    };
+    let a = tmp.path().join("a");
+    python_function(&a, "deps-py-default", REQS, "d");
+    let (ok, _, err, _) = deploy(&d, &a);
+    assert!(ok, "{err}");
+    let one = layers(&d);
+    assert_eq!(one.len(), 1);
+    let manifest = std::fs::read_to_string(a.join("spore.toml")).unwrap();
+    std::fs::write(
+        a.join("spore.toml"),
+        format!("{manifest}runtime = \"python3.{minor}\"\n"),
+    )
+    .unwrap();
+    let (ok, _, err, _) = deploy(&d, &a);
+    assert!(ok, "{err}");
+    assert!(!err.contains("building the dependencies"), "{err}");
+    assert_eq!(layers(&d), one);
+    let conf = d.get_json("/2015-03-31/functions/deps-py-default/configuration");
+    assert_eq!(conf["Runtime"], format!("python3.{minor}"), "{conf}");
+    assert_eq!(conf["State"], "Active", "{conf}");
+    let (is_err, _, body) = d.invoke("deps-py-default", json!({}));
+    assert!(!is_err && body["six"] == "1.17.0", "{body}");
+}

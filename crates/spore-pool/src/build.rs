@@ -209,9 +209,11 @@ impl Scratch {
     }
 
     /// Whether less than 1 MiB is left: a build that failed so ran out of output space.
+    // The statvfs field types differ between targets.
+    #[allow(clippy::useless_conversion)]
     fn is_full(&self) -> bool {
         nix::sys::statvfs::statvfs(&self.dir)
-            .map(|v| u64::from(v.blocks_available()) * v.fragment_size() < 1 << 20)
+            .map(|v| u64::from(v.blocks_available()) * u64::from(v.fragment_size()) < 1 << 20)
             .unwrap_or(false)
     }
 }

@@ -156,14 +156,19 @@ fn script(
                 .parent()
                 .map(|d| format!("PATH={}:$PATH ", d.display()))
                 .unwrap_or_default();
-            // Local dependencies (`file:`) resolve against the whole code, copied.
-            let work = if local {
-                format!("{copy}cd {TASK_COPY}")
+            // Local dependencies (`file:`) resolve against the whole code, copied; npm links
+            // a `file:` folder into node_modules, so the links are followed when the result
+            // is copied out (the copy stays inside the output's size limit).
+            let (work, cp) = if local {
+                (format!("{copy}cd {TASK_COPY}"), "cp -RL")
             } else {
-                format!(
-                    "mkdir -p /tmp/out && cd /tmp/out && \
-                     for f in package.json package-lock.json npm-shrinkwrap.json; do \
-                     if [ -f {task}/$f ]; then cp {task}/$f .; fi; done"
+                (
+                    format!(
+                        "mkdir -p /tmp/out && cd /tmp/out && \
+                         for f in package.json package-lock.json npm-shrinkwrap.json; do \
+                         if [ -f {task}/$f ]; then cp {task}/$f .; fi; done"
+                    ),
+                    "cp -R",
                 )
             };
             (
@@ -171,7 +176,7 @@ fn script(
                 format!(
                     "{cache}{work} && \
                      {path}npm ci --omit=dev --no-audit --no-fund --ignore-scripts --cache /tmp/npm-cache{flags} && \
-                     cp -R node_modules {OUT_ROOT}/",
+                     {cp} node_modules {OUT_ROOT}/",
                 ),
             )
         }

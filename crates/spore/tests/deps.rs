@@ -847,3 +847,63 @@ fn the_default_python_and_its_named_version_share_a_layer() {
     let (is_err, _, body) = d.invoke("deps-py-default", json!({}));
     assert!(!is_err && body["six"] == "1.17.0", "{body}");
 }
+
+/// A `file:` dependency of a Node.js function is its own code: the build works in a copy of
+/// the function's folder, and the linked folder lands in the layer as files.
+#[test]
+fn a_node_file_dependency_builds_from_the_functions_folder() {
+    let Some((d, tmp)) = daemon("a_node_file_dependency_builds") else {
+        return;
+    };
+    if !Path::new("/usr/bin/npm").exists() {
+        eprintln!("SKIP a_node_file_dependency_builds: npm is not installed");
+        return;
+    }
+    let f = tmp.path().join("nodelocal");
+    std::fs::create_dir_all(f.join("localdep")).unwrap();
+    std::fs::write(
+        f.join("spore.toml"),
+        "name = \"node-local\"\nruntime = \"node20\"\nhandler = \"index.handler\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        f.join("index.js"),
+        "exports.handler = async () => ({ value: require('localdep'), where: require.resolve('localdep') });\n",
+    )
+    .unwrap();
+    std::fs::write(
+        f.join("localdep/package.json"),
+        r#"{"name":"localdep","version":"1.0.0","main":"index.js"}"#,
+    )
+    .unwrap();
+    std::fs::write(f.join("localdep/index.js"), "module.exports = 'L1';\n").unwrap();
+    std::fs::write(
+        f.join("package.json"),
+        r#"{"name":"node-local","version":"1.0.0","dependencies":{"localdep":"file:./localdep"}}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        f.join("package-lock.json"),
+        r#"{"name":"node-local","version":"1.0.0","lockfileVersion":3,"requires":true,"packages":{"":{"name":"node-local","version":"1.0.0","dependencies":{"localdep":"file:./localdep"}},"localdep":{"version":"1.0.0"},"node_modules/localdep":{"resolved":"localdep","link":true}}}"#,
+    )
+    .unwrap();
+    let (ok, _, err, _) = deploy(&d, &f);
+    assert!(ok, "{err}");
+    // The folder has no node_modules of its own: the layer answers.
+    let (is_err, _, body) = d.invoke("node-local", json!({}));
+    assert!(!is_err, "{body}");
+    assert_eq!(body["value"], "L1", "{body}");
+    assert!(
+        body["where"]
+            .as_str()
+            .unwrap()
+            .starts_with("/opt/spore/deps/node_modules/localdep/"),
+        "{body}"
+    );
+    let layer = d.data.join("deps").join(&layers(&d)[0]);
+    let dep = layer.join("node_modules/localdep");
+    assert!(
+        std::fs::symlink_metadata(&dep).unwrap().is_dir(),
+        "a folder in the layer, not a link"
+    );
+}

@@ -907,3 +907,60 @@ fn a_node_file_dependency_builds_from_the_functions_folder() {
         "a folder in the layer, not a link"
     );
 }
+
+/// A daemon stopped while a build runs leaves no output tmpfs mounted (the harness checks the
+/// data dir's mounts, cgroups and processes when it stops).
+#[test]
+fn a_daemon_stopped_during_a_build_leaves_no_mount() {
+    let test = "a_daemon_stopped_during_a_build_leaves_no_mount";
+    let Some((mut d, tmp)) = daemon(test) else {
+        return;
+    };
+    let f = tmp.path().join("slow");
+    python_function(&f, "deps-stopped", "/var/task/slow\n", "s");
+    std::fs::create_dir_all(f.join("slow")).unwrap();
+    std::fs::write(
+        f.join("slow/pyproject.toml"),
+        "[build-system]\nrequires = []\nbuild-backend = \"backend\"\nbackend-path = [\".\"]\n\n[project]\nname = \"slow\"\nversion = \"1\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        f.join("slow/backend.py"),
+        "import time\ndef get_requires_for_build_wheel(*a, **k):\n    open('/opt/spore/build/started', 'w').close()\n    time.sleep(600)\n",
+    )
+    .unwrap();
+    let resp = d.create(&f);
+    assert!(resp.status().is_success(), "{}", resp.text().unwrap());
+    // Wait (bounded) until the build writes into its tmpfs.
+    let deps = d.data.join("deps");
+    let start = Instant::now();
+    let started = loop {
+        let found = std::fs::read_dir(&deps).ok().and_then(|r| {
+            r.flatten()
+                .map(|e| e.path())
+                .find(|p| p.to_string_lossy().ends_with(".tmpfs") && p.join("started").exists())
+        });
+        if found.is_some() || start.elapsed() > Duration::from_secs(60) {
+            break found;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        started.is_some(),
+        "the build did not start: {}",
+        d.log_text()
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        mounts.contains(".tmpfs"),
+        "the output is a mount while the build runs"
+    );
+    d.stop();
+    assert!(
+        std::fs::read_dir(&deps)
+            .unwrap()
+            .flatten()
+            .all(|e| !e.file_name().to_string_lossy().ends_with(".tmpfs")),
+        "the output tmpfs's mount point is removed"
+    );
+}

@@ -58,6 +58,22 @@ impl Builds {
     }
 }
 
+/// The exact interpreter a build for `runtime` at `version` runs (`python3.11`, `node20`):
+/// the host's default resolved to its version, so that a function naming that version and
+/// one naming none share a layer, and functions on different interpreters never do.
+pub(crate) fn interpreter_name(runtime: spore_core::Runtime, version: Option<u32>) -> String {
+    match runtime {
+        spore_core::Runtime::Python3 => match version.or_else(spore_runtime::host_python_minor) {
+            Some(minor) => format!("python3.{minor}"),
+            None => "python3".into(),
+        },
+        spore_core::Runtime::Node20 => match version.or_else(spore_runtime::host_node_major) {
+            Some(major) => format!("node{major}"),
+            None => "node".into(),
+        },
+    }
+}
+
 /// A build to start once the registry's lock is released.
 pub(crate) struct PendingBuild {
     name: String,
@@ -114,17 +130,23 @@ impl Control {
     pub(crate) fn plan_deps(
         &self,
         code_dir: &std::path::Path,
-        runtime: spore_core::Runtime,
+        manifest: &spore_core::FunctionManifest,
+        code_hex: &str,
         mode: DepsMode,
     ) -> Result<Option<(Requirements, bool)>, ControlError> {
         if mode == DepsMode::Skip {
             return Ok(None);
         }
+        let runtime = manifest.runtime;
         let Some(req) = deps::detect(code_dir, runtime)
             .map_err(|e| ControlError::InvalidParameter(error_chain(&e)))?
         else {
             return Ok(None);
         };
+        let version = manifest.runtime_version();
+        let req = req
+            .on_interpreter(interpreter_name(runtime, version), version)
+            .with_code(code_hex);
         let built = self.inner.registry.lock().deps_dir(&req.key()).is_dir();
         Ok(Some((req, !built)))
     }
@@ -257,9 +279,13 @@ impl Control {
             .map_err(|e| format!("creating {}: {e}", staging.display()))?;
         let (name, id) = (b.name.clone(), b.id);
         let this = self.clone();
+        let interpreter = spore_runtime::interpreter(b.req.runtime, b.req.version)
+            .map_err(|e| format!("Dependency build failed: {e}"))?;
         let result = spore_pool::build::build_layer(
             &env,
             b.req.runtime,
+            &interpreter,
+            b.req.local,
             &b.code_dir,
             &staging,
             &self.inner.builds.network(),
@@ -341,7 +367,7 @@ impl Control {
         if let Some(Ok(entries)) = root.parent().map(std::fs::read_dir) {
             for e in entries.flatten() {
                 if e.file_name().to_string_lossy().starts_with('.') {
-                    let _ = std::fs::remove_dir_all(e.path());
+                    let _ = spore_pool::build::remove_leftover(&e.path());
                 }
             }
         }
@@ -365,6 +391,33 @@ impl Control {
                     lines: Default::default(),
                     dropped: 0,
                 }),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spore_core::Runtime;
+
+    #[test]
+    fn layers_are_keyed_by_the_exact_interpreter() {
+        assert_eq!(interpreter_name(Runtime::Python3, Some(12)), "python3.12");
+        assert_eq!(interpreter_name(Runtime::Python3, Some(11)), "python3.11");
+        assert_eq!(interpreter_name(Runtime::Node20, Some(22)), "node22");
+        // The host's default resolves to its version: `python3` and `python3.N` of the same
+        // interpreter share a layer.
+        if let Some(minor) = spore_runtime::host_python_minor() {
+            assert_eq!(
+                interpreter_name(Runtime::Python3, None),
+                format!("python3.{minor}")
+            );
+        }
+        if let Some(major) = spore_runtime::host_node_major() {
+            assert_eq!(
+                interpreter_name(Runtime::Node20, None),
+                format!("node{major}")
             );
         }
     }

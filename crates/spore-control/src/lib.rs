@@ -348,7 +348,7 @@ impl Control {
         let code_dir = reg.dir_of_code(&name, &code_hex);
         drop(reg);
         let plan = Self::check_warmup_event(&spec.manifest, &code_dir)
-            .and_then(|()| self.plan_deps(&code_dir, spec.manifest.runtime, deps));
+            .and_then(|()| self.plan_deps(&code_dir, &spec.manifest, &code_hex, deps));
         let mut reg = self.inner.registry.lock();
         let plan = match plan {
             Ok(plan) => plan,
@@ -438,7 +438,7 @@ impl Control {
         let code_dir = reg.dir_of_code(name, &hex);
         drop(reg);
         Self::check_warmup_event(&rec.manifest, &code_dir)?;
-        let plan = self.plan_deps(&code_dir, rec.manifest.runtime, deps)?;
+        let plan = self.plan_deps(&code_dir, &rec.manifest, &hex, deps)?;
         let mut reg = self.inner.registry.lock();
         // The record may have changed while the lock was released: check again.
         rec = reg
@@ -490,12 +490,36 @@ impl Control {
     ) -> Result<FunctionRecord, ControlError> {
         Self::check_spec(&spec)?;
         let name = spec.manifest.name.clone();
+        // A change of interpreter needs the dependency layer built by the new one.
+        let before = self.get_function(&name)?;
+        let interpreter = |m: &spore_core::FunctionManifest| {
+            deps::interpreter_name(m.runtime, m.runtime_version())
+        };
+        let replan = if before.deps.is_some()
+            && interpreter(&before.manifest) != interpreter(&spec.manifest)
+        {
+            let code_dir = self
+                .inner
+                .registry
+                .lock()
+                .dir_of_code(&name, &before.code_hex);
+            let plan =
+                self.plan_deps(&code_dir, &spec.manifest, &before.code_hex, DepsMode::Build)?;
+            Some((plan, code_dir))
+        } else {
+            None
+        };
         let mut reg = self.inner.registry.lock();
         let mut rec = reg
             .get(&name)
             .cloned()
             .ok_or_else(|| ControlError::NotFound(name.clone()))?;
         versions::check_revision(&rec, revision_id)?;
+        if replan.is_some() && rec.code_hex != before.code_hex {
+            return Err(ControlError::InUse(
+                "The function's code changed during this update: try again".into(),
+            ));
+        }
         rec.manifest = spec.manifest;
         rec.description = spec.description;
         rec.lambda = spec.lambda;
@@ -503,8 +527,27 @@ impl Control {
             rec.layers = l;
         }
         extras::check_size(&reg, &rec)?;
+        let mut pending = None;
+        if let Some((plan, code_dir)) = replan {
+            rec.deps = plan.as_ref().map(|(req, _)| req.key());
+            if let Some((req, build)) = plan {
+                if build || !reg.deps_dir(&req.key()).is_dir() {
+                    // Pending until the new interpreter's layer is built.
+                    let (b, status) = self.new_build(&name, req, code_dir, None);
+                    rec.build = Some(status);
+                    pending = Some(b);
+                }
+            }
+        }
         let rec = reg.put(rec)?;
+        if let Some(status) = pending.as_ref().and(rec.build.clone()) {
+            reg.set_build(&name, Some(status));
+        }
         drop(reg);
+        if let Some(b) = pending {
+            tracing::info!(function = %name, "the new runtime's dependency layer is being built");
+            self.start_build(b)?;
+        }
         self.inner.pools.retire(&name);
         self.inner.units.unplace(&name);
         tracing::info!(function = %name, revision = rec.revision, "function configuration updated");

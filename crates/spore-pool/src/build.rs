@@ -4,10 +4,19 @@
 //! a size-capped scratch space that bounds the output.
 //!
 //! The sandbox sees the function's code read-only at `/var/task`, the offline index (if the
-//! daemon has one) read-only at [`INDEX_ROOT`], and the empty output directory writable at
-//! [`OUT_ROOT`]. The package manager installs into the sandbox's `/tmp` (a tmpfs of
-//! [`BuildLimits::max_output_mb`] plus room for its scratch files: a larger result fails with
-//! "No space left on device"), and the result is copied out when it succeeded.
+//! daemon has one) read-only at [`INDEX_ROOT`], and an empty output directory writable at
+//! [`OUT_ROOT`]. The output directory is a tmpfs the daemon mounts for the build (size
+//! [`BuildLimits::max_output_mb`], owned by the build's uid, `nosuid,nodev,noexec`; its pages
+//! are charged to the build's cgroup), so that the limit holds while the build runs and a
+//! build can never fill the host's disk. The package manager installs into the sandbox's
+//! `/tmp` (a tmpfs of the limit plus room for its scratch files) and copies the result to
+//! [`OUT_ROOT`]; after a successful build the daemon copies that tree onto disk (regular
+//! files, directories and symlinks as links, never followed; anything else left out), seals
+//! it, and unmounts the tmpfs, which it unmounts on every other path too.
+//!
+//! Requirements that name the function's own code (local paths) build from a writable copy
+//! of it at [`TASK_COPY`]: pip cannot build a `setup.py` package in the read-only
+//! `/var/task` (it writes `*.egg-info` beside it).
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -25,6 +34,8 @@ use crate::sandbox::InstanceEnv;
 pub const INDEX_ROOT: &str = "/opt/spore/index";
 /// Where the output directory appears inside a build sandbox.
 pub const OUT_ROOT: &str = "/opt/spore/build";
+/// Where a build whose requirements name local paths finds its writable copy of the code.
+pub const TASK_COPY: &str = "/tmp/task";
 
 /// How a build reaches packages: the one place that decides a build sandbox's network.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,11 +96,25 @@ pub enum BuildError {
     /// The build ran out of memory.
     #[error("The dependency build ran out of memory (limit {0} MiB) and was stopped")]
     OutOfMemory(u32),
+    /// The build's output filled its space.
+    #[error("The dependency build's output reached the limit of {0} MiB (spore serve --build-max-mb) and the build failed:\n{1}")]
+    OutputTooLarge(u32, String),
 }
 
-/// The command a build runs (through `/bin/sh -c`) for `runtime`.
-fn script(runtime: Runtime, network: &BuildNetwork) -> (&'static str, String) {
+/// The command a build runs (through `/bin/sh -c`) for `runtime` with `interpreter` (the
+/// function's own: pip runs as `<interpreter> -m pip`, npm with the interpreter's directory
+/// first on `PATH`); `local`: the requirements name the function's own code, so the build
+/// works in a writable copy of it at [`TASK_COPY`].
+fn script(
+    runtime: Runtime,
+    interpreter: &Path,
+    local: bool,
+    network: &BuildNetwork,
+) -> (&'static str, String) {
     let offline = matches!(network, BuildNetwork::OfflineIndex(_));
+    let task = spore_runtime::TASK_ROOT;
+    // A writable copy (cp gives the build's uid the files; read-only modes are widened).
+    let copy = format!("cp -R {task} {TASK_COPY} && chmod -R u+w {TASK_COPY} && ");
     match runtime {
         Runtime::Python3 => {
             let index = if offline {
@@ -97,14 +122,25 @@ fn script(runtime: Runtime, network: &BuildNetwork) -> (&'static str, String) {
             } else {
                 String::new()
             };
+            // Local paths: absolute ones are rewritten to the copy, relative ones resolve
+            // against it (the working directory).
+            let (prepare, requirements) = if local {
+                (
+                    format!(
+                        "{copy}sed 's#{task}#{TASK_COPY}#g' {task}/requirements.txt > {TASK_COPY}/requirements.txt && cd {TASK_COPY} && "
+                    ),
+                    format!("{TASK_COPY}/requirements.txt"),
+                )
+            } else {
+                (String::new(), format!("{task}/requirements.txt"))
+            };
             (
                 "pip",
                 format!(
-                    "{} -m pip install --disable-pip-version-check --no-input --no-cache-dir \
+                    "{prepare}{} -m pip install --disable-pip-version-check --no-input --no-cache-dir \
                      --progress-bar off --no-warn-script-location --target /tmp/out \
-                     -r {}/requirements.txt{index} && cp -R /tmp/out/. {OUT_ROOT}/",
-                    spore_runtime::PYTHON_INTERPRETER,
-                    spore_runtime::TASK_ROOT,
+                     -r {requirements}{index} && cp -R /tmp/out/. {OUT_ROOT}/",
+                    interpreter.display(),
                 ),
             )
         }
@@ -116,27 +152,108 @@ fn script(runtime: Runtime, network: &BuildNetwork) -> (&'static str, String) {
                 String::new()
             };
             let flags = if offline { " --offline" } else { "" };
+            let path = interpreter
+                .parent()
+                .map(|d| format!("PATH={}:$PATH ", d.display()))
+                .unwrap_or_default();
+            // Local dependencies (`file:`) resolve against the whole code, copied; npm links
+            // a `file:` folder into node_modules, so the links are followed when the result
+            // is copied out (the copy stays inside the output's size limit).
+            let (work, cp) = if local {
+                (format!("{copy}cd {TASK_COPY}"), "cp -RL")
+            } else {
+                (
+                    format!(
+                        "mkdir -p /tmp/out && cd /tmp/out && \
+                         for f in package.json package-lock.json npm-shrinkwrap.json; do \
+                         if [ -f {task}/$f ]; then cp {task}/$f .; fi; done"
+                    ),
+                    "cp -R",
+                )
+            };
             (
                 "npm",
                 format!(
-                    "{cache}mkdir -p /tmp/out && cd /tmp/out && \
-                     for f in package.json package-lock.json npm-shrinkwrap.json; do \
-                     if [ -f {task}/$f ]; then cp {task}/$f .; fi; done && \
-                     npm ci --omit=dev --no-audit --no-fund --ignore-scripts --cache /tmp/npm-cache{flags} && \
-                     cp -R node_modules {OUT_ROOT}/",
-                    task = spore_runtime::TASK_ROOT,
+                    "{cache}{work} && \
+                     {path}npm ci --omit=dev --no-audit --no-fund --ignore-scripts --cache /tmp/npm-cache{flags} && \
+                     {cp} node_modules {OUT_ROOT}/",
                 ),
             )
         }
     }
 }
 
-/// Builds the dependencies of the code in `code_dir` for `runtime` into `out_dir` (an empty
-/// directory the caller made), calling `on_line` with each line of the package manager's
-/// output. The output is owned by root and readable by all when this returns `Ok`.
+/// The tmpfs a build writes its output to, mounted on the host for the build's lifetime:
+/// unmounted (lazily, should a process still hold it) and removed when dropped, on every
+/// path.
+struct Scratch {
+    dir: PathBuf,
+    mounted: bool,
+}
+
+impl Scratch {
+    /// Mounts a tmpfs of `size_mb` MiB at `dir` (created here), owned by `uid`, mode 0700.
+    fn mount(dir: &Path, size_mb: u32, uid: u32) -> std::io::Result<Scratch> {
+        use nix::mount::{mount, MsFlags};
+        std::fs::create_dir(dir)?;
+        let mut s = Scratch {
+            dir: dir.to_owned(),
+            mounted: false,
+        };
+        let opts = format!("size={size_mb}m,mode=0700,uid={uid},gid={uid}");
+        mount(
+            Some("tmpfs"),
+            dir,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            Some(opts.as_str()),
+        )
+        .map_err(std::io::Error::from)?;
+        s.mounted = true;
+        Ok(s)
+    }
+
+    /// Whether less than 1 MiB is left: a build that failed so ran out of output space.
+    // The statvfs field types differ between targets.
+    #[allow(clippy::useless_conversion)]
+    fn is_full(&self) -> bool {
+        nix::sys::statvfs::statvfs(&self.dir)
+            .map(|v| u64::from(v.blocks_available()) * u64::from(v.fragment_size()) < 1 << 20)
+            .unwrap_or(false)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if self.mounted {
+            if let Err(e) = nix::mount::umount2(&self.dir, nix::mount::MntFlags::MNT_DETACH) {
+                tracing::warn!(dir = %self.dir.display(), "unmounting a build's output tmpfs: {e}");
+            }
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// Removes what a build cut short by a daemon's stop left at `path` in the layers' root
+/// (its staging directory, or its output tmpfs: unmounted first).
+pub fn remove_leftover(path: &Path) -> std::io::Result<()> {
+    if path.to_string_lossy().ends_with(".tmpfs") {
+        // Not mounted (EINVAL) is fine: the directory is removed below.
+        let _ = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH);
+    }
+    std::fs::remove_dir_all(path)
+}
+
+/// Builds the dependencies of the code in `code_dir` for `runtime` with `interpreter` into
+/// `out_dir` (an empty directory the caller made, on disk), calling `on_line` with each line
+/// of the package manager's output; `local`: the requirements name the code's own files.
+/// The output is owned by root and readable by all when this returns `Ok`.
+#[allow(clippy::too_many_arguments)]
 pub async fn build_layer(
     env: &InstanceEnv,
     runtime: Runtime,
+    interpreter: &Path,
+    local: bool,
     code_dir: &Path,
     out_dir: &Path,
     network: &BuildNetwork,
@@ -148,8 +265,14 @@ pub async fn build_layer(
     let seq = env.next_seq();
     let id = format!("build-{seq}");
     let uid = env.uid_base + (seq % 100_000) as u32;
-    std::os::unix::fs::chown(out_dir, Some(uid), Some(uid))
-        .map_err(|e| platform("preparing the output directory", &e))?;
+    let mut scratch_name = out_dir.file_name().unwrap_or_default().to_owned();
+    scratch_name.push(".tmpfs");
+    let scratch = Scratch::mount(
+        &out_dir.with_file_name(scratch_name),
+        limits.max_output_mb,
+        uid,
+    )
+    .map_err(|e| platform("mounting the build's output tmpfs", &e))?;
     let cg_limits = Limits {
         memory_bytes: u64::from(limits.memory_mb) << 20,
         cpu_millis: env.cpu_millis,
@@ -163,9 +286,9 @@ pub async fn build_layer(
             .map_err(|e| BuildError::Platform(error_chain(&e)))?;
     let result = run_in(
         env,
-        runtime,
+        (runtime, interpreter, local),
         code_dir,
-        out_dir,
+        &scratch.dir,
         network,
         limits,
         &id,
@@ -177,22 +300,66 @@ pub async fn build_layer(
     let oom = cgroup.oom_killed();
     crate::sandbox::destroy_cgroup(cgroup).await;
     match result {
+        Err(BuildError::Failed { tail, .. }) if scratch.is_full() => {
+            Err(BuildError::OutputTooLarge(limits.max_output_mb, tail))
+        }
         Err(BuildError::Failed { .. }) if oom => Err(BuildError::OutOfMemory(limits.memory_mb)),
         Ok(()) => {
             let out = out_dir.to_owned();
-            tokio::task::spawn_blocking(move || seal(&out))
-                .await
-                .map_err(|e| platform("sealing task", &e))?
-                .map_err(|e| platform("sealing the layer", &e))
+            // The guard moves into the task: the tmpfs goes once the copy is done (or the
+            // task is dropped).
+            tokio::task::spawn_blocking(move || {
+                copy_tree(&scratch.dir, &out)?;
+                drop(scratch);
+                seal(&out)
+            })
+            .await
+            .map_err(|e| platform("sealing task", &e))?
+            .map_err(|e| platform("storing the layer", &e))
         }
         other => other,
     }
 }
 
+/// Copies the tree at `src` into the existing directory `dst`: directories, regular files,
+/// and symlinks as symlinks (never followed); FIFOs, sockets and devices are left out.
+fn copy_tree(src: &Path, dst: &Path) -> std::io::Result<()> {
+    let mut stack = vec![(src.to_owned(), dst.to_owned())];
+    while let Some((from, to)) = stack.pop() {
+        for e in std::fs::read_dir(&from)? {
+            let e = e?;
+            let (path, target) = (e.path(), to.join(e.file_name()));
+            let ft = e.file_type()?;
+            if ft.is_dir() {
+                std::fs::create_dir(&target)?;
+                stack.push((path, target));
+            } else if ft.is_symlink() {
+                std::os::unix::fs::symlink(std::fs::read_link(&path)?, &target)?;
+            } else if ft.is_file() {
+                use std::os::unix::fs::OpenOptionsExt;
+                let mut input = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(nix::libc::O_NOFOLLOW)
+                    .open(&path)?;
+                let mut output = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&target)?;
+                std::io::copy(&mut input, &mut output)?;
+                use std::os::unix::fs::PermissionsExt;
+                let mode = input.metadata()?.permissions().mode();
+                output.set_permissions(std::fs::Permissions::from_mode(mode & 0o777))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn run_in(
     env: &InstanceEnv,
-    runtime: Runtime,
+    (runtime, interpreter, local): (Runtime, &Path, bool),
     code_dir: &Path,
     out_dir: &Path,
     network: &BuildNetwork,
@@ -204,7 +371,7 @@ async fn run_in(
 ) -> Result<(), BuildError> {
     let platform =
         |what: &str, e: &dyn std::fmt::Display| BuildError::Platform(format!("{what}: {e}"));
-    let (tool, script) = script(runtime, network);
+    let (tool, script) = script(runtime, interpreter, local, network);
     let mut spec = SandboxSpec {
         id: id.to_owned(),
         rootfs: env.rootfs.clone(),
@@ -371,17 +538,70 @@ mod tests {
     #[test]
     fn offline_builds_never_name_an_index_on_the_network() {
         let off = BuildNetwork::OfflineIndex("/idx".into());
-        let (tool, py) = script(Runtime::Python3, &off);
+        let py3 = Path::new("/usr/bin/python3.12");
+        let (tool, py) = script(Runtime::Python3, py3, false, &off);
         assert_eq!(tool, "pip");
+        assert!(py.starts_with("/usr/bin/python3.12 -m pip install"), "{py}");
+        assert!(py.contains("-r /var/task/requirements.txt"), "{py}");
+        assert!(!py.contains(TASK_COPY), "{py}");
         assert!(
             py.contains("--no-index --find-links /opt/spore/index"),
             "{py}"
         );
         assert!(py.contains("--target /tmp/out"), "{py}");
-        let (tool, js) = script(Runtime::Node20, &off);
+        let node = Path::new("/usr/local/bin/node");
+        let (tool, js) = script(Runtime::Node20, node, false, &off);
         assert_eq!(tool, "npm");
         assert!(js.contains("npm ci") && js.contains("--offline"), "{js}");
-        let (_, online) = script(Runtime::Python3, &BuildNetwork::Egress);
+        assert!(js.contains("PATH=/usr/local/bin:$PATH npm ci"), "{js}");
+        let (_, online) = script(Runtime::Python3, py3, false, &BuildNetwork::Egress);
         assert!(!online.contains("--no-index"), "{online}");
+    }
+
+    #[test]
+    fn local_requirements_build_from_a_writable_copy_of_the_code() {
+        let py3 = Path::new("/usr/bin/python3.11");
+        let (_, py) = script(Runtime::Python3, py3, true, &BuildNetwork::Egress);
+        assert!(
+            py.starts_with("cp -R /var/task /tmp/task && chmod -R u+w /tmp/task"),
+            "{py}"
+        );
+        assert!(
+            py.contains("sed 's#/var/task#/tmp/task#g' /var/task/requirements.txt > /tmp/task/requirements.txt && cd /tmp/task && /usr/bin/python3.11 -m pip"),
+            "{py}"
+        );
+        assert!(py.contains("-r /tmp/task/requirements.txt"), "{py}");
+        let (_, js) = script(
+            Runtime::Node20,
+            Path::new("/usr/bin/node"),
+            true,
+            &BuildNetwork::Egress,
+        );
+        assert!(
+            js.contains("cd /tmp/task && PATH=/usr/bin:$PATH npm ci"),
+            "{js}"
+        );
+    }
+
+    #[test]
+    fn the_copy_keeps_symlinks_as_links_and_leaves_fifos_out() {
+        let src = tempfile::tempdir().unwrap();
+        let dst = tempfile::tempdir().unwrap();
+        std::fs::create_dir(src.path().join("pkg")).unwrap();
+        std::fs::write(src.path().join("pkg/a.py"), "x = 1\n").unwrap();
+        std::os::unix::fs::symlink("/etc/shadow", src.path().join("pkg/out")).unwrap();
+        nix::unistd::mkfifo(&src.path().join("fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        copy_tree(src.path(), dst.path()).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dst.path().join("pkg/a.py")).unwrap(),
+            "x = 1\n"
+        );
+        let link = dst.path().join("pkg/out");
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(std::fs::read_link(&link).unwrap(), Path::new("/etc/shadow"));
+        assert!(!dst.path().join("fifo").exists());
     }
 }

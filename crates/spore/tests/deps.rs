@@ -608,3 +608,359 @@ fn an_invoke_only_key_can_neither_build_nor_force_a_delete() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+/// Total bytes of the files under `dir`, mounts inside it included (a build's output tmpfs
+/// sits beside its staging directory); entries that vanish meanwhile count nothing.
+fn bytes_under(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+/// A build that writes past `--build-max-mb` into its output directory fails with the limit
+/// named, and the host never holds more than the limit meanwhile: the output is a tmpfs of
+/// that size, not the host's disk.
+#[test]
+fn a_build_writing_past_the_output_limit_fails_and_never_holds_more_than_it() {
+    let test = "a_build_writing_past_the_output_limit_fails";
+    if !can_sandbox(test) {
+        return;
+    }
+    let Some(index) = build_index(test) else {
+        return;
+    };
+    let tmp = tempfile::Builder::new()
+        .prefix("spore-deps-")
+        .tempdir()
+        .unwrap();
+    let mut d = Daemon::start_at(
+        &tmp.path().join("data"),
+        &[
+            "--build-index-dir",
+            index.to_str().unwrap(),
+            "--build-max-mb",
+            "16",
+        ],
+    );
+    let f = tmp.path().join("fill");
+    python_function(&f, "deps-fill", "/var/task/fill\n", "f");
+    std::fs::create_dir_all(f.join("fill")).unwrap();
+    std::fs::write(
+        f.join("fill/pyproject.toml"),
+        "[build-system]\nrequires = []\nbuild-backend = \"backend\"\nbackend-path = [\".\"]\n\n[project]\nname = \"fill\"\nversion = \"1\"\n",
+    )
+    .unwrap();
+    // 64 MiB, four times the limit, straight into the output directory.
+    std::fs::write(
+        f.join("fill/backend.py"),
+        "def get_requires_for_build_wheel(*a, **k):\n    with open('/opt/spore/build/fill', 'wb') as out:\n        for _ in range(64):\n            out.write(b'\\0' * (1 << 20))\n            out.flush()\n    return []\n",
+    )
+    .unwrap();
+    // Watch the data dir's layers while the build runs (bounded in time).
+    let deps_dir = d.data.join("deps");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut most, start) = (0u64, Instant::now());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && start.elapsed() < Duration::from_secs(180)
+            {
+                most = most.max(bytes_under(&deps_dir));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            most
+        })
+    };
+    let (ok, _, err, took) = deploy(&d, &f);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let most = watcher.join().unwrap();
+    assert!(!ok, "{err}");
+    assert!(
+        err.contains("output reached the limit of 16 MiB (spore serve --build-max-mb)"),
+        "{err}"
+    );
+    assert!(
+        most <= 16 << 20,
+        "the host held {most} bytes of a build limited to 16 MiB"
+    );
+    assert_eq!(bytes_under(&d.data.join("deps")), 0);
+    assert!(layers(&d).is_empty());
+    let conf = d.get_json("/2015-03-31/functions/deps-fill/configuration");
+    assert_eq!(conf["State"], "Failed", "{conf}");
+    eprintln!(
+        "a build writing 64 MiB under a 16 MiB limit: failed in {:.0} ms, the host held at most {} KiB",
+        took.as_secs_f64() * 1e3,
+        most >> 10
+    );
+    // No output tmpfs is left mounted (the harness checks the data dir's mounts).
+    d.stop();
+}
+
+/// A local package whose build backend writes beside its sources, as setuptools does with
+/// `*.egg-info`; `value` is what its module holds.
+fn local_package_function(dir: &Path, name: &str, value: &str) {
+    std::fs::create_dir_all(dir.join("pkg")).unwrap();
+    std::fs::write(
+        dir.join("spore.toml"),
+        format!("name = \"{name}\"\nhandler = \"main.handler\"\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("main.py"),
+        "import localmod\ndef handler(event, context):\n    return {'value': localmod.VALUE, 'file': localmod.__file__}\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("requirements.txt"), "/var/task/pkg\n").unwrap();
+    std::fs::write(
+        dir.join("pkg/pyproject.toml"),
+        "[build-system]\nrequires = []\nbuild-backend = \"backend\"\nbackend-path = [\".\"]\n\n[project]\nname = \"localpkg\"\nversion = \"1\"\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("pkg/localmod.py"), format!("VALUE = {value:?}\n")).unwrap();
+    std::fs::write(
+        dir.join("pkg/backend.py"),
+        r#"import base64, hashlib, os, zipfile
+
+def get_requires_for_build_wheel(config_settings=None):
+    # As setuptools does: metadata written beside the sources.
+    os.makedirs("localpkg.egg-info", exist_ok=True)
+    with open("localpkg.egg-info/PKG-INFO", "w") as f:
+        f.write("Name: localpkg\n")
+    return []
+
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    name = "localpkg-1-py3-none-any.whl"
+    files = {
+        "localmod.py": open("localmod.py", "rb").read(),
+        "localpkg-1.dist-info/METADATA": b"Metadata-Version: 2.1\nName: localpkg\nVersion: 1\n",
+        "localpkg-1.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = ""
+    with zipfile.ZipFile(os.path.join(wheel_directory, name), "w") as z:
+        for n, data in files.items():
+            z.writestr(n, data)
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            record += f"{n},sha256={digest},{len(data)}\n"
+        record += "localpkg-1.dist-info/RECORD,,\n"
+        z.writestr("localpkg-1.dist-info/RECORD", record)
+    return name
+"#,
+    )
+    .unwrap();
+}
+
+/// Byte-identical requirements naming a local package: the layer covers the code package
+/// too, so two functions with different `pkg/` get their own layers, and an update of
+/// `pkg/` rebuilds. The package writes beside its sources at build (as `setup.py` builds
+/// do), which works because the build runs in a writable copy of the code.
+#[test]
+fn local_packages_get_their_own_layers_and_build_in_a_writable_copy() {
+    let Some((d, tmp)) = daemon("local_packages_get_their_own_layers") else {
+        return;
+    };
+    let a = tmp.path().join("a");
+    local_package_function(&a, "deps-local-a", "a");
+    let (ok, _, err, _) = deploy(&d, &a);
+    assert!(ok, "{err}");
+    assert!(err.contains("Successfully installed localpkg"), "{err}");
+    let b = tmp.path().join("b");
+    local_package_function(&b, "deps-local-b", "b");
+    let (ok, _, err, _) = deploy(&d, &b);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("building the dependencies of deps-local-b"),
+        "the same requirement text with another local package builds: {err}"
+    );
+    assert_eq!(layers(&d).len(), 2, "{:?}", layers(&d));
+    for (name, value) in [("deps-local-a", "a"), ("deps-local-b", "b")] {
+        let (is_err, _, body) = d.invoke(name, json!({}));
+        assert!(!is_err, "{body}");
+        assert_eq!(body["value"], value, "{body}");
+        assert!(
+            body["file"]
+                .as_str()
+                .unwrap()
+                .starts_with("/opt/spore/deps/"),
+            "{body}"
+        );
+    }
+    // An update of the local package rebuilds, and the function imports the new code.
+    let before = layers(&d);
+    local_package_function(&a, "deps-local-a", "a2");
+    let (ok, _, err, _) = deploy(&d, &a);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("building the dependencies of deps-local-a"),
+        "{err}"
+    );
+    let (is_err, _, body) = d.invoke("deps-local-a", json!({}));
+    assert!(!is_err && body["value"] == "a2", "{body}");
+    let after = layers(&d);
+    assert_eq!(after.len(), 2, "the old layer of a went: {after:?}");
+    assert_ne!(after, before);
+}
+
+/// The layer is keyed by the exact interpreter: a function naming the host's default
+/// `python3` and one naming that interpreter's version (`python3.N`) share it, and a
+/// redeploy that switches between the two builds nothing.
+#[test]
+fn the_default_python_and_its_named_version_share_a_layer() {
+    let Some((d, tmp)) = daemon("the_default_python_and_its_named_version_share_a_layer") else {
+        return;
+    };
+    let Some(minor) = spore_runtime::host_python_minor() else {
+        eprintln!("SKIP: the host's python3 is not a python3.N link");
+        return;
+    };
+    let a = tmp.path().join("a");
+    python_function(&a, "deps-py-default", REQS, "d");
+    let (ok, _, err, _) = deploy(&d, &a);
+    assert!(ok, "{err}");
+    let one = layers(&d);
+    assert_eq!(one.len(), 1);
+    let manifest = std::fs::read_to_string(a.join("spore.toml")).unwrap();
+    std::fs::write(
+        a.join("spore.toml"),
+        format!("{manifest}runtime = \"python3.{minor}\"\n"),
+    )
+    .unwrap();
+    let (ok, _, err, _) = deploy(&d, &a);
+    assert!(ok, "{err}");
+    assert!(!err.contains("building the dependencies"), "{err}");
+    assert_eq!(layers(&d), one);
+    let conf = d.get_json("/2015-03-31/functions/deps-py-default/configuration");
+    assert_eq!(conf["Runtime"], format!("python3.{minor}"), "{conf}");
+    assert_eq!(conf["State"], "Active", "{conf}");
+    let (is_err, _, body) = d.invoke("deps-py-default", json!({}));
+    assert!(!is_err && body["six"] == "1.17.0", "{body}");
+}
+
+/// A `file:` dependency of a Node.js function is its own code: the build works in a copy of
+/// the function's folder, and the linked folder lands in the layer as files.
+#[test]
+fn a_node_file_dependency_builds_from_the_functions_folder() {
+    let Some((d, tmp)) = daemon("a_node_file_dependency_builds") else {
+        return;
+    };
+    if !Path::new("/usr/bin/npm").exists() {
+        eprintln!("SKIP a_node_file_dependency_builds: npm is not installed");
+        return;
+    }
+    let f = tmp.path().join("nodelocal");
+    std::fs::create_dir_all(f.join("localdep")).unwrap();
+    std::fs::write(
+        f.join("spore.toml"),
+        "name = \"node-local\"\nruntime = \"node20\"\nhandler = \"index.handler\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        f.join("index.js"),
+        "exports.handler = async () => ({ value: require('localdep'), where: require.resolve('localdep') });\n",
+    )
+    .unwrap();
+    std::fs::write(
+        f.join("localdep/package.json"),
+        r#"{"name":"localdep","version":"1.0.0","main":"index.js"}"#,
+    )
+    .unwrap();
+    std::fs::write(f.join("localdep/index.js"), "module.exports = 'L1';\n").unwrap();
+    std::fs::write(
+        f.join("package.json"),
+        r#"{"name":"node-local","version":"1.0.0","dependencies":{"localdep":"file:./localdep"}}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        f.join("package-lock.json"),
+        r#"{"name":"node-local","version":"1.0.0","lockfileVersion":3,"requires":true,"packages":{"":{"name":"node-local","version":"1.0.0","dependencies":{"localdep":"file:./localdep"}},"localdep":{"version":"1.0.0"},"node_modules/localdep":{"resolved":"localdep","link":true}}}"#,
+    )
+    .unwrap();
+    let (ok, _, err, _) = deploy(&d, &f);
+    assert!(ok, "{err}");
+    // The folder has no node_modules of its own: the layer answers.
+    let (is_err, _, body) = d.invoke("node-local", json!({}));
+    assert!(!is_err, "{body}");
+    assert_eq!(body["value"], "L1", "{body}");
+    assert!(
+        body["where"]
+            .as_str()
+            .unwrap()
+            .starts_with("/opt/spore/deps/node_modules/localdep/"),
+        "{body}"
+    );
+    let layer = d.data.join("deps").join(&layers(&d)[0]);
+    let dep = layer.join("node_modules/localdep");
+    assert!(
+        std::fs::symlink_metadata(&dep).unwrap().is_dir(),
+        "a folder in the layer, not a link"
+    );
+}
+
+/// A daemon stopped while a build runs leaves no output tmpfs mounted (the harness checks the
+/// data dir's mounts, cgroups and processes when it stops).
+#[test]
+fn a_daemon_stopped_during_a_build_leaves_no_mount() {
+    let test = "a_daemon_stopped_during_a_build_leaves_no_mount";
+    let Some((mut d, tmp)) = daemon(test) else {
+        return;
+    };
+    let f = tmp.path().join("slow");
+    python_function(&f, "deps-stopped", "/var/task/slow\n", "s");
+    std::fs::create_dir_all(f.join("slow")).unwrap();
+    std::fs::write(
+        f.join("slow/pyproject.toml"),
+        "[build-system]\nrequires = []\nbuild-backend = \"backend\"\nbackend-path = [\".\"]\n\n[project]\nname = \"slow\"\nversion = \"1\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        f.join("slow/backend.py"),
+        "import time\ndef get_requires_for_build_wheel(*a, **k):\n    open('/opt/spore/build/started', 'w').close()\n    time.sleep(600)\n",
+    )
+    .unwrap();
+    let resp = d.create(&f);
+    assert!(resp.status().is_success(), "{}", resp.text().unwrap());
+    // Wait (bounded) until the build writes into its tmpfs.
+    let deps = d.data.join("deps");
+    let start = Instant::now();
+    let started = loop {
+        let found = std::fs::read_dir(&deps).ok().and_then(|r| {
+            r.flatten()
+                .map(|e| e.path())
+                .find(|p| p.to_string_lossy().ends_with(".tmpfs") && p.join("started").exists())
+        });
+        if found.is_some() || start.elapsed() > Duration::from_secs(60) {
+            break found;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        started.is_some(),
+        "the build did not start: {}",
+        d.log_text()
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        mounts.contains(".tmpfs"),
+        "the output is a mount while the build runs"
+    );
+    d.stop();
+    assert!(
+        std::fs::read_dir(&deps)
+            .unwrap()
+            .flatten()
+            .all(|e| !e.file_name().to_string_lossy().ends_with(".tmpfs")),
+        "the output tmpfs's mount point is removed"
+    );
+}

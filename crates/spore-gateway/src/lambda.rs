@@ -586,7 +586,7 @@ pub(crate) async fn create_function(
     };
     st.control.prewarm(&rec.manifest.name);
     let rec = if req.publish {
-        crate::versions::publish_after(&st, &rec.manifest.name)?
+        crate::versions::publish_after(&st, &rec.manifest.name.clone(), rec)?
     } else {
         rec
     };
@@ -825,7 +825,7 @@ pub(crate) async fn update_code(
     .map_err(|e| ControlError::Internal(e.to_string()))??;
     st.control.prewarm(&rec.manifest.name);
     let rec = if req.publish {
-        crate::versions::publish_after(&st, &rec.manifest.name)?
+        crate::versions::publish_after(&st, &rec.manifest.name.clone(), rec)?
     } else {
         rec
     };
@@ -843,6 +843,18 @@ pub(crate) async fn update_configuration(
     let rec = st.control.get_function(&name)?;
     st.control
         .check_revision(&name, req.revision_id.as_deref())?;
+    if req.publish
+        && rec
+            .build
+            .as_ref()
+            .is_some_and(|b| !b.done && b.failed.is_none())
+    {
+        return Err(ControlError::ResourceConflict(format!(
+            "The operation cannot be performed at this time. An update is in progress for resource: {} (Publish: call PublishVersion once LastUpdateStatus is Successful)",
+            st.control.function_arn(&name, None)
+        ))
+        .into());
+    }
     let mut lambda = rec.lambda.clone();
     if let Some(e) = &req.ephemeral_storage {
         lambda.ephemeral_mb = Some(check_ephemeral(e)?);
@@ -886,7 +898,7 @@ pub(crate) async fn update_configuration(
         .map_err(|e| ControlError::Internal(e.to_string()))??;
     st.control.prewarm(&rec.manifest.name);
     let rec = if req.publish {
-        crate::versions::publish_after(&st, &rec.manifest.name)?
+        crate::versions::publish_now(&st, &rec.manifest.name)?
     } else {
         rec
     };

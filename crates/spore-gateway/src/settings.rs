@@ -150,6 +150,11 @@ pub(crate) async fn untag_resource(
     if keys.is_empty() {
         return Err(ApiError::invalid("TagKeys is required"));
     }
+    if let Some(k) = keys.iter().find(|k| k.starts_with("spore:")) {
+        return Err(ApiError::invalid(format!(
+            "Tag key {k:?}: spore: tags are Spore settings, given at CreateFunction only"
+        )));
+    }
     st.control.update_extras(&name, |e| {
         for k in &keys {
             e.tags.remove(k);
@@ -168,16 +173,12 @@ pub(crate) async fn list_tags(
     Ok(axum::Json(serde_json::json!({ "Tags": crate::lambda::all_tags(&rec) })).into_response())
 }
 
-/// Refuses a `Qualifier` other than `$LATEST` (Spore has no versions or aliases here).
-fn latest_only(q: &QualifierQuery) -> ApiResult<()> {
-    match q.qualifier.as_deref() {
-        None | Some("$LATEST") => Ok(()),
-        Some(other) => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "ResourceNotFoundException",
-            format!("Qualifier {other}: Spore keeps one version of each function, $LATEST"),
-        )),
-    }
+/// Checks that a `Qualifier` names `$LATEST`, a published version or an alias of `name`:
+/// Spore keeps the resource policy and the event-invoke configuration per function, and
+/// applies what is set through any of its qualifiers to the whole function.
+fn check_qualifier(st: &AppState, name: &str, qualifier: Option<&str>) -> ApiResult<()> {
+    st.control.resolve_qualifier(name, qualifier, false)?;
+    Ok(())
 }
 
 #[derive(Debug, Deserialize)]
@@ -288,8 +289,8 @@ pub(crate) async fn add_permission(
     Query(q): Query<QualifierQuery>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    latest_only(&q)?;
     let name = unqualified(&name, None)?;
+    check_qualifier(&st, &name, q.qualifier.as_deref())?;
     let req: AddPermissionIn = parse_json(&body)?;
     let stmt = statement(&name, &req)?;
     let rec = st.control.get_function(&name)?;
@@ -340,8 +341,9 @@ pub(crate) async fn get_policy(
     Path(name): Path<String>,
     Query(q): Query<QualifierQuery>,
 ) -> ApiResult<Response> {
-    latest_only(&q)?;
-    let rec = st.control.get_function(&unqualified(&name, None)?)?;
+    let name = unqualified(&name, None)?;
+    check_qualifier(&st, &name, q.qualifier.as_deref())?;
+    let rec = st.control.get_function(&name)?;
     if rec.extras.policy.is_empty() {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -375,10 +377,8 @@ pub(crate) async fn remove_permission(
     Path((name, sid)): Path<(String, String)>,
     Query(q): Query<RemovePermissionQuery>,
 ) -> ApiResult<Response> {
-    latest_only(&QualifierQuery {
-        qualifier: q.qualifier,
-    })?;
     let name = unqualified(&name, None)?;
+    check_qualifier(&st, &name, q.qualifier.as_deref())?;
     let rec = st.control.get_function(&name)?;
     check_revision(q.revision_id.as_deref(), &rec).map_err(precondition)?;
     let removed = st.control.update_extras(&name, |e| {
@@ -551,8 +551,8 @@ async fn put_or_update_event_config(
     body: Bytes,
     update: bool,
 ) -> ApiResult<Response> {
-    latest_only(&q)?;
     let name = unqualified(&name, None)?;
+    check_qualifier(&st, &name, q.qualifier.as_deref())?;
     let req: EventInvokeIn = parse_json(&body)?;
     let rec = st.control.get_function(&name)?;
     let base = match (update, rec.extras.event_invoke) {
@@ -607,8 +607,8 @@ pub(crate) async fn get_event_config(
     Path(name): Path<String>,
     Query(q): Query<QualifierQuery>,
 ) -> ApiResult<Response> {
-    latest_only(&q)?;
     let name = unqualified(&name, None)?;
+    check_qualifier(&st, &name, q.qualifier.as_deref())?;
     let rec = st.control.get_function(&name)?;
     let cfg = rec
         .extras
@@ -623,8 +623,8 @@ pub(crate) async fn delete_event_config(
     Path(name): Path<String>,
     Query(q): Query<QualifierQuery>,
 ) -> ApiResult<Response> {
-    latest_only(&q)?;
     let name = unqualified(&name, None)?;
+    check_qualifier(&st, &name, q.qualifier.as_deref())?;
     let had = st
         .control
         .update_extras(&name, |e| Ok(e.event_invoke.take().is_some()))?;
@@ -690,8 +690,8 @@ pub(crate) async fn runtime_management_config(
     Path(name): Path<String>,
     Query(q): Query<QualifierQuery>,
 ) -> ApiResult<Response> {
-    latest_only(&q)?;
     let name = unqualified(&name, None)?;
+    check_qualifier(&st, &name, q.qualifier.as_deref())?;
     st.control.get_function(&name)?;
     Ok(axum::Json(serde_json::json!({
         "UpdateRuntimeOn": "Auto",

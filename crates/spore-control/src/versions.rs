@@ -58,6 +58,22 @@ pub(crate) fn version_number(q: &str) -> Result<Option<u64>, ControlError> {
     Ok(Some(n))
 }
 
+/// Most characters of a function's, version's or alias's `Description` (Lambda's limit).
+pub const MAX_DESCRIPTION: usize = 256;
+
+/// Checks a `Description` against Lambda's limit.
+pub fn check_description(description: Option<&str>) -> Result<(), ControlError> {
+    match description {
+        Some(d) if d.chars().count() > MAX_DESCRIPTION => {
+            Err(ControlError::InvalidParameter(format!(
+                "Description is {} characters long: at most {MAX_DESCRIPTION}",
+                d.chars().count()
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Checks that `version` names `$LATEST` or a published version of `v` (canonically spelt).
 fn check_version(name: &str, v: &Versions, version: &str) -> Result<(), ControlError> {
     if version != "$LATEST" && version_number(version)?.is_none() {
@@ -170,6 +186,7 @@ impl Control {
         revision_id: Option<&str>,
         description: Option<String>,
     ) -> Result<FunctionRecord, ControlError> {
+        check_description(description.as_deref())?;
         let mut reg = self.inner.registry.lock();
         let latest = reg
             .get(name)
@@ -298,6 +315,7 @@ impl Control {
         spec: AliasSpec,
     ) -> Result<Alias, ControlError> {
         check_alias_name(alias)?;
+        check_description(spec.description.as_deref())?;
         let mut reg = self.inner.registry.lock();
         if reg.get(name).is_none() {
             return Err(ControlError::NotFound(name.into()));
@@ -346,6 +364,7 @@ impl Control {
         alias: &str,
         spec: AliasSpec,
     ) -> Result<Alias, ControlError> {
+        check_description(spec.description.as_deref())?;
         let mut reg = self.inner.registry.lock();
         if reg.get(name).is_none() {
             return Err(ControlError::NotFound(name.into()));

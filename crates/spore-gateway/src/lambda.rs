@@ -669,6 +669,17 @@ pub(crate) fn split_ref(
     qualifier: Option<&str>,
 ) -> ApiResult<(String, Option<String>)> {
     let parts: Vec<&str> = reference.split(':').collect();
+    let home = match parts.as_slice() {
+        ["arn", _, _, region, account, "function", ..] => Some((*region, *account)),
+        [account, "function", _, ..] if account.bytes().all(|b| b.is_ascii_digit()) => {
+            Some((spore_registry::layers::region(), *account))
+        }
+        _ => None,
+    };
+    if let Some((region, account)) = home {
+        spore_registry::layers::check_arn_home(reference, region, account)
+            .map_err(ApiError::invalid)?;
+    }
     let (name, in_ref) = match parts.iter().position(|p| *p == "function") {
         Some(i) if i + 1 < parts.len() => (parts[i + 1], parts.get(i + 2).copied()),
         _ => match parts.as_slice() {

@@ -18,6 +18,9 @@ use spore_registry::FunctionRecord;
 use crate::lambda::{parse_json, split_ref, ApiError, ApiResult, QualifierQuery};
 use crate::AppState;
 
+/// Most bytes of a function's resource policy document (Lambda's 20 KB).
+pub const MAX_POLICY_BYTES: usize = 20 * 1024;
+
 /// Most tags of one function (Lambda's limit).
 pub const MAX_TAGS: usize = 50;
 
@@ -305,6 +308,17 @@ pub(crate) async fn add_permission(
                 )));
             }
             e.policy.push(added);
+            let doc = serde_json::json!({
+                "Version": "2012-10-17",
+                "Id": "default",
+                "Statement": e.policy,
+            });
+            let size = doc.to_string().len();
+            if size > MAX_POLICY_BYTES {
+                return Err(ControlError::InvalidParameter(format!(
+                    "The final policy size ({size} bytes) is bigger than the limit ({MAX_POLICY_BYTES}): statement {sid} is not added"
+                )));
+            }
             e.policy_revision += 1;
             Ok(())
         })

@@ -141,6 +141,9 @@ impl Control {
             let Ok(rec) = self.resolve_qualifier(&name, Some(&qualifier), false) else {
                 continue;
             };
+            if rec.version.is_none() {
+                continue; // never $LATEST
+            }
             let key = rec.key();
             let mut tries = 0;
             while self.inner.pools.instance_counts(&key).1 < requested && tries < requested {

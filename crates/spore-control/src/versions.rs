@@ -385,6 +385,11 @@ impl Control {
         }
         if let Some(version) = spec.function_version {
             check_version(name, &v, &version)?;
+            if version == "$LATEST" && v.provisioned.contains_key(alias) {
+                return Err(ControlError::InvalidParameter(format!(
+                    "Alias {alias} has provisioned concurrency, which $LATEST cannot have: delete its provisioned concurrency config first"
+                )));
+            }
             a.function_version = version;
         }
         if let Some(d) = spec.description {

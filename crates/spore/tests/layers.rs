@@ -124,6 +124,7 @@ refused("not a Lambda runtime name", lam.publish_layer_version, LayerName="lim",
 ok = lam.publish_layer_version(LayerName="lim", Description="d" * 256, LicenseInfo="l" * 512, Content=small,
                                CompatibleRuntimes=["python3.12", "nodejs20.x", "java21", "provided.al2023"])
 assert ok["Version"] == 1, ok
+lam.delete_layer_version(LayerName="lim", VersionNumber=1)
 print("ok")
 "##;
 

@@ -266,6 +266,9 @@ while True:
     time.sleep(0.05)
 print("ready_ms", round((time.time() - t0) * 1000))
 assert g["AvailableProvisionedConcurrentExecutions"] == 2, g
+# An alias with provisioned concurrency cannot be pointed at $LATEST.
+refused(lam.update_alias, "InvalidParameterValueException", FunctionName="pc", Name="live",
+        FunctionVersion="$LATEST")
 configs = lam.list_provisioned_concurrency_configs(FunctionName="pc")["ProvisionedConcurrencyConfigs"]
 assert [c["FunctionArn"].rsplit(":", 1)[1] for c in configs] == ["live"], configs
 for _ in range(3):

@@ -168,6 +168,7 @@ impl Control {
             creating: update.is_none(),
             failed: None,
             done: false,
+            publish: false,
             lines: Default::default(),
             dropped: 0,
         };
@@ -252,11 +253,23 @@ impl Control {
                         }
                     }
                 }
+                let publish = reg
+                    .get(name)
+                    .and_then(|r| r.build.as_ref())
+                    .is_some_and(|s| s.publish);
                 drop(reg);
                 self.inner.pools.retire(name);
                 self.prune_layers();
                 tracing::info!(function = %name, layer = %key, built, ms = started.elapsed().as_millis() as u64, "dependency build finished");
                 self.prewarm(name);
+                if publish {
+                    match self.publish_version(name, None, None, None) {
+                        Ok(rec) => self.prewarm(&rec.key()),
+                        Err(e) => self.inner.pools.log(name).push_text(&format!(
+                            "publishing a version after the dependency build failed: {e}"
+                        )),
+                    }
+                }
             }
             Err(why) => {
                 tracing::warn!(function = %name, layer = %key, "dependency build failed: {why}");
@@ -388,6 +401,7 @@ impl Control {
                         "The dependency layer is missing (the daemon stopped during its build): deploy the function again".into(),
                     ),
                     done: false,
+                    publish: false,
                     lines: Default::default(),
                     dropped: 0,
                 }),

@@ -93,6 +93,10 @@ fn destination_function(field: &str, arn: &str) -> Result<String, ControlError> 
         (Some("arn"), "s3") => return refuse("an Amazon S3 bucket"),
         _ => return refuse("not a function ARN"),
     }
+    if let [_, _, _, region, account, "function", ..] = parts.as_slice() {
+        spore_registry::layers::check_arn_home(arn, region, account)
+            .map_err(|e| ControlError::InvalidParameter(format!("{field}: {e}")))?;
+    }
     match parts.as_slice() {
         [_, _, _, _, _, "function", name] | [_, _, _, _, _, "function", name, "$LATEST"] => {
             Ok((*name).to_owned())
@@ -413,7 +417,11 @@ mod tests {
             "sink"
         );
         assert_eq!(
-            destination_function("D", "arn:aws:lambda:us-east-1:1:function:sink:$LATEST").unwrap(),
+            destination_function(
+                "D",
+                "arn:aws:lambda:local:000000000000:function:sink:$LATEST"
+            )
+            .unwrap(),
             "sink"
         );
         for (arn, says) in [
@@ -424,10 +432,14 @@ mod tests {
                 "EventBridge",
             ),
             (
-                "arn:aws:lambda:us-east-1:1:function:sink:live",
+                "arn:aws:lambda:local:000000000000:function:sink:live",
                 "$LATEST only",
             ),
             ("sink", "not a function ARN"),
+            (
+                "arn:aws:lambda:us-east-1:123456789012:function:sink",
+                "this Spore daemon serves",
+            ),
         ] {
             let e = destination_function("D", arn).unwrap_err().to_string();
             assert!(e.contains(says), "{arn}: {e}");

@@ -296,6 +296,7 @@ impl Control {
 
     /// Checks a function's configuration.
     fn check_spec(spec: &FunctionSpec) -> Result<(), ControlError> {
+        versions::check_description(Some(&spec.description))?;
         spec.manifest
             .validate()
             .map_err(|e| ControlError::InvalidParameter(e.to_string()))?;

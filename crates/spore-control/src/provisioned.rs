@@ -63,6 +63,11 @@ impl Control {
             ));
         }
         let rec = self.resolve_qualifier(name, Some(qualifier), false)?;
+        if rec.version.is_none() {
+            return Err(ControlError::InvalidParameter(format!(
+                "Provisioned concurrency cannot be set on alias {qualifier}: it points at $LATEST (point it at a published version)"
+            )));
+        }
         let max = self.inner.pools.max_instances(&rec);
         if n == 0 || n > max {
             return Err(ControlError::InvalidParameter(format!(
@@ -91,6 +96,7 @@ impl Control {
         qualifier: &str,
     ) -> Result<Option<ProvisionedStatus>, ControlError> {
         self.get_function(name)?;
+        crate::versions::version_number(qualifier)?;
         let p = self
             .inner
             .registry
@@ -114,6 +120,7 @@ impl Control {
     /// Stops keeping instances of `qualifier` of `name` (they are reaped as any idle ones);
     /// false if none was set.
     pub fn delete_provisioned(&self, name: &str, qualifier: &str) -> Result<bool, ControlError> {
+        crate::versions::version_number(qualifier)?;
         let mut reg = self.inner.registry.lock();
         if reg.get(name).is_none() {
             return Err(ControlError::NotFound(name.into()));
@@ -134,6 +141,9 @@ impl Control {
             let Ok(rec) = self.resolve_qualifier(&name, Some(&qualifier), false) else {
                 continue;
             };
+            if rec.version.is_none() {
+                continue; // never $LATEST
+            }
             let key = rec.key();
             let mut tries = 0;
             while self.inner.pools.instance_counts(&key).1 < requested && tries < requested {

@@ -42,8 +42,46 @@ fn check_alias_name(alias: &str) -> Result<(), ControlError> {
     }
 }
 
-/// Checks that `version` names `$LATEST` or a published version of `v`.
+/// The version number `q` spells, if it spells one (digits, or what `u64`'s parser takes:
+/// `+1`): only the canonical spelling (`[1-9][0-9]*`) is accepted, so that `01` can never
+/// name version 1 in one place and nothing in another.
+pub(crate) fn version_number(q: &str) -> Result<Option<u64>, ControlError> {
+    let Ok(n) = q.parse::<u64>() else {
+        return Ok(None);
+    };
+    if n == 0 || n.to_string() != q {
+        let shown: String = q.chars().take(100).collect();
+        return Err(ControlError::InvalidParameter(format!(
+            "version {shown:?} must be $LATEST or a version number written without sign or leading zeros (1, 2, ...)"
+        )));
+    }
+    Ok(Some(n))
+}
+
+/// Most characters of a function's, version's or alias's `Description` (Lambda's limit).
+pub const MAX_DESCRIPTION: usize = 256;
+
+/// Checks a `Description` against Lambda's limit.
+pub fn check_description(description: Option<&str>) -> Result<(), ControlError> {
+    match description {
+        Some(d) if d.chars().count() > MAX_DESCRIPTION => {
+            Err(ControlError::InvalidParameter(format!(
+                "Description is {} characters long: at most {MAX_DESCRIPTION}",
+                d.chars().count()
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Checks that `version` names `$LATEST` or a published version of `v` (canonically spelt).
 fn check_version(name: &str, v: &Versions, version: &str) -> Result<(), ControlError> {
+    if version != "$LATEST" && version_number(version)?.is_none() {
+        let shown: String = version.chars().take(100).collect();
+        return Err(ControlError::InvalidParameter(format!(
+            "version {shown:?} must be $LATEST or a published version's number"
+        )));
+    }
     if version == "$LATEST"
         || version
             .parse()
@@ -109,7 +147,7 @@ impl Control {
             Some(q) => q,
         };
         let v = reg.versions(name);
-        let version = if let Ok(n) = q.parse::<u64>() {
+        let version = if let Some(n) = version_number(q)? {
             n.to_string()
         } else {
             let alias = v.aliases.get(q).ok_or_else(|| not_found(name, q))?;
@@ -148,6 +186,7 @@ impl Control {
         revision_id: Option<&str>,
         description: Option<String>,
     ) -> Result<FunctionRecord, ControlError> {
+        check_description(description.as_deref())?;
         let mut reg = self.inner.registry.lock();
         let latest = reg
             .get(name)
@@ -162,6 +201,16 @@ impl Control {
             }
         }
         check_revision(&latest, revision_id)?;
+        if latest
+            .build
+            .as_ref()
+            .is_some_and(|b| !b.done && b.failed.is_none())
+        {
+            return Err(ControlError::ResourceConflict(format!(
+                "The operation cannot be performed at this time. An update is in progress for resource: {}",
+                self.function_arn(name, None)
+            )));
+        }
         let mut v = reg.versions(name);
         if let Some(last) = v.versions.values().next_back() {
             if last.same_code_and_config(&latest) {
@@ -180,6 +229,27 @@ impl Control {
         reg.put_versions(name, v)?;
         tracing::info!(function = %name, version = n, code = %rec.code_hex, "version published");
         Ok(rec)
+    }
+
+    /// Publishes `$LATEST` of `name` after a create or code update with `Publish=true`: at
+    /// once, or, while the dependency build that deploy started runs, once it succeeds (None:
+    /// the version is published then; nothing is published if the build fails).
+    pub fn publish_when_built(&self, name: &str) -> Result<Option<FunctionRecord>, ControlError> {
+        {
+            let mut reg = self.inner.registry.lock();
+            let mut waiting = false;
+            reg.update_build(name, |b| {
+                if !b.done && b.failed.is_none() {
+                    b.publish = true;
+                    waiting = true;
+                }
+            });
+            if waiting {
+                tracing::info!(function = %name, "a version is published once the dependency build succeeds");
+                return Ok(None);
+            }
+        }
+        self.publish_version(name, None, None, None).map(Some)
     }
 
     /// `$LATEST` and every published version of `name`, oldest version first.
@@ -203,7 +273,7 @@ impl Control {
                 return Err(ControlError::NotFound(name.into()));
             }
             let mut v = reg.versions(name);
-            let n: u64 = version.parse().map_err(|_| not_found(name, version))?;
+            let n = version_number(version)?.ok_or_else(|| not_found(name, version))?;
             if !v.versions.contains_key(&n) {
                 return Err(not_found(name, version));
             }
@@ -245,6 +315,7 @@ impl Control {
         spec: AliasSpec,
     ) -> Result<Alias, ControlError> {
         check_alias_name(alias)?;
+        check_description(spec.description.as_deref())?;
         let mut reg = self.inner.registry.lock();
         if reg.get(name).is_none() {
             return Err(ControlError::NotFound(name.into()));
@@ -293,6 +364,7 @@ impl Control {
         alias: &str,
         spec: AliasSpec,
     ) -> Result<Alias, ControlError> {
+        check_description(spec.description.as_deref())?;
         let mut reg = self.inner.registry.lock();
         if reg.get(name).is_none() {
             return Err(ControlError::NotFound(name.into()));
@@ -313,6 +385,11 @@ impl Control {
         }
         if let Some(version) = spec.function_version {
             check_version(name, &v, &version)?;
+            if version == "$LATEST" && v.provisioned.contains_key(alias) {
+                return Err(ControlError::InvalidParameter(format!(
+                    "Alias {alias} has provisioned concurrency, which $LATEST cannot have: delete its provisioned concurrency config first"
+                )));
+            }
             a.function_version = version;
         }
         if let Some(d) = spec.description {
@@ -387,5 +464,26 @@ mod tests {
         for bad in ["", "12", "a:b", "a b", &"x".repeat(129)] {
             assert!(check_alias_name(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn version_spellings() {
+        assert_eq!(version_number("1").unwrap(), Some(1));
+        assert_eq!(version_number("30").unwrap(), Some(30));
+        assert_eq!(version_number("live").unwrap(), None);
+        assert_eq!(version_number("1live").unwrap(), None);
+        for bad in ["01", "+1", "0003", "0"] {
+            assert!(version_number(bad).is_err(), "{bad:?}");
+        }
+        let v = Versions::default();
+        assert!(check_version("f", &v, "$LATEST").is_ok());
+        assert!(matches!(
+            check_version("f", &v, "01"),
+            Err(ControlError::InvalidParameter(_))
+        ));
+        assert!(matches!(
+            check_version("f", &v, "1"),
+            Err(ControlError::NotFound(_))
+        ));
     }
 }

@@ -586,7 +586,7 @@ pub(crate) async fn create_function(
     };
     st.control.prewarm(&rec.manifest.name);
     let rec = if req.publish {
-        crate::versions::publish_after(&st, &rec.manifest.name)?
+        crate::versions::publish_after(&st, &rec.manifest.name.clone(), rec)?
     } else {
         rec
     };
@@ -669,6 +669,17 @@ pub(crate) fn split_ref(
     qualifier: Option<&str>,
 ) -> ApiResult<(String, Option<String>)> {
     let parts: Vec<&str> = reference.split(':').collect();
+    let home = match parts.as_slice() {
+        ["arn", _, _, region, account, "function", ..] => Some((*region, *account)),
+        [account, "function", _, ..] if account.bytes().all(|b| b.is_ascii_digit()) => {
+            Some((spore_registry::layers::region(), *account))
+        }
+        _ => None,
+    };
+    if let Some((region, account)) = home {
+        spore_registry::layers::check_arn_home(reference, region, account)
+            .map_err(ApiError::invalid)?;
+    }
     let (name, in_ref) = match parts.iter().position(|p| *p == "function") {
         Some(i) if i + 1 < parts.len() => (parts[i + 1], parts.get(i + 2).copied()),
         _ => match parts.as_slice() {
@@ -825,7 +836,7 @@ pub(crate) async fn update_code(
     .map_err(|e| ControlError::Internal(e.to_string()))??;
     st.control.prewarm(&rec.manifest.name);
     let rec = if req.publish {
-        crate::versions::publish_after(&st, &rec.manifest.name)?
+        crate::versions::publish_after(&st, &rec.manifest.name.clone(), rec)?
     } else {
         rec
     };
@@ -843,6 +854,18 @@ pub(crate) async fn update_configuration(
     let rec = st.control.get_function(&name)?;
     st.control
         .check_revision(&name, req.revision_id.as_deref())?;
+    if req.publish
+        && rec
+            .build
+            .as_ref()
+            .is_some_and(|b| !b.done && b.failed.is_none())
+    {
+        return Err(ControlError::ResourceConflict(format!(
+            "The operation cannot be performed at this time. An update is in progress for resource: {} (Publish: call PublishVersion once LastUpdateStatus is Successful)",
+            st.control.function_arn(&name, None)
+        ))
+        .into());
+    }
     let mut lambda = rec.lambda.clone();
     if let Some(e) = &req.ephemeral_storage {
         lambda.ephemeral_mb = Some(check_ephemeral(e)?);
@@ -886,7 +909,7 @@ pub(crate) async fn update_configuration(
         .map_err(|e| ControlError::Internal(e.to_string()))??;
     st.control.prewarm(&rec.manifest.name);
     let rec = if req.publish {
-        crate::versions::publish_after(&st, &rec.manifest.name)?
+        crate::versions::publish_now(&st, &rec.manifest.name)?
     } else {
         rec
     };

@@ -85,6 +85,45 @@ fn version_number(v: &str) -> ApiResult<u64> {
         .ok_or_else(|| ApiError::invalid(format!("VersionNumber {v:?} is not a layer version")))
 }
 
+/// Lambda's runtime identifiers (its `Runtime` enum) besides the Python and Node.js ones
+/// Spore parses: a layer's `CompatibleRuntimes` names only these.
+const OTHER_RUNTIMES: &[&str] = &[
+    "nodejs",
+    "nodejs4.3",
+    "nodejs4.3-edge",
+    "nodejs6.10",
+    "nodejs8.10",
+    "java8",
+    "java8.al2",
+    "java11",
+    "java17",
+    "java21",
+    "java25",
+    "python2.7",
+    "dotnetcore1.0",
+    "dotnetcore2.0",
+    "dotnetcore2.1",
+    "dotnetcore3.1",
+    "dotnet6",
+    "dotnet8",
+    "dotnet10",
+    "go1.x",
+    "ruby2.5",
+    "ruby2.7",
+    "ruby3.2",
+    "ruby3.3",
+    "ruby3.4",
+    "provided",
+    "provided.al2",
+    "provided.al2023",
+];
+
+/// Whether `r` is a Lambda runtime name.
+fn known_runtime(r: &str) -> bool {
+    OTHER_RUNTIMES.contains(&r)
+        || r != "python3" && spore_core::manifest::runtime_version(r).is_some()
+}
+
 /// `POST /2018-10-31/layers/{LayerName}/versions`.
 pub(crate) async fn publish(
     State(st): State<AppState>,
@@ -110,10 +149,25 @@ pub(crate) async fn publish(
             "Description is longer than 256 characters",
         ));
     }
+    if req
+        .license_info
+        .as_deref()
+        .is_some_and(|l| l.chars().count() > 512)
+    {
+        return Err(ApiError::invalid(
+            "LicenseInfo is longer than 512 characters",
+        ));
+    }
     if req.compatible_runtimes.len() > 15 || req.compatible_architectures.len() > 2 {
         return Err(ApiError::invalid(
             "At most 15 CompatibleRuntimes and 2 CompatibleArchitectures",
         ));
+    }
+    if let Some(r) = req.compatible_runtimes.iter().find(|r| !known_runtime(r)) {
+        let shown: String = r.chars().take(100).collect();
+        return Err(ApiError::invalid(format!(
+            "CompatibleRuntimes: {shown:?} is not a Lambda runtime name (python3.12, nodejs20.x, java21, provided.al2023, ...)"
+        )));
     }
     let spec = PublishSpec {
         description: req.description,

@@ -18,6 +18,9 @@ use spore_registry::FunctionRecord;
 use crate::lambda::{parse_json, split_ref, ApiError, ApiResult, QualifierQuery};
 use crate::AppState;
 
+/// Most bytes of a function's resource policy document (Lambda's 20 KB).
+pub const MAX_POLICY_BYTES: usize = 20 * 1024;
+
 /// Most tags of one function (Lambda's limit).
 pub const MAX_TAGS: usize = 50;
 
@@ -150,6 +153,11 @@ pub(crate) async fn untag_resource(
     if keys.is_empty() {
         return Err(ApiError::invalid("TagKeys is required"));
     }
+    if let Some(k) = keys.iter().find(|k| k.starts_with("spore:")) {
+        return Err(ApiError::invalid(format!(
+            "Tag key {k:?}: spore: tags are Spore settings, given at CreateFunction only"
+        )));
+    }
     st.control.update_extras(&name, |e| {
         for k in &keys {
             e.tags.remove(k);
@@ -168,16 +176,12 @@ pub(crate) async fn list_tags(
     Ok(axum::Json(serde_json::json!({ "Tags": crate::lambda::all_tags(&rec) })).into_response())
 }
 
-/// Refuses a `Qualifier` other than `$LATEST` (Spore has no versions or aliases here).
-fn latest_only(q: &QualifierQuery) -> ApiResult<()> {
-    match q.qualifier.as_deref() {
-        None | Some("$LATEST") => Ok(()),
-        Some(other) => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "ResourceNotFoundException",
-            format!("Qualifier {other}: Spore keeps one version of each function, $LATEST"),
-        )),
-    }
+/// Checks that a `Qualifier` names `$LATEST`, a published version or an alias of `name`:
+/// Spore keeps the resource policy and the event-invoke configuration per function, and
+/// applies what is set through any of its qualifiers to the whole function.
+fn check_qualifier(st: &AppState, name: &str, qualifier: Option<&str>) -> ApiResult<()> {
+    st.control.resolve_qualifier(name, qualifier, false)?;
+    Ok(())
 }
 
 #[derive(Debug, Deserialize)]
@@ -288,8 +292,8 @@ pub(crate) async fn add_permission(
     Query(q): Query<QualifierQuery>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    latest_only(&q)?;
     let name = unqualified(&name, None)?;
+    check_qualifier(&st, &name, q.qualifier.as_deref())?;
     let req: AddPermissionIn = parse_json(&body)?;
     let stmt = statement(&name, &req)?;
     let rec = st.control.get_function(&name)?;
@@ -304,6 +308,17 @@ pub(crate) async fn add_permission(
                 )));
             }
             e.policy.push(added);
+            let doc = serde_json::json!({
+                "Version": "2012-10-17",
+                "Id": "default",
+                "Statement": e.policy,
+            });
+            let size = doc.to_string().len();
+            if size > MAX_POLICY_BYTES {
+                return Err(ControlError::InvalidParameter(format!(
+                    "The final policy size ({size} bytes) is bigger than the limit ({MAX_POLICY_BYTES}): statement {sid} is not added"
+                )));
+            }
             e.policy_revision += 1;
             Ok(())
         })
@@ -340,8 +355,9 @@ pub(crate) async fn get_policy(
     Path(name): Path<String>,
     Query(q): Query<QualifierQuery>,
 ) -> ApiResult<Response> {
-    latest_only(&q)?;
-    let rec = st.control.get_function(&unqualified(&name, None)?)?;
+    let name = unqualified(&name, None)?;
+    check_qualifier(&st, &name, q.qualifier.as_deref())?;
+    let rec = st.control.get_function(&name)?;
     if rec.extras.policy.is_empty() {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -375,10 +391,8 @@ pub(crate) async fn remove_permission(
     Path((name, sid)): Path<(String, String)>,
     Query(q): Query<RemovePermissionQuery>,
 ) -> ApiResult<Response> {
-    latest_only(&QualifierQuery {
-        qualifier: q.qualifier,
-    })?;
     let name = unqualified(&name, None)?;
+    check_qualifier(&st, &name, q.qualifier.as_deref())?;
     let rec = st.control.get_function(&name)?;
     check_revision(q.revision_id.as_deref(), &rec).map_err(precondition)?;
     let removed = st.control.update_extras(&name, |e| {
@@ -551,8 +565,8 @@ async fn put_or_update_event_config(
     body: Bytes,
     update: bool,
 ) -> ApiResult<Response> {
-    latest_only(&q)?;
     let name = unqualified(&name, None)?;
+    check_qualifier(&st, &name, q.qualifier.as_deref())?;
     let req: EventInvokeIn = parse_json(&body)?;
     let rec = st.control.get_function(&name)?;
     let base = match (update, rec.extras.event_invoke) {
@@ -607,8 +621,8 @@ pub(crate) async fn get_event_config(
     Path(name): Path<String>,
     Query(q): Query<QualifierQuery>,
 ) -> ApiResult<Response> {
-    latest_only(&q)?;
     let name = unqualified(&name, None)?;
+    check_qualifier(&st, &name, q.qualifier.as_deref())?;
     let rec = st.control.get_function(&name)?;
     let cfg = rec
         .extras
@@ -623,8 +637,8 @@ pub(crate) async fn delete_event_config(
     Path(name): Path<String>,
     Query(q): Query<QualifierQuery>,
 ) -> ApiResult<Response> {
-    latest_only(&q)?;
     let name = unqualified(&name, None)?;
+    check_qualifier(&st, &name, q.qualifier.as_deref())?;
     let had = st
         .control
         .update_extras(&name, |e| Ok(e.event_invoke.take().is_some()))?;
@@ -690,8 +704,8 @@ pub(crate) async fn runtime_management_config(
     Path(name): Path<String>,
     Query(q): Query<QualifierQuery>,
 ) -> ApiResult<Response> {
-    latest_only(&q)?;
     let name = unqualified(&name, None)?;
+    check_qualifier(&st, &name, q.qualifier.as_deref())?;
     st.control.get_function(&name)?;
     Ok(axum::Json(serde_json::json!({
         "UpdateRuntimeOn": "Auto",

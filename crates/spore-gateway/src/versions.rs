@@ -59,11 +59,28 @@ pub(crate) fn paginate<T>(
     Ok((page, next))
 }
 
-/// Publishes `$LATEST` of `name` after a create or update with `Publish=true`.
-pub(crate) fn publish_after(st: &AppState, name: &str) -> ApiResult<FunctionRecord> {
+/// Publishes `$LATEST` of `name` after a configuration update with `Publish=true`.
+pub(crate) fn publish_now(st: &AppState, name: &str) -> ApiResult<FunctionRecord> {
     let rec = st.control.publish_version(name, None, None, None)?;
     st.control.prewarm(&rec.key());
     Ok(rec)
+}
+
+/// Publishes `$LATEST` of `name` after a create or code update with `Publish=true`; while
+/// the dependency build it started runs, the version is published once it succeeds and
+/// `rec` (`$LATEST`, `Pending` or `InProgress`) is returned.
+pub(crate) fn publish_after(
+    st: &AppState,
+    name: &str,
+    rec: FunctionRecord,
+) -> ApiResult<FunctionRecord> {
+    match st.control.publish_when_built(name)? {
+        Some(v) => {
+            st.control.prewarm(&v.key());
+            Ok(v)
+        }
+        None => Ok(rec),
+    }
 }
 
 /// The function a versions or aliases call names (never with a qualifier).

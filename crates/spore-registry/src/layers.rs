@@ -39,6 +39,30 @@ pub fn arn_prefix() -> &'static str {
         .unwrap_or(DEFAULT_ARN_PREFIX)
 }
 
+/// The region the daemon's ARNs name.
+pub fn region() -> &'static str {
+    arn_prefix().split(':').nth(3).unwrap_or_default()
+}
+
+/// Checks that an ARN's `region` and `account` are the daemon's (see [`arn_prefix`]); the
+/// error says what this daemon serves.
+pub fn check_arn_home(arn: &str, region: &str, account: &str) -> Result<(), String> {
+    let ours: Vec<&str> = arn_prefix().split(':').collect();
+    let (our_region, our_account) = (ours.get(3).copied(), ours.get(4).copied());
+    if our_region == Some(region) && our_account == Some(account) {
+        return Ok(());
+    }
+    let mut shown: String = arn.chars().take(100).collect();
+    if shown.len() < arn.len() {
+        shown.push_str("...");
+    }
+    Err(format!(
+        "{shown:?} names region {region:?} and account {account:?}: this Spore daemon serves region {:?}, account {:?}, and has nothing of another",
+        our_region.unwrap_or_default(),
+        our_account.unwrap_or_default()
+    ))
+}
+
 /// One published version of a layer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LayerVersion {
@@ -152,33 +176,52 @@ pub fn check_name(name: &str) -> Result<(), LayerError> {
         Ok(())
     } else {
         Err(LayerError::Invalid(format!(
-            "Layer name {name:?} must be 1 to 140 letters, digits, hyphens or underscores"
+            "Layer name {:?} must be 1 to 140 letters, digits, hyphens or underscores",
+            shown(name)
         )))
     }
 }
 
+/// At most the first 100 characters of `s`, for an error message that names a bad value.
+fn shown(s: &str) -> String {
+    let mut out: String = s.chars().take(100).collect();
+    if out.len() < s.len() {
+        out.push_str("...");
+    }
+    out
+}
+
 /// Splits a layer name or layer ARN (`arn:aws:lambda:<region>:<account>:layer:<name>`, with or
-/// without `:<version>`) into the name and the version it names, if any.
+/// without `:<version>`) into the name and the version it names, if any. An ARN must name the
+/// daemon's region and account (see [`arn_prefix`]), and a version is written canonically.
 pub fn parse_ref(reference: &str) -> Result<(String, Option<u64>), LayerError> {
     let parts: Vec<&str> = reference.split(':').collect();
     let (name, version) = match parts.as_slice() {
         [name] => (*name, None),
-        ["arn", _, "lambda", _, _, "layer", name] => (*name, None),
-        ["arn", _, "lambda", _, _, "layer", name, v] => (*name, Some(*v)),
+        ["arn", _, "lambda", region, account, "layer", name, rest @ ..] if rest.len() <= 1 => {
+            check_arn_home(reference, region, account).map_err(LayerError::Invalid)?;
+            (*name, rest.first().copied())
+        }
         _ => {
             return Err(LayerError::Invalid(format!(
-                "{reference:?} is not a layer name or layer ARN (arn:aws:lambda:<region>:<account>:layer:<name>[:<version>])"
+                "{:?} is not a layer name or layer ARN (arn:aws:lambda:<region>:<account>:layer:<name>[:<version>])",
+                shown(reference)
             )))
         }
     };
     check_name(name)?;
     let version = version
         .map(|v| {
-            v.parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| {
-                LayerError::Invalid(format!(
-                    "Layer version {v:?} in {reference:?} is not a number"
-                ))
-            })
+            v.parse::<u64>()
+                .ok()
+                .filter(|n| *n > 0 && n.to_string() == v)
+                .ok_or_else(|| {
+                    LayerError::Invalid(format!(
+                        "Layer version {:?} in {:?} is not a version number (1, 2, ... without sign or leading zeros)",
+                        shown(v),
+                        shown(reference)
+                    ))
+                })
         })
         .transpose()?;
     Ok((name.to_owned(), version))
@@ -318,19 +361,31 @@ impl LayerStore {
                 arns.len()
             )));
         }
-        let mut seen = BTreeSet::new();
+        let mut seen = BTreeMap::new();
         arns.iter()
             .map(|arn| {
-                let (name, version) = parse_ref(arn)?;
+                let (name, version) = parse_ref(arn).map_err(|e| match e {
+                    LayerError::Invalid(m) => LayerError::Invalid(format!("Layers: {m}")),
+                    e => e,
+                })?;
                 let version = version.ok_or_else(|| {
                     LayerError::Invalid(format!(
-                        "Layers: {arn:?} names no version; give a layer version ARN (...:layer:{name}:<version>)"
+                        "Layers: {:?} names no version; give a layer version ARN (...:layer:{name}:<version>)",
+                        shown(arn)
                     ))
                 })?;
-                if !seen.insert(name.clone()) {
-                    return Err(LayerError::Invalid(format!(
-                        "Two different versions of the same layer are not allowed: {name}"
-                    )));
+                match seen.insert(name.clone(), version) {
+                    Some(v) if v == version => {
+                        return Err(LayerError::Invalid(format!(
+                            "Layers: layer version {name}:{version} is given twice"
+                        )))
+                    }
+                    Some(_) => {
+                        return Err(LayerError::Invalid(format!(
+                            "Two different versions of the same layer are not allowed: {name}"
+                        )))
+                    }
+                    None => {}
                 }
                 let v = self
                     .get(&name, version)
@@ -480,5 +535,34 @@ mod tests {
             Err(LayerError::Invalid(_))
         ));
         assert!(s.publish("bad/name", b"", PublishSpec::default()).is_err());
+    }
+
+    #[test]
+    fn references_name_this_daemon_and_canonical_versions() {
+        let data = tempfile::tempdir().unwrap();
+        let (mut s, _) = LayerStore::open(data.path()).unwrap();
+        let a = s
+            .publish("l", &zip_with("bin/x", "x"), PublishSpec::default())
+            .unwrap();
+        assert_eq!(parse_ref(&a.version_arn()).unwrap(), ("l".into(), Some(1)));
+        let other_region = a.version_arn().replacen(":local:", ":eu-west-1:", 1);
+        let other_account = a
+            .version_arn()
+            .replacen(":000000000000:", ":123456789012:", 1);
+        for bad in [other_region, other_account] {
+            let e = parse_ref(&bad).unwrap_err().to_string();
+            assert!(e.contains("this Spore daemon serves"), "{bad}: {e}");
+        }
+        for bad in ["01", "+1"] {
+            let arn = format!("{}:{bad}", a.layer_arn());
+            assert!(parse_ref(&arn).is_err(), "{arn}");
+        }
+        let e = s
+            .resolve(&[a.version_arn(), a.version_arn()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("given twice"), "{e}");
+        let e = parse_ref(&"x/".repeat(500)).unwrap_err().to_string();
+        assert!(e.len() < 300, "{e}");
     }
 }

@@ -120,6 +120,9 @@ pub struct BuildStatus {
     pub failed: Option<String>,
     /// It succeeded (its output stays readable until the next deploy).
     pub done: bool,
+    /// A version is to be published once it succeeds (`Publish=true` on the create or code
+    /// update that started it).
+    pub publish: bool,
     /// The build's output lines so far (pip's or npm's), the last [`BUILD_LINES`] (shared:
     /// records are cloned on every invocation).
     pub lines: std::sync::Arc<Vec<String>>,

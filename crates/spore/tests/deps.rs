@@ -207,7 +207,7 @@ fn a_broken_requirement_fails_with_pips_message_and_the_old_revision_serves() {
 }
 
 const BOTO3: &str = r#"
-import io, json, sys, zipfile
+import io, json, sys, time, zipfile
 import boto3, botocore
 
 endpoint, code_dir = sys.argv[1], sys.argv[2]
@@ -220,17 +220,38 @@ def package(requirements, tag):
         z.writestr("requirements.txt", requirements)
     return buf.getvalue()
 conf = lam.create_function(FunctionName="sdk-deps", Runtime="python3.11", Role="arn:aws:iam::1:role/r",
-                           Handler="main.handler", Code={"ZipFile": package("six==1.17.0\nMarkupSafe==3.0.2\n", "one")})
+                           Handler="main.handler", Publish=True,
+                           Code={"ZipFile": package("six==1.17.0\nMarkupSafe==3.0.2\n", "one")})
 assert conf["State"] == "Pending" and conf["StateReasonCode"] == "Creating", conf
+# Publish waits for the build: nothing is published while Pending.
+assert conf["Version"] == "$LATEST", conf
 try:
     lam.invoke(FunctionName="sdk-deps", Payload=b"{}")
     raise SystemExit("expected ResourceConflictException while Pending")
 except lam.exceptions.ResourceConflictException as e:
     assert "following state: Pending" in str(e), e
+try:
+    lam.publish_version(FunctionName="sdk-deps")
+    raise SystemExit("expected ResourceConflictException from PublishVersion while Pending")
+except lam.exceptions.ResourceConflictException as e:
+    assert "An update is in progress for resource" in str(e), e
+assert [v["Version"] for v in lam.list_versions_by_function(FunctionName="sdk-deps")["Versions"]] == ["$LATEST"]
+
+def versions_become(want):
+    deadline = time.time() + 30
+    while True:
+        got = [v["Version"] for v in lam.list_versions_by_function(FunctionName="sdk-deps")["Versions"]]
+        if got == want:
+            return
+        assert time.time() < deadline, (got, want)
+        time.sleep(0.1)
 lam.get_waiter("function_active_v2").wait(FunctionName="sdk-deps",
                                           WaiterConfig={"Delay": 1, "MaxAttempts": 120})
 conf = lam.get_function(FunctionName="sdk-deps")["Configuration"]
 assert conf["State"] == "Active" and conf["LastUpdateStatus"] == "Successful", conf
+# The version Publish asked for is published once the build succeeded.
+versions_become(["$LATEST", "1"])
+assert lam.get_function(FunctionName="sdk-deps", Qualifier="1")["Configuration"]["CodeSha256"] == conf["CodeSha256"]
 r = lam.invoke(FunctionName="sdk-deps", Payload=b"{}")
 body = json.loads(r["Payload"].read())
 assert "FunctionError" not in r and body["tag"] == "one" and body["markupsafe"] == "3.0.2", body
@@ -249,9 +270,21 @@ assert "No matching distribution found for no-such-package-spore" in conf["LastU
 r = lam.invoke(FunctionName="sdk-deps", Payload=b"{}")
 assert json.loads(r["Payload"].read())["tag"] == "one", "the old revision serves"
 
-lam.update_function_code(FunctionName="sdk-deps", ZipFile=package("six==1.17.0\n", "three"))
+conf = lam.update_function_code(FunctionName="sdk-deps", ZipFile=package("six==1.17.0\n", "three"),
+                                Publish=True)
+# The old code is not published: the new code is, once its build succeeds.
+assert conf["Version"] == "$LATEST" and conf["LastUpdateStatus"] == "InProgress", conf
+try:
+    lam.publish_version(FunctionName="sdk-deps")
+    raise SystemExit("expected ResourceConflictException from PublishVersion while InProgress")
+except lam.exceptions.ResourceConflictException as e:
+    assert "An update is in progress for resource" in str(e), e
 lam.get_waiter("function_updated_v2").wait(FunctionName="sdk-deps",
                                            WaiterConfig={"Delay": 1, "MaxAttempts": 120})
+versions_become(["$LATEST", "1", "2"])
+latest = lam.get_function_configuration(FunctionName="sdk-deps")
+v2 = lam.get_function_configuration(FunctionName="sdk-deps", Qualifier="2")
+assert v2["CodeSha256"] == latest["CodeSha256"], (v2, latest)
 r = lam.invoke(FunctionName="sdk-deps", Payload=b"{}")
 body = json.loads(r["Payload"].read())
 assert "FunctionError" in r and "markupsafe" in json.dumps(body), body

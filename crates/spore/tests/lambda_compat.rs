@@ -18,11 +18,25 @@ fn unknown_qualifiers_are_not_found_and_never_delete() {
     for path in [
         "/2015-03-31/functions/echo/invocations?Qualifier=1",
         "/2015-03-31/functions/echo:live/invocations",
-        "/2015-03-31/functions/arn:aws:lambda:us-east-1:1:function:echo:live/invocations",
+        "/2015-03-31/functions/arn:aws:lambda:local:000000000000:function:echo:live/invocations",
     ] {
         let r = invoke(path);
         assert_eq!(r.status(), 404, "{path}");
         assert_eq!(error_type(&r), "ResourceNotFoundException");
+    }
+    // An ARN of another region or account names nothing this daemon has.
+    for path in [
+        "/2015-03-31/functions/arn:aws:lambda:us-east-1:000000000000:function:echo/invocations",
+        "/2015-03-31/functions/arn:aws:lambda:local:123456789012:function:echo/invocations",
+        "/2015-03-31/functions/123456789012:function:echo/invocations",
+    ] {
+        let r = invoke(path);
+        assert_eq!(r.status(), 400, "{path}");
+        assert_eq!(error_type(&r), "InvalidParameterValueException");
+        assert!(
+            r.text().unwrap().contains("this Spore daemon serves"),
+            "{path}"
+        );
     }
     assert_eq!(
         invoke("/2015-03-31/functions/echo/invocations?Qualifier=%24LATEST").status(),

@@ -90,6 +90,41 @@ try:
     raise SystemExit("expected InvalidParameterValueException on update")
 except lam.exceptions.InvalidParameterValueException:
     pass
+
+def refused(says, fn, **kw):
+    try:
+        fn(**kw)
+    except lam.exceptions.InvalidParameterValueException as e:
+        msg = e.response["Error"]["Message"]
+        assert says in msg and len(msg) < 400, (says, msg)
+        return
+    raise SystemExit(f"expected InvalidParameterValueException ({says}) from {kw}")
+
+# The same layer version twice says so; a layer of another region or account, or a version
+# not written canonically, names nothing here.
+refused("given twice", lam.update_function_configuration, FunctionName="lay-container",
+        Layers=[a["LayerVersionArn"]] * 2)
+elsewhere = a["LayerVersionArn"].replace(":local:", ":us-east-1:")
+for bad in [elsewhere, a["LayerVersionArn"].replace(":000000000000:", ":123456789012:")]:
+    refused("this Spore daemon serves", lam.update_function_configuration, FunctionName="lay-container",
+            Layers=[bad])
+    refused("this Spore daemon serves", lam.get_layer_version_by_arn, Arn=bad)
+refused("not a version number", lam.update_function_configuration, FunctionName="lay-container",
+        Layers=[a["LayerVersionArn"][:-1] + "01"])
+refused("this Spore daemon serves", lam.publish_layer_version, LayerName=elsewhere.rsplit(":", 1)[0],
+        Content={"ZipFile": zipped({"x": "y"})})
+# Lambda's limits of what a layer version says of itself.
+small = {"ZipFile": zipped({"x": "y"})}
+refused("Description", lam.publish_layer_version, LayerName="lim", Description="d" * 257, Content=small)
+refused("LicenseInfo", lam.publish_layer_version, LayerName="lim", LicenseInfo="l" * 513, Content=small)
+refused("CompatibleRuntimes", lam.publish_layer_version, LayerName="lim", Content=small,
+        CompatibleRuntimes=["python3.11"] * 16)
+refused("not a Lambda runtime name", lam.publish_layer_version, LayerName="lim", Content=small,
+        CompatibleRuntimes=["cobol" * 100])
+ok = lam.publish_layer_version(LayerName="lim", Description="d" * 256, LicenseInfo="l" * 512, Content=small,
+                               CompatibleRuntimes=["python3.12", "nodejs20.x", "java21", "provided.al2023"])
+assert ok["Version"] == 1, ok
+lam.delete_layer_version(LayerName="lim", VersionNumber=1)
 print("ok")
 "##;
 

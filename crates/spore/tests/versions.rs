@@ -75,7 +75,7 @@ executed, body, _ = call("ver", "1")
 assert (executed, body["code"], body["version"], body["ctx"]) == ("1", "one", "1", "1"), body
 executed, body, _ = call("ver:1")
 assert (executed, body["code"]) == ("1", "one"), body
-executed, body, _ = call("arn:aws:lambda:us-east-1:000000000000:function:ver:2")
+executed, body, _ = call("arn:aws:lambda:local:000000000000:function:ver:2")
 assert (executed, body["code"], body["version"]) == ("2", "two", "2"), body
 executed, body, _ = call("ver")
 assert (executed, body["code"], body["version"]) == ("$LATEST", "two", "$LATEST"), body
@@ -266,6 +266,9 @@ while True:
     time.sleep(0.05)
 print("ready_ms", round((time.time() - t0) * 1000))
 assert g["AvailableProvisionedConcurrentExecutions"] == 2, g
+# An alias with provisioned concurrency cannot be pointed at $LATEST.
+refused(lam.update_alias, "InvalidParameterValueException", FunctionName="pc", Name="live",
+        FunctionVersion="$LATEST")
 configs = lam.list_provisioned_concurrency_configs(FunctionName="pc")["ProvisionedConcurrencyConfigs"]
 assert [c["FunctionArn"].rsplit(":", 1)[1] for c in configs] == ["live"], configs
 for _ in range(3):
@@ -761,5 +764,108 @@ fn an_invoke_only_key_invokes_versions_but_cannot_publish_or_alias() {
         .send()
         .unwrap();
     assert_eq!(r.status(), 200, "the alias is still there");
+    d.stop();
+}
+
+const STRICT: &str = r#"
+lam.create_function(FunctionName="strict", Runtime="python3.11", Role="arn:aws:iam::1:role/r",
+                    Handler="main.handler", Code={"ZipFile": code("s1")}, Publish=True)
+lam.update_function_code(FunctionName="strict", ZipFile=code("s2"))
+lam.publish_version(FunctionName="strict")
+# Version numbers are written one way only: 01, +1, 0003 name nothing.
+for bad in ["01", "+1", "0003", "0"]:
+    refused(lam.create_alias, "InvalidParameterValueException", FunctionName="strict", Name="a" + bad.strip("+"),
+            FunctionVersion=bad)
+    refused(lam.get_function, "InvalidParameterValueException", FunctionName="strict", Qualifier=bad)
+    refused(lam.delete_function, "InvalidParameterValueException", FunctionName="strict", Qualifier=bad)
+    refused(lam.put_provisioned_concurrency_config, "InvalidParameterValueException", FunctionName="strict",
+            Qualifier=bad, ProvisionedConcurrentExecutions=1)
+    refused(lam.delete_provisioned_concurrency_config, "InvalidParameterValueException", FunctionName="strict",
+            Qualifier=bad)
+refused(lam.create_alias, "InvalidParameterValueException", FunctionName="strict", Name="w", FunctionVersion="2",
+        RoutingConfig={"AdditionalVersionWeights": {"01": 0.5}})
+lam.create_alias(FunctionName="strict", Name="live", FunctionVersion="1")
+assert [v["Version"] for v in lam.list_versions_by_function(FunctionName="strict")["Versions"]] == ["$LATEST", "1", "2"]
+
+# Provisioned concurrency through an alias of $LATEST is refused, as on $LATEST.
+lam.create_alias(FunctionName="strict", Name="head", FunctionVersion="$LATEST")
+e = refused(lam.put_provisioned_concurrency_config, "InvalidParameterValueException", FunctionName="strict",
+            Qualifier="head", ProvisionedConcurrentExecutions=1)
+assert "$LATEST" in e["Error"]["Message"], e
+
+# Policies and event-invoke configs through an existing version or alias apply to the function.
+arn = lam.get_function(FunctionName="strict")["Configuration"]["FunctionArn"]
+lam.add_permission(FunctionName="strict", Qualifier="live", StatementId="s3", Action="lambda:InvokeFunction",
+                   Principal="s3.amazonaws.com")
+lam.add_permission(FunctionName="strict", Qualifier="1", StatementId="sns", Action="lambda:InvokeFunction",
+                   Principal="sns.amazonaws.com")
+for q in [None, "live", "1", "$LATEST"]:
+    kw = {"Qualifier": q} if q else {}
+    doc = json.loads(lam.get_policy(FunctionName="strict", **kw)["Policy"])
+    assert sorted(s["Sid"] for s in doc["Statement"]) == ["s3", "sns"], (q, doc)
+for q in ["nosuch", "7"]:
+    e = refused(lam.add_permission, "ResourceNotFoundException", FunctionName="strict", Qualifier=q, StatementId="x",
+                Action="lambda:InvokeFunction", Principal="s3.amazonaws.com")
+    assert "one version" not in e["Error"]["Message"], e
+    refused(lam.get_policy, "ResourceNotFoundException", FunctionName="strict", Qualifier=q)
+lam.remove_permission(FunctionName="strict", Qualifier="live", StatementId="sns")
+lam.put_function_event_invoke_config(FunctionName="strict", Qualifier="live", MaximumRetryAttempts=1)
+assert lam.get_function_event_invoke_config(FunctionName="strict")["MaximumRetryAttempts"] == 1
+assert lam.get_function_event_invoke_config(FunctionName="strict", Qualifier="1")["MaximumRetryAttempts"] == 1
+lam.delete_function_event_invoke_config(FunctionName="strict", Qualifier="1")
+refused(lam.get_function_event_invoke_config, "ResourceNotFoundException", FunctionName="strict")
+
+# A policy document is at most 20 KB: the statement that would pass it is refused.
+added, big = 0, "arn:aws:s3:::" + "b" * 900
+for i in range(40):
+    try:
+        lam.add_permission(FunctionName="strict", StatementId=f"big{i}", Action="lambda:InvokeFunction",
+                           Principal="s3.amazonaws.com", SourceArn=big)
+        added += 1
+    except botocore.exceptions.ClientError as e:
+        assert e.response["Error"]["Code"] == "InvalidParameterValueException", e.response
+        assert "bigger than the limit" in e.response["Error"]["Message"], e.response
+        break
+assert 10 < added < 40, added
+assert len(lam.get_policy(FunctionName="strict")["Policy"]) <= 20480
+
+# Descriptions are at most 256 characters; an error never echoes the whole of a bad value.
+long = "d" * 257
+refused(lam.publish_version, "InvalidParameterValueException", FunctionName="strict", Description=long)
+refused(lam.create_alias, "InvalidParameterValueException", FunctionName="strict", Name="l", FunctionVersion="1",
+        Description=long)
+refused(lam.update_alias, "InvalidParameterValueException", FunctionName="strict", Name="live", Description=long)
+refused(lam.update_function_configuration, "InvalidParameterValueException", FunctionName="strict",
+        Description=long)
+refused(lam.create_function, "InvalidParameterValueException", FunctionName="strict2", Runtime="python3.11",
+        Role="arn:aws:iam::1:role/r", Handler="main.handler", Code={"ZipFile": code("x")}, Description=long)
+lam.update_function_configuration(FunctionName="strict", Description="d" * 256)
+
+# ARNs of another region or account name nothing here.
+other = arn.replace(":local:", ":eu-west-1:")
+for fn, kw in [(lam.tag_resource, {"Resource": other, "Tags": {"a": "b"}}),
+               (lam.list_tags, {"Resource": other}),
+               (lam.get_function, {"FunctionName": other}),
+               (lam.put_function_event_invoke_config,
+                {"FunctionName": "strict", "DestinationConfig": {"OnFailure": {"Destination":
+                    arn.replace(":000000000000:", ":123456789012:").replace("strict", "sink")}}})]:
+    e = refused(fn, "InvalidParameterValueException", **kw)
+    assert "this Spore daemon serves" in e["Error"]["Message"], e
+
+# spore: tags are set at create only: neither tagged nor untagged later.
+refused(lam.untag_resource, "InvalidParameterValueException", Resource=arn, TagKeys=["spore:sandbox"])
+print("strict OK")
+"#;
+
+#[test]
+fn qualifiers_limits_and_arns_are_checked_as_lambda_does() {
+    let test = "qualifiers_limits_and_arns_are_checked_as_lambda_does";
+    if !can_sandbox(test) {
+        return;
+    }
+    let mut d = Daemon::start();
+    if let Some(out) = run(test, &d, STRICT, &[]) {
+        assert!(out.contains("strict OK"), "{out}");
+    }
     d.stop();
 }

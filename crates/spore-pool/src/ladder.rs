@@ -197,21 +197,26 @@ impl Pools {
             .entry(name.clone())
             .or_default()
             .clone();
+        let current = || {
+            self.inner
+                .templates
+                .lock()
+                .expect("templates lock")
+                .get(name)
+                .cloned()
+        };
+        // The usable template there was before waiting, if any: a call that waited only for
+        // other calls to pass (a burst) did not wait for a build.
+        let before = current().filter(|t| t.is_alive() && t.revision == rec.revision);
         let waiting = std::time::Instant::now();
         let _creating = lock.lock().await;
-        // Over a millisecond: another task (a prewarm, a concurrent call) was building the
-        // template, and this call waited for it.
         let waited_ms = waiting.elapsed().as_secs_f64() * 1000.0;
-        let existing = self
-            .inner
-            .templates
-            .lock()
-            .expect("templates lock")
-            .get(name)
-            .cloned();
-        if let Some(t) = existing {
+        if let Some(t) = current() {
             if t.is_alive() && t.revision == rec.revision && fresh.is_none() {
-                return Ok((t, (waited_ms > 1.0).then_some(waited_ms)));
+                // Over a millisecond for a template that appeared meanwhile: another task (a
+                // prewarm, a concurrent call) was building it, and this call waited for it.
+                let built_meanwhile = before.as_ref().is_none_or(|b| !Arc::ptr_eq(b, &t));
+                return Ok((t, (built_meanwhile && waited_ms > 1.0).then_some(waited_ms)));
             }
             self.drop_template(name, &t);
         }

@@ -447,8 +447,19 @@ impl Template {
         // as it is set up, without a round trip through the daemon. Only small frames, which
         // fit in the new socket's buffer, so that this write cannot block.
         let pipelined = first_invoke.filter(|f| f.len() <= 64 * 1024);
+        let mut invoke_sent = false;
         let sent = sent.and_then(|()| match &pipelined {
-            Some(frame) => std::io::Write::write_all(&mut &ours, frame),
+            Some(frame) => match std::io::Write::write_all(&mut &ours, frame) {
+                Ok(()) => {
+                    invoke_sent = true;
+                    Ok(())
+                }
+                // The template refused the fork and closed the child's end already (a
+                // threaded template): its answer, read next, says why; a child that does
+                // come up gets its first invocation from the caller.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+                Err(e) => Err(e),
+            },
             None => Ok(()),
         });
         let result = match sent {
@@ -480,7 +491,7 @@ impl Template {
                     cgroup: Some(cgroup),
                     memory_mb: m.memory_mb,
                     stderr_tail: Arc::default(),
-                    invoke_sent: pipelined.is_some(),
+                    invoke_sent,
                     shared_bytes: self.shared_bytes,
                     init_logs: String::new(),
                     streamed: String::new(),

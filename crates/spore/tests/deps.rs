@@ -94,6 +94,18 @@ fn deploy(d: &Daemon, dir: &Path) -> (bool, String, String, Duration) {
 
 const REQS: &str = "six==1.17.0\nMarkupSafe==3.0.2\n";
 
+/// A local package `pkg` in the function folder `f` (a `requirements.txt` line
+/// `/var/task/<pkg>` names it) whose in-tree PEP 517 build backend is `backend` (Python).
+fn local_package(f: &Path, pkg: &str, backend: &str) {
+    std::fs::create_dir_all(f.join(pkg)).unwrap();
+    std::fs::write(
+        f.join(pkg).join("pyproject.toml"),
+        format!("[build-system]\nrequires = []\nbuild-backend = \"backend\"\nbackend-path = [\".\"]\n\n[project]\nname = \"{pkg}\"\nversion = \"1\"\n"),
+    )
+    .unwrap();
+    std::fs::write(f.join(pkg).join("backend.py"), backend).unwrap();
+}
+
 #[test]
 fn python_requirements_build_once_and_are_shared() {
     let Some((d, tmp)) = daemon("python_requirements_build_once_and_are_shared") else {
@@ -403,13 +415,7 @@ fn the_build_runs_as_an_unprivileged_uid_in_its_own_namespaces() {
     };
     let f = tmp.path().join("probe");
     python_function(&f, "deps-probe", "/var/task/probe\n", "p");
-    std::fs::create_dir_all(f.join("probe")).unwrap();
-    std::fs::write(
-        f.join("probe/pyproject.toml"),
-        "[build-system]\nrequires = []\nbuild-backend = \"backend\"\nbackend-path = [\".\"]\n\n[project]\nname = \"probe\"\nversion = \"1\"\n",
-    )
-    .unwrap();
-    std::fs::write(f.join("probe/backend.py"), PROBE_BACKEND).unwrap();
+    local_package(&f, "probe", PROBE_BACKEND);
     let (ok, _, err, _) = deploy(&d, &f);
     assert!(!ok, "the probe fails the build on purpose");
     let line = err
@@ -515,17 +521,11 @@ fn a_build_past_its_time_limit_is_stopped_with_the_reason() {
     );
     let f = tmp.path().join("slow");
     python_function(&f, "deps-slow", "/var/task/slow\n", "s");
-    std::fs::create_dir_all(f.join("slow")).unwrap();
-    std::fs::write(
-        f.join("slow/pyproject.toml"),
-        "[build-system]\nrequires = []\nbuild-backend = \"backend\"\nbackend-path = [\".\"]\n\n[project]\nname = \"slow\"\nversion = \"1\"\n",
-    )
-    .unwrap();
-    std::fs::write(
-        f.join("slow/backend.py"),
+    local_package(
+        &f,
+        "slow",
         "import time\ndef get_requires_for_build_wheel(*a, **k):\n    time.sleep(600)\n",
-    )
-    .unwrap();
+    );
     let t = Instant::now();
     let (ok, _, err, _) = deploy(&d, &f);
     assert!(!ok);
@@ -559,13 +559,7 @@ fn without_an_index_the_build_has_egress_in_its_own_network_namespace() {
     let d = Daemon::start_at(&tmp.path().join("data"), &[]);
     let f = tmp.path().join("probe");
     python_function(&f, "deps-probe-net", "/var/task/probe\n", "p");
-    std::fs::create_dir_all(f.join("probe")).unwrap();
-    std::fs::write(
-        f.join("probe/pyproject.toml"),
-        "[build-system]\nrequires = []\nbuild-backend = \"backend\"\nbackend-path = [\".\"]\n\n[project]\nname = \"probe\"\nversion = \"1\"\n",
-    )
-    .unwrap();
-    std::fs::write(f.join("probe/backend.py"), PROBE_BACKEND).unwrap();
+    local_package(&f, "probe", PROBE_BACKEND);
     let (ok, _, err, _) = deploy(&d, &f);
     assert!(!ok, "the probe fails the build on purpose");
     let line = err
@@ -689,18 +683,12 @@ fn a_build_writing_past_the_output_limit_fails_and_never_holds_more_than_it() {
     );
     let f = tmp.path().join("fill");
     python_function(&f, "deps-fill", "/var/task/fill\n", "f");
-    std::fs::create_dir_all(f.join("fill")).unwrap();
-    std::fs::write(
-        f.join("fill/pyproject.toml"),
-        "[build-system]\nrequires = []\nbuild-backend = \"backend\"\nbackend-path = [\".\"]\n\n[project]\nname = \"fill\"\nversion = \"1\"\n",
-    )
-    .unwrap();
     // 64 MiB, four times the limit, straight into the output directory.
-    std::fs::write(
-        f.join("fill/backend.py"),
+    local_package(
+        &f,
+        "fill",
         "def get_requires_for_build_wheel(*a, **k):\n    with open('/opt/spore/build/fill', 'wb') as out:\n        for _ in range(64):\n            out.write(b'\\0' * (1 << 20))\n            out.flush()\n    return []\n",
-    )
-    .unwrap();
+    );
     // Watch the data dir's layers while the build runs (bounded in time).
     let deps_dir = d.data.join("deps");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -951,17 +939,7 @@ fn a_daemon_stopped_during_a_build_leaves_no_mount() {
     };
     let f = tmp.path().join("slow");
     python_function(&f, "deps-stopped", "/var/task/slow\n", "s");
-    std::fs::create_dir_all(f.join("slow")).unwrap();
-    std::fs::write(
-        f.join("slow/pyproject.toml"),
-        "[build-system]\nrequires = []\nbuild-backend = \"backend\"\nbackend-path = [\".\"]\n\n[project]\nname = \"slow\"\nversion = \"1\"\n",
-    )
-    .unwrap();
-    std::fs::write(
-        f.join("slow/backend.py"),
-        "import time\ndef get_requires_for_build_wheel(*a, **k):\n    open('/opt/spore/build/started', 'w').close()\n    time.sleep(600)\n",
-    )
-    .unwrap();
+    local_package(&f, "slow", "import time\ndef get_requires_for_build_wheel(*a, **k):\n    open('/opt/spore/build/started', 'w').close()\n    time.sleep(600)\n");
     let resp = d.create(&f);
     assert!(resp.status().is_success(), "{}", resp.text().unwrap());
     // Wait (bounded) until the build writes into its tmpfs.

@@ -51,6 +51,11 @@ pub fn use_credentials(creds: Option<spore_auth::Credentials>) {
     *KEY.lock().expect("bench key lock") = creds;
 }
 
+/// The key set by [`use_credentials`].
+pub fn key() -> Option<spore_auth::Credentials> {
+    KEY.lock().expect("bench key lock").clone()
+}
+
 /// A blocking HTTP client for benchmarks, signing with the key set by [`use_credentials`].
 pub fn client() -> Result<Http, BenchError> {
     let key = KEY.lock().expect("bench key lock").clone();

@@ -1,11 +1,18 @@
 //! `spore bench throughput`: warm invocations through the gateway at fixed concurrency
-//! levels, driven by a closed-loop load generator in this process (one thread and one
-//! keep-alive connection per concurrent client, each request signed as a real client signs
-//! it), next to the floor: the same load on the gateway's `/healthz`, which crosses the same
-//! HTTP server and nothing else.
+//! levels, next to the floor: the same load on the gateway's `/healthz`, which crosses the
+//! same HTTP server and nothing else. Two load generators, both closed-loop with one
+//! keep-alive connection per client:
+//! - `wrk`, when installed: written in C on epoll, it leaves the two CPUs of these machines
+//!   to the daemon. Its requests are signed once per level (SigV4 allows 15 minutes of clock
+//!   skew) and replayed, as a client reusing a signature would.
+//! - the built-in one (a thread per client in this process, each request signed as a real
+//!   client signs it), when `wrk` is missing: it takes about a CPU itself, so its figures are
+//!   lower for the invocations and the floor alike.
 
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use spore_client::Http;
 
@@ -22,8 +29,11 @@ pub struct Level {
     pub concurrency: usize,
     /// Measured seconds.
     pub seconds: f64,
-    /// Request to response of each request, ms.
+    /// Request to response of each request, ms (the built-in generator), or the latency at
+    /// every 0.1% quantile (`wrk`, which keeps a histogram, not each request).
     pub latency_ms: Vec<f64>,
+    /// Requests completed, when the generator counted them itself (`wrk`).
+    pub completed: Option<u64>,
     /// Requests that failed.
     pub errors: usize,
     /// The first failure, if any.
@@ -33,8 +43,195 @@ pub struct Level {
 impl Level {
     /// Completed requests per second.
     pub fn rps(&self) -> f64 {
-        self.latency_ms.len() as f64 / self.seconds.max(1e-9)
+        let n = self.completed.unwrap_or(self.latency_ms.len() as u64);
+        n as f64 / self.seconds.max(1e-9)
     }
+}
+
+/// Which program generates the load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Generator {
+    /// `wrk` at this path.
+    Wrk(PathBuf),
+    /// Threads in this process.
+    Builtin,
+}
+
+impl Generator {
+    /// `wrk` if it is on `PATH`, else the built-in generator.
+    pub fn detect() -> Generator {
+        std::env::var_os("PATH")
+            .into_iter()
+            .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+            .map(|d| d.join("wrk"))
+            .find(|p| p.is_file())
+            .map_or(Generator::Builtin, Generator::Wrk)
+    }
+
+    /// How the table names it.
+    pub fn describe(&self) -> String {
+        match self {
+            Generator::Wrk(p) => format!("`wrk` ({})", p.display()),
+            Generator::Builtin => "the built-in generator (a thread per client in the bench \
+                                   process; with `wrk` installed, `wrk` is used)"
+                .into(),
+        }
+    }
+}
+
+/// A request for `wrk` to replay.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Full address.
+    pub url: String,
+    /// `GET` or `POST`.
+    pub method: &'static str,
+    /// Body (a JSON text).
+    pub body: String,
+    /// Whether to sign it with the bench's key.
+    pub signed: bool,
+}
+
+impl Target {
+    /// A warm invocation of `function` with an empty event.
+    pub fn invoke(endpoint: &str, function: &str) -> Target {
+        Target {
+            url: format!("{endpoint}/2015-03-31/functions/{function}/invocations"),
+            method: "POST",
+            body: "{}".into(),
+            signed: true,
+        }
+    }
+
+    /// `GET /healthz`.
+    pub fn health(endpoint: &str) -> Target {
+        Target {
+            url: format!("{endpoint}/healthz"),
+            method: "GET",
+            body: String::new(),
+            signed: false,
+        }
+    }
+
+    /// The Lua script that makes `wrk` send this request, then print its latency at every
+    /// 0.1% quantile and its counts.
+    fn script(&self) -> String {
+        // Rust's debug form of a plain ASCII string is a valid Lua string literal.
+        let lua = |s: &str| format!("{s:?}");
+        let mut out = format!(
+            "wrk.method = {}\nwrk.body = {}\n",
+            lua(self.method),
+            lua(&self.body)
+        );
+        if let (true, Some(creds)) = (self.signed, crate::cold_start::key()) {
+            let signed = spore_auth::sigv4::sign_request(
+                self.method,
+                &self.url,
+                &[],
+                self.body.as_bytes(),
+                &creds,
+                SystemTime::now(),
+            );
+            for (name, value) in signed {
+                out.push_str(&format!("wrk.headers[{}] = {}\n", lua(&name), lua(&value)));
+            }
+        }
+        out.push_str(
+            r#"done = function(summary, latency, requests)
+  for i = 1, 1000 do
+    io.write(string.format("spore-q %.4f\n", latency:percentile(i / 10.0) / 1000.0))
+  end
+  local e = summary.errors
+  io.write(string.format("spore-summary %d %d %d %d\n", summary.requests, summary.duration,
+    e.status, e.connect + e.read + e.write + e.timeout))
+end
+"#,
+        );
+        out
+    }
+}
+
+/// Runs `wrk` with `concurrency` connections on `target` for `warmup` (not recorded), then
+/// for `duration`; its script goes in `scratch`.
+pub fn drive_wrk(
+    wrk: &Path,
+    concurrency: usize,
+    warmup: Duration,
+    duration: Duration,
+    target: &Target,
+    scratch: &Path,
+) -> Result<Level, BenchError> {
+    let script = scratch.join("spore-wrk.lua");
+    std::fs::write(&script, target.script())
+        .map_err(|e| BenchError::Check(format!("writing {}: {e}", script.display())))?;
+    let run = |d: Duration| -> Result<String, BenchError> {
+        let out = Command::new(wrk)
+            .args(["-t", &concurrency.min(2).to_string()])
+            .args(["-c", &concurrency.to_string()])
+            .args(["-d", &format!("{}s", d.as_secs().max(1))])
+            .args(["--timeout", "30s", "-s"])
+            .arg(&script)
+            .arg(&target.url)
+            .output()
+            .map_err(|e| BenchError::Check(format!("running {}: {e}", wrk.display())))?;
+        if !out.status.success() {
+            return Err(BenchError::Check(format!(
+                "wrk failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let result = (|| {
+        if !warmup.is_zero() {
+            run(warmup)?;
+        }
+        parse_wrk(&run(duration)?, concurrency)
+    })();
+    let _ = std::fs::remove_file(&script);
+    result
+}
+
+/// Reads what the script's `done` printed.
+fn parse_wrk(text: &str, concurrency: usize) -> Result<Level, BenchError> {
+    let mut level = Level {
+        concurrency,
+        seconds: 0.0,
+        latency_ms: Vec::new(),
+        completed: None,
+        errors: 0,
+        first_error: None,
+    };
+    for line in text.lines() {
+        if let Some(q) = line.strip_prefix("spore-q ") {
+            if let Ok(ms) = q.trim().parse::<f64>() {
+                level.latency_ms.push(ms);
+            }
+        } else if let Some(rest) = line.strip_prefix("spore-summary ") {
+            let n: Vec<u64> = rest
+                .split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            if let [requests, duration_us, status, socket] = n[..] {
+                level.completed = Some(requests.saturating_sub(status));
+                level.seconds = duration_us as f64 / 1e6;
+                level.errors = (status + socket) as usize;
+                if status > 0 {
+                    level.first_error = Some(format!("{status} responses were not 2xx or 3xx"));
+                } else if socket > 0 {
+                    level.first_error = Some(format!("{socket} socket errors or timeouts"));
+                }
+            }
+        }
+    }
+    if level.completed.is_none() || level.latency_ms.is_empty() {
+        return Err(BenchError::Check(format!(
+            "wrk printed no summary: {}",
+            text.chars().take(400).collect::<String>()
+        )));
+    }
+    Ok(level)
 }
 
 /// A request the load generator sends.
@@ -80,6 +277,7 @@ pub fn drive(
         concurrency,
         seconds: 0.0,
         latency_ms: Vec::new(),
+        completed: None,
         errors: 0,
         first_error: None,
     };
@@ -141,12 +339,14 @@ pub fn health_request(endpoint: &str) -> Request {
 }
 
 /// The Markdown table: per level, invoke req/s and latency next to the floor's.
-pub fn table(invoke: &[Level], floor: &[Level]) -> String {
-    let mut t = String::from(
-        "Warm invocations of `hello`, closed loop, load generator on the same host. Floor: the \
-         same clients on `/healthz` (the gateway's HTTP server and nothing else).\n\n\
+pub fn table(invoke: &[Level], floor: &[Level], generator: &Generator) -> String {
+    let mut t = format!(
+        "Warm invocations of `hello`, closed loop, load generator on the same host: {}. \
+         Floor: the same clients on `/healthz` (the gateway's HTTP server and nothing \
+         else).\n\n\
          | clients | invoke req/s | p50 | p99 | errors | floor req/s | floor p50 | floor p99 | invoke / floor (req/s) |\n\
          |---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        generator.describe()
     );
     for (i, f) in invoke.iter().zip(floor) {
         let (si, sf) = (summarize(&i.latency_ms), summarize(&f.latency_ms));
@@ -215,7 +415,45 @@ mod tests {
             Some("Benchmark check failed: odd")
         );
         assert!(l.rps() > 0.0);
-        let t = table(std::slice::from_ref(&l), std::slice::from_ref(&l));
+        let t = table(
+            std::slice::from_ref(&l),
+            std::slice::from_ref(&l),
+            &Generator::Builtin,
+        );
         assert!(t.contains("| 2 |"), "{t}");
+    }
+
+    #[test]
+    fn wrk_output_is_read_and_its_script_signs() {
+        let mut text = String::from("Running 1s test @ http://x\n");
+        for i in 1..=1000 {
+            text.push_str(&format!("spore-q {:.4}\n", f64::from(i) / 100.0));
+        }
+        text.push_str("spore-summary 5000 2000000 10 0\n");
+        let l = parse_wrk(&text, 8).unwrap();
+        assert_eq!(l.completed, Some(4990));
+        assert_eq!(l.errors, 10);
+        assert!((l.rps() - 2495.0).abs() < 1e-6, "{}", l.rps());
+        let s = summarize(&l.latency_ms);
+        assert!(
+            (s.p50 - 5.0).abs() < 0.02 && (s.p99 - 9.9).abs() < 0.02,
+            "{s:?}"
+        );
+        assert!(parse_wrk("wrk: connection refused", 1).is_err());
+
+        crate::cold_start::use_credentials(Some(spore_auth::Credentials {
+            access_key_id: "SPKTEST".into(),
+            secret_access_key: "secret".into(),
+        }));
+        let script = Target::invoke("http://127.0.0.1:9", "hello").script();
+        assert!(script.contains("wrk.method = \"POST\""), "{script}");
+        assert!(
+            script.contains(
+                "wrk.headers[\"authorization\"] = \"AWS4-HMAC-SHA256 Credential=SPKTEST/"
+            ),
+            "{script}"
+        );
+        let health = Target::health("http://127.0.0.1:9").script();
+        assert!(!health.contains("authorization"), "{health}");
     }
 }

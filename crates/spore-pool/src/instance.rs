@@ -578,7 +578,7 @@ impl Instance {
             Proc::Spawned(_) => 2 + self.helpers,
             Proc::Forked(_) => 1,
         };
-        cg.pids().len() > expected
+        cg.process_count() > expected
     }
 
     /// Host pids of the processes in the instance's cgroup.

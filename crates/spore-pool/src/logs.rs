@@ -151,13 +151,19 @@ impl LogRing {
     fn push(&self, request_id: Option<&str>, text: &str) {
         let t = now_ms();
         let mut st = self.state.lock().expect("log lock");
+        // One write for all the lines: an invocation's START, END and REPORT lines cost one
+        // system call, not three.
+        let mut bytes = Vec::new();
         for message in text.lines() {
             let line = LogLine {
                 timestamp_ms: t,
                 request_id: request_id.map(str::to_owned),
                 message: cut(message.to_owned()),
             };
-            self.write(&mut st, &line);
+            if st.file.is_some() {
+                serde_json::to_writer(&mut bytes, &line).expect("log lines serialize");
+                bytes.push(b'\n');
+            }
             if st.lines.len() == LOG_LINES {
                 st.lines.pop_front();
             }
@@ -165,17 +171,20 @@ impl LogRing {
             let _ = self.follow.send(line.clone());
             st.lines.push_back(line);
         }
+        self.write(&mut st, &bytes);
     }
 
-    /// Appends `line` to the file, rotating it when it grew past [`MAX_FILE_BYTES`]. A file
-    /// that cannot be written is dropped (the log stays in memory) with a warning.
-    fn write(&self, st: &mut State, line: &LogLine) {
+    /// Appends `bytes` (whole lines) to the file, rotating it when it grew past
+    /// [`MAX_FILE_BYTES`]. A file that cannot be written is dropped (the log stays in memory)
+    /// with a warning.
+    fn write(&self, st: &mut State, bytes: &[u8]) {
         let (Some(path), Some((file, size))) = (&self.path, st.file.as_mut()) else {
             return;
         };
-        let mut bytes = serde_json::to_vec(line).expect("log lines serialize");
-        bytes.push(b'\n');
-        if let Err(e) = file.write_all(&bytes) {
+        if bytes.is_empty() {
+            return;
+        }
+        if let Err(e) = file.write_all(bytes) {
             tracing::warn!(
                 "writing the log {}: {e}; keeping it in memory only",
                 path.display()

@@ -624,12 +624,22 @@ pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
         Err(e) => return Err(e),
     }
     let p = FramePrefix::parse(prefix).map_err(std::io::Error::other)?;
-    let mut header = vec![0u8; p.header_len as usize];
-    sock.read_exact(&mut header).await?;
-    let mut body = vec![0u8; p.body_len as usize];
-    sock.read_exact(&mut body).await?;
-    let msg = protocol::decode_header(&header).map_err(std::io::Error::other)?;
-    Ok(Some((msg, body)))
+    let header_len = p.header_len as usize;
+    if p.body_len > 16 * 1024 {
+        // A large body is read into its own buffer: no copy of it afterwards.
+        let mut header = vec![0u8; header_len];
+        sock.read_exact(&mut header).await?;
+        let mut body = vec![0u8; p.body_len as usize];
+        sock.read_exact(&mut body).await?;
+        let msg = protocol::decode_header(&header).map_err(std::io::Error::other)?;
+        return Ok(Some((msg, body)));
+    }
+    // A small frame's header and body in one read: a reply usually arrives whole, and each
+    // read is a system call on the warm path.
+    let mut rest = vec![0u8; header_len + p.body_len as usize];
+    sock.read_exact(&mut rest).await?;
+    let msg = protocol::decode_header(&rest[..header_len]).map_err(std::io::Error::other)?;
+    Ok(Some((msg, rest.split_off(header_len))))
 }
 
 #[cfg(test)]

@@ -41,10 +41,7 @@ def _recv(fd):
     prefix = _read_exact(fd, _PREFIX.size)
     if prefix is None:
         return None, None
-    hlen, blen = _PREFIX.unpack(prefix)
-    header = json.loads(_read_exact(fd, hlen))
-    body = bytes(_read_exact(fd, blen)) if blen else b""
-    return header, body
+    return _recv_rest(fd, prefix)
 
 
 def _send(fd, header, body=b""):
@@ -523,9 +520,13 @@ def _checkpoint(fd):
 def _recv_rest(fd, prefix):
     """Reads the rest of a frame whose 8-byte prefix was read already."""
     hlen, blen = _PREFIX.unpack(prefix)
-    header = json.loads(_read_exact(fd, hlen))
-    body = bytes(_read_exact(fd, blen)) if blen else b""
-    return header, body
+    if blen > 16384:
+        header = json.loads(_read_exact(fd, hlen))
+        return header, bytes(_read_exact(fd, blen))
+    # A small frame's header and body in one read (a system call less per invocation); never
+    # past the frame, where descriptors passed with the next message may wait.
+    rest = _read_exact(fd, hlen + blen)
+    return json.loads(rest[:hlen]), bytes(rest[hlen:])
 
 
 def _serve(fd, handler):

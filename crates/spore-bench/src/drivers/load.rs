@@ -129,11 +129,40 @@ pub fn throughput(endpoint: Option<&str>, opts: &ThroughputOptions) -> Result<()
         |m| m.max_instances = Some(u32::try_from(most).unwrap_or(256)),
     )?;
     let (warmup, dur) = (Duration::from_secs(1), Duration::from_secs(opts.seconds));
+    let generator = crate::throughput::Generator::detect();
+    eprintln!("   load generator: {}", generator.describe());
+    // `wrk` does not look at the answers: one invocation checked first.
+    let http = crate::cold_start::client()?;
+    crate::cold_start::invoke(&http, &ep, name, b"{}", false)
+        .with_context(|| format!("a first invocation of {name}"))?;
+    let scratch = tempfile::tempdir().context("a scratch folder for wrk's script")?;
+    let drive = |c: usize, what: &str| -> Result<crate::throughput::Level> {
+        use crate::throughput::{drive, drive_wrk, health_request, invoke_request, Target};
+        let level = match (&generator, what) {
+            (crate::throughput::Generator::Wrk(wrk), "invoke") => drive_wrk(
+                wrk,
+                c,
+                warmup,
+                dur,
+                &Target::invoke(&ep, name),
+                scratch.path(),
+            )?,
+            (crate::throughput::Generator::Wrk(wrk), _) => {
+                drive_wrk(wrk, c, warmup, dur, &Target::health(&ep), scratch.path())?
+            }
+            (crate::throughput::Generator::Builtin, "invoke") => {
+                drive(c, warmup, dur, invoke_request(&ep, name))?
+            }
+            (crate::throughput::Generator::Builtin, _) => {
+                drive(c, warmup, dur, health_request(&ep))?
+            }
+        };
+        Ok(level)
+    };
     let (mut invoke, mut floor) = (Vec::new(), Vec::new());
     for &c in &levels {
         eprintln!("   {c} clients: invoke {name} for {} s", opts.seconds);
-        let l =
-            crate::throughput::drive(c, warmup, dur, crate::throughput::invoke_request(&ep, name))?;
+        let l = drive(c, "invoke")?;
         if let Some(e) = &l.first_error {
             eprintln!("   {} of the requests failed; the first: {e}", l.errors);
         }
@@ -142,14 +171,9 @@ pub fn throughput(endpoint: Option<&str>, opts: &ThroughputOptions) -> Result<()
             "   {c} clients: GET /healthz for {} s (floor)",
             opts.seconds
         );
-        floor.push(crate::throughput::drive(
-            c,
-            warmup,
-            dur,
-            crate::throughput::health_request(&ep),
-        )?);
+        floor.push(drive(c, "floor")?);
     }
-    let table = crate::throughput::table(&invoke, &floor);
+    let table = crate::throughput::table(&invoke, &floor, &generator);
     let series: Vec<Series> = invoke
         .iter()
         .map(|l| (l, "invoke"))
@@ -169,7 +193,9 @@ pub fn throughput(endpoint: Option<&str>, opts: &ThroughputOptions) -> Result<()
         "throughput",
         &series,
         &table,
-        host_meta(serde_json::json!({ "levels": levels, "seconds": opts.seconds, "rps": rps })),
+        host_meta(
+            serde_json::json!({ "levels": levels, "seconds": opts.seconds, "rps": rps, "generator": generator.describe() }),
+        ),
         ("Warm invocation latency under load", &series),
     )
 }

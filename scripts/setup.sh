@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up for Spore on a fresh Debian/Ubuntu machine: Debian packages (the sandbox's
-# Python, pip, a font for plots, iproute2 and etcd for the units tests, nftables for network egress, prometheus for promtool, chromium and its driver for the dashboard test) and the Python packages
+# Python, pip, a font for plots, iproute2 and etcd for the units tests, nftables for network egress, prometheus for promtool, chromium and its driver for the dashboard test, wrk for the throughput bench) and the Python packages
 # of the sample functions (numpy, Pillow, pyaes) in a shared directory that sandboxes bind
 # read-only.
 set -euo pipefail
@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
 need=()
-for pkg in python3 python3-pip fonts-dejavu-core iproute2 util-linux nftables etcd-server prometheus chromium chromium-driver; do
+for pkg in python3 python3-pip fonts-dejavu-core iproute2 util-linux nftables etcd-server prometheus chromium chromium-driver wrk; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ((${#need[@]})); then

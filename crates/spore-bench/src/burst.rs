@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Barrier};
 
-use crate::cold_start::{client, invoke_with};
+use crate::cold_start::{client, invoke_with, Sample};
 use crate::{summarize, BenchError};
 
 /// One burst's measurements.
@@ -23,11 +23,16 @@ pub struct BurstRow {
     pub starts: BTreeMap<String, usize>,
     /// The CPU's floor for the whole burst: `n x fork floor p50 / cores`, ms.
     pub floor_ms: f64,
+    /// The daemon's time from each request's arrival to its handler running, ms.
+    pub to_handler_ms: Vec<f64>,
+    /// Each start-up step (`X-Spore-Breakdown`) over the starts that had it, in the order
+    /// steps first appear.
+    pub steps: Vec<(String, Vec<f64>)>,
 }
 
 /// Fires `n` requests at once (threads released together by a barrier), each with
-/// `X-Spore-Cold: 1`; returns each one's latency and start kind.
-pub fn fire(endpoint: &str, function: &str, n: usize) -> Result<Vec<(f64, String)>, BenchError> {
+/// `X-Spore-Cold: 1`; returns what each one measured.
+pub fn fire(endpoint: &str, function: &str, n: usize) -> Result<Vec<Sample>, BenchError> {
     let gate = Arc::new(Barrier::new(n));
     let handles: Vec<_> = (0..n)
         .map(|_| {
@@ -36,8 +41,7 @@ pub fn fire(endpoint: &str, function: &str, n: usize) -> Result<Vec<(f64, String
             std::thread::spawn(move || {
                 let http = client();
                 gate.wait();
-                let s = invoke_with(&http?, &endpoint, &function, b"{}", Some("1"))?;
-                Ok::<_, BenchError>((s.latency_ms, s.start))
+                invoke_with(&http?, &endpoint, &function, b"{}", Some("1"))
             })
         })
         .collect();
@@ -51,22 +55,75 @@ pub fn fire(endpoint: &str, function: &str, n: usize) -> Result<Vec<(f64, String
 }
 
 /// Turns a burst's samples into a row: overheads over `warm_p50`, floor from `fork_p50`.
-pub fn row(samples: &[(f64, String)], warm_p50: f64, fork_p50: f64, cpus: usize) -> BurstRow {
+pub fn row(samples: &[Sample], warm_p50: f64, fork_p50: f64, cpus: usize) -> BurstRow {
     let mut starts = BTreeMap::new();
-    for (_, s) in samples {
-        *starts.entry(s.clone()).or_insert(0) += 1;
+    let mut steps: Vec<(String, Vec<f64>)> = Vec::new();
+    for s in samples {
+        *starts.entry(s.start.clone()).or_insert(0) += 1;
+        for (name, ms) in &s.breakdown {
+            match steps.iter_mut().find(|(n, _)| n == name) {
+                Some((_, v)) => v.push(*ms),
+                None => steps.push((name.clone(), vec![*ms])),
+            }
+        }
     }
     let n = samples.len();
     BurstRow {
         n,
-        latency_ms: samples.iter().map(|(ms, _)| *ms).collect(),
+        latency_ms: samples.iter().map(|s| s.latency_ms).collect(),
         overhead_ms: samples
             .iter()
-            .map(|(ms, _)| (ms - warm_p50).max(0.0))
+            .map(|s| (s.latency_ms - warm_p50).max(0.0))
             .collect(),
         starts,
         floor_ms: n as f64 * fork_p50 / cpus.max(1) as f64,
+        to_handler_ms: samples.iter().map(|s| s.to_handler_ms).collect(),
+        steps,
     }
+}
+
+/// Where the bursts' starts spent their time: per burst, the p50 of the daemon's request to
+/// handler time and of each start-up step (with how many starts had it).
+pub fn steps_table(rows: &[BurstRow]) -> String {
+    let mut names: Vec<&str> = Vec::new();
+    for r in rows {
+        for (name, _) in &r.steps {
+            if !names.contains(&name.as_str()) {
+                names.push(name);
+            }
+        }
+    }
+    let mut t = String::from(
+        "\nWhere a burst's starts go (p50 over the burst's starts, ms; steps as in \
+         `spore bench cold-start`, a step that only some starts had says in how many):\n\n| N | daemon: request to handler |",
+    );
+    for name in &names {
+        t.push_str(&format!(" {name} |"));
+    }
+    t.push_str("\n|---:|---:|");
+    t.push_str(&"---:|".repeat(names.len()));
+    t.push('\n');
+    for r in rows {
+        t.push_str(&format!(
+            "| {} | {:.2} |",
+            r.n,
+            summarize(&r.to_handler_ms).p50
+        ));
+        for name in &names {
+            match r.steps.iter().find(|(n, _)| n == name) {
+                Some((_, v)) if v.len() < r.n => t.push_str(&format!(
+                    " {:.2} ({} of {}) |",
+                    summarize(v).p50,
+                    v.len(),
+                    r.n
+                )),
+                Some((_, v)) => t.push_str(&format!(" {:.2} |", summarize(v).p50)),
+                None => t.push_str(" - |"),
+            }
+        }
+        t.push('\n');
+    }
+    t
 }
 
 /// The Markdown table of the rows.
@@ -124,18 +181,31 @@ mod tests {
 
     #[test]
     fn rows_count_starts_and_floor() {
+        let sample = |ms: f64, start: &str, steps: &[(&str, f64)]| Sample {
+            latency_ms: ms,
+            start: start.to_owned(),
+            init_ms: 0.0,
+            breakdown: steps.iter().map(|(n, v)| ((*n).to_owned(), *v)).collect(),
+            to_handler_ms: ms / 2.0,
+            body: Vec::new(),
+        };
         let samples = vec![
-            (12.0, "fork".to_owned()),
-            (20.0, "fork".to_owned()),
-            (2.0, "warm".to_owned()),
+            sample(12.0, "fork", &[("request", 1.0), ("netns_wait", 3.0)]),
+            sample(20.0, "fork", &[("request", 2.0)]),
+            sample(2.0, "warm", &[]),
         ];
         let r = row(&samples, 4.0, 1.0, 2);
         assert_eq!(r.n, 3);
         assert_eq!(r.starts["fork"], 2);
         assert_eq!(r.overhead_ms, vec![8.0, 16.0, 0.0]);
         assert_eq!(r.floor_ms, 1.5);
-        let t = table(&[r], 4.0, 1.0, 2);
+        let t = table(std::slice::from_ref(&r), 4.0, 1.0, 2);
         assert!(t.contains("| 3 | 2 fork, 1 warm |"), "{t}");
+        let t = steps_table(&[r]);
+        assert!(
+            t.contains("| 3 | 6.00 | 1.00 (2 of 3) | 3.00 (1 of 3) |"),
+            "{t}"
+        );
     }
 
     #[test]

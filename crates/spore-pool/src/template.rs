@@ -59,6 +59,9 @@ struct Shared {
     netns: Mutex<Vec<i32>>,
     /// Woken when one is added to `netns` (or the template dies).
     netns_added: tokio::sync::Notify,
+    /// Starts waiting for an equipped namespace now (a burst): told to the template with
+    /// each fork request, so that it makes more.
+    netns_waiting: std::sync::atomic::AtomicU32,
 }
 
 /// What equipping a template's pooled network namespaces with egress needs.
@@ -434,6 +437,7 @@ impl Template {
                 uid: CHILD_UID_BASE + (seq % 60_000) as u32,
                 tmp_mb: env.tmp_mb,
                 netns,
+                netns_waiting: self.shared.netns_waiting.load(Ordering::Relaxed),
             },
             b"",
         );
@@ -523,6 +527,18 @@ impl Template {
     /// [`NETNS_WAIT`] for the daemon to finish equipping one.
     async fn take_netns(&self) -> Result<i32, String> {
         let deadline = tokio::time::Instant::now() + NETNS_WAIT;
+        if let Some(fd) = self.shared.netns.lock().expect("netns").pop() {
+            return Ok(fd);
+        }
+        // Counted while waiting: later fork requests tell the template how many wait.
+        struct Waiting<'a>(&'a std::sync::atomic::AtomicU32);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        self.shared.netns_waiting.fetch_add(1, Ordering::Relaxed);
+        let _waiting = Waiting(&self.shared.netns_waiting);
         loop {
             let added = self.shared.netns_added.notified();
             if let Some(fd) = self.shared.netns.lock().expect("netns").pop() {

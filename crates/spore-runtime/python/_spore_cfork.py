@@ -35,6 +35,9 @@ SIOCGIFFLAGS, SIOCSIFFLAGS = 0x8913, 0x8914
 IFF_UP, IFF_RUNNING = 0x1, 0x40
 SYS_CLOSE_RANGE = 436
 CONTROL_FD = 3
+# Most network namespaces a template makes ahead in a burst (each is charged to its cgroup,
+# whose limit counts one per instance it may have).
+_NETNS_BURST_MAX = 64
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -180,6 +183,7 @@ class _NetnsPool:
 
     def __init__(self, target, egress=False):
         self.target = target
+        self.demand = 0
         self.fds = []
         self.paused_until = 0.0
         self.own = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
@@ -195,8 +199,22 @@ class _NetnsPool:
             announce(fd)
         self.unannounced = []
 
+    def want(self, waiting):
+        """The daemon says how many starts wait for a namespace (a burst): make that many."""
+        self.demand = min(max(int(waiting or 0), 0), _NETNS_BURST_MAX)
+
+    def goal(self):
+        return max(self.target, self.demand)
+
     def wanted(self):
-        return len(self.fds) < self.target and time.monotonic() >= self.paused_until
+        return len(self.fds) < self.goal() and time.monotonic() >= self.paused_until
+
+    def urgent(self):
+        """Starts are waiting, or fewer than half the usual number is left: the next forks
+        would wait for a namespace (an unshare costs about 0.5 ms, waiting for a quiet moment
+        more). Made as soon as no fork request is pending."""
+        short = len(self.fds) < (self.demand or max(1, self.target // 2))
+        return short and time.monotonic() >= self.paused_until
 
     def refill_one(self):
         """Adds one namespace. On failure (e.g. the cgroup's memory is exhausted) the pool
@@ -320,8 +338,15 @@ def template(fd, handler, import_ms, serve, send, recv_rest, init_logs=""):
     poller.register(fd, select.POLLIN)
     poller.register(wake_r, select.POLLIN)
     while True:
-        # Refill the namespace pool only after 2 ms without requests, off the fork path.
-        events = poller.poll(2 if netns.wanted() else (1000 if len(netns.fds) < netns.target else None))
+        # Refill the namespace pool after 2 ms without requests, off the fork path; when it
+        # runs low, as soon as no request is waiting.
+        if netns.urgent():
+            timeout = 0
+        elif netns.wanted():
+            timeout = 2
+        else:
+            timeout = 1000 if len(netns.fds) < netns.goal() else None
+        events = poller.poll(timeout)
         if not events:
             netns.refill_one()
             continue
@@ -358,6 +383,7 @@ def template(fd, handler, import_ms, serve, send, recv_rest, init_logs=""):
                 continue
             sets = int(req.get("cgroups", 0))
             child_cg, own_cg = fds[1:1 + sets], fds[1 + sets:1 + 2 * sets]
+            netns.want(req.get("netns_waiting"))
             try:
                 netns_fd = netns.take(req.get("netns"))
             except KeyError:

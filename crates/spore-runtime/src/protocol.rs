@@ -70,6 +70,10 @@ impl FramePrefix {
     }
 }
 
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 /// Messages from the daemon to a runtime.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -107,6 +111,10 @@ pub enum ToRuntime {
         /// (announced with [`FromRuntime::Netns`]); None: one of the template's own.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         netns: Option<i32>,
+        /// (Egress) how many other starts are waiting for an equipped namespace: the template
+        /// makes that many more, as soon as it is not forking, instead of its usual few.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        netns_waiting: u32,
     },
     /// (To a runtime restored from a snapshot, before anything else) the environment of the
     /// sandbox it now runs in. A restored process has the environment of the one that was

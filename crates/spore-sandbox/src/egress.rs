@@ -11,6 +11,7 @@
 //! Who may do what: only the daemon (root) runs these commands; a sandbox gets its address
 //! and default route and nothing else (it has no capability in the host's network namespace).
 
+use crate::netlink::Rtnl;
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::Ipv4Addr;
@@ -42,6 +43,15 @@ pub enum EgressError {
         command: String,
         /// What it printed (or why it could not start).
         output: String,
+    },
+    /// A netlink request setting up a sandbox's network failed.
+    #[error("Setting up {what}")]
+    Setup {
+        /// What was being set up.
+        what: String,
+        /// The kernel's answer.
+        #[source]
+        source: std::io::Error,
     },
     /// Every address of the subnet is in use.
     #[error("No free address left in the egress subnet {0}")]
@@ -529,24 +539,29 @@ pub fn attach(lease: &Lease, netns: &str) -> Result<(), EgressError> {
         prefix,
         gateway,
     } = lease;
-    let host = format!(
-        "link add {host_if} type veth peer name {SANDBOX_IF} netns {netns}\n\
-         link set {host_if} master {bridge}\n\
-         link set dev {host_if} type bridge_slave isolated on learning off\n\
-         link set {host_if} up\n"
-    );
-    run("ip", &["-batch", "-"], Some(&host))?;
-    let inside = format!(
-        "addr add {addr}/{prefix} dev {SANDBOX_IF}\n\
-         link set {SANDBOX_IF} up\n\
-         route add default via {gateway} dev {SANDBOX_IF}\n"
-    );
-    let net = format!("--net={netns}");
-    let ip = tool("ip");
-    let ip = ip.to_string_lossy();
-    if let Err(e) = run("nsenter", &[&net, "--", &ip, "-batch", "-"], Some(&inside)) {
-        let _ = run("ip", &["link", "del", host_if], None);
-        return Err(e);
+    let io = |what: String| move |source| EgressError::Setup { what, source };
+    let ns = std::fs::File::open(netns).map_err(io(format!("the network namespace {netns}")))?;
+    let mut host = Rtnl::open().map_err(io("a netlink socket".into()))?;
+    let bridge_index = host
+        .index_of(bridge)
+        .map_err(io(format!("the bridge {bridge}")))?;
+    host.add_veth(host_if, SANDBOX_IF, &ns, bridge_index)
+        .map_err(io(format!("a veth pair into {netns}")))?;
+    let inside = (|| -> std::io::Result<()> {
+        let index = host.index_of(host_if)?;
+        host.isolate_port_and_up(index)?;
+        let mut sandbox = Rtnl::open_in(&ns)?;
+        let index = sandbox.index_of(SANDBOX_IF)?;
+        sandbox.add_address(index, *addr, *prefix)?;
+        sandbox.up(index)?;
+        sandbox.add_default_route(index, *gateway)
+    })();
+    if let Err(e) = inside {
+        let _ = host.delete(host_if);
+        return Err(EgressError::Setup {
+            what: format!("the sandbox side of {host_if} ({netns})"),
+            source: e,
+        });
     }
     Ok(())
 }
@@ -573,6 +588,84 @@ mod tests {
         ] {
             assert!(bad.parse::<Subnet>().is_err(), "{bad}");
         }
+    }
+
+    /// `ip` with `args`; its output.
+    fn ip(args: &[&str]) -> String {
+        let out = Command::new(tool("ip")).args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    #[test]
+    fn attach_over_netlink_gives_an_isolated_port_an_address_and_a_route() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipped: needs root (creates a bridge and a network namespace)");
+            return;
+        }
+        let tag = format!("{:x}", std::process::id() % 0xffff);
+        let (br, ns, veth) = (
+            format!("sptb{tag}"),
+            format!("sptn{tag}"),
+            format!("sptv{tag}"),
+        );
+        let _ = Command::new(tool("ip")).args(["link", "del", &br]).status();
+        let _ = Command::new(tool("ip"))
+            .args(["netns", "del", &ns])
+            .status();
+        assert!(Command::new(tool("ip"))
+            .args(["link", "add", &br, "type", "bridge"])
+            .status()
+            .unwrap()
+            .success());
+        assert!(Command::new(tool("ip"))
+            .args(["netns", "add", &ns])
+            .status()
+            .unwrap()
+            .success());
+        let lease = Lease {
+            host_if: veth.clone(),
+            bridge: br.clone(),
+            addr: Ipv4Addr::new(10, 213, 7, 2),
+            prefix: 24,
+            gateway: Ipv4Addr::new(10, 213, 7, 1),
+        };
+        let path = format!("/var/run/netns/{ns}");
+        let attached = attach(&lease, &path);
+        let port = ip(&["-d", "link", "show", &veth]);
+        let addr = ip(&["-n", &ns, "-4", "addr", "show", SANDBOX_IF]);
+        let route = ip(&["-n", &ns, "route"]);
+        // A bridge that does not exist is named in the error, and no veth is left behind.
+        let missing = attach(
+            &Lease {
+                bridge: "spt-nobridge".into(),
+                host_if: format!("{veth}x"),
+                ..lease.clone()
+            },
+            &path,
+        );
+        let leftover = ip(&["link", "show", &format!("{veth}x")]);
+        let _ = Command::new(tool("ip"))
+            .args(["link", "del", &veth])
+            .status();
+        let _ = Command::new(tool("ip")).args(["link", "del", &br]).status();
+        let _ = Command::new(tool("ip"))
+            .args(["netns", "del", &ns])
+            .status();
+        attached.unwrap();
+        assert!(port.contains(&format!("master {br}")), "{port}");
+        assert!(
+            port.contains("isolated on") && port.contains("learning off"),
+            "{port}"
+        );
+        assert!(port.contains(",UP"), "{port}");
+        assert!(
+            addr.contains("inet 10.213.7.2/24") && addr.contains("UP"),
+            "{addr}"
+        );
+        assert!(route.contains("default via 10.213.7.1 dev eth0"), "{route}");
+        let e = missing.unwrap_err().to_string();
+        assert!(e.contains("spt-nobridge"), "{e}");
+        assert!(leftover.is_empty(), "{leftover}");
     }
 
     #[test]

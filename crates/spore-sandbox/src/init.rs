@@ -178,7 +178,7 @@ fn init_main() -> Result<i32, InitError> {
 }
 
 /// Moves this process into a new network namespace with egress through `lease`: the veth
-/// pair is made from the host's namespace (`ip` runs there), naming the new one through this
+/// pair is made from the host's namespace (over netlink), naming the new one through this
 /// process's descriptor of it.
 fn give_egress(lease: &crate::egress::Lease) -> Result<(), InitError> {
     use std::os::fd::AsRawFd;

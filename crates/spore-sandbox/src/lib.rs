@@ -23,6 +23,7 @@
 pub mod cgroup;
 pub mod egress;
 mod init;
+mod netlink;
 pub mod seccomp;
 
 use std::path::{Path, PathBuf};

@@ -55,12 +55,19 @@ pub fn cold_start(endpoint: Option<&str>, opts: &RunOptions, sandbox: &str) -> R
     };
     let mut table = crate::table_with_floor(&res.series, baseline, Some(floor));
     if !res.breakdown.is_empty() {
-        table.push_str("\nWhere a cfork start goes (p50 per step; the steps add up to the daemon's request-to-ready time):\n\n| step | p50 | p99 | what |\n|---|---:|---:|---|\n");
+        table.push_str("\nWhere a cfork start goes (p50 per step; the steps add up to the daemon's request-to-ready time):\n\n| step | starts with it | p50 | p99 | what |\n|---|---:|---:|---:|---|\n");
+        let starts = res
+            .breakdown
+            .iter()
+            .map(|s| s.samples_ms.len())
+            .max()
+            .unwrap_or(0);
         for s in &res.breakdown {
             let sum = summarize(&s.samples_ms);
             table.push_str(&format!(
-                "| {} | {:.3} ms | {:.3} ms | {} |\n",
+                "| {} | {} of {starts} | {:.3} ms | {:.3} ms | {} |\n",
                 s.name,
+                s.samples_ms.len(),
                 sum.p50,
                 sum.p99,
                 crate::cold_start::step_meaning(&s.name)

@@ -77,7 +77,8 @@ pub fn burst(endpoint: Option<&str>, opts: &BurstOptions) -> Result<()> {
         rows.push(r);
     }
     client.evict(name).ok();
-    let table = crate::burst::table(&rows, warm_p50, fork_p50, cpus);
+    let mut table = crate::burst::table(&rows, warm_p50, fork_p50, cpus);
+    table.push_str(&crate::burst::steps_table(&rows));
     let plotted: Vec<Series> = series
         .iter()
         .filter(|s| s.name.starts_with("burst"))

@@ -61,6 +61,41 @@ pub(crate) fn dag_hops(v: &serde_json::Value, node: Option<&str>) -> Vec<f64> {
         .collect()
 }
 
+/// The parts of each hop in a timed DAG answer (pipeline nodes report them), ms: the
+/// producer's encode and send (its handler's end to its send returning), the consumer's
+/// wake-up, receive and decode (that send to the consumer's input in hand), and the runtime's
+/// call set-up (input in hand to the handler starting).
+pub(crate) fn hop_parts(v: &serde_json::Value) -> [Vec<f64>; 3] {
+    let mut parts: [Vec<f64>; 3] = Default::default();
+    let nodes: Vec<&serde_json::Value> = v["Timing"]["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .collect();
+    for pair in nodes.windows(2) {
+        let (a, b) = (pair[0], pair[1]);
+        let f = |x: &serde_json::Value, k: &str| x[k].as_f64();
+        let (Some(end), Some(sent), Some(inputs), Some(start)) = (
+            f(a, "handler_end_us"),
+            f(a, "sent_us"),
+            f(b, "inputs_us"),
+            f(b, "handler_start_us"),
+        ) else {
+            continue;
+        };
+        if f(b, "hop_us").is_none() {
+            continue;
+        }
+        for (i, us) in [sent - end, inputs - sent, start - inputs]
+            .into_iter()
+            .enumerate()
+        {
+            parts[i].push(us / 1000.0);
+        }
+    }
+    parts
+}
+
 /// Series name of the floor under a 1 KiB DAG hop.
 const HOP_FLOOR: &str = "floor: wake an idle thread + json encode/decode 1 KiB";
 
@@ -78,13 +113,20 @@ pub fn run(endpoint: Option<&str>, opts: &RunOptions) -> Result<()> {
     eprintln!("   hop latency: pychain (10 functions, 1 KiB), {n} runs per transport");
     let pad = serde_json::json!({"n": 0, "pad": "x".repeat(1000)});
     let mut series = Vec::new();
+    let mut parts: [Vec<f64>; 3] = Default::default();
     for transport in ["shm", "http"] {
         for _ in 0..3 {
             run("pychain", &pad, transport)?; // warm the instances
         }
         let mut s = Vec::new();
         for _ in 0..n {
-            s.extend(hops(&run("pychain", &pad, transport)?.1, None));
+            let v = run("pychain", &pad, transport)?.1;
+            s.extend(hops(&v, None));
+            if transport == "shm" {
+                for (all, one) in parts.iter_mut().zip(hop_parts(&v)) {
+                    all.extend(one);
+                }
+            }
         }
         series.push(Series {
             name: format!("{transport} hop, 1 KiB"),
@@ -99,6 +141,26 @@ pub fn run(endpoint: Option<&str>, opts: &RunOptions) -> Result<()> {
     let codec = crate::floor::json_codec(spore_runtime::PYTHON_INTERPRETER, samples, 1000)?;
     series.push(crate::floor::composite(HOP_FLOOR, &[&wake, &codec]));
     let mut table = crate::table_with_floor(&series, "http hop, 1 KiB", Some(HOP_FLOOR));
+    if !parts[0].is_empty() {
+        table.push_str(&format!(
+            "\nWhere a shm hop goes ({} hops):\n\n| part | p50 | p99 | what |\n|---|---:|---:|---|\n",
+            parts[0].len()
+        ));
+        let what = [
+            "producer: JSON encode, ring write, waking the consumer (its handler's end to its send returning)",
+            "consumer: wake-up, ring read, JSON decode (the producer's send to the input in hand)",
+            "consumer: the runtime's call set-up (input in hand to its handler starting)",
+        ];
+        for (p, what) in parts.iter().zip(what) {
+            let sm = crate::summarize(p);
+            table.push_str(&format!(
+                "| {} | {:.0} us | {:.0} us | {what} |\n",
+                what.split(':').next().unwrap_or_default(),
+                sm.p50 * 1000.0,
+                sm.p99 * 1000.0
+            ));
+        }
+    }
     // 2. Payload sweep, shm only, with memcpy of the same size in this process.
     eprintln!("   payload sweep: 1 KiB .. 64 MiB, producer to consumer");
     table.push_str("\nPayload hop (median of the runs; hop = producer's handler returns -> consumer's handler starts with the payload in hand):\n\n| size | mode | runs | hop | GB/s | memcpy | GB/s | hop / memcpy bandwidth |\n|---:|---|---:|---:|---:|---:|---:|---:|\n");
@@ -225,6 +287,19 @@ pub fn run(endpoint: Option<&str>, opts: &RunOptions) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hop_parts_split_each_hop() {
+        let v = serde_json::json!({"Timing": {"nodes": [
+            {"node": "a", "handler_end_us": 100.0, "sent_us": 150.0, "hop_us": null},
+            {"node": "b", "inputs_us": 210.0, "handler_start_us": 220.0, "handler_end_us": 230.0, "sent_us": 260.0, "hop_us": 120.0},
+            {"node": "c", "inputs_us": 300.0, "handler_start_us": 305.0, "hop_us": 75.0}
+        ]}});
+        let [send, wake, call] = hop_parts(&v);
+        assert_eq!(send, vec![0.05, 0.03]);
+        assert_eq!(wake, vec![0.06, 0.04]);
+        assert_eq!(call, vec![0.01, 0.005]);
+    }
 
     #[test]
     fn hops_of_every_node_or_one() {

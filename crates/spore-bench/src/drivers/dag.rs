@@ -147,15 +147,14 @@ pub fn run(endpoint: Option<&str>, opts: &RunOptions) -> Result<()> {
             parts[0].len()
         ));
         let what = [
-            "producer: JSON encode, ring write, waking the consumer (its handler's end to its send returning)",
-            "consumer: wake-up, ring read, JSON decode (the producer's send to the input in hand)",
-            "consumer: the runtime's call set-up (input in hand to its handler starting)",
+            ("encode + send", "producer: JSON encode, ring write, waking the consumer (its handler's end to its send returning)"),
+            ("wake + receive", "consumer: wake-up, ring read, JSON decode (the producer's send to the input in hand)"),
+            ("call set-up", "consumer: the runtime's call set-up (input in hand to its handler starting)"),
         ];
-        for (p, what) in parts.iter().zip(what) {
+        for (p, (name, what)) in parts.iter().zip(what) {
             let sm = crate::summarize(p);
             table.push_str(&format!(
-                "| {} | {:.0} us | {:.0} us | {what} |\n",
-                what.split(':').next().unwrap_or_default(),
+                "| {name} | {:.0} us | {:.0} us | {what} |\n",
                 sm.p50 * 1000.0,
                 sm.p99 * 1000.0
             ));

@@ -41,6 +41,18 @@ pub struct Level {
 }
 
 impl Level {
+    /// A level with nothing measured yet.
+    fn empty(concurrency: usize) -> Level {
+        Level {
+            concurrency,
+            seconds: 0.0,
+            latency_ms: Vec::new(),
+            completed: None,
+            errors: 0,
+            first_error: None,
+        }
+    }
+
     /// Completed requests per second.
     pub fn rps(&self) -> f64 {
         let n = self.completed.unwrap_or(self.latency_ms.len() as u64);
@@ -195,14 +207,7 @@ pub fn drive_wrk(
 
 /// Reads what the script's `done` printed.
 fn parse_wrk(text: &str, concurrency: usize) -> Result<Level, BenchError> {
-    let mut level = Level {
-        concurrency,
-        seconds: 0.0,
-        latency_ms: Vec::new(),
-        completed: None,
-        errors: 0,
-        first_error: None,
-    };
+    let mut level = Level::empty(concurrency);
     for line in text.lines() {
         if let Some(q) = line.strip_prefix("spore-q ") {
             if let Ok(ms) = q.trim().parse::<f64>() {
@@ -273,14 +278,7 @@ pub fn drive(
         })
         .collect();
     let t0 = Instant::now();
-    let mut level = Level {
-        concurrency,
-        seconds: 0.0,
-        latency_ms: Vec::new(),
-        completed: None,
-        errors: 0,
-        first_error: None,
-    };
+    let mut level = Level::empty(concurrency);
     for h in handles {
         let (lat, errors, first) = h
             .join()

@@ -452,17 +452,20 @@ mod tests {
         ));
     }
 
+    /// A v1 group whose only directory is `dir`.
+    fn group_in(dir: &Path) -> Cgroup {
+        Cgroup {
+            layout: Layout::V1 { root: dir.into() },
+            dirs: vec![dir.to_owned()],
+            spared: Vec::new(),
+            hot: Arc::default(),
+        }
+    }
+
     #[test]
     fn reads_oom_counters() {
         let tmp = tempfile::tempdir().unwrap();
-        let group = Cgroup {
-            layout: Layout::V1 {
-                root: tmp.path().into(),
-            },
-            dirs: vec![tmp.path().to_owned()],
-            spared: Vec::new(),
-            hot: Arc::default(),
-        };
+        let group = group_in(tmp.path());
         fs::write(
             tmp.path().join("memory.oom_control"),
             "oom_kill_disable 0\nunder_oom 0\noom_kill 0\n",
@@ -480,14 +483,7 @@ mod tests {
     #[test]
     fn counters_kept_open_are_read_afresh() {
         let tmp = tempfile::tempdir().unwrap();
-        let group = Cgroup {
-            layout: Layout::V1 {
-                root: tmp.path().into(),
-            },
-            dirs: vec![tmp.path().to_owned()],
-            spared: Vec::new(),
-            hot: Arc::default(),
-        };
+        let group = group_in(tmp.path());
         let file = tmp.path().join("memory.max_usage_in_bytes");
         fs::write(&file, "4096\n").unwrap();
         assert_eq!(group.memory_peak(), Some(4096));
@@ -503,14 +499,7 @@ mod tests {
     fn spared_processes_are_neither_listed_nor_killed() {
         let tmp = tempfile::tempdir().unwrap();
         fs::write(tmp.path().join("cgroup.procs"), "5\n7\n").unwrap();
-        let mut group = Cgroup {
-            layout: Layout::V1 {
-                root: tmp.path().into(),
-            },
-            dirs: vec![tmp.path().to_owned()],
-            spared: Vec::new(),
-            hot: Arc::default(),
-        };
+        let mut group = group_in(tmp.path());
         assert_eq!(group.pids(), vec![5, 7]);
         assert_eq!(group.process_count(), 2);
         group.spare(&[7]);

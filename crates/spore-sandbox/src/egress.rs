@@ -4,9 +4,11 @@
 //! addresses (169.254.0.0/16), to other sandboxes (the bridge ports are isolated, and routed
 //! traffic between Spore bridges is dropped) and every connection opened towards a sandbox.
 //!
-//! Links and addresses are made with iproute2's `ip`, rules with `nft` (Debian's `iproute2`
-//! and `nftables`), both run once per sandbox or per daemon, never on a fork's critical path:
-//! cfork templates keep egress-ready network namespaces made ahead of time.
+//! The bridge is made with iproute2's `ip` and the rules with `nft` (Debian's `iproute2` and
+//! `nftables`), once per daemon, under a host-wide lock so that daemons starting together pick
+//! different subnets. Each sandbox's veth pair, address and route are made over rtnetlink
+//! ([`crate::netlink`]), never on a fork's critical path: cfork templates keep egress-ready
+//! network namespaces made ahead of time.
 //!
 //! Who may do what: only the daemon (root) runs these commands; a sandbox gets its address
 //! and default route and nothing else (it has no capability in the host's network namespace).
@@ -199,6 +201,34 @@ fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<(), EgressEr
     }
 }
 
+/// Where daemons serialise choosing and making their bridges (root-only: `/run` is).
+const HOST_LOCK: &str = "/run/spore/egress.lock";
+
+/// An exclusive lock, host-wide, held while a daemon removes leftovers, picks its subnet and
+/// makes its bridge, so that daemons starting at the same time see each other's routes.
+fn host_lock() -> Result<nix::fcntl::Flock<std::fs::File>, EgressError> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let io = |source| EgressError::Io {
+        what: HOST_LOCK.into(),
+        source,
+    };
+    let dir = Path::new(HOST_LOCK).parent().expect("has a parent");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(HOST_LOCK)
+        .map_err(io)?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, errno)| io(errno.into()))
+}
+
 /// The IPv4 routes of the host's main table, as subnets.
 pub fn host_routes() -> Result<Vec<Subnet>, EgressError> {
     let text = std::fs::read_to_string("/proc/net/route").map_err(|source| EgressError::Io {
@@ -261,6 +291,9 @@ impl Egress {
         let bridge = format!("spb{tag}");
         let table = format!("spore_{tag}");
         let mut warnings = Vec::new();
+        // Daemons starting together would otherwise read the same host routes and pick the
+        // same free subnet; the second bridge's route then steals the first one's replies.
+        let _host_lock = host_lock()?;
         let swept = remove_leftovers(tag, &table) + remove_orphans();
         if swept > 0 {
             warnings.push(format!(
@@ -666,6 +699,40 @@ mod tests {
         let e = missing.unwrap_err().to_string();
         assert!(e.contains("spt-nobridge"), "{e}");
         assert!(leftover.is_empty(), "{leftover}");
+    }
+
+    #[test]
+    fn daemons_starting_together_pick_different_subnets() {
+        if !nix::unistd::Uid::effective().is_root() || !tool("nft").is_absolute() {
+            eprintln!("skipped: needs root and nft (creates bridges and nftables tables)");
+            return;
+        }
+        let base = std::process::id() % 0xfff0;
+        let tags: Vec<String> = (0..4).map(|i| format!("{:x}", base + i)).collect();
+        let barrier = std::sync::Barrier::new(tags.len());
+        let made: Vec<Result<Egress, EgressError>> = std::thread::scope(|s| {
+            let joins: Vec<_> = tags
+                .iter()
+                .map(|tag| {
+                    let barrier = &barrier;
+                    s.spawn(move || {
+                        barrier.wait();
+                        Egress::setup(tag, None).map(|(e, _)| e)
+                    })
+                })
+                .collect();
+            joins.into_iter().map(|j| j.join().unwrap()).collect()
+        });
+        let subnets: Vec<String> = made
+            .iter()
+            .filter_map(|e| e.as_ref().ok().map(|e| e.subnet().to_string()))
+            .collect();
+        for e in made.iter().flatten() {
+            e.teardown();
+        }
+        assert_eq!(subnets.len(), tags.len(), "{made:?}");
+        let distinct: std::collections::HashSet<_> = subnets.iter().collect();
+        assert_eq!(distinct.len(), subnets.len(), "{subnets:?}");
     }
 
     #[test]

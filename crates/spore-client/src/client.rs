@@ -42,6 +42,9 @@ pub enum ClientError {
         #[source]
         source: reqwest::Error,
     },
+    /// The client refuses the request before sending it (it would be silently ignored).
+    #[error("{0}")]
+    Refused(String),
     /// Building the HTTP client or reading an answer's body failed.
     #[error(transparent)]
     Http(#[from] reqwest::Error),
@@ -284,26 +287,7 @@ impl Client {
             None => req,
         };
         let b64 = base64::engine::general_purpose::STANDARD.encode(zip);
-        let mut tags = serde_json::Map::new();
-        tags.insert("spore:sandbox".into(), m.sandbox.as_str().into());
-        if let Some(mx) = m.max_instances {
-            tags.insert("spore:max_instances".into(), mx.to_string().into());
-        }
-        if m.snapshot {
-            tags.insert("spore:snapshot".into(), "true".into());
-        }
-        if let Some(u) = m.unit {
-            tags.insert("spore:unit".into(), u.to_string().into());
-        }
-        if let Some(w) = &m.warmup_event {
-            tags.insert("spore:warmup_event".into(), w.clone().into());
-        }
-        if let Some(a) = &m.accelerator {
-            tags.insert("spore:accelerator".into(), a.clone().into());
-        }
-        if let Some(a) = &m.arch {
-            tags.insert("spore:arch".into(), a.clone().into());
-        }
+        let tags = spore_tags(m);
         let create = serde_json::json!({
             "FunctionName": m.name, "Runtime": m.runtime_str(), "Handler": m.handler,
             "MemorySize": m.memory_mb, "Timeout": m.timeout_s, "Code": { "ZipFile": b64 },
@@ -319,6 +303,24 @@ impl Client {
             return json(Self::check(resp)?, "malformed CreateFunction answer");
         }
         let base = format!("/2015-03-31/functions/{}", m.name);
+        // Spore's settings are fixed when a function is created: a manifest that changes one
+        // is refused by name rather than deployed without it.
+        let current = self.get_json(&base)?;
+        let changed = changed_spore_tags(&tags, &current["Tags"]);
+        if !changed.is_empty() {
+            return Err(ClientError::Refused(format!(
+                "{} cannot change on the existing function {} ({}): delete it first (spore rm {}) \
+                 and deploy again",
+                if changed.len() == 1 {
+                    "this setting"
+                } else {
+                    "these settings"
+                },
+                m.name,
+                changed.join(", "),
+                m.name,
+            )));
+        }
         let config = serde_json::json!({
             "Runtime": m.runtime_str(), "Handler": m.handler, "MemorySize": m.memory_mb,
             "Timeout": m.timeout_s, "Environment": { "Variables": m.environment },
@@ -574,5 +576,90 @@ mod tests {
         let e = Client::new(&endpoint).unwrap().units().unwrap_err();
         assert!(matches!(e, ClientError::Malformed { .. }), "{e:?}");
         assert_eq!(e.to_string(), "malformed answer to a units listing");
+    }
+}
+
+/// The `spore:` tags that carry a manifest's Spore settings through the Lambda API.
+pub fn spore_tags(m: &spore_core::FunctionManifest) -> serde_json::Map<String, Value> {
+    let mut tags = serde_json::Map::new();
+    tags.insert("spore:sandbox".into(), m.sandbox.as_str().into());
+    if let Some(mx) = m.max_instances {
+        tags.insert("spore:max_instances".into(), mx.to_string().into());
+    }
+    if m.snapshot {
+        tags.insert("spore:snapshot".into(), "true".into());
+    }
+    if let Some(u) = m.unit {
+        tags.insert("spore:unit".into(), u.to_string().into());
+    }
+    if let Some(w) = &m.warmup_event {
+        tags.insert("spore:warmup_event".into(), w.clone().into());
+    }
+    if !m.auto_warmup && m.runtime == spore_core::Runtime::Python3 {
+        tags.insert("spore:auto_warmup".into(), "false".into());
+    }
+    if let Some(a) = &m.accelerator {
+        tags.insert("spore:accelerator".into(), a.clone().into());
+    }
+    if let Some(a) = &m.arch {
+        tags.insert("spore:arch".into(), a.clone().into());
+    }
+    if let Some(n) = m.network {
+        tags.insert("spore:network".into(), n.as_str().into());
+    }
+    tags
+}
+
+/// The settings (`key: now -> wanted`) where `wanted` differs from a function's `current`
+/// tags, for the `spore:` tags only.
+fn changed_spore_tags(wanted: &serde_json::Map<String, Value>, current: &Value) -> Vec<String> {
+    let empty = serde_json::Map::new();
+    let current = current.as_object().unwrap_or(&empty);
+    let keys: std::collections::BTreeSet<&String> = wanted
+        .keys()
+        .chain(current.keys())
+        .filter(|k| k.starts_with("spore:"))
+        .collect();
+    let show = |v: Option<&Value>| v.and_then(Value::as_str).unwrap_or("unset").to_owned();
+    keys.into_iter()
+        .filter(|k| wanted.get(*k) != current.get(*k))
+        .map(|k| {
+            format!(
+                "{}: {} -> {}",
+                k.trim_start_matches("spore:"),
+                show(current.get(k)),
+                show(wanted.get(k))
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tag_tests {
+    use super::*;
+
+    #[test]
+    fn a_changed_spore_setting_is_named() {
+        let m = spore_core::FunctionManifest::from_toml(
+            "name = \"f\"\nhandler = \"m.h\"\nnetwork = \"none\"\nauto_warmup = false\n",
+        )
+        .unwrap();
+        let wanted = spore_tags(&m);
+        assert_eq!(wanted["spore:network"], "none");
+        assert_eq!(wanted["spore:auto_warmup"], "false");
+        let same = serde_json::json!({
+            "spore:sandbox": "container", "spore:network": "none",
+            "spore:auto_warmup": "false", "team": "a",
+        });
+        assert!(changed_spore_tags(&wanted, &same).is_empty());
+        let other = serde_json::json!({"spore:sandbox": "cfork", "team": "a"});
+        assert_eq!(
+            changed_spore_tags(&wanted, &other),
+            vec![
+                "auto_warmup: unset -> false".to_owned(),
+                "network: unset -> none".to_owned(),
+                "sandbox: cfork -> container".to_owned(),
+            ]
+        );
     }
 }

@@ -595,9 +595,11 @@ impl Control {
             .ok_or_else(|| ControlError::NotFound(name.into()))?;
         self.inner.pools.retire(name);
         self.inner.pools.snapshots().remove(name);
+        self.inner.pools.forget_warmup(name);
         for key in &versions {
             self.inner.pools.retire(key);
             self.inner.pools.snapshots().remove(key);
+            self.inner.pools.forget_warmup(key);
         }
         self.inner.pools.remove_log(name);
         self.inner.units.remove_on_units(name);

@@ -291,6 +291,7 @@ impl Control {
         };
         self.inner.pools.retire(&key);
         self.inner.pools.snapshots().remove(&key);
+        self.inner.pools.forget_warmup(&key);
         tracing::info!(function = %name, version, "version deleted");
         Ok(())
     }

@@ -214,6 +214,13 @@ pub struct FunctionManifest {
     /// Like SnapStart's priming; the handler must tolerate the call. Python only.
     #[serde(default)]
     pub warmup_event: Option<String>,
+    /// Record the modules the handler imports on its calls and import them at start-up (in
+    /// the cfork template, before a snapshot, in every fresh instance), so that a new
+    /// instance's first call does not pay for them. On by default for Python functions;
+    /// `false` turns it off (a module whose import has side effects the function wants at
+    /// call time). Invalidated by every new revision of the function.
+    #[serde(default = "yes")]
+    pub auto_warmup: bool,
     /// Pin the function to this processing unit (None: the control plane places it).
     #[serde(default)]
     pub unit: Option<u32>,
@@ -251,6 +258,8 @@ struct RawManifest {
     #[serde(default)]
     warmup_event: Option<String>,
     #[serde(default)]
+    auto_warmup: Option<bool>,
+    #[serde(default)]
     unit: Option<i64>,
     #[serde(default)]
     accelerator: Option<String>,
@@ -258,6 +267,23 @@ struct RawManifest {
     arch: Option<String>,
     #[serde(default)]
     network: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Whether `auto_warmup`, given or not, holds for `runtime`: on by default for Python,
+/// refused by name where it cannot be honoured.
+pub fn auto_warmup_for(runtime: Runtime, given: Option<bool>) -> Result<bool, ManifestError> {
+    match (runtime, given) {
+        (Runtime::Python3, g) => Ok(g.unwrap_or(true)),
+        (_, Some(true)) => Err(ManifestError::Invalid {
+            key: "auto_warmup",
+            reason: "automatic warm-up is implemented for python3 functions".into(),
+        }),
+        (_, _) => Ok(false),
+    }
 }
 
 fn default_runtime() -> String {
@@ -274,9 +300,11 @@ impl FunctionManifest {
     /// Parses and checks a `spore.toml`.
     pub fn from_toml(text: &str) -> Result<Self, ManifestError> {
         let raw: RawManifest = toml::from_str(text).map_err(ManifestError::Parse)?;
+        let runtime: Runtime = raw.runtime.parse()?;
         let manifest = FunctionManifest {
             name: raw.name,
-            runtime: raw.runtime.parse()?,
+            runtime,
+            auto_warmup: auto_warmup_for(runtime, raw.auto_warmup)?,
             runtime_name: Some(raw.runtime),
             handler: raw.handler,
             memory_mb: in_range("memory_mb", raw.memory_mb, &MEMORY_MB_RANGE)?,

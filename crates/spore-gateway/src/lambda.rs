@@ -24,6 +24,8 @@ pub const TAG_MAX_INSTANCES: &str = "spore:max_instances";
 pub const TAG_SNAPSHOT: &str = "spore:snapshot";
 /// Tag naming a warm-up event file in the function's code (`warmup_event`).
 pub const TAG_WARMUP_EVENT: &str = "spore:warmup_event";
+/// Tag turning automatic warm-up off (`false`) or on (`true`, the default for Python).
+pub const TAG_AUTO_WARMUP: &str = "spore:auto_warmup";
 /// Tag pinning a function to a processing unit.
 pub const TAG_UNIT: &str = "spore:unit";
 /// Tag naming the accelerator a function needs.
@@ -39,6 +41,7 @@ pub(crate) const SPORE_TAGS: &[&str] = &[
     TAG_MAX_INSTANCES,
     TAG_SNAPSHOT,
     TAG_WARMUP_EVENT,
+    TAG_AUTO_WARMUP,
     TAG_UNIT,
     TAG_ACCELERATOR,
     TAG_ARCH,
@@ -430,6 +433,9 @@ fn tags(rec: &FunctionRecord) -> BTreeMap<String, String> {
     if let Some(w) = &rec.manifest.warmup_event {
         t.insert(TAG_WARMUP_EVENT.to_owned(), w.clone());
     }
+    if !rec.manifest.auto_warmup && rec.manifest.runtime == spore_core::Runtime::Python3 {
+        t.insert(TAG_AUTO_WARMUP.to_owned(), "false".to_owned());
+    }
     for (k, v) in [
         (TAG_ACCELERATOR, &rec.manifest.accelerator),
         (TAG_ARCH, &rec.manifest.arch),
@@ -534,11 +540,25 @@ pub(crate) async fn create_function(
                 .and_then(|n| range_i64(TAG_UNIT, n, 0..=65535))
         })
         .transpose()?;
+    let parsed_runtime: spore_core::Runtime = runtime
+        .parse()
+        .map_err(|e: spore_core::ManifestError| ApiError::invalid(e.to_string()))?;
+    let auto_warmup = match req.tags.get(TAG_AUTO_WARMUP).map(String::as_str) {
+        None => None,
+        Some("true") => Some(true),
+        Some("false") => Some(false),
+        Some(other) => {
+            return Err(ApiError::invalid(format!(
+                "tag {TAG_AUTO_WARMUP} must be true or false, not {other:?}"
+            )))
+        }
+    };
+    let auto_warmup = spore_core::manifest::auto_warmup_for(parsed_runtime, auto_warmup)
+        .map_err(|e| ApiError::invalid(format!("tag {TAG_AUTO_WARMUP}: {e}")))?;
     let manifest = FunctionManifest {
         name: req.function_name,
-        runtime: runtime
-            .parse()
-            .map_err(|e: spore_core::ManifestError| ApiError::invalid(e.to_string()))?,
+        runtime: parsed_runtime,
+        auto_warmup,
         runtime_name: Some(runtime.clone()),
         handler,
         memory_mb: range_i64(

@@ -10,6 +10,7 @@ use spore_core::{error_chain, ControlError};
 use spore_registry::store;
 
 use crate::sandbox::InstanceEnv;
+use crate::warmup;
 
 /// What sandboxes of one daemon share, and how to build them here.
 #[derive(Debug, Clone)]
@@ -173,6 +174,10 @@ pub fn prepare(cfg: &HostConfig, warnings: &mut Vec<String>) -> Result<Host, Con
             env.deps_root = Some(spore_registry::deps::layers_root(&cfg.data_dir));
             env.default_network = cfg.default_network;
             env.region = cfg.region.clone();
+            match warmup::Warmups::new(cfg.data_dir.join("warmup")) {
+                Ok(w) => env.warmups = Some(Arc::new(w)),
+                Err(e) => warnings.push(format!("automatic warm-up is off: {}", error_chain(&e))),
+            }
             env
         })
         .map_err(|e| error_chain(&e));

@@ -94,6 +94,8 @@ pub struct Reply {
     pub handler_end_ns: u64,
     /// (DAG nodes) the runtime's report.
     pub dag: Option<protocol::DagReport>,
+    /// Modules the call imported for the first time in this instance (automatic warm-up).
+    pub imported: Vec<String>,
 }
 
 /// The frame of one invocation.
@@ -516,9 +518,11 @@ impl Instance {
                     handler_start_ns,
                     handler_end_ns,
                     dag,
+                    imported,
                 },
                 body,
             ))) => Ok(Reply {
+                imported,
                 handler_start_ns,
                 handler_end_ns,
                 dag,

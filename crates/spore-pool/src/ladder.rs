@@ -139,13 +139,24 @@ impl Pools {
         if forked.is_err() && template.was_stopped() {
             // The reaper (or a redeploy) stopped the template between our getting it and
             // forking: go to the next one.
-            (template, started) = self.template_for(env, rec, log, init_timeout, None).await?;
+            (template, started) = self
+                .template_for(env, rec, log.clone(), init_timeout, None)
+                .await?;
             forked = template
-                .fork(env, rec, Duration::from_secs(10), first_invoke)
+                .fork(env, rec, Duration::from_secs(10), first_invoke.clone())
                 .await;
         }
         if forked.is_err() && !template.is_alive() {
             self.drop_template(&rec.key(), &template);
+            if template.warmup_failed() {
+                // Its automatic warm-up is off now: a new template, without it, serves.
+                (template, started) = self
+                    .template_for(env, rec, log, init_timeout, fresh)
+                    .await?;
+                forked = template
+                    .fork(env, rec, Duration::from_secs(10), first_invoke)
+                    .await;
+            }
         }
         let mut inst = forked?;
         if let Some(spent) = started {

@@ -24,6 +24,7 @@ pub mod sandbox;
 pub mod snapshots;
 pub mod spare;
 pub mod template;
+pub mod warmup;
 pub mod work;
 
 use std::collections::HashMap;
@@ -294,6 +295,41 @@ impl Pools {
                 reclaim: OnceLock::new(),
                 busy: Mutex::new(HashMap::new()),
             }),
+        }
+    }
+
+    /// Records the modules a call of `rec` imported for the first time in its instance
+    /// (automatic warm-up): later instances import them at start-up. When the list grows,
+    /// the function's snapshot is retaken (a bounded number of times per revision), so that
+    /// restores have them too.
+    pub fn record_imports(&self, rec: &FunctionRecord, imported: &[String]) {
+        if imported.is_empty() || !rec.manifest.auto_warmup {
+            return;
+        }
+        let Ok(env) = &self.inner.env else { return };
+        let Some(w) = &env.warmups else { return };
+        let key = rec.key();
+        match w.record(&key, rec.revision, imported) {
+            Ok(warmup::Recorded::Unchanged) => {}
+            Ok(warmup::Recorded::Grew { retake_snapshot }) => {
+                tracing::debug!(function = %key, modules = imported.len(), "automatic warm-up list grew");
+                if retake_snapshot && rec.manifest.snapshot {
+                    let removed = self.inner.snapshots.remove(&key);
+                    if removed > 0 {
+                        tracing::info!(function = %key, "snapshot retaken with the modules its calls import");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(function = %key, "{}", spore_core::error_chain(&e)),
+        }
+    }
+
+    /// Forgets the automatic warm-up of `key` (a deleted function or version).
+    pub fn forget_warmup(&self, key: &str) {
+        if let Ok(env) = &self.inner.env {
+            if let Some(w) = &env.warmups {
+                w.remove(key);
+            }
         }
     }
 

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use spore_core::{error_chain, FunctionError, Network};
+use spore_core::{error_chain, FunctionError, Network, Runtime};
 use spore_registry::FunctionRecord;
 use spore_runtime::protocol::{self, FramePrefix, FromRuntime, ToRuntime, PREFIX_LEN};
 use spore_runtime::RuntimeLaunch;
@@ -56,6 +56,8 @@ pub struct InstanceEnv {
     pub egress: Result<Arc<spore_sandbox::egress::Egress>, String>,
     /// The region functions see (`AWS_REGION`, `AWS_DEFAULT_REGION`, their ARN).
     pub region: String,
+    /// What functions' calls imported, for their automatic warm-up (None: not kept here).
+    pub warmups: Option<Arc<crate::warmup::Warmups>>,
     seq: AtomicU64,
 }
 
@@ -85,11 +87,24 @@ impl InstanceEnv {
             default_network: Network::None,
             egress: Err("network egress is not set up".into()),
             region: spore_runtime::DEFAULT_REGION.to_owned(),
+            warmups: None,
             seq: AtomicU64::new(1),
         }
     }
 
     /// The network setting that applies to `m`.
+    /// The modules `rec`'s instances import at start-up (its automatic warm-up): what its
+    /// calls imported so far at this revision; empty when it has none or turned it off.
+    pub fn preload_for(&self, rec: &FunctionRecord) -> Vec<String> {
+        match &self.warmups {
+            Some(w) if rec.manifest.auto_warmup && rec.manifest.runtime == Runtime::Python3 => {
+                w.modules(&rec.key(), rec.revision)
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Where `network_of` reads the default from.
     pub fn network_of(&self, m: &spore_core::FunctionManifest) -> Network {
         m.network.unwrap_or(self.default_network)
     }
@@ -227,7 +242,14 @@ fn spawn_in(
         &version,
         random_u128(),
     );
+    // A template is given its list by its caller, which remembers what it sent.
+    let preload = if is_template {
+        Vec::new()
+    } else {
+        env.preload_for(rec)
+    };
     let launch = RuntimeLaunch {
+        preload: &preload,
         runtime: m.runtime,
         version: m.runtime_version(),
         function_name: &m.name,

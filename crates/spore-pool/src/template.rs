@@ -115,6 +115,10 @@ pub struct Template {
     egress: bool,
     /// The runtime's resident memory once ready, which every child maps.
     shared_bytes: u64,
+    /// Modules it imported for the automatic warm-up (given at start or with a fork).
+    preloaded: Mutex<std::collections::HashSet<String>>,
+    /// A module the warm-up imported started a thread: it cannot fork any more.
+    warmup_failed: AtomicBool,
 }
 
 impl Template {
@@ -164,6 +168,16 @@ impl Template {
                 serde_json::to_string(&hex).expect("json"),
             ),
         ];
+        // A restored template imported what its snapshot's init did; the rest comes with
+        // the first fork.
+        let preload = if matches!(how, ColdStart::Restore(..)) {
+            Vec::new()
+        } else {
+            env.preload_for(rec)
+        };
+        if !preload.is_empty() {
+            extra_env.push(("SPORE_PRELOAD".to_owned(), preload.join(",")));
+        }
         // Operators (and the tests) can force the pure-Python child set-up.
         if std::env::var("SPORE_CFORK_NATIVE").as_deref() == Ok("0") {
             extra_env.push(("SPORE_CFORK_NATIVE".to_owned(), "0".to_owned()));
@@ -287,6 +301,8 @@ impl Template {
             own_pids,
             egress,
             shared_bytes,
+            preloaded: Mutex::new(preload.into_iter().collect()),
+            warmup_failed: AtomicBool::new(false),
         }))
     }
 
@@ -309,6 +325,11 @@ impl Template {
     /// Whether the daemon stopped it (a fork that raced with that can go to a new one).
     pub fn was_stopped(&self) -> bool {
         self.shared.stopped.load(Ordering::Acquire)
+    }
+
+    /// Whether a module its automatic warm-up imported started a thread (it was stopped).
+    pub fn warmup_failed(&self) -> bool {
+        self.warmup_failed.load(Ordering::Acquire)
     }
 
     /// Whether the template still answers.
@@ -430,6 +451,15 @@ impl Template {
         };
         // Time spent waiting for an egress-ready namespace (none were equipped yet).
         let netns_wait_ms = waited.elapsed().as_secs_f64() * 1000.0;
+        // What the function's calls imported since this template started: imported before
+        // this fork, once.
+        let preload: Vec<String> = {
+            let mut done = self.preloaded.lock().expect("preloaded");
+            env.preload_for(rec)
+                .into_iter()
+                .filter(|m| done.insert(m.clone()))
+                .collect()
+        };
         let frame = protocol::encode(
             &ToRuntime::Fork {
                 cgroups: sets,
@@ -438,6 +468,7 @@ impl Template {
                 tmp_mb: env.tmp_mb,
                 netns,
                 netns_waiting: self.shared.netns_waiting.load(Ordering::Relaxed),
+                preload: preload.clone(),
             },
             b"",
         );
@@ -505,6 +536,25 @@ impl Template {
             Err(why) => {
                 self.shared.children.lock().expect("children").remove(&id);
                 destroy_cgroup(cgroup).await;
+                if why.contains(THREADED_TEMPLATE)
+                    && !self.preloaded.lock().expect("preloaded").is_empty()
+                {
+                    // The warm-up imported a module that starts a thread: off for this
+                    // revision, and this template goes (the next one imports nothing extra).
+                    if let Some(w) = &env.warmups {
+                        if let Err(e) = w.turn_off(&rec.key(), rec.revision, &why) {
+                            tracing::warn!(function = %m.name, "{}", error_chain(&e));
+                        }
+                    }
+                    tracing::warn!(function = %m.name, "automatic warm-up turned off for this revision: {why}");
+                    self.warmup_failed.store(true, Ordering::Release);
+                    self.shared.alive.store(false, Ordering::Release);
+                    return Err(StartError::Platform(format!(
+                        "{why} (a module the automatic warm-up imported started it: the warm-up is \
+                         now off for this revision of the function, and its template is recreated \
+                         for the next invocation; set auto_warmup = false to keep it off)"
+                    )));
+                }
                 if why.contains(THREADED_TEMPLATE) {
                     // The function's code (a library it imports) started threads: its error,
                     // not the platform's.

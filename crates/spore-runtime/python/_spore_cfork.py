@@ -311,7 +311,7 @@ def _child(req, inst_fd, cgroup_fds, netns_fd, programs, template_sock, serve, s
     return _finish_child(phases, serve, send, handler)
 
 
-def template(fd, handler, import_ms, serve, send, recv_rest, init_logs=""):
+def template(fd, handler, import_ms, serve, send, recv_rest, init_logs="", preload=None):
     programs = _programs()
     native = _native_lib()
     if not native:
@@ -369,6 +369,12 @@ def template(fd, handler, import_ms, serve, send, recv_rest, init_logs=""):
                     os.close(f)
                 send(fd, {"type": "fork_error", "id": str(req.get("id")), "error": "expected a fork request with descriptors"})
                 continue
+            if req.get("preload") and preload is not None:
+                # Automatic warm-up: what the function's calls imported since this template
+                # started, imported once here so that this child and the next have it.
+                preload(req["preload"])
+                gc.collect()
+                gc.freeze()
             threads = _threads()
             if threads != 1:
                 for f in fds:

@@ -420,6 +420,9 @@ def main():
     warmup = os.environ.get("SPORE_WARMUP_EVENT")
     if warmup:
         _warm_up(handler, warmup)
+    preload = os.environ.get("SPORE_PRELOAD")
+    if preload:
+        _preload(preload.split(","))
     import_ms = (time.perf_counter() - t0) * 1000.0
     template = os.environ.get("SPORE_MODE") == "template"
     if template:
@@ -434,7 +437,7 @@ def main():
     if template:
         try:
             return _spore_cfork.template(fd, handler, import_ms, _serve_child, _send, _recv_rest,
-                                         init_logs)
+                                         init_logs, _preload)
         except BaseException:
             import traceback
 
@@ -474,6 +477,60 @@ def _warm_up(handler, path):
         os.write(2, ("spore: warm-up event %s failed (%s); starting without it\n" % (path, error)).encode())
     else:
         os.write(2, ("spore: warm-up event ran in %.1f ms\n" % ((time.perf_counter() - t) * 1000.0)).encode())
+
+
+def _threads():
+    # procfs counts a process's threads in the link count of its task directory (2 + n).
+    try:
+        return os.stat("/proc/self/task").st_nlink - 2
+    except OSError:
+        return -1
+
+
+def _preload(names):
+    """Automatic warm-up: imports the modules earlier calls of this function imported, so
+    that this instance's first call does not. A module that fails to import is skipped; one
+    that starts a thread stops the list (a cfork template then refuses to fork, and the
+    daemon turns the warm-up off for the function). What imports print is discarded."""
+    import importlib
+
+    t = time.perf_counter()
+    threads = _threads()
+    done, failed = 0, []
+    real_out, real_err = sys.stdout, sys.stderr
+    sys.stdout = sys.stderr = _Capture()
+    try:
+        for name in names:
+            if not name or name in sys.modules:
+                continue
+            try:
+                importlib.import_module(name)
+                done += 1
+            except BaseException as exc:  # noqa: BLE001 - skipped, never fatal
+                failed.append("%s (%s)" % (name, type(exc).__name__))
+            if _threads() != threads:
+                failed.append("%s started a thread; stopped there" % name)
+                break
+    finally:
+        sys.stdout, sys.stderr = real_out, real_err
+    line = "spore: automatic warm-up imported %d modules in %.1f ms" % (
+        done, (time.perf_counter() - t) * 1000.0)
+    if failed:
+        line += "; not imported: " + ", ".join(failed[:10])
+    os.write(2, (line + "\n").encode())
+
+
+def _new_imports(known):
+    """The modules imported since `known` was taken that a later instance can import by name
+    (loaded by an import, not placed in sys.modules by hand); adds every new name to `known`."""
+    new = [n for n in list(sys.modules) if n not in known]
+    known.update(new)
+    out = []
+    for n in new:
+        spec = getattr(sys.modules.get(n), "__spec__", None)
+        if spec is not None and getattr(spec, "name", None) == n and n != "__main__":
+            out.append(n)
+    return out
 
 
 def _checkpoint(fd):
@@ -533,6 +590,11 @@ def _serve(fd, handler):
     """Serves invocations on fd until the daemon closes it."""
     main_pid = os.getpid()
     stream = _Stream(fd, main_pid)
+    # Automatic warm-up: the modules this instance has, and its threads when it started
+    # serving. A call that imports more reports them, unless it also left threads running
+    # (which a module may have started at import: a cfork template could not fork then).
+    known = set(sys.modules)
+    threads = _threads()
     while True:
         header, body = _recv(fd)
         if header is None:
@@ -565,6 +627,10 @@ def _serve(fd, handler):
                  "error_logged": error is not None,
                  "handler_start_ns": _marks["handler_start_ns"], "handler_end_ns": _marks["handler_end_ns"]}
         reply.update(report)
+        if len(sys.modules) != len(known):
+            imported = _new_imports(known)
+            if imported and _threads() == threads:
+                reply["imported"] = imported[:2000]
         with stream.lock:  # not between the frames of a thread that still prints
             _send(fd, reply, payload)
 

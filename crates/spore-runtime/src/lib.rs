@@ -201,6 +201,9 @@ pub struct RuntimeLaunch<'a> {
     pub user_env: &'a std::collections::BTreeMap<String, String>,
     /// The warm-up event file, relative to the code directory (Python).
     pub warmup_event: Option<&'a str>,
+    /// Modules to import after the handler, before `ready` (Python's automatic warm-up:
+    /// what earlier calls of this revision imported).
+    pub preload: &'a [String],
     /// The region the function sees (`AWS_REGION`, `AWS_DEFAULT_REGION`, its ARN).
     pub region: &'a str,
     /// How the instance was started (`AWS_LAMBDA_INITIALIZATION_TYPE`): `on-demand`, or
@@ -349,6 +352,9 @@ impl RuntimeLaunch<'_> {
                 if let Some(w) = self.warmup_event {
                     reserved.push(("SPORE_WARMUP_EVENT", format!("{TASK_ROOT}/{w}")));
                 }
+                if !self.preload.is_empty() {
+                    reserved.push(("SPORE_PRELOAD", self.preload.join(",")));
+                }
                 reserved.push((
                     "PYTHONPATH",
                     format!("{TASK_ROOT}:{DEPS_ROOT}:{PACKAGES_ROOT}"),
@@ -386,6 +392,7 @@ mod tests {
             memory_mb: 128,
             user_env: &user,
             warmup_event: Some("event.json"),
+            preload: &[],
             region: "eu-west-3",
             initialization_type: ON_DEMAND,
             log_stream_name: "2026/01/02/[$LATEST]00000000000000000000000000000001",
@@ -446,6 +453,7 @@ mod tests {
             memory_mb: 128,
             user_env: &Default::default(),
             warmup_event: None,
+            preload: &[],
             region: DEFAULT_REGION,
             function_version: "$LATEST",
             initialization_type: ON_DEMAND,

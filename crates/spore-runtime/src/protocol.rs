@@ -115,6 +115,10 @@ pub enum ToRuntime {
         /// makes that many more, as soon as it is not forking, instead of its usual few.
         #[serde(default, skip_serializing_if = "is_zero")]
         netns_waiting: u32,
+        /// Modules the template imports before this fork (automatic warm-up: what the
+        /// function's calls imported since the template started).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        preload: Vec<String>,
     },
     /// (To a runtime restored from a snapshot, before anything else) the environment of the
     /// sandbox it now runs in. A restored process has the environment of the one that was
@@ -203,6 +207,11 @@ pub enum FromRuntime {
         /// (DAG nodes) what was sent where, and when.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         dag: Option<DagReport>,
+        /// Modules this call imported that the instance had not imported before (for the
+        /// automatic warm-up of later instances); empty when none, or when the call also
+        /// started threads.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        imported: Vec<String>,
     },
 }
 
@@ -385,7 +394,7 @@ mod tests {
         }
 
         #[test]
-        fn result_round_trips(logs in ".{0,200}", etype in "[A-Za-z.]{1,20}", msg in ".{0,100}", ms in 0.0f64..1e6, t in any::<u64>()) {
+        fn result_round_trips(logs in ".{0,200}", etype in "[A-Za-z.]{1,20}", msg in ".{0,100}", ms in 0.0f64..1e6, t in any::<u64>(), imported in proptest::collection::vec("[a-z_.]{1,30}", 0..4)) {
             let m = FromRuntime::Result {
                 error: Some(FunctionError { stack_trace: vec!["x".into()], ..FunctionError::platform(&etype, msg) }),
                 duration_ms: ms,
@@ -394,6 +403,7 @@ mod tests {
                 handler_start_ns: t,
                 handler_end_ns: t,
                 dag: None,
+                imported,
             };
             let frame = encode(&m, b"");
             let (_, header, _) = split(&frame);

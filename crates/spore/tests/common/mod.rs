@@ -280,6 +280,9 @@ impl Daemon {
         if let Some(n) = m.network {
             body["Tags"]["spore:network"] = n.as_str().into();
         }
+        if !m.auto_warmup && m.runtime == spore_core::Runtime::Python3 {
+            body["Tags"]["spore:auto_warmup"] = "false".into();
+        }
         self.http
             .post(self.url("/2015-03-31/functions"))
             .json(&body)

@@ -1,0 +1,336 @@
+//! Automatic warm-up: the modules a function's calls import, recorded per revision, so that
+//! later instances import them at start-up (in the cfork template, before a snapshot, in a
+//! fresh container) instead of on their first call.
+//!
+//! The runtime reports, with a call's result, the modules that call imported for the first
+//! time in its instance. [`Warmups::record`] keeps their union per function key (a function or
+//! one of its published versions) and revision, on disk under `<data-dir>/warmup/`, so that
+//! it outlives the daemon; a new revision starts an empty list.
+//!
+//! Who may do what: the names come from the function's own runtime, and only that function's
+//! later instances import them. They are checked (dotted identifiers, bounded in length and
+//! number) before they are stored or passed to a runtime. The files are the daemon's (mode
+//! 0600 in a 0700 directory).
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+/// Most modules kept per function revision.
+pub const MAX_MODULES: usize = 2000;
+/// Longest module name accepted.
+pub const MAX_NAME: usize = 200;
+/// How many times a growing list retakes a function's snapshot, per revision (a function
+/// whose calls keep importing new modules must not keep discarding its snapshot).
+pub const MAX_RETAKES: u32 = 2;
+
+/// What is stored per function key.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+struct Entry {
+    revision: u64,
+    modules: BTreeSet<String>,
+    /// Snapshots discarded for this revision because the list grew.
+    #[serde(default)]
+    retakes: u32,
+    /// Why the warm-up was turned off for this revision (a preloaded module started a thread
+    /// in a cfork template, say); None: on.
+    #[serde(default)]
+    off: Option<String>,
+}
+
+/// What [`Warmups::record`] changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// Nothing new.
+    Unchanged,
+    /// The list grew; the function's snapshot should be retaken (the first few times).
+    Grew {
+        /// Whether the snapshot should be discarded and retaken now.
+        retake_snapshot: bool,
+    },
+}
+
+/// Errors of the warm-up store.
+#[derive(Debug, thiserror::Error)]
+pub enum WarmupError {
+    /// Reading or writing a list failed.
+    #[error("automatic warm-up list {path}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Every function's recorded modules. Cheap to share (`Arc`).
+#[derive(Debug)]
+pub struct Warmups {
+    dir: PathBuf,
+    cache: Mutex<HashMap<String, Entry>>,
+}
+
+/// Whether `name` is a module name the runtime may import: dotted Python identifiers (ASCII),
+/// at most [`MAX_NAME`] bytes, no private-looking top level that names the runtime itself.
+pub fn valid_module(name: &str) -> bool {
+    let ident = |p: &str| {
+        let mut c = p.chars();
+        matches!(c.next(), Some(ch) if ch.is_ascii_alphabetic() || ch == '_')
+            && c.all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
+    };
+    !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name.split('.').all(ident)
+        && name != "__main__"
+        && name != "bootstrap"
+        && !name.starts_with("_spore")
+}
+
+impl Warmups {
+    /// The store under `dir` (made, mode 0700, if missing).
+    pub fn new(dir: PathBuf) -> Result<Warmups, WarmupError> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|source| WarmupError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+        Ok(Warmups {
+            dir,
+            cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn path(&self, key: &str) -> PathBuf {
+        // Keys are function names (letters, digits, `-`, `_`) with an optional `:version`.
+        self.dir.join(format!("{key}.json"))
+    }
+
+    /// The entry of `key`, from the cache or its file (a missing or unreadable file is an
+    /// empty list: the warm-up is an optimisation, never a reason for a start to fail).
+    fn entry<'a>(&self, cache: &'a mut HashMap<String, Entry>, key: &str) -> &'a mut Entry {
+        cache.entry(key.to_owned()).or_insert_with(|| {
+            let path = self.path(key);
+            match std::fs::read(&path) {
+                Ok(bytes) => serde_json::from_slice::<Entry>(&bytes)
+                    .map(|mut e| {
+                        e.modules.retain(|m| valid_module(m));
+                        e
+                    })
+                    .unwrap_or_else(|err| {
+                        tracing::warn!(path = %path.display(), "ignoring an unreadable warm-up list: {err}");
+                        Entry::default()
+                    }),
+                Err(_) => Entry::default(),
+            }
+        })
+    }
+
+    /// The modules to import for `key` at `revision` (empty: none recorded, another revision,
+    /// or turned off).
+    pub fn modules(&self, key: &str, revision: u64) -> Vec<String> {
+        let mut cache = self.cache.lock().expect("warmups lock");
+        let e = self.entry(&mut cache, key);
+        if e.revision != revision || e.off.is_some() {
+            return Vec::new();
+        }
+        e.modules.iter().cloned().collect()
+    }
+
+    /// Adds the modules a call of `key` at `revision` imported; names that are not module
+    /// names are dropped. Persists the list when it grew.
+    pub fn record(
+        &self,
+        key: &str,
+        revision: u64,
+        names: &[String],
+    ) -> Result<Recorded, WarmupError> {
+        let mut cache = self.cache.lock().expect("warmups lock");
+        let e = self.entry(&mut cache, key);
+        if e.revision != revision {
+            *e = Entry {
+                revision,
+                ..Entry::default()
+            };
+        }
+        if e.off.is_some() {
+            return Ok(Recorded::Unchanged);
+        }
+        let before = e.modules.len();
+        for n in names.iter().filter(|n| valid_module(n)) {
+            if e.modules.len() >= MAX_MODULES {
+                break;
+            }
+            e.modules.insert(n.clone());
+        }
+        if e.modules.len() == before {
+            return Ok(Recorded::Unchanged);
+        }
+        let retake_snapshot = e.retakes < MAX_RETAKES;
+        if retake_snapshot {
+            e.retakes += 1;
+        }
+        let snapshot = e.clone();
+        drop(cache);
+        self.save(key, &snapshot)?;
+        Ok(Recorded::Grew { retake_snapshot })
+    }
+
+    /// Turns the warm-up of `key` at `revision` off, saying why (until the next revision).
+    pub fn turn_off(&self, key: &str, revision: u64, why: &str) -> Result<(), WarmupError> {
+        let mut cache = self.cache.lock().expect("warmups lock");
+        let e = self.entry(&mut cache, key);
+        *e = Entry {
+            revision,
+            off: Some(why.to_owned()),
+            ..Entry::default()
+        };
+        let snapshot = e.clone();
+        drop(cache);
+        self.save(key, &snapshot)
+    }
+
+    /// Forgets `key` (a deleted function or version).
+    pub fn remove(&self, key: &str) {
+        self.cache.lock().expect("warmups lock").remove(key);
+        let _ = std::fs::remove_file(self.path(key));
+    }
+
+    fn save(&self, key: &str, e: &Entry) -> Result<(), WarmupError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.path(key);
+        let tmp = path.with_extension("json.tmp");
+        let io = |source| WarmupError::Io {
+            path: path.clone(),
+            source,
+        };
+        let bytes = serde_json::to_vec(e).expect("an entry serialises");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io)?;
+        f.write_all(&bytes).map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)
+    }
+
+    /// The directory the lists are kept in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn module_names_are_checked() {
+        for ok in ["numpy", "numpy.random._pcg64", "_hashlib", "a1.b_2"] {
+            assert!(valid_module(ok), "{ok}");
+        }
+        let long = "a".repeat(MAX_NAME + 1);
+        for bad in [
+            "",
+            "numpy..random",
+            ".numpy",
+            "1abc",
+            "os,sys",
+            "a b",
+            "é",
+            "__main__",
+            "bootstrap",
+            "_spore_cfork",
+            long.as_str(),
+        ] {
+            assert!(!valid_module(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn lists_grow_per_revision_persist_and_reset_on_a_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Warmups::new(dir.path().join("warmup")).unwrap();
+        assert!(w.modules("f", 1).is_empty());
+        let r = w.record("f", 1, &names(&["numpy.random", "bad name", "secrets"]));
+        assert_eq!(
+            r.unwrap(),
+            Recorded::Grew {
+                retake_snapshot: true
+            }
+        );
+        assert_eq!(
+            w.record("f", 1, &names(&["secrets"])).unwrap(),
+            Recorded::Unchanged
+        );
+        assert_eq!(w.modules("f", 1), names(&["numpy.random", "secrets"]));
+        // Another daemon on the same data dir reads it back.
+        let again = Warmups::new(dir.path().join("warmup")).unwrap();
+        assert_eq!(again.modules("f", 1), names(&["numpy.random", "secrets"]));
+        assert!(again.modules("f", 2).is_empty(), "another revision");
+        // Snapshots are retaken a bounded number of times.
+        assert_eq!(
+            again.record("f", 1, &names(&["a"])).unwrap(),
+            Recorded::Grew {
+                retake_snapshot: true
+            }
+        );
+        assert_eq!(
+            again.record("f", 1, &names(&["b"])).unwrap(),
+            Recorded::Grew {
+                retake_snapshot: false
+            }
+        );
+        // A new revision starts over.
+        again.record("f", 2, &names(&["json"])).unwrap();
+        assert_eq!(again.modules("f", 2), names(&["json"]));
+        assert!(again.modules("f", 1).is_empty());
+        // Turned off, it stays off until the next revision.
+        again.turn_off("f", 2, "a thread").unwrap();
+        assert_eq!(
+            again.record("f", 2, &names(&["zlib"])).unwrap(),
+            Recorded::Unchanged
+        );
+        assert!(again.modules("f", 2).is_empty());
+        again.record("f", 3, &names(&["zlib"])).unwrap();
+        assert_eq!(again.modules("f", 3), names(&["zlib"]));
+        again.remove("f");
+        assert!(!dir.path().join("warmup/f.json").exists());
+    }
+
+    #[test]
+    fn a_corrupt_list_is_an_empty_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Warmups::new(dir.path().to_path_buf()).unwrap();
+        std::fs::write(dir.path().join("f.json"), b"{not json").unwrap();
+        assert!(w.modules("f", 1).is_empty());
+        std::fs::write(
+            dir.path().join("g.json"),
+            br#"{"revision":1,"modules":["ok","not ok","os,sys"]}"#,
+        )
+        .unwrap();
+        assert_eq!(w.modules("g", 1), names(&["ok"]));
+    }
+
+    #[test]
+    fn the_list_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Warmups::new(dir.path().to_path_buf()).unwrap();
+        let many: Vec<String> = (0..MAX_MODULES + 50).map(|i| format!("m{i}")).collect();
+        w.record("f", 1, &many).unwrap();
+        assert_eq!(w.modules("f", 1).len(), MAX_MODULES);
+    }
+}

@@ -1,0 +1,197 @@
+//! Automatic warm-up: what a function's calls import is imported by its later instances at
+//! start-up (cfork templates, fresh containers, snapshots), with no `warmup_event`; off in
+//! the manifest; turned off by itself when a module it would import starts a thread.
+
+mod common;
+
+use std::path::Path;
+
+use common::{can_sandbox, Daemon};
+use serde_json::{json, Value};
+
+/// A handler that imports `lazymod` (and, when asked, `sneaky`) on its call, and says whether
+/// they were there already.
+const MAIN: &str = r#"
+import sys
+
+def handler(event, context):
+    had = {m: m in sys.modules for m in ("lazymod", "sneaky")}
+    import lazymod
+    if event.get("sneaky"):
+        import sneaky
+        sneaky.T.join()
+    return {"had": had, "value": lazymod.VALUE}
+"#;
+
+/// A module that starts a short thread at import: a call that imports it and waits for the
+/// thread leaves none behind, but a template importing it ahead of a fork would have one.
+const SNEAKY: &str = r#"
+import threading, time
+T = threading.Thread(target=time.sleep, args=(1.0,), daemon=True)
+T.start()
+"#;
+
+fn function(name: &str, extra: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    std::fs::write(p.join("main.py"), MAIN).unwrap();
+    std::fs::write(p.join("lazymod.py"), "VALUE = 42\n").unwrap();
+    std::fs::write(p.join("sneaky.py"), SNEAKY).unwrap();
+    std::fs::write(
+        p.join("spore.toml"),
+        format!("name = \"{name}\"\nhandler = \"main.handler\"\ntimeout_s = 30\n{extra}\n"),
+    )
+    .unwrap();
+    dir
+}
+
+/// Invokes with `X-Spore-Cold: how`; (start kind, body), failing on any error.
+fn call(d: &Daemon, name: &str, how: &str, event: Value) -> (String, Value) {
+    d.invoke_start(name, how, &event, &[])
+}
+
+fn had(v: &Value, module: &str) -> bool {
+    v["had"][module].as_bool().unwrap_or_else(|| panic!("{v}"))
+}
+
+fn logs(d: &Daemon, name: &str) -> String {
+    let out = d.cli(&["logs", name, "-n", "200"]);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_fork_after_the_first_call_has_what_it_imported() {
+    if !can_sandbox("a_fork_after_the_first_call_has_what_it_imported") {
+        return;
+    }
+    let mut d = Daemon::start();
+    let f = function("wfork", "sandbox = \"cfork\"");
+    d.deploy(f.path());
+    let (start, v) = call(&d, "wfork", "1", json!({}));
+    assert_eq!(start, "cold", "{v}");
+    assert!(!had(&v, "lazymod"), "nothing recorded yet: {v}");
+    assert_eq!(v["value"], 42);
+    // The next fork asks the template to import it first.
+    let (start, v) = call(&d, "wfork", "fork", json!({}));
+    assert_eq!(start, "fork");
+    assert!(
+        had(&v, "lazymod"),
+        "the template imported it before forking: {v}"
+    );
+    let (_, v) = call(&d, "wfork", "fork", json!({}));
+    assert!(had(&v, "lazymod"), "{v}");
+    // A new template (after a redeploy of the same code: a new revision) starts over...
+    let (_, v) = call(&d, "wfork", "init", json!({}));
+    assert!(
+        had(&v, "lazymod"),
+        "a new template of the same revision imports the list: {v}"
+    );
+    assert!(
+        logs(&d, "wfork").contains("automatic warm-up imported 1 modules"),
+        "{}",
+        logs(&d, "wfork")
+    );
+    // ...and the list survives a daemon restart on the same data dir.
+    let data = d.data.clone();
+    d.stop();
+    let mut d = Daemon::start_at(&data, &[]);
+    let (start, v) = call(&d, "wfork", "1", json!({}));
+    assert_eq!(start, "cold");
+    assert!(had(&v, "lazymod"), "kept across a restart: {v}");
+    d.stop();
+}
+
+#[test]
+fn fresh_containers_import_the_list_unless_the_manifest_turns_it_off() {
+    if !can_sandbox("fresh_containers_import_the_list_unless_the_manifest_turns_it_off") {
+        return;
+    }
+    let mut d = Daemon::start();
+    let on = function("won", "");
+    let off = function("woff", "auto_warmup = false");
+    d.deploy(on.path());
+    d.deploy(off.path());
+    for name in ["won", "woff"] {
+        let (_, v) = call(&d, name, "init", json!({}));
+        assert!(!had(&v, "lazymod"), "{name}: {v}");
+    }
+    let (_, v) = call(&d, "won", "init", json!({}));
+    assert!(had(&v, "lazymod"), "won: {v}");
+    let (_, v) = call(&d, "woff", "init", json!({}));
+    assert!(!had(&v, "lazymod"), "auto_warmup = false: {v}");
+    // GetFunction shows the setting as a tag.
+    let got = d.get_json("/2015-03-31/functions/woff");
+    assert_eq!(got["Tags"]["spore:auto_warmup"], "false", "{got}");
+    // A new revision (new code) starts with an empty list.
+    std::fs::write(on.path().join("lazymod.py"), "VALUE = 43\n").unwrap();
+    let r = d
+        .http
+        .put(d.url("/2015-03-31/functions/won/code"))
+        .json(&json!({ "ZipFile": zip_b64(on.path()) }))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().unwrap());
+    let (_, v) = call(&d, "won", "init", json!({}));
+    assert_eq!(v["value"], 43, "{v}");
+    assert!(!had(&v, "lazymod"), "a new revision starts over: {v}");
+    d.stop();
+}
+
+#[test]
+fn a_module_that_starts_a_thread_turns_the_warm_up_off_and_the_call_still_succeeds() {
+    if !can_sandbox(
+        "a_module_that_starts_a_thread_turns_the_warm_up_off_and_the_call_still_succeeds",
+    ) {
+        return;
+    }
+    let mut d = Daemon::start();
+    let f = function("wthread", "sandbox = \"cfork\"");
+    d.deploy(f.path());
+    let (_, v) = call(&d, "wthread", "1", json!({"sneaky": true}));
+    assert!(!had(&v, "sneaky"), "{v}");
+    // The template imports `sneaky` before this fork, gets a thread, cannot fork: the
+    // warm-up goes off and a new template serves the call.
+    let (start, v) = call(&d, "wthread", "fork", json!({"sneaky": true}));
+    assert!(!had(&v, "sneaky"), "{start}: {v}");
+    assert!(
+        d.log_text().contains("automatic warm-up turned off"),
+        "{}",
+        d.log_text()
+    );
+    // It stays off for this revision: forks work and import nothing ahead.
+    for _ in 0..2 {
+        let (start, v) = call(&d, "wthread", "fork", json!({"sneaky": true}));
+        assert_eq!(start, "fork");
+        assert!(!had(&v, "sneaky") && !had(&v, "lazymod"), "{v}");
+    }
+    d.stop();
+}
+
+#[test]
+fn a_snapshot_is_retaken_with_the_modules_the_calls_import() {
+    if !can_sandbox("a_snapshot_is_retaken_with_the_modules_the_calls_import") {
+        return;
+    }
+    let mut d = Daemon::start();
+    let f = function("wsnap", "snapshot = true");
+    d.deploy(f.path());
+    let (start, v) = call(&d, "wsnap", "init", json!({}));
+    assert_eq!(start, "cold");
+    assert!(!had(&v, "lazymod"), "{v}");
+    // The first snapshot lacked `lazymod`: it was discarded, and the next start takes one
+    // that has it, which later restores show.
+    let (_, v) = call(&d, "wsnap", "init", json!({}));
+    assert!(had(&v, "lazymod"), "{v}");
+    let (start, v) = call(&d, "wsnap", "restore", json!({}));
+    assert_eq!(start, "restore");
+    assert!(
+        had(&v, "lazymod"),
+        "restored from the retaken snapshot: {v}"
+    );
+    d.stop();
+}
+
+fn zip_b64(dir: &Path) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(spore_registry::code::zip_dir(dir).unwrap())
+}

@@ -168,3 +168,51 @@ fn daemon_take(c: &mut std::process::Child) -> std::process::Child {
             .expect("a placeholder child"),
     )
 }
+
+/// `spore deploy` passes every Spore setting of the manifest, and refuses, by name, a
+/// redeploy that would change one that is fixed at creation instead of ignoring it.
+#[test]
+fn a_redeploy_that_changes_a_fixed_setting_is_refused_by_name() {
+    if !can_sandbox("a_redeploy_that_changes_a_fixed_setting_is_refused_by_name") {
+        return;
+    }
+    let mut d = Daemon::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path();
+    std::fs::write(f.join("main.py"), "def handler(e, c):\n    return 1\n").unwrap();
+    let manifest = |extra: &str| {
+        std::fs::write(
+            f.join("spore.toml"),
+            format!("name = \"fixed\"\nhandler = \"main.handler\"\n{extra}"),
+        )
+        .unwrap();
+    };
+    manifest("network = \"none\"\nauto_warmup = false\n");
+    let out = d.cli(&["deploy", f.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = d.get_json("/2015-03-31/functions/fixed");
+    assert_eq!(got["Tags"]["spore:network"], "none", "{got}");
+    assert_eq!(got["Tags"]["spore:auto_warmup"], "false", "{got}");
+    // The same settings redeploy; a changed one is refused and named.
+    let out = d.cli(&["deploy", f.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    manifest("network = \"egress\"\nauto_warmup = false\n");
+    let out = d.cli(&["deploy", f.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("network: none -> egress") && err.contains("spore rm fixed"),
+        "{err}"
+    );
+    let got = d.get_json("/2015-03-31/functions/fixed");
+    assert_eq!(got["Tags"]["spore:network"], "none", "unchanged: {got}");
+    d.stop();
+}

@@ -187,6 +187,7 @@ mod tests {
             init_ms: 0.0,
             breakdown: steps.iter().map(|(n, v)| ((*n).to_owned(), *v)).collect(),
             to_handler_ms: ms / 2.0,
+            handler_ms: f64::NAN,
             body: Vec::new(),
         };
         let samples = vec![

@@ -39,6 +39,9 @@ pub struct Sample {
     pub breakdown: Vec<(String, f64)>,
     /// `X-Spore-To-Handler-Ms`: the request reaching the daemon to the handler being called.
     pub to_handler_ms: f64,
+    /// The handler's own run time (`X-Spore-Handler-End-Ns` - `X-Spore-Handler-Start-Ns`),
+    /// ms; NaN when not given.
+    pub handler_ms: f64,
     /// Response body.
     pub body: Vec<u8>,
 }
@@ -122,6 +125,11 @@ pub fn invoke_headers(
     let to_handler_ms = header("x-spore-to-handler-ms")
         .and_then(|v| v.parse().ok())
         .unwrap_or(f64::NAN);
+    let ns = |n: &str| header(n).and_then(|v| v.parse::<u64>().ok());
+    let handler_ms = match (ns("x-spore-handler-start-ns"), ns("x-spore-handler-end-ns")) {
+        (Some(a), Some(b)) if b >= a && a > 0 => (b - a) as f64 / 1e6,
+        _ => f64::NAN,
+    };
     let failed = header("x-amz-function-error").is_some();
     let body = resp
         .bytes()
@@ -140,6 +148,7 @@ pub fn invoke_headers(
         init_ms,
         breakdown,
         to_handler_ms,
+        handler_ms,
         body,
     })
 }

@@ -636,6 +636,22 @@ pub(crate) enum BenchCommand {
         #[arg(long, default_value = "functions")]
         functions: PathBuf,
     },
+    /// A new instance's first call (forked, restored) against a warm call of the same
+    /// function, with automatic warm-up on and off, no `warmup_event`.
+    FirstCall {
+        /// New instances per series (and as many warm calls).
+        #[arg(long, short = 'n', default_value_t = 20)]
+        n: usize,
+        /// Sample functions to measure (folder names under --functions).
+        #[arg(long, default_value = "linpack,pyaes,image_processing")]
+        only: String,
+        /// Where results go.
+        #[arg(long, default_value = "bench-results")]
+        out: PathBuf,
+        /// Folder of sample functions.
+        #[arg(long, default_value = "functions")]
+        functions: PathBuf,
+    },
     /// Warm invocations at fixed numbers of concurrent clients (req/s, latency), against the
     /// floor: the same clients on the gateway's /healthz.
     Throughput {
@@ -681,6 +697,7 @@ impl BenchCommand {
             | BenchCommand::SnapshotColdStart { functions, .. }
             | BenchCommand::Density { functions, .. }
             | BenchCommand::Burst { functions, .. }
+            | BenchCommand::FirstCall { functions, .. }
             | BenchCommand::Throughput { functions, .. } => Some(functions),
             BenchCommand::Ipc { .. } => None,
         };

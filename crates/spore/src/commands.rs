@@ -845,6 +845,20 @@ pub fn bench(endpoint: Option<&str>, which: BenchCommand) -> Result<ExitCode> {
                 functions,
             },
         ),
+        BenchCommand::FirstCall {
+            n,
+            only,
+            out,
+            functions,
+        } => drivers::first_call::first_call(
+            endpoint,
+            &drivers::first_call::FirstCallOptions {
+                n,
+                only,
+                out,
+                functions,
+            },
+        ),
         BenchCommand::Throughput {
             clients,
             seconds,

@@ -16,6 +16,7 @@ use std::path::PathBuf;
 pub mod bench;
 pub mod dag;
 pub mod demo;
+pub mod first_call;
 pub mod load;
 pub mod xpu;
 

@@ -98,7 +98,15 @@ impl InstanceEnv {
     pub fn preload_for(&self, rec: &FunctionRecord) -> Vec<String> {
         match &self.warmups {
             Some(w) if rec.manifest.auto_warmup && rec.manifest.runtime == Runtime::Python3 => {
+                // One environment variable holds the list: well under the kernel's 128 KiB.
+                let mut total = 0;
                 w.modules(&rec.key(), rec.revision)
+                    .into_iter()
+                    .take_while(|m| {
+                        total += m.len() + 1;
+                        total <= 32 * 1024
+                    })
+                    .collect()
             }
             _ => Vec::new(),
         }

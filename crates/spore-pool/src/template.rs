@@ -499,6 +499,12 @@ impl Template {
         });
         let result = match sent {
             Err(e) => Err(format!("sending the fork request: {e}")),
+            // The template imports the warm-up's modules before it forks: they took at most
+            // a call's time limit when a call imported them.
+            Ok(()) if !preload.is_empty() => {
+                let more = Duration::from_secs(u64::from(m.timeout_s));
+                self.await_child(ours, &state, ready_timeout + more).await
+            }
             Ok(()) => self.await_child(ours, &state, ready_timeout).await,
         };
         // Refilled now that the child has attached: making a cgroup while another process

@@ -520,6 +520,13 @@ def _preload(names):
     os.write(2, (line + "\n").encode())
 
 
+_AUTO_WARMUP = os.environ.get("SPORE_AUTO_WARMUP", "1") != "0"
+
+
+def _WARM_NAME(n):
+    return len(n) <= 200 and all(p.isidentifier() and p.isascii() for p in n.split("."))
+
+
 def _new_imports(known):
     """The modules imported since `known` was taken that a later instance can import by name
     (loaded by an import, not placed in sys.modules by hand); adds every new name to `known`."""
@@ -628,9 +635,12 @@ def _serve(fd, handler):
                  "handler_start_ns": _marks["handler_start_ns"], "handler_end_ns": _marks["handler_end_ns"]}
         reply.update(report)
         if len(sys.modules) != len(known):
-            imported = _new_imports(known)
-            if imported and _threads() == threads:
-                reply["imported"] = imported[:2000]
+            try:
+                imported = [n for n in _new_imports(known) if _WARM_NAME(n)]
+            except BaseException:  # noqa: BLE001 - a hostile sys.modules entry: report nothing
+                imported = []
+            if imported and _AUTO_WARMUP and _threads() == threads:
+                reply["imported"] = imported[:500]
         with stream.lock:  # not between the frames of a thread that still prints
             _send(fd, reply, payload)
 

@@ -297,6 +297,10 @@ fn spawn_in(
             .collect(),
         egress: None,
     };
+    if m.runtime == Runtime::Python3 && !m.auto_warmup {
+        // The runtime then reports no imports (the pool would ignore them).
+        spec.env.push(("SPORE_AUTO_WARMUP".into(), "0".into()));
+    }
     if !spec.opt_layers.is_empty() {
         layer_paths(&mut spec.env);
     }

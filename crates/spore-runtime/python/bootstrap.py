@@ -520,10 +520,11 @@ def _preload(names):
     os.write(2, (line + "\n").encode())
 
 
+# Off (`auto_warmup = false`): calls report nothing.
 _AUTO_WARMUP = os.environ.get("SPORE_AUTO_WARMUP", "1") != "0"
 
 
-def _WARM_NAME(n):
+def _warm_name(n):
     return len(n) <= 200 and all(p.isidentifier() and p.isascii() for p in n.split("."))
 
 
@@ -634,12 +635,12 @@ def _serve(fd, handler):
                  "error_logged": error is not None,
                  "handler_start_ns": _marks["handler_start_ns"], "handler_end_ns": _marks["handler_end_ns"]}
         reply.update(report)
-        if len(sys.modules) != len(known):
+        if _AUTO_WARMUP and len(sys.modules) != len(known):
             try:
-                imported = [n for n in _new_imports(known) if _WARM_NAME(n)]
+                imported = [n for n in _new_imports(known) if _warm_name(n)]
             except BaseException:  # noqa: BLE001 - a hostile sys.modules entry: report nothing
                 imported = []
-            if imported and _AUTO_WARMUP and _threads() == threads:
+            if imported and _threads() == threads:
                 reply["imported"] = imported[:500]
         with stream.lock:  # not between the frames of a thread that still prints
             _send(fd, reply, payload)

@@ -119,6 +119,11 @@ fn fresh_containers_import_the_list_unless_the_manifest_turns_it_off() {
     assert!(had(&v, "lazymod"), "won: {v}");
     let (_, v) = call(&d, "woff", "init", json!({}));
     assert!(!had(&v, "lazymod"), "auto_warmup = false: {v}");
+    assert!(
+        !d.data.join("warmup/woff.json").exists(),
+        "with auto_warmup = false the runtime reports nothing to record"
+    );
+    assert!(d.data.join("warmup/won.json").exists());
     // GetFunction shows the setting as a tag.
     let got = d.get_json("/2015-03-31/functions/woff");
     assert_eq!(got["Tags"]["spore:auto_warmup"], "false", "{got}");

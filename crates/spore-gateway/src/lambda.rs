@@ -553,8 +553,15 @@ pub(crate) async fn create_function(
             )))
         }
     };
-    let auto_warmup = spore_core::manifest::auto_warmup_for(parsed_runtime, auto_warmup)
-        .map_err(|e| ApiError::invalid(format!("tag {TAG_AUTO_WARMUP}: {e}")))?;
+    let auto_warmup = spore_core::manifest::auto_warmup_for(parsed_runtime, auto_warmup).map_err(
+        |e| match e {
+            // The manifest's error names spore.toml; here the setting came as a tag.
+            spore_core::ManifestError::Invalid { reason, .. } => {
+                ApiError::invalid(format!("tag {TAG_AUTO_WARMUP}: {reason}"))
+            }
+            other => ApiError::invalid(format!("tag {TAG_AUTO_WARMUP}: {other}")),
+        },
+    )?;
     let manifest = FunctionManifest {
         name: req.function_name,
         runtime: parsed_runtime,

@@ -83,8 +83,12 @@ impl Pools {
                         }
                     }
                 }
-                let how = self.init_how(rec);
-                let inst = Instance::start(env, rec, code_dir, log, init_timeout, how).await?;
+                let inst = self
+                    .start_suspecting_warmup(env, rec, &log, || {
+                        let how = self.init_how(rec);
+                        Instance::start(env, rec, code_dir.clone(), log.clone(), init_timeout, how)
+                    })
+                    .await?;
                 Ok((inst, StartKind::Cold))
             }
             SandboxKind::Cfork => {
@@ -100,6 +104,58 @@ impl Pools {
                     .await
             }
         }
+    }
+
+    /// Runs `start`, a start of `rec` from scratch. When it fails in a way its automatic
+    /// warm-up can cause (the listed modules, imported together, ran out of time or memory,
+    /// or crashed the runtime) while the function has a list, the list is turned off and
+    /// the start runs again without it. If that start fails too, the list was not the cause:
+    /// it is turned back on, and the second failure is returned. An error the runtime
+    /// reports itself (the handler's import failed) comes before the list is imported.
+    async fn start_suspecting_warmup<T, F, Fut>(
+        &self,
+        env: &InstanceEnv,
+        rec: &FunctionRecord,
+        log: &LogRing,
+        start: F,
+    ) -> Result<T, StartError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StartError>>,
+    {
+        let listed = env.preload_for(rec).len();
+        let first = start().await;
+        let suspect = match &first {
+            Ok(_) => return first,
+            Err(StartError::Platform(_)) => true,
+            Err(StartError::Init(e)) => matches!(
+                e.error_type.as_str(),
+                "Sandbox.Timedout" | "Runtime.OutOfMemory" | "Runtime.ExitError"
+            ),
+        };
+        let warmups = env.warmups.as_ref().filter(|_| suspect && listed > 0);
+        let (Some(w), Err(first_err)) = (warmups, &first) else {
+            return first;
+        };
+        let (key, stamp) = (rec.key(), crate::warmup::stamp(rec));
+        let why = format!(
+            "a start that imported the {listed} modules its calls had imported failed \
+             ({first_err}), and one without them worked"
+        );
+        if let Err(e) = w.turn_off(&key, &stamp, &why) {
+            tracing::warn!(function = %key, "{}", spore_core::error_chain(&e));
+            return first;
+        }
+        let second = start().await;
+        if second.is_ok() {
+            tracing::warn!(function = %key, "automatic warm-up turned off for this revision: {why}");
+            log.push_text(&format!(
+                "spore: automatic warm-up turned off until the next deploy: {why}"
+            ));
+        } else if let Err(e) = w.turn_on(&key, &stamp) {
+            tracing::warn!(function = %key, "{}", spore_core::error_chain(&e));
+        }
+        second
     }
 
     /// How a start from scratch goes: an import, snapshotted if the function asks for
@@ -149,13 +205,23 @@ impl Pools {
         if forked.is_err() && !template.is_alive() {
             self.drop_template(&rec.key(), &template);
             if template.warmup_failed() {
-                // Its automatic warm-up is off now: a new template, without it, serves.
-                (template, started) = self
-                    .template_for(env, rec, log, init_timeout, fresh)
-                    .await?;
-                forked = template
-                    .fork(env, rec, Duration::from_secs(10), first_invoke)
-                    .await;
+                // Its automatic warm-up is off now: a new template, without it, serves. If
+                // that fails too, the warm-up was not the cause: back on.
+                let retried = self.template_for(env, rec, log, init_timeout, fresh).await;
+                forked = match retried {
+                    Ok((t, spent)) => {
+                        (template, started) = (t, spent);
+                        template
+                            .fork(env, rec, Duration::from_secs(10), first_invoke)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                };
+                if forked.is_err() {
+                    if let Some(w) = &env.warmups {
+                        let _ = w.turn_on(&rec.key(), &crate::warmup::stamp(rec));
+                    }
+                }
             }
         }
         let mut inst = forked?;
@@ -272,8 +338,12 @@ impl Pools {
         let template = match template {
             Some(t) => t,
             None => {
-                let how = self.init_how(rec);
-                Template::start(env, rec, code_dir, log, init_timeout, max_instances, how).await?
+                self.start_suspecting_warmup(env, rec, &log, || {
+                    let how = self.init_how(rec);
+                    let (code_dir, log) = (code_dir.clone(), log.clone());
+                    Template::start(env, rec, code_dir, log, init_timeout, max_instances, how)
+                })
+                .await?
             }
         };
         template.refill_spares(env);

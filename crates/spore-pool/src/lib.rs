@@ -302,14 +302,19 @@ impl Pools {
     /// (automatic warm-up): later instances import them at start-up. When the list grows,
     /// the function's snapshot is retaken (a bounded number of times per revision), so that
     /// restores have them too.
+    /// A call of a revision that is no longer current (redeployed, or deleted, perhaps
+    /// created again under the same name) records nothing.
     pub fn record_imports(&self, rec: &FunctionRecord, imported: &[String]) {
         if imported.is_empty() || !rec.manifest.auto_warmup {
             return;
         }
         let Ok(env) = &self.inner.env else { return };
         let Some(w) = &env.warmups else { return };
+        if !self.inner.registry.is_current(rec) {
+            return;
+        }
         let key = rec.key();
-        match w.record(&key, rec.revision, imported) {
+        match w.record(&key, &warmup::stamp(rec), imported) {
             Ok(warmup::Recorded::Unchanged) => {}
             Ok(warmup::Recorded::Grew { retake_snapshot }) => {
                 tracing::debug!(function = %key, modules = imported.len(), "automatic warm-up list grew");

@@ -92,7 +92,6 @@ impl InstanceEnv {
         }
     }
 
-    /// The network setting that applies to `m`.
     /// The modules `rec`'s instances import at start-up (its automatic warm-up): what its
     /// calls imported so far at this revision; empty when it has none or turned it off.
     pub fn preload_for(&self, rec: &FunctionRecord) -> Vec<String> {
@@ -100,7 +99,7 @@ impl InstanceEnv {
             Some(w) if rec.manifest.auto_warmup && rec.manifest.runtime == Runtime::Python3 => {
                 // One environment variable holds the list: well under the kernel's 128 KiB.
                 let mut total = 0;
-                w.modules(&rec.key(), rec.revision)
+                w.modules(&rec.key(), &crate::warmup::stamp(rec))
                     .into_iter()
                     .take_while(|m| {
                         total += m.len() + 1;
@@ -112,7 +111,7 @@ impl InstanceEnv {
         }
     }
 
-    /// Where `network_of` reads the default from.
+    /// The network setting that applies to `m`.
     pub fn network_of(&self, m: &spore_core::FunctionManifest) -> Network {
         m.network.unwrap_or(self.default_network)
     }
@@ -300,6 +299,10 @@ fn spawn_in(
     if m.runtime == Runtime::Python3 && !m.auto_warmup {
         // The runtime then reports no imports (the pool would ignore them).
         spec.env.push(("SPORE_AUTO_WARMUP".into(), "0".into()));
+    } else if m.runtime == Runtime::Python3 {
+        let budget = crate::warmup::preload_budget(m).as_millis();
+        spec.env
+            .push(("SPORE_PRELOAD_BUDGET_MS".into(), budget.to_string()));
     }
     if !spec.opt_layers.is_empty() {
         layer_paths(&mut spec.env);

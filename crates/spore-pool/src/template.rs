@@ -499,10 +499,9 @@ impl Template {
         });
         let result = match sent {
             Err(e) => Err(format!("sending the fork request: {e}")),
-            // The template imports the warm-up's modules before it forks: they took at most
-            // a call's time limit when a call imported them.
+            // The template imports the warm-up's modules before it forks, within its budget.
             Ok(()) if !preload.is_empty() => {
-                let more = Duration::from_secs(u64::from(m.timeout_s));
+                let more = crate::warmup::preload_budget(m);
                 self.await_child(ours, &state, ready_timeout + more).await
             }
             Ok(()) => self.await_child(ours, &state, ready_timeout).await,
@@ -542,13 +541,17 @@ impl Template {
             Err(why) => {
                 self.shared.children.lock().expect("children").remove(&id);
                 destroy_cgroup(cgroup).await;
-                if why.contains(THREADED_TEMPLATE)
-                    && !self.preloaded.lock().expect("preloaded").is_empty()
+                let threaded = why.contains(THREADED_TEMPLATE);
+                if (threaded && !self.preloaded.lock().expect("preloaded").is_empty())
+                    || !preload.is_empty()
                 {
-                    // The warm-up imported a module that starts a thread: off for this
-                    // revision, and this template goes (the next one imports nothing extra).
+                    // The warm-up's modules are suspect (one started a thread, or importing
+                    // them before this fork failed, hung or killed the template): off for
+                    // this revision, and this template goes. The next one imports nothing
+                    // extra; if its fork fails too, the caller turns the warm-up back on.
                     if let Some(w) = &env.warmups {
-                        if let Err(e) = w.turn_off(&rec.key(), rec.revision, &why) {
+                        let stamp = crate::warmup::stamp(rec);
+                        if let Err(e) = w.turn_off(&rec.key(), &stamp, &why) {
                             tracing::warn!(function = %m.name, "{}", error_chain(&e));
                         }
                     }
@@ -556,12 +559,13 @@ impl Template {
                     self.warmup_failed.store(true, Ordering::Release);
                     self.shared.alive.store(false, Ordering::Release);
                     return Err(StartError::Platform(format!(
-                        "{why} (a module the automatic warm-up imported started it: the warm-up is \
-                         now off for this revision of the function, and its template is recreated \
-                         for the next invocation; set auto_warmup = false to keep it off)"
+                        "{why} (while the cfork template imported the modules the function's \
+                         calls import, for the automatic warm-up: the warm-up is now off for \
+                         this revision of the function, and its template is recreated for the \
+                         next invocation; set auto_warmup = false to keep it off)"
                     )));
                 }
-                if why.contains(THREADED_TEMPLATE) {
+                if threaded {
                     // The function's code (a library it imports) started threads: its error,
                     // not the platform's.
                     return Err(StartError::Init(spore_core::FunctionError::platform(

@@ -4,8 +4,13 @@
 //!
 //! The runtime reports, with a call's result, the modules that call imported for the first
 //! time in its instance. [`Warmups::record`] keeps their union per function key (a function or
-//! one of its published versions) and revision, on disk under `<data-dir>/warmup/`, so that
-//! it outlives the daemon; a new revision starts an empty list.
+//! one of its published versions) and [`stamp`] (revision, code and time of the change), on
+//! disk under `<data-dir>/warmup/`, so that it outlives the daemon; a new revision, or a new
+//! function of a deleted one's name, starts an empty list.
+//!
+//! The list is an optimisation, never a reason for a start to fail: a start that fails with
+//! it and succeeds without it turns it off for that revision ([`Warmups::turn_off`]), and the
+//! runtime stops importing once it has spent its time budget.
 //!
 //! Who may do what: the names come from the function's own runtime, and only that function's
 //! later instances import them. They are checked (dotted identifiers, bounded in length and
@@ -18,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
+use spore_registry::FunctionRecord;
 
 /// Most modules kept per function revision.
 pub const MAX_MODULES: usize = 2000;
@@ -30,13 +36,17 @@ pub const MAX_RETAKES: u32 = 2;
 /// What is stored per function key.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 struct Entry {
-    revision: u64,
+    /// The [`stamp`] of the record the list belongs to (lists written before stamps existed
+    /// have none, and start over).
+    #[serde(default)]
+    stamp: String,
     modules: BTreeSet<String>,
     /// Snapshots discarded for this revision because the list grew.
     #[serde(default)]
     retakes: u32,
     /// Why the warm-up was turned off for this revision (a preloaded module started a thread
-    /// in a cfork template, say); None: on.
+    /// in a cfork template, or starts failed with the list and worked without it); None: on.
+    /// The modules are kept, so that [`Warmups::turn_on`] can undo a wrong verdict.
     #[serde(default)]
     off: Option<String>,
 }
@@ -65,6 +75,21 @@ pub enum WarmupError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// What a function record's list is kept for: its revision, code digest and time of change.
+/// The revision alone is not enough: a function deleted and created again starts at
+/// revision 1 again, and a call of the old one still running must not fill the new one's list.
+pub fn stamp(rec: &FunctionRecord) -> String {
+    format!("{}-{}-{}", rec.revision, rec.code_hex, rec.last_modified_ms)
+}
+
+/// How long a runtime may spend importing the list, at start-up or before a cfork template's
+/// fork: half the start's time limit (the function's timeout, at least 10 s), so that the
+/// list can never time a start out by itself. The runtime stops at the first module that
+/// ends past it, and imports the rest on demand.
+pub fn preload_budget(m: &spore_core::FunctionManifest) -> std::time::Duration {
+    std::time::Duration::from_secs(u64::from(m.timeout_s).max(10)) / 2
 }
 
 /// Every function's recorded modules. Cheap to share (`Arc`).
@@ -133,30 +158,31 @@ impl Warmups {
         })
     }
 
-    /// The modules to import for `key` at `revision` (empty: none recorded, another revision,
+    /// The modules to import for `key` at `stamp` (empty: none recorded, another revision,
     /// or turned off).
-    pub fn modules(&self, key: &str, revision: u64) -> Vec<String> {
+    pub fn modules(&self, key: &str, stamp: &str) -> Vec<String> {
         let mut cache = self.cache.lock().expect("warmups lock");
         let e = self.entry(&mut cache, key);
-        if e.revision != revision || e.off.is_some() {
+        if e.stamp != stamp || e.off.is_some() {
             return Vec::new();
         }
         e.modules.iter().cloned().collect()
     }
 
-    /// Adds the modules a call of `key` at `revision` imported; names that are not module
-    /// names are dropped. Persists the list when it grew.
+    /// Adds the modules a call of `key` at `stamp` imported; names that are not module
+    /// names are dropped. Persists the list when it grew. The caller checks that `stamp` is
+    /// the function's current one: another stamp starts the list over.
     pub fn record(
         &self,
         key: &str,
-        revision: u64,
+        stamp: &str,
         names: &[String],
     ) -> Result<Recorded, WarmupError> {
         let mut cache = self.cache.lock().expect("warmups lock");
         let e = self.entry(&mut cache, key);
-        if e.revision != revision {
+        if e.stamp != stamp {
             *e = Entry {
-                revision,
+                stamp: stamp.to_owned(),
                 ..Entry::default()
             };
         }
@@ -177,29 +203,49 @@ impl Warmups {
         if retake_snapshot {
             e.retakes += 1;
         }
-        let snapshot = e.clone();
-        drop(cache);
-        self.save(key, &snapshot)?;
+        // Saved under the lock: two records must not interleave on the file (a list is a few
+        // KiB, written only when it grows).
+        self.save(key, e)?;
         Ok(Recorded::Grew { retake_snapshot })
     }
 
-    /// Turns the warm-up of `key` at `revision` off, saying why (until the next revision).
-    pub fn turn_off(&self, key: &str, revision: u64, why: &str) -> Result<(), WarmupError> {
+    /// Turns the warm-up of `key` at `stamp` off, saying why (until the next revision).
+    pub fn turn_off(&self, key: &str, stamp: &str, why: &str) -> Result<(), WarmupError> {
         let mut cache = self.cache.lock().expect("warmups lock");
         let e = self.entry(&mut cache, key);
-        *e = Entry {
-            revision,
-            off: Some(why.to_owned()),
-            ..Entry::default()
-        };
-        let snapshot = e.clone();
-        drop(cache);
-        self.save(key, &snapshot)
+        if e.stamp != stamp {
+            *e = Entry {
+                stamp: stamp.to_owned(),
+                ..Entry::default()
+            };
+        }
+        e.off = Some(why.to_owned());
+        self.save(key, e)
+    }
+
+    /// Undoes [`Warmups::turn_off`] for `key` at `stamp` (the start that failed with the list
+    /// failed without it too: the list was not the cause).
+    pub fn turn_on(&self, key: &str, stamp: &str) -> Result<(), WarmupError> {
+        let mut cache = self.cache.lock().expect("warmups lock");
+        let e = self.entry(&mut cache, key);
+        if e.stamp != stamp || e.off.is_none() {
+            return Ok(());
+        }
+        e.off = None;
+        self.save(key, e)
+    }
+
+    /// Why the warm-up of `key` at `stamp` is off (None: on, or nothing recorded).
+    pub fn off_reason(&self, key: &str, stamp: &str) -> Option<String> {
+        let mut cache = self.cache.lock().expect("warmups lock");
+        let e = self.entry(&mut cache, key);
+        (e.stamp == stamp).then(|| e.off.clone()).flatten()
     }
 
     /// Forgets `key` (a deleted function or version).
     pub fn remove(&self, key: &str) {
-        self.cache.lock().expect("warmups lock").remove(key);
+        let mut cache = self.cache.lock().expect("warmups lock");
+        cache.remove(key);
         let _ = std::fs::remove_file(self.path(key));
     }
 
@@ -264,8 +310,8 @@ mod tests {
     fn lists_grow_per_revision_persist_and_reset_on_a_new_one() {
         let dir = tempfile::tempdir().unwrap();
         let w = Warmups::new(dir.path().join("warmup")).unwrap();
-        assert!(w.modules("f", 1).is_empty());
-        let r = w.record("f", 1, &names(&["numpy.random", "bad name", "secrets"]));
+        assert!(w.modules("f", "1").is_empty());
+        let r = w.record("f", "1", &names(&["numpy.random", "bad name", "secrets"]));
         assert_eq!(
             r.unwrap(),
             Recorded::Grew {
@@ -273,40 +319,49 @@ mod tests {
             }
         );
         assert_eq!(
-            w.record("f", 1, &names(&["secrets"])).unwrap(),
+            w.record("f", "1", &names(&["secrets"])).unwrap(),
             Recorded::Unchanged
         );
-        assert_eq!(w.modules("f", 1), names(&["numpy.random", "secrets"]));
+        assert_eq!(w.modules("f", "1"), names(&["numpy.random", "secrets"]));
         // Another daemon on the same data dir reads it back.
         let again = Warmups::new(dir.path().join("warmup")).unwrap();
-        assert_eq!(again.modules("f", 1), names(&["numpy.random", "secrets"]));
-        assert!(again.modules("f", 2).is_empty(), "another revision");
+        assert_eq!(again.modules("f", "1"), names(&["numpy.random", "secrets"]));
+        assert!(again.modules("f", "2").is_empty(), "another revision");
         // Snapshots are retaken a bounded number of times.
         assert_eq!(
-            again.record("f", 1, &names(&["a"])).unwrap(),
+            again.record("f", "1", &names(&["a"])).unwrap(),
             Recorded::Grew {
                 retake_snapshot: true
             }
         );
         assert_eq!(
-            again.record("f", 1, &names(&["b"])).unwrap(),
+            again.record("f", "1", &names(&["b"])).unwrap(),
             Recorded::Grew {
                 retake_snapshot: false
             }
         );
         // A new revision starts over.
-        again.record("f", 2, &names(&["json"])).unwrap();
-        assert_eq!(again.modules("f", 2), names(&["json"]));
-        assert!(again.modules("f", 1).is_empty());
+        again.record("f", "2", &names(&["json"])).unwrap();
+        assert_eq!(again.modules("f", "2"), names(&["json"]));
+        assert!(again.modules("f", "1").is_empty());
         // Turned off, it stays off until the next revision.
-        again.turn_off("f", 2, "a thread").unwrap();
+        again.turn_off("f", "2", "a thread").unwrap();
         assert_eq!(
-            again.record("f", 2, &names(&["zlib"])).unwrap(),
+            again.record("f", "2", &names(&["zlib"])).unwrap(),
             Recorded::Unchanged
         );
-        assert!(again.modules("f", 2).is_empty());
-        again.record("f", 3, &names(&["zlib"])).unwrap();
-        assert_eq!(again.modules("f", 3), names(&["zlib"]));
+        assert!(again.modules("f", "2").is_empty());
+        assert_eq!(again.off_reason("f", "2").as_deref(), Some("a thread"));
+        // Off survives a restart of the daemon, and a wrong verdict is undone with the
+        // list intact.
+        let third = Warmups::new(dir.path().join("warmup")).unwrap();
+        assert!(third.modules("f", "2").is_empty());
+        third.turn_on("f", "2").unwrap();
+        assert_eq!(third.modules("f", "2"), names(&["json"]));
+        assert_eq!(third.off_reason("f", "2"), None);
+        again.turn_off("f", "2", "a thread").unwrap();
+        again.record("f", "3", &names(&["zlib"])).unwrap();
+        assert_eq!(again.modules("f", "3"), names(&["zlib"]));
         again.remove("f");
         assert!(!dir.path().join("warmup/f.json").exists());
     }
@@ -316,13 +371,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let w = Warmups::new(dir.path().to_path_buf()).unwrap();
         std::fs::write(dir.path().join("f.json"), b"{not json").unwrap();
-        assert!(w.modules("f", 1).is_empty());
+        assert!(w.modules("f", "1").is_empty());
         std::fs::write(
             dir.path().join("g.json"),
-            br#"{"revision":1,"modules":["ok","not ok","os,sys"]}"#,
+            br#"{"stamp":"1","modules":["ok","not ok","os,sys"]}"#,
         )
         .unwrap();
-        assert_eq!(w.modules("g", 1), names(&["ok"]));
+        assert_eq!(w.modules("g", "1"), names(&["ok"]));
     }
 
     #[test]
@@ -330,7 +385,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let w = Warmups::new(dir.path().to_path_buf()).unwrap();
         let many: Vec<String> = (0..MAX_MODULES + 50).map(|i| format!("m{i}")).collect();
-        w.record("f", 1, &many).unwrap();
-        assert_eq!(w.modules("f", 1).len(), MAX_MODULES);
+        w.record("f", "1", &many).unwrap();
+        assert_eq!(w.modules("f", "1").len(), MAX_MODULES);
     }
 }

@@ -80,6 +80,16 @@ impl SharedRegistry {
             .ok_or_else(|| ControlError::NotFound(name.into()))
     }
 
+    /// Whether `rec` is still what its key names: the same revision of the same function (not
+    /// a deleted one's, nor an older revision's).
+    pub fn is_current(&self, rec: &FunctionRecord) -> bool {
+        self.lock().get(&rec.key()).is_some_and(|r| {
+            r.revision == rec.revision
+                && r.last_modified_ms == rec.last_modified_ms
+                && r.code_hex == rec.code_hex
+        })
+    }
+
     /// Every record.
     pub fn list(&self) -> Vec<FunctionRecord> {
         self.lock().list().cloned().collect()

@@ -491,16 +491,25 @@ def _preload(names):
     """Automatic warm-up: imports the modules earlier calls of this function imported, so
     that this instance's first call does not. A module that fails to import is skipped; one
     that starts a thread stops the list (a cfork template then refuses to fork, and the
-    daemon turns the warm-up off for the function). What imports print is discarded."""
+    daemon turns the warm-up off for the function); so does running past the time budget
+    the daemon gives (SPORE_PRELOAD_BUDGET_MS: the rest is imported on demand). What imports
+    print is discarded."""
     import importlib
 
     t = time.perf_counter()
+    try:
+        budget = float(os.environ.get("SPORE_PRELOAD_BUDGET_MS", "5000")) / 1000.0
+    except ValueError:
+        budget = 5.0
     threads = _threads()
     done, failed = 0, []
     real_out, real_err = sys.stdout, sys.stderr
     sys.stdout = sys.stderr = _Capture()
     try:
-        for name in names:
+        for i, name in enumerate(names):
+            if time.perf_counter() - t > budget:
+                failed.append("%d more: past the %.0f ms budget" % (len(names) - i, budget * 1000.0))
+                break
             if not name or name in sys.modules:
                 continue
             try:

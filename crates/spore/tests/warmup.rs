@@ -20,6 +20,10 @@ def handler(event, context):
     if event.get("sneaky"):
         import sneaky
         sneaky.T.join()
+    if event.get("fragile"):
+        import flag
+        flag.CALLING = True
+        import fragile
     return {"had": had, "value": lazymod.VALUE}
 "#;
 
@@ -31,12 +35,22 @@ T = threading.Thread(target=time.sleep, args=(1.0,), daemon=True)
 T.start()
 "#;
 
+/// A module that kills its runtime when imported outside a call: fine on the call that
+/// records it, fatal to an instance (or template) that imports it at start-up.
+const FRAGILE: &str = r#"
+import os, flag
+if not flag.CALLING:
+    os._exit(3)
+"#;
+
 fn function(name: &str, extra: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path();
     std::fs::write(p.join("main.py"), MAIN).unwrap();
     std::fs::write(p.join("lazymod.py"), "VALUE = 42\n").unwrap();
     std::fs::write(p.join("sneaky.py"), SNEAKY).unwrap();
+    std::fs::write(p.join("fragile.py"), FRAGILE).unwrap();
+    std::fs::write(p.join("flag.py"), "CALLING = False\n").unwrap();
     std::fs::write(
         p.join("spore.toml"),
         format!("name = \"{name}\"\nhandler = \"main.handler\"\ntimeout_s = 30\n{extra}\n"),
@@ -169,6 +183,128 @@ fn a_module_that_starts_a_thread_turns_the_warm_up_off_and_the_call_still_succee
         assert_eq!(start, "fork");
         assert!(!had(&v, "sneaky") && !had(&v, "lazymod"), "{v}");
     }
+    d.stop();
+}
+
+#[test]
+fn a_list_that_breaks_starts_is_turned_off_and_the_calls_still_succeed() {
+    if !can_sandbox("a_list_that_breaks_starts_is_turned_off_and_the_calls_still_succeed") {
+        return;
+    }
+    let mut d = Daemon::start();
+    // A container: its next start imports `fragile` at start-up and dies; the start is
+    // retried without the list, which is turned off.
+    let c = function("wfragc", "");
+    d.deploy(c.path());
+    let (_, v) = call(&d, "wfragc", "init", json!({"fragile": true}));
+    assert!(!had(&v, "lazymod"), "{v}");
+    assert!(d.data.join("warmup/wfragc.json").exists());
+    let (start, v) = call(&d, "wfragc", "init", json!({"fragile": true}));
+    assert_eq!(start, "cold");
+    assert!(!had(&v, "lazymod"), "started without the list: {v}");
+    let stored = std::fs::read_to_string(d.data.join("warmup/wfragc.json")).unwrap();
+    assert!(stored.contains("\"off\""), "{stored}");
+    assert!(
+        logs(&d, "wfragc").contains("automatic warm-up turned off"),
+        "the function's log says why: {}",
+        logs(&d, "wfragc")
+    );
+    let (_, v) = call(&d, "wfragc", "init", json!({"fragile": true}));
+    assert!(!had(&v, "lazymod"), "it stays off: {v}");
+    // A cfork template: the live template imports `fragile` before the next fork and dies;
+    // a new one without the list serves; one started from scratch later works too.
+    let f = function("wfragf", "sandbox = \"cfork\"");
+    d.deploy(f.path());
+    let (_, v) = call(&d, "wfragf", "1", json!({"fragile": true}));
+    assert!(!had(&v, "lazymod"), "{v}");
+    let (_, v) = call(&d, "wfragf", "fork", json!({"fragile": true}));
+    assert!(!had(&v, "lazymod"), "{v}");
+    let (_, v) = call(&d, "wfragf", "init", json!({"fragile": true}));
+    assert!(
+        !had(&v, "lazymod"),
+        "a new template imports nothing extra: {v}"
+    );
+    let (start, _) = call(&d, "wfragf", "fork", json!({"fragile": true}));
+    assert_eq!(start, "fork");
+    // A template started from scratch with the list that dies is retried without it.
+    let g = function("wfragg", "sandbox = \"cfork\"");
+    d.deploy(g.path());
+    let (_, v) = call(&d, "wfragg", "1", json!({"fragile": true}));
+    assert!(!had(&v, "lazymod"), "{v}");
+    let (start, v) = call(&d, "wfragg", "init", json!({"fragile": true}));
+    assert_eq!(start, "cold", "{v}");
+    assert!(!had(&v, "lazymod"), "{v}");
+    let stored = std::fs::read_to_string(d.data.join("warmup/wfragg.json")).unwrap();
+    assert!(stored.contains("\"off\""), "{stored}");
+    d.stop();
+}
+
+#[test]
+fn a_function_made_again_under_a_deleted_ones_name_starts_with_no_list() {
+    if !can_sandbox("a_function_made_again_under_a_deleted_ones_name_starts_with_no_list") {
+        return;
+    }
+    let mut d = Daemon::start();
+    let f = function("wagain", "");
+    d.deploy(f.path());
+    let (_, v) = call(&d, "wagain", "init", json!({}));
+    assert!(!had(&v, "lazymod"), "{v}");
+    let (_, v) = call(&d, "wagain", "init", json!({}));
+    assert!(had(&v, "lazymod"), "{v}");
+    let list = d.data.join("warmup/wagain.json");
+    let old = std::fs::read(&list).unwrap();
+    let out = d.cli(&["rm", "wagain"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(!list.exists());
+    // As if a call of the deleted function, still running, had recorded its list after the
+    // delete; then a function of the same name and code is made: revision 1 again.
+    std::fs::write(&list, old).unwrap();
+    d.deploy(f.path());
+    let (_, v) = call(&d, "wagain", "init", json!({}));
+    assert!(
+        !had(&v, "lazymod"),
+        "a list of another function is not used: {v}"
+    );
+    d.stop();
+}
+
+#[test]
+fn the_runtime_stops_importing_the_list_past_its_time_budget() {
+    if !can_sandbox("the_runtime_stops_importing_the_list_past_its_time_budget") {
+        return;
+    }
+    let mut d = Daemon::start();
+    // Four modules of 2 s each: a call imports them all in 8 s; at start-up the budget
+    // (half of the 10 s start limit) stops the list before the fourth.
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    std::fs::write(
+        p.join("main.py"),
+        "import sys\n\ndef handler(event, context):\n    had = {m: m in sys.modules for m in \
+         ('slow1', 'slow4')}\n    import slow1, slow2, slow3, slow4\n    return {'had': had}\n",
+    )
+    .unwrap();
+    for i in 1..=4 {
+        std::fs::write(
+            p.join(format!("slow{i}.py")),
+            "import time\ntime.sleep(2)\n",
+        )
+        .unwrap();
+    }
+    std::fs::write(
+        p.join("spore.toml"),
+        "name = \"wslow\"\nhandler = \"main.handler\"\ntimeout_s = 9\n",
+    )
+    .unwrap();
+    d.deploy(p);
+    let (_, v) = call(&d, "wslow", "init", json!({}));
+    assert!(!had(&v, "slow1"), "{v}");
+    let (start, v) = call(&d, "wslow", "init", json!({}));
+    assert_eq!(start, "cold");
+    assert!(had(&v, "slow1"), "the list's start was imported: {v}");
+    assert!(!had(&v, "slow4"), "the rest waits for the call: {v}");
+    let log = logs(&d, "wslow");
+    assert!(log.contains("past the 5000 ms budget"), "{log}");
     d.stop();
 }
 

@@ -180,7 +180,7 @@ impl Control {
                     to_handler_ms = Some((reply.handler_start_ns - t0_ns) as f64 / 1e6);
                 }
                 error_logged = reply.error_logged;
-                pools.record_imports(&rec, &reply.imported);
+                pools.record_imports(&rec, &reply.imported, &reply.unimportable);
                 (reply.outcome, reply.logs, reply.handler_ms, reusable)
             }
             Err(failure) => {

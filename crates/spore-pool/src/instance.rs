@@ -96,6 +96,8 @@ pub struct Reply {
     pub dag: Option<protocol::DagReport>,
     /// Modules the call imported for the first time in this instance (automatic warm-up).
     pub imported: Vec<String>,
+    /// Modules of the warm-up that failed to import at this instance's start.
+    pub unimportable: Vec<String>,
 }
 
 /// The frame of one invocation.
@@ -519,10 +521,12 @@ impl Instance {
                     handler_end_ns,
                     dag,
                     imported,
+                    unimportable,
                 },
                 body,
             ))) => Ok(Reply {
                 imported,
+                unimportable,
                 handler_start_ns,
                 handler_end_ns,
                 dag,

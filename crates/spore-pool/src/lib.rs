@@ -304,8 +304,15 @@ impl Pools {
     /// restores have them too.
     /// A call of a revision that is no longer current (redeployed, or deleted, perhaps
     /// created again under the same name) records nothing.
-    pub fn record_imports(&self, rec: &FunctionRecord, imported: &[String]) {
-        if imported.is_empty() || !rec.manifest.auto_warmup {
+    /// `unimportable`: listed modules that failed to import at the instance's start, which
+    /// the list drops (and does not take again for this revision).
+    pub fn record_imports(
+        &self,
+        rec: &FunctionRecord,
+        imported: &[String],
+        unimportable: &[String],
+    ) {
+        if (imported.is_empty() && unimportable.is_empty()) || !rec.manifest.auto_warmup {
             return;
         }
         let Ok(env) = &self.inner.env else { return };
@@ -314,7 +321,7 @@ impl Pools {
             return;
         }
         let key = rec.key();
-        match w.record(&key, &warmup::stamp(rec), imported) {
+        match w.record(&key, &warmup::stamp(rec), imported, unimportable) {
             Ok(warmup::Recorded::Unchanged) => {}
             Ok(warmup::Recorded::Grew { retake_snapshot }) => {
                 tracing::debug!(function = %key, modules = imported.len(), "automatic warm-up list grew");

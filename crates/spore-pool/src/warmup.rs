@@ -44,6 +44,11 @@ struct Entry {
     /// Snapshots discarded for this revision because the list grew.
     #[serde(default)]
     retakes: u32,
+    /// Modules that failed to import at an instance's start: dropped from `modules`, and
+    /// not taken again at this stamp (a module that imports in a call but not at start-up
+    /// would otherwise come back after every call that imports it).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    skip: BTreeSet<String>,
     /// Why the warm-up was turned off for this revision (a preloaded module started a thread
     /// in a cfork template, or starts failed with the list and worked without it); None: on.
     /// The modules are kept, so that [`Warmups::turn_on`] can undo a wrong verdict.
@@ -169,14 +174,16 @@ impl Warmups {
         e.modules.iter().cloned().collect()
     }
 
-    /// Adds the modules a call of `key` at `stamp` imported; names that are not module
-    /// names are dropped. Persists the list when it grew. The caller checks that `stamp` is
-    /// the function's current one: another stamp starts the list over.
+    /// Adds the modules a call of `key` at `stamp` imported, and drops those that failed to
+    /// import at an instance's start (`failed`); names that are not module names are ignored.
+    /// Persists the list when it changed. The caller checks that `stamp` is the function's
+    /// current one: another stamp starts the list over.
     pub fn record(
         &self,
         key: &str,
         stamp: &str,
         names: &[String],
+        failed: &[String],
     ) -> Result<Recorded, WarmupError> {
         let mut cache = self.cache.lock().expect("warmups lock");
         let e = self.entry(&mut cache, key);
@@ -189,14 +196,26 @@ impl Warmups {
         if e.off.is_some() {
             return Ok(Recorded::Unchanged);
         }
+        let mut dropped = false;
+        for n in failed.iter().filter(|n| valid_module(n)) {
+            if e.modules.remove(n.as_str()) && e.skip.len() < MAX_MODULES {
+                e.skip.insert(n.clone());
+                dropped = true;
+            }
+        }
         let before = e.modules.len();
         for n in names.iter().filter(|n| valid_module(n)) {
             if e.modules.len() >= MAX_MODULES {
                 break;
             }
-            e.modules.insert(n.clone());
+            if !e.skip.contains(n.as_str()) {
+                e.modules.insert(n.clone());
+            }
         }
         if e.modules.len() == before {
+            if dropped {
+                self.save(key, e)?;
+            }
             return Ok(Recorded::Unchanged);
         }
         let retake_snapshot = e.retakes < MAX_RETAKES;
@@ -311,7 +330,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let w = Warmups::new(dir.path().join("warmup")).unwrap();
         assert!(w.modules("f", "1").is_empty());
-        let r = w.record("f", "1", &names(&["numpy.random", "bad name", "secrets"]));
+        let r = w.record(
+            "f",
+            "1",
+            &names(&["numpy.random", "bad name", "secrets"]),
+            &[],
+        );
         assert_eq!(
             r.unwrap(),
             Recorded::Grew {
@@ -319,7 +343,7 @@ mod tests {
             }
         );
         assert_eq!(
-            w.record("f", "1", &names(&["secrets"])).unwrap(),
+            w.record("f", "1", &names(&["secrets"]), &[]).unwrap(),
             Recorded::Unchanged
         );
         assert_eq!(w.modules("f", "1"), names(&["numpy.random", "secrets"]));
@@ -329,25 +353,25 @@ mod tests {
         assert!(again.modules("f", "2").is_empty(), "another revision");
         // Snapshots are retaken a bounded number of times.
         assert_eq!(
-            again.record("f", "1", &names(&["a"])).unwrap(),
+            again.record("f", "1", &names(&["a"]), &[]).unwrap(),
             Recorded::Grew {
                 retake_snapshot: true
             }
         );
         assert_eq!(
-            again.record("f", "1", &names(&["b"])).unwrap(),
+            again.record("f", "1", &names(&["b"]), &[]).unwrap(),
             Recorded::Grew {
                 retake_snapshot: false
             }
         );
         // A new revision starts over.
-        again.record("f", "2", &names(&["json"])).unwrap();
+        again.record("f", "2", &names(&["json"]), &[]).unwrap();
         assert_eq!(again.modules("f", "2"), names(&["json"]));
         assert!(again.modules("f", "1").is_empty());
         // Turned off, it stays off until the next revision.
         again.turn_off("f", "2", "a thread").unwrap();
         assert_eq!(
-            again.record("f", "2", &names(&["zlib"])).unwrap(),
+            again.record("f", "2", &names(&["zlib"]), &[]).unwrap(),
             Recorded::Unchanged
         );
         assert!(again.modules("f", "2").is_empty());
@@ -360,8 +384,23 @@ mod tests {
         assert_eq!(third.modules("f", "2"), names(&["json"]));
         assert_eq!(third.off_reason("f", "2"), None);
         again.turn_off("f", "2", "a thread").unwrap();
-        again.record("f", "3", &names(&["zlib"])).unwrap();
+        again.record("f", "3", &names(&["zlib"]), &[]).unwrap();
         assert_eq!(again.modules("f", "3"), names(&["zlib"]));
+        // A module that failed to import at a start is dropped, and a call that imports it
+        // again does not bring it back.
+        again.record("f", "3", &names(&["gone"]), &[]).unwrap();
+        assert_eq!(again.modules("f", "3"), names(&["gone", "zlib"]));
+        let r = again.record("f", "3", &[], &names(&["gone"])).unwrap();
+        assert_eq!(r, Recorded::Unchanged);
+        assert_eq!(again.modules("f", "3"), names(&["zlib"]));
+        again.record("f", "3", &names(&["gone"]), &[]).unwrap();
+        assert_eq!(again.modules("f", "3"), names(&["zlib"]));
+        let reread = Warmups::new(dir.path().join("warmup")).unwrap();
+        assert_eq!(
+            reread.modules("f", "3"),
+            names(&["zlib"]),
+            "dropped on disk too"
+        );
         again.remove("f");
         assert!(!dir.path().join("warmup/f.json").exists());
     }
@@ -385,7 +424,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let w = Warmups::new(dir.path().to_path_buf()).unwrap();
         let many: Vec<String> = (0..MAX_MODULES + 50).map(|i| format!("m{i}")).collect();
-        w.record("f", "1", &many).unwrap();
+        w.record("f", "1", &many, &[]).unwrap();
         assert_eq!(w.modules("f", "1").len(), MAX_MODULES);
     }
 }

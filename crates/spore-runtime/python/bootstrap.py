@@ -517,6 +517,7 @@ def _preload(names):
                 done += 1
             except BaseException as exc:  # noqa: BLE001 - skipped, never fatal
                 failed.append("%s (%s)" % (name, type(exc).__name__))
+                _unimportable.append(name)
             if _threads() != threads:
                 failed.append("%s started a thread; stopped there" % name)
                 break
@@ -528,6 +529,10 @@ def _preload(names):
         line += "; not imported: " + ", ".join(failed[:10])
     os.write(2, (line + "\n").encode())
 
+
+# Listed modules that failed to import at start-up: reported with the next result, so that
+# the daemon stops listing them.
+_unimportable = []
 
 # Off (`auto_warmup = false`): calls report nothing.
 _AUTO_WARMUP = os.environ.get("SPORE_AUTO_WARMUP", "1") != "0"
@@ -651,6 +656,9 @@ def _serve(fd, handler):
                 imported = []
             if imported and _threads() == threads:
                 reply["imported"] = imported[:500]
+        if _unimportable:
+            reply["unimportable"] = [n for n in _unimportable[:500] if _warm_name(n)]
+            del _unimportable[:]
         with stream.lock:  # not between the frames of a thread that still prints
             _send(fd, reply, payload)
 

@@ -212,6 +212,10 @@ pub enum FromRuntime {
         /// started threads.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         imported: Vec<String>,
+        /// Modules of the automatic warm-up that failed to import at this instance's start
+        /// (sent once, with its first result): the daemon stops listing them.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        unimportable: Vec<String>,
     },
 }
 
@@ -404,6 +408,7 @@ mod tests {
                 handler_end_ns: t,
                 dag: None,
                 imported,
+                unimportable: vec!["gone".into()],
             };
             let frame = encode(&m, b"");
             let (_, header, _) = split(&frame);

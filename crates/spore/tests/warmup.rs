@@ -24,6 +24,10 @@ def handler(event, context):
         import flag
         flag.CALLING = True
         import fragile
+    if event.get("flaky"):
+        import flag
+        flag.CALLING = True
+        import flaky
     return {"had": had, "value": lazymod.VALUE}
 "#;
 
@@ -51,6 +55,11 @@ fn function(name: &str, extra: &str) -> tempfile::TempDir {
     std::fs::write(p.join("sneaky.py"), SNEAKY).unwrap();
     std::fs::write(p.join("fragile.py"), FRAGILE).unwrap();
     std::fs::write(p.join("flag.py"), "CALLING = False\n").unwrap();
+    std::fs::write(
+        p.join("flaky.py"),
+        "import flag\nif not flag.CALLING:\n    raise RuntimeError('only in a call')\n",
+    )
+    .unwrap();
     std::fs::write(
         p.join("spore.toml"),
         format!("name = \"{name}\"\nhandler = \"main.handler\"\ntimeout_s = 30\n{extra}\n"),
@@ -236,6 +245,39 @@ fn a_list_that_breaks_starts_is_turned_off_and_the_calls_still_succeed() {
     assert!(!had(&v, "lazymod"), "{v}");
     let stored = std::fs::read_to_string(d.data.join("warmup/wfragg.json")).unwrap();
     assert!(stored.contains("\"off\""), "{stored}");
+    d.stop();
+}
+
+#[test]
+fn a_module_that_fails_at_start_up_leaves_the_list() {
+    if !can_sandbox("a_module_that_fails_at_start_up_leaves_the_list") {
+        return;
+    }
+    let mut d = Daemon::start();
+    let f = function("wflaky", "");
+    d.deploy(f.path());
+    let list = d.data.join("warmup/wflaky.json");
+    let stored = || -> Value { serde_json::from_slice(&std::fs::read(&list).unwrap()).unwrap() };
+    call(&d, "wflaky", "init", json!({"flaky": true}));
+    assert!(
+        stored()["modules"].to_string().contains("flaky"),
+        "{}",
+        stored()
+    );
+    // The next start fails to import it (and says so); its call reports that, and the list
+    // drops it for good, though that call imports it again.
+    let (_, v) = call(&d, "wflaky", "init", json!({"flaky": true}));
+    assert!(had(&v, "lazymod"), "the rest of the list was imported: {v}");
+    assert!(logs(&d, "wflaky").contains("not imported: flaky (RuntimeError)"));
+    let s = stored();
+    assert!(!s["modules"].to_string().contains("flaky"), "{s}");
+    assert!(s["skip"].to_string().contains("flaky"), "{s}");
+    call(&d, "wflaky", "init", json!({"flaky": true}));
+    assert!(
+        !stored()["modules"].to_string().contains("flaky"),
+        "{}",
+        stored()
+    );
     d.stop();
 }
 

@@ -8,10 +8,15 @@
 //! (`spore_snapshot::image::transcode`) and puts each in place in turn, so every series
 //! restores the same pages. Starts are 50 ms apart, as cold starts arrive, so that what the
 //! daemon prepares between them (a spare sandbox for the next restore) counts.
+//!
+//! The floor of a restore's first response, measured in the same run: installing the image's
+//! pages into fresh memory (the fastest of its codecs and of 1 or 2 install threads, page
+//! cache warm), plus a warm call of the same function through the gateway. No restore can
+//! beat both: it must put those pages in place and then serve a call.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use spore_snapshot::image::{transcode, Codec, Image, DEFAULT_PARTITION_PAGES};
 
@@ -79,6 +84,77 @@ pub struct FunctionResult {
     /// The same starts' start-up alone (`X-Spore-Init-Ms`: sandbox spawn to runtime ready),
     /// same names.
     pub startup: Vec<Series>,
+    /// The floor's parts: `floor-install` (the fastest install of the image's pages) and
+    /// `floor-warm-call`.
+    pub floor: Vec<Series>,
+    /// Which variant installed fastest (`<codec>/t<threads>`).
+    pub floor_install: String,
+}
+
+impl FunctionResult {
+    /// The floor of a restore's first response: install p50 + warm call p50 (None: not
+    /// measured).
+    pub fn floor_ms(&self) -> Option<f64> {
+        let p50 = |name: &str| {
+            self.floor
+                .iter()
+                .find(|s| s.name == name)
+                .map(|s| summarize(&s.samples_ms).p50)
+        };
+        Some(p50("floor-install")? + p50("floor-warm-call")?)
+    }
+}
+
+/// The floor's parts for one function: the fastest install of its image's pages into fresh
+/// memory over `variants` and 1-2 threads (page cache warm), and warm calls of `function`.
+fn measure_floor(
+    cfg: &Config,
+    http: &spore_client::Http,
+    w: &Workload,
+    variants: &[(Codec, PathBuf)],
+    progress: &dyn Fn(&str),
+) -> Result<(Vec<Series>, String), BenchError> {
+    let check = |e: spore_snapshot::SnapshotError| BenchError::Check(e.to_string());
+    let mut best: Option<(f64, String, Vec<f64>)> = None;
+    for (codec, path) in variants {
+        for threads in [1, 2] {
+            let install = || -> Result<f64, BenchError> {
+                let t = Instant::now();
+                let image = Image::open(path).map_err(check)?;
+                spore_snapshot::restore::install_scratch(&image, threads).map_err(check)?;
+                Ok(t.elapsed().as_secs_f64() * 1e3)
+            };
+            install()?; // the page cache holds the file from here on
+            let samples = bounded(cfg.n, cfg.max_per_series / 4, install)?;
+            let p50 = summarize(&samples).p50;
+            if best.as_ref().is_none_or(|(b, _, _)| p50 < *b) {
+                best = Some((p50, format!("{codec}/t{threads}"), samples));
+            }
+        }
+    }
+    let Some((_, how, install)) = best else {
+        return Ok((Vec::new(), String::new()));
+    };
+    progress(&format!("{}: floor: {} warm calls", w.function, cfg.n));
+    invoke_with(http, &cfg.endpoint, &w.function, &w.payload, None)?;
+    let warm = bounded(cfg.n, cfg.max_per_series, || {
+        let s = invoke_headers(http, &cfg.endpoint, &w.function, &w.payload, &[])?;
+        check_start(&w.function, &s.start, "warm")?;
+        Ok(s.latency_ms)
+    })?;
+    Ok((
+        vec![
+            Series {
+                name: "floor-install".into(),
+                samples_ms: install,
+            },
+            Series {
+                name: "floor-warm-call".into(),
+                samples_ms: warm,
+            },
+        ],
+        how,
+    ))
 }
 
 /// Drops the page cache (clean pages), as Sabre's cold-cache runs do.
@@ -159,6 +235,11 @@ pub fn run(
             variants.push((codec, path));
         }
         drop(original);
+        progress(&format!(
+            "{}: floor: installing the image's pages",
+            w.function
+        ));
+        let (floor, floor_install) = measure_floor(cfg, &http, w, &variants, progress)?;
         let (mut series, mut startup) = (Vec::new(), Vec::new());
         // `n` fresh starts with these headers, each checked to start as `expect`; with
         // `cold`, the page cache is dropped before each.
@@ -261,6 +342,8 @@ pub fn run(
             sizes,
             series,
             startup,
+            floor,
+            floor_install,
         });
     }
     Ok(out)
@@ -396,10 +479,31 @@ pub fn table(results: &[FunctionResult]) -> String {
          included); start-up = sandbox spawn to runtime ready (`X-Spore-Init-Ms`). Ratios are \
          init's p50 over the row's, with the same page-cache state; `tpl-*` and `fork` rows are \
          the cfork twin (template evicted before each start, then imported or restored, and \
-         forked; `fork`: from the live template), against `tpl-init`.\n\n",
+         forked; `fork`: from the live template), against `tpl-init`. `x floor`: the row's p50 \
+         over the floor of a restore's first response, measured in the same run (installing \
+         the image's pages into fresh memory, the fastest codec and thread count, plus a warm \
+         call of the function; page cache warm, so only for warm-cache restore rows).\n\n",
     );
-    out.push_str("| function | series | n | first response p50 | p99 | vs init | start-up p50 | p99 | vs init |\n");
-    out.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    for r in results {
+        let p50 = |name: &str| {
+            r.floor
+                .iter()
+                .find(|s| s.name == name)
+                .map(|s| summarize(&s.samples_ms))
+        };
+        if let (Some(i), Some(c), Some(total)) =
+            (p50("floor-install"), p50("floor-warm-call"), r.floor_ms())
+        {
+            let _ = writeln!(
+                out,
+                "Floor, {}: install {:.2} ms ({}, p99 {:.2}, n {}) + warm call {:.2} ms (p99 {:.2}, \
+                 n {}) = **{total:.2} ms**\n",
+                r.function, i.p50, r.floor_install, i.p99, i.n, c.p50, c.p99, c.n
+            );
+        }
+    }
+    out.push_str("| function | series | n | first response p50 | p99 | vs init | x floor | start-up p50 | p99 | vs init |\n");
+    out.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for r in results {
         let p50 = |list: &[Series], name: &str| {
             list.iter()
@@ -424,9 +528,15 @@ pub fn table(results: &[FunctionResult]) -> String {
                 Some(b) if v > 0.0 => format!("{:.1}x", b / v),
                 _ => "-".into(),
             };
+            let floor = match r.floor_ms() {
+                Some(f) if s.name.contains("restore") && !s.name.ends_with("+dropcache") => {
+                    format!("{:.1}x", sum.p50 / f)
+                }
+                _ => "-".into(),
+            };
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {:.2} ms | {:.2} ms | {} | {:.2} ms | {:.2} ms | {} |",
+                "| {} | {} | {} | {:.2} ms | {:.2} ms | {} | {floor} | {:.2} ms | {:.2} ms | {} |",
                 r.function,
                 s.name,
                 sum.n,

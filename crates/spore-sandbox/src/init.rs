@@ -362,25 +362,6 @@ fn child_main(
         seccompiler::apply_filter(filter).step(|| "installing the seccomp filter".into())?;
     }
     chdir(spec.cwd.as_str()).step(|| format!("chdir {}", spec.cwd))?;
-    if image.is_some() && spec.wait_for_go {
-        // Ready ahead of time: the daemon sends one byte when an instance is wanted, or
-        // closes the socket when this one is not.
-        let mut go = [0u8; 1];
-        loop {
-            // SAFETY: reads at most one byte into `go` from the control socket, which this
-            // process holds at that number.
-            let n = unsafe { libc::read(spec.control_fd, go.as_mut_ptr().cast(), 1) };
-            match n {
-                1 => break,
-                0 => std::process::exit(0),
-                _ if nix::errno::Errno::last() == nix::errno::Errno::EINTR => continue,
-                _ => {
-                    return Err(std::io::Error::last_os_error())
-                        .step(|| "waiting for the go-ahead".into())
-                }
-            }
-        }
-    }
     if let Some(image) = image {
         let (mode, lazy) = match lazy {
             Some((mode, uffd, sock)) => (mode, Some((uffd, sock))),
@@ -392,7 +373,16 @@ fn child_main(
             lazy,
             working_set,
         };
-        match spore_snapshot::restore::restore(&image, &opts) {
+        // The image's regions are mapped before the go-ahead: a spare then pays only for
+        // the memory and the resume when it is wanted.
+        let prepared = match spore_snapshot::restore::prepare(&image, &opts) {
+            Ok(p) => p,
+            Err(e) => restore_failed(&e),
+        };
+        if spec.wait_for_go {
+            wait_for_go(spec.control_fd)?;
+        }
+        match prepared.finish() {
             Ok(never) => match never {},
             Err(e) => restore_failed(&e),
         }
@@ -413,6 +403,26 @@ fn child_main(
         .ok_or_else(|| std::io::Error::other("empty argv"))
         .step(|| "starting the runtime".into())?;
     execve(prog, &argv, &env).step(|| format!("exec {}", spec.argv[0]))
+}
+
+/// Ready ahead of time: waits for the one byte the daemon sends when an instance is wanted;
+/// exits when it closes the socket instead (this one is not wanted).
+fn wait_for_go(control_fd: i32) -> Result<(), InitError> {
+    let mut go = [0u8; 1];
+    loop {
+        // SAFETY: reads at most one byte into `go` from the control socket, which this
+        // process holds at that number.
+        let n = unsafe { libc::read(control_fd, go.as_mut_ptr().cast(), 1) };
+        match n {
+            1 => return Ok(()),
+            0 => std::process::exit(0),
+            _ if nix::errno::Errno::last() == nix::errno::Errno::EINTR => continue,
+            _ => {
+                return Err(std::io::Error::last_os_error())
+                    .step(|| "waiting for the go-ahead".into())
+            }
+        }
+    }
 }
 
 /// `fd` moved to the lowest free number >= `min` (close-on-exec).

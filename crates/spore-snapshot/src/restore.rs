@@ -18,6 +18,12 @@
 //!    floating-point control state, the stack and the signal mask, and returns 1 from the
 //!    runtime's `spore_checkpoint` call. The trampoline's two pages stay mapped.
 //!
+//! [`prepare`] does step 1 and the mapping half of step 2 (with the file pages the runtime
+//! had resident mapped in from the page cache), which need nothing but the image: a sandbox
+//! built ahead of time (a spare) does them before it is wanted, and [`Prepared::finish`]
+//! does the rest when it is. None of it allocates the runtime's private memory, so a waiting
+//! spare holds only page tables of shared file pages.
+//!
 //! Compared with CRIU's restorer this one is small because the runtime cooperates: it
 //! stops inside a function call, so only callee-saved registers matter, and it is
 //! single-threaded with known descriptors.
@@ -464,6 +470,26 @@ fn move_vdso(image: &Image, own: &[MapLine]) -> Result<(), SnapshotError> {
 /// After the memory is mapped (step 2 above) a failure leaves the process unusable: the
 /// caller must exit.
 pub fn restore(image: &Image, opts: &RestoreOptions) -> Result<Infallible, SnapshotError> {
+    prepare(image, opts)?.finish()
+}
+
+/// A restore half done by [`prepare`]: the image's regions mapped, nothing installed yet.
+/// Dropping it leaves the process with those mappings: it must exit instead of running on.
+#[derive(Debug)]
+pub struct Prepared<'a> {
+    image: &'a Image,
+    opts: &'a RestoreOptions,
+    own: Vec<MapLine>,
+    files: HashMap<std::path::PathBuf, File>,
+}
+
+/// Checks the image against this process and maps its regions (step 1 and the mapping
+/// half of step 2), with signals blocked from here on; [`Prepared::finish`] installs the
+/// memory and resumes the runtime. On [`SnapshotError::Collision`] nothing has changed yet.
+pub fn prepare<'a>(
+    image: &'a Image,
+    opts: &'a RestoreOptions,
+) -> Result<Prepared<'a>, SnapshotError> {
     if !cfg!(all(target_arch = "x86_64", target_os = "linux")) {
         return Err(SnapshotError::Restore(
             "restore is implemented for x86-64 Linux only".into(),
@@ -478,61 +504,83 @@ pub fn restore(image: &Image, opts: &RestoreOptions) -> Result<Infallible, Snaps
     for r in &image.meta.regions {
         map_region(r, &files)?;
     }
-    match (opts.mode, &opts.lazy) {
-        (MemoryMode::Full, _) => install_all(image, &|_| true)?,
-        (_, None) => {
-            return Err(SnapshotError::Restore(format!(
-                "memory mode {} needs a userfaultfd and a fault server",
-                opts.mode.as_str()
-            )))
-        }
-        (mode, Some((uffd, server))) => {
-            let ws = match mode {
-                MemoryMode::Reap => opts
-                    .working_set
-                    .clone()
-                    .or_else(|| {
-                        crate::lazy::read_working_set(
-                            &crate::lazy::working_set_path(&image.path),
-                            image,
-                        )
-                    })
-                    .unwrap_or_default(),
-                _ => Vec::new(),
-            };
-            install_all(image, &|a| {
-                image.meta.in_file_region(a) || ws.binary_search(&a).is_ok()
-            })?;
-            for r in &image.meta.regions {
-                if matches!(r.kind, RegionKind::Anon { .. }) && r.prot != 0 {
-                    crate::lazy::register(uffd, r.start, r.end - r.start)?;
-                }
-            }
-            send_fd(server, uffd)?;
-        }
-    }
+    // The file pages the runtime had resident (disjoint from the stored ones, which are
+    // private copies): mapped now, read-only from the page cache.
     prefetch_files(image);
-    for r in &image.meta.regions {
-        if matches!(r.kind, RegionKind::Special { .. }) {
-            continue;
+    Ok(Prepared {
+        image,
+        opts,
+        own,
+        files,
+    })
+}
+
+impl Prepared<'_> {
+    /// Installs the memory, restores the rest of the process and resumes the runtime.
+    /// Returns only on failure, which leaves the process unusable: the caller must exit.
+    pub fn finish(self) -> Result<Infallible, SnapshotError> {
+        let Prepared {
+            image,
+            opts,
+            own,
+            files,
+        } = self;
+        match (opts.mode, &opts.lazy) {
+            (MemoryMode::Full, _) => install_all(image, &|_| true)?,
+            (_, None) => {
+                return Err(SnapshotError::Restore(format!(
+                    "memory mode {} needs a userfaultfd and a fault server",
+                    opts.mode.as_str()
+                )))
+            }
+            (mode, Some((uffd, server))) => {
+                let ws = match mode {
+                    MemoryMode::Reap => opts
+                        .working_set
+                        .clone()
+                        .or_else(|| {
+                            crate::lazy::read_working_set(
+                                &crate::lazy::working_set_path(&image.path),
+                                image,
+                            )
+                        })
+                        .unwrap_or_default(),
+                    _ => Vec::new(),
+                };
+                install_all(image, &|a| {
+                    image.meta.in_file_region(a) || ws.binary_search(&a).is_ok()
+                })?;
+                for r in &image.meta.regions {
+                    if matches!(r.kind, RegionKind::Anon { .. }) && r.prot != 0 {
+                        crate::lazy::register(uffd, r.start, r.end - r.start)?;
+                    }
+                }
+                send_fd(server, uffd)?;
+            }
         }
-        let p = prot_flags(r.prot);
-        if p == libc::PROT_NONE {
-            continue;
+        for r in &image.meta.regions {
+            if matches!(r.kind, RegionKind::Special { .. }) {
+                continue;
+            }
+            let p = prot_flags(r.prot);
+            if p == libc::PROT_NONE {
+                continue;
+            }
+            // SAFETY: the region was mapped by `prepare`; only its protection changes.
+            if unsafe {
+                libc::mprotect(r.start as *mut libc::c_void, (r.end - r.start) as usize, p)
+            } != 0
+            {
+                return Err(errno_err(format!("mprotect of {:#x}", r.start)));
+            }
         }
-        // SAFETY: the region was mapped above; only its protection changes.
-        if unsafe { libc::mprotect(r.start as *mut libc::c_void, (r.end - r.start) as usize, p) }
-            != 0
-        {
-            return Err(errno_err(format!("mprotect of {:#x}", r.start)));
-        }
+        drop(files);
+        restore_signals(image)?;
+        restore_thread(image)?;
+        close_others(&opts.keep_fds)?;
+        // The trampoline and its parameters, then everything else of ours goes.
+        jump(image, &own)
     }
-    drop(files);
-    restore_signals(image)?;
-    restore_thread(image)?;
-    close_others(&opts.keep_fds)?;
-    // The trampoline and its parameters, then everything else of ours goes.
-    jump(image, &own)
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -253,7 +253,7 @@ pub fn snapshot_cold_start(
     let series: Vec<Series> = results
         .iter()
         .flat_map(|r| {
-            r.series.iter().map(|s| Series {
+            r.series.iter().chain(&r.floor).map(|s| Series {
                 name: format!("{}/{}", r.function, s.name),
                 samples_ms: s.samples_ms.clone(),
             })
@@ -261,7 +261,14 @@ pub fn snapshot_cold_start(
         .collect();
     let sizes: Vec<_> = results
         .iter()
-        .map(|r| serde_json::json!({"function": r.function, "sizes": r.sizes}))
+        .map(|r| {
+            serde_json::json!({
+                "function": r.function,
+                "sizes": r.sizes,
+                "floor_ms": r.floor_ms(),
+                "floor_install": r.floor_install,
+            })
+        })
         .collect();
     let first = results
         .first()

@@ -754,9 +754,10 @@ impl Control {
         self.inner.pools.template_pids(name)
     }
 
-    /// Host pids of a function's spare sandbox (built for its next restore), if it has one.
-    pub fn spare_pids(&self, name: &str) -> Option<Vec<i32>> {
-        self.inner.pools.spare_pids(name)
+    /// Host pids and memory mode of a function's spare sandbox (built for its next
+    /// restore), if it has one.
+    pub fn spare(&self, name: &str) -> Option<(Vec<i32>, spore_core::MemoryMode)> {
+        self.inner.pools.spare(name)
     }
 
     /// Stops the idle instances and the cfork template of `name` now, releasing their

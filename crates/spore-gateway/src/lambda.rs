@@ -753,7 +753,9 @@ pub(crate) async fn get_function(
         "Spore": {
             "Instances": { "Idle": idle, "Total": total, "IdlePids": st.control.instance_pids(&key) },
             "Template": st.control.template_pids(&key).map(|pids| serde_json::json!({ "Pids": pids })),
-            "Spare": st.control.spare_pids(&key).map(|pids| serde_json::json!({ "Pids": pids })),
+            "Spare": st.control.spare(&key).map(|(pids, mode)| {
+                serde_json::json!({ "Pids": pids, "MemoryMode": mode.as_str() })
+            }),
         },
     });
     // Lambda shows `Concurrency` only for a function with reserved concurrency.

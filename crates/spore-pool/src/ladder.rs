@@ -43,14 +43,11 @@ impl Pools {
                 let image = restore.then(|| snaps.current(name, rec.revision)).flatten();
                 if let Some(image) = image {
                     let mode = how.restore_mode.unwrap_or(self.inner.cfg.snapshot_mode);
-                    let full = mode == MemoryMode::Full;
-                    let spare = full
-                        .then(|| self.take_spare(name, rec.revision, &image))
-                        .flatten();
+                    let spare = self.take_spare(name, rec.revision, &image, mode);
                     if let Some(spare) = spare {
                         match spare.start(rec, init_timeout).await {
                             Ok(inst) => {
-                                self.refill_spare(env, rec, &log, &image);
+                                self.refill_spare(env, rec, &log, &image, mode);
                                 return Ok((inst, StartKind::Restore));
                             }
                             Err(e) => {
@@ -70,9 +67,7 @@ impl Pools {
                     .await
                     {
                         Ok(inst) => {
-                            if full {
-                                self.refill_spare(env, rec, &log, &image);
-                            }
+                            self.refill_spare(env, rec, &log, &image, mode);
                             return Ok((inst, StartKind::Restore));
                         }
                         Err(e) => {
@@ -411,30 +406,37 @@ impl Pools {
         });
     }
 
-    /// Takes `name`'s spare sandbox if it restores `image` at `revision`; a stale one is
-    /// stopped.
-    fn take_spare(&self, name: &str, revision: u64, image: &std::path::Path) -> Option<Spare> {
+    /// Takes `name`'s spare sandbox if it restores `image` at `revision` in `mode`; a stale
+    /// one (or one of another mode) is stopped.
+    fn take_spare(
+        &self,
+        name: &str,
+        revision: u64,
+        image: &std::path::Path,
+        mode: MemoryMode,
+    ) -> Option<Spare> {
         let spare = self
             .inner
             .spares
             .lock()
             .expect("spares lock")
             .remove(name)?;
-        if spare.fits(revision, image) {
+        if spare.fits(revision, image, mode) {
             return Some(spare);
         }
         tokio::spawn(spare.destroy());
         None
     }
 
-    /// Builds a spare sandbox for `rec`'s next restore from `image`, in the background,
-    /// unless it has one (or the daemon is stopping).
+    /// Builds a spare sandbox for `rec`'s next restore from `image` in `mode`, in the
+    /// background, unless it has one (or the daemon is stopping).
     fn refill_spare(
         &self,
         env: &Arc<InstanceEnv>,
         rec: &FunctionRecord,
         log: &Arc<LogRing>,
         image: &std::path::Path,
+        mode: MemoryMode,
     ) {
         let name = rec.key();
         if self.inner.work.is_draining()
@@ -454,7 +456,7 @@ impl Pools {
         tokio::spawn(async move {
             let _guard = guard;
             let code_dir = this.inner.registry.code_dir(&rec);
-            match Spare::build(&env, &rec, code_dir, log, image).await {
+            match Spare::build(&env, &rec, code_dir, log, image, mode).await {
                 Ok(spare) => {
                     let stale = {
                         let mut spares = this.inner.spares.lock().expect("spares lock");

@@ -692,14 +692,15 @@ impl Pools {
         t.is_alive().then(|| t.pids())
     }
 
-    /// Host pids of a function's spare sandbox (built for its next restore), if it has one.
-    pub fn spare_pids(&self, name: &str) -> Option<Vec<i32>> {
+    /// Host pids and memory mode of a function's spare sandbox (built for its next
+    /// restore), if it has one.
+    pub fn spare(&self, name: &str) -> Option<(Vec<i32>, spore_core::MemoryMode)> {
         self.inner
             .spares
             .lock()
             .expect("spares lock")
             .get(name)
-            .map(Spare::pids)
+            .map(|s| (s.pids(), s.mode()))
     }
 }
 

@@ -12,9 +12,11 @@ use crate::instance::Instance;
 use crate::logs::LogRing;
 use crate::sandbox::{ColdStart, InstanceEnv, StartError};
 
-/// A sandbox built ahead of time for a restore, waiting for the go-ahead: a restore into it
-/// pays only for installing memory and resuming (the daemon keeps one per function that
-/// restores, see `Pools`).
+/// A sandbox built ahead of time for a restore, waiting for the go-ahead with the image's
+/// regions already mapped: a restore into it pays only for installing memory and resuming
+/// (the daemon keeps one per function that restores, see `Pools`). Any memory mode: a lazy
+/// or reap spare has its userfaultfd and fault server ready too, and a reap spare the
+/// working set that was recorded when it was built.
 #[derive(Debug)]
 pub struct Spare {
     inst: Instance,
@@ -23,23 +25,29 @@ pub struct Spare {
     revision: u64,
     image: PathBuf,
     ino: u64,
+    mode: MemoryMode,
+    /// (Reap) when the working set it read was written (None: there was none).
+    working_set: Option<std::time::SystemTime>,
     /// When it was built.
     pub created: Instant,
 }
 
 impl Spare {
-    /// Builds a sandbox that will restore `image` (memory mode `full`) on the go-ahead.
+    /// Builds a sandbox that will restore `image` in memory mode `mode` on the go-ahead.
     pub async fn build(
         env: &Arc<InstanceEnv>,
         rec: &FunctionRecord,
         code_dir: PathBuf,
         log: Arc<LogRing>,
         image: PathBuf,
+        mode: MemoryMode,
     ) -> Result<Spare, StartError> {
         let ino = std::fs::metadata(&image)
             .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
             .map_err(|e| StartError::Platform(format!("{}: {e}", image.display())))?;
-        let how = ColdStart::Restore(image.clone(), MemoryMode::Full);
+        // Read before the sandbox reads it: a set recorded meanwhile makes this one stale.
+        let working_set = working_set_written(&image, mode);
+        let how = ColdStart::Restore(image.clone(), mode);
         let (inst, go) = Instance::spawn(env, rec, code_dir, log, &how, true).await?;
         let Some(go) = go else {
             inst.destroy().await;
@@ -52,17 +60,22 @@ impl Spare {
             revision: rec.revision,
             image,
             ino,
+            mode,
+            working_set,
             created: Instant::now(),
         })
     }
 
-    /// Whether it restores the image now at `image` for `revision` (a replaced file has
-    /// another inode; the spare holds the old one open).
-    pub fn fits(&self, revision: u64, image: &std::path::Path) -> bool {
+    /// Whether it restores the image now at `image` for `revision` in memory mode `mode` (a
+    /// replaced file has another inode, the spare holds the old one open; a reap spare
+    /// needs the working set recorded now).
+    pub fn fits(&self, revision: u64, image: &std::path::Path, mode: MemoryMode) -> bool {
         self.revision == revision
             && self.image == image
+            && self.mode == mode
             && std::fs::metadata(image)
                 .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == self.ino)
+            && working_set_written(image, mode) == self.working_set
     }
 
     /// Lets it restore; returns the instance once its runtime is ready (`init_ms` counts from
@@ -85,6 +98,11 @@ impl Spare {
             .map_err(|(e, _)| e)
     }
 
+    /// The memory mode it restores in.
+    pub fn mode(&self) -> MemoryMode {
+        self.mode
+    }
+
     /// Host pids of its processes.
     pub fn pids(&self) -> Vec<i32> {
         self.inst.pids()
@@ -94,4 +112,15 @@ impl Spare {
     pub async fn destroy(self) {
         self.inst.destroy().await;
     }
+}
+
+/// When `image`'s working set was written, for a reap restore (None: another mode, or none
+/// recorded).
+fn working_set_written(image: &std::path::Path, mode: MemoryMode) -> Option<std::time::SystemTime> {
+    if mode != MemoryMode::Reap {
+        return None;
+    }
+    std::fs::metadata(spore_snapshot::lazy::working_set_path(image))
+        .and_then(|m| m.modified())
+        .ok()
 }

@@ -374,14 +374,18 @@ fn corrupt_image(d: &common::Daemon, function: &str) {
 
 /// Waits until `function` has a spare sandbox built for its next restore.
 fn wait_for_spare(d: &common::Daemon, function: &str) {
+    wait_for_spare_in(d, function, "full");
+}
+
+/// Waits until `function` has a spare sandbox built for its next restore in memory mode
+/// `mode`; returns what the API says of it.
+fn wait_for_spare_in(d: &common::Daemon, function: &str, mode: &str) -> Value {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let f = d.get_json(&format!("/2015-03-31/functions/{function}"));
-        if f["Spore"]["Spare"]["Pids"]
-            .as_array()
-            .is_some_and(|p| !p.is_empty())
-        {
-            return;
+        let spare = &f["Spore"]["Spare"];
+        if spare["Pids"].as_array().is_some_and(|p| !p.is_empty()) && spare["MemoryMode"] == mode {
+            return spare.clone();
         }
         assert!(
             std::time::Instant::now() < deadline,
@@ -433,6 +437,32 @@ fn daemon_restores_snapshotted_functions_isolated_and_falls_back_when_refused() 
             "restores share random state: {v}"
         );
         seen.push(v["random"].clone());
+    }
+    // Reap restores get spares of their own (with the working set the first one recorded),
+    // and use them: the restored instance is the spare's processes.
+    let reap = [
+        ("X-Spore-Cold", "restore"),
+        ("X-Spore-Restore-Mode", "reap"),
+    ];
+    for i in 0..4 {
+        let spare = (i > 1).then(|| wait_for_spare_in(&d, "rng", "reap"));
+        let r = d.invoke_raw("rng", b"{}", &reap);
+        assert_eq!(r.headers()["x-spore-start"], "restore");
+        let v: Value = r.json().unwrap();
+        assert!(!seen.contains(&v["random"]), "{v}");
+        seen.push(v["random"].clone());
+        if let Some(spare) = spare {
+            let f = d.get_json("/2015-03-31/functions/rng");
+            let idle = f["Spore"]["Instances"]["IdlePids"]
+                .as_array()
+                .unwrap()
+                .clone();
+            let pids = spare["Pids"].as_array().unwrap();
+            assert!(
+                pids.iter().any(|p| idle.contains(p)),
+                "the reap restore ran in its spare {spare} (idle: {idle:?})"
+            );
+        }
     }
     // X-Spore-Cold: init still imports.
     assert_eq!(

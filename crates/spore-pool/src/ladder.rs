@@ -43,11 +43,11 @@ impl Pools {
                 let image = restore.then(|| snaps.current(name, rec.revision)).flatten();
                 if let Some(image) = image {
                     let mode = how.restore_mode.unwrap_or(self.inner.cfg.snapshot_mode);
-                    let spare = self.take_spare(name, rec.revision, &image, mode);
+                    let spare = self.take_spare(name, rec.revision, &image, mode, false);
                     if let Some(spare) = spare {
                         match spare.start(rec, init_timeout).await {
                             Ok(inst) => {
-                                self.refill_spare(env, rec, &log, &image, mode);
+                                self.refill_spare(env, rec, &log, &image, SpareFor::Instance(mode));
                                 return Ok((inst, StartKind::Restore));
                             }
                             Err(e) => {
@@ -67,7 +67,7 @@ impl Pools {
                     .await
                     {
                         Ok(inst) => {
-                            self.refill_spare(env, rec, &log, &image, mode);
+                            self.refill_spare(env, rec, &log, &image, SpareFor::Instance(mode));
                             return Ok((inst, StartKind::Restore));
                         }
                         Err(e) => {
@@ -300,7 +300,19 @@ impl Pools {
         // Only snapshot users pay for looking at the store.
         let image = restore.then(|| snaps.current(name, rec.revision)).flatten();
         let mut template = None;
-        if let Some(image) = image {
+        if let Some(image) = &image {
+            // Into the sandbox built for it ahead of time, if there is one.
+            if let Some(spare) = self.take_spare(name, rec.revision, image, MemoryMode::Full, true)
+            {
+                match spare.start_template(env, rec, init_timeout).await {
+                    Ok(t) => template = Some(t),
+                    Err(e) => {
+                        tracing::info!(function = %name, "the template's spare sandbox failed ({e}); restoring in a new one")
+                    }
+                }
+            }
+        }
+        if let Some(image) = image.filter(|_| template.is_none()) {
             let how = ColdStart::Restore(image.clone(), MemoryMode::Full);
             // Twice: a restore can collide with the restorer's own (random) layout, which a
             // second process does not share.
@@ -360,7 +372,7 @@ impl Pools {
 
     /// Stops least recently used templates until at most `keep` remain.
     fn evict_templates(&self, keep: usize) {
-        let evicted: Vec<Arc<Template>> = {
+        let evicted: Vec<(String, Arc<Template>)> = {
             let mut templates = self.inner.templates.lock().expect("templates lock");
             let mut by_age: Vec<(String, Instant)> = templates
                 .iter()
@@ -371,12 +383,13 @@ impl Pools {
             by_age
                 .into_iter()
                 .take(excess)
-                .filter_map(|(n, _)| templates.remove(&n))
+                .filter_map(|(n, _)| templates.remove(&n).map(|t| (n, t)))
                 .collect()
         };
-        for t in evicted {
+        for (name, t) in evicted {
             tracing::info!("evicting cfork template {} (least recently used)", t.id);
             tokio::spawn(async move { t.destroy().await });
+            self.leave_template_spare(&name);
         }
     }
 
@@ -406,14 +419,15 @@ impl Pools {
         });
     }
 
-    /// Takes `name`'s spare sandbox if it restores `image` at `revision` in `mode`; a stale
-    /// one (or one of another mode) is stopped.
+    /// Takes `name`'s spare sandbox if it restores `image` at `revision` in `mode` (a
+    /// template's if `template`); a stale one (or one of another kind) is stopped.
     fn take_spare(
         &self,
         name: &str,
         revision: u64,
         image: &std::path::Path,
         mode: MemoryMode,
+        template: bool,
     ) -> Option<Spare> {
         let spare = self
             .inner
@@ -421,22 +435,44 @@ impl Pools {
             .lock()
             .expect("spares lock")
             .remove(name)?;
-        if spare.fits(revision, image, mode) {
+        if spare.fits(revision, image, mode) && spare.is_template() == template {
             return Some(spare);
         }
         tokio::spawn(spare.destroy());
         None
     }
 
-    /// Builds a spare sandbox for `rec`'s next restore from `image` in `mode`, in the
-    /// background, unless it has one (or the daemon is stopping).
+    /// Builds, in the background, a spare sandbox for the next restore of the cfork template
+    /// of `name` that just left memory (if it can come back from a snapshot): it holds none
+    /// of the runtime's private memory, and the next call restores into it instead of
+    /// building a sandbox first. It goes after the keep-alive like any spare.
+    pub(crate) fn leave_template_spare(&self, name: &str) {
+        let Ok(env) = self.inner.env.clone() else {
+            return;
+        };
+        let Some(rec) = self.inner.registry.lock().get(name).cloned() else {
+            return;
+        };
+        if rec.manifest.sandbox != SandboxKind::Cfork || !rec.manifest.snapshot {
+            return;
+        }
+        let Some(image) = self.inner.snapshots.current(name, rec.revision) else {
+            return;
+        };
+        let log = self.log(&rec.manifest.name);
+        let max = self.max_instances(&rec);
+        self.refill_spare(&env, &rec, &log, &image, SpareFor::Template(max));
+    }
+
+    /// Builds a spare sandbox for `rec`'s next restore from `image`, in the background,
+    /// unless it has one (or the daemon is stopping).
     fn refill_spare(
         &self,
         env: &Arc<InstanceEnv>,
         rec: &FunctionRecord,
         log: &Arc<LogRing>,
         image: &std::path::Path,
-        mode: MemoryMode,
+        spare: SpareFor,
     ) {
         let name = rec.key();
         if self.inner.work.is_draining()
@@ -456,7 +492,15 @@ impl Pools {
         tokio::spawn(async move {
             let _guard = guard;
             let code_dir = this.inner.registry.code_dir(&rec);
-            match Spare::build(&env, &rec, code_dir, log, image, mode).await {
+            let built = match spare {
+                SpareFor::Instance(mode) => {
+                    Spare::build(&env, &rec, code_dir, log, image, mode).await
+                }
+                SpareFor::Template(max) => {
+                    Spare::build_template(&env, &rec, code_dir, log, image, max).await
+                }
+            };
+            match built {
                 Ok(spare) => {
                     let stale = {
                         let mut spares = this.inner.spares.lock().expect("spares lock");
@@ -492,4 +536,13 @@ impl Pools {
             s.destroy().await;
         }
     }
+}
+
+/// What a spare sandbox is built for.
+#[derive(Debug, Clone, Copy)]
+enum SpareFor {
+    /// An instance's restore, in this memory mode.
+    Instance(MemoryMode),
+    /// A cfork template's restore (its instance limit sizes the template's cgroup).
+    Template(u32),
 }

@@ -82,6 +82,7 @@ impl Pools {
             t.id
         );
         tokio::spawn(async move { t.destroy().await });
+        self.leave_template_spare(name);
         true
     }
 
@@ -189,10 +190,16 @@ impl Pools {
         for inst in idle {
             inst.destroy().await;
         }
+        let restorable = template.is_some() && self.restorable(name);
         if let Some(t) = template {
             t.destroy().await;
         }
         self.stop_spares(|n, _| n == name).await;
+        if restorable {
+            // What holds no private memory stays: the template's next restore goes into a
+            // sandbox built for it.
+            self.leave_template_spare(name);
+        }
         out
     }
 

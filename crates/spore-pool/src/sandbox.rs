@@ -146,6 +146,7 @@ pub enum StartError {
 }
 
 /// The parts of a freshly spawned sandbox.
+#[derive(Debug)]
 pub(crate) struct Spawned {
     pub child: Child,
     pub sock: UnixStream,

@@ -1,4 +1,6 @@
-//! Spare sandboxes: a restore's sandbox built ahead of time, waiting for the go-ahead.
+//! Spare sandboxes: a restore's sandbox built ahead of time, waiting for the go-ahead: an
+//! instance's (a container function's restore) or a cfork template's (its template's
+//! restore, after an eviction).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,6 +13,7 @@ use tokio::io::AsyncWriteExt;
 use crate::instance::Instance;
 use crate::logs::LogRing;
 use crate::sandbox::{ColdStart, InstanceEnv, StartError};
+use crate::template::{PendingTemplate, Template};
 
 /// A sandbox built ahead of time for a restore, waiting for the go-ahead with the image's
 /// regions already mapped: a restore into it pays only for installing memory and resuming
@@ -19,9 +22,7 @@ use crate::sandbox::{ColdStart, InstanceEnv, StartError};
 /// working set that was recorded when it was built.
 #[derive(Debug)]
 pub struct Spare {
-    inst: Instance,
-    go: Vec<u8>,
-    how: ColdStart,
+    kind: Kind,
     revision: u64,
     image: PathBuf,
     ino: u64,
@@ -30,6 +31,17 @@ pub struct Spare {
     working_set: Option<std::time::SystemTime>,
     /// When it was built.
     pub created: Instant,
+}
+
+/// What waits.
+#[derive(Debug)]
+enum Kind {
+    Instance {
+        inst: Instance,
+        go: Vec<u8>,
+        how: ColdStart,
+    },
+    Template(PendingTemplate),
 }
 
 impl Spare {
@@ -54,9 +66,7 @@ impl Spare {
             return Err(StartError::Platform("a spare without a go-ahead".into()));
         };
         Ok(Spare {
-            inst,
-            go,
-            how,
+            kind: Kind::Instance { inst, go, how },
             revision: rec.revision,
             image,
             ino,
@@ -78,24 +88,82 @@ impl Spare {
             && working_set_written(image, mode) == self.working_set
     }
 
+    /// Builds the sandbox of a cfork template that will restore `image` on the go-ahead.
+    pub async fn build_template(
+        env: &Arc<InstanceEnv>,
+        rec: &FunctionRecord,
+        code_dir: PathBuf,
+        log: Arc<LogRing>,
+        image: PathBuf,
+        max_instances: u32,
+    ) -> Result<Spare, StartError> {
+        let ino = std::fs::metadata(&image)
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .map_err(|e| StartError::Platform(format!("{}: {e}", image.display())))?;
+        // Templates always restore whole (see `Template::start`).
+        let how = ColdStart::Restore(image.clone(), MemoryMode::Full);
+        let pending = Template::spawn(env, rec, code_dir, log, max_instances, how, true).await?;
+        Ok(Spare {
+            kind: Kind::Template(pending),
+            revision: rec.revision,
+            image,
+            ino,
+            mode: MemoryMode::Full,
+            working_set: None,
+            created: Instant::now(),
+        })
+    }
+
+    /// Whether it is a cfork template's.
+    pub fn is_template(&self) -> bool {
+        matches!(self.kind, Kind::Template(_))
+    }
+
     /// Lets it restore; returns the instance once its runtime is ready (`init_ms` counts from
     /// the go-ahead).
     pub async fn start(
-        mut self,
+        self,
         rec: &FunctionRecord,
         init_timeout: Duration,
     ) -> Result<Instance, StartError> {
+        let (mut inst, go, how) = match self.kind {
+            Kind::Instance { inst, go, how } => (inst, go, how),
+            Kind::Template(t) => {
+                t.destroy().await;
+                return Err(StartError::Platform(
+                    "a template's spare sandbox cannot serve an instance".into(),
+                ));
+            }
+        };
         let t0 = Instant::now();
-        if let Err(e) = self.inst.sock.write_all(&self.go).await {
-            self.inst.destroy().await;
+        if let Err(e) = inst.sock.write_all(&go).await {
+            inst.destroy().await;
             return Err(StartError::Platform(format!(
                 "the spare sandbox is gone ({e})"
             )));
         }
-        self.inst
-            .await_ready(rec, &self.how, init_timeout, t0)
+        inst.await_ready(rec, &how, init_timeout, t0)
             .await
             .map_err(|(e, _)| e)
+    }
+
+    /// Lets a template's spare restore; returns the template once it is ready (its
+    /// `init_ms` counts from the go-ahead).
+    pub async fn start_template(
+        self,
+        env: &Arc<InstanceEnv>,
+        rec: &FunctionRecord,
+        init_timeout: Duration,
+    ) -> Result<Arc<Template>, StartError> {
+        match self.kind {
+            Kind::Template(t) => t.finish(env, rec, init_timeout).await,
+            Kind::Instance { inst, .. } => {
+                inst.destroy().await;
+                Err(StartError::Platform(
+                    "an instance's spare sandbox cannot serve a template".into(),
+                ))
+            }
+        }
     }
 
     /// The memory mode it restores in.
@@ -105,12 +173,18 @@ impl Spare {
 
     /// Host pids of its processes.
     pub fn pids(&self) -> Vec<i32> {
-        self.inst.pids()
+        match &self.kind {
+            Kind::Instance { inst, .. } => inst.pids(),
+            Kind::Template(t) => t.pids(),
+        }
     }
 
     /// Stops it.
     pub async fn destroy(self) {
-        self.inst.destroy().await;
+        match self.kind {
+            Kind::Instance { inst, .. } => inst.destroy().await,
+            Kind::Template(t) => t.destroy().await,
+        }
     }
 }
 

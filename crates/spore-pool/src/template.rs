@@ -136,6 +136,24 @@ impl Template {
         max_instances: u32,
         how: ColdStart,
     ) -> Result<Arc<Template>, StartError> {
+        Self::spawn(env, rec, code_dir, log, max_instances, how, false)
+            .await?
+            .finish(env, rec, init_timeout)
+            .await
+    }
+
+    /// Builds a template's sandbox and starts its runtime; with `spare` (a restore), leaves
+    /// it waiting for the go-ahead with the image mapped ([`PendingTemplate::finish`]
+    /// sends it).
+    pub(crate) async fn spawn(
+        env: &Arc<InstanceEnv>,
+        rec: &FunctionRecord,
+        code_dir: PathBuf,
+        log: Arc<LogRing>,
+        max_instances: u32,
+        how: ColdStart,
+        spare: bool,
+    ) -> Result<PendingTemplate, StartError> {
         let how = match how {
             ColdStart::Restore(image, _) => {
                 ColdStart::Restore(image, spore_snapshot::restore::MemoryMode::Full)
@@ -192,11 +210,77 @@ impl Template {
             uid: 0,
             template: Some((mapping, extra_env)),
             how: how.clone(),
-            spare: false,
+            spare: spare && matches!(how, ColdStart::Restore(..)),
         };
+        let (cgroup, spawned) = spawn_sandbox(env, rec, launch, log.clone(), memory_mb, 2).await?;
+        Ok(PendingTemplate {
+            id,
+            t0,
+            how,
+            cgroup,
+            spawned,
+            log,
+            preload,
+        })
+    }
+}
+
+/// A template whose sandbox is built and whose runtime is starting (or, a spare, waiting
+/// for the go-ahead to restore).
+#[derive(Debug)]
+pub(crate) struct PendingTemplate {
+    id: String,
+    t0: Instant,
+    how: ColdStart,
+    cgroup: spore_sandbox::cgroup::Cgroup,
+    spawned: crate::sandbox::Spawned,
+    log: Arc<LogRing>,
+    preload: Vec<String>,
+}
+
+impl PendingTemplate {
+    /// Host pids of its processes.
+    pub fn pids(&self) -> Vec<i32> {
+        self.cgroup.pids()
+    }
+
+    /// Stops it.
+    pub async fn destroy(mut self) {
+        let _ = self.spawned.child.start_kill();
+        let _ = self.spawned.child.wait().await;
+        destroy_cgroup(self.cgroup).await;
+    }
+
+    /// Waits (at most `init_timeout`) for the runtime to be ready, after sending a spare
+    /// its go-ahead (its start then counts from there).
+    pub async fn finish(
+        self,
+        env: &Arc<InstanceEnv>,
+        rec: &FunctionRecord,
+        init_timeout: Duration,
+    ) -> Result<Arc<Template>, StartError> {
+        let PendingTemplate {
+            id,
+            mut t0,
+            how,
+            cgroup,
+            mut spawned,
+            log,
+            preload,
+        } = self;
+        let m = &rec.manifest;
+        if let Some(go) = spawned.go.take() {
+            t0 = Instant::now();
+            if let Err(e) = spawned.sock.write_all(&go).await {
+                let _ = spawned.child.start_kill();
+                let _ = spawned.child.wait().await;
+                destroy_cgroup(cgroup).await;
+                return Err(StartError::Platform(format!(
+                    "the spare template sandbox is gone ({e})"
+                )));
+            }
+        }
         let restored = matches!(how, ColdStart::Restore(..));
-        let (cgroup, mut spawned) =
-            spawn_sandbox(env, rec, launch, log.clone(), memory_mb, 2).await?;
         let deadline = tokio::time::Instant::now() + init_timeout;
         let mut breakdown = Vec::new();
         // The runtime is the only child of the template's pid-namespace init, itself the only
@@ -305,7 +389,9 @@ impl Template {
             warmup_failed: AtomicBool::new(false),
         }))
     }
+}
 
+impl Template {
     /// Makes cgroups for the next forks, up to [`SPARE_CGROUPS`], in the background.
     pub fn refill_spares(self: &Arc<Self>, env: &Arc<InstanceEnv>) {
         let missing = SPARE_CGROUPS.saturating_sub(self.spares.lock().expect("spares").len());

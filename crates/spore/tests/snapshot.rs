@@ -586,6 +586,19 @@ fn cfork_templates_are_snapshotted_evicted_restored_and_forked_from() {
         "forks of a restored template have their own random state: {randoms:?}"
     );
     assert_ne!(a["uuid"], b["uuid"]);
+    // An evicted template leaves a spare sandbox behind (no private memory), and its next
+    // restore goes into it.
+    evict(&d, "rng");
+    let spare = wait_for_spare_in(&d, "rng", "full");
+    let (start, c) = invoke_start(&d, "rng", "1", &serde_json::json!({}));
+    assert_eq!(start, "restore", "{c}");
+    assert!(!randoms.contains(&&c["random"]), "{c}");
+    let f = d.get_json("/2015-03-31/functions/rng");
+    let template = f["Spore"]["Template"]["Pids"].as_array().unwrap().clone();
+    assert!(
+        spare["Pids"].as_array().unwrap().iter().any(|p| template.contains(p)),
+        "the template was restored in its spare {spare} (template: {template:?})"
+    );
     // X-Spore-Cold: restore replaces the live template with a restored one, init with an
     // imported one.
     assert_eq!(

@@ -443,9 +443,10 @@ impl Pools {
     }
 
     /// Builds, in the background, a spare sandbox for the next restore of the cfork template
-    /// of `name` that just left memory (if it can come back from a snapshot): it holds none
-    /// of the runtime's private memory, and the next call restores into it instead of
-    /// building a sandbox first. It goes after the keep-alive like any spare.
+    /// of `name` that just left memory (if it can come back from a snapshot): it holds
+    /// almost none of the runtime's private memory (only copies of the library pages the
+    /// restore overwrites), and the next call restores into it instead of building a sandbox
+    /// first. It goes after the keep-alive like any spare.
     pub(crate) fn leave_template_spare(&self, name: &str) {
         let Ok(env) = self.inner.env.clone() else {
             return;

@@ -196,7 +196,7 @@ impl Pools {
         }
         self.stop_spares(|n, _| n == name).await;
         if restorable {
-            // What holds no private memory stays: the template's next restore goes into a
+            // What holds almost no memory stays: the template's next restore goes into a
             // sandbox built for it.
             self.leave_template_spare(name);
         }

@@ -332,6 +332,20 @@ pub(crate) fn prefetch_files(image: &Image) {
     }
 }
 
+/// Copies in, ahead of the install, the file pages the install will overwrite: the pages of
+/// private file mappings the runtime had written (a library's data, relocations; numpy's
+/// runtime: 542 pages). A write to such a page copies the file's page first, which on a
+/// cold page cache is a synchronous read from disk per page (measured here: ~30 ms of that
+/// runtime's restore). Done in bulk now, a spare does it before it is wanted, for the price
+/// of holding those pages while it waits; the install then writes into pages already its
+/// own.
+pub(crate) fn populate_overwritten(image: &Image) {
+    let meta = &image.meta;
+    for run in meta.runs.iter().filter(|r| meta.in_file_region(r.addr)) {
+        populate_write(run.addr, (run.pages * PAGE) as usize);
+    }
+}
+
 /// Hands `fd` over `sock` (SCM_RIGHTS).
 pub(crate) fn send_fd(
     sock: &std::os::unix::net::UnixStream,

@@ -19,10 +19,11 @@
 //!    runtime's `spore_checkpoint` call. The trampoline's two pages stay mapped.
 //!
 //! [`prepare`] does step 1 and the mapping half of step 2 (with the file pages the runtime
-//! had resident mapped in from the page cache), which need nothing but the image: a sandbox
-//! built ahead of time (a spare) does them before it is wanted, and [`Prepared::finish`]
-//! does the rest when it is. None of it allocates the runtime's private memory, so a waiting
-//! spare holds only page tables of shared file pages.
+//! had resident mapped in from the page cache, and private copies made of the library pages
+//! the install overwrites), which need nothing but the image: a sandbox built ahead of time
+//! (a spare) does them before it is wanted, and [`Prepared::finish`] does the rest when it
+//! is. Of the runtime's private memory a waiting spare holds only those copied library
+//! pages (numpy's runtime: 2.1 MiB of its 15 MiB).
 //!
 //! Compared with CRIU's restorer this one is small because the runtime cooperates: it
 //! stops inside a function call, so only callee-saved registers matter, and it is
@@ -34,7 +35,9 @@ use std::fs::File;
 use std::os::fd::OwnedFd;
 
 use crate::image::{FileIdentity, Image, Region, RegionKind};
-use crate::install::{errno_err, install_all, map_region, prefetch_files, prot_flags, send_fd};
+use crate::install::{
+    errno_err, install_all, map_region, populate_overwritten, prefetch_files, prot_flags, send_fd,
+};
 use crate::procfs::{self, MapLine, PAGE};
 use crate::SnapshotError;
 
@@ -473,7 +476,8 @@ pub fn restore(image: &Image, opts: &RestoreOptions) -> Result<Infallible, Snaps
     prepare(image, opts)?.finish()
 }
 
-/// A restore half done by [`prepare`]: the image's regions mapped, nothing installed yet.
+/// A restore half done by [`prepare`]: the image's regions mapped, its stored pages not
+/// installed yet.
 /// Dropping it leaves the process with those mappings: it must exit instead of running on.
 #[derive(Debug)]
 pub struct Prepared<'a> {
@@ -505,8 +509,10 @@ pub fn prepare<'a>(
         map_region(r, &files)?;
     }
     // The file pages the runtime had resident (disjoint from the stored ones, which are
-    // private copies): mapped now, read-only from the page cache.
+    // private copies): mapped now, read-only from the page cache. Then the private copies
+    // of those the install overwrites.
     prefetch_files(image);
+    populate_overwritten(image);
     Ok(Prepared {
         image,
         opts,

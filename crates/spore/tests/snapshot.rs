@@ -596,7 +596,11 @@ fn cfork_templates_are_snapshotted_evicted_restored_and_forked_from() {
     let f = d.get_json("/2015-03-31/functions/rng");
     let template = f["Spore"]["Template"]["Pids"].as_array().unwrap().clone();
     assert!(
-        spare["Pids"].as_array().unwrap().iter().any(|p| template.contains(p)),
+        spare["Pids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| template.contains(p)),
         "the template was restored in its spare {spare} (template: {template:?})"
     );
     // X-Spore-Cold: restore replaces the live template with a restored one, init with an

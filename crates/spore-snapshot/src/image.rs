@@ -390,6 +390,46 @@ pub fn decompress(codec: Codec, stored: &[u8], out: &mut [u8]) -> Result<(), Sna
     Ok(())
 }
 
+/// Where the page stream of `total` pages is cut into partitions of at most `max` pages:
+/// also wherever the next stored run does not continue the previous one's addresses, so
+/// that each partition lands in one contiguous range and a restore can decompress it
+/// straight into place. (Streams whose stored runs do not tile them exactly, in order, are
+/// cut every `max` pages.)
+fn partition_bounds(runs: &[PageRun], total: u64, max: u64) -> Vec<(u64, u64)> {
+    let mut segments = Vec::new();
+    let mut next = 0;
+    let mut end_addr = None;
+    let mut start = 0;
+    for run in runs.iter().filter(|r| !r.zero && r.pages > 0) {
+        if run.first != next {
+            segments = vec![(0, total)];
+            next = total;
+            break;
+        }
+        if end_addr.is_some_and(|a| a != run.addr) && run.first > start {
+            segments.push((start, run.first - start));
+            start = run.first;
+        }
+        end_addr = Some(run.addr + run.pages * PAGE);
+        next += run.pages;
+    }
+    if next != total {
+        segments = vec![(0, total)];
+    } else if total > start {
+        segments.push((start, total - start));
+    }
+    let mut out = Vec::new();
+    for (first, pages) in segments {
+        let mut at = first;
+        while at < first + pages {
+            let n = max.min(first + pages - at);
+            out.push((at, n));
+            at += n;
+        }
+    }
+    out
+}
+
 /// Writes an image: `meta` without partitions plus the stored page stream (`stream`, in run
 /// order). Partitions are compressed on up to `threads` threads. The file appears atomically
 /// (written beside it, synced, renamed).
@@ -404,8 +444,11 @@ pub fn write(
         stream.len() as u64 % PAGE == 0,
         "page stream of whole pages"
     );
-    let chunk = (partition_pages.clamp(1, MAX_PARTITION_PAGES) * PAGE) as usize;
-    let raw: Vec<&[u8]> = stream.chunks(chunk).collect();
+    let max = partition_pages.clamp(1, MAX_PARTITION_PAGES);
+    let raw: Vec<&[u8]> = partition_bounds(&meta.runs, stream.len() as u64 / PAGE, max)
+        .into_iter()
+        .map(|(first, pages)| &stream[(first * PAGE) as usize..((first + pages) * PAGE) as usize])
+        .collect();
     let codec = meta.codec;
     let mut stored: Vec<Option<Result<Vec<u8>, SnapshotError>>> = Vec::new();
     stored.resize_with(raw.len(), || None);
@@ -716,6 +759,38 @@ pub fn parse_header_and_meta(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn partitions_are_cut_where_addresses_jump_and_at_the_limit() {
+        let run = |addr: u64, pages: u64, first: u64, zero: bool| PageRun {
+            addr,
+            pages,
+            first,
+            zero,
+        };
+        let runs = [
+            run(0x10000, 3, 0, false),
+            run(0x13000, 2, 3, false), // continues the first
+            run(0x15000, 4, 0, true),  // zeros: a gap in the stream's addresses
+            run(0x19000, 5, 5, false),
+            run(0x80000, 1, 10, false),
+        ];
+        assert_eq!(
+            partition_bounds(&runs, 11, 4),
+            vec![(0, 4), (4, 1), (5, 4), (9, 1), (10, 1)]
+        );
+        assert_eq!(
+            partition_bounds(&runs, 11, 256),
+            vec![(0, 5), (5, 5), (10, 1)]
+        );
+        // Runs that do not tile the stream: plain chunks.
+        assert_eq!(
+            partition_bounds(&runs[..2], 11, 4),
+            vec![(0, 4), (4, 4), (8, 3)]
+        );
+        assert_eq!(partition_bounds(&[], 0, 4), vec![]);
+    }
+
     use super::*;
     use crate::context::SigAction;
     use proptest::prelude::*;

@@ -105,8 +105,10 @@ impl Pools {
     /// warm-up can cause (the listed modules, imported together, ran out of time or memory,
     /// or crashed the runtime) while the function has a list, the list is turned off and
     /// the start runs again without it. If that start fails too, the list was not the cause:
-    /// it is turned back on, and the second failure is returned. An error the runtime
-    /// reports itself (the handler's import failed) comes before the list is imported.
+    /// it is turned back on and not suspected again at this revision (a function failing
+    /// for its own reasons is not started twice on every try), and the second failure is
+    /// returned. An error the runtime reports itself (the handler's import failed) comes
+    /// before the list is imported.
     async fn start_suspecting_warmup<T, F, Fut>(
         &self,
         env: &InstanceEnv,
@@ -118,7 +120,10 @@ impl Pools {
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<T, StartError>>,
     {
-        let listed = env.preload_for(rec).len();
+        let (key, stamp) = (rec.key(), crate::warmup::stamp(rec));
+        let warmups = env.warmups.as_ref().filter(|w| {
+            rec.manifest.auto_warmup && !env.preload_for(rec).is_empty() && w.suspect(&key, &stamp)
+        });
         let first = start().await;
         let suspect = match &first {
             Ok(_) => return first,
@@ -128,27 +133,35 @@ impl Pools {
                 "Sandbox.Timedout" | "Runtime.OutOfMemory" | "Runtime.ExitError"
             ),
         };
-        let warmups = env.warmups.as_ref().filter(|_| suspect && listed > 0);
-        let (Some(w), Err(first_err)) = (warmups, &first) else {
+        let (Some(w), true, Err(first_err)) = (warmups, suspect, &first) else {
             return first;
         };
-        let (key, stamp) = (rec.key(), crate::warmup::stamp(rec));
-        let why = format!(
-            "a start that imported the {listed} modules its calls had imported failed \
-             ({first_err}), and one without them worked"
-        );
-        if let Err(e) = w.turn_off(&key, &stamp, &why) {
-            tracing::warn!(function = %key, "{}", spore_core::error_chain(&e));
+        // A start of a record that is no longer current (redeployed, deleted) blames nothing.
+        if !self.inner.registry.is_current(rec) {
             return first;
         }
+        let why = format!(
+            "a start that imported the modules its calls had imported failed ({first_err})"
+        );
+        let turned = match w.turn_off(&key, &stamp, &why) {
+            Ok(turned) => turned,
+            Err(e) => {
+                tracing::warn!(function = %key, "{}", spore_core::error_chain(&e));
+                return first;
+            }
+        };
+        // Off now (by this start, or by a concurrent one): again, without the list.
         let second = start().await;
-        if second.is_ok() {
-            tracing::warn!(function = %key, "automatic warm-up turned off for this revision: {why}");
+        if second.is_ok() && turned {
+            tracing::warn!(function = %key, "automatic warm-up turned off for this revision: {why}, and one without them worked");
             log.push_text(&format!(
-                "spore: automatic warm-up turned off until the next deploy: {why}"
+                "spore: automatic warm-up turned off until the next deploy: {why}, and one without them worked"
             ));
-        } else if let Err(e) = w.turn_on(&key, &stamp) {
-            tracing::warn!(function = %key, "{}", spore_core::error_chain(&e));
+        } else if second.is_err() && turned {
+            // Not the list's fault: back on, and not suspected again at this revision.
+            if let Err(e) = w.turn_on(&key, &stamp) {
+                tracing::warn!(function = %key, "{}", spore_core::error_chain(&e));
+            }
         }
         second
     }
@@ -201,7 +214,9 @@ impl Pools {
             self.drop_template(&rec.key(), &template);
             if template.warmup_failed() {
                 // Its automatic warm-up is off now: a new template, without it, serves. If
-                // that fails too, the warm-up was not the cause: back on.
+                // that fails too, the warm-up was not the cause: back on (unless a module
+                // started a thread, which is certain).
+                let undo = template.warmup_undoable();
                 let retried = self.template_for(env, rec, log, init_timeout, fresh).await;
                 forked = match retried {
                     Ok((t, spent)) => {
@@ -212,7 +227,7 @@ impl Pools {
                     }
                     Err(e) => Err(e),
                 };
-                if forked.is_err() {
+                if forked.is_err() && undo {
                     if let Some(w) = &env.warmups {
                         let _ = w.turn_on(&rec.key(), &crate::warmup::stamp(rec));
                     }
@@ -460,6 +475,14 @@ impl Pools {
         let Some(image) = self.inner.snapshots.current(name, rec.revision) else {
             return;
         };
+        // At most as many template spares as live templates: functions cycling through the
+        // template limit must not pile up sandboxes.
+        let held = (self.inner.spares.lock().expect("spares lock").values())
+            .filter(|s| s.is_template())
+            .count();
+        if held >= self.inner.cfg.max_templates {
+            return;
+        }
         let log = self.log(&rec.manifest.name);
         let max = self.max_instances(&rec);
         self.refill_spare(&env, &rec, &log, &image, SpareFor::Template(max));
@@ -476,6 +499,9 @@ impl Pools {
         spare: SpareFor,
     ) {
         let name = rec.key();
+        // Counted as in flight before the drain check, so that a shutdown either sees it
+        // and waits for it (then stops it), or it sees the shutdown and builds nothing.
+        let guard = self.inner.work.begin();
         if self.inner.work.is_draining()
             || self
                 .inner
@@ -483,15 +509,32 @@ impl Pools {
                 .lock()
                 .expect("spares lock")
                 .contains_key(&name)
+            || !self
+                .inner
+                .spares_building
+                .lock()
+                .expect("spares lock")
+                .insert(name.clone())
         {
             return;
         }
         let (this, env, rec, log) = (self.clone(), env.clone(), rec.clone(), log.clone());
         let image = image.to_owned();
-        // Counted as in flight, so that a shutdown waits for it and then stops it.
-        let guard = self.inner.work.begin();
         tokio::spawn(async move {
             let _guard = guard;
+            // Whatever happens below, this function's build is over when the task ends.
+            struct Building(Pools, String);
+            impl Drop for Building {
+                fn drop(&mut self) {
+                    self.0
+                        .inner
+                        .spares_building
+                        .lock()
+                        .expect("spares lock")
+                        .remove(&self.1);
+                }
+            }
+            let _building = Building(this.clone(), name.clone());
             let code_dir = this.inner.registry.code_dir(&rec);
             let built = match spare {
                 SpareFor::Instance(mode) => {

@@ -252,6 +252,8 @@ struct Inner {
     templates: Mutex<HashMap<String, Arc<Template>>>,
     /// One sandbox per function built ahead of its next restore (after a first restore).
     spares: Mutex<HashMap<String, Spare>>,
+    /// Functions whose spare is being built (a burst of restores builds one, not one each).
+    spares_building: Mutex<std::collections::HashSet<String>>,
     template_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     reclaim: OnceLock<Reclaim>,
     /// Instances handed out and not back yet, by id.
@@ -291,6 +293,7 @@ impl Pools {
                 logs: Mutex::new(HashMap::new()),
                 templates: Mutex::new(HashMap::new()),
                 spares: Mutex::new(HashMap::new()),
+                spares_building: Mutex::new(std::collections::HashSet::new()),
                 template_locks: Mutex::new(HashMap::new()),
                 reclaim: OnceLock::new(),
                 busy: Mutex::new(HashMap::new()),

@@ -119,6 +119,9 @@ pub struct Template {
     preloaded: Mutex<std::collections::HashSet<String>>,
     /// A module the warm-up imported started a thread: it cannot fork any more.
     warmup_failed: AtomicBool,
+    /// Its failure turned the warm-up off on suspicion (not for a thread): undone if a
+    /// template without the list fails too.
+    warmup_undoable: AtomicBool,
 }
 
 impl Template {
@@ -387,6 +390,7 @@ impl PendingTemplate {
             shared_bytes,
             preloaded: Mutex::new(preload.into_iter().collect()),
             warmup_failed: AtomicBool::new(false),
+            warmup_undoable: AtomicBool::new(false),
         }))
     }
 }
@@ -416,6 +420,11 @@ impl Template {
     /// Whether a module its automatic warm-up imported started a thread (it was stopped).
     pub fn warmup_failed(&self) -> bool {
         self.warmup_failed.load(Ordering::Acquire)
+    }
+
+    /// Whether its failure turned the warm-up off on suspicion only (see `warmup_undoable`).
+    pub fn warmup_undoable(&self) -> bool {
+        self.warmup_undoable.load(Ordering::Acquire)
     }
 
     /// Whether the template still answers.
@@ -628,17 +637,35 @@ impl Template {
                 self.shared.children.lock().expect("children").remove(&id);
                 destroy_cgroup(cgroup).await;
                 let threaded = why.contains(THREADED_TEMPLATE);
-                if (threaded && !self.preloaded.lock().expect("preloaded").is_empty())
-                    || !preload.is_empty()
-                {
+                let thread_from_list =
+                    threaded && !self.preloaded.lock().expect("preloaded").is_empty();
+                // The new modules are suspect only if importing them could be what failed:
+                // the template died, hung past the wait, or could not be written to. (Its
+                // death reaches `alive` through its own socket, which may lag this one.)
+                if !preload.is_empty() && !threaded {
+                    for _ in 0..20 {
+                        if !self.is_alive() {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+                let list_suspect = !preload.is_empty()
+                    && (!self.is_alive()
+                        || why.contains("was not ready within")
+                        || why.starts_with("sending the fork request"));
+                if thread_from_list || list_suspect {
                     // The warm-up's modules are suspect (one started a thread, or importing
                     // them before this fork failed, hung or killed the template): off for
                     // this revision, and this template goes. The next one imports nothing
                     // extra; if its fork fails too, the caller turns the warm-up back on.
                     if let Some(w) = &env.warmups {
                         let stamp = crate::warmup::stamp(rec);
-                        if let Err(e) = w.turn_off(&rec.key(), &stamp, &why) {
-                            tracing::warn!(function = %m.name, "{}", error_chain(&e));
+                        match w.turn_off(&rec.key(), &stamp, &why) {
+                            Ok(turned) => self
+                                .warmup_undoable
+                                .store(turned && !thread_from_list, Ordering::Release),
+                            Err(e) => tracing::warn!(function = %m.name, "{}", error_chain(&e)),
                         }
                     }
                     tracing::warn!(function = %m.name, "automatic warm-up turned off for this revision: {why}");

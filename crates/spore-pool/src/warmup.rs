@@ -54,6 +54,11 @@ struct Entry {
     /// The modules are kept, so that [`Warmups::turn_on`] can undo a wrong verdict.
     #[serde(default)]
     off: Option<String>,
+    /// A start failed without the list too, after one with it had failed: the list is not
+    /// the cause, and is not suspected again at this stamp (else a function failing for its
+    /// own reasons would be started twice on every try).
+    #[serde(default)]
+    cleared: bool,
 }
 
 /// What [`Warmups::record`] changed.
@@ -198,7 +203,7 @@ impl Warmups {
         }
         let mut dropped = false;
         for n in failed.iter().filter(|n| valid_module(n)) {
-            if e.modules.remove(n.as_str()) && e.skip.len() < MAX_MODULES {
+            if e.skip.len() < MAX_MODULES && e.modules.remove(n.as_str()) {
                 e.skip.insert(n.clone());
                 dropped = true;
             }
@@ -229,21 +234,23 @@ impl Warmups {
     }
 
     /// Turns the warm-up of `key` at `stamp` off, saying why (until the next revision).
-    pub fn turn_off(&self, key: &str, stamp: &str, why: &str) -> Result<(), WarmupError> {
+    /// Returns whether this call turned it off: false when it was off already, or when the
+    /// list is another stamp's (a start of an older revision, or of a deleted function,
+    /// changes nothing).
+    pub fn turn_off(&self, key: &str, stamp: &str, why: &str) -> Result<bool, WarmupError> {
         let mut cache = self.cache.lock().expect("warmups lock");
         let e = self.entry(&mut cache, key);
-        if e.stamp != stamp {
-            *e = Entry {
-                stamp: stamp.to_owned(),
-                ..Entry::default()
-            };
+        if e.stamp != stamp || e.off.is_some() {
+            return Ok(false);
         }
         e.off = Some(why.to_owned());
-        self.save(key, e)
+        self.save(key, e)?;
+        Ok(true)
     }
 
-    /// Undoes [`Warmups::turn_off`] for `key` at `stamp` (the start that failed with the list
-    /// failed without it too: the list was not the cause).
+    /// Undoes a [`Warmups::turn_off`] that returned true (the start that failed with the list
+    /// failed without it too: the list was not the cause), and stops suspecting the list at
+    /// this stamp.
     pub fn turn_on(&self, key: &str, stamp: &str) -> Result<(), WarmupError> {
         let mut cache = self.cache.lock().expect("warmups lock");
         let e = self.entry(&mut cache, key);
@@ -251,7 +258,16 @@ impl Warmups {
             return Ok(());
         }
         e.off = None;
+        e.cleared = true;
         self.save(key, e)
+    }
+
+    /// Whether a failed start of `key` at `stamp` may be blamed on its list: there is one,
+    /// it is on, and it was not cleared of blame before.
+    pub fn suspect(&self, key: &str, stamp: &str) -> bool {
+        let mut cache = self.cache.lock().expect("warmups lock");
+        let e = self.entry(&mut cache, key);
+        e.stamp == stamp && e.off.is_none() && !e.cleared && !e.modules.is_empty()
     }
 
     /// Why the warm-up of `key` at `stamp` is off (None: on, or nothing recorded).
@@ -369,7 +385,14 @@ mod tests {
         assert_eq!(again.modules("f", "2"), names(&["json"]));
         assert!(again.modules("f", "1").is_empty());
         // Turned off, it stays off until the next revision.
-        again.turn_off("f", "2", "a thread").unwrap();
+        assert!(again.suspect("f", "2"));
+        assert!(
+            !again.turn_off("f", "1", "stale").unwrap(),
+            "another stamp: no-op"
+        );
+        assert!(again.turn_off("f", "2", "a thread").unwrap());
+        assert!(!again.turn_off("f", "2", "again").unwrap(), "off already");
+        assert!(!again.suspect("f", "2"));
         assert_eq!(
             again.record("f", "2", &names(&["zlib"]), &[]).unwrap(),
             Recorded::Unchanged
@@ -383,6 +406,10 @@ mod tests {
         third.turn_on("f", "2").unwrap();
         assert_eq!(third.modules("f", "2"), names(&["json"]));
         assert_eq!(third.off_reason("f", "2"), None);
+        assert!(
+            !third.suspect("f", "2"),
+            "cleared of blame: not suspected again"
+        );
         again.turn_off("f", "2", "a thread").unwrap();
         again.record("f", "3", &names(&["zlib"]), &[]).unwrap();
         assert_eq!(again.modules("f", "3"), names(&["zlib"]));

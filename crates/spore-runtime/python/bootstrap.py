@@ -658,7 +658,7 @@ def _serve(fd, handler):
                 reply["imported"] = imported[:500]
         if _unimportable:
             reply["unimportable"] = [n for n in _unimportable[:500] if _warm_name(n)]
-            del _unimportable[:]
+            del _unimportable[:500]
         with stream.lock:  # not between the frames of a thread that still prints
             _send(fd, reply, payload)
 

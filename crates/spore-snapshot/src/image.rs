@@ -400,10 +400,10 @@ fn partition_bounds(runs: &[PageRun], total: u64, max: u64) -> Vec<(u64, u64)> {
     let mut next = 0;
     let mut end_addr = None;
     let mut start = 0;
+    let mut tiled = true;
     for run in runs.iter().filter(|r| !r.zero && r.pages > 0) {
         if run.first != next {
-            segments = vec![(0, total)];
-            next = total;
+            tiled = false;
             break;
         }
         if end_addr.is_some_and(|a| a != run.addr) && run.first > start {
@@ -413,7 +413,7 @@ fn partition_bounds(runs: &[PageRun], total: u64, max: u64) -> Vec<(u64, u64)> {
         end_addr = Some(run.addr + run.pages * PAGE);
         next += run.pages;
     }
-    if next != total {
+    if !tiled || next != total {
         segments = vec![(0, total)];
     } else if total > start {
         segments.push((start, total - start));
@@ -789,6 +789,8 @@ mod tests {
             vec![(0, 4), (4, 4), (8, 3)]
         );
         assert_eq!(partition_bounds(&[], 0, 4), vec![]);
+        let gap = [run(0x1000, 3, 0, false), run(0x9000, 2, 5, false)];
+        assert_eq!(partition_bounds(&gap, 7, 4), vec![(0, 4), (4, 3)]);
     }
 
     use super::*;

@@ -54,9 +54,7 @@ impl Spare {
         image: PathBuf,
         mode: MemoryMode,
     ) -> Result<Spare, StartError> {
-        let ino = std::fs::metadata(&image)
-            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
-            .map_err(|e| StartError::Platform(format!("{}: {e}", image.display())))?;
+        let ino = image_ino(&image)?;
         // Read before the sandbox reads it: a set recorded meanwhile makes this one stale.
         let working_set = working_set_written(&image, mode);
         let how = ColdStart::Restore(image.clone(), mode);
@@ -97,9 +95,7 @@ impl Spare {
         image: PathBuf,
         max_instances: u32,
     ) -> Result<Spare, StartError> {
-        let ino = std::fs::metadata(&image)
-            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
-            .map_err(|e| StartError::Platform(format!("{}: {e}", image.display())))?;
+        let ino = image_ino(&image)?;
         // Templates always restore whole (see `Template::start`).
         let how = ColdStart::Restore(image.clone(), MemoryMode::Full);
         let pending = Template::spawn(env, rec, code_dir, log, max_instances, how, true).await?;
@@ -197,4 +193,11 @@ fn working_set_written(image: &std::path::Path, mode: MemoryMode) -> Option<std:
     std::fs::metadata(spore_snapshot::lazy::working_set_path(image))
         .and_then(|m| m.modified())
         .ok()
+}
+
+/// The inode of `image` (a replaced file has another: a spare holds the one it opened).
+fn image_ino(image: &std::path::Path) -> Result<u64, StartError> {
+    std::fs::metadata(image)
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .map_err(|e| StartError::Platform(format!("{}: {e}", image.display())))
 }

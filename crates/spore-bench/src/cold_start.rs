@@ -24,6 +24,10 @@ pub struct ColdStartConfig {
     pub python: String,
     /// Stop a series early after this long.
     pub max_per_series: Duration,
+    /// With cfork, also a series of starts this far apart (zero: none): each then finds the
+    /// work the previous start left behind (a replacement cgroup and network namespace, the
+    /// instance it evicted) done, as an isolated cold start does.
+    pub gap: Duration,
 }
 
 /// One invocation's client-side latency and the daemon's headers.
@@ -179,8 +183,10 @@ pub fn fresh_starts(
     expect: &str,
     n: usize,
     max: Duration,
+    gap: Duration,
 ) -> Result<Vec<Sample>, BenchError> {
     bounded(n, max, || {
+        std::thread::sleep(gap);
         let s = invoke(client, endpoint, function, payload, true)?;
         if s.start != expect {
             return Err(BenchError::Check(format!(
@@ -227,6 +233,8 @@ pub struct ColdStartResult {
 pub const CONTAINER: &str = "container cold (request to response)";
 /// Series name of the cfork start.
 pub const CFORK: &str = "cfork (request to response)";
+/// Series name of the spaced cfork starts.
+pub const CFORK_SPACED: &str = "cfork, starts apart (request to response)";
 /// Series name of the floor.
 pub const FLOOR: &str = "python3 -c pass (floor)";
 /// Series name of the fork part of the cfork floor.
@@ -270,6 +278,7 @@ pub fn run(cfg: &ColdStartConfig, progress: &dyn Fn(&str)) -> Result<ColdStartRe
         "cold",
         cfg.n,
         cfg.max_per_series,
+        Duration::ZERO,
     )?;
     series.push(Series {
         name: CONTAINER.into(),
@@ -296,6 +305,7 @@ pub fn run(cfg: &ColdStartConfig, progress: &dyn Fn(&str)) -> Result<ColdStartRe
             "fork",
             cfg.n,
             cfg.max_per_series,
+            Duration::ZERO,
         )?;
         series.push(Series {
             name: CFORK.into(),
@@ -309,6 +319,31 @@ pub fn run(cfg: &ColdStartConfig, progress: &dyn Fn(&str)) -> Result<ColdStartRe
             name: "cfork (daemon: request to child ready)".into(),
             samples_ms: forks.iter().map(|s| s.init_ms).collect(),
         });
+        if !cfg.gap.is_zero() {
+            progress(&format!(
+                "cfork: {} x invoke {cf} with X-Spore-Cold: 1, {} ms apart",
+                cfg.n,
+                cfg.gap.as_millis()
+            ));
+            let spaced = fresh_starts(
+                &client,
+                &cfg.endpoint,
+                cf,
+                b"{}",
+                "fork",
+                cfg.n,
+                cfg.max_per_series,
+                cfg.gap,
+            )?;
+            series.push(Series {
+                name: CFORK_SPACED.into(),
+                samples_ms: spaced.iter().map(|s| s.latency_ms).collect(),
+            });
+            series.push(Series {
+                name: "cfork, starts apart (daemon: request to handler running)".into(),
+                samples_ms: spaced.iter().map(|s| s.to_handler_ms).collect(),
+            });
+        }
         // By step name, in the order steps first appear: a start that had an extra step
         // (waiting for a template or a network namespace) must not shift the others.
         let mut steps: Vec<(String, Vec<f64>)> = Vec::new();

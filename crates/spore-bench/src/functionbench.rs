@@ -43,6 +43,7 @@ pub fn run(
             "cold",
             n,
             max_per_series,
+            Duration::ZERO,
         )?;
         invoke(&client, endpoint, &w.cfork, &w.payload, true)?; // may start the template
         let forks = fresh_starts(
@@ -53,6 +54,7 @@ pub fn run(
             "fork",
             n,
             max_per_series,
+            Duration::ZERO,
         )?;
         let warm = warm(
             &client,

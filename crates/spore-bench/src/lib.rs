@@ -188,6 +188,15 @@ pub fn write_results(
     table_md: &str,
     meta: serde_json::Value,
 ) -> Result<ResultFiles, BenchError> {
+    // Quoted as RFC 4180 says when a series name holds a comma, a quote or a line break; three
+    // columns of our own making do not warrant a CSV crate.
+    fn csv_field(s: &str) -> std::borrow::Cow<'_, str> {
+        if s.contains([',', '"', '\n', '\r']) {
+            format!("\"{}\"", s.replace('"', "\"\"")).into()
+        } else {
+            s.into()
+        }
+    }
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| BenchError::Io { path, source }
@@ -197,7 +206,7 @@ pub fn write_results(
     let mut text = String::from("series,iteration,latency_ms\n");
     for s in series {
         for (i, v) in s.samples_ms.iter().enumerate() {
-            let _ = writeln!(text, "{},{i},{v:.6}", s.name);
+            let _ = writeln!(text, "{},{i},{v:.6}", csv_field(&s.name));
         }
     }
     std::fs::write(&csv, text).map_err(io(&csv))?;
@@ -270,13 +279,22 @@ mod tests {
     #[test]
     fn writes_files() {
         let dir = tempfile::tempdir().unwrap();
-        let series = vec![Series {
-            name: "a".into(),
-            samples_ms: vec![1.0, 2.0],
-        }];
+        let series = vec![
+            Series {
+                name: "a".into(),
+                samples_ms: vec![1.0, 2.0],
+            },
+            Series {
+                name: "b, \"apart\"".into(),
+                samples_ms: vec![3.0],
+            },
+        ];
         let files = write_results(dir.path(), "t", &series, "x", serde_json::json!({})).unwrap();
         let csv = std::fs::read_to_string(files.csv).unwrap();
-        assert_eq!(csv.lines().count(), 3);
+        assert_eq!(csv.lines().count(), 4);
+        assert_eq!(csv.lines().nth(1), Some("a,0,1.000000"));
+        // A name with a comma and quotes stays one field.
+        assert_eq!(csv.lines().nth(3), Some("\"b, \"\"apart\"\"\",0,3.000000"));
         let json: serde_json::Value =
             serde_json::from_slice(&std::fs::read(files.json).unwrap()).unwrap();
         assert_eq!(json["series"][0]["summary"]["n"], 2);

@@ -122,6 +122,11 @@ pub(crate) fn invoke_frame(
 /// Most of an invocation's output kept (the last part).
 const MAX_LOGS: usize = 64 * 1024;
 
+/// The largest first invocation written behind a start request (a fork request, a spare's
+/// go-ahead) before the instance is ready: a frame this small fits in the new socket's
+/// buffer, so the write cannot wait on the instance. Larger ones are sent once it is ready.
+pub(crate) const PIPELINED_MAX: usize = 64 * 1024;
+
 /// Appends `more` to `logs`, keeping the last [`MAX_LOGS`] bytes (cut at a character).
 fn append_logs(logs: &mut String, more: &str) {
     logs.push_str(more);

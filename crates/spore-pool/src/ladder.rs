@@ -17,7 +17,8 @@ use crate::{Checkout, Instance, Pools};
 
 impl Pools {
     /// Starts a fresh instance of `rec` (a container, or a fork of its template); a cfork
-    /// child is forked with `how.first_invoke` pipelined (then already sent).
+    /// child, and a restore into a spare sandbox, start with `how.first_invoke` pipelined
+    /// (the instance then says it was sent).
     pub(crate) async fn start_fresh(
         &self,
         env: &Arc<InstanceEnv>,
@@ -30,8 +31,8 @@ impl Pools {
         let init_timeout = timeout.max(Duration::from_secs(10));
         match rec.manifest.sandbox {
             SandboxKind::Container => {
-                // A container's runtime reads its first frame only once ready: the caller
-                // sends it.
+                // A container's runtime started from scratch reads its first frame only once
+                // ready: the caller sends it. A spare's gets it behind the go-ahead.
                 let code_dir = self.inner.registry.code_dir(rec);
                 let (name, snaps) = (&rec.key(), &self.inner.snapshots);
                 let restore = match path {
@@ -45,7 +46,8 @@ impl Pools {
                     let mode = how.restore_mode.unwrap_or(self.inner.cfg.snapshot_mode);
                     let spare = self.take_spare(name, rec.revision, &image, mode, false);
                     if let Some(spare) = spare {
-                        match spare.start(rec, init_timeout).await {
+                        let first = first_invoke_frame(how);
+                        match spare.start(rec, init_timeout, first).await {
                             Ok(inst) => {
                                 self.refill_spare(env, rec, &log, &image, SpareFor::Instance(mode));
                                 return Ok((inst, StartKind::Restore));
@@ -87,15 +89,7 @@ impl Pools {
                 Ok((inst, StartKind::Cold))
             }
             SandboxKind::Cfork => {
-                let first = how.first_invoke.as_ref().map(|f| {
-                    invoke_frame(
-                        &f.request_id,
-                        &f.payload,
-                        f.timeout_s,
-                        f.client_context.as_ref(),
-                    )
-                });
-                self.fork_instance(env, rec, log, init_timeout, first, path)
+                self.fork_instance(env, rec, log, init_timeout, first_invoke_frame(how), path)
                     .await
             }
         }
@@ -535,6 +529,8 @@ impl Pools {
                 }
             }
             let _building = Building(this.clone(), name.clone());
+            // Built once the start that asked for it has answered (see `settle`).
+            env.settle.settled().await;
             let code_dir = this.inner.registry.code_dir(&rec);
             let built = match spare {
                 SpareFor::Instance(mode) => {
@@ -589,4 +585,16 @@ enum SpareFor {
     Instance(MemoryMode),
     /// A cfork template's restore (its instance limit sizes the template's cgroup).
     Template(u32),
+}
+
+/// The frame of the caller's first invocation, to send behind a start request.
+fn first_invoke_frame(how: &Checkout) -> Option<Vec<u8>> {
+    how.first_invoke.as_ref().map(|f| {
+        invoke_frame(
+            &f.request_id,
+            &f.payload,
+            f.timeout_s,
+            f.client_context.as_ref(),
+        )
+    })
 }

@@ -21,6 +21,7 @@ mod ladder;
 pub mod logs;
 mod reaper;
 pub mod sandbox;
+pub mod settle;
 pub mod snapshots;
 pub mod spare;
 pub mod template;
@@ -158,16 +159,19 @@ struct Busy {
     start: StartKind,
     created: Instant,
     cgroup: Option<Cgroup>,
+    /// A fresh instance out for its first invocation (counted in `InstanceEnv::settle`).
+    first: bool,
 }
 
 impl Busy {
-    fn of(function: &str, i: &Instance) -> Busy {
+    fn of(function: &str, i: &Instance, first: bool) -> Busy {
         Busy {
             function: function.to_owned(),
             id: i.id.clone(),
             start: i.started,
             created: i.created,
             cgroup: i.cgroup.clone(),
+            first,
         }
     }
 }
@@ -450,6 +454,7 @@ impl Pools {
         let slot = self
             .acquire(name, &pool, rec.revision, max, how.force_cold, deadline)
             .await?;
+        let first = matches!(slot, Slot::Cold);
         let lease = match slot {
             Slot::Warm(inst) => Ok(Lease {
                 instance: *inst,
@@ -470,7 +475,10 @@ impl Pools {
             },
         };
         if let Ok(l) = &lease {
-            let busy = Busy::of(name, &l.instance);
+            if first {
+                env.settle.begin();
+            }
+            let busy = Busy::of(name, &l.instance, first);
             self.inner
                 .busy
                 .lock()
@@ -483,7 +491,7 @@ impl Pools {
     /// Gives an instance from [`Pools::checkout`] back: kept warm if `reusable` and still of
     /// the function's current revision, else stopped.
     pub fn checkin(&self, rec: &FunctionRecord, inst: Instance, reusable: bool) {
-        self.inner.busy.lock().expect("busy lock").remove(&inst.id);
+        self.unbusy(&inst.id);
         let name = &rec.key();
         let pool = self.pool(name);
         let max = self.max_instances(rec);
@@ -493,8 +501,17 @@ impl Pools {
 
     /// An instance from [`Pools::checkout`] was destroyed by its holder: frees its slot.
     pub fn forget(&self, name: &str, id: &str) {
-        self.inner.busy.lock().expect("busy lock").remove(id);
+        self.unbusy(id);
         Self::release_slot(&self.pool(name));
+    }
+
+    /// An instance handed out is back (or gone); a first invocation's ends the wait of
+    /// background preparation for it.
+    fn unbusy(&self, id: &str) {
+        let gone = self.inner.busy.lock().expect("busy lock").remove(id);
+        if let (Some(Busy { first: true, .. }), Ok(env)) = (gone, &self.inner.env) {
+            env.settle.end();
+        }
     }
 
     /// Every process this unit runs for functions: instances (idle and busy), templates and

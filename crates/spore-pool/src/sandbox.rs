@@ -58,6 +58,9 @@ pub struct InstanceEnv {
     pub region: String,
     /// What functions' calls imported, for their automatic warm-up (None: not kept here).
     pub warmups: Option<Arc<crate::warmup::Warmups>>,
+    /// First invocations of fresh instances in flight, which background preparation waits
+    /// for.
+    pub settle: Arc<crate::settle::Settle>,
     seq: AtomicU64,
 }
 
@@ -88,6 +91,7 @@ impl InstanceEnv {
             egress: Err("network egress is not set up".into()),
             region: spore_runtime::DEFAULT_REGION.to_owned(),
             warmups: None,
+            settle: Arc::default(),
             seq: AtomicU64::new(1),
         }
     }

@@ -10,7 +10,7 @@ use spore_core::MemoryMode;
 use spore_registry::FunctionRecord;
 use tokio::io::AsyncWriteExt;
 
-use crate::instance::Instance;
+use crate::instance::{Instance, PIPELINED_MAX};
 use crate::logs::LogRing;
 use crate::sandbox::{ColdStart, InstanceEnv, StartError};
 use crate::template::{PendingTemplate, Template};
@@ -116,11 +116,14 @@ impl Spare {
     }
 
     /// Lets it restore; returns the instance once its runtime is ready (`init_ms` counts from
-    /// the go-ahead).
+    /// the go-ahead). `first`, an invocation frame, goes right behind the go-ahead: the
+    /// restored runtime reads it as soon as it has sent `ready`, without waiting for the
+    /// daemon to read that and write it (the instance then says it was sent).
     pub async fn start(
         self,
         rec: &FunctionRecord,
         init_timeout: Duration,
+        first: Option<Vec<u8>>,
     ) -> Result<Instance, StartError> {
         let (mut inst, go, how) = match self.kind {
             Kind::Instance { inst, go, how } => (inst, go, how),
@@ -132,15 +135,25 @@ impl Spare {
             }
         };
         let t0 = Instant::now();
+        // Only small frames: with the go-ahead and the environment, they fit in the socket's
+        // empty buffer, so the restored runtime need not read anything for this write to end.
+        let first = first.filter(|f| f.len() <= PIPELINED_MAX);
+        let go = match &first {
+            Some(frame) => [go.as_slice(), frame].concat(),
+            None => go,
+        };
         if let Err(e) = inst.sock.write_all(&go).await {
             inst.destroy().await;
             return Err(StartError::Platform(format!(
                 "the spare sandbox is gone ({e})"
             )));
         }
-        inst.await_ready(rec, &how, init_timeout, t0)
+        let mut inst = inst
+            .await_ready(rec, &how, init_timeout, t0)
             .await
-            .map_err(|(e, _)| e)
+            .map_err(|(e, _)| e)?;
+        inst.invoke_sent = first.is_some();
+        Ok(inst)
     }
 
     /// Lets a template's spare restore; returns the template once it is ready (its

@@ -398,10 +398,16 @@ impl PendingTemplate {
 impl Template {
     /// Makes cgroups for the next forks, up to [`SPARE_CGROUPS`], in the background.
     pub fn refill_spares(self: &Arc<Self>, env: &Arc<InstanceEnv>) {
-        let missing = SPARE_CGROUPS.saturating_sub(self.spares.lock().expect("spares").len());
+        let left = self.spares.lock().expect("spares").len();
+        let missing = SPARE_CGROUPS.saturating_sub(left);
         for _ in 0..missing {
             let (this, env) = (self.clone(), env.clone());
             tokio::spawn(async move {
+                // While one is left, made once the forks in flight have answered (see
+                // `settle`); with none left, the next fork would make its own: made now.
+                if left > 0 {
+                    env.settle.settled().await;
+                }
                 let name = format!("{}-c{}", this.id, env.next_seq());
                 match create_cgroup(&env, &name, this.memory_mb, 0).await {
                     Ok(cg) if this.is_alive() => this.spares.lock().expect("spares").push(cg),
@@ -576,7 +582,7 @@ impl Template {
         // The first invocation goes right behind the fork request: the child reads it as soon
         // as it is set up, without a round trip through the daemon. Only small frames, which
         // fit in the new socket's buffer, so that this write cannot block.
-        let pipelined = first_invoke.filter(|f| f.len() <= 64 * 1024);
+        let pipelined = first_invoke.filter(|f| f.len() <= crate::instance::PIPELINED_MAX);
         let mut invoke_sent = false;
         let sent = sent.and_then(|()| match &pipelined {
             Some(frame) => match std::io::Write::write_all(&mut &ours, frame) {

@@ -512,6 +512,10 @@ pub(crate) enum BenchCommand {
         /// Samples per series.
         #[arg(long, short = 'n', default_value_t = 100)]
         n: usize,
+        /// With cfork, also a series of starts this many milliseconds apart (as isolated cold
+        /// starts arrive: the previous start's follow-up work is done); 0 leaves it out.
+        #[arg(long, default_value_t = 50)]
+        gap_ms: u64,
         /// Where results go.
         #[arg(long, default_value = "bench-results")]
         out: PathBuf,

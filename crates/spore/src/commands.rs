@@ -788,9 +788,15 @@ pub fn bench(endpoint: Option<&str>, which: BenchCommand) -> Result<ExitCode> {
         BenchCommand::ColdStart {
             sandbox,
             n,
+            gap_ms,
             out,
             functions,
-        } => bench::cold_start(endpoint, &RunOptions { n, out, functions }, &sandbox),
+        } => bench::cold_start(
+            endpoint,
+            &RunOptions { n, out, functions },
+            &sandbox,
+            Duration::from_millis(gap_ms),
+        ),
         BenchCommand::Functionbench { n, out, functions } => {
             bench::functionbench(endpoint, &RunOptions { n, out, functions })
         }

@@ -423,8 +423,10 @@ fn daemon_restores_snapshotted_functions_isolated_and_falls_back_when_refused() 
             // After a restore, the next one's sandbox is built ahead of time (a spare).
             wait_for_spare(&d, "rng");
         }
-        let (start, v) = invoke_start(&d, "rng", "1", &serde_json::json!({}));
+        let (start, v) = invoke_start(&d, "rng", "1", &serde_json::json!({ "n": i }));
         assert_eq!(start, "restore");
+        // A spare's first invocation goes behind its go-ahead: this call's, not another's.
+        assert_eq!(v["event"]["n"], i, "{v}");
         assert_eq!(v["pid"], 1, "pid 1 of its own pid namespace: {v}");
         assert_eq!(v["threads"], 1, "{v}");
         assert_eq!(

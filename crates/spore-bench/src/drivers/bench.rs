@@ -26,8 +26,14 @@ pub struct IpcOptions {
 }
 
 /// `spore bench cold-start`: fresh-instance starts of `hello` in `sandbox` (container, or
-/// cfork with container as the baseline) vs warm calls vs `python3 -c pass`.
-pub fn cold_start(endpoint: Option<&str>, opts: &RunOptions, sandbox: &str) -> Result<()> {
+/// cfork with container as the baseline) vs warm calls vs `python3 -c pass`; with cfork and a
+/// non-zero `gap`, also cfork starts `gap` apart.
+pub fn cold_start(
+    endpoint: Option<&str>,
+    opts: &RunOptions,
+    sandbox: &str,
+    gap: Duration,
+) -> Result<()> {
     let (n, out, functions) = (opts.n, &opts.out, &opts.functions);
     let sandbox: SandboxKind = sandbox.parse()?;
     let daemon = Daemon::for_run(endpoint, "bench")?;
@@ -47,6 +53,7 @@ pub fn cold_start(endpoint: Option<&str>, opts: &RunOptions, sandbox: &str) -> R
         n,
         python: spore_runtime::PYTHON_INTERPRETER.to_owned(),
         max_per_series: Duration::from_secs(300),
+        gap,
     };
     let res = crate::cold_start::run(&cfg, &|msg| eprintln!("   {msg}"))?;
     let (baseline, floor) = match sandbox {
@@ -80,7 +87,12 @@ pub fn cold_start(endpoint: Option<&str>, opts: &RunOptions, sandbox: &str) -> R
         &format!("cold-start-{sandbox}"),
         &res.series,
         &table,
-        host_meta(serde_json::json!({ "sandbox": sandbox.as_str(), "n": n, "function": "hello" })),
+        host_meta(serde_json::json!({
+            "sandbox": sandbox.as_str(),
+            "n": n,
+            "function": "hello",
+            "gap_ms": gap.as_millis() as u64,
+        })),
         (&title, &res.series),
     )?;
     Ok(())

@@ -174,19 +174,28 @@ pub fn bounded<T>(
     Ok(out)
 }
 
-/// `n` forced fresh starts of `function`, each checked to be served as `expect`.
+/// How many times to repeat a start, for how long at most, and how far apart.
+#[derive(Debug, Clone, Copy)]
+pub struct Repeat {
+    /// Starts.
+    pub n: usize,
+    /// Stop early after this long.
+    pub max: Duration,
+    /// Pause before each start.
+    pub gap: Duration,
+}
+
+/// `repeat.n` forced fresh starts of `function`, each checked to be served as `expect`.
 pub fn fresh_starts(
     client: &Http,
     endpoint: &str,
     function: &str,
     payload: &[u8],
     expect: &str,
-    n: usize,
-    max: Duration,
-    gap: Duration,
+    repeat: Repeat,
 ) -> Result<Vec<Sample>, BenchError> {
-    bounded(n, max, || {
-        std::thread::sleep(gap);
+    bounded(repeat.n, repeat.max, || {
+        std::thread::sleep(repeat.gap);
         let s = invoke(client, endpoint, function, payload, true)?;
         if s.start != expect {
             return Err(BenchError::Check(format!(
@@ -276,9 +285,11 @@ pub fn run(cfg: &ColdStartConfig, progress: &dyn Fn(&str)) -> Result<ColdStartRe
         &cfg.container_function,
         b"{}",
         "cold",
-        cfg.n,
-        cfg.max_per_series,
-        Duration::ZERO,
+        Repeat {
+            n: cfg.n,
+            max: cfg.max_per_series,
+            gap: Duration::ZERO,
+        },
     )?;
     series.push(Series {
         name: CONTAINER.into(),
@@ -303,9 +314,11 @@ pub fn run(cfg: &ColdStartConfig, progress: &dyn Fn(&str)) -> Result<ColdStartRe
             cf,
             b"{}",
             "fork",
-            cfg.n,
-            cfg.max_per_series,
-            Duration::ZERO,
+            Repeat {
+                n: cfg.n,
+                max: cfg.max_per_series,
+                gap: Duration::ZERO,
+            },
         )?;
         series.push(Series {
             name: CFORK.into(),
@@ -331,9 +344,11 @@ pub fn run(cfg: &ColdStartConfig, progress: &dyn Fn(&str)) -> Result<ColdStartRe
                 cf,
                 b"{}",
                 "fork",
-                cfg.n,
-                cfg.max_per_series,
-                cfg.gap,
+                Repeat {
+                    n: cfg.n,
+                    max: cfg.max_per_series,
+                    gap: cfg.gap,
+                },
             )?;
             series.push(Series {
                 name: CFORK_SPACED.into(),

@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use crate::cold_start::{client, fresh_starts, invoke, warm};
+use crate::cold_start::{client, fresh_starts, invoke, warm, Repeat};
 use crate::{summarize, BenchError, Series};
 
 /// One function to measure: its container and cfork deployments and its event.
@@ -41,9 +41,11 @@ pub fn run(
             &w.container,
             &w.payload,
             "cold",
-            n,
-            max_per_series,
-            Duration::ZERO,
+            Repeat {
+                n,
+                max: max_per_series,
+                gap: Duration::ZERO,
+            },
         )?;
         invoke(&client, endpoint, &w.cfork, &w.payload, true)?; // may start the template
         let forks = fresh_starts(
@@ -52,9 +54,11 @@ pub fn run(
             &w.cfork,
             &w.payload,
             "fork",
-            n,
-            max_per_series,
-            Duration::ZERO,
+            Repeat {
+                n,
+                max: max_per_series,
+                gap: Duration::ZERO,
+            },
         )?;
         let warm = warm(
             &client,

@@ -308,18 +308,18 @@ pub fn run(cfg: &ColdStartConfig, progress: &dyn Fn(&str)) -> Result<ColdStartRe
         ));
         // The first start may have to start the template; it is not a fork.
         invoke(&client, &cfg.endpoint, cf, b"{}", true)?;
-        let forks = fresh_starts(
-            &client,
-            &cfg.endpoint,
-            cf,
-            b"{}",
-            "fork",
-            Repeat {
-                n: cfg.n,
-                max: cfg.max_per_series,
-                gap: Duration::ZERO,
-            },
-        )?;
+        let forks_apart = |gap| {
+            let (n, max) = (cfg.n, cfg.max_per_series);
+            fresh_starts(
+                &client,
+                &cfg.endpoint,
+                cf,
+                b"{}",
+                "fork",
+                Repeat { n, max, gap },
+            )
+        };
+        let forks = forks_apart(Duration::ZERO)?;
         series.push(Series {
             name: CFORK.into(),
             samples_ms: forks.iter().map(|s| s.latency_ms).collect(),
@@ -338,18 +338,7 @@ pub fn run(cfg: &ColdStartConfig, progress: &dyn Fn(&str)) -> Result<ColdStartRe
                 cfg.n,
                 cfg.gap.as_millis()
             ));
-            let spaced = fresh_starts(
-                &client,
-                &cfg.endpoint,
-                cf,
-                b"{}",
-                "fork",
-                Repeat {
-                    n: cfg.n,
-                    max: cfg.max_per_series,
-                    gap: cfg.gap,
-                },
-            )?;
+            let spaced = forks_apart(cfg.gap)?;
             series.push(Series {
                 name: CFORK_SPACED.into(),
                 samples_ms: spaced.iter().map(|s| s.latency_ms).collect(),

@@ -108,7 +108,8 @@ impl Control {
             force_cold: opts.force_cold,
             cold_path: opts.cold_path,
             restore_mode: opts.restore_mode,
-            // A cfork child is forked with its first invocation pipelined.
+            // A cfork child, and a restore into a spare sandbox, start with this invocation
+            // pipelined.
             first_invoke: Some(FirstInvoke {
                 request_id: request_id.clone(),
                 payload: payload.clone(),

@@ -529,8 +529,12 @@ impl Pools {
                 }
             }
             let _building = Building(this.clone(), name.clone());
-            // Built once the start that asked for it has answered (see `settle`).
+            // Built once the start that asked for it has answered (see `settle`), unless the
+            // daemon began to shut down meanwhile.
             env.settle.settled().await;
+            if this.inner.work.is_draining() {
+                return;
+            }
             let code_dir = this.inner.registry.code_dir(&rec);
             let built = match spare {
                 SpareFor::Instance(mode) => {

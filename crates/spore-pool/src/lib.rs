@@ -78,14 +78,17 @@ pub struct Checkout {
     pub cold_path: Option<StartKind>,
     /// How a restore installs memory (None: the pools' `snapshot_mode`).
     pub restore_mode: Option<MemoryMode>,
-    /// The first invocation, pipelined behind a fork request (then already sent to the
-    /// instance); None: the caller sends its own.
+    /// The invocation the caller runs next, pipelined behind a fork request or a spare
+    /// sandbox's go-ahead when the instance starts that way (it then says it was sent); None:
+    /// the caller sends its own. A fresh instance checked out with one counts as a first
+    /// invocation in flight until it is back (see [`settle`]).
     pub first_invoke: Option<FirstInvoke>,
     /// Give up waiting for a free slot at this time (`TooManyRequests`).
     pub deadline: Option<Instant>,
 }
 
-/// An invocation a fresh cfork child gets with its fork request.
+/// An invocation a fresh instance gets with its start request (a cfork child's fork request,
+/// a spare sandbox's go-ahead).
 #[derive(Debug, Clone)]
 pub struct FirstInvoke {
     /// Its request id.
@@ -454,7 +457,12 @@ impl Pools {
         let slot = self
             .acquire(name, &pool, rec.revision, max, how.force_cold, deadline)
             .await?;
-        let first = matches!(slot, Slot::Cold);
+        // An invocation's fresh instance (not a DAG node's, held for a whole pipeline) counts
+        // from before its start, so that what the start sets off in the background sees it.
+        let first = matches!(slot, Slot::Cold) && how.first_invoke.is_some();
+        if first {
+            env.settle.begin();
+        }
         let lease = match slot {
             Slot::Warm(inst) => Ok(Lease {
                 instance: *inst,
@@ -470,14 +478,14 @@ impl Pools {
                 }
                 Err(e) => {
                     Self::release_slot(&pool);
+                    if first {
+                        env.settle.end();
+                    }
                     Err(e)
                 }
             },
         };
         if let Ok(l) = &lease {
-            if first {
-                env.settle.begin();
-            }
             let busy = Busy::of(name, &l.instance, first);
             self.inner
                 .busy

@@ -17,8 +17,8 @@ use tokio::sync::Notify;
 /// The longest background preparation waits for first invocations to be answered.
 pub const SETTLE_MAX: Duration = Duration::from_millis(100);
 
-/// After the last first invocation in flight was handed back: a moment for its response to
-/// leave the gateway.
+/// Once no first invocation is in flight (not after giving up at [`SETTLE_MAX`]): a moment
+/// for the last one's response to leave the gateway.
 const SETTLE_GRACE: Duration = Duration::from_millis(1);
 
 /// Counts first invocations of fresh instances in flight.
@@ -29,12 +29,13 @@ pub struct Settle {
 }
 
 impl Settle {
-    /// A fresh instance was handed out for its first invocation.
+    /// A fresh instance is being started for an invocation (each `begin` is matched by one
+    /// [`Settle::end`]).
     pub fn begin(&self) {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// A first invocation's instance came back (or was dropped).
+    /// That instance came back after its first invocation, or its start failed.
     pub fn end(&self) {
         if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.done.notify_waiters();

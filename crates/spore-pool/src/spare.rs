@@ -142,7 +142,16 @@ impl Spare {
             Some(frame) => [go.as_slice(), frame].concat(),
             None => go,
         };
-        if let Err(e) = inst.sock.write_all(&go).await {
+        // Bounded: a restore that stalls before reading its environment must not hold the
+        // caller past its init timeout here either.
+        let wrote = match tokio::time::timeout(init_timeout, inst.sock.write_all(&go)).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "it read nothing within the init timeout",
+            )),
+        };
+        if let Err(e) = wrote {
             inst.destroy().await;
             return Err(StartError::Platform(format!(
                 "the spare sandbox is gone ({e})"

@@ -410,7 +410,21 @@ impl Template {
                 }
                 let name = format!("{}-c{}", this.id, env.next_seq());
                 match create_cgroup(&env, &name, this.memory_mb, 0).await {
-                    Ok(cg) if this.is_alive() => this.spares.lock().expect("spares").push(cg),
+                    Ok(cg) if this.is_alive() => {
+                        // Refills that overlapped (a burst) make no more than the pool holds.
+                        let extra = {
+                            let mut spares = this.spares.lock().expect("spares");
+                            if spares.len() < SPARE_CGROUPS {
+                                spares.push(cg);
+                                None
+                            } else {
+                                Some(cg)
+                            }
+                        };
+                        if let Some(cg) = extra {
+                            destroy_cgroup(cg).await;
+                        }
+                    }
                     Ok(cg) => destroy_cgroup(cg).await,
                     Err(e) => tracing::warn!("preparing a cgroup for cfork: {e}"),
                 }

@@ -524,13 +524,22 @@ fn functions_and_dags_run_on_the_units_they_are_placed_on() {
         timed.is_some_and(|h| h > 0.0),
         "the cross-unit hop is never timed"
     );
-    let (t, four) = run("four-units");
-    assert_eq!(t, "shm+link", "{four}");
-    // d sums c's count (3 steps) and a's (1), plus its own step.
-    assert_eq!(four["Result"], json!({"n": 5, "tag": "x"}), "{four}");
     let units_of = |v: &Value| -> Vec<(String, u64)> {
         node_units(v).into_iter().map(|(n, u, _)| (n, u)).collect()
     };
+    // Where each node ran comes from its timing, which a loaded host may report too late for
+    // a run's answer: a few tries, each with the right result.
+    let mut four = Value::Null;
+    for _ in 0..5 {
+        let (t, v) = run("four-units");
+        assert_eq!(t, "shm+link", "{v}");
+        // d sums c's count (3 steps) and a's (1), plus its own step.
+        assert_eq!(v["Result"], json!({"n": 5, "tag": "x"}), "{v}");
+        four = v;
+        if units_of(&four).len() == 4 {
+            break;
+        }
+    }
     assert_eq!(
         units_of(&four),
         [

@@ -210,10 +210,11 @@ class _NetnsPool:
         return len(self.fds) < self.goal() and time.monotonic() >= self.paused_until
 
     def urgent(self):
-        """Starts are waiting, or fewer than half the usual number is left: the next forks
-        would wait for a namespace (an unshare costs about 0.5 ms, waiting for a quiet moment
-        more). Made as soon as no fork request is pending."""
-        short = len(self.fds) < (self.demand or max(1, self.target // 2))
+        """Starts are waiting, or fewer than two (half the usual number, for a smaller pool)
+        are left: the next forks would wait for a namespace (an unshare costs about 0.5 ms,
+        waiting for a quiet moment more). Made as soon as no fork request is pending; the rest
+        of the pool fills in quiet moments."""
+        short = len(self.fds) < (self.demand or max(1, min(2, self.target // 2)))
         return short and time.monotonic() >= self.paused_until
 
     def refill_one(self):
@@ -323,7 +324,7 @@ def template(fd, handler, import_ms, serve, send, recv_rest, init_logs="", prelo
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     children = {}
-    netns = _NetnsPool(int(os.environ.get("SPORE_CFORK_NETNS_POOL", "4")),
+    netns = _NetnsPool(int(os.environ.get("SPORE_CFORK_NETNS_POOL", "16")),
                        egress=os.environ.get("SPORE_CFORK_EGRESS") == "1")
     # One namespace for the first child, which usually follows at once; the loop below makes
     # the rest while idle.

@@ -159,6 +159,20 @@ pub(crate) struct Spawned {
     pub go: Option<Vec<u8>>,
 }
 
+/// Sends a spare sandbox its go-ahead (and whatever follows it), within `timeout`: a restore
+/// that stalls before reading must not hold the caller past its init timeout here either.
+pub(crate) async fn send_go(
+    sock: &mut UnixStream,
+    go: &[u8],
+    timeout: std::time::Duration,
+) -> Result<(), StartError> {
+    let wrote = match tokio::time::timeout(timeout, sock.write_all(go)).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err("it read nothing within the init timeout".to_owned()),
+    };
+    wrote.map_err(|e| StartError::Platform(format!("the spare sandbox is gone ({e})")))
+}
+
 /// Creates a cgroup under the daemon's parent (on a blocking thread). `inits` is the number
 /// of Spore processes that sit in the group beside the function's (a spawned sandbox's init,
 /// outside its pid namespace), added to the process limit.

@@ -8,11 +8,10 @@ use std::time::{Duration, Instant};
 
 use spore_core::MemoryMode;
 use spore_registry::FunctionRecord;
-use tokio::io::AsyncWriteExt;
 
 use crate::instance::{Instance, PIPELINED_MAX};
 use crate::logs::LogRing;
-use crate::sandbox::{ColdStart, InstanceEnv, StartError};
+use crate::sandbox::{send_go, ColdStart, InstanceEnv, StartError};
 use crate::template::{PendingTemplate, Template};
 
 /// A sandbox built ahead of time for a restore, waiting for the go-ahead with the image's
@@ -81,8 +80,7 @@ impl Spare {
         self.revision == revision
             && self.image == image
             && self.mode == mode
-            && std::fs::metadata(image)
-                .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == self.ino)
+            && image_ino(image).is_ok_and(|ino| ino == self.ino)
             && working_set_written(image, mode) == self.working_set
     }
 
@@ -142,20 +140,9 @@ impl Spare {
             Some(frame) => [go.as_slice(), frame].concat(),
             None => go,
         };
-        // Bounded: a restore that stalls before reading its environment must not hold the
-        // caller past its init timeout here either.
-        let wrote = match tokio::time::timeout(init_timeout, inst.sock.write_all(&go)).await {
-            Ok(r) => r,
-            Err(_) => Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "it read nothing within the init timeout",
-            )),
-        };
-        if let Err(e) = wrote {
+        if let Err(e) = send_go(&mut inst.sock, &go, init_timeout).await {
             inst.destroy().await;
-            return Err(StartError::Platform(format!(
-                "the spare sandbox is gone ({e})"
-            )));
+            return Err(e);
         }
         let mut inst = inst
             .await_ready(rec, &how, init_timeout, t0)

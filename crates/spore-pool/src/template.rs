@@ -26,8 +26,8 @@ use spore_registry::FunctionRecord;
 use crate::instance::{monotonic_ns, ChildState, Instance, Proc};
 use crate::logs::LogRing;
 use crate::sandbox::{
-    create_cgroup, destroy_cgroup, first_frame, platform, read_frame, sendmsg_fds, spawn_sandbox,
-    ColdStart, InstanceEnv, Launch, StartError,
+    create_cgroup, destroy_cgroup, first_frame, platform, read_frame, send_go, sendmsg_fds,
+    spawn_sandbox, ColdStart, InstanceEnv, Launch, StartError,
 };
 
 /// What a template says when it refuses to fork because it has several threads.
@@ -264,27 +264,24 @@ impl PendingTemplate {
         rec: &FunctionRecord,
         init_timeout: Duration,
     ) -> Result<Arc<Template>, StartError> {
+        let mut this = self;
+        if let Some(go) = this.spawned.go.take() {
+            this.t0 = Instant::now();
+            if let Err(e) = send_go(&mut this.spawned.sock, &go, init_timeout).await {
+                this.destroy().await;
+                return Err(e);
+            }
+        }
         let PendingTemplate {
             id,
-            mut t0,
+            t0,
             how,
             cgroup,
             mut spawned,
             log,
             preload,
-        } = self;
+        } = this;
         let m = &rec.manifest;
-        if let Some(go) = spawned.go.take() {
-            t0 = Instant::now();
-            if let Err(e) = spawned.sock.write_all(&go).await {
-                let _ = spawned.child.start_kill();
-                let _ = spawned.child.wait().await;
-                destroy_cgroup(cgroup).await;
-                return Err(StartError::Platform(format!(
-                    "the spare template sandbox is gone ({e})"
-                )));
-            }
-        }
         let restored = matches!(how, ColdStart::Restore(..));
         let deadline = tokio::time::Instant::now() + init_timeout;
         let mut breakdown = Vec::new();

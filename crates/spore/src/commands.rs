@@ -795,7 +795,7 @@ pub fn bench(endpoint: Option<&str>, which: BenchCommand) -> Result<ExitCode> {
             endpoint,
             &RunOptions { n, out, functions },
             &sandbox,
-            Duration::from_millis(gap_ms),
+            gap_ms.map(Duration::from_millis),
         ),
         BenchCommand::Functionbench { n, out, functions } => {
             bench::functionbench(endpoint, &RunOptions { n, out, functions })

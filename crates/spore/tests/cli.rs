@@ -106,6 +106,28 @@ fn json_output_ps_describe_and_readable_errors() {
 }
 
 #[test]
+fn a_bench_option_the_measurement_cannot_use_is_refused_by_name() {
+    // Refused before any daemon starts: no root, no sandbox needed.
+    let out = Command::new(BIN)
+        .args([
+            "bench",
+            "cold-start",
+            "--sandbox",
+            "container",
+            "--gap-ms",
+            "10",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--gap-ms") && err.contains("--sandbox cfork"),
+        "{err}"
+    );
+}
+
+#[test]
 fn completions_and_a_daemon_that_is_still_starting() {
     for shell in ["bash", "zsh", "fish"] {
         let out = Command::new(BIN)

@@ -26,16 +26,24 @@ pub struct IpcOptions {
 }
 
 /// `spore bench cold-start`: fresh-instance starts of `hello` in `sandbox` (container, or
-/// cfork with container as the baseline) vs warm calls vs `python3 -c pass`; with cfork and a
-/// non-zero `gap`, also cfork starts `gap` apart.
+/// cfork with container as the baseline) vs warm calls vs `python3 -c pass`; with cfork, also
+/// cfork starts `gap` apart (default 50 ms; zero: none). A gap is refused for container,
+/// which has no spaced series.
 pub fn cold_start(
     endpoint: Option<&str>,
     opts: &RunOptions,
     sandbox: &str,
-    gap: Duration,
+    gap: Option<Duration>,
 ) -> Result<()> {
     let (n, out, functions) = (opts.n, &opts.out, &opts.functions);
     let sandbox: SandboxKind = sandbox.parse()?;
+    let gap = match (sandbox, gap) {
+        (SandboxKind::Container, Some(_)) => anyhow::bail!(
+            "--gap-ms spaces the cfork starts apart: it needs --sandbox cfork (a container start \
+             has no spaced series)"
+        ),
+        (_, gap) => gap.unwrap_or(Duration::from_millis(50)),
+    };
     let daemon = Daemon::for_run(endpoint, "bench")?;
     let (client, ep) = (&daemon.client, daemon.endpoint.clone());
     let hello = functions.join("hello");

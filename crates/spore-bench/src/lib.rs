@@ -11,6 +11,7 @@
 
 pub mod burst;
 pub mod cold_start;
+pub mod cpu;
 pub mod density;
 pub mod drivers;
 pub mod floor;

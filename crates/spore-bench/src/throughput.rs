@@ -38,6 +38,8 @@ pub struct Level {
     pub errors: usize,
     /// The first failure, if any.
     pub first_error: Option<String>,
+    /// Where the CPU went during the measured seconds, per request.
+    pub cpu: Option<crate::cpu::PerRequest>,
 }
 
 impl Level {
@@ -50,13 +52,18 @@ impl Level {
             completed: None,
             errors: 0,
             first_error: None,
+            cpu: None,
         }
+    }
+
+    /// Completed requests.
+    pub fn requests(&self) -> u64 {
+        self.completed.unwrap_or(self.latency_ms.len() as u64)
     }
 
     /// Completed requests per second.
     pub fn rps(&self) -> f64 {
-        let n = self.completed.unwrap_or(self.latency_ms.len() as u64);
-        n as f64 / self.seconds.max(1e-9)
+        self.requests() as f64 / self.seconds.max(1e-9)
     }
 }
 
@@ -359,6 +366,45 @@ pub fn table(invoke: &[Level], floor: &[Level], generator: &Generator) -> String
             sf.p50,
             sf.p99,
             100.0 * i.rps() / f.rps().max(1e-9)
+        ));
+    }
+    t.push_str(&cpu_table(invoke, floor));
+    t
+}
+
+/// Where the CPU went, per request, for each level that was measured for it.
+fn cpu_table(invoke: &[Level], floor: &[Level]) -> String {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let rows: Vec<_> = invoke
+        .iter()
+        .map(|l| ("invoke", l))
+        .chain(floor.iter().map(|l| ("floor /healthz", l)))
+        .filter_map(|(what, l)| l.cpu.as_ref().map(|c| (what, l, c)))
+        .collect();
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut t = format!(
+        "\nWhere the CPU went, per request (CPU time over the measured seconds divided by the \
+         requests served; {cpus} CPUs give {cpus} s of CPU time a second): the daemon, the \
+         processes under it (the function's runtimes, its template), the load generator, and \
+         the rest (the kernel's own threads and interrupts, other programs). Context switches \
+         are the machine's.\n\n\
+         | clients | load | req/s | machine | daemon | under the daemon | load generator | rest | context switches |\n\
+         |---:|---|---:|---:|---:|---:|---:|---:|---:|\n"
+    );
+    let us = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0} us"));
+    for (what, l, c) in rows {
+        t.push_str(&format!(
+            "| {} | {what} | {:.0} | {} | {} | {} | {} | {} | {:.1} |\n",
+            l.concurrency,
+            l.rps(),
+            us(Some(c.machine_us)),
+            us(c.daemon_us),
+            us(c.under_us),
+            us(Some(c.generator_us)),
+            us(Some(c.rest_us)),
+            c.switches
         ));
     }
     t

@@ -65,6 +65,11 @@ pub struct ManagedDaemon {
 }
 
 impl ManagedDaemon {
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Starts `spore serve` on a free loopback port with a fresh data dir under `parent` and
     /// `extra` arguments; its log goes to `parent/daemon.log`.
     pub fn start(

@@ -137,27 +137,40 @@ pub fn throughput(endpoint: Option<&str>, opts: &ThroughputOptions) -> Result<()
     crate::cold_start::invoke(&http, &ep, name, b"{}", false)
         .with_context(|| format!("a first invocation of {name}"))?;
     let scratch = tempfile::tempdir().context("a scratch folder for wrk's script")?;
-    let drive = |c: usize, what: &str| -> Result<crate::throughput::Level> {
+    // Where the CPU goes is read around each measured run, after its warm-up.
+    let daemon_pid = daemon.started.as_ref().map(|d| d.pid());
+    let generator_in = match generator {
+        crate::throughput::Generator::Wrk(_) => crate::cpu::GeneratorIn::Children,
+        crate::throughput::Generator::Builtin => crate::cpu::GeneratorIn::Self_,
+    };
+    let run = |c: usize, what: &str, d: Duration| -> Result<crate::throughput::Level> {
         use crate::throughput::{drive, drive_wrk, health_request, invoke_request, Target};
-        let level = match (&generator, what) {
-            (crate::throughput::Generator::Wrk(wrk), "invoke") => drive_wrk(
-                wrk,
-                c,
-                warmup,
-                dur,
-                &Target::invoke(&ep, name),
-                scratch.path(),
-            )?,
-            (crate::throughput::Generator::Wrk(wrk), _) => {
-                drive_wrk(wrk, c, warmup, dur, &Target::health(&ep), scratch.path())?
+        let target = if what == "invoke" {
+            Target::invoke(&ep, name)
+        } else {
+            Target::health(&ep)
+        };
+        let level = match &generator {
+            crate::throughput::Generator::Wrk(wrk) => {
+                drive_wrk(wrk, c, Duration::ZERO, d, &target, scratch.path())?
             }
-            (crate::throughput::Generator::Builtin, "invoke") => {
-                drive(c, warmup, dur, invoke_request(&ep, name))?
-            }
-            (crate::throughput::Generator::Builtin, _) => {
-                drive(c, warmup, dur, health_request(&ep))?
+            crate::throughput::Generator::Builtin => {
+                let request = if what == "invoke" {
+                    invoke_request(&ep, name)
+                } else {
+                    health_request(&ep)
+                };
+                drive(c, Duration::ZERO, d, request)?
             }
         };
+        Ok(level)
+    };
+    let drive = |c: usize, what: &str| -> Result<crate::throughput::Level> {
+        run(c, what, warmup)?;
+        let before = crate::cpu::read(daemon_pid, generator_in)?;
+        let mut level = run(c, what, dur)?;
+        let after = crate::cpu::read(daemon_pid, generator_in)?;
+        level.cpu = Some(crate::cpu::per_request(&before, &after, level.requests()));
         Ok(level)
     };
     let (mut invoke, mut floor) = (Vec::new(), Vec::new());
@@ -187,7 +200,7 @@ pub fn throughput(endpoint: Option<&str>, opts: &ThroughputOptions) -> Result<()
     let rps: Vec<_> = invoke
         .iter()
         .zip(&floor)
-        .map(|(i, f)| serde_json::json!({"clients": i.concurrency, "invoke_rps": i.rps(), "floor_rps": f.rps(), "errors": i.errors}))
+        .map(|(i, f)| serde_json::json!({"clients": i.concurrency, "invoke_rps": i.rps(), "floor_rps": f.rps(), "errors": i.errors, "invoke_cpu_per_request": i.cpu, "floor_cpu_per_request": f.cpu}))
         .collect();
     save_and_print(
         &opts.out,

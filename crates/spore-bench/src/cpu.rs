@@ -1,0 +1,185 @@
+//! Where the CPU goes during a measured run: the CPU time and context switches of the whole
+//! machine, of the daemon, of the processes under it (the functions' runtimes, templates and
+//! sandbox helpers) and of the load generator, read from procfs (and `getrusage` for the
+//! generator) before and after, and divided by the requests served.
+//!
+//! Processes that start or exit inside the run are counted only while both readings see
+//! them; what they used falls into the machine's total and so into the rest.
+
+use std::collections::HashMap;
+
+use nix::sys::resource::{getrusage, UsageWho};
+use procfs::process::Process;
+use procfs::CurrentSI;
+
+use crate::BenchError;
+
+/// The clock ticks of `/proc` counters per second.
+fn ticks_per_second() -> f64 {
+    procfs::ticks_per_second() as f64
+}
+
+/// One reading.
+#[derive(Debug, Clone, Default)]
+pub struct Reading {
+    /// The machine: CPU time spent busy (not idle, not waiting for I/O), seconds.
+    pub machine_s: f64,
+    /// The machine's context switches.
+    pub switches: u64,
+    /// The daemon's CPU time, seconds (all its threads).
+    pub daemon_s: Option<f64>,
+    /// CPU seconds of each process under the daemon, by pid.
+    pub under: HashMap<i32, f64>,
+    /// The load generator: this process's waited-for children (`wrk`) or its own threads.
+    pub generator_s: f64,
+}
+
+/// Which side of this process the load generator runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GeneratorIn {
+    /// Child processes (`wrk`), counted once they have been waited for.
+    Children,
+    /// This process's own threads.
+    Self_,
+}
+
+fn proc_err(what: &str) -> impl Fn(procfs::ProcError) -> BenchError + '_ {
+    move |e| BenchError::Check(format!("reading {what} from /proc: {e}"))
+}
+
+fn cpu_s(p: &Process) -> Option<f64> {
+    let st = p.stat().ok()?;
+    Some((st.utime + st.stime) as f64 / ticks_per_second())
+}
+
+fn rusage_s(who: UsageWho) -> Result<f64, BenchError> {
+    let u = getrusage(who).map_err(|e| BenchError::Check(format!("getrusage: {e}")))?;
+    let tv = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+    Ok(tv(u.user_time()) + tv(u.system_time()))
+}
+
+/// Reads the counters now; `daemon` is the daemon's pid when this run started it.
+pub fn read(daemon: Option<u32>, generator: GeneratorIn) -> Result<Reading, BenchError> {
+    let ks = procfs::KernelStats::current().map_err(proc_err("/proc/stat"))?;
+    let t = &ks.total;
+    let busy_ticks = t.user
+        + t.nice
+        + t.system
+        + t.irq.unwrap_or(0)
+        + t.softirq.unwrap_or(0)
+        + t.steal.unwrap_or(0);
+    let mut r = Reading {
+        machine_s: busy_ticks as f64 / ticks_per_second(),
+        switches: ks.ctxt,
+        generator_s: rusage_s(match generator {
+            GeneratorIn::Children => UsageWho::RUSAGE_CHILDREN,
+            GeneratorIn::Self_ => UsageWho::RUSAGE_SELF,
+        })?,
+        ..Reading::default()
+    };
+    let Some(daemon) = daemon.and_then(|d| i32::try_from(d).ok()) else {
+        return Ok(r);
+    };
+    r.daemon_s = Process::new(daemon).ok().as_ref().and_then(cpu_s);
+    // Every process whose chain of parents reaches the daemon.
+    let mut parent = HashMap::new();
+    for p in procfs::process::all_processes().map_err(proc_err("the process list"))? {
+        let Ok(p) = p else { continue };
+        if let Ok(st) = p.stat() {
+            parent.insert(st.pid, (st.ppid, (st.utime + st.stime) as f64));
+        }
+    }
+    for (&pid, &(_, ticks)) in &parent {
+        let mut at = pid;
+        for _ in 0..64 {
+            let Some(&(pp, _)) = parent.get(&at) else {
+                break;
+            };
+            if pp == daemon {
+                r.under.insert(pid, ticks / ticks_per_second());
+                break;
+            }
+            if pp <= 1 {
+                break;
+            }
+            at = pp;
+        }
+    }
+    Ok(r)
+}
+
+/// What a run used per request, microseconds of CPU (and switches).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PerRequest {
+    /// The whole machine.
+    pub machine_us: f64,
+    /// The daemon, when this run started it.
+    pub daemon_us: Option<f64>,
+    /// The processes under the daemon (the functions' runtimes and their helpers).
+    pub under_us: Option<f64>,
+    /// The load generator.
+    pub generator_us: f64,
+    /// The rest: the kernel's own threads and interrupts, other programs.
+    pub rest_us: f64,
+    /// Context switches, machine-wide.
+    pub switches: f64,
+}
+
+/// `requests` served between `a` and `b`, per request.
+pub fn per_request(a: &Reading, b: &Reading, requests: u64) -> PerRequest {
+    let n = requests.max(1) as f64;
+    let us = |s: f64| (s * 1e6 / n).max(0.0);
+    let machine = b.machine_s - a.machine_s;
+    let daemon = a.daemon_s.zip(b.daemon_s).map(|(x, y)| y - x);
+    let under = daemon.map(|_| {
+        b.under
+            .iter()
+            .filter_map(|(pid, t)| a.under.get(pid).map(|t0| t - t0))
+            .sum::<f64>()
+    });
+    let generator = b.generator_s - a.generator_s;
+    let rest = machine - daemon.unwrap_or(0.0) - under.unwrap_or(0.0) - generator;
+    PerRequest {
+        machine_us: us(machine),
+        daemon_us: daemon.map(us),
+        under_us: under.map(us),
+        generator_us: us(generator),
+        rest_us: us(rest),
+        switches: b.switches.saturating_sub(a.switches) as f64 / n,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_busy_child_of_the_daemon_is_counted_under_it() {
+        // This test process plays the daemon: a child that spins is a process under it.
+        let me = std::process::id();
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .spawn()
+            .unwrap();
+        let a = read(Some(me), GeneratorIn::Self_).unwrap();
+        assert!(a.daemon_s.is_some());
+        assert!(
+            a.under.contains_key(&(child.id() as i32)),
+            "the child is not seen under its parent"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(400));
+        let b = read(Some(me), GeneratorIn::Self_).unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        let p = per_request(&a, &b, 1);
+        // Spinning for 400 ms, it gets a good part of a CPU even on a busy machine.
+        assert!(p.under_us.unwrap() > 30_000.0, "{p:?}");
+        assert!(p.machine_us >= p.under_us.unwrap() * 0.9, "{p:?}");
+        assert!(p.switches >= 0.0);
+        // Without the daemon's pid only the machine and the generator are known.
+        let c = read(None, GeneratorIn::Children).unwrap();
+        let q = per_request(&c, &c, 10);
+        assert_eq!((q.daemon_us, q.under_us), (None, None));
+        assert_eq!(q.machine_us, 0.0);
+    }
+}

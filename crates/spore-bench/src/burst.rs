@@ -28,34 +28,87 @@ pub struct BurstRow {
     /// Each start-up step (`X-Spore-Breakdown`) over the starts that had it, in the order
     /// steps first appear.
     pub steps: Vec<(String, Vec<f64>)>,
+    /// Where the CPU went from the requests' release to the last response.
+    pub cpu: Option<BurstCpu>,
 }
 
-/// Fires `n` requests at once (threads released together by a barrier), each with
-/// `X-Spore-Cold: 1`; returns what each one measured.
-pub fn fire(endpoint: &str, function: &str, n: usize) -> Result<Vec<Sample>, BenchError> {
-    let gate = Arc::new(Barrier::new(n));
+/// The CPU over one burst, from the requests' release to the last response.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BurstCpu {
+    /// That time, ms.
+    pub wall_ms: f64,
+    /// The share of all CPUs' time that was busy (1.0: every CPU all the time).
+    pub busy: f64,
+    /// CPU time per start, by who used it (the load generator: the bench's request threads).
+    pub per_start: crate::cpu::PerRequest,
+}
+
+/// A burst's samples, and its CPU when `daemon` (the daemon's pid) is given.
+pub struct Fired {
+    /// What each request measured.
+    pub samples: Vec<Sample>,
+    /// Where the CPU went.
+    pub cpu: Option<BurstCpu>,
+}
+
+/// Fires `n` requests at once (threads released together by a barrier once each has its
+/// client), each with `X-Spore-Cold: 1`; returns what each one measured and, when the
+/// daemon's pid is known, where the CPU went meanwhile.
+pub fn fire(
+    endpoint: &str,
+    function: &str,
+    n: usize,
+    daemon: Option<u32>,
+) -> Result<Fired, BenchError> {
+    // Every thread makes its client, then all wait at `ready`; the CPU is read once they
+    // all have, and `go` releases them.
+    let (ready, go) = (Arc::new(Barrier::new(n + 1)), Arc::new(Barrier::new(n + 1)));
     let handles: Vec<_> = (0..n)
         .map(|_| {
-            let (gate, endpoint, function) =
-                (gate.clone(), endpoint.to_owned(), function.to_owned());
+            let (ready, go, endpoint, function) = (
+                ready.clone(),
+                go.clone(),
+                endpoint.to_owned(),
+                function.to_owned(),
+            );
             std::thread::spawn(move || {
                 let http = client();
-                gate.wait();
+                ready.wait();
+                go.wait();
                 invoke_with(&http?, &endpoint, &function, b"{}", Some("1"))
             })
         })
         .collect();
-    handles
+    let gen = crate::cpu::GeneratorIn::Self_;
+    ready.wait();
+    // A failed reading only leaves the CPU out.
+    let before = daemon.and_then(|d| crate::cpu::read(Some(d), gen).ok());
+    go.wait();
+    let t0 = std::time::Instant::now();
+    let samples = handles
         .into_iter()
         .map(|h| {
             h.join()
                 .map_err(|_| BenchError::Check("a burst request's thread panicked".into()))?
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu = before.and_then(|a| {
+        let b = crate::cpu::read(daemon, gen).ok()?;
+        let per_start = crate::cpu::per_request(&a, &b, n as u64);
+        let cpus = crate::floor::cpus().max(1) as f64;
+        Some(BurstCpu {
+            wall_ms: wall * 1000.0,
+            busy: (b.machine_s - a.machine_s) / (wall * cpus).max(1e-9),
+            per_start,
+        })
+    });
+    Ok(Fired { samples, cpu })
 }
 
-/// Turns a burst's samples into a row: overheads over `warm_p50`, floor from `fork_p50`.
-pub fn row(samples: &[Sample], warm_p50: f64, fork_p50: f64, cpus: usize) -> BurstRow {
+/// Turns a burst into a row: overheads over `warm_p50`, floor from `fork_p50`.
+pub fn row(fired: Fired, warm_p50: f64, fork_p50: f64, cpus: usize) -> BurstRow {
+    let samples = &fired.samples;
     let mut starts = BTreeMap::new();
     let mut steps: Vec<(String, Vec<f64>)> = Vec::new();
     for s in samples {
@@ -79,7 +132,44 @@ pub fn row(samples: &[Sample], warm_p50: f64, fork_p50: f64, cpus: usize) -> Bur
         floor_ms: n as f64 * fork_p50 / cpus.max(1) as f64,
         to_handler_ms: samples.iter().map(|s| s.to_handler_ms).collect(),
         steps,
+        cpu: fired.cpu,
     }
+}
+
+/// Where the CPU went during each burst that was measured for it.
+pub fn cpu_table(rows: &[BurstRow], cpus: usize) -> String {
+    let measured: Vec<_> = rows
+        .iter()
+        .filter_map(|r| r.cpu.as_ref().map(|c| (r.n, c)))
+        .collect();
+    if measured.is_empty() {
+        return String::new();
+    }
+    let mut t = format!(
+        "\nWhere the CPU went during each burst (from the requests' release to the last \
+         response; busy: the share of the {cpus} CPUs' time in use; per start: CPU time over \
+         the burst divided by N, by who used it: the daemon, the processes under it (template, \
+         children, sandbox helpers), the bench's request threads, and the rest (the kernel's \
+         own threads, such as namespace and cgroup clean-up, other programs)):\n\n\
+         | N | time | CPUs busy | per start: machine | daemon | under the daemon | requests | rest | context switches per start |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    );
+    let ms = |us: Option<f64>| us.map_or("-".to_owned(), |v| format!("{:.2} ms", v / 1000.0));
+    for (n, c) in measured {
+        let p = &c.per_start;
+        t.push_str(&format!(
+            "| {n} | {:.1} ms | {:.0}% | {} | {} | {} | {} | {} | {:.0} |\n",
+            c.wall_ms,
+            100.0 * c.busy,
+            ms(Some(p.machine_us)),
+            ms(p.daemon_us),
+            ms(p.under_us),
+            ms(Some(p.generator_us)),
+            ms(Some(p.rest_us)),
+            p.switches
+        ));
+    }
+    t
 }
 
 /// Where the bursts' starts spent their time: per burst, the p50 of the daemon's request to
@@ -195,13 +285,36 @@ mod tests {
             sample(20.0, "fork", &[("request", 2.0)]),
             sample(2.0, "warm", &[]),
         ];
-        let r = row(&samples, 4.0, 1.0, 2);
+        let cpu = BurstCpu {
+            wall_ms: 30.0,
+            busy: 0.96,
+            per_start: crate::cpu::PerRequest {
+                machine_us: 19_200.0,
+                daemon_us: Some(4_000.0),
+                under_us: Some(12_000.0),
+                generator_us: 1_000.0,
+                rest_us: 2_200.0,
+                switches: 40.0,
+            },
+        };
+        let fired = Fired {
+            samples,
+            cpu: Some(cpu),
+        };
+        let r = row(fired, 4.0, 1.0, 2);
         assert_eq!(r.n, 3);
         assert_eq!(r.starts["fork"], 2);
         assert_eq!(r.overhead_ms, vec![8.0, 16.0, 0.0]);
         assert_eq!(r.floor_ms, 1.5);
         let t = table(std::slice::from_ref(&r), 4.0, 1.0, 2);
         assert!(t.contains("| 3 | 2 fork, 1 warm |"), "{t}");
+        let t = cpu_table(std::slice::from_ref(&r), 2);
+        assert!(
+            t.contains(
+                "| 3 | 30.0 ms | 96% | 19.20 ms | 4.00 ms | 12.00 ms | 1.00 ms | 2.20 ms | 40 |"
+            ),
+            "{t}"
+        );
         let t = steps_table(&[r]);
         assert!(
             t.contains("| 3 | 6.00 | 1.00 (2 of 3) | 3.00 (1 of 3) |"),

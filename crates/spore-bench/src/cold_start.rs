@@ -28,6 +28,8 @@ pub struct ColdStartConfig {
     /// work the previous start left behind (a replacement cgroup and network namespace, the
     /// instance it evicted) done, as an isolated cold start does.
     pub gap: Duration,
+    /// The daemon's pid, when this run started it: the CPU each series used is then read.
+    pub daemon_pid: Option<u32>,
 }
 
 /// One invocation's client-side latency and the daemon's headers.
@@ -236,6 +238,53 @@ pub struct ColdStartResult {
     pub series: Vec<Series>,
     /// cfork start-up steps (empty without cfork).
     pub breakdown: Vec<Series>,
+    /// The CPU each series of starts used, per start (when the daemon's pid was given).
+    pub cpu: Vec<(String, crate::cpu::PerRequest)>,
+}
+
+/// Runs `f` (a series of `n` starts) and reads the CPU around it when `daemon` is known.
+fn with_cpu<T>(
+    daemon: Option<u32>,
+    n: usize,
+    f: impl FnOnce() -> Result<T, BenchError>,
+) -> Result<(T, Option<crate::cpu::PerRequest>), BenchError> {
+    let gen = crate::cpu::GeneratorIn::Self_;
+    let before = daemon.and_then(|d| crate::cpu::read(Some(d), gen).ok());
+    let out = f()?;
+    let cpu = before.and_then(|a| {
+        let b = crate::cpu::read(daemon, gen).ok()?;
+        Some(crate::cpu::per_request(&a, &b, n as u64))
+    });
+    Ok((out, cpu))
+}
+
+/// Where the CPU went per start, for each series measured for it.
+pub fn cpu_table(cpu: &[(String, crate::cpu::PerRequest)]) -> String {
+    if cpu.is_empty() {
+        return String::new();
+    }
+    let mut t = String::from(
+        "\nWhere the CPU went, per start (the machine's CPU time over the series divided by \
+         its starts, what the previous starts left behind included: eviction, clean-up, \
+         replacements made ahead; by who used it: the daemon, the processes under it \
+         (templates, instances, sandbox helpers), this bench's client, the rest: the \
+         kernel's own threads, such as namespace and cgroup clean-up, other programs):\n\n\
+         | series | machine | daemon | under the daemon | client | rest | context switches |\n\
+         |---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let ms = |us: Option<f64>| us.map_or("-".to_owned(), |v| format!("{:.2} ms", v / 1000.0));
+    for (name, p) in cpu {
+        t.push_str(&format!(
+            "| {name} | {} | {} | {} | {} | {} | {:.0} |\n",
+            ms(Some(p.machine_us)),
+            ms(p.daemon_us),
+            ms(p.under_us),
+            ms(Some(p.generator_us)),
+            ms(Some(p.rest_us)),
+            p.switches
+        ));
+    }
+    t
 }
 
 /// Series name of the container cold start.
@@ -279,18 +328,22 @@ pub fn run(cfg: &ColdStartConfig, progress: &dyn Fn(&str)) -> Result<ColdStartRe
         "container: {} x invoke {} with X-Spore-Cold: 1",
         cfg.n, cfg.container_function
     ));
-    let cold = fresh_starts(
-        &client,
-        &cfg.endpoint,
-        &cfg.container_function,
-        b"{}",
-        "cold",
-        Repeat {
-            n: cfg.n,
-            max: cfg.max_per_series,
-            gap: Duration::ZERO,
-        },
-    )?;
+    let mut cpu = Vec::new();
+    let (cold, used) = with_cpu(cfg.daemon_pid, cfg.n, || {
+        fresh_starts(
+            &client,
+            &cfg.endpoint,
+            &cfg.container_function,
+            b"{}",
+            "cold",
+            Repeat {
+                n: cfg.n,
+                max: cfg.max_per_series,
+                gap: Duration::ZERO,
+            },
+        )
+    })?;
+    cpu.extend(used.map(|u| (CONTAINER.to_owned(), u)));
     series.push(Series {
         name: CONTAINER.into(),
         samples_ms: cold.iter().map(|s| s.latency_ms).collect(),
@@ -310,16 +363,19 @@ pub fn run(cfg: &ColdStartConfig, progress: &dyn Fn(&str)) -> Result<ColdStartRe
         invoke(&client, &cfg.endpoint, cf, b"{}", true)?;
         let forks_apart = |gap| {
             let (n, max) = (cfg.n, cfg.max_per_series);
-            fresh_starts(
-                &client,
-                &cfg.endpoint,
-                cf,
-                b"{}",
-                "fork",
-                Repeat { n, max, gap },
-            )
+            with_cpu(cfg.daemon_pid, n, || {
+                fresh_starts(
+                    &client,
+                    &cfg.endpoint,
+                    cf,
+                    b"{}",
+                    "fork",
+                    Repeat { n, max, gap },
+                )
+            })
         };
-        let forks = forks_apart(Duration::ZERO)?;
+        let (forks, used) = forks_apart(Duration::ZERO)?;
+        cpu.extend(used.map(|u| (CFORK.to_owned(), u)));
         series.push(Series {
             name: CFORK.into(),
             samples_ms: forks.iter().map(|s| s.latency_ms).collect(),
@@ -338,7 +394,8 @@ pub fn run(cfg: &ColdStartConfig, progress: &dyn Fn(&str)) -> Result<ColdStartRe
                 cfg.n,
                 cfg.gap.as_millis()
             ));
-            let spaced = forks_apart(cfg.gap)?;
+            let (spaced, used) = forks_apart(cfg.gap)?;
+            cpu.extend(used.map(|u| (CFORK_SPACED.to_owned(), u)));
             series.push(Series {
                 name: CFORK_SPACED.into(),
                 samples_ms: spaced.iter().map(|s| s.latency_ms).collect(),
@@ -393,7 +450,11 @@ pub fn run(cfg: &ColdStartConfig, progress: &dyn Fn(&str)) -> Result<ColdStartRe
         name: "warm (request to response)".into(),
         samples_ms: warm,
     });
-    Ok(ColdStartResult { series, breakdown })
+    Ok(ColdStartResult {
+        series,
+        breakdown,
+        cpu,
+    })
 }
 
 /// What each cfork step is, for the breakdown table.
@@ -415,5 +476,30 @@ pub fn step_meaning(step: &str) -> &'static str {
         "netns_wait" => "(egress) daemon waits for a pooled net ns to be equipped with a veth",
         "template" => "the call waited for the function's cfork template to be built",
         _ => "",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cpu_table_names_each_series_and_who_used_the_cpu() {
+        assert_eq!(cpu_table(&[]), "");
+        let p = crate::cpu::PerRequest {
+            machine_us: 9_500.0,
+            daemon_us: Some(2_000.0),
+            under_us: None,
+            generator_us: 500.0,
+            rest_us: 7_000.0,
+            switches: 30.4,
+        };
+        let t = cpu_table(&[(CFORK.to_owned(), p)]);
+        assert!(
+            t.contains(
+                "| cfork (request to response) | 9.50 ms | 2.00 ms | - | 0.50 ms | 7.00 ms | 30 |"
+            ),
+            "{t}"
+        );
     }
 }

@@ -3,8 +3,9 @@
 //! sandbox helpers) and of the load generator, read from procfs (and `getrusage` for the
 //! generator) before and after, and divided by the requests served.
 //!
-//! Processes that start or exit inside the run are counted only while both readings see
-//! them; what they used falls into the machine's total and so into the rest.
+//! A process under the daemon that starts inside the run counts whole; one that exits inside
+//! it is lost to the second reading, and what it used falls into the machine's total and so
+//! into the rest.
 
 use std::collections::HashMap;
 
@@ -131,10 +132,12 @@ pub fn per_request(a: &Reading, b: &Reading, requests: u64) -> PerRequest {
     let us = |s: f64| (s * 1e6 / n).max(0.0);
     let machine = b.machine_s - a.machine_s;
     let daemon = a.daemon_s.zip(b.daemon_s).map(|(x, y)| y - x);
+    // A process that started in between counts whole; one that ended in between is lost to
+    // the rest.
     let under = daemon.map(|_| {
         b.under
             .iter()
-            .filter_map(|(pid, t)| a.under.get(pid).map(|t0| t - t0))
+            .map(|(pid, t)| t - a.under.get(pid).copied().unwrap_or(0.0))
             .sum::<f64>()
     });
     let generator = b.generator_s - a.generator_s;
@@ -167,13 +170,22 @@ mod tests {
             a.under.contains_key(&(child.id() as i32)),
             "the child is not seen under its parent"
         );
+        // One that starts in between counts whole.
+        let mut late = std::process::Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .spawn()
+            .unwrap();
         std::thread::sleep(std::time::Duration::from_millis(400));
         let b = read(Some(me), GeneratorIn::Self_).unwrap();
-        let _ = child.kill();
-        let _ = child.wait();
+        for c in [&mut child, &mut late] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
         let p = per_request(&a, &b, 1);
-        // Spinning for 400 ms, it gets a good part of a CPU even on a busy machine.
-        assert!(p.under_us.unwrap() > 30_000.0, "{p:?}");
+        // Spinning for 400 ms, each gets a good part of a CPU even on a busy machine.
+        let late_s = b.under[&(late.id() as i32)];
+        assert!(late_s > 0.03, "{late_s}");
+        assert!(p.under_us.unwrap() > late_s * 1e6 + 30_000.0, "{p:?}");
         assert!(p.machine_us >= p.under_us.unwrap() * 0.9, "{p:?}");
         assert!(p.switches >= 0.0);
         // Without the daemon's pid only the machine and the generator are known.

@@ -62,6 +62,7 @@ pub fn cold_start(
         python: spore_runtime::PYTHON_INTERPRETER.to_owned(),
         max_per_series: Duration::from_secs(300),
         gap,
+        daemon_pid: daemon.started.as_ref().map(|d| d.pid()),
     };
     let res = crate::cold_start::run(&cfg, &|msg| eprintln!("   {msg}"))?;
     let (baseline, floor) = match sandbox {
@@ -89,6 +90,7 @@ pub fn cold_start(
             ));
         }
     }
+    table.push_str(&crate::cold_start::cpu_table(&res.cpu));
     let title = format!("Spore cold start ({sandbox}) vs warm vs python3 -c pass");
     save_and_print(
         out,

@@ -29,6 +29,8 @@ pub fn burst(endpoint: Option<&str>, opts: &BurstOptions) -> Result<()> {
     let largest = sizes.iter().copied().max().unwrap_or(1);
     let daemon = Daemon::for_run(endpoint, "bench")?;
     let (client, ep) = (&daemon.client, daemon.endpoint.clone());
+    // Where the CPU goes is read only for a daemon this run started (its pid is known).
+    let daemon_pid = daemon.started.as_ref().map(|d| d.pid());
     let name = "hello-burst";
     let limit = u32::try_from(largest + 1).unwrap_or(1025);
     deploy_variant(
@@ -68,8 +70,8 @@ pub fn burst(endpoint: Option<&str>, opts: &BurstOptions) -> Result<()> {
         crate::cold_start::invoke(&http, &ep, name, b"{}", false)?;
         std::thread::sleep(Duration::from_millis(500));
         eprintln!("   burst of {n} simultaneous first requests");
-        let samples = crate::burst::fire(&ep, name, n)?;
-        let r = crate::burst::row(&samples, warm_p50, fork_p50, cpus);
+        let fired = crate::burst::fire(&ep, name, n, daemon_pid)?;
+        let r = crate::burst::row(fired, warm_p50, fork_p50, cpus);
         series.push(Series {
             name: format!("burst {n}: start overhead"),
             samples_ms: r.overhead_ms.clone(),
@@ -79,6 +81,7 @@ pub fn burst(endpoint: Option<&str>, opts: &BurstOptions) -> Result<()> {
     client.evict(name).ok();
     let mut table = crate::burst::table(&rows, warm_p50, fork_p50, cpus);
     table.push_str(&crate::burst::steps_table(&rows));
+    table.push_str(&crate::burst::cpu_table(&rows, cpus));
     let plotted: Vec<Series> = series
         .iter()
         .filter(|s| s.name.starts_with("burst"))
@@ -89,7 +92,12 @@ pub fn burst(endpoint: Option<&str>, opts: &BurstOptions) -> Result<()> {
         "burst",
         &series,
         &table,
-        host_meta(serde_json::json!({ "sizes": sizes, "function": name, "cpus": cpus })),
+        host_meta(serde_json::json!({
+            "sizes": sizes,
+            "function": name,
+            "cpus": cpus,
+            "cpu": rows.iter().map(|r| serde_json::json!({"n": r.n, "cpu": r.cpu})).collect::<Vec<_>>(),
+        })),
         (
             "Burst of first requests to a cfork function: start overhead",
             &plotted,

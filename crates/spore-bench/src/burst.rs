@@ -149,10 +149,10 @@ pub fn cpu_table(rows: &[BurstRow], cpus: usize) -> String {
         "\nWhere the CPU went during each burst (from the requests' release to the last \
          response; busy: the share of the {cpus} CPUs' time in use; per start: CPU time over \
          the burst divided by N, by who used it: the daemon, the processes under it (template, \
-         children, sandbox helpers), the bench's request threads, and the rest (the kernel's \
-         own threads, such as namespace and cgroup clean-up, other programs)):\n\n\
+         children, sandbox helpers), the bench's request threads, and {}):\n\n\
          | N | time | CPUs busy | per start: machine | daemon | under the daemon | requests | rest | context switches per start |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        crate::cpu::REST
     );
     let ms = |us: Option<f64>| us.map_or("-".to_owned(), |v| format!("{:.2} ms", v / 1000.0));
     for (n, c) in measured {

@@ -263,14 +263,14 @@ pub fn cpu_table(cpu: &[(String, crate::cpu::PerRequest)]) -> String {
     if cpu.is_empty() {
         return String::new();
     }
-    let mut t = String::from(
+    let mut t = format!(
         "\nWhere the CPU went, per start (the machine's CPU time over the series divided by \
          its starts, what the previous starts left behind included: eviction, clean-up, \
          replacements made ahead; by who used it: the daemon, the processes under it \
-         (templates, instances, sandbox helpers), this bench's client, the rest: the \
-         kernel's own threads, such as namespace and cgroup clean-up, other programs):\n\n\
+         (templates, instances, sandbox helpers), this bench's client, and {}):\n\n\
          | series | machine | daemon | under the daemon | client | rest | context switches |\n\
          |---|---:|---:|---:|---:|---:|---:|\n",
+        crate::cpu::REST
     );
     let ms = |us: Option<f64>| us.map_or("-".to_owned(), |v| format!("{:.2} ms", v / 1000.0));
     for (name, p) in cpu {

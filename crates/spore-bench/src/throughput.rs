@@ -388,10 +388,10 @@ fn cpu_table(invoke: &[Level], floor: &[Level]) -> String {
         "\nWhere the CPU went, per request (CPU time over the measured seconds divided by the \
          requests served; {cpus} CPUs give {cpus} s of CPU time a second): the daemon, the \
          processes under it (the function's runtimes, its template), the load generator, and \
-         the rest (the kernel's own threads and interrupts, other programs). Context switches \
-         are the machine's.\n\n\
+         {}. Context switches are the machine's.\n\n\
          | clients | load | req/s | machine | daemon | under the daemon | load generator | rest | context switches |\n\
-         |---:|---|---:|---:|---:|---:|---:|---:|---:|\n"
+         |---:|---|---:|---:|---:|---:|---:|---:|---:|\n",
+        crate::cpu::REST
     );
     let us = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0} us"));
     for (what, l, c) in rows {

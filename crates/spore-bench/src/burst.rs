@@ -154,19 +154,13 @@ pub fn cpu_table(rows: &[BurstRow], cpus: usize) -> String {
          |---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         crate::cpu::REST
     );
-    let ms = |us: Option<f64>| us.map_or("-".to_owned(), |v| format!("{:.2} ms", v / 1000.0));
     for (n, c) in measured {
-        let p = &c.per_start;
         t.push_str(&format!(
-            "| {n} | {:.1} ms | {:.0}% | {} | {} | {} | {} | {} | {:.0} |\n",
+            "| {n} | {:.1} ms | {:.0}% | {} | {:.0} |\n",
             c.wall_ms,
             100.0 * c.busy,
-            ms(Some(p.machine_us)),
-            ms(p.daemon_us),
-            ms(p.under_us),
-            ms(Some(p.generator_us)),
-            ms(Some(p.rest_us)),
-            p.switches
+            c.per_start.cells(true),
+            c.per_start.switches
         ));
     }
     t

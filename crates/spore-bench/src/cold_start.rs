@@ -272,15 +272,10 @@ pub fn cpu_table(cpu: &[(String, crate::cpu::PerRequest)]) -> String {
          |---|---:|---:|---:|---:|---:|---:|\n",
         crate::cpu::REST
     );
-    let ms = |us: Option<f64>| us.map_or("-".to_owned(), |v| format!("{:.2} ms", v / 1000.0));
     for (name, p) in cpu {
         t.push_str(&format!(
-            "| {name} | {} | {} | {} | {} | {} | {:.0} |\n",
-            ms(Some(p.machine_us)),
-            ms(p.daemon_us),
-            ms(p.under_us),
-            ms(Some(p.generator_us)),
-            ms(Some(p.rest_us)),
+            "| {name} | {} | {:.0} |\n",
+            p.cells(true),
             p.switches
         ));
     }

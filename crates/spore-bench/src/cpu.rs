@@ -134,6 +134,27 @@ pub struct PerRequest {
     pub switches: f64,
 }
 
+impl PerRequest {
+    /// The table cells machine, daemon, under the daemon, load generator and rest, joined
+    /// by ` | `, in milliseconds (`ms`) or microseconds; `-` for what was not measured.
+    pub fn cells(&self, ms: bool) -> String {
+        let cell = |v: Option<f64>| match v {
+            None => "-".to_owned(),
+            Some(us) if ms => format!("{:.2} ms", us / 1000.0),
+            Some(us) => format!("{us:.0} us"),
+        };
+        [
+            Some(self.machine_us),
+            self.daemon_us,
+            self.under_us,
+            Some(self.generator_us),
+            Some(self.rest_us),
+        ]
+        .map(cell)
+        .join(" | ")
+    }
+}
+
 /// `requests` served between `a` and `b`, per request.
 pub fn per_request(a: &Reading, b: &Reading, requests: u64) -> PerRequest {
     let n = requests.max(1) as f64;

@@ -393,17 +393,12 @@ fn cpu_table(invoke: &[Level], floor: &[Level]) -> String {
          |---:|---|---:|---:|---:|---:|---:|---:|---:|\n",
         crate::cpu::REST
     );
-    let us = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0} us"));
     for (what, l, c) in rows {
         t.push_str(&format!(
-            "| {} | {what} | {:.0} | {} | {} | {} | {} | {} | {:.1} |\n",
+            "| {} | {what} | {:.0} | {} | {:.1} |\n",
             l.concurrency,
             l.rps(),
-            us(Some(c.machine_us)),
-            us(c.daemon_us),
-            us(c.under_us),
-            us(Some(c.generator_us)),
-            us(Some(c.rest_us)),
+            c.cells(false),
             c.switches
         ));
     }
@@ -465,6 +460,31 @@ mod tests {
             &Generator::Builtin,
         );
         assert!(t.contains("| 2 |"), "{t}");
+        assert!(
+            !t.contains("Where the CPU went"),
+            "nothing was measured: {t}"
+        );
+        // With the CPU read, a row per load says who used it.
+        let mut m = Level::empty(8);
+        m.completed = Some(1000);
+        m.seconds = 1.0;
+        m.cpu = Some(crate::cpu::PerRequest {
+            machine_us: 390.0,
+            daemon_us: Some(220.0),
+            under_us: Some(130.0),
+            generator_us: 40.0,
+            rest_us: 0.4,
+            switches: 5.42,
+        });
+        let t = table(
+            std::slice::from_ref(&m),
+            std::slice::from_ref(&l),
+            &Generator::Builtin,
+        );
+        assert!(
+            t.contains("| 8 | invoke | 1000 | 390 us | 220 us | 130 us | 40 us | 0 us | 5.4 |"),
+            "{t}"
+        );
     }
 
     #[test]

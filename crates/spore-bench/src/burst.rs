@@ -95,12 +95,10 @@ pub fn fire(
     let wall = t0.elapsed().as_secs_f64();
     let cpu = before.and_then(|a| {
         let b = crate::cpu::read(daemon, gen).ok()?;
-        let per_start = crate::cpu::per_request(&a, &b, n as u64);
-        let cpus = crate::floor::cpus().max(1) as f64;
         Some(BurstCpu {
             wall_ms: wall * 1000.0,
-            busy: (b.machine_s - a.machine_s) / (wall * cpus).max(1e-9),
-            per_start,
+            busy: crate::cpu::busy(&a, &b, wall),
+            per_start: crate::cpu::per_request(&a, &b, n as u64),
         })
     });
     Ok(Fired { samples, cpu })

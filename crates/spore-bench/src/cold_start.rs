@@ -242,18 +242,18 @@ pub struct ColdStartResult {
     pub cpu: Vec<(String, crate::cpu::PerRequest)>,
 }
 
-/// Runs `f` (a series of `n` starts) and reads the CPU around it when `daemon` is known.
-fn with_cpu<T>(
+/// Runs `f` (a series of starts) and reads the CPU around it when `daemon` is known, per
+/// start it made.
+fn with_cpu(
     daemon: Option<u32>,
-    n: usize,
-    f: impl FnOnce() -> Result<T, BenchError>,
-) -> Result<(T, Option<crate::cpu::PerRequest>), BenchError> {
+    f: impl FnOnce() -> Result<Vec<Sample>, BenchError>,
+) -> Result<(Vec<Sample>, Option<crate::cpu::PerRequest>), BenchError> {
     let gen = crate::cpu::GeneratorIn::Self_;
     let before = daemon.and_then(|d| crate::cpu::read(Some(d), gen).ok());
     let out = f()?;
     let cpu = before.and_then(|a| {
         let b = crate::cpu::read(daemon, gen).ok()?;
-        Some(crate::cpu::per_request(&a, &b, n as u64))
+        Some(crate::cpu::per_request(&a, &b, out.len() as u64))
     });
     Ok((out, cpu))
 }
@@ -324,7 +324,7 @@ pub fn run(cfg: &ColdStartConfig, progress: &dyn Fn(&str)) -> Result<ColdStartRe
         cfg.n, cfg.container_function
     ));
     let mut cpu = Vec::new();
-    let (cold, used) = with_cpu(cfg.daemon_pid, cfg.n, || {
+    let (cold, used) = with_cpu(cfg.daemon_pid, || {
         fresh_starts(
             &client,
             &cfg.endpoint,
@@ -358,7 +358,7 @@ pub fn run(cfg: &ColdStartConfig, progress: &dyn Fn(&str)) -> Result<ColdStartRe
         invoke(&client, &cfg.endpoint, cf, b"{}", true)?;
         let forks_apart = |gap| {
             let (n, max) = (cfg.n, cfg.max_per_series);
-            with_cpu(cfg.daemon_pid, n, || {
+            with_cpu(cfg.daemon_pid, || {
                 fresh_starts(
                     &client,
                     &cfg.endpoint,

@@ -173,11 +173,15 @@ pub fn throughput(endpoint: Option<&str>, opts: &ThroughputOptions) -> Result<()
         };
         Ok(level)
     };
+    // Only for a daemon this run started: with another, its share would fall into the rest.
     let drive = |c: usize, what: &str| -> Result<crate::throughput::Level> {
         run(c, what, warmup)?;
-        let before = crate::cpu::read(daemon_pid, generator_in)?;
+        let Some(pid) = daemon_pid else {
+            return run(c, what, dur);
+        };
+        let before = crate::cpu::read(Some(pid), generator_in)?;
         let mut level = run(c, what, dur)?;
-        let after = crate::cpu::read(daemon_pid, generator_in)?;
+        let after = crate::cpu::read(Some(pid), generator_in)?;
         level.cpu = Some(crate::cpu::per_request(&before, &after, level.requests()));
         Ok(level)
     };

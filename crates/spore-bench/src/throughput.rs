@@ -170,12 +170,12 @@ end
     }
 }
 
-/// Runs `wrk` with `concurrency` connections on `target` for `warmup` (not recorded), then
-/// for `duration`; its script goes in `scratch`.
+/// Runs `wrk` with `concurrency` connections on `target` for `duration`; its script goes in
+/// `scratch`. A warm-up is a run of its own, so that what is read around a measured run (the
+/// CPU) holds that run alone.
 pub fn drive_wrk(
     wrk: &Path,
     concurrency: usize,
-    warmup: Duration,
     duration: Duration,
     target: &Target,
     scratch: &Path,
@@ -202,12 +202,7 @@ pub fn drive_wrk(
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     };
-    let result = (|| {
-        if !warmup.is_zero() {
-            run(warmup)?;
-        }
-        parse_wrk(&run(duration)?, concurrency)
-    })();
+    let result = run(duration).and_then(|out| parse_wrk(&out, concurrency));
     let _ = std::fs::remove_file(&script);
     result
 }
@@ -249,11 +244,10 @@ fn parse_wrk(text: &str, concurrency: usize) -> Result<Level, BenchError> {
 /// A request the load generator sends.
 pub type Request = Arc<dyn Fn(&Http) -> Result<(), BenchError> + Send + Sync>;
 
-/// Runs `concurrency` clients sending `request` back to back for `warmup` (not recorded),
-/// then for `duration`.
+/// Runs `concurrency` clients sending `request` back to back for `duration`, each on a
+/// keep-alive connection of its own (a warm-up is a run of its own, as for `wrk`).
 pub fn drive(
     concurrency: usize,
-    warmup: Duration,
     duration: Duration,
     request: Request,
 ) -> Result<Level, BenchError> {
@@ -263,10 +257,6 @@ pub fn drive(
             std::thread::spawn(
                 move || -> Result<(Vec<f64>, usize, Option<String>), BenchError> {
                     let http = client()?;
-                    let t0 = Instant::now();
-                    while t0.elapsed() < warmup {
-                        let _ = request(&http);
-                    }
                     let (start, mut lat, mut errors, mut first) =
                         (Instant::now(), Vec::new(), 0, None);
                     while start.elapsed() < duration && lat.len() + errors < MAX_PER_CLIENT {
@@ -284,7 +274,6 @@ pub fn drive(
             )
         })
         .collect();
-    let t0 = Instant::now();
     let mut level = Level::empty(concurrency);
     for h in handles {
         let (lat, errors, first) = h
@@ -296,11 +285,9 @@ pub fn drive(
             level.first_error = first;
         }
     }
-    // Every client measured for `duration` after its own warm-up; the wall time of the
-    // measured part is the duration (the join adds only the last request's tail).
-    level.seconds = (t0.elapsed().saturating_sub(warmup))
-        .as_secs_f64()
-        .max(duration.as_secs_f64());
+    // Every client measured for `duration` from its own start; the join adds only the last
+    // request's tail.
+    level.seconds = duration.as_secs_f64();
     Ok(level)
 }
 
@@ -446,7 +433,7 @@ mod tests {
                 Err(BenchError::Check("odd".into()))
             }
         });
-        let l = drive(2, Duration::ZERO, Duration::from_millis(50), req).unwrap();
+        let l = drive(2, Duration::from_millis(50), req).unwrap();
         assert!(!l.latency_ms.is_empty());
         assert!(l.errors > 0);
         assert_eq!(

@@ -160,7 +160,7 @@ pub fn throughput(endpoint: Option<&str>, opts: &ThroughputOptions) -> Result<()
         };
         let level = match &generator {
             crate::throughput::Generator::Wrk(wrk) => {
-                drive_wrk(wrk, c, Duration::ZERO, d, &target, scratch.path())?
+                drive_wrk(wrk, c, d, &target, scratch.path())?
             }
             crate::throughput::Generator::Builtin => {
                 let request = if what == "invoke" {
@@ -168,7 +168,7 @@ pub fn throughput(endpoint: Option<&str>, opts: &ThroughputOptions) -> Result<()
                 } else {
                     health_request(&ep)
                 };
-                drive(c, Duration::ZERO, d, request)?
+                drive(c, d, request)?
             }
         };
         Ok(level)

@@ -108,16 +108,10 @@ pub fn fire(
 pub fn row(fired: Fired, warm_p50: f64, fork_p50: f64, cpus: usize) -> BurstRow {
     let samples = &fired.samples;
     let mut starts = BTreeMap::new();
-    let mut steps: Vec<(String, Vec<f64>)> = Vec::new();
     for s in samples {
         *starts.entry(s.start.clone()).or_insert(0) += 1;
-        for (name, ms) in &s.breakdown {
-            match steps.iter_mut().find(|(n, _)| n == name) {
-                Some((_, v)) => v.push(*ms),
-                None => steps.push((name.clone(), vec![*ms])),
-            }
-        }
     }
+    let steps = crate::cold_start::steps_by_name(samples);
     let n = samples.len();
     BurstRow {
         n,

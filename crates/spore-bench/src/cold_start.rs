@@ -187,6 +187,46 @@ pub struct Repeat {
     pub gap: Duration,
 }
 
+impl Repeat {
+    /// `n` starts back to back, for `max` at most.
+    pub fn back_to_back(n: usize, max: Duration) -> Repeat {
+        Repeat {
+            n,
+            max,
+            gap: Duration::ZERO,
+        }
+    }
+}
+
+/// Each start-up step (`X-Spore-Breakdown`) of `samples` with its times, in the order steps
+/// first appear: a start that had an extra step (waiting for a template or a network
+/// namespace) must not shift the others.
+pub fn steps_by_name(samples: &[Sample]) -> Vec<(String, Vec<f64>)> {
+    let mut steps: Vec<(String, Vec<f64>)> = Vec::new();
+    for s in samples {
+        for (name, ms) in &s.breakdown {
+            match steps.iter_mut().find(|(n, _)| n == name) {
+                Some((_, v)) => v.push(*ms),
+                None => steps.push((name.clone(), vec![*ms])),
+            }
+        }
+    }
+    steps
+}
+
+/// Adds two series of `starts`: request to response as `latency`, and the daemon's request
+/// to handler running as `to_handler`.
+fn push_starts(series: &mut Vec<Series>, latency: &str, to_handler: &str, starts: &[Sample]) {
+    series.push(Series {
+        name: latency.into(),
+        samples_ms: starts.iter().map(|s| s.latency_ms).collect(),
+    });
+    series.push(Series {
+        name: to_handler.into(),
+        samples_ms: starts.iter().map(|s| s.to_handler_ms).collect(),
+    });
+}
+
 /// `repeat.n` forced fresh starts of `function`, each checked to be served as `expect`.
 pub fn fresh_starts(
     client: &Http,
@@ -331,22 +371,16 @@ pub fn run(cfg: &ColdStartConfig, progress: &dyn Fn(&str)) -> Result<ColdStartRe
             &cfg.container_function,
             b"{}",
             "cold",
-            Repeat {
-                n: cfg.n,
-                max: cfg.max_per_series,
-                gap: Duration::ZERO,
-            },
+            Repeat::back_to_back(cfg.n, cfg.max_per_series),
         )
     })?;
     cpu.extend(used.map(|u| (CONTAINER.to_owned(), u)));
-    series.push(Series {
-        name: CONTAINER.into(),
-        samples_ms: cold.iter().map(|s| s.latency_ms).collect(),
-    });
-    series.push(Series {
-        name: "container cold (daemon: request to handler running)".into(),
-        samples_ms: cold.iter().map(|s| s.to_handler_ms).collect(),
-    });
+    push_starts(
+        &mut series,
+        CONTAINER,
+        "container cold (daemon: request to handler running)",
+        &cold,
+    );
 
     let mut breakdown = Vec::new();
     if let Some(cf) = &cfg.cfork_function {
@@ -371,14 +405,12 @@ pub fn run(cfg: &ColdStartConfig, progress: &dyn Fn(&str)) -> Result<ColdStartRe
         };
         let (forks, used) = forks_apart(Duration::ZERO)?;
         cpu.extend(used.map(|u| (CFORK.to_owned(), u)));
-        series.push(Series {
-            name: CFORK.into(),
-            samples_ms: forks.iter().map(|s| s.latency_ms).collect(),
-        });
-        series.push(Series {
-            name: "cfork (daemon: request to handler running)".into(),
-            samples_ms: forks.iter().map(|s| s.to_handler_ms).collect(),
-        });
+        push_starts(
+            &mut series,
+            CFORK,
+            "cfork (daemon: request to handler running)",
+            &forks,
+        );
         series.push(Series {
             name: "cfork (daemon: request to child ready)".into(),
             samples_ms: forks.iter().map(|s| s.init_ms).collect(),
@@ -391,27 +423,14 @@ pub fn run(cfg: &ColdStartConfig, progress: &dyn Fn(&str)) -> Result<ColdStartRe
             ));
             let (spaced, used) = forks_apart(cfg.gap)?;
             cpu.extend(used.map(|u| (CFORK_SPACED.to_owned(), u)));
-            series.push(Series {
-                name: CFORK_SPACED.into(),
-                samples_ms: spaced.iter().map(|s| s.latency_ms).collect(),
-            });
-            series.push(Series {
-                name: "cfork, starts apart (daemon: request to handler running)".into(),
-                samples_ms: spaced.iter().map(|s| s.to_handler_ms).collect(),
-            });
+            push_starts(
+                &mut series,
+                CFORK_SPACED,
+                "cfork, starts apart (daemon: request to handler running)",
+                &spaced,
+            );
         }
-        // By step name, in the order steps first appear: a start that had an extra step
-        // (waiting for a template or a network namespace) must not shift the others.
-        let mut steps: Vec<(String, Vec<f64>)> = Vec::new();
-        for s in &forks {
-            for (name, ms) in &s.breakdown {
-                match steps.iter_mut().find(|(n, _)| n == name) {
-                    Some((_, v)) => v.push(*ms),
-                    None => steps.push((name.clone(), vec![*ms])),
-                }
-            }
-        }
-        breakdown = steps
+        breakdown = steps_by_name(&forks)
             .into_iter()
             .map(|(name, samples_ms)| Series { name, samples_ms })
             .collect();

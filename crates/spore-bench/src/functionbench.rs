@@ -41,11 +41,7 @@ pub fn run(
             &w.container,
             &w.payload,
             "cold",
-            Repeat {
-                n,
-                max: max_per_series,
-                gap: Duration::ZERO,
-            },
+            Repeat::back_to_back(n, max_per_series),
         )?;
         invoke(&client, endpoint, &w.cfork, &w.payload, true)?; // may start the template
         let forks = fresh_starts(
@@ -54,11 +50,7 @@ pub fn run(
             &w.cfork,
             &w.payload,
             "fork",
-            Repeat {
-                n,
-                max: max_per_series,
-                gap: Duration::ZERO,
-            },
+            Repeat::back_to_back(n, max_per_series),
         )?;
         let warm = warm(
             &client,
